@@ -1,0 +1,449 @@
+"""Disk tier: one file per chunk, written atomically, LRU-evicted under a byte cap.
+
+Layout under ``root``::
+
+    root/
+      3f/                                  two-character fan-out: key[:2]
+        3fa9...c1.kvtc                     one complete chunk (name = key + ".kvtc")
+        .tmp-3fa9...c1-<host>-<pid>-<rand>.part   a write in progress
+
+Write path: the value goes to a temp file in the chunk's own directory, is
+fsynced, then ``os.replace``-d onto its final name and the directory is
+fsynced. A rename is atomic, so a reader sees either no chunk or the whole
+chunk; a crash leaves at most a temp file, which the chunk scan never matches
+(dot prefix, ``.part`` suffix) and the next open removes once it is stale.
+
+Recency is the file's mtime: it is stamped on write and on every ``get``
+(``os.utime``), so LRU order survives a restart and is shared by every process
+that opens the directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtc_store.errors import CapacityError, ConfigError, StoreError
+
+from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
+
+__all__ = ["DiskBackend"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SUFFIX = ".kvtc"
+TEMP_PREFIX = ".tmp-"
+TEMP_SUFFIX = ".part"
+
+_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
+_CHUNK_RE = re.compile(r"([0-9a-f]{2,128})\.kvtc")
+_TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{2,128}-([0-9a-f]{12})-([0-9]+)-[0-9a-f]+\.part")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _host_tag() -> str:
+    """Name this host and PID namespace in 12 hex characters.
+
+    Temp files carry it with the writer's pid, so a later open can tell a temp
+    file left by a dead local process (stale) from one of a live writer on
+    another host or container sharing the directory (not ours to judge).
+    """
+    try:
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_ns = 0
+    ident = f"{socket.gethostname()}/{pid_ns}".encode()
+    return hashlib.sha256(ident).hexdigest()[:12]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 probe)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or create inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskBackend(Backend):
+    """Local-disk tier: one ``<key>.kvtc`` file per chunk under ``root/<key[:2]>/``.
+
+    Guarantees:
+
+    - Atomic writes: temp file, ``os.fsync``, ``os.replace``, fsync of the
+      directory. A crash never leaves a partial chunk visible.
+    - Byte cap (bytes of chunk files): least-recently-used chunks (oldest mtime)
+      are evicted before a new chunk is written, and on open when the directory
+      holds more than ``capacity_bytes`` (for example after reopening with a
+      smaller cap).
+    - Persistence: the index is rebuilt by scanning ``root`` on open, so chunks
+      written by one process are found by the next. A key missing from this
+      instance's index is still looked up on disk, so chunks written by another
+      live process sharing the directory are found too (and then counted).
+    - A full disk (``ENOSPC``/``EDQUOT``) during a write raises
+      :class:`~kvtc_store.errors.CapacityError` after the temp file is removed;
+      chunks already stored are untouched.
+
+    The cap is enforced over the chunks this instance knows of: several live
+    instances sharing one directory each keep their own view, so the directory
+    can briefly hold more than one cap until they next meet each other's chunks.
+
+    One lock serialises the instance's operations (file I/O included), so the
+    tier is thread-safe.
+
+    Args:
+        root: Directory of the tier; created (with parents) if missing.
+        capacity_bytes: Byte cap of the stored chunk files.
+        stale_temp_seconds: A temp file older than this (seconds) is stale and
+            removed on open, whoever wrote it. A temp file whose writer ran on
+            this host (same PID namespace) and is dead is removed at once.
+
+    Raises:
+        ConfigError: ``capacity_bytes`` is not a non-negative int, or ``root``
+            cannot be created as a directory.
+    """
+
+    name = "disk"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity_bytes: int,
+        *,
+        stale_temp_seconds: float = 3600.0,
+    ) -> None:
+        self.capacity_bytes = check_capacity(capacity_bytes)
+        self.root = Path(root)
+        self.stale_temp_seconds = float(stale_temp_seconds)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"disk tier root {self.root} cannot be created: {e}") from e
+        if not self.root.is_dir():
+            raise ConfigError(f"disk tier root {self.root} is not a directory")
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, LRU first
+        self._used = 0
+        self._last_stamp_ns = 0
+        self._host = _host_tag()
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._bytes_written = 0
+        self._bytes_read = 0
+        with self._lock:
+            self._scan()
+            self._evict_until_fits(0)
+
+    # --- public API ------------------------------------------------------------------
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Say which keys have a chunk file now; no promotion, no counters.
+
+        Asks the file system (one ``stat`` per key), so chunks written or
+        evicted by another process sharing ``root`` are seen as they are.
+
+        Raises:
+            ValueError: a key is malformed.
+            TypeError: ``keys`` is a single string, not a sequence.
+        """
+        keys = validate_keys(keys)
+        return [self._path(k).is_file() for k in keys]
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read each key's chunk, or ``None`` on a miss; hits get a fresh mtime (MRU).
+
+        A file that vanished (another process evicted it) or cannot be read is
+        a miss and is dropped from the index.
+
+        Raises:
+            ValueError: a key is malformed.
+        """
+        keys = validate_keys(keys)
+        out: list[bytes | None] = []
+        with self._lock:
+            for k in keys:
+                value = self._read(k)
+                if value is None:
+                    self._misses += 1
+                else:
+                    self._hits += 1
+                    self._bytes_read += len(value)
+                out.append(value)
+        return out
+
+    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Write new chunks atomically, evicting LRU chunks first to stay under the cap.
+
+        A key already on disk is a no-op (blobs are immutable). The batch is
+        validated before anything is written; if a write fails, chunks written
+        earlier in the batch stay stored.
+
+        Raises:
+            ValueError: a key is malformed.
+            TypeError: a value is not bytes-like.
+            CapacityError: a value is larger than ``capacity_bytes`` (nothing
+                stored), or the file system is full (the failing chunk is not
+                stored, its temp file is removed).
+            StoreError: another OS error while writing (temp file removed).
+        """
+        items = validate_items(items)
+        for key, value in items:
+            if len(value) > self.capacity_bytes:
+                raise CapacityError(
+                    f"{self.name} tier: chunk {key} is {len(value)} B, "
+                    f"larger than the tier's capacity of {self.capacity_bytes} B"
+                )
+        with self._lock:
+            for key, value in items:
+                path = self._path(key)
+                size = self._file_size(path)
+                if size is not None:  # stored already (maybe by another process)
+                    if key not in self._index:
+                        self._adopt(key, size)
+                    continue
+                self._forget(key)  # indexed but removed by another process
+                self._evict_until_fits(len(value))
+                self._write(path, value)
+                self._index[key] = len(value)
+                self._used += len(value)
+                self._bytes_written += len(value)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove the keys' files; missing keys are ignored.
+
+        Raises:
+            ValueError: a key is malformed.
+            StoreError: a file exists but cannot be removed.
+        """
+        keys = validate_keys(keys)
+        with self._lock:
+            for k in keys:
+                self._forget(k)
+                try:
+                    self._path(k).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise StoreError(f"{self.name} tier: cannot delete chunk {k}: {e}") from e
+
+    def usage(self) -> TierUsage:
+        """Return occupancy (bytes of chunk files known to this instance) and counters."""
+        with self._lock:
+            return TierUsage(
+                used_bytes=self._used,
+                capacity_bytes=self.capacity_bytes,
+                n_items=len(self._index),
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                bytes_written=self._bytes_written,
+                bytes_read=self._bytes_read,
+            )
+
+    # --- internals (caller holds the lock) -------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{CHUNK_SUFFIX}"
+
+    @staticmethod
+    def _file_size(path: Path) -> int | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def _stamp(self) -> int:
+        """A strictly increasing mtime in ns, so LRU order is exact within a process."""
+        self._last_stamp_ns = max(time.time_ns(), self._last_stamp_ns + 1)
+        return self._last_stamp_ns
+
+    def _touch(self, path: Path) -> None:
+        stamp = self._stamp()
+        try:
+            os.utime(path, ns=(stamp, stamp))
+        except OSError as e:  # read-only or foreign file: recency is best effort
+            logger.debug("%s tier: cannot touch %s: %s", self.name, path, e)
+
+    def _forget(self, key: str) -> None:
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._used -= size
+
+    def _adopt(self, key: str, size: int) -> None:
+        """Count a chunk found on disk but not in the index, as most-recently-used."""
+        if size > self.capacity_bytes:
+            return  # another instance's bigger cap; serve it, never count it
+        self._evict_until_fits(size)
+        self._index[key] = size
+        self._used += size
+
+    def _read(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                value = f.read()
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        except OSError as e:
+            logger.warning(
+                "%s tier: cannot read chunk %s, treated as a miss: %s", self.name, key, e
+            )
+            return None
+        self._touch(path)
+        if key in self._index:
+            self._used += len(value) - self._index[key]
+            self._index[key] = len(value)
+            self._index.move_to_end(key)
+        else:
+            self._adopt(key, len(value))
+        return value
+
+    def _write(self, path: Path, value: bytes) -> None:
+        """Write ``value`` to ``path`` atomically; on failure remove the temp file."""
+        directory = path.parent
+        key = path.name[: -len(CHUNK_SUFFIX)]
+        tmp = directory / (
+            f"{TEMP_PREFIX}{key}-{self._host}-{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        )
+        try:
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                self._fsync_dir_best_effort(self.root)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(value)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                stamp = self._stamp()
+                os.utime(fd, ns=(stamp, stamp))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as cleanup:
+                logger.error("%s tier: cannot remove temp file %s: %s", self.name, tmp, cleanup)
+            if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+                raise CapacityError(
+                    f"{self.name} tier: file system full writing {path.name} ({len(value)} B): {e}"
+                ) from e
+            if isinstance(e, OSError):
+                raise StoreError(f"{self.name} tier: cannot write {path.name}: {e}") from e
+            raise
+        self._fsync_dir_best_effort(directory)
+
+    def _fsync_dir_best_effort(self, directory: Path) -> None:
+        """fsync a directory after a create or rename inside it; a failure is logged.
+
+        The entry is already whole and visible; only its durability across a
+        power loss is in doubt, which is no reason to fail the put.
+        """
+        try:
+            _fsync_dir(directory)
+        except OSError as e:
+            logger.warning("%s tier: fsync of directory %s failed: %s", self.name, directory, e)
+
+    def _evict_until_fits(self, nbytes: int) -> None:
+        """Remove LRU chunk files until ``nbytes`` more fit under the cap."""
+        while self._index and self._used + nbytes > self.capacity_bytes:
+            key, size = self._index.popitem(last=False)
+            self._used -= size
+            self._evictions += 1
+            try:
+                self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.warning("%s tier: cannot evict chunk %s: %s", self.name, key, e)
+            logger.debug("%s tier: evicted %s (%d B)", self.name, key, size)
+
+    def _scan(self) -> None:
+        """Rebuild the index from ``root`` in mtime order; remove stale temp files."""
+        found: list[tuple[int, str, int]] = []  # (mtime_ns, key, size)
+        now_ns = time.time_ns()
+        with os.scandir(self.root) as top:
+            fanouts = [
+                e.path
+                for e in top
+                if _FANOUT_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+            ]
+        for fanout in fanouts:
+            prefix = os.path.basename(fanout)
+            with os.scandir(fanout) as entries:
+                for entry in entries:
+                    try:
+                        if entry.name.startswith(TEMP_PREFIX):
+                            self._maybe_remove_temp(entry, now_ns)
+                            continue
+                        m = _CHUNK_RE.fullmatch(entry.name)
+                        if m is None or m.group(1)[:2] != prefix:
+                            continue
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # removed while we scanned
+                        continue
+                    found.append((st.st_mtime_ns, m.group(1), st.st_size))
+        found.sort()
+        for _, key, size in found:
+            self._index[key] = size
+            self._used += size
+        logger.info(
+            "%s tier at %s: %d chunks, %d B (cap %d B)",
+            self.name,
+            self.root,
+            len(self._index),
+            self._used,
+            self.capacity_bytes,
+        )
+
+    def _maybe_remove_temp(self, entry: os.DirEntry[str], now_ns: int) -> None:
+        """Remove a temp file left by a dead local writer, or older than the stale age."""
+        m = _TEMP_RE.fullmatch(entry.name)
+        dead_local = (
+            m is not None
+            and m.group(1) == self._host
+            and int(m.group(2)) != os.getpid()
+            and not _pid_alive(int(m.group(2)))
+        )
+        age_s = (now_ns - entry.stat(follow_symlinks=False).st_mtime_ns) / 1e9
+        if dead_local or age_s > self.stale_temp_seconds:
+            try:
+                os.unlink(entry.path)
+                logger.info("%s tier: removed stale temp file %s", self.name, entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.warning("%s tier: cannot remove temp file %s: %s", self.name, entry.path, e)

@@ -1,0 +1,221 @@
+"""The codec artifact: what calibration produces and the encoder/decoder need.
+
+On disk it is a folder with two files:
+
+- ``tensors.safetensors``: for each feature group ``g``, ``g{g}.mean`` (float32,
+  ``(p_g,)``) and ``g{g}.basis`` (float16, ``(p_g, r_g)``: the first ``r_g`` principal
+  components as columns, only those the bit plan keeps);
+- ``manifest.json``: model fingerprint and name, KV shape, RoPE parameters, groups, the
+  bit plan, target ratio, sink and window settings, calibration data hash, the quality
+  measured at calibration, and the artifact's id and version.
+
+The id is a hash of the tensors and the plan, so two artifacts with the same id code the
+same way; the blob header names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ArtifactError, ArtifactModelMismatchError
+from .rope import RopeParams
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    """A set of features that share one PCA basis.
+
+    Attributes:
+        kind: ``"k"`` for keys, ``"v"`` for values.
+        layer_start, layer_end: layers ``[layer_start, layer_end)``; the group's features
+            are all KV heads and channels of those layers, layer-major:
+            ``p = (layer_end - layer_start) * kv_heads * head_dim``.
+    """
+
+    kind: str
+    layer_start: int
+    layer_end: int
+
+
+@dataclass(frozen=True)
+class PlanRange:
+    """Components ``[start, end)`` of group ``group`` coded at ``bits`` bits per value."""
+
+    group: int
+    start: int
+    end: int
+    bits: int
+
+
+@dataclass
+class CodecArtifact:
+    """A calibrated KVTC codec for one model and one target ratio.
+
+    Attributes:
+        model_fingerprint: hex id of the model (architecture + weights sample).
+        model_name: human-readable model name.
+        kv_shape: ``(layers, kv_heads, head_dim)``.
+        rope: the model's RoPE parameters (keys are de-rotated before projection).
+        groups: the feature groups, keys' groups first.
+        means: per group, float32 ``(p_g,)``.
+        bases: per group, float32 ``(p_g, r_g)`` with orthonormal columns.
+        plan: the kept ranges (bits >= 1) in group then component order.
+        target_ratio: compression ratio against 16-bit KV the budget was set for.
+        n_sink: tokens at absolute positions below this are stored exactly.
+        window: tokens at the end of a stored sequence that are stored exactly.
+        calibration: facts about the calibration data (hash, tokens, texts, seconds).
+        quality: errors predicted by the DP and measured on held-out tokens.
+        version: registry version (1 until a registry assigns one).
+    """
+
+    model_fingerprint: str
+    model_name: str
+    kv_shape: tuple[int, int, int]
+    rope: RopeParams
+    groups: list[FeatureGroup]
+    means: list[torch.Tensor]
+    bases: list[torch.Tensor]
+    plan: list[PlanRange]
+    target_ratio: float
+    n_sink: int = 4
+    window: int = 128
+    calibration: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    version: int = 1
+    artifact_id: str = ""
+
+    def __post_init__(self) -> None:
+        # The bases are stored in float16; use the stored values everywhere so that a
+        # freshly calibrated artifact and a loaded one code identically.
+        self.bases = [b.to(torch.float16).float() for b in self.bases]
+        self.means = [m.float() for m in self.means]
+        if not self.artifact_id:
+            self.artifact_id = self._content_id()
+
+    def _content_id(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.model_fingerprint.encode())
+        h.update(json.dumps([asdict(r) for r in self.plan]).encode())
+        h.update(json.dumps([asdict(g) for g in self.groups]).encode())
+        for m, b in zip(self.means, self.bases):
+            h.update(m.contiguous().numpy().tobytes())
+            h.update(b.to(torch.float16).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def features_per_token(self) -> int:
+        """p: features per token over keys and values, ``2 * L * H * D``."""
+        layers, heads, dim = self.kv_shape
+        return 2 * layers * heads * dim
+
+    def plan_bits_per_token(self) -> int:
+        """Bits per compressed token the plan spends, scales included."""
+        from .quant import SCALE_BITS
+
+        return sum((r.end - r.start) * r.bits + SCALE_BITS for r in self.plan)
+
+    def check_model(self, fingerprint: str, kv_shape: tuple[int, int, int]) -> None:
+        """Raise ArtifactModelMismatchError unless this artifact is for that model."""
+        if tuple(kv_shape) != tuple(self.kv_shape):
+            raise ArtifactModelMismatchError(
+                f"codec artifact {self.artifact_id} is for KV shape {tuple(self.kv_shape)}, "
+                f"the model has {tuple(kv_shape)}"
+            )
+        if fingerprint != self.model_fingerprint:
+            raise ArtifactModelMismatchError(
+                f"codec artifact {self.artifact_id} was calibrated for model "
+                f"{self.model_name} ({self.model_fingerprint[:12]}), not {fingerprint[:12]}"
+            )
+
+    def manifest(self) -> dict:
+        """The JSON manifest (everything but the tensors)."""
+        return {
+            "format": MANIFEST_FORMAT,
+            "artifact_id": self.artifact_id,
+            "version": self.version,
+            "model_fingerprint": self.model_fingerprint,
+            "model_name": self.model_name,
+            "kv_shape": list(self.kv_shape),
+            "rope": self.rope.to_dict(),
+            "groups": [asdict(g) for g in self.groups],
+            "ranks": [int(b.shape[1]) for b in self.bases],
+            "plan": [asdict(r) for r in self.plan],
+            "target_ratio": self.target_ratio,
+            "bits_per_token": self.plan_bits_per_token(),
+            "n_sink": self.n_sink,
+            "window": self.window,
+            "calibration": self.calibration,
+            "quality": self.quality,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact folder (atomically: a temp folder renamed into place).
+
+        Returns:
+            The folder's path.
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for g, (m, b) in enumerate(zip(self.means, self.bases)):
+            tensors[f"g{g}.mean"] = m.float().contiguous()
+            tensors[f"g{g}.basis"] = b.to(torch.float16).contiguous()
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CodecArtifact:
+        """Read an artifact folder written by :meth:`save`.
+
+        Raises:
+            ArtifactError: the folder, a file or a field is missing or malformed.
+        """
+        path = Path(path)
+        try:
+            man = json.loads((path / "manifest.json").read_text())
+            tensors = load_file(str(path / "tensors.safetensors"))
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"codec artifact at {path} is missing {exc.filename}") from exc
+        except Exception as exc:
+            raise ArtifactError(f"codec artifact at {path} does not parse: {exc}") from exc
+        try:
+            if man["format"] != MANIFEST_FORMAT:
+                raise ArtifactError(f"artifact manifest format {man['format']} is unknown")
+            groups = [FeatureGroup(**g) for g in man["groups"]]
+            art = cls(
+                model_fingerprint=man["model_fingerprint"],
+                model_name=man["model_name"],
+                kv_shape=tuple(man["kv_shape"]),
+                rope=RopeParams.from_dict(man["rope"]),
+                groups=groups,
+                means=[tensors[f"g{g}.mean"].float() for g in range(len(groups))],
+                bases=[tensors[f"g{g}.basis"].float() for g in range(len(groups))],
+                plan=[PlanRange(**r) for r in man["plan"]],
+                target_ratio=man["target_ratio"],
+                n_sink=man["n_sink"],
+                window=man["window"],
+                calibration=man["calibration"],
+                quality=man["quality"],
+                version=man["version"],
+                artifact_id=man["artifact_id"],
+            )
+        except KeyError as exc:
+            raise ArtifactError(f"codec artifact at {path} lacks field or tensor {exc}") from exc
+        if art._content_id() != art.artifact_id:
+            raise ArtifactError(f"codec artifact at {path} does not match its id (altered?)")
+        return art

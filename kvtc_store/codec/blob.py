@@ -1,0 +1,117 @@
+"""The blob: one compressed chunk, self-describing and versioned.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic b"KVTC"
+    4       2     format version (uint16), currently 1
+    6       4     header length H (uint32)
+    10      8     xxh64 of the header bytes (uint64)
+    18      H     header: a msgpack map (never pickle), see :class:`BlobHeader`
+    18+H    P     payload: the entropy-coded concatenation of the sections
+
+The header names the coder, the codec artifact and model fingerprint, the KV shape and
+dtype, the first absolute position, which tokens are stored exactly, the raw length of
+each section and the xxh64 of the payload. See docs/blob-format.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+import xxhash
+
+from ..errors import BlobCorruptError, BlobFormatError, BlobTruncatedError
+
+MAGIC = b"KVTC"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHIQ")
+
+
+@dataclass
+class BlobHeader:
+    """Header fields of a blob.
+
+    Attributes:
+        artifact_id: content id of the codec artifact that wrote it.
+        artifact_version: registry version of that artifact.
+        model: model fingerprint (hex).
+        shape: ``[layers, kv_heads, head_dim, tokens]``.
+        dtype: dtype name of the encoder's input (decode returns it by default).
+        first_position: absolute position of the chunk's first token.
+        n_sink: tokens at positions below this are stored exactly.
+        exact_tail: the chunk's last ``exact_tail`` tokens are stored exactly.
+        exact_dtype: dtype of the exactly stored tokens (``bfloat16``).
+        coder: entropy coder name (``deflate``, ``none``, ...).
+        sections: raw byte length of each section, in payload order
+            (``scales``, ``codes``, ``exact``).
+        payload_len: bytes of the coded payload.
+        payload_xxh64: checksum of the coded payload.
+    """
+
+    artifact_id: str
+    artifact_version: int
+    model: str
+    shape: list[int]
+    dtype: str
+    first_position: int
+    n_sink: int
+    exact_tail: int
+    exact_dtype: str
+    coder: str
+    sections: dict[str, int] = field(default_factory=dict)
+    payload_len: int = 0
+    payload_xxh64: int = 0
+
+
+def pack_blob(header: BlobHeader, payload: bytes) -> bytes:
+    """Serialise a blob; fills ``payload_len`` and ``payload_xxh64`` from ``payload``."""
+    header.payload_len = len(payload)
+    header.payload_xxh64 = xxhash.xxh64_intdigest(payload)
+    hb = msgpack.packb(asdict(header), use_bin_type=True)
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb), xxhash.xxh64_intdigest(hb)) + hb + payload
+
+
+def unpack_blob(blob: bytes) -> tuple[BlobHeader, memoryview]:
+    """Parse and verify a blob.
+
+    Returns:
+        ``(header, payload)``, the payload still entropy-coded, checksum verified.
+
+    Raises:
+        BlobFormatError: not a kvtc blob, or an unknown format version.
+        BlobTruncatedError: fewer bytes than the prefix, header or payload need.
+        BlobCorruptError: a checksum mismatch, a malformed header, or trailing bytes.
+    """
+    mv = memoryview(blob)
+    if len(mv) < len(MAGIC) or bytes(mv[:4]) != MAGIC:
+        if MAGIC.startswith(bytes(mv[:4])) and len(mv) < 4:
+            raise BlobTruncatedError(f"blob of {len(mv)} bytes ends inside the magic")
+        raise BlobFormatError("not a kvtc blob (bad magic)")
+    if len(mv) < _PREFIX.size:
+        raise BlobTruncatedError(f"blob of {len(mv)} bytes ends inside the prefix")
+    _, version, hlen, hsum = _PREFIX.unpack_from(mv, 0)
+    if version != FORMAT_VERSION:
+        raise BlobFormatError(f"blob format version {version} is not supported (have 1)")
+    end = _PREFIX.size + hlen
+    if len(mv) < end:
+        raise BlobTruncatedError(f"blob of {len(mv)} bytes ends inside its {hlen}-byte header")
+    hb = mv[_PREFIX.size : end]
+    if xxhash.xxh64_intdigest(hb) != hsum:
+        raise BlobCorruptError("blob header checksum mismatch")
+    try:
+        header = BlobHeader(**msgpack.unpackb(hb, raw=False))
+    except Exception as exc:
+        raise BlobCorruptError(f"blob header does not parse: {exc}") from exc
+    payload = mv[end:]
+    if len(payload) < header.payload_len:
+        raise BlobTruncatedError(
+            f"payload is {len(payload)} bytes, header says {header.payload_len}"
+        )
+    if len(payload) > header.payload_len:
+        raise BlobCorruptError(f"{len(payload) - header.payload_len} trailing bytes after payload")
+    if xxhash.xxh64_intdigest(payload) != header.payload_xxh64:
+        raise BlobCorruptError("blob payload checksum mismatch")
+    return header, payload

@@ -1,0 +1,331 @@
+"""Calibration: PCA per feature group and bit allocation, from real KV tensors.
+
+1. :class:`CalibrationStats` accumulates, per feature group, the token count, the sum and
+   the Gram matrix (float64) of the features: keys with RoPE undone at each token's
+   position, values as they are; tokens at positions below ``n_sink`` are skipped (their
+   outlier statistics would bend the basis; they are stored exactly anyway). It also
+   keeps a uniform random sample of tokens for the bit allocation.
+2. :func:`fit_artifacts` fits PCA (eigendecomposition of the covariance, components by
+   decreasing variance), then for each target ratio runs the dynamic programme of
+   :mod:`~kvtc_store.codec.dp` over ranges of ``block`` components, and measures the
+   resulting codec on held-out chunks.
+
+Error model of the DP (paper §3.2): dropping a range costs the measured energy of its
+coefficients; coding it at ``b`` bits with per-token min/max costs ``n * Δ_t² / 12`` per
+token, with ``Δ_t = (max_t - min_t) / (2^b - 1)`` taken from the sampled calibration
+coefficients. Errors are summed squared errors over the sample; the budget is
+``16 * p / CR`` bits per token, ``p`` counting keys and values, scales included.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import CalibrationError
+from .artifact import CodecArtifact, FeatureGroup, PlanRange
+from .dp import allocate_bits
+from .features import group_slices, to_token_major
+from .quant import SCALE_BITS
+from .rope import RopeParams, undo_rope
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationStats:
+    """Sufficient statistics of KV features, per feature group.
+
+    Args:
+        kv_shape: ``(layers, kv_heads, head_dim)``.
+        rope: the model's RoPE parameters.
+        groups: feature groups (see :func:`~kvtc_store.codec.features.default_groups`).
+        n_sink: skip tokens at absolute positions below this.
+        sample_tokens: size of the token sample kept for the bit allocation.
+        seed: seed of the sampler.
+
+    Memory: ``8 * p_g²`` bytes per group for the Gram matrix (265 MB for SmolLM2's
+    all-layer groups, p_g = 5,760), plus ``4 * p * sample_tokens`` for the sample.
+    """
+
+    def __init__(
+        self,
+        kv_shape: tuple[int, int, int],
+        rope: RopeParams,
+        groups: list[FeatureGroup],
+        n_sink: int = 4,
+        sample_tokens: int = 2048,
+        seed: int = 0,
+    ):
+        self.kv_shape = tuple(kv_shape)
+        self.rope = rope
+        self.groups = groups
+        self.n_sink = n_sink
+        self.sample_tokens = sample_tokens
+        _layers, heads, dim = self.kv_shape
+        self.slices = group_slices(groups, heads, dim)
+        sizes = [sl.stop - sl.start for _, sl in self.slices]
+        self.count = 0
+        self.sums = [torch.zeros(p, dtype=torch.float64) for p in sizes]
+        self.grams = [torch.zeros(p, p, dtype=torch.float64) for p in sizes]
+        self._sample: list[torch.Tensor] = []  # token-major [k | v] rows
+        self._seen = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def features(self, keys, values, first_position: int = 0, skip_sinks: bool = True):
+        """Token-major K (RoPE undone) and V features, ``(T', L*H*D)`` each, float32."""
+        tokens = keys.shape[2]
+        pos = torch.arange(first_position, first_position + tokens)
+        keep = pos >= self.n_sink if skip_sinks else torch.ones(tokens, dtype=torch.bool)
+        k = undo_rope(keys[:, :, keep].float(), pos[keep], self.rope)
+        return to_token_major(k), to_token_major(values[:, :, keep].float())
+
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor, first_position: int = 0) -> None:
+        """Add the tokens of one sequence.
+
+        Args:
+            keys: ``(L, H, T, D)`` as cached (RoPE applied).
+            values: ``(L, H, T, D)``.
+            first_position: absolute position of token 0.
+        """
+        kf, vf = self.features(keys.cpu(), values.cpu(), first_position)
+        feats = {"k": kf, "v": vf}
+        for g, (kind, sl) in enumerate(self.slices):
+            x = feats[kind][:, sl]
+            self.sums[g] += x.sum(0, dtype=torch.float64)
+            self.grams[g] += (x.T @ x).double()
+        self.count += kf.shape[0]
+        self._reservoir(torch.cat([kf, vf], dim=1))
+
+    def _reservoir(self, rows: torch.Tensor) -> None:
+        """Uniform sample of ``sample_tokens`` rows over everything seen (Algorithm R)."""
+        for row in rows:
+            self._seen += 1
+            if len(self._sample) < self.sample_tokens:
+                self._sample.append(row.clone())
+            else:
+                j = int(torch.randint(self._seen, (1,), generator=self._gen))
+                if j < self.sample_tokens:
+                    self._sample[j] = row.clone()
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """The sampled tokens' features: ``{"k": (N, L*H*D), "v": (N, L*H*D)}``."""
+        if not self._sample:
+            raise CalibrationError("no calibration tokens were added")
+        rows = torch.stack(self._sample)
+        half = rows.shape[1] // 2
+        return {"k": rows[:, :half], "v": rows[:, half:]}
+
+
+@dataclass
+class PCA:
+    """Principal components of one group: mean ``(p,)``, eigenvalues ``(p,)`` (descending),
+    components ``(p, p)`` as columns, all float32."""
+
+    mean: torch.Tensor
+    eigenvalues: torch.Tensor
+    components: torch.Tensor
+
+
+def fit_pca(stats: CalibrationStats) -> list[PCA]:
+    """Eigendecomposition of each group's covariance (float32 ``eigh``).
+
+    Raises:
+        CalibrationError: fewer than 2 tokens.
+    """
+    if stats.count < 2:
+        raise CalibrationError(f"calibration needs tokens; got {stats.count}")
+    out = []
+    for s, gram in zip(stats.sums, stats.grams):
+        mean = s / stats.count
+        cov = gram / stats.count - torch.outer(mean, mean)
+        evals, evecs = torch.linalg.eigh(cov.float())
+        order = torch.argsort(evals, descending=True)
+        out.append(PCA(mean.float(), evals[order].clamp_min(0), evecs[:, order].contiguous()))
+    return out
+
+
+def _error_tables(coeffs: list[torch.Tensor], block: int, max_bits: int, unit: int):
+    """DP tables over all groups' blocks: error ``(n+1, n+1, max_bits+1)`` and cost."""
+    seg_bounds, blocks = [], []  # blocks: (group, comp_start, comp_end)
+    for g, c in enumerate(coeffs):
+        start = len(blocks)
+        p = c.shape[1]
+        blocks += [(g, s, min(s + block, p)) for s in range(0, p, block)]
+        seg_bounds.append((start, len(blocks)))
+    n = len(blocks)
+    widths = max_bits + 1
+    err = np.full((n + 1, n + 1, widths), np.inf)
+    cost = np.zeros((n + 1, n + 1, widths), dtype=np.int64)
+    levels = np.array([0.0] + [(1 << b) - 1 for b in range(1, widths)])
+    for g, (s0, s1) in enumerate(seg_bounds):
+        c = coeffs[g].double()
+        nb = s1 - s0
+        bl = [blocks[s0 + k] for k in range(nb)]
+        bmax = torch.stack([c[:, a:b].amax(1) for _, a, b in bl], dim=1)
+        bmin = torch.stack([c[:, a:b].amin(1) for _, a, b in bl], dim=1)
+        energy = np.concatenate(
+            [[0.0], np.cumsum([float((c[:, a:b] ** 2).sum()) for _, a, b in bl])]
+        )
+        lens = np.concatenate([[0], np.cumsum([b - a for _, a, b in bl])])
+        for j in range(nb):
+            rng2 = ((bmax[:, j:].cummax(1).values - bmin[:, j:].cummin(1).values) ** 2).sum(0)
+            rng2 = rng2.numpy()
+            for m in range(nb - j):
+                i = j + m + 1
+                count = lens[i] - lens[j]
+                jj, ii = s0 + j, s0 + i
+                err[jj, ii, 0] = energy[i] - energy[j]
+                err[jj, ii, 1:] = count * rng2[m] / (12.0 * levels[1:] ** 2)
+                cost[jj, ii, 1:] = -(-(count * np.arange(1, widths) + SCALE_BITS) // unit)
+    return err, cost, seg_bounds, blocks
+
+
+def plan_bits(
+    pcas: list[PCA],
+    sample: list[torch.Tensor],
+    target_ratio: float,
+    block: int = 64,
+    max_bits: int = 8,
+) -> tuple[list[PlanRange], dict]:
+    """Bit plan for one target ratio.
+
+    Args:
+        pcas: per group PCA.
+        sample: per group sampled features ``(N, p_g)`` float32.
+        target_ratio: CR against 16-bit KV; budget ``16 * p / CR`` bits per token.
+        block: range boundaries fall on multiples of this many components.
+        max_bits: widest code (8).
+
+    Returns:
+        ``(plan, info)``: kept ranges, and the predicted error (``predicted_mse`` per
+        token, ``predicted_nmse`` relative to the total variance) and budget.
+    """
+    coeffs = [(x - p.mean) @ p.components for x, p in zip(sample, pcas)]
+    unit = math.gcd(block, SCALE_BITS)
+    err, cost, segs, blocks = _error_tables(coeffs, block, max_bits, unit)
+    p_total = sum(p.mean.numel() for p in pcas)
+    budget_bits = 16 * p_total / target_ratio
+    budget = int(budget_bits // unit)
+    total, ranges = allocate_bits(err, cost, budget, segs)
+    plan = []
+    for r in ranges:
+        if r.bits == 0:
+            continue
+        g, a, _ = blocks[r.start]
+        _, _, b = blocks[r.end - 1]
+        plan.append(PlanRange(g, a, b, r.bits))
+    n = coeffs[0].shape[0]
+    energy = sum(float((c.double() ** 2).sum()) for c in coeffs)
+    info = {
+        "budget_bits_per_token": budget * unit,
+        "predicted_mse": total / n,
+        "predicted_nmse": total / energy,
+    }
+    return plan, info
+
+
+def fit_artifacts(
+    stats: CalibrationStats,
+    target_ratios: list[float],
+    model_fingerprint: str,
+    model_name: str,
+    holdout: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None,
+    block: int = 64,
+    window: int = 128,
+    calibration: dict | None = None,
+    progress=None,
+) -> list[CodecArtifact]:
+    """Fit PCA once and a bit plan per target ratio; measure each codec on held-out KV.
+
+    Args:
+        stats: accumulated statistics.
+        target_ratios: e.g. ``[8, 16]``.
+        model_fingerprint, model_name: identify the model (see ``kvtc_store.model``).
+        holdout: chunks ``(keys, values, first_position)`` not in ``stats``, for the
+            measured error.
+        block: DP grid in components.
+        window: exact recent-window tokens recorded in the artifact.
+        calibration: facts to record (data hash, texts, token count).
+        progress: optional callable ``progress(message)``.
+
+    Returns:
+        One artifact per ratio, in order.
+    """
+    say = progress or (lambda m: log.info(m))
+    t0 = time.time()
+    say("fitting PCA")
+    pcas = fit_pca(stats)
+    sample_feats = stats.sample()
+    sample = [sample_feats[kind][:, sl] for kind, sl in stats.slices]
+    arts = []
+    for cr in target_ratios:
+        say(f"bit allocation for ratio {cr}")
+        plan, info = plan_bits(pcas, sample, cr, block=block)
+        ranks = [max([r.end for r in plan if r.group == g], default=0) for g in range(len(pcas))]
+        art = CodecArtifact(
+            model_fingerprint=model_fingerprint,
+            model_name=model_name,
+            kv_shape=stats.kv_shape,
+            rope=stats.rope,
+            groups=stats.groups,
+            means=[p.mean for p in pcas],
+            bases=[p.components[:, :r] for p, r in zip(pcas, ranks)],
+            plan=plan,
+            target_ratio=float(cr),
+            n_sink=stats.n_sink,
+            window=window,
+            calibration={**(calibration or {}), "tokens": stats.count, "block": block},
+            quality=info,
+        )
+        if holdout:
+            art.quality.update(measure_error(art, holdout))
+        arts.append(art)
+    for a in arts:
+        a.calibration["fit_seconds"] = round(time.time() - t0, 1)
+    return arts
+
+
+@torch.no_grad()
+def measure_error(art: CodecArtifact, chunks) -> dict:
+    """Round-trip ``chunks`` through the codec; squared error over compressed tokens.
+
+    Returns:
+        ``measured_mse`` (sum over features, mean over tokens), ``measured_nmse``
+        (relative to the chunks' centred energy), ``measured_nmse_k``/``_v``, and
+        ``honest_ratio`` (bf16 bytes / blob bytes over the chunks).
+    """
+    from .codec import KVTCCodec  # local: codec imports this package's modules
+
+    codec = KVTCCodec(art, coder="deflate")
+    stats = CalibrationStats(art.kv_shape, art.rope, art.groups, n_sink=art.n_sink)
+    err = {"k": 0.0, "v": 0.0}
+    energy = {"k": 0.0, "v": 0.0}
+    tokens = 0
+    raw_bytes = blob_bytes = 0
+    for keys, values, first in chunks:
+        blob = codec.encode(keys, values, first)
+        dec = codec.decode(blob, dtype=torch.float32)
+        ref = stats.features(keys, values, first)
+        got = stats.features(dec.keys, dec.values, first)
+        for kind, (r, g_) in zip(("k", "v"), zip(ref, got)):
+            err[kind] += float(((r - g_) ** 2).sum())
+            mean = torch.cat([m for (kd, _), m in zip(stats.slices, art.means) if kd == kind])
+            energy[kind] += float(((r - mean) ** 2).sum())
+        tokens += ref[0].shape[0]
+        raw_bytes += keys.numel() * 2 * 2
+        blob_bytes += len(blob)
+    total_e = energy["k"] + energy["v"]
+    return {
+        "measured_mse": (err["k"] + err["v"]) / max(tokens, 1),
+        "measured_nmse": (err["k"] + err["v"]) / total_e if total_e else 0.0,
+        "measured_nmse_k": err["k"] / energy["k"] if energy["k"] else 0.0,
+        "measured_nmse_v": err["v"] / energy["v"] if energy["v"] else 0.0,
+        "honest_ratio": raw_bytes / max(blob_bytes, 1),
+        "holdout_tokens": tokens,
+    }

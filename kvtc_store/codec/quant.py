@@ -1,0 +1,84 @@
+"""Per-token uniform quantisation of component ranges, and bit packing.
+
+Each kept range of principal components is quantised per token with its own offset (the
+range's minimum) and step ``(max - min) / (2**bits - 1)``, both stored as float16 (32
+bits per range per token, counted in the bit budget). Codes are packed LSB-first into
+bytes: code ``k`` of width ``b`` occupies bits ``k*b .. k*b+b-1`` of the stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_BITS = 32  # float16 offset + float16 step, per kept range and token
+
+
+def quantize_range(coeffs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise one range of coefficients per token.
+
+    Args:
+        coeffs: float32, shape ``(T, n)``: the range's PCA coefficients of ``T`` tokens.
+        bits: code width, 1..8.
+
+    Returns:
+        ``(codes, scales)``: codes uint8 ``(T, n)`` in ``[0, 2**bits)``; scales float16
+        ``(T, 2)`` holding (offset, step). Decoding is ``offset + code * step``.
+    """
+    levels = (1 << bits) - 1
+    lo = coeffs.amin(dim=1)
+    hi = coeffs.amax(dim=1)
+    lo16 = lo.to(torch.float16)
+    step16 = ((hi - lo16.float()) / levels).to(torch.float16)
+    # A step that rounded down would clip the top code; a zero step (constant row) is 1.
+    step = step16.float()
+    step = torch.where(step * levels < hi - lo16.float(), step * (1 + 2**-10), step)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    step16 = step.to(torch.float16)
+    q = torch.round((coeffs - lo16.float()[:, None]) / step16.float()[:, None])
+    codes = q.clamp_(0, levels).to(torch.uint8)
+    return codes, torch.stack([lo16, step16], dim=1)
+
+
+def dequantize_range(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_range`: float32 ``(T, n)`` from codes and scales."""
+    s = scales.float()
+    return s[:, :1] + codes.float() * s[:, 1:2]
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes of ``bits`` bits each into a uint8 stream.
+
+    Args:
+        codes: uint8, any shape, values < ``2**bits``; read in C order.
+        bits: 1..8.
+
+    Returns:
+        uint8 ``(ceil(codes.numel() * bits / 8),)``.
+    """
+    flat = codes.reshape(-1)
+    if bits == 8:
+        return flat.clone()
+    shifts = torch.arange(bits, device=flat.device, dtype=torch.uint8)
+    planes = ((flat[:, None] >> shifts) & 1).reshape(-1)
+    pad = (-planes.numel()) % 8
+    if pad:
+        planes = torch.cat([planes, planes.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=flat.device, dtype=torch.int32)).to(torch.uint8)
+    return (planes.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``(count,)`` codes from a packed stream.
+
+    Raises:
+        ValueError: if ``packed`` holds fewer than ``count * bits`` bits.
+    """
+    need = (count * bits + 7) // 8
+    if packed.numel() < need:
+        raise ValueError(f"packed stream has {packed.numel()} bytes, {need} needed")
+    if bits == 8:
+        return packed[:count].clone()
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    planes = ((packed[:need, None] >> shifts) & 1).reshape(-1)[: count * bits]
+    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32)).to(torch.uint8)
+    return (planes.view(count, bits) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)

