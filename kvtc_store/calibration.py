@@ -1,0 +1,181 @@
+"""Calibration job: run the model on real text, fit KVTC artifacts, cache them.
+
+The codec package knows tensors only; this module drives a transformers model over a
+corpus (Shakespeare by default, see :mod:`kvtc_store.texts`), feeds the KV of each
+window to :class:`~kvtc_store.codec.CalibrationStats`, keeps the last window out as
+held-out data, and fits one artifact per target ratio. Artifacts are cached under
+``<cache home>/codecs/<model>/<settings>/cr<ratio>`` and reused when the model
+fingerprint and the settings match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .codec import CalibrationStats, CodecArtifact, default_groups, fit_artifacts
+from .errors import ArtifactError, CalibrationError
+from .model import ModelInfo, cache_home, kv_from_cache
+from .texts import shakespeare_plays
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What a calibration run depends on (its hash names the cache folder).
+
+    Attributes:
+        windows: number of text windows whose KV feeds the statistics.
+        window_tokens: tokens per window (positions 0..window_tokens-1).
+        layers_per_group: PCA group shape; None = all layers of K (and of V) together.
+        block: bit-allocation grid, in principal components.
+        n_sink: sink tokens (stored exactly, skipped by calibration).
+        window: exact recent-window tokens at the end of a stored sequence.
+        sample_tokens: tokens sampled for the bit allocation.
+        corpus: ``"shakespeare"`` (comedies and histories; tragedies are held out).
+    """
+
+    windows: int = 8
+    window_tokens: int = 2048
+    layers_per_group: int | None = None
+    block: int = 64
+    n_sink: int = 4
+    window: int = 128
+    sample_tokens: int = 2048
+    corpus: str = "shakespeare"
+
+    def key(self) -> str:
+        """Short hash of the settings."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -> Path:
+    """Cache folder of the artifact for one model, settings and target ratio."""
+    return (
+        cache_home() / "codecs" / f"{info.name}-{info.fingerprint[:12]}" / settings.key()
+        / f"cr{ratio:g}"
+    )
+
+
+def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
+    """Token ids of the calibration corpus, ``(n,)`` int64, at least
+    ``(windows + 1) * window_tokens`` long.
+
+    Raises:
+        CalibrationError: the corpus is too short or unknown.
+    """
+    if settings.corpus != "shakespeare":
+        raise CalibrationError(f"unknown calibration corpus {settings.corpus!r}")
+    need = (settings.windows + 1) * settings.window_tokens
+    ids: list[int] = []
+    for _, text in shakespeare_plays():
+        ids += tokenizer(text).input_ids
+        if len(ids) >= need:
+            return torch.tensor(ids[:need])
+    raise CalibrationError(f"corpus has {len(ids)} tokens, calibration needs {need}")
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    tokenizer,
+    info: ModelInfo,
+    ratios: list[float],
+    settings: CalibrationSettings | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[CodecArtifact]:
+    """Calibrate artifacts for ``ratios`` on the model's KV of the calibration corpus.
+
+    Args:
+        model, tokenizer, info: from :func:`kvtc_store.model.load_model`.
+        ratios: target compression ratios against 16-bit KV.
+        settings: calibration settings (defaults: 8 windows of 2,048 tokens).
+        progress: ``progress(done, total, stage)`` called after each step.
+
+    Returns:
+        One artifact per ratio (not saved; see :func:`load_or_calibrate`).
+    """
+    settings = settings or CalibrationSettings()
+    say = progress or (lambda done, total, stage: None)
+    t0 = time.time()
+    ids = calibration_token_ids(tokenizer, settings)
+    stats = CalibrationStats(
+        info.kv_shape,
+        info.rope,
+        default_groups(info.kv_shape[0], settings.layers_per_group),
+        n_sink=settings.n_sink,
+        sample_tokens=settings.sample_tokens,
+    )
+    steps = settings.windows + 1 + 1 + len(ratios)
+    holdout = []
+    w = settings.window_tokens
+    for i in range(settings.windows + 1):
+        out = model(ids[None, i * w : (i + 1) * w], use_cache=True)
+        keys, values = kv_from_cache(out.past_key_values)
+        if i < settings.windows:
+            stats.add(keys, values, 0)
+        else:  # held out: three 256-token chunks past the sinks
+            holdout = [(keys[:, :, s : s + 256], values[:, :, s : s + 256], s) for s in (256, 768, 1280)]
+        say(i + 1, steps, f"KV of calibration window {i + 1}/{settings.windows + 1}")
+    done = settings.windows + 1
+
+    def fit_progress(msg: str) -> None:
+        nonlocal done
+        done += 1
+        say(done, steps, msg)
+
+    data_hash = hashlib.sha256(ids.numpy().astype("<u4").tobytes()).hexdigest()[:16]
+    arts = fit_artifacts(
+        stats,
+        ratios,
+        info.fingerprint,
+        info.name,
+        holdout=holdout,
+        block=settings.block,
+        window=settings.window,
+        calibration={
+            "data_hash": data_hash,
+            "corpus": settings.corpus,
+            "settings": asdict(settings),
+        },
+        progress=fit_progress,
+    )
+    for a in arts:
+        a.calibration["seconds"] = round(time.time() - t0, 1)
+    return arts
+
+
+def load_or_calibrate(
+    model,
+    tokenizer,
+    info: ModelInfo,
+    ratios: list[float],
+    settings: CalibrationSettings | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[CodecArtifact]:
+    """Cached artifacts for ``ratios``, calibrating (and saving) the missing ones."""
+    settings = settings or CalibrationSettings()
+    out: dict[float, CodecArtifact] = {}
+    for r in ratios:
+        path = artifact_dir(info, settings, r)
+        if (path / "manifest.json").is_file():
+            try:
+                art = CodecArtifact.load(path)
+                art.check_model(info.fingerprint, info.kv_shape)
+                out[r] = art
+            except ArtifactError as exc:
+                log.warning("recalibrating: cached artifact unusable (%s)", exc)
+    missing = [r for r in ratios if r not in out]
+    if missing:
+        for r, art in zip(missing, calibrate(model, tokenizer, info, missing, settings, progress)):
+            art.save(artifact_dir(info, settings, r))
+            out[r] = art
+    return [out[r] for r in ratios]
