@@ -2,8 +2,8 @@
 
 On disk it is a folder with two files:
 
-- ``tensors.safetensors``: for each feature group ``g``, ``g{g}.mean`` (float32,
-  ``(p_g,)``) and ``g{g}.basis`` (float16, ``(p_g, r_g)``: the first ``r_g`` principal
+- ``tensors.safetensors``: for each feature group ``g``, ``g{g}.mean`` and ``g{g}.scale``
+  (float32, ``(p_g,)``) and ``g{g}.basis`` (float16, ``(p_g, r_g)``: the first ``r_g`` principal
   components as columns, only those the bit plan keeps);
 - ``manifest.json``: model fingerprint and name, KV shape, RoPE parameters, groups, the
   bit plan, target ratio, sink and window settings, calibration data hash, the quality
@@ -68,6 +68,8 @@ class CodecArtifact:
         groups: the feature groups, keys' groups first.
         means: per group, float32 ``(p_g,)``.
         bases: per group, float32 ``(p_g, r_g)`` with orthonormal columns.
+        scales: per group, float32 ``(p_g,)``: features are divided by these before the
+            projection (per-layer, per-head sensitivity weights; ones = plain PCA).
         plan: the kept ranges (bits >= 1) in group then component order.
         target_ratio: compression ratio against 16-bit KV the budget was set for.
         n_sink: tokens at absolute positions below this are stored exactly.
@@ -86,6 +88,7 @@ class CodecArtifact:
     bases: list[torch.Tensor]
     plan: list[PlanRange]
     target_ratio: float
+    scales: list[torch.Tensor] = field(default_factory=list)
     n_sink: int = 4
     window: int = 128
     calibration: dict = field(default_factory=dict)
@@ -98,6 +101,9 @@ class CodecArtifact:
         # freshly calibrated artifact and a loaded one code identically.
         self.bases = [b.to(torch.float16).float() for b in self.bases]
         self.means = [m.float() for m in self.means]
+        if not self.scales:
+            self.scales = [torch.ones_like(m) for m in self.means]
+        self.scales = [s.float() for s in self.scales]
         if not self.artifact_id:
             self.artifact_id = self._content_id()
 
@@ -106,8 +112,9 @@ class CodecArtifact:
         h.update(self.model_fingerprint.encode())
         h.update(json.dumps([asdict(r) for r in self.plan]).encode())
         h.update(json.dumps([asdict(g) for g in self.groups]).encode())
-        for m, b in zip(self.means, self.bases):
+        for m, b, s in zip(self.means, self.bases, self.scales):
             h.update(m.contiguous().numpy().tobytes())
+            h.update(s.contiguous().numpy().tobytes())
             h.update(b.to(torch.float16).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -166,8 +173,9 @@ class CodecArtifact:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for g, (m, b) in enumerate(zip(self.means, self.bases)):
+        for g, (m, b, s) in enumerate(zip(self.means, self.bases, self.scales)):
             tensors[f"g{g}.mean"] = m.float().contiguous()
+            tensors[f"g{g}.scale"] = s.float().contiguous()
             tensors[f"g{g}.basis"] = b.to(torch.float16).contiguous()
         save_file(tensors, str(tmp / "tensors.safetensors"))
         (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
@@ -205,6 +213,7 @@ class CodecArtifact:
                 groups=groups,
                 means=[tensors[f"g{g}.mean"].float() for g in range(len(groups))],
                 bases=[tensors[f"g{g}.basis"].float() for g in range(len(groups))],
+                scales=[tensors[f"g{g}.scale"].float() for g in range(len(groups))],
                 plan=[PlanRange(**r) for r in man["plan"]],
                 target_ratio=man["target_ratio"],
                 n_sink=man["n_sink"],

@@ -124,29 +124,45 @@ class CalibrationStats:
 
 @dataclass
 class PCA:
-    """Principal components of one group: mean ``(p,)``, eigenvalues ``(p,)`` (descending),
-    components ``(p, p)`` as columns, all float32."""
+    """Principal components of one group: mean ``(p,)``, feature scales ``(p,)``,
+    eigenvalues ``(p,)`` (descending), components ``(p, p)`` as columns, all float32.
+    Coefficients are ``((x - mean) / scale) @ components``."""
 
     mean: torch.Tensor
+    scale: torch.Tensor
     eigenvalues: torch.Tensor
     components: torch.Tensor
 
 
-def fit_pca(stats: CalibrationStats) -> list[PCA]:
-    """Eigendecomposition of each group's covariance (float32 ``eigh``).
+def fit_pca(stats: CalibrationStats, scale_exponent: float = 0.0, head_dim: int = 0) -> list[PCA]:
+    """Eigendecomposition of each group's (scaled) covariance (float32 ``eigh``).
+
+    Args:
+        stats: accumulated statistics.
+        scale_exponent: ``α`` in ``scale = var_head ** (α / 2)``, where ``var_head`` is the
+            mean variance of the features of one (layer, KV head); 0 = plain PCA on raw
+            features (large-variance layers dominate the error), 1 = every head's features
+            normalised to unit variance (each head gets the same relative error).
+        head_dim: channels per head (features per scale block); default from stats.
 
     Raises:
         CalibrationError: fewer than 2 tokens.
     """
     if stats.count < 2:
         raise CalibrationError(f"calibration needs tokens; got {stats.count}")
+    dim = head_dim or stats.kv_shape[2]
     out = []
     for s, gram in zip(stats.sums, stats.grams):
         mean = s / stats.count
         cov = gram / stats.count - torch.outer(mean, mean)
+        var = cov.diagonal().clamp_min(1e-12).reshape(-1, dim).mean(1)
+        scale = (var ** (scale_exponent / 2)).repeat_interleave(dim)
+        cov = cov / torch.outer(scale, scale)
         evals, evecs = torch.linalg.eigh(cov.float())
         order = torch.argsort(evals, descending=True)
-        out.append(PCA(mean.float(), evals[order].clamp_min(0), evecs[:, order].contiguous()))
+        out.append(
+            PCA(mean.float(), scale.float(), evals[order].clamp_min(0), evecs[:, order].contiguous())
+        )
     return out
 
 
@@ -206,7 +222,7 @@ def plan_bits(
         ``(plan, info)``: kept ranges, and the predicted error (``predicted_mse`` per
         token, ``predicted_nmse`` relative to the total variance) and budget.
     """
-    coeffs = [(x - p.mean) @ p.components for x, p in zip(sample, pcas)]
+    coeffs = [((x - p.mean) / p.scale) @ p.components for x, p in zip(sample, pcas)]
     unit = math.gcd(block, SCALE_BITS)
     err, cost, segs, blocks = _error_tables(coeffs, block, max_bits, unit)
     p_total = sum(p.mean.numel() for p in pcas)
@@ -240,6 +256,7 @@ def fit_artifacts(
     window: int = 128,
     calibration: dict | None = None,
     progress=None,
+    scale_exponent: float = 0.0,
 ) -> list[CodecArtifact]:
     """Fit PCA once and a bit plan per target ratio; measure each codec on held-out KV.
 
@@ -253,6 +270,7 @@ def fit_artifacts(
         window: exact recent-window tokens recorded in the artifact.
         calibration: facts to record (data hash, texts, token count).
         progress: optional callable ``progress(message)``.
+        scale_exponent: per-head feature scaling before PCA (see :func:`fit_pca`).
 
     Returns:
         One artifact per ratio, in order.
@@ -260,7 +278,7 @@ def fit_artifacts(
     say = progress or (lambda m: log.info(m))
     t0 = time.time()
     say("fitting PCA")
-    pcas = fit_pca(stats)
+    pcas = fit_pca(stats, scale_exponent)
     sample_feats = stats.sample()
     sample = [sample_feats[kind][:, sl] for kind, sl in stats.slices]
     arts = []
@@ -275,12 +293,18 @@ def fit_artifacts(
             rope=stats.rope,
             groups=stats.groups,
             means=[p.mean for p in pcas],
+            scales=[p.scale for p in pcas],
             bases=[p.components[:, :r] for p, r in zip(pcas, ranks)],
             plan=plan,
             target_ratio=float(cr),
             n_sink=stats.n_sink,
             window=window,
-            calibration={**(calibration or {}), "tokens": stats.count, "block": block},
+            calibration={
+                **(calibration or {}),
+                "tokens": stats.count,
+                "block": block,
+                "scale_exponent": scale_exponent,
+            },
             quality=info,
         )
         if holdout:

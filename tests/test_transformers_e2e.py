@@ -1,0 +1,52 @@
+"""End to end on the real model: transformers generation reusing a compressed prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtc_store.backends import DiskBackend, MemoryBackend
+from kvtc_store.codec import KVTCCodec
+from kvtc_store.connectors.transformers import PrefixCachingLM, greedy_continue
+from kvtc_store.demo import QUESTION_1, QUESTION_2
+from kvtc_store.keys import ChunkNamespace
+from kvtc_store.store import TieredStore
+
+pytestmark = pytest.mark.model
+
+
+def test_reuse_at_ratio_8_reproduces_greedy_continuation(smollm2, artifact8, doc_kv, tmp_path):
+    model, tok, info = smollm2
+    doc, _, _ = doc_kv
+    ns = ChunkNamespace(info.fingerprint, info.kv_layout(), "e2e")
+
+    def store():
+        return TieredStore(
+            [MemoryBackend(64 << 20), DiskBackend(tmp_path, 1 << 30)], KVTCCodec(artifact8), ns
+        )
+
+    q1 = torch.cat([doc, tok(QUESTION_1, return_tensors="pt").input_ids[0]])
+    q2 = torch.cat([doc, tok(QUESTION_2, return_tensors="pt").input_ids[0]])
+    first = PrefixCachingLM(model, store()).prefill(q1)
+    assert first.reused_tokens == 0 and first.put.chunks_written == 4
+
+    lm = PrefixCachingLM(model, store(), save=False)
+    res = lm.generate(q2, max_new_tokens=16)
+    assert res.prefill.reused_tokens == 1024
+    assert res.prefill.computed_tokens == q2.numel() - 1024
+
+    exact = PrefixCachingLM(model, store(), reuse=False, save=False).prefill(q2)
+    ref = greedy_continue(model, exact.cache, exact.logits, 16)
+    assert torch.equal(res.tokens, ref), (tok.decode(res.tokens), tok.decode(ref))
+
+
+def test_fully_cached_prompt_still_computes_last_token(smollm2, artifact8, doc_kv, tmp_path):
+    model, tok, info = smollm2
+    doc, _, _ = doc_kv
+    ids = doc[:512]
+    ns = ChunkNamespace(info.fingerprint, info.kv_layout(), "full")
+    store = TieredStore([MemoryBackend(64 << 20)], KVTCCodec(artifact8), ns)
+    PrefixCachingLM(model, store).prefill(ids)
+    again = PrefixCachingLM(model, store).prefill(ids)
+    assert again.reused_tokens == 511 and again.computed_tokens == 1
+    assert again.logits.shape == (model.config.vocab_size,)
