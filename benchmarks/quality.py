@@ -69,7 +69,9 @@ def main(argv=None) -> int:
     codecs = {r: (KVTCCodec(a), KVTCCodec(a, coder="none")) for r, a in zip(args.ratios, arts)}
     wins = windows(tok, args.windows)
     scores = {r: ContinuationScores() for r in args.ratios}
-    sizes = {r: {"chunk_raw": 0, "chunk_blob": 0, "chunk_plain": 0, "ctx_blob": 0} for r in args.ratios}
+    sizes = {
+        r: {"chunk_raw": 0, "chunk_blob": 0, "chunk_plain": 0, "ctx_blob": 0} for r in args.ratios
+    }
     per_text = {r: {} for r in args.ratios}
     bf16_per_token = info.kv_bytes_per_token_bf16
     for wi, (name, ids) in enumerate(wins):
@@ -92,33 +94,45 @@ def main(argv=None) -> int:
             z["chunk_raw"] += len(middle) * CHUNK * bf16_per_token
             z["chunk_blob"] += sum(len(blobs[i]) for i in middle)
             z["chunk_plain"] += sum(
-                len(plain.encode(keys[:, :, i * CHUNK : (i + 1) * CHUNK],
-                                 values[:, :, i * CHUNK : (i + 1) * CHUNK], i * CHUNK))
+                len(
+                    plain.encode(
+                        keys[:, :, i * CHUNK : (i + 1) * CHUNK],
+                        values[:, :, i * CHUNK : (i + 1) * CHUNK],
+                        i * CHUNK,
+                    )
+                )
                 for i in middle
             )
             z["ctx_blob"] += sum(len(b) for b in blobs)
-        print(f"window {wi + 1}/{len(wins)} ({name}) done, {time.time() - t0:.0f} s", file=sys.stderr)
+        print(
+            f"window {wi + 1}/{len(wins)} ({name}) done, {time.time() - t0:.0f} s", file=sys.stderr
+        )
 
     rows = []
     for r, a in zip(args.ratios, arts):
         z, s = sizes[r], scores[r]
-        rows.append({
-            "method": "kvtc",
-            "target_ratio": r,
-            "honest_ratio": round(z["chunk_raw"] / z["chunk_blob"], 3),
-            "ratio_before_entropy_coding": round(z["chunk_raw"] / z["chunk_plain"], 3),
-            "context_ratio": round(len(wins) * CTX * bf16_per_token / z["ctx_blob"], 3),
-            "ppl_change_pct": round(s.ppl_change_pct, 3),
-            "kl": round(s.kl, 5),
-            "top1_agreement": round(s.top1_agreement, 4),
-            "per_text": {
-                n: {"kl": round(t.kl, 5), "top1_agreement": round(t.top1_agreement, 4),
-                    "ppl_change_pct": round(t.ppl_change_pct, 3)}
-                for n, t in per_text[r].items()
-            },
-            "artifact_id": a.artifact_id,
-            "bits_per_token": a.plan_bits_per_token(),
-        })
+        rows.append(
+            {
+                "method": "kvtc",
+                "target_ratio": r,
+                "honest_ratio": round(z["chunk_raw"] / z["chunk_blob"], 3),
+                "ratio_before_entropy_coding": round(z["chunk_raw"] / z["chunk_plain"], 3),
+                "context_ratio": round(len(wins) * CTX * bf16_per_token / z["ctx_blob"], 3),
+                "ppl_change_pct": round(s.ppl_change_pct, 3),
+                "kl": round(s.kl, 5),
+                "top1_agreement": round(s.top1_agreement, 4),
+                "per_text": {
+                    n: {
+                        "kl": round(t.kl, 5),
+                        "top1_agreement": round(t.top1_agreement, 4),
+                        "ppl_change_pct": round(t.ppl_change_pct, 3),
+                    }
+                    for n, t in per_text[r].items()
+                },
+                "artifact_id": a.artifact_id,
+                "bits_per_token": a.plan_bits_per_token(),
+            }
+        )
     cmd = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {
         "command": cmd.strip(),
@@ -140,13 +154,17 @@ def main(argv=None) -> int:
         f"- command: `{meta['command']}`",
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}; run time {meta['seconds']} s",
-        f"- windows: {len(wins)} x ({CTX} context + {CONT} continuation) tokens, half from "
-        "Python's reference docs, half from Shakespeare's tragedies (calibration: comedies "
-        f"and histories, {arts[0].calibration.get('tokens')} tokens)",
+        (
+            f"- windows: {len(wins)} x ({CTX} context + {CONT} continuation) tokens, half from "
+            "Python's reference docs, half from Shakespeare's tragedies (calibration: comedies "
+            f"and histories, {arts[0].calibration.get('tokens')} tokens)"
+        ),
         "- reference: the same model continuing from exact KV",
         "",
-        "| target | honest chunk ratio | before entropy coding | whole-context ratio "
-        "| ppl change | mean KL (nats) | top-1 agreement |",
+        (
+            "| target | honest chunk ratio | before entropy coding | whole-context ratio "
+            "| ppl change | mean KL (nats) | top-1 agreement |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -157,8 +175,10 @@ def main(argv=None) -> int:
         )
     lines += [
         "",
-        "Whole-context ratio counts every blob of the 1,536-token context, including the 4 "
-        "sink tokens and the last 128 tokens stored exactly in bf16.",
+        (
+            "Whole-context ratio counts every blob of the 1,536-token context, including the 4 "
+            "sink tokens and the last 128 tokens stored exactly in bf16."
+        ),
         "",
     ]
     (args.out / "quality.md").write_text("\n".join(lines))

@@ -84,7 +84,9 @@ class PrefixCachingLM:
             if kv is not None:
                 reused = min(kv[0].shape[2], ids.numel() - 1)
                 dtype = self.model.dtype
-                cache = cache_from_kv(kv[0][:, :, :reused].to(dtype), kv[1][:, :, :reused].to(dtype))
+                cache = cache_from_kv(
+                    kv[0][:, :, :reused].to(dtype), kv[1][:, :, :reused].to(dtype)
+                )
         out = self.model(ids[None, reused:], past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1].float()
         ttft = time.perf_counter() - t0
@@ -107,8 +109,9 @@ class PrefixCachingLM:
             :class:`GenerationResult`.
         """
         pre = self.prefill(input_ids)
-        return GenerationResult(greedy_continue(self.model, pre.cache, pre.logits,
-                                                max_new_tokens, eos_token_id), pre)
+        return GenerationResult(
+            greedy_continue(self.model, pre.cache, pre.logits, max_new_tokens, eos_token_id), pre
+        )
 
 
 @torch.no_grad()

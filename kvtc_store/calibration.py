@@ -60,7 +60,10 @@ class CalibrationSettings:
 def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -> Path:
     """Cache folder of the artifact for one model, settings and target ratio."""
     return (
-        cache_home() / "codecs" / f"{info.name}-{info.fingerprint[:12]}" / settings.key()
+        cache_home()
+        / "codecs"
+        / f"{info.name}-{info.fingerprint[:12]}"
+        / settings.key()
         / f"cr{ratio:g}"
     )
 
@@ -123,7 +126,9 @@ def calibrate(
         if i < settings.windows:
             stats.add(keys, values, 0)
         else:  # held out: three 256-token chunks past the sinks
-            holdout = [(keys[:, :, s : s + 256], values[:, :, s : s + 256], s) for s in (256, 768, 1280)]
+            holdout = [
+                (keys[:, :, s : s + 256], values[:, :, s : s + 256], s) for s in (256, 768, 1280)
+            ]
         say(i + 1, steps, f"KV of calibration window {i + 1}/{settings.windows + 1}")
     done = settings.windows + 1
 

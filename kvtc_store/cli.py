@@ -1,9 +1,9 @@
 """The ``kvtc-store`` command.
 
-    kvtc-store demo [--ratio 16] [--doc-tokens 4000]
-    kvtc-store calibrate --ratio 8 16 [--windows 8]
-    kvtc-store inspect BLOB_FILE
-    kvtc-store stats --disk DIR
+kvtc-store demo [--ratio 16] [--doc-tokens 4000]
+kvtc-store calibrate --ratio 8 16 [--windows 8]
+kvtc-store inspect BLOB_FILE
+kvtc-store stats --disk DIR
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def cmd_inspect(args) -> int:
     from .codec.blob import unpack_blob
 
     with open(args.blob, "rb") as f:
-        header, payload = unpack_blob(f.read())
+        header, _payload = unpack_blob(f.read())
     for k, v in asdict(header).items():
         print(f"{k}: {v}")
     return 0

@@ -70,7 +70,7 @@ def document_ids(tokenizer, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``assignment`` on) and the 256 tokens that follow it (held continuation)."""
     topics = python_docs()
     start = next(i for i, (k, _) in enumerate(topics) if k >= "assignment")
-    text = "\n\n".join(t for _, t in topics[start:start + 40])
+    text = "\n\n".join(t for _, t in topics[start : start + 40])
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() < n_tokens + 256:
         raise ValueError(f"document text has {ids.numel()} tokens; {n_tokens + 256} needed")
@@ -180,13 +180,17 @@ def format_report(r: DemoReport) -> str:
         ("honest compression ratio", f"{r.honest_ratio:.2f}x  (bf16 bytes / every stored byte)"),
         (
             "bytes on disk vs bf16",
-            f"{r.disk_bytes / 1e6:.2f} MB vs {r.bf16_bytes / 1e6:.2f} MB "
-            f"({r.chunks_stored} chunks)",
+            (
+                f"{r.disk_bytes / 1e6:.2f} MB vs {r.bf16_bytes / 1e6:.2f} MB "
+                f"({r.chunks_stored} chunks)"
+            ),
         ),
         (
             "TTFT recompute vs reuse",
-            f"{r.ttft_recompute_s:.2f} s vs {r.ttft_reuse_s:.2f} s "
-            f"({r.ttft_recompute_s / r.ttft_reuse_s:.1f}x faster)",
+            (
+                f"{r.ttft_recompute_s:.2f} s vs {r.ttft_reuse_s:.2f} s "
+                f"({r.ttft_recompute_s / r.ttft_reuse_s:.1f}x faster)"
+            ),
         ),
         ("perplexity change (held continuation)", f"{r.ppl_change_pct:+.2f}%"),
         ("top-1 agreement / mean KL", f"{r.top1_agreement:.3f} / {r.kl:.4f} nats"),

@@ -136,7 +136,9 @@ class TieredStore:
         t0 = time.perf_counter()
         s = first_new * self.chunk_tokens
         blobs = self.codec.encode_sequence(
-            keys[:, :, s:stored], values[:, :, s:stored], first_position=s,
+            keys[:, :, s:stored],
+            values[:, :, s:stored],
+            first_position=s,
             chunk_tokens=self.chunk_tokens,
         )
         self.stats.encode_seconds += time.perf_counter() - t0

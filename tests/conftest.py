@@ -43,7 +43,7 @@ def doc_kv(smollm2):
     from kvtc_store.demo import document_ids
     from kvtc_store.model import kv_from_cache
 
-    model, tok, info = smollm2
+    model, tok, _info = smollm2
     ids, _ = document_ids(tok, 1100)
     with torch.no_grad():
         out = model(ids[None], use_cache=True)

@@ -37,6 +37,16 @@ PREFIX = 18  # magic 4 + version 2 + header length 4 + header xxh64 8
 
 # --- a small calibrated codec on synthetic low-rank KV -------------------------------------
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 L, H, D = 2, 2, 16
 P = L * H * D
 ROPE = RopeParams(head_dim=D, theta=1e4)
@@ -113,11 +123,19 @@ def _raw_blob(header_obj, payload: bytes, version: int = FORMAT_VERSION) -> byte
 
 
 def _header(**kw) -> BlobHeader:
-    fields = dict(
-        artifact_id="a" * 16, artifact_version=3, model=FP, shape=[L, H, D, 8],
-        dtype="bfloat16", first_position=12, n_sink=4, exact_tail=2,
-        exact_dtype="bfloat16", coder="none", sections={"scales": 4, "codes": 5, "exact": 7},
-    )
+    fields = {
+        "artifact_id": "a" * 16,
+        "artifact_version": 3,
+        "model": FP,
+        "shape": [L, H, D, 8],
+        "dtype": "bfloat16",
+        "first_position": 12,
+        "n_sink": 4,
+        "exact_tail": 2,
+        "exact_dtype": "bfloat16",
+        "coder": "none",
+        "sections": {"scales": 4, "codes": 5, "exact": 7},
+    }
     fields.update(kw)
     return BlobHeader(**fields)
 
@@ -251,8 +269,9 @@ def test_header_that_is_not_msgpack_is_corrupt() -> None:
         unpack_blob(b)
 
 
-@pytest.mark.parametrize("field,value", [("payload_len", "12"), ("payload_len", None),
-                                         ("payload_len", [3])])
+@pytest.mark.parametrize(
+    "field,value", [("payload_len", "12"), ("payload_len", None), ("payload_len", [3])]
+)
 def test_header_field_of_wrong_type_is_corrupt(field, value) -> None:
     """A header whose checksum matches but whose fields have the wrong types is a
     malformed header: BlobCorruptError, not a TypeError."""
@@ -266,7 +285,7 @@ def test_header_field_of_wrong_type_is_corrupt(field, value) -> None:
 
 
 def test_codec_blob_truncated_at_many_cut_points(codec, blob) -> None:
-    cuts = sorted(set(range(0, 40)) | set(range(40, len(blob), 7)) | {len(blob) - 1})
+    cuts = sorted(set(range(40)) | set(range(40, len(blob), 7)) | {len(blob) - 1})
     for cut in cuts:
         with pytest.raises(BlobTruncatedError):
             codec.decode(blob[:cut])
@@ -292,7 +311,9 @@ def test_codec_blob_flip_in_header_and_payload_is_corrupt(codec, blob) -> None:
             codec.decode(bytes(bad))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_random_damage_only_raises_blob_errors(case, data) -> None:
     codec, blob = case.codec, case.blob
@@ -306,21 +327,29 @@ def test_random_damage_only_raises_blob_errors(case, data) -> None:
         codec.decode(bytes(bad))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.binary(max_size=300) | st.binary(max_size=300).map(lambda b: MAGIC + b))
 def test_random_bytes_only_raise_blob_errors(case, data) -> None:
     with pytest.raises(BlobError):
         case.codec.decode(data)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
-    field=st.sampled_from(["shape", "first_position", "exact_tail", "sections", "dtype",
-                           "n_sink", "exact_dtype"]),
-    value=st.one_of(st.integers(-(2**20), 2**20), st.text(max_size=5), st.none(),
-                    st.lists(st.integers(-3, 100), max_size=5),
-                    st.dictionaries(st.sampled_from(["scales", "codes", "exact"]),
-                                    st.integers(0, 10**4))),
+    field=st.sampled_from(
+        ["shape", "first_position", "exact_tail", "sections", "dtype", "n_sink", "exact_dtype"]
+    ),
+    value=st.one_of(
+        st.integers(-(2**20), 2**20),
+        st.text(max_size=5),
+        st.none(),
+        st.lists(st.integers(-3, 100), max_size=5),
+        st.dictionaries(st.sampled_from(["scales", "codes", "exact"]), st.integers(0, 10**4)),
+    ),
 )
 def test_lying_header_with_valid_checksums_only_raises_blob_errors(case, field, value) -> None:
     """A header that passed its checksum but lies (a buggy or foreign writer) still never
@@ -352,8 +381,7 @@ def test_header_lying_about_sizes_is_corrupt(codec, blob, changes) -> None:
         codec.decode(_repack(blob, **changes))
 
 
-@pytest.mark.parametrize("field,value", [("model", 123), ("artifact_id", None),
-                                         ("model", None)])
+@pytest.mark.parametrize("field,value", [("model", 123), ("artifact_id", None), ("model", None)])
 def test_identity_fields_of_wrong_type_raise_blob_errors(codec, blob, field, value) -> None:
     with pytest.raises(BlobError):
         codec.decode(_repack(blob, **{field: value}))

@@ -16,6 +16,16 @@ from kvtc_store.codec.calibrate import _error_tables
 from kvtc_store.codec.dp import RangeChoice, allocate_bits
 from kvtc_store.errors import CalibrationError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --- brute force ---------------------------------------------------------------------------
 
 
@@ -122,9 +132,7 @@ def test_allocate_bits_is_optimal_against_brute_force(inst) -> None:
 def test_allocate_bits_is_optimal_on_calibration_tables(seed, sizes, block, frac) -> None:
     """The tables calibrate builds from coefficients (widths 0..3), one segment per group."""
     gen = torch.Generator().manual_seed(seed % 2**31)
-    coeffs = [
-        torch.randn(16, p, generator=gen) * torch.linspace(3.0, 0.2, p) for p in sizes
-    ]
+    coeffs = [torch.randn(16, p, generator=gen) * torch.linspace(3.0, 0.2, p) for p in sizes]
     unit = math.gcd(block, 32)
     err, cost, segs, blocks = _error_tables(coeffs, block, max_bits=3, unit=unit)
     n = len(blocks)
@@ -176,8 +184,8 @@ def test_allocate_bits_never_crosses_a_segment_even_when_cheaper() -> None:
 
 def test_allocate_bits_budget_monotone() -> None:
     error, cost, _, segments = _instance(7, 5, 5, 2, False)
-    totals = [allocate_bits(error, cost, b, segments)[0] for b in range(0, 40)]
-    assert all(a >= b for a, b in zip(totals, totals[1:]))
+    totals = [allocate_bits(error, cost, b, segments)[0] for b in range(40)]
+    assert all(a >= b for a, b in itertools.pairwise(totals))
     assert totals[-1] < totals[0]
 
 

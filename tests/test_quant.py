@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,16 @@ from kvtc_store.codec.quant import (
     quantize_range,
     unpack_bits,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # --- bit packing ----------------------------------------------------------------------------
 
@@ -53,7 +65,7 @@ def test_pack_unpack_odd_counts(bits, count) -> None:
 
 
 def test_pack_layout_is_lsb_first() -> None:
-    u8 = lambda v: torch.tensor(v, dtype=torch.uint8)  # noqa: E731
+    u8 = lambda v: torch.tensor(v, dtype=torch.uint8)
     assert pack_bits(u8([1, 0, 1]), 1).tolist() == [0b101]
     assert pack_bits(u8([5, 3]), 3).tolist() == [5 | 3 << 3]
     assert pack_bits(u8([0xA, 0x5]), 4).tolist() == [0x5A]
@@ -197,7 +209,7 @@ def test_more_bits_less_error() -> None:
     for bits in range(1, 9):
         codes, scales = quantize_range(x, bits)
         errs.append(float(((dequantize_range(codes, scales) - x) ** 2).mean()))
-    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert all(a > b for a, b in itertools.pairwise(errs))
     # uniform-noise model: mean squared error close to step^2 / 12 at 8 bits
     _, scales = quantize_range(x, 8)
     model = float((scales[:, 1].float() ** 2).mean() / 12)

@@ -13,11 +13,22 @@ from transformers.models.llama import modeling_llama as llama
 
 from kvtc_store.codec.rope import RopeParams, apply_rope, undo_rope
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMOL = RopeParams(head_dim=64, theta=1e5)  # SmolLM2's head dim and base
 
 
-def _hf_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float64,
-                partial: float = 1.0):
+def _hf_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float64, partial: float = 1.0
+):
     """cos/sin the way LlamaRotaryEmbedding.forward builds them, at ``dtype`` precision."""
     dim = int(head_dim * partial)
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim))
@@ -32,8 +43,9 @@ def _positions(seed: int, n: int, hi: int = 100_000) -> torch.Tensor:
 
 
 def test_inv_freq_matches_llama_rotary_embedding() -> None:
-    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=64, rope_theta=1e5)
+    cfg = LlamaConfig(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1e5
+    )
     hf = llama.LlamaRotaryEmbedding(cfg).inv_freq.double()
     torch.testing.assert_close(SMOL.inv_freq(), hf, rtol=1e-6, atol=0)
     assert SMOL.inv_freq().dtype == torch.float64
@@ -67,7 +79,7 @@ def test_round_trip_and_norms_hypothesis(seed, tokens, head_dim, theta) -> None:
     torch.testing.assert_close(undo_rope(y, pos, params), x, rtol=0, atol=1e-10)
     # Each rotated pair (i, i + D/2) keeps its norm, hence so does every vector.
     half = head_dim // 2
-    pair = lambda t: t[..., :half] ** 2 + t[..., half:] ** 2  # noqa: E731
+    pair = lambda t: t[..., :half] ** 2 + t[..., half:] ** 2
     torch.testing.assert_close(pair(y), pair(x), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=0)
 
@@ -91,8 +103,9 @@ def test_position_zero_is_identity_and_input_untouched() -> None:
 def test_undo_is_apply_at_negative_positions() -> None:
     x = torch.randn(3, 50, 64, dtype=torch.float64)
     pos = _positions(5, 50)
-    torch.testing.assert_close(undo_rope(x, pos, SMOL), apply_rope(x, -pos, SMOL),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        undo_rope(x, pos, SMOL), apply_rope(x, -pos, SMOL), rtol=0, atol=1e-10
+    )
 
 
 def test_attention_scores_depend_on_relative_position_only() -> None:
@@ -126,8 +139,10 @@ def test_rotate_half_convention() -> None:
     params = RopeParams(head_dim=16, theta=1e4)
     y = apply_rope(x, torch.tensor([1]), params)
     # the fastest frequency (1 rad per position) acts on channels 0 and 8
-    c, s = torch.cos(torch.tensor(1.0, dtype=torch.float64)), torch.sin(
-        torch.tensor(1.0, dtype=torch.float64))
+    c, s = (
+        torch.cos(torch.tensor(1.0, dtype=torch.float64)),
+        torch.sin(torch.tensor(1.0, dtype=torch.float64)),
+    )
     torch.testing.assert_close(y[0, 0], x[0, 0] * c - x[0, 8] * s)
     torch.testing.assert_close(y[0, 8], x[0, 8] * c + x[0, 0] * s)
     torch.testing.assert_close(llama.rotate_half(x), torch.cat([-x[:, 8:], x[:, :8]], dim=-1))
@@ -135,8 +150,9 @@ def test_rotate_half_convention() -> None:
 
 def test_matches_llama_rotary_embedding_module_float32() -> None:
     """Against the real LlamaRotaryEmbedding (float32 angles, so modest positions)."""
-    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=64, rope_theta=1e5)
+    cfg = LlamaConfig(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1e5
+    )
     rot = llama.LlamaRotaryEmbedding(cfg)
     k = torch.randn(1, 2, 200, 64)
     pos = torch.randint(0, 2048, (200,))

@@ -41,7 +41,7 @@ def test_reuse_at_ratio_8_reproduces_greedy_continuation(smollm2, artifact8, doc
 
 
 def test_fully_cached_prompt_still_computes_last_token(smollm2, artifact8, doc_kv, tmp_path):
-    model, tok, info = smollm2
+    model, _tok, info = smollm2
     doc, _, _ = doc_kv
     ids = doc[:512]
     ns = ChunkNamespace(info.fingerprint, info.kv_layout(), "full")

@@ -110,6 +110,12 @@ class CodecArtifact:
     def _content_id(self) -> str:
         h = hashlib.sha256()
         h.update(self.model_fingerprint.encode())
+        settings = {
+            "kv_shape": list(self.kv_shape),
+            "rope": self.rope.to_dict(),
+            "n_sink": self.n_sink,
+        }
+        h.update(json.dumps(settings, sort_keys=True).encode())
         h.update(json.dumps([asdict(r) for r in self.plan]).encode())
         h.update(json.dumps([asdict(g) for g in self.groups]).encode())
         for m, b, s in zip(self.means, self.bases, self.scales):
@@ -223,8 +229,10 @@ class CodecArtifact:
                 version=man["version"],
                 artifact_id=man["artifact_id"],
             )
-        except KeyError as exc:
-            raise ArtifactError(f"codec artifact at {path} lacks field or tensor {exc}") from exc
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"codec artifact at {path} is malformed: {exc!r}") from exc
         if art._content_id() != art.artifact_id:
             raise ArtifactError(f"codec artifact at {path} does not match its id (altered?)")
         return art

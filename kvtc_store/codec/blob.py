@@ -66,6 +66,36 @@ class BlobHeader:
     payload_xxh64: int = 0
 
 
+_FIELD_TYPES = {
+    "artifact_id": str,
+    "artifact_version": int,
+    "model": str,
+    "shape": list,
+    "dtype": str,
+    "first_position": int,
+    "n_sink": int,
+    "exact_tail": int,
+    "exact_dtype": str,
+    "coder": str,
+    "sections": dict,
+    "payload_len": int,
+    "payload_xxh64": int,
+}
+
+
+def _check_types(header: BlobHeader) -> None:
+    """Raise BlobCorruptError unless every header field has its type (a foreign or buggy
+    writer can produce a header whose checksum is right and whose content is not)."""
+    for name, typ in _FIELD_TYPES.items():
+        value = getattr(header, name)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise BlobCorruptError(f"blob header field {name!r} has type {type(value).__name__}")
+    if len(header.shape) != 4 or not all(isinstance(x, int) and x >= 0 for x in header.shape):
+        raise BlobCorruptError(f"blob header shape {header.shape!r} is malformed")
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in header.sections.items()):
+        raise BlobCorruptError("blob header sections are malformed")
+
+
 def pack_blob(header: BlobHeader, payload: bytes) -> bytes:
     """Serialise a blob; fills ``payload_len`` and ``payload_xxh64`` from ``payload``."""
     header.payload_len = len(payload)
@@ -105,6 +135,7 @@ def unpack_blob(blob: bytes) -> tuple[BlobHeader, memoryview]:
         header = BlobHeader(**msgpack.unpackb(hb, raw=False))
     except Exception as exc:
         raise BlobCorruptError(f"blob header does not parse: {exc}") from exc
+    _check_types(header)
     payload = mv[end:]
     if len(payload) < header.payload_len:
         raise BlobTruncatedError(

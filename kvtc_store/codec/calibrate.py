@@ -161,7 +161,9 @@ def fit_pca(stats: CalibrationStats, scale_exponent: float = 0.0, head_dim: int 
         evals, evecs = torch.linalg.eigh(cov.float())
         order = torch.argsort(evals, descending=True)
         out.append(
-            PCA(mean.float(), scale.float(), evals[order].clamp_min(0), evecs[:, order].contiguous())
+            PCA(
+                mean.float(), scale.float(), evals[order].clamp_min(0), evecs[:, order].contiguous()
+            )
         )
     return out
 

@@ -28,6 +28,7 @@ from .rope import apply_rope, undo_rope
 EXACT_DTYPE = torch.bfloat16
 
 _DTYPES = {
+    "float64": torch.float64,
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -308,7 +309,9 @@ class KVTCCodec:
                 for kind in ("k", "v")
             }
             for g, (kind, sl) in enumerate(self._slices):
-                feats[kind][:, sl] = (coeffs[g] @ self._bases[g].T) * self._scales[g] + self._means[g]
+                feats[kind][:, sl] = (coeffs[g] @ self._bases[g].T) * self._scales[g] + self._means[
+                    g
+                ]
             k = apply_rope(
                 from_token_major(feats["k"], layers, heads, dim), pos[comp_idx], art.rope
             )

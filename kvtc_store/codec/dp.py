@@ -58,6 +58,8 @@ def allocate_bits(
     over ``j`` in the segment of block ``i - 1``; ``best[i][u]`` is the least error for
     blocks ``[0, i)`` within ``u`` units, monotone in ``u``. O(n² · widths · budget).
     """
+    if budget < 0:
+        raise CalibrationError(f"negative bit budget ({budget} units)")
     n = error.shape[0] - 1
     n_widths = error.shape[2]
     seg_start = np.zeros(n + 1, dtype=np.int64)
