@@ -23,8 +23,9 @@ import torch
 
 from .backends import Backend
 from .codec import KVTCCodec
-from .errors import BlobError, CodecMismatchError, KVTCError, StoreError
+from .errors import BlobError, CodecMismatchError, ConfigError, KVTCError, StoreError
 from .keys import ChunkNamespace, chunk_keys
+from .model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,44 @@ class TieredStore:
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.stats = StoreStats()
+
+    @classmethod
+    def from_config(
+        cls,
+        path,
+        info: ModelInfo,
+        *,
+        model=None,
+        tokenizer=None,
+        dtype: str = "bfloat16",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        progress=None,
+    ) -> TieredStore:
+        """A store as the YAML config at ``path`` (plus ``KVTC_STORE_*`` overrides) says.
+
+        Args:
+            path: YAML file (see docs/config.md).
+            info: the model's identity (:func:`kvtc_store.model.model_info`).
+            model, tokenizer: needed only when ``codec.artifact`` is unset and no
+                calibrated artifact is cached for the model yet.
+            dtype, tp_rank, tp_size: the KV layout, part of the chunk-key namespace.
+
+        Raises:
+            ConfigError: malformed config (the message names the field), or a setting
+                not implemented yet (write-back).
+            ArtifactError: the codec artifact is missing, malformed or for another model.
+        """
+        from .config import build_tiers, codec_from_config, load_config
+
+        cfg = load_config(path)
+        if cfg.write_mode != "write-through":
+            raise ConfigError(f"{path}: write_mode: {cfg.write_mode!r} is not implemented yet")
+        codec = codec_from_config(cfg, info, model=model, tokenizer=tokenizer, progress=progress)
+        namespace = ChunkNamespace(
+            info.fingerprint, info.kv_layout(dtype, tp_rank, tp_size), cfg.tenant
+        )
+        return cls(build_tiers(cfg), codec, namespace, chunk_tokens=cfg.chunk_tokens)
 
     def keys_for(self, tokens) -> list[str]:
         """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D)."""

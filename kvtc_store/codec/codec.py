@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import BlobCorruptError, BlobError, CodecMismatchError
+from ..errors import ArtifactError, BlobCorruptError, BlobError, CodecMismatchError
 from .artifact import CodecArtifact
 from .blob import BlobHeader, pack_blob, unpack_blob
 from .entropy import get_coder
@@ -84,17 +84,25 @@ class KVTCCodec:
         self._means = [m.to(self.device) for m in artifact.means]
         self._bases = [b.to(self.device) for b in artifact.bases]
         self._scales = [s.to(self.device) for s in artifact.scales]
-        _layers, heads, dim = artifact.kv_shape
+        layers, heads, dim = artifact.kv_shape
         self._slices = group_slices(artifact.groups, heads, dim)
+        for kind in ("k", "v"):
+            spans = [(sl.start, sl.stop) for kd, sl in self._slices if kd == kind]
+            ends = [0] + [e for _, e in spans]
+            if [s for s, _ in spans] != ends[:-1] or ends[-1] != layers * heads * dim:
+                raise ArtifactError(
+                    f"artifact {artifact.artifact_id}: the {kind} groups must cover layers "
+                    "0..L in order"
+                )
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _exact_mask(self, tokens: int, first_position: int, exact_tail: int) -> torch.Tensor:
-        pos = torch.arange(first_position, first_position + tokens)
-        mask = pos < self.artifact.n_sink
-        if exact_tail > 0:
-            mask[max(0, tokens - exact_tail) :] = True
-        return mask
+    def _compressed_span(self, tokens: int, first_position: int, exact_tail: int):
+        """Tokens ``[a, b)`` are transform-coded; ``[0, a)`` (sinks) and ``[b, tokens)``
+        (the exact tail) are stored exactly. Both exact parts are contiguous."""
+        a = min(tokens, max(0, self.artifact.n_sink - first_position))
+        b = max(a, tokens - max(0, exact_tail))
+        return a, b
 
     def _section_sizes(self, n_comp: int, n_exact: int) -> dict[str, int]:
         layers, heads, dim = self.artifact.kv_shape
@@ -137,18 +145,16 @@ class KVTCCodec:
                 f"chunk shape {tuple(keys.shape)}/{tuple(values.shape)} does not match the "
                 f"codec's (L, H, D) = {tuple(art.kv_shape)}"
             )
-        exact = self._exact_mask(tokens, first_position, exact_tail)
-        comp_idx = (~exact).nonzero().flatten()
-        exact_idx = exact.nonzero().flatten()
-        pos = torch.arange(first_position, first_position + tokens)
+        a, b = self._compressed_span(tokens, first_position, exact_tail)
 
         scale_parts: list[torch.Tensor] = []
         code_parts: list[bytes] = []
-        if comp_idx.numel():
-            k = keys.index_select(2, comp_idx.to(keys.device)).to(self.device, torch.float32)
-            v = values.index_select(2, comp_idx.to(values.device)).to(self.device, torch.float32)
+        if b > a:
+            k = keys[:, :, a:b].to(self.device, torch.float32)
+            v = values[:, :, a:b].to(self.device, torch.float32)
+            pos = torch.arange(first_position + a, first_position + b)
             feats = {
-                "k": to_token_major(undo_rope(k, pos[comp_idx], art.rope)),
+                "k": to_token_major(undo_rope(k, pos, art.rope)),
                 "v": to_token_major(v),
             }
             coeffs = [
@@ -162,9 +168,9 @@ class KVTCCodec:
         scales_b = _tobytes(torch.stack(scale_parts, dim=1)) if scale_parts else b""
         codes_b = b"".join(code_parts)
         exact_b = b""
-        if exact_idx.numel():
-            ek = keys.index_select(2, exact_idx.to(keys.device)).to(EXACT_DTYPE)
-            ev = values.index_select(2, exact_idx.to(values.device)).to(EXACT_DTYPE)
+        if a > 0 or b < tokens:
+            ek = torch.cat([keys[:, :, :a], keys[:, :, b:]], dim=2).to(EXACT_DTYPE)
+            ev = torch.cat([values[:, :, :a], values[:, :, b:]], dim=2).to(EXACT_DTYPE)
             exact_b = _tobytes(ek) + _tobytes(ev)
         sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
         header = BlobHeader(
@@ -275,10 +281,8 @@ class KVTCCodec:
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
         out_device = torch.device(device) if device is not None else self.device
         out_dtype = dtype or _DTYPES.get(header.dtype, torch.float32)
-        exact = self._exact_mask(tokens, header.first_position, header.exact_tail)
-        comp_idx = (~exact).nonzero().flatten()
-        exact_idx = exact.nonzero().flatten()
-        n_comp, n_exact = comp_idx.numel(), exact_idx.numel()
+        a, b = self._compressed_span(tokens, header.first_position, header.exact_tail)
+        n_comp, n_exact = b - a, tokens - (b - a)
         want = self._section_sizes(n_comp, n_exact)
         if n_comp == 0:
             want["scales"] = want["codes"] = 0
@@ -290,12 +294,13 @@ class KVTCCodec:
 
         keys = torch.empty(layers, heads, tokens, dim, dtype=out_dtype, device=out_device)
         values = torch.empty_like(keys)
-        pos = torch.arange(header.first_position, header.first_position + tokens)
         if n_comp:
             scales = _frombytes(
                 raw[:o_codes], torch.float16, (n_comp, len(art.plan), 2), self.device
             )
-            coeffs = [torch.zeros(n_comp, b.shape[1], device=self.device) for b in self._bases]
+            coeffs = [
+                torch.zeros(n_comp, basis.shape[1], device=self.device) for basis in self._bases
+            ]
             off = o_codes
             for i, r in enumerate(art.plan):
                 n = (r.end - r.start) * n_comp
@@ -304,27 +309,24 @@ class KVTCCodec:
                 codes = unpack_bits(packed, r.bits, n).view(n_comp, r.end - r.start)
                 coeffs[r.group][:, r.start : r.end] = dequantize_range(codes, scales[:, i])
                 off += nbytes
-            feats = {
-                kind: torch.zeros(n_comp, layers * heads * dim, device=self.device)
-                for kind in ("k", "v")
-            }
-            for g, (kind, sl) in enumerate(self._slices):
-                feats[kind][:, sl] = (coeffs[g] @ self._bases[g].T) * self._scales[g] + self._means[
-                    g
-                ]
-            k = apply_rope(
-                from_token_major(feats["k"], layers, heads, dim), pos[comp_idx], art.rope
-            )
-            v = from_token_major(feats["v"], layers, heads, dim)
-            ci = comp_idx.to(out_device)
-            keys[:, :, ci] = k.to(out_device, out_dtype)
-            values[:, :, ci] = v.to(out_device, out_dtype)
+            feats = {}
+            for kind in ("k", "v"):
+                parts = [
+                    torch.addcmul(self._means[g], coeffs[g] @ self._bases[g].T, self._scales[g])
+                    for g, (kd, _) in enumerate(self._slices)
+                    if kd == kind
+                ]  # groups of one kind tile its features in order
+                feats[kind] = from_token_major(torch.cat(parts, dim=1), layers, heads, dim)
+            pos = torch.arange(header.first_position + a, header.first_position + b)
+            keys[:, :, a:b] = apply_rope(feats["k"], pos, art.rope).to(out_device, out_dtype)
+            values[:, :, a:b] = feats["v"].to(out_device, out_dtype)
         if n_exact:
             half = want["exact"] // 2
             shape = (layers, heads, n_exact, dim)
             ek = _frombytes(raw[o_exact : o_exact + half], EXACT_DTYPE, shape, out_device)
             ev = _frombytes(raw[o_exact + half :], EXACT_DTYPE, shape, out_device)
-            ei = exact_idx.to(out_device)
-            keys[:, :, ei] = ek.to(out_dtype)
-            values[:, :, ei] = ev.to(out_dtype)
+            keys[:, :, :a] = ek[:, :, :a].to(out_dtype)
+            values[:, :, :a] = ev[:, :, :a].to(out_dtype)
+            keys[:, :, b:] = ek[:, :, a:].to(out_dtype)
+            values[:, :, b:] = ev[:, :, a:].to(out_dtype)
         return DecodedChunk(keys, values, header.first_position)

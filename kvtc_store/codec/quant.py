@@ -8,6 +8,7 @@ bytes: code ``k`` of width ``b`` occupies bits ``k*b .. k*b+b-1`` of the stream.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SCALE_BITS = 32  # float16 offset + float16 step, per kept range and token
@@ -53,11 +54,14 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         bits: 1..8.
 
     Returns:
-        uint8 ``(ceil(codes.numel() * bits / 8),)``.
+        uint8 ``(ceil(codes.numel() * bits / 8),)`` on the device of ``codes``.
     """
     flat = codes.reshape(-1)
     if bits == 8:
         return flat.clone()
+    if flat.device.type == "cpu":  # numpy's C bit (un)packing: ~20x faster than torch ops
+        planes = np.unpackbits(flat.numpy()[:, None], axis=1, bitorder="little")[:, :bits]
+        return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
     shifts = torch.arange(bits, device=flat.device, dtype=torch.uint8)
     planes = ((flat[:, None] >> shifts) & 1).reshape(-1)
     pad = (-planes.numel()) % 8
@@ -78,6 +82,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"packed stream has {packed.numel()} bytes, {need} needed")
     if bits == 8:
         return packed[:count].clone()
+    if packed.device.type == "cpu":
+        planes = np.unpackbits(packed[:need].numpy(), bitorder="little")[: count * bits]
+        planes = planes.reshape(count, bits)
+        if bits < 8:
+            planes = np.pad(planes, ((0, 0), (0, 8 - bits)))
+        return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little").reshape(count))
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     planes = ((packed[:need, None] >> shifts) & 1).reshape(-1)[: count * bits]
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32)).to(torch.uint8)

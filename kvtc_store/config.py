@@ -1,0 +1,564 @@
+"""Typed store configuration: a YAML file, environment overrides, and the tiers it builds.
+
+A config file describes one :class:`~kvtc_store.store.TieredStore`: its tiers from the
+top (fastest) to the bottom, the chunk size, the tenant salt, the write mode and the
+codec. Every model forbids unknown keys, so a misspelt key is an error that names it.
+docs/config.md documents every field; examples/store.yaml is a working example::
+
+    cfg = load_config("store.yaml")     # YAML, then KVTC_STORE_* overrides, validated
+    tiers = build_tiers(cfg)            # [MemoryBackend, DiskBackend, ...], top first
+    codec = codec_from_config(cfg, info, model=model, tokenizer=tok)
+
+Environment overrides: ``KVTC_STORE_<FIELD>``, ``__`` between nesting levels, a number
+for a list index (``KVTC_STORE_TIERS__1__CAPACITY=2GiB``). Values are read as YAML
+scalars (``512`` is an int, ``null`` is None), except for fields that take text
+(tenant, paths, bucket, ...), which take the value verbatim so that a tenant ``0123`` or
+``no`` stays a string. ``KVTC_STORE_HOME`` is the cache home
+(:func:`kvtc_store.model.cache_home`), not a config field, and is skipped; any other
+``KVTC_STORE_*`` variable that names no field is an error, like a misspelt key.
+
+Every failure (missing file, YAML syntax, validation, a bad override) raises
+:class:`~kvtc_store.errors.ConfigError`; each line of its message reads
+``<file>: <field path>: <problem>``, with ``(env VAR)`` after the path when the value came
+from the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .codec import KVTCCodec
+    from .model import ModelInfo
+
+__all__ = [
+    "ENV_PREFIX",
+    "CodecConfig",
+    "DiskTierConfig",
+    "MemoryTierConfig",
+    "S3TierConfig",
+    "StoreConfig",
+    "TierConfig",
+    "build_tiers",
+    "codec_from_config",
+    "load_config",
+    "parse_byte_size",
+]
+
+ENV_PREFIX = "KVTC_STORE_"
+"""Prefix of environment overrides."""
+
+_RESERVED_ENV = frozenset({"KVTC_STORE_HOME"})
+"""Variables with the prefix that are not config fields (the cache home)."""
+
+# --- byte sizes ------------------------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_byte_size(value: object) -> int:
+    """A byte count from an int or a string such as ``"256MiB"``, ``"8GB"``, ``"1.5GiB"``.
+
+    Units (case-insensitive): ``B``; ``KB MB GB TB`` (powers of 1000); ``KiB MiB GiB TiB``
+    (powers of 1024). A fractional size is rounded down to whole bytes.
+
+    Raises:
+        ValueError: a negative number, an unknown unit, or a string that is not a size.
+        TypeError: a bool, None, a list: anything but an int, a float or a str.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"expected a byte size such as 256MiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a byte size cannot be negative, got {value}")
+        return value
+    if isinstance(value, float):
+        value = format(value, "f")  # nan and inf are then not sizes
+    if not isinstance(value, str):
+        raise TypeError(f"expected a byte size such as 256MiB, got {value!r}")
+    if value.strip().startswith("-"):
+        raise ValueError(f"a byte size cannot be negative, got {value!r}")
+    m = _SIZE_RE.fullmatch(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"not a byte size: {value!r} (expected a number and one of the units "
+            "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, e.g. 256MiB)"
+        )
+    try:
+        return int(Decimal(m.group(1)) * _UNITS[unit])
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"not a byte size: {value!r}") from exc
+
+
+def _byte_size(value: object) -> int:
+    try:
+        return parse_byte_size(value)
+    except (ValueError, TypeError) as exc:
+        raise PydanticCustomError("byte_size", str(exc)) from None
+
+
+def _positive(n: int) -> int:
+    if n == 0:
+        raise PydanticCustomError("byte_size", "a tier capacity must be more than 0 bytes")
+    return n
+
+
+ByteSize = Annotated[int, BeforeValidator(_byte_size), AfterValidator(_positive)]
+"""A positive byte count, written as an int or a string with a unit."""
+
+StrictInt = Annotated[int, Strict()]  # no bools, no "8"
+StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+UserPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
+
+# --- models ------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _TierBase(_Model):
+    """Fields every tier has."""
+
+    name: str | None = Field(None, min_length=1)
+    """Name in logs, stats and ``usage()``; default: the kind. Unique within a store."""
+    eviction: Literal["lru"] = "lru"
+
+    @property
+    def label(self) -> str:
+        """The tier's name: ``name`` if set, else its kind."""
+        return self.name or self.kind  # type: ignore[attr-defined]
+
+
+class MemoryTierConfig(_TierBase):
+    """Host-memory tier (:class:`~kvtc_store.backends.MemoryBackend`)."""
+
+    kind: Literal["memory"]
+    capacity: ByteSize
+
+
+class DiskTierConfig(_TierBase):
+    """Local-disk tier (:class:`~kvtc_store.backends.DiskBackend`)."""
+
+    kind: Literal["disk"]
+    path: UserPath
+    capacity: ByteSize
+
+
+class S3TierConfig(_TierBase):
+    """S3 (or S3-compatible) tier (``kvtc_store.backends.s3.S3Backend``, needs boto3)."""
+
+    kind: Literal["s3"]
+    bucket: str = Field(min_length=1)
+    prefix: str = "kvtc/"
+    endpoint_url: str | None = None
+    region: str | None = None
+    capacity: ByteSize | None = None
+    """None: no cap (the bucket's lifecycle rules decide)."""
+
+
+TierConfig = Annotated[
+    MemoryTierConfig | DiskTierConfig | S3TierConfig, Field(discriminator="kind")
+]
+"""One tier; ``kind`` picks the variant."""
+
+_TIER_MODELS: dict[str, type[_TierBase]] = {
+    "memory": MemoryTierConfig,
+    "disk": DiskTierConfig,
+    "s3": S3TierConfig,
+}
+
+_CALIBRATION_FIELDS = ("target_ratio", "layers_per_group", "calibration_windows")
+
+
+class CodecConfig(_Model):
+    """The KVTC codec: a saved artifact, or calibration settings for calibrate-on-demand.
+
+    Give ``artifact`` or the calibration fields, not both.
+    """
+
+    artifact: UserPath | None = None
+    """Folder of a saved codec artifact (``manifest.json`` + ``tensors.safetensors``)."""
+    target_ratio: StrictFloat = Field(16.0, gt=1)
+    layers_per_group: StrictInt | None = Field(None, ge=1)
+    calibration_windows: StrictInt = Field(8, ge=1)
+    coder: Literal["deflate", "none"] = "deflate"
+    device: str = Field("cpu", min_length=1)
+
+    @model_validator(mode="after")
+    def _artifact_or_calibration(self) -> CodecConfig:
+        both = [f for f in _CALIBRATION_FIELDS if f in self.model_fields_set]
+        if self.artifact is not None and both:
+            raise ValueError(
+                f"give either artifact or calibration settings, not both "
+                f"(artifact is set, and so is {', '.join(both)})"
+            )
+        return self
+
+
+class StoreConfig(_Model):
+    """One tiered store: tiers from the top (fastest) down, chunking, tenant, codec."""
+
+    tiers: list[TierConfig] = Field(min_length=1)
+    chunk_tokens: StrictInt = Field(256, gt=0)
+    tenant: str = ""
+    write_mode: Literal["write-through", "write-back"] = "write-through"
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+
+    @field_validator("chunk_tokens")
+    @classmethod
+    def _multiple_of_16(cls, n: int) -> int:
+        if n % 16:
+            raise ValueError(f"must be a multiple of 16, got {n}")
+        return n
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_names(cls, tiers: list[_TierBase]) -> list[_TierBase]:
+        seen: set[str] = set()
+        for t in tiers:
+            if t.label in seen:
+                raise ValueError(f"two tiers are named {t.label!r}; give them distinct `name`s")
+            seen.add(t.label)
+        return tiers
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> StoreConfig:
+    """Read a YAML config file, apply ``KVTC_STORE_*`` overrides, validate.
+
+    Relative paths in the file (``tiers[].path``, ``codec.artifact``) are relative to the
+    file's folder; relative paths from the environment are relative to the working
+    directory. ``~`` is expanded in both.
+
+    Args:
+        path: the YAML file.
+        env: environment to read overrides from (default ``os.environ``).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not YAML, or a value (from the
+            file or the environment) is invalid; the message names the file and the field.
+    """
+    src = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{src}: cannot read config file: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{src}: YAML syntax error at {where}{problem}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping, got {type(data).__name__}")
+    _anchor_paths(data, Path(path).absolute().parent)
+    origins = _apply_env(data, os.environ if env is None else env, src)
+    try:
+        return StoreConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, src, origins)) from None
+
+
+def _anchor_paths(data: dict, base: Path) -> None:
+    """Make relative paths in the file's data relative to the file's folder."""
+
+    def anchor(d: object, key: str) -> None:
+        if isinstance(d, dict) and isinstance(d.get(key), str):
+            p = Path(d[key]).expanduser()
+            d[key] = str(p if p.is_absolute() else base / p)
+
+    tiers = data.get("tiers")
+    for tier in tiers if isinstance(tiers, list) else []:
+        anchor(tier, "path")
+    anchor(data.get("codec"), "artifact")
+
+
+def _apply_env(data: dict, env: Mapping[str, str], src: str) -> dict[tuple, str]:
+    """Merge ``KVTC_STORE_*`` overrides into ``data``; return {field path: variable}."""
+    origins: dict[tuple, str] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in _RESERVED_ENV:
+            continue
+        raw = env[var]
+        path = tuple(
+            int(s) if s.isdigit() else s.lower() for s in var[len(ENV_PREFIX) :].split("__")
+        )
+        where = f"{src}: {_dotted(path)} (env {var})"
+        if any(s == "" for s in path):
+            raise ConfigError(f"{where}: empty field name in the variable")
+        if _takes_text(data, path):
+            value: Any = None if raw in ("", "~", "null") and _nullable(data, path) else raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{where}: value {raw!r} is not a YAML scalar: {exc}") from exc
+        node: Any = data
+        for i, seg in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(seg, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"{where}: {_dotted(path[:i]) or 'the top'} is not a list")
+                if seg >= len(node):
+                    raise ConfigError(
+                        f"{where}: no list item {seg} ({_dotted(path[:i])} has {len(node)})"
+                    )
+            elif not isinstance(node, dict):
+                raise ConfigError(f"{where}: {_dotted(path[:i])} is not a mapping")
+            elif not last and node.get(seg) is None:
+                if (i, seg) not in _SECTIONS:
+                    raise ConfigError(f"{where}: {_dotted(path[: i + 1])} is not a mapping")
+                node[seg] = _SECTIONS[i, seg]()
+            if last:
+                node[seg] = value
+            else:
+                node = node[seg]
+        origins[path] = var
+    return origins
+
+
+_SECTIONS = {(0, "codec"): dict, (0, "tiers"): list}
+"""Containers an override may create when the file leaves them out: (depth, key) -> type."""
+
+
+def _field_model(data: dict, path: tuple) -> type[BaseModel] | None:
+    """The model whose field ``path`` names (for the three fixed nesting shapes)."""
+    if len(path) == 1:
+        return StoreConfig
+    if len(path) == 2 and path[0] == "codec":
+        return CodecConfig
+    if len(path) == 3 and path[0] == "tiers" and isinstance(path[1], int):
+        tiers = data.get("tiers")
+        if isinstance(tiers, list) and path[1] < len(tiers) and isinstance(tiers[path[1]], dict):
+            return _TIER_MODELS.get(tiers[path[1]].get("kind"))
+    return None
+
+
+def _annotation(data: dict, path: tuple) -> Any:
+    model = _field_model(data, path)
+    field = model.model_fields.get(path[-1]) if model is not None else None
+    return field.annotation if field is not None else None
+
+
+def _takes_text(data: dict, path: tuple) -> bool:
+    """Whether the field takes text (str, a path or string literals)."""
+    ann = _annotation(data, path)
+    args = typing.get_args(ann) or (ann,)
+    return any(a in (str, Path) or isinstance(a, str) for a in args)
+
+
+def _nullable(data: dict, path: tuple) -> bool:
+    return type(None) in typing.get_args(_annotation(data, path))
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(s) for s in path)
+
+
+_ALL_FIELDS = sorted(
+    {f for m in (StoreConfig, CodecConfig, *_TIER_MODELS.values()) for f in m.model_fields}
+)
+
+
+_NO_INPUT = ("missing", "extra_forbidden", "value_error", "byte_size")
+"""Error types whose message needs no "(got ...)": none given, or already in the message."""
+
+
+def _format_errors(exc: ValidationError, src: str, origins: dict[tuple, str]) -> str:
+    """One ``<file>: <field path>[ (env VAR)]: <problem>`` line per validation error."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        # A discriminated union puts the tag in the path: tiers.1.disk.capacity.
+        if len(loc) >= 3 and loc[0] == "tiers" and loc[2] in _TIER_MODELS:
+            del loc[2]
+        kind, inp = err["type"], err.get("input")
+        msg = err["msg"]
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("kind")
+            msg = f"kind must be one of {', '.join(_TIER_MODELS)}"
+            inp = inp.get("kind") if isinstance(inp, dict) else inp
+        elif kind == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _ALL_FIELDS, n=1)
+            msg = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+        elif kind == "value_error":
+            msg = str(err["ctx"]["error"])
+        path = tuple(loc)
+        var = next((v for p, v in origins.items() if path[: len(p)] == p), None)
+        where = f"{_dotted(path) or '(top level)'}" + (f" (env {var})" if var else "")
+        got = ""
+        if kind not in _NO_INPUT and not isinstance(inp, (dict, list)):
+            got = f" (got {inp!r})"
+        if kind == "string_type" and isinstance(inp, (bool, int, float)):
+            got += "; quote text that YAML would read as a number or a boolean"
+        lines.append(f"{src}: {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+# --- building ----------------------------------------------------------------------------
+
+
+def build_tiers(cfg: StoreConfig) -> list[Backend]:
+    """Open the configured tiers, top first; each backend's ``name`` is the tier's label.
+
+    Raises:
+        ConfigError: a tier cannot be opened (a disk path that cannot be created, an S3
+            tier without boto3); tiers opened before it are closed again.
+    """
+    built: list[Backend] = []
+    try:
+        for i, tier in enumerate(cfg.tiers):
+            backend = _build_tier(tier, i)
+            backend.name = tier.label
+            built.append(backend)
+    except BaseException:
+        for backend in built:
+            backend.close()
+        raise
+    return built
+
+
+def _build_tier(tier: _TierBase, i: int) -> Backend:
+    from .backends import DiskBackend, MemoryBackend
+
+    if isinstance(tier, MemoryTierConfig):
+        return MemoryBackend(tier.capacity)
+    if isinstance(tier, DiskTierConfig):
+        try:
+            return DiskBackend(tier.path, tier.capacity)
+        except ConfigError as exc:
+            raise ConfigError(f"tiers.{i}.path: {exc}") from exc
+    if isinstance(tier, S3TierConfig):
+        try:
+            from .backends.s3 import S3Backend
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] in ("boto3", "botocore"):
+                raise ConfigError(
+                    f"tiers.{i}: an s3 tier needs boto3 "
+                    f"(pip install boto3, or the kvtc-store[s3] extra): {exc}"
+                ) from exc
+            raise ConfigError(f"tiers.{i}: the s3 backend cannot be imported: {exc}") from exc
+        try:
+            return S3Backend(
+                tier.bucket,
+                prefix=tier.prefix,
+                endpoint_url=tier.endpoint_url,
+                region_name=tier.region,
+                capacity_bytes=tier.capacity,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"tiers.{i}: {exc}") from exc
+    raise ConfigError(f"tiers.{i}: unknown tier kind {type(tier).__name__}")  # pragma: no cover
+
+
+def codec_from_config(
+    cfg: StoreConfig | CodecConfig,
+    model_info: ModelInfo | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    progress=None,
+) -> KVTCCodec:
+    """The codec a config asks for.
+
+    - ``codec.artifact`` set: load that artifact (checked against ``model_info`` if given).
+    - otherwise calibrate-on-demand for ``model_info`` at ``target_ratio`` with
+      ``calibration_windows`` and ``layers_per_group``: the artifact cached by an earlier
+      calibration with those settings is reused; if there is none, ``model`` and
+      ``tokenizer`` (from :func:`kvtc_store.model.load_model`) are run to calibrate one
+      (minutes on a CPU) and it is saved to the cache.
+
+    Args:
+        cfg: the store config (or its ``codec`` part).
+        model_info: the served model; required without an artifact.
+        model, tokenizer: needed only to calibrate when nothing is cached.
+        progress: ``progress(done, total, stage)`` during calibration.
+
+    Raises:
+        ArtifactError: the artifact is missing or malformed;
+            ArtifactModelMismatchError if it was calibrated for another model.
+        ConfigError: no artifact, and neither a cached one nor a model to calibrate; or
+            ``codec.device`` cannot be used.
+        CalibrationError: calibration cannot run.
+    """
+    from .codec import CodecArtifact, KVTCCodec
+
+    c = cfg.codec if isinstance(cfg, StoreConfig) else cfg
+    if c.artifact is not None:
+        art = CodecArtifact.load(c.artifact)
+        if model_info is not None:
+            art.check_model(model_info.fingerprint, model_info.kv_shape)
+    else:
+        if model_info is None:
+            raise ConfigError(
+                "codec: no artifact is set, so the codec is calibrated for the served "
+                "model: pass model_info (or set codec.artifact)"
+            )
+        from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate
+
+        settings = CalibrationSettings(
+            windows=c.calibration_windows, layers_per_group=c.layers_per_group
+        )
+        cached = artifact_dir(model_info, settings, c.target_ratio)
+        if model is not None and tokenizer is not None:
+            art = load_or_calibrate(
+                model, tokenizer, model_info, [c.target_ratio], settings, progress
+            )[0]
+        elif (cached / "manifest.json").is_file():
+            art = CodecArtifact.load(cached)
+            art.check_model(model_info.fingerprint, model_info.kv_shape)
+        else:
+            raise ConfigError(
+                f"codec: no artifact is set and none is cached at {cached} for "
+                f"{model_info.name} at ratio {c.target_ratio:g}; pass model and tokenizer "
+                "to calibrate one, run `kvtc-store calibrate`, or set codec.artifact"
+            )
+    try:
+        return KVTCCodec(art, coder=c.coder, device=c.device)
+    except (RuntimeError, AssertionError) as exc:  # torch: bad device string, no CUDA
+        raise ConfigError(f"codec.device: cannot use device {c.device!r}: {exc}") from exc

@@ -1,0 +1,72 @@
+"""The model adapter on the real SmolLM2: KV layout, RoPE convention, fingerprint, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtc_store.codec import undo_rope
+from kvtc_store.errors import ArtifactModelMismatchError, ModelNotFoundError
+from kvtc_store.model import cache_from_kv, kv_from_cache, load_model, model_info
+
+pytestmark = pytest.mark.model
+
+
+def test_info_matches_smollm2(smollm2):
+    _, _, info = smollm2
+    assert info.kv_shape == (30, 3, 64)
+    assert info.rope.theta == 1e5
+    assert info.kv_bytes_per_token_bf16 == 23040
+
+
+def test_undo_rope_recovers_pre_rope_keys(smollm2, doc_kv):
+    """Cached keys with RoPE undone equal layer 0's k_proj output (rotate_half convention)."""
+    model, _, info = smollm2
+    ids, keys, _ = doc_kv
+    seen = {}
+    attn = model.model.layers[0].self_attn
+    hook = attn.k_proj.register_forward_hook(lambda m, i, o: seen.setdefault("k", o))
+    try:
+        with torch.no_grad():
+            model(ids[None, :300])
+    finally:
+        hook.remove()
+    pre = seen["k"][0].view(300, 3, 64).transpose(0, 1)  # (H, T, D)
+    got = undo_rope(keys[0, :, :300], torch.arange(300), info.rope)
+    assert (got - pre).abs().max().item() < 1e-3 * pre.abs().max().item()
+
+
+def test_cache_round_trip_continues_like_full_forward(smollm2, doc_kv):
+    model, _, _ = smollm2
+    ids, keys, values = doc_kv
+    with torch.no_grad():
+        full = model(ids[None, :200]).logits[0, -1]
+        cache = cache_from_kv(keys[:, :, :199], values[:, :, :199])
+        step = model(ids[None, 199:200], past_key_values=cache).logits[0, -1]
+    assert (full - step).abs().max().item() < 1e-3
+    k2, v2 = kv_from_cache(cache, 0, 199)
+    assert torch.equal(k2, keys[:, :, :199]) and torch.equal(v2, values[:, :, :199])
+
+
+def test_fingerprint_changes_with_weights(smollm2):
+    model, _, info = smollm2
+    assert model_info(model, "x").fingerprint == info.fingerprint
+    w = model.model.layers[0].self_attn.k_proj.weight
+    with torch.no_grad():
+        w[0, 0] += 1.0
+        try:
+            assert model_info(model, "x").fingerprint != info.fingerprint
+        finally:
+            w[0, 0] -= 1.0
+
+
+def test_artifact_for_another_model_is_refused(artifact8):
+    with pytest.raises(ArtifactModelMismatchError):
+        artifact8.check_model("0" * 64, artifact8.kv_shape)
+    with pytest.raises(ArtifactModelMismatchError):
+        artifact8.check_model(artifact8.model_fingerprint, (32, 8, 128))
+
+
+def test_missing_model_folder_is_a_named_error(tmp_path):
+    with pytest.raises(ModelNotFoundError):
+        load_model(tmp_path / "no-such-model")
