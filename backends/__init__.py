@@ -9,10 +9,37 @@ Tiers here:
 
 - :class:`MemoryBackend`: host memory (the CPU tier).
 - :class:`DiskBackend`: one file per chunk, atomic writes (the disk tier).
+- :class:`S3Backend`: one object per chunk in any S3-compatible store, shared
+  by replicas (the S3 tier). It needs boto3 (``pip install 'kvtc-store[s3]'``)
+  and is imported on first use, so this package imports without it.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .base import Backend, TierUsage
 from .disk import DiskBackend
 from .memory import MemoryBackend
 
-__all__ = ["Backend", "DiskBackend", "MemoryBackend", "TierUsage"]
+if TYPE_CHECKING:
+    from .s3 import S3Backend
+
+__all__ = ["Backend", "DiskBackend", "MemoryBackend", "S3Backend", "TierUsage"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import :class:`S3Backend` (and boto3) only when it is asked for."""
+    if name == "S3Backend":
+        try:
+            from .s3 import S3Backend
+        except ImportError as e:
+            raise ImportError(
+                f"S3Backend needs boto3 ({e}); install it with: pip install 'kvtc-store[s3]'"
+            ) from e
+        return S3Backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -50,6 +50,7 @@ class TierUsage:
         used_bytes: Bytes of stored values (payload only; file-system or dict
             overhead is not counted).
         capacity_bytes: The tier's byte cap; ``used_bytes`` never exceeds it.
+            ``None``: unbounded (an object store with no cap set).
         n_items: Number of stored chunks.
         hits: Keys asked for by ``get`` that were found.
         misses: Keys asked for by ``get`` that were not found.
@@ -57,16 +58,19 @@ class TierUsage:
         bytes_written: Bytes of values newly stored by ``put`` (no-op re-puts of
             an existing key not counted).
         bytes_read: Bytes of values returned by ``get``.
+        errors: Requests that failed (endpoint unreachable, timeout, refused);
+            always 0 on tiers that cannot fail that way.
     """
 
     used_bytes: int
-    capacity_bytes: int
+    capacity_bytes: int | None
     n_items: int
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
+    errors: int = 0
 
 
 def validate_key(key: object) -> str:

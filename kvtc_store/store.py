@@ -41,6 +41,7 @@ class StoreStats:
     chunks_hit: dict[str, int] = field(default_factory=dict)
     chunks_missed: int = 0
     corrupt_dropped: int = 0
+    lower_tier_put_errors: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -139,7 +140,12 @@ class TieredStore:
             missing = [i for i, p in enumerate(present) if not p]
             if not missing:
                 break
-            for i, hit in zip(missing, tier.exists([keys[i] for i in missing])):
+            try:
+                hits = tier.exists([keys[i] for i in missing])
+            except KVTCError as exc:  # a failed tier degrades to misses, never to errors
+                log.warning("tier %s failed on exists: %s", tier.name, exc)
+                continue
+            for i, hit in zip(missing, hits):
                 present[i] = present[i] or hit
         n = 0
         while n < len(keys) and present[n]:
@@ -161,7 +167,8 @@ class TieredStore:
 
         Raises:
             ValueError: fewer KV tokens than the full chunks need.
-            StoreError: a tier failed to write (CapacityError if it is full).
+            StoreError: the top tier failed to write (CapacityError if it is full); a
+                lower tier's failure is logged and counted, the chunks stay in the top tier.
         """
         ckeys = self.keys_for(tokens)
         stored = len(ckeys) * self.chunk_tokens
@@ -182,8 +189,13 @@ class TieredStore:
         )
         self.stats.encode_seconds += time.perf_counter() - t0
         items = [(ckeys[i], b) for i, b in zip(todo, blobs)]
-        for tier in self.tiers:
-            tier.put(items)
+        self.tiers[0].put(items)  # the top tier's failure is the caller's error
+        for tier in self.tiers[1:]:
+            try:
+                tier.put(items)
+            except StoreError as exc:  # a lower tier down: the top tier still serves
+                log.warning("write-through to %s failed: %s", tier.name, exc)
+                self.stats.lower_tier_put_errors += 1
         nbytes = sum(len(b) for b in blobs)
         raw = len(todo) * self.chunk_tokens * keys.shape[0] * keys.shape[1] * keys.shape[3] * 4
         self.stats.chunks_put += len(todo)

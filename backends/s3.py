@@ -1,0 +1,473 @@
+"""S3 tier: one object per chunk in any S3-compatible object store, shared by replicas.
+
+Layout in ``bucket``::
+
+    <prefix>3f/3fa9...c1.kvtc      one complete chunk (two-character fan-out: key[:2])
+
+Keys are content addresses and blobs are immutable, so any number of replicas
+(processes, hosts, engines) can read and write one bucket and prefix with no
+coordination: a chunk is written whole or not at all (S3 ``PutObject`` and
+``CompleteMultipartUpload`` are atomic), and two writers of one key write the
+same bytes. Different prefixes in one bucket never see each other's chunks.
+
+Transfers go through boto3's own transfer layer (``upload_fileobj`` /
+``download_fileobj`` with a :class:`~boto3.s3.transfer.TransferConfig`):
+multipart above :data:`MULTIPART_THRESHOLD` bytes, retries per botocore's
+``standard`` mode. A batch runs concurrently over a thread pool of
+``max_concurrency`` workers. The endpoint is addressed path-style
+(``http://host:port/bucket/key``), which every S3-compatible server accepts.
+Credentials come from boto3's usual chain (environment, shared files, instance
+role); the backend never handles them.
+
+Unlike the memory and disk tiers, the S3 tier does not evict: an object store
+is unbounded (``capacity_bytes=None``), and old chunks are removed by bucket
+lifecycle rules or the GC job. With a ``capacity_bytes`` set, a ``put`` that
+would take the prefix past it raises :class:`~kvtc_store.errors.CapacityError`.
+
+Failures (endpoint unreachable, timeouts, HTTP errors other than 404) raise
+:class:`~kvtc_store.errors.StoreError` naming the bucket and object and are
+counted in :attr:`TierUsage.errors <kvtc_store.backends.TierUsage>`; the
+tiered store turns a failed ``get`` into a miss. A missing object is a miss
+(``None`` / ``False``), never an error.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import RetriesExceededError
+
+from kvtc_store.errors import CapacityError, ConfigError, StoreError
+
+from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
+
+__all__ = ["S3Backend"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SUFFIX = ".kvtc"
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+"""Values of at least this many bytes are uploaded in parts of this size."""
+DELETE_BATCH = 1000
+"""Most keys one ``DeleteObjects`` request may name (an S3 limit)."""
+
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_BUCKET_MISSING_CODES = frozenset({"404", "NoSuchBucket", "NotFound"})
+_FAILURES = (BotoCoreError, ClientError, Boto3Error, RetriesExceededError, OSError)
+"""What a request to the endpoint may raise: botocore, boto3 and s3transfer errors."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _is_not_found(exc: BaseException, codes: frozenset[str] = _NOT_FOUND_CODES) -> bool:
+    """True when ``exc`` is an S3 answer saying the object (or bucket) does not exist."""
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in codes or status == 404
+
+
+class S3Backend(Backend):
+    """Object-store tier: one S3 object per chunk, under ``prefix`` in ``bucket``.
+
+    Every call is batched and runs its requests concurrently (at most
+    ``max_concurrency`` at once). No call reaches the endpoint at construction
+    unless ``create_bucket`` is set. Thread-safe: boto3 clients are, and the
+    counters are guarded by a lock.
+
+    Contract differences from the local tiers (see :class:`Backend`):
+
+    - No eviction: ``capacity_bytes=None`` (the default) is unbounded; with a
+      cap, a ``put`` whose new chunks would take the prefix past it raises
+      :class:`~kvtc_store.errors.CapacityError` and stores nothing. Checking
+      the cap lists the whole prefix, once per ``put``; and other replicas may
+      write between the check and the upload, so the cap is best effort.
+    - Without a cap, ``put`` does not ask whether a key is stored: it uploads
+      and the object is overwritten with the same bytes (blobs are immutable
+      and content-addressed), and ``bytes_written`` counts every upload. With a
+      cap, keys found by the listing are skipped, as on the local tiers.
+    - ``get`` has no recency to update; ``usage`` lists the prefix, so it sees
+      every replica's chunks and costs one request per 1,000 objects.
+    - Endpoint failures raise :class:`~kvtc_store.errors.StoreError` (see the
+      module docstring) and count in ``errors``, ``exists`` included.
+
+    Args:
+        bucket: Bucket name.
+        prefix: Key prefix of this store's objects; a ``/`` is appended when
+            missing, so prefixes ``a`` and ``ab`` never overlap. ``""`` puts
+            chunks at the bucket's top level.
+        endpoint_url: S3-compatible endpoint (``http://127.0.0.1:9000``); ``None``
+            for AWS S3.
+        region_name: Region; ``None`` for boto3's default chain.
+        capacity_bytes: Byte cap of the chunks under ``prefix``, or ``None``
+            for no cap.
+        client: A ready boto3 S3 client to use instead of building one; the
+            endpoint, region, timeout and retry arguments are then ignored.
+        max_concurrency: Requests in flight at once per batch, and parts in
+            flight at once per multipart transfer.
+        create_bucket: Create ``bucket`` at construction if it does not exist.
+        connect_timeout: Seconds to wait for a TCP connection, per attempt.
+        read_timeout: Seconds to wait for a response to a request, per attempt.
+        max_attempts: Attempts per request (first try included), botocore's
+            ``standard`` retry mode with exponential backoff.
+
+    Raises:
+        ConfigError: an argument is invalid.
+        StoreError: ``create_bucket`` was asked and the bucket cannot be created.
+    """
+
+    name = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "kvtc/",
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        capacity_bytes: int | None = None,
+        client: Any = None,
+        max_concurrency: int = 8,
+        create_bucket: bool = False,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 10.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if not isinstance(bucket, str) or not bucket:
+            raise ConfigError(f"bucket must be a non-empty str, got {bucket!r}")
+        if not isinstance(prefix, str):
+            raise ConfigError(f"prefix must be a str, got {prefix!r}")
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise ConfigError(f"max_concurrency must be an int, got {max_concurrency!r}")
+        if max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ConfigError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        for field, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{field} must be a number > 0, got {value!r}")
+        self.bucket = bucket
+        self.prefix = prefix if prefix == "" or prefix.endswith("/") else prefix + "/"
+        self.capacity_bytes = None if capacity_bytes is None else check_capacity(capacity_bytes)
+        self.max_concurrency = max_concurrency
+        if client is None:
+            config = botocore.config.Config(
+                s3={"addressing_style": "path"},
+                # total_max_attempts counts the first try; "max_attempts" would not
+                retries={"total_max_attempts": max_attempts, "mode": "standard"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                # batch workers plus the part workers of one multipart transfer
+                max_pool_connections=2 * max_concurrency,
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+            )
+        self._client = client
+        self._transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_THRESHOLD,
+            max_concurrency=max_concurrency,
+            use_threads=True,
+            preferred_transfer_client="classic",
+        )
+        self._chunk_re = re.compile(
+            re.escape(self.prefix) + r"([0-9a-f]{2})/([0-9a-f]{2,128})" + re.escape(CHUNK_SUFFIX)
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+        self._errors = 0
+        self._bytes_written = 0
+        self._bytes_read = 0
+        self._listed = (0, 0)  # (used_bytes, n_items) of the last successful listing
+        if create_bucket:
+            self._create_bucket(region_name)
+
+    # --- public API ------------------------------------------------------------------
+
+    def object_key(self, key: str) -> str:
+        """The S3 object key of chunk ``key``: ``<prefix><key[:2]>/<key>.kvtc``."""
+        return f"{self.prefix}{key[:2]}/{key}{CHUNK_SUFFIX}"
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Say which keys have an object now (one ``HeadObject`` each, concurrently).
+
+        No hit or miss counters move; a failed request counts in ``errors``.
+
+        Raises:
+            ValueError: a key is malformed.
+            TypeError: ``keys`` is a single string, not a sequence.
+            StoreError: a request failed for a reason other than "not found".
+        """
+        keys = validate_keys(keys)
+        return self._run_batch("exists", self._head, keys, keys)
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Download each key's object, or ``None`` when there is none, concurrently.
+
+        Raises:
+            ValueError: a key is malformed.
+            StoreError: a request failed for a reason other than "not found";
+                nothing is returned and only ``errors`` moves.
+        """
+        keys = validate_keys(keys)
+        out = self._run_batch("get", self._download, keys, keys)
+        with self._lock:
+            for value in out:
+                if value is None:
+                    self._misses += 1
+                else:
+                    self._hits += 1
+                    self._bytes_read += len(value)
+        return out
+
+    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Upload each chunk as one object, concurrently (multipart when large).
+
+        Without a cap every item is uploaded (an existing object is overwritten
+        with the same bytes). With a cap, the prefix is listed first: stored keys
+        are skipped, and if the new chunks would exceed the cap nothing is
+        uploaded. If an upload fails, chunks uploaded earlier stay stored.
+
+        Raises:
+            ValueError: a key is malformed.
+            TypeError: a value is not bytes-like.
+            CapacityError: a value is larger than ``capacity_bytes``, or the new
+                chunks would take the prefix past it; nothing is stored.
+            StoreError: the listing or an upload failed.
+        """
+        items = validate_items(items)
+        unique = list(dict(items).items())  # one upload per key; later values win
+        if self.capacity_bytes is not None:
+            for key, value in unique:
+                if len(value) > self.capacity_bytes:
+                    raise CapacityError(
+                        f"{self.name} tier: chunk {key} is {len(value)} B, "
+                        f"larger than the tier's capacity of {self.capacity_bytes} B"
+                    )
+            stored = self._list("put")
+            unique = [(k, v) for k, v in unique if k not in stored]
+            used = sum(stored.values())
+            new = sum(len(v) for _, v in unique)
+            if used + new > self.capacity_bytes:
+                raise CapacityError(
+                    f"{self.name} tier: s3://{self.bucket}/{self.prefix} holds {used} B; "
+                    f"{len(unique)} new chunks of {new} B would exceed its capacity "
+                    f"of {self.capacity_bytes} B"
+                )
+        self._run_batch("put", self._upload, unique, [k for k, _ in unique])
+        with self._lock:
+            self._bytes_written += sum(len(v) for _, v in unique)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove the keys' objects (``DeleteObjects``, 1,000 keys per request).
+
+        Missing keys are ignored.
+
+        Raises:
+            ValueError: a key is malformed.
+            StoreError: a request failed or S3 refused to delete an object.
+        """
+        keys = list(dict.fromkeys(validate_keys(keys)))
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            objects = [{"Key": self.object_key(k)} for k in batch]
+            try:
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+                )
+            except _FAILURES as e:
+                self._count_errors(len(batch))
+                raise StoreError(
+                    f"{self.name} tier: delete of {len(batch)} objects from "
+                    f"s3://{self.bucket}/{self.prefix} failed: {e}"
+                ) from e
+            failed = [err for err in response.get("Errors", []) if err.get("Code") != "NoSuchKey"]
+            if failed:
+                self._count_errors(len(failed))
+                first = failed[0]
+                raise StoreError(
+                    f"{self.name} tier: cannot delete s3://{self.bucket}/{first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message', '')} "
+                    f"({len(failed)} objects not deleted)"
+                )
+
+    def usage(self) -> TierUsage:
+        """Return the chunks under the prefix (one paginated listing) and the counters.
+
+        ``used_bytes`` and ``n_items`` count every chunk object under the prefix,
+        whichever replica wrote it; ``evictions`` is always 0 (this tier does not
+        evict). If the listing fails, the failure is logged and counted in
+        ``errors`` and the occupancy of the last listing that succeeded (0 before
+        any) is reported, so the counters stay readable while the endpoint is down.
+        """
+        try:
+            stored = self._list("usage")
+        except StoreError as e:
+            logger.warning("%s tier: usage shows the last known occupancy: %s", self.name, e)
+            stored = None
+        with self._lock:
+            if stored is not None:
+                self._listed = (sum(stored.values()), len(stored))
+            used, n_items = self._listed
+            return TierUsage(
+                used_bytes=used,
+                capacity_bytes=self.capacity_bytes,
+                n_items=n_items,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=0,
+                bytes_written=self._bytes_written,
+                bytes_read=self._bytes_read,
+                errors=self._errors,
+            )
+
+    def close(self) -> None:
+        """Stop the batch thread pool and close the client's connections.
+
+        A closed backend must not be used again.
+        """
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
+    # --- requests (one key each; run on the pool) ------------------------------------
+
+    def _head(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as e:
+            if _is_not_found(e):
+                return False
+            raise
+        return True
+
+    def _download(self, key: str) -> bytes | None:
+        buf = io.BytesIO()
+        try:
+            self._client.download_fileobj(
+                self.bucket, self.object_key(key), buf, Config=self._transfer
+            )
+        except ClientError as e:
+            if _is_not_found(e):  # absent, or removed between HEAD and GET
+                return None
+            raise
+        return buf.getvalue()
+
+    def _upload(self, item: tuple[str, bytes]) -> None:
+        key, value = item
+        self._client.upload_fileobj(
+            io.BytesIO(value), self.bucket, self.object_key(key), Config=self._transfer
+        )
+
+    # --- internals -------------------------------------------------------------------
+
+    def _run_batch(
+        self, op: str, fn: Callable[[_T], _R], args: list[_T], keys: list[str]
+    ) -> list[_R]:
+        """Run ``fn`` on every arg concurrently; results in order, or StoreError.
+
+        Every request runs to completion (none is abandoned half-way); each failed
+        one counts in ``errors`` and the first failure (in batch order) is raised.
+        """
+        if not args:
+            return []
+        if len(args) == 1:
+            outcomes = [self._attempt(fn, args[0])]
+        else:
+            futures = [self._executor().submit(self._attempt, fn, a) for a in args]
+            outcomes = [f.result() for f in futures]
+        failures = [(k, exc) for k, (ok, exc) in zip(keys, outcomes) if not ok]
+        if failures:
+            self._count_errors(len(failures))
+            key, exc = failures[0]
+            more = f" (and {len(failures) - 1} more of {len(args)})" if len(failures) > 1 else ""
+            raise StoreError(
+                f"{self.name} tier: {op} of s3://{self.bucket}/{self.object_key(key)} "
+                f"failed{more}: {exc}"
+            ) from exc
+        return [value for _, value in outcomes]
+
+    @staticmethod
+    def _attempt(fn: Callable[[_T], _R], arg: _T) -> tuple[bool, Any]:
+        """``(True, result)``, or ``(False, exception)`` for an endpoint failure."""
+        try:
+            return True, fn(arg)
+        except _FAILURES as e:
+            return False, e
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.max_concurrency, thread_name_prefix="kvtc-s3"
+                )
+            return self._pool
+
+    def _count_errors(self, n: int) -> None:
+        with self._lock:
+            self._errors += n
+
+    def _list(self, op: str) -> dict[str, int]:
+        """Every chunk under the prefix: key -> size in bytes. Non-chunk objects are skipped."""
+        found: dict[str, int] = {}
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    m = self._chunk_re.fullmatch(obj["Key"])
+                    if m is not None and m.group(2)[:2] == m.group(1):
+                        found[m.group(2)] = int(obj["Size"])
+        except _FAILURES as e:
+            self._count_errors(1)
+            raise StoreError(
+                f"{self.name} tier: {op}: listing s3://{self.bucket}/{self.prefix} failed: {e}"
+            ) from e
+        return found
+
+    def _create_bucket(self, region_name: str | None) -> None:
+        """Create the bucket unless it exists (already owned by us counts as existing)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            if not _is_not_found(e, _BUCKET_MISSING_CODES):
+                raise StoreError(f"{self.name} tier: bucket {self.bucket}: {e}") from e
+        except _FAILURES as e:
+            raise StoreError(f"{self.name} tier: bucket {self.bucket}: {e}") from e
+        region = region_name or self._client.meta.region_name
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code != "BucketAlreadyOwnedByYou":  # created meanwhile by another replica
+                raise StoreError(
+                    f"{self.name} tier: cannot create bucket {self.bucket}: {e}"
+                ) from e
+        except _FAILURES as e:
+            raise StoreError(f"{self.name} tier: cannot create bucket {self.bucket}: {e}") from e
+        logger.info("%s tier: created bucket %s", self.name, self.bucket)

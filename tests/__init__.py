@@ -1,0 +1,1 @@
+"""Tests of kvtc-store (a package so helpers import as ``tests.<module>``)."""
