@@ -20,6 +20,7 @@ Usage: ``python benchmarks/quality.py [--ratios 4 8 16 20 32] [--windows 16]``; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -59,12 +60,18 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 16, 20, 32])
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--calibration-windows", type=int, default=8)
+    p.add_argument(
+        "--scale-exponent", type=float, default=None,
+        help="per-head feature scaling before PCA (default: the library's, 0.5)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
     t0 = time.time()
     model, tok, info = load_model()
     settings = CalibrationSettings(windows=args.calibration_windows)
+    if args.scale_exponent is not None:
+        settings = dataclasses.replace(settings, scale_exponent=args.scale_exponent)
     arts = load_or_calibrate(model, tok, info, args.ratios, settings)
     codecs = {r: (KVTCCodec(a), KVTCCodec(a, coder="none")) for r, a in zip(args.ratios, arts)}
     wins = windows(tok, args.windows)

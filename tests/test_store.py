@@ -5,14 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 import torch
 
-from kvtc_store.backends import DiskBackend, MemoryBackend
+from kvtc_store.backends import DiskBackend, MemoryBackend, S3Backend
 from kvtc_store.codec import KVTCCodec
 from kvtc_store.keys import ChunkNamespace
 from kvtc_store.store import TieredStore
+from tests.s3_server import aws_credentials, closed_port, s3_endpoint  # noqa: F401
 
 pytestmark = pytest.mark.model
 
@@ -128,3 +130,35 @@ def test_disk_chunks_found_by_a_new_process(artifact8, doc_kv, tmp_path):
     k, _ = store.get(ids)
     assert int(lookup) == int(n) == 1024
     assert abs(float(ksum) - float(k.float().abs().sum())) < 1e-3 * float(ksum)
+
+
+def test_s3_lower_tier_shared_and_dead_s3_degrades_to_misses(
+    artifact8,
+    doc_kv,
+    s3_endpoint,  # noqa: F811
+):
+    """Two replicas share chunks through a real (loopback moto) S3 tier; with S3 dead,
+    the CPU tier keeps serving and S3 failures are misses, not errors."""
+    ids, keys, values = doc_kv
+    ns = ChunkNamespace(artifact8.model_fingerprint, "L30-H3-D64", "s3")
+    codec = KVTCCodec(artifact8)
+    bucket = f"kvtc-{uuid.uuid4().hex[:12]}"
+
+    def s3(**kw):
+        return S3Backend(bucket, endpoint_url=s3_endpoint, create_bucket=True, **kw)
+
+    a = TieredStore([MemoryBackend(64 << 20), s3()], codec, ns)
+    assert a.put(ids, keys, values).chunks_written == 4
+    b = TieredStore([MemoryBackend(64 << 20), s3()], codec, ns)
+    assert b.lookup(ids) == 1024
+    kb, _ = b.get(ids)
+    ka, _ = a.get(ids)
+    assert torch.equal(ka, kb) and b.stats.chunks_hit == {"s3": 4}
+
+    dead = S3Backend(bucket, endpoint_url=f"http://127.0.0.1:{closed_port()}", max_attempts=1)
+    c = TieredStore([MemoryBackend(64 << 20), dead], codec, ns)
+    assert c.lookup(ids) == 0 and c.get(ids) is None
+    assert c.put(ids, keys, values).chunks_written == 4  # the CPU tier takes it
+    assert c.stats.lower_tier_put_errors == 1
+    assert c.lookup(ids) == 1024 and c.get(ids) is not None
+    assert dead.usage().errors > 0
