@@ -23,7 +23,7 @@ import torch
 
 from .backends import Backend
 from .codec import KVTCCodec
-from .errors import BlobError, CodecMismatchError, ConfigError, KVTCError, StoreError
+from .errors import CodecMismatchError, ConfigError, KVTCError, StoreError
 from .keys import ChunkNamespace, chunk_keys
 from .model import ModelInfo
 
@@ -260,29 +260,27 @@ class TieredStore:
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
         blobs = self._fetch(ckeys)
-        ks, vs = [], []
+        present = 0
+        while present < len(blobs) and blobs[present] is not None:
+            present += 1
+        if present < len(blobs):
+            self.stats.chunks_missed += 1
         t0 = time.perf_counter()
-        for key, blob in zip(ckeys, blobs):
-            if blob is None:
-                self.stats.chunks_missed += 1
-                break
-            try:
-                chunk = self.codec.decode(blob, device=device, dtype=dtype)
-            except CodecMismatchError as exc:
-                # Written by another codec version: valid data this codec cannot read.
-                # Keep it (a re-encode job migrates it); serve a miss.
-                log.info("chunk %s needs another codec: %s", key[:12], exc)
-                self.stats.chunks_missed += 1
-                break
-            except BlobError as exc:
-                log.warning("dropping undecodable chunk %s: %s", key[:12], exc)
-                self.stats.corrupt_dropped += 1
-                for tier in self.tiers:
-                    tier.delete([key])
-                break
-            ks.append(chunk.keys)
-            vs.append(chunk.values)
+        chunks, error = self.codec.decode_prefix(blobs[:present], device=device, dtype=dtype)
         self.stats.decode_seconds += time.perf_counter() - t0
+        if isinstance(error, CodecMismatchError):
+            # Written by another codec version: valid data this codec cannot read. Keep
+            # it (a re-encode job migrates it); serve a miss from there on.
+            log.info("chunk %s needs another codec: %s", ckeys[len(chunks)][:12], error)
+            self.stats.chunks_missed += 1
+        elif error is not None:
+            key = ckeys[len(chunks)]
+            log.warning("dropping undecodable chunk %s: %s", key[:12], error)
+            self.stats.corrupt_dropped += 1
+            for tier in self.tiers:
+                tier.delete([key])
+        ks = [c.keys for c in chunks]
+        vs = [c.values for c in chunks]
         if not ks:
             return None
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.model
 
 
 def test_reuse_at_ratio_8_reproduces_greedy_continuation(smollm2, artifact8, doc_kv, tmp_path):
+    """A second replica reuses 1,024 compressed tokens of a real document and continues it
+    exactly as the model does from uncompressed KV, for at least 16 tokens."""
     model, tok, info = smollm2
     doc, _, _ = doc_kv
     ns = ChunkNamespace(info.fingerprint, info.kv_layout(), "e2e")
@@ -25,19 +27,29 @@ def test_reuse_at_ratio_8_reproduces_greedy_continuation(smollm2, artifact8, doc
             [MemoryBackend(64 << 20), DiskBackend(tmp_path, 1 << 30)], KVTCCodec(artifact8), ns
         )
 
-    q1 = torch.cat([doc, tok(QUESTION_1, return_tensors="pt").input_ids[0]])
-    q2 = torch.cat([doc, tok(QUESTION_2, return_tensors="pt").input_ids[0]])
-    first = PrefixCachingLM(model, store()).prefill(q1)
+    first = PrefixCachingLM(model, store()).prefill(doc)
     assert first.reused_tokens == 0 and first.put.chunks_written == 4
 
-    lm = PrefixCachingLM(model, store(), save=False)
-    res = lm.generate(q2, max_new_tokens=16)
+    res = PrefixCachingLM(model, store(), save=False).generate(doc, max_new_tokens=16)
     assert res.prefill.reused_tokens == 1024
-    assert res.prefill.computed_tokens == q2.numel() - 1024
+    assert res.prefill.computed_tokens == doc.numel() - 1024
 
-    exact = PrefixCachingLM(model, store(), reuse=False, save=False).prefill(q2)
+    exact = PrefixCachingLM(model, store(), reuse=False, save=False).prefill(doc)
     ref = greedy_continue(model, exact.cache, exact.logits, 16)
     assert torch.equal(res.tokens, ref), (tok.decode(res.tokens), tok.decode(ref))
+
+
+def test_question_after_a_reused_document(smollm2, artifact8, doc_kv):
+    """Prompts that share the document share its chunks; the question is prefilled."""
+    model, tok, info = smollm2
+    doc, _, _ = doc_kv
+    ns = ChunkNamespace(info.fingerprint, info.kv_layout(), "qa")
+    store = TieredStore([MemoryBackend(64 << 20)], KVTCCodec(artifact8), ns)
+    q1 = torch.cat([doc, tok(QUESTION_1, return_tensors="pt").input_ids[0]])
+    q2 = torch.cat([doc, tok(QUESTION_2, return_tensors="pt").input_ids[0]])
+    assert PrefixCachingLM(model, store).prefill(q1).put.chunks_written == 4
+    res = PrefixCachingLM(model, store).generate(q2, max_new_tokens=4)
+    assert res.prefill.reused_tokens == 1024 and len(res.tokens) == 4
 
 
 def test_fully_cached_prompt_still_computes_last_token(smollm2, artifact8, doc_kv, tmp_path):

