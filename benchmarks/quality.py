@@ -33,7 +33,7 @@ import torch
 from kvtc_store.calibration import CalibrationSettings, load_or_calibrate
 from kvtc_store.codec import KVTCCodec
 from kvtc_store.evaluate import ContinuationScores, compare_logits, continuation_logits
-from kvtc_store.model import kv_from_cache, load_model
+from kvtc_store.model import kv_from_cache, lm_forward, load_model
 from kvtc_store.texts import HELDOUT_GENRES, python_docs, shakespeare_plays
 
 CTX, CONT, CHUNK = 1536, 256, 256
@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--calibration-windows", type=int, default=8)
     p.add_argument(
-        "--scale-exponent", type=float, default=None,
+        "--scale-exponent",
+        type=float,
+        default=None,
         help="per-head feature scaling before PCA (default: the library's, 0.5)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -84,8 +86,8 @@ def main(argv=None) -> int:
     for wi, (name, ids) in enumerate(wins):
         ctx, cont = ids[:CTX], ids[CTX:]
         with torch.no_grad():
-            out = model(ctx[None], use_cache=True)
-        keys, values = kv_from_cache(out.past_key_values)
+            _, cache = lm_forward(model, ctx[None])
+        keys, values = kv_from_cache(cache)
         ref = continuation_logits(model, keys, values, cont)
         for r in args.ratios:
             codec, plain = codecs[r]

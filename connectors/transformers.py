@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtc_store.model import cache_from_kv, kv_from_cache
+from kvtc_store.model import cache_from_kv, kv_from_cache, lm_forward
 from kvtc_store.store import PutResult, TieredStore
 
 
@@ -87,10 +87,9 @@ class PrefixCachingLM:
                 cache = cache_from_kv(
                     kv[0][:, :, :reused].to(dtype), kv[1][:, :, :reused].to(dtype)
                 )
-        out = self.model(ids[None, reused:], past_key_values=cache, use_cache=True)
-        logits = out.logits[0, -1].float()
+        logits, cache = lm_forward(self.model, ids[None, reused:], cache)
+        logits = logits[0, -1].float()
         ttft = time.perf_counter() - t0
-        cache = out.past_key_values
         put = None
         if self.save:
             keys, values = kv_from_cache(cache)
@@ -123,7 +122,6 @@ def greedy_continue(model, cache, logits: torch.Tensor, max_new_tokens: int, eos
         out.append(nxt)
         if eos_token_id is not None and nxt == eos_token_id:
             break
-        res = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
-        cache = res.past_key_values
-        nxt = int(res.logits[0, -1].argmax())
+        logits, cache = lm_forward(model, torch.tensor([[nxt]]), cache)
+        nxt = int(logits[0, -1].argmax())
     return torch.tensor(out, dtype=torch.long)

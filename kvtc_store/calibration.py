@@ -22,7 +22,7 @@ import torch
 
 from .codec import CalibrationStats, CodecArtifact, default_groups, fit_artifacts
 from .errors import ArtifactError, CalibrationError
-from .model import ModelInfo, cache_home, kv_from_cache
+from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .texts import shakespeare_plays
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ def calibrate(
     holdout = []
     w = settings.window_tokens
     for i in range(settings.windows + 1):
-        out = model(ids[None, i * w : (i + 1) * w], use_cache=True)
-        keys, values = kv_from_cache(out.past_key_values)
+        _, cache = lm_forward(model, ids[None, i * w : (i + 1) * w])
+        keys, values = kv_from_cache(cache)
         if i < settings.windows:
             stats.add(keys, values, 0)
         else:  # held out: three 256-token chunks past the sinks

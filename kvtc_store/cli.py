@@ -31,9 +31,19 @@ def _progress_bar():
     return progress
 
 
+def _quiet_transformers() -> None:
+    """Hide transformers' per-tensor loading bars and advisories: the CLI shows its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def cmd_demo(args) -> int:
     from .calibration import CalibrationSettings
     from .demo import format_report, run_demo
+
+    _quiet_transformers()
 
     report = run_demo(
         target_ratio=args.ratio,
@@ -50,6 +60,7 @@ def cmd_calibrate(args) -> int:
     from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate
     from .model import load_model
 
+    _quiet_transformers()
     model, tok, info = load_model()
     settings = CalibrationSettings(windows=args.windows, layers_per_group=args.layers_per_group)
     arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar())

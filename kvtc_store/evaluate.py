@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import cache_from_kv
+from .model import cache_from_kv, lm_forward
 
 
 @dataclass
@@ -59,7 +59,7 @@ def continuation_logits(model, keys: torch.Tensor, values: torch.Tensor, cont_id
     """Logits ``(n, V)`` float32 of ``cont_ids`` ``(n,)`` given a prefix's KV ``(L, H, T, D)``."""
     dtype = model.dtype
     cache = cache_from_kv(keys.to(dtype), values.to(dtype))
-    return model(cont_ids[None], past_key_values=cache, use_cache=True).logits[0].float()
+    return lm_forward(model, cont_ids[None], cache)[0][0].float()
 
 
 def compare_logits(ref: torch.Tensor, got: torch.Tensor, cont_ids: torch.Tensor):

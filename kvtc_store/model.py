@@ -12,8 +12,10 @@ applied, as transformers' ``DynamicCache`` holds them (``cache.layers[i].keys`` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -163,6 +165,32 @@ def model_info(model, name: str) -> ModelInfo:
     for w in (attn.k_proj.weight, attn.v_proj.weight):
         h.update(w.detach().float().contiguous().numpy().tobytes())
     return ModelInfo(name, h.hexdigest(), (layers, heads, dim), rope)
+
+
+def lm_forward(model, input_ids: torch.Tensor, cache=None):
+    """One forward pass that extends a KV cache, across transformers versions.
+
+    transformers 5.24 names the argument ``cache`` (``past_key_values`` is deprecated
+    there, with a warning per call); earlier 5.x releases only know ``past_key_values``.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: int64 ``(1, T)``.
+        cache: a ``DynamicCache`` holding the prefix, or None.
+
+    Returns:
+        ``(logits, cache)``: float ``(1, T, V)`` and the cache now holding ``T`` more tokens.
+    """
+    params = _forward_params(type(model))
+    kw = "cache" if "cache" in params else "past_key_values"
+    out = model(input_ids, use_cache=True, **{kw: cache})
+    new = out["cache"] if "cache" in out else out["past_key_values"]
+    return out.logits, new
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_params(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def kv_from_cache(cache, start: int = 0, end: int | None = None):

@@ -42,11 +42,11 @@ def artifact8(smollm2, test_settings):
 def doc_kv(smollm2):
     """A real document (Python's reference docs, 1,100 tokens) and its exact KV."""
     from kvtc_store.demo import document_ids
-    from kvtc_store.model import kv_from_cache
+    from kvtc_store.model import kv_from_cache, lm_forward
 
     model, tok, _info = smollm2
     ids, _ = document_ids(tok, 1100)
     with torch.no_grad():
-        out = model(ids[None], use_cache=True)
-    keys, values = kv_from_cache(out.past_key_values)
+        _, cache = lm_forward(model, ids[None])
+    keys, values = kv_from_cache(cache)
     return ids, keys, values

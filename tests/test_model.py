@@ -7,7 +7,7 @@ import torch
 
 from kvtc_store.codec import undo_rope
 from kvtc_store.errors import ArtifactModelMismatchError, ModelNotFoundError
-from kvtc_store.model import cache_from_kv, kv_from_cache, load_model, model_info
+from kvtc_store.model import cache_from_kv, kv_from_cache, lm_forward, load_model, model_info
 
 pytestmark = pytest.mark.model
 
@@ -42,7 +42,7 @@ def test_cache_round_trip_continues_like_full_forward(smollm2, doc_kv):
     with torch.no_grad():
         full = model(ids[None, :200]).logits[0, -1]
         cache = cache_from_kv(keys[:, :, :199], values[:, :, :199])
-        step = model(ids[None, 199:200], past_key_values=cache).logits[0, -1]
+        step = lm_forward(model, ids[None, 199:200], cache)[0][0, -1]
     assert (full - step).abs().max().item() < 1e-3
     k2, v2 = kv_from_cache(cache, 0, 199)
     assert torch.equal(k2, keys[:, :, :199]) and torch.equal(v2, values[:, :, :199])
