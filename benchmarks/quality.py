@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     for wi, (name, ids) in enumerate(wins):
         ctx, cont = ids[:CTX], ids[CTX:]
         with torch.no_grad():
-            _, cache = lm_forward(model, ctx[None])
+            _, cache = lm_forward(model, ctx[None], last_only=True)
         keys, values = kv_from_cache(cache)
         ref = continuation_logits(model, keys, values, cont)
         for r in args.ratios:

@@ -87,7 +87,7 @@ class PrefixCachingLM:
                 cache = cache_from_kv(
                     kv[0][:, :, :reused].to(dtype), kv[1][:, :, :reused].to(dtype)
                 )
-        logits, cache = lm_forward(self.model, ids[None, reused:], cache)
+        logits, cache = lm_forward(self.model, ids[None, reused:], cache, last_only=True)
         logits = logits[0, -1].float()
         ttft = time.perf_counter() - t0
         put = None

@@ -13,14 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .codec import CalibrationStats, CodecArtifact, default_groups, fit_artifacts
+from .codec.calibrate import PCAFit
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .texts import shakespeare_plays
@@ -61,15 +64,15 @@ class CalibrationSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def settings_dir(info: ModelInfo, settings: CalibrationSettings) -> Path:
+    """Cache folder of one model and calibration settings: the PCA fit and held-out KV
+    (``pca-fit.safetensors``, ``holdout.safetensors``) and one artifact per ratio."""
+    return cache_home() / "codecs" / f"{info.name}-{info.fingerprint[:12]}" / settings.key()
+
+
 def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -> Path:
     """Cache folder of the artifact for one model, settings and target ratio."""
-    return (
-        cache_home()
-        / "codecs"
-        / f"{info.name}-{info.fingerprint[:12]}"
-        / settings.key()
-        / f"cr{ratio:g}"
-    )
+    return settings_dir(info, settings) / f"cr{ratio:g}"
 
 
 def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
@@ -108,42 +111,57 @@ def calibrate(
         progress: ``progress(done, total, stage)`` called after each step.
 
     Returns:
-        One artifact per ratio (not saved; see :func:`load_or_calibrate`).
+        One artifact per ratio (not saved; see :func:`load_or_calibrate`). The
+        ratio-independent PCA fit is cached in :func:`settings_dir`, so a later call for
+        new ratios skips the model and the eigendecompositions.
     """
     settings = settings or CalibrationSettings()
     say = progress or (lambda done, total, stage: None)
     t0 = time.time()
     ids = calibration_token_ids(tokenizer, settings)
-    stats = CalibrationStats(
-        info.kv_shape,
-        info.rope,
-        default_groups(info.kv_shape[0], settings.layers_per_group),
-        n_sink=settings.n_sink,
-        sample_tokens=settings.sample_tokens,
-    )
-    steps = settings.windows + 1 + 1 + len(ratios)
-    holdout = []
-    w = settings.window_tokens
-    for i in range(settings.windows + 1):
-        _, cache = lm_forward(model, ids[None, i * w : (i + 1) * w])
-        keys, values = kv_from_cache(cache)
-        if i < settings.windows:
-            stats.add(keys, values, 0)
-        else:  # held out: three 256-token chunks past the sinks
-            holdout = [
-                (keys[:, :, s : s + 256], values[:, :, s : s + 256], s) for s in (256, 768, 1280)
-            ]
-        say(i + 1, steps, f"KV of calibration window {i + 1}/{settings.windows + 1}")
-    done = settings.windows + 1
+    folder = settings_dir(info, settings)
+    fit, holdout = _load_fit(folder)
+    steps = (0 if fit else settings.windows + 2) + len(ratios)
+    done = 0
+    if fit is None:
+        stats = CalibrationStats(
+            info.kv_shape,
+            info.rope,
+            default_groups(info.kv_shape[0], settings.layers_per_group),
+            n_sink=settings.n_sink,
+            sample_tokens=settings.sample_tokens,
+        )
+        w = settings.window_tokens
+        for i in range(settings.windows + 1):
+            say(done, steps, f"KV of calibration window {i + 1}/{settings.windows + 1}")
+            _, cache = lm_forward(model, ids[None, i * w : (i + 1) * w], last_only=True)
+            keys, values = kv_from_cache(cache)
+            if i < settings.windows:
+                stats.add(keys, values, 0)
+            else:  # held out: three 256-token chunks past the sinks (bf16, as cached)
+                holdout = [
+                    (
+                        keys[:, :, s : s + 256].to(torch.bfloat16).float(),
+                        values[:, :, s : s + 256].to(torch.bfloat16).float(),
+                        s,
+                    )
+                    for s in (256, 768, 1280)
+                ]
+            done += 1
+        say(done, steps, "fitting PCA (eigendecompositions)")
+        fit = PCAFit.from_stats(stats, settings.scale_exponent)
+        del stats
+        _save_fit(folder, fit, holdout)
+        done += 1
 
     def fit_progress(msg: str) -> None:
         nonlocal done
-        done += 1
         say(done, steps, msg)
+        done += 1
 
     data_hash = hashlib.sha256(ids.numpy().astype("<u4").tobytes()).hexdigest()[:16]
     arts = fit_artifacts(
-        stats,
+        fit,
         ratios,
         info.fingerprint,
         info.name,
@@ -156,11 +174,42 @@ def calibrate(
             "settings": asdict(settings),
         },
         progress=fit_progress,
-        scale_exponent=settings.scale_exponent,
     )
+    say(steps, steps, "done")
     for a in arts:
         a.calibration["seconds"] = round(time.time() - t0, 1)
     return arts
+
+
+def _save_fit(folder: Path, fit: PCAFit, holdout) -> None:
+    """Cache the ratio-independent part of a calibration (about 200 MB for SmolLM2)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, (k, v, first) in enumerate(holdout):
+        tensors[f"{i}.keys"] = k.to(torch.bfloat16).contiguous()
+        tensors[f"{i}.values"] = v.to(torch.bfloat16).contiguous()
+        tensors[f"{i}.first"] = torch.tensor([first])
+    tmp = folder / f"holdout.safetensors.tmp{os.getpid()}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "holdout.safetensors")
+    fit.save(folder / "pca-fit.safetensors")
+
+
+def _load_fit(folder: Path):
+    """``(fit, holdout)`` from the cache, or ``(None, [])`` when absent or unusable."""
+    if not (folder / "pca-fit.safetensors").is_file():
+        return None, []
+    try:
+        fit = PCAFit.load(folder / "pca-fit.safetensors")
+        t = load_file(str(folder / "holdout.safetensors"))
+    except (CalibrationError, OSError, ValueError) as exc:
+        log.warning("recomputing the PCA fit: %s", exc)
+        return None, []
+    holdout = [
+        (t[f"{i}.keys"].float(), t[f"{i}.values"].float(), int(t[f"{i}.first"]))
+        for i in range(len(t) // 3)
+    ]
+    return fit, holdout
 
 
 def load_or_calibrate(

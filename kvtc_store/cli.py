@@ -1,7 +1,7 @@
-"""The ``kvtc-store`` command.
+"""kvtc-store: a tiered KV-cache store with KVTC compression.
 
-kvtc-store demo [--ratio 16] [--doc-tokens 4000]
-kvtc-store calibrate --ratio 8 16 [--windows 8]
+kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 8]
+kvtc-store calibrate --ratio 8 16 [--windows 8] [--layers-per-group N]
 kvtc-store inspect BLOB_FILE
 kvtc-store stats --disk DIR
 """
@@ -78,16 +78,26 @@ def cmd_inspect(args) -> int:
 
     from .codec.blob import unpack_blob
 
-    with open(args.blob, "rb") as f:
-        header, _payload = unpack_blob(f.read())
+    try:
+        with open(args.blob, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        print(f"kvtc-store: cannot read {args.blob}: {exc.strerror}", file=sys.stderr)
+        return 2
+    header, _ = unpack_blob(data)
     for k, v in asdict(header).items():
         print(f"{k}: {v}")
     return 0
 
 
 def cmd_stats(args) -> int:
+    from pathlib import Path
+
     from .backends import DiskBackend
 
+    if not Path(args.disk).is_dir():
+        print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
+        return 2
     u = DiskBackend(args.disk, capacity_bytes=args.capacity).usage()
     print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB")
     return 0
@@ -97,25 +107,50 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kvtc-store`` console script."""
     from .errors import KVTCError
 
-    p = argparse.ArgumentParser(prog="kvtc-store", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="kvtc-store",
+        description=__doc__.split("\n")[0],
+        epilog="Caches (converted model, codecs, demo store) live in $KVTC_STORE_HOME, "
+        "default ~/.cache/kvtc-store.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="long-document reuse on SmolLM2 with CPU and disk tiers")
     d.add_argument("--ratio", type=float, default=16.0, help="codec target ratio (default 16)")
-    d.add_argument("--doc-tokens", type=int, default=4000)
-    d.add_argument("--windows", type=int, default=8, help="calibration windows of 2048 tokens")
+    d.add_argument("--doc-tokens", type=int, default=4000, help="document length in tokens")
+    d.add_argument(
+        "--windows", type=int, default=8, help="calibration windows of 2,048 tokens (default 8)"
+    )
     d.set_defaults(fn=cmd_demo)
     c = sub.add_parser("calibrate", help="calibrate (and cache) codec artifacts for SmolLM2")
-    c.add_argument("--ratio", type=float, nargs="+", default=[16.0])
-    c.add_argument("--windows", type=int, default=8)
-    c.add_argument("--layers-per-group", type=int, default=None)
+    c.add_argument(
+        "--ratio",
+        type=float,
+        nargs="+",
+        default=[16.0],
+        help="target ratios against 16-bit KV (default 16)",
+    )
+    c.add_argument(
+        "--windows", type=int, default=8, help="calibration windows of 2,048 tokens (default 8)"
+    )
+    c.add_argument(
+        "--layers-per-group",
+        type=int,
+        default=None,
+        help="PCA feature group shape (default: all layers of K, and of V, together)",
+    )
     c.set_defaults(fn=cmd_calibrate)
     i = sub.add_parser("inspect", help="print a blob's header")
     i.add_argument("blob")
     i.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("stats", help="chunks and bytes of a disk tier")
     s.add_argument("--disk", required=True)
-    s.add_argument("--capacity", type=int, default=1 << 40)
+    s.add_argument(
+        "--capacity",
+        type=int,
+        default=1 << 40,
+        help="byte cap to open the tier with (default 1 TiB: evicts nothing)",
+    )
     s.set_defaults(fn=cmd_stats)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -167,7 +167,7 @@ def model_info(model, name: str) -> ModelInfo:
     return ModelInfo(name, h.hexdigest(), (layers, heads, dim), rope)
 
 
-def lm_forward(model, input_ids: torch.Tensor, cache=None):
+def lm_forward(model, input_ids: torch.Tensor, cache=None, last_only: bool = False):
     """One forward pass that extends a KV cache, across transformers versions.
 
     transformers 5.24 names the argument ``cache`` (``past_key_values`` is deprecated
@@ -177,13 +177,17 @@ def lm_forward(model, input_ids: torch.Tensor, cache=None):
         model: a transformers causal LM.
         input_ids: int64 ``(1, T)``.
         cache: a ``DynamicCache`` holding the prefix, or None.
+        last_only: compute logits for the last position only (``logits_to_keep=1``; a
+            4,000-token prefill otherwise materialises 790 MB of float32 logits).
 
     Returns:
-        ``(logits, cache)``: float ``(1, T, V)`` and the cache now holding ``T`` more tokens.
+        ``(logits, cache)``: float ``(1, T or 1, V)`` and the cache now holding ``T`` more
+        tokens.
     """
     params = _forward_params(type(model))
     kw = "cache" if "cache" in params else "past_key_values"
-    out = model(input_ids, use_cache=True, **{kw: cache})
+    extra = {"logits_to_keep": 1} if last_only and "logits_to_keep" in params else {}
+    out = model(input_ids, use_cache=True, **{kw: cache}, **extra)
     new = out["cache"] if "cache" in out else out["past_key_values"]
     return out.logits, new
 

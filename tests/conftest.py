@@ -47,6 +47,6 @@ def doc_kv(smollm2):
     model, tok, _info = smollm2
     ids, _ = document_ids(tok, 1100)
     with torch.no_grad():
-        _, cache = lm_forward(model, ids[None])
+        _, cache = lm_forward(model, ids[None], last_only=True)
     keys, values = kv_from_cache(cache)
     return ids, keys, values

@@ -631,3 +631,18 @@ def test_check_model(arts) -> None:
         art.check_model(FP, (L + 1, H, D))
     with pytest.raises(ArtifactError):  # the family
         art.check_model("e" * 64, (3, 3, 64))
+
+
+def test_pca_fit_round_trips_through_disk(tmp_path) -> None:
+    """A cached PCA fit plans exactly as the fresh one: identical artifacts."""
+    from kvtc_store.codec.calibrate import PCAFit
+
+    fit = PCAFit.from_stats(_stats(default_groups(L)), scale_exponent=0.5)
+    fit.save(tmp_path / "fit.safetensors")
+    back = PCAFit.load(tmp_path / "fit.safetensors")
+    a = fit_artifacts(fit, [8.0], FP, "synthetic", block=8, window=WINDOW)[0]
+    b = fit_artifacts(back, [8.0], FP, "synthetic", block=8, window=WINDOW)[0]
+    assert a.artifact_id == b.artifact_id and a.plan == b.plan
+    (tmp_path / "bad.safetensors").write_bytes(b"not a fit")
+    with pytest.raises(CalibrationError):
+        PCAFit.load(tmp_path / "bad.safetensors")

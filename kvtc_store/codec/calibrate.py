@@ -168,6 +168,112 @@ def fit_pca(stats: CalibrationStats, scale_exponent: float = 0.0, head_dim: int 
     return out
 
 
+@dataclass
+class PCAFit:
+    """Everything the bit allocation needs, independent of the target ratio: per-group PCA
+    and the sampled calibration features. Fitting it is the expensive part of calibration
+    (the model's KV, the Gram matrices, the eigendecompositions), so calibration jobs cache
+    it and derive artifacts for new ratios in seconds.
+
+    Components and the sample are kept at float16 precision (the artifact stores bases in
+    float16 too), so a fit read back from disk plans exactly as the fresh one.
+    """
+
+    kv_shape: tuple[int, int, int]
+    rope: RopeParams
+    groups: list[FeatureGroup]
+    n_sink: int
+    count: int
+    scale_exponent: float
+    pcas: list[PCA]
+    sample: list[torch.Tensor]
+
+    @classmethod
+    def from_stats(cls, stats: CalibrationStats, scale_exponent: float = 0.0) -> PCAFit:
+        """Fit PCA on ``stats`` (see :func:`fit_pca`) and take its token sample."""
+        pcas = fit_pca(stats, scale_exponent)
+        for p in pcas:
+            p.components = p.components.half().float()
+        feats = stats.sample()
+        sample = [feats[kind][:, sl].half().float() for kind, sl in stats.slices]
+        return cls(
+            stats.kv_shape,
+            stats.rope,
+            stats.groups,
+            stats.n_sink,
+            stats.count,
+            scale_exponent,
+            pcas,
+            sample,
+        )
+
+    def save(self, path) -> None:
+        """Write ``path`` (safetensors; settings in its metadata), atomically."""
+        import json
+        import os
+        from dataclasses import asdict
+
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for g, (p, x) in enumerate(zip(self.pcas, self.sample)):
+            tensors[f"g{g}.mean"] = p.mean.contiguous()
+            tensors[f"g{g}.scale"] = p.scale.contiguous()
+            tensors[f"g{g}.eigenvalues"] = p.eigenvalues.contiguous()
+            tensors[f"g{g}.components"] = p.components.half().contiguous()
+            tensors[f"g{g}.sample"] = x.half().contiguous()
+        meta = {
+            "kv_shape": list(self.kv_shape),
+            "rope": self.rope.to_dict(),
+            "groups": [asdict(g) for g in self.groups],
+            "n_sink": self.n_sink,
+            "count": self.count,
+            "scale_exponent": self.scale_exponent,
+        }
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata={"fit": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> PCAFit:
+        """Read a fit written by :meth:`save`.
+
+        Raises:
+            CalibrationError: the file is missing or malformed.
+        """
+        import json
+
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["fit"])
+                groups = [FeatureGroup(**g) for g in meta["groups"]]
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+            pcas = [
+                PCA(
+                    t[f"g{g}.mean"],
+                    t[f"g{g}.scale"],
+                    t[f"g{g}.eigenvalues"],
+                    t[f"g{g}.components"].float(),
+                )
+                for g in range(len(groups))
+            ]
+            sample = [t[f"g{g}.sample"].float() for g in range(len(groups))]
+            return cls(
+                tuple(meta["kv_shape"]),
+                RopeParams.from_dict(meta["rope"]),
+                groups,
+                meta["n_sink"],
+                meta["count"],
+                meta["scale_exponent"],
+                pcas,
+                sample,
+            )
+        except Exception as exc:
+            raise CalibrationError(f"cached PCA fit at {path} is unusable: {exc}") from exc
+
+
 def _error_tables(coeffs: list[torch.Tensor], block: int, max_bits: int, unit: int):
     """DP tables over all groups' blocks: error ``(n+1, n+1, max_bits+1)`` and cost."""
     seg_bounds, blocks = [], []  # blocks: (group, comp_start, comp_end)
@@ -249,7 +355,7 @@ def plan_bits(
 
 
 def fit_artifacts(
-    stats: CalibrationStats,
+    stats: CalibrationStats | PCAFit,
     target_ratios: list[float],
     model_fingerprint: str,
     model_name: str,
@@ -263,7 +369,8 @@ def fit_artifacts(
     """Fit PCA once and a bit plan per target ratio; measure each codec on held-out KV.
 
     Args:
-        stats: accumulated statistics.
+        stats: accumulated statistics, or a :class:`PCAFit` already made from them
+            (then ``scale_exponent`` is the fit's own).
         target_ratios: e.g. ``[8, 16]``.
         model_fingerprint, model_name: identify the model (see ``kvtc_store.model``).
         holdout: chunks ``(keys, values, first_position)`` not in ``stats``, for the
@@ -279,10 +386,12 @@ def fit_artifacts(
     """
     say = progress or (lambda m: log.info(m))
     t0 = time.time()
-    say("fitting PCA")
-    pcas = fit_pca(stats, scale_exponent)
-    sample_feats = stats.sample()
-    sample = [sample_feats[kind][:, sl] for kind, sl in stats.slices]
+    if isinstance(stats, PCAFit):
+        fit = stats
+    else:
+        say("fitting PCA")
+        fit = PCAFit.from_stats(stats, scale_exponent)
+    pcas, sample = fit.pcas, fit.sample
     arts = []
     for cr in target_ratios:
         say(f"bit allocation for ratio {cr}")
@@ -291,21 +400,21 @@ def fit_artifacts(
         art = CodecArtifact(
             model_fingerprint=model_fingerprint,
             model_name=model_name,
-            kv_shape=stats.kv_shape,
-            rope=stats.rope,
-            groups=stats.groups,
+            kv_shape=fit.kv_shape,
+            rope=fit.rope,
+            groups=fit.groups,
             means=[p.mean for p in pcas],
             scales=[p.scale for p in pcas],
             bases=[p.components[:, :r] for p, r in zip(pcas, ranks)],
             plan=plan,
             target_ratio=float(cr),
-            n_sink=stats.n_sink,
+            n_sink=fit.n_sink,
             window=window,
             calibration={
                 **(calibration or {}),
-                "tokens": stats.count,
+                "tokens": fit.count,
                 "block": block,
-                "scale_exponent": scale_exponent,
+                "scale_exponent": fit.scale_exponent,
             },
             quality=info,
         )
