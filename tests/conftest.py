@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is much faster than two contending ones on a small host.
+    Modules of synthetic-data tests use it (``pytestmark = usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

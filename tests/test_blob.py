@@ -38,13 +38,7 @@ PREFIX = 18  # magic 4 + version 2 + header length 4 + header xxh64 8
 # --- a small calibrated codec on synthetic low-rank KV -------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 L, H, D = 2, 2, 16

@@ -32,13 +32,7 @@ from kvtc_store.errors import (
 # --- synthetic KV: low rank + noise, keys RoPE'd at their positions ------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 L, H, D = 2, 2, 16

@@ -16,14 +16,7 @@ from kvtc_store.codec.calibrate import _error_tables
 from kvtc_store.codec.dp import RangeChoice, allocate_bits
 from kvtc_store.errors import CalibrationError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- brute force ---------------------------------------------------------------------------

@@ -18,14 +18,7 @@ from kvtc_store.codec.quant import (
     unpack_bits,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- bit packing ----------------------------------------------------------------------------

@@ -13,14 +13,7 @@ from transformers.models.llama import modeling_llama as llama
 
 from kvtc_store.codec.rope import RopeParams, apply_rope, undo_rope
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster than two contending ones on a small host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMOL = RopeParams(head_dim=64, theta=1e5)  # SmolLM2's head dim and base
