@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .backends import DiskBackend, MemoryBackend
-from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate
+from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate, settings_dir
 from .codec import KVTCCodec
 from .evaluate import compare_logits, continuation_logits
 from .keys import ChunkNamespace
@@ -102,12 +102,13 @@ def run_demo(
 
     log("loading SmolLM2-135M-Instruct")
     model, tok, info = load_model()
-    cached = artifact_dir(info, settings or CalibrationSettings(), target_ratio) / "manifest.json"
-    log(
-        f"codec: loading the cached artifact {cached.parent}"
-        if cached.is_file()
-        else "codec: calibrating on Shakespeare (first run: about 3 minutes on 2 cores)"
-    )
+    settings = settings or CalibrationSettings()
+    if (artifact_dir(info, settings, target_ratio) / "manifest.json").is_file():
+        log(f"codec: cached artifact {artifact_dir(info, settings, target_ratio)}")
+    elif (settings_dir(info, settings) / "pca-fit.safetensors").is_file():
+        log(f"codec: bit allocation for ratio {target_ratio:g} on the cached PCA fit")
+    else:
+        log("codec: calibrating on Shakespeare (first run: about 3 minutes on 2 cores)")
     t0 = time.time()
     (art,) = load_or_calibrate(model, tok, info, [target_ratio], settings, progress)
     calib_s = time.time() - t0
