@@ -158,8 +158,8 @@ class TieredStore:
 
         Args:
             tokens: token ids ``(T,)`` of the sequence, from position 0.
-            keys, values: ``(L, H, T', D)`` with ``T' >= `` the full-chunk length; RoPE
-                applied to keys (as cached).
+            keys, values: ``(L, H, T', D)``, ``T'`` at least the length of the full chunks;
+                RoPE applied to keys (as cached).
 
         The stored sequence is the full chunks of ``tokens``; its last ``window`` tokens
         are stored exactly. The cached prefix (see :meth:`lookup`) is skipped: blobs are
