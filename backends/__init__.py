@@ -7,7 +7,8 @@ come back as :class:`TierUsage`.
 
 Tiers here:
 
-- :class:`MemoryBackend`: host memory (the CPU tier).
+- :class:`MemoryBackend`: host memory (the CPU tier); LRU, or scan-resistant
+  S3-FIFO with ``policy="s3fifo"`` (Yang et al., SOSP 2023).
 - :class:`DiskBackend`: one file per chunk, atomic writes (the disk tier).
 - :class:`S3Backend`: one object per chunk in any S3-compatible store, shared
   by replicas (the S3 tier). It needs boto3 (``pip install 'kvtc-store[s3]'``)

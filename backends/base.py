@@ -13,8 +13,8 @@ Contract shared by every backend (DESIGN.md, "The tiered store"):
   stored is a no-op (the stored bytes are kept, nothing is rewritten).
 - A key that is not stored is a miss (``False`` / ``None``), never an error.
   ``delete`` of a missing key is a no-op.
-- Each tier has a byte capacity and evicts least-recently-used chunks to stay
-  under it. An item larger than the whole capacity raises
+- Each tier has a byte capacity and evicts chunks to stay under it (LRU; the CPU
+  tier also offers scan-resistant S3-FIFO). An item larger than the whole capacity raises
   :class:`~kvtc_store.errors.CapacityError`.
 - A malformed key raises :class:`ValueError` before anything is read or written;
   a single string passed where a sequence of keys is expected raises

@@ -1,4 +1,13 @@
-"""CPU tier: encoded blobs in host memory, LRU-evicted under a byte cap."""
+"""CPU tier: encoded blobs in host memory, evicted under a byte cap (LRU or S3-FIFO).
+
+Two eviction policies share one backend (its lock, byte accounting and counters):
+
+- ``"lru"`` (default): least-recently-used; a ``get`` hit promotes the chunk.
+- ``"s3fifo"``: S3-FIFO, from Yang et al., "FIFO queues are all you need for cache
+  eviction", SOSP 2023. Scan-resistant: chunks read only once (a long prefill, a
+  one-off scan) pass through a small FIFO queue and leave without displacing the
+  chunks that are read again.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +15,194 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Literal
 
-from kvtc_store.errors import CapacityError
+from kvtc_store.errors import CapacityError, ConfigError
 
 from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
 
-__all__ = ["MemoryBackend"]
+__all__ = ["EVICTION_POLICIES", "MemoryBackend"]
 
 logger = logging.getLogger(__name__)
 
+EvictionPolicy = Literal["lru", "s3fifo"]
+EVICTION_POLICIES: tuple[str, ...] = ("lru", "s3fifo")
+"""Names accepted by ``MemoryBackend(policy=...)``."""
+
+
+class _Policy:
+    """An eviction policy: it keeps the stored values (``_values``) and their order.
+
+    The backend keeps the lock, the byte total and the counters; it calls
+    ``get``, ``insert``, ``remove``, and ``evict`` until a new value fits.
+    """
+
+    _values: dict[str, bytes]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+
+class _LRU(_Policy):
+    """Least-recently-used order: an ``OrderedDict``, LRU first, MRU last."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self._values: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or ``None``; a hit becomes most-recently-used."""
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def insert(self, key: str, value: bytes) -> None:
+        """Add a key that is not stored (the caller has made room)."""
+        self._values[key] = value
+
+    def evict(self) -> tuple[str, bytes]:
+        """Remove and return the least-recently-used chunk (the policy is not empty)."""
+        return self._values.popitem(last=False)
+
+    def remove(self, key: str) -> bytes | None:
+        """Remove a key (explicit delete); ``None`` if it is not stored."""
+        return self._values.pop(key, None)
+
+
+class _S3FIFO(_Policy):
+    """S3-FIFO (Yang et al., SOSP 2023, "FIFO queues are all you need for cache eviction").
+
+    Three FIFO queues, sized in bytes here rather than objects:
+
+    - ``small`` (S): new chunks; its target is 10% of the capacity.
+    - ``main`` (M): chunks read again while in S, and chunks re-admitted from G.
+    - ``ghost`` (G): keys only (with their sizes) of chunks evicted from S unread;
+      bounded by the bytes M may hold (capacity minus S's target).
+
+    Each stored chunk has a read frequency, capped at 3, incremented on a hit (a
+    hit moves nothing: "lazy promotion"). A new key goes to M if it is in G (it
+    was evicted too early), else to S. Eviction takes from S while S holds at
+    least its target (or M is empty), else from M:
+
+    - from S's head: read since insertion (freq > 0) → moved to M's tail;
+      otherwise evicted, its key remembered in G ("quick demotion");
+    - from M's head: freq > 0 → freq decremented and reinserted at M's tail;
+      otherwise evicted.
+    """
+
+    MAX_FREQ = 3
+    SMALL_FRACTION = 0.1
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self._values: dict[str, bytes] = {}
+        self._freq: dict[str, int] = {}
+        self.small: OrderedDict[str, None] = OrderedDict()
+        self.main: OrderedDict[str, None] = OrderedDict()
+        self.ghost: OrderedDict[str, int] = OrderedDict()  # key -> size, oldest first
+        self._small_bytes = 0
+        self._ghost_bytes = 0
+        self._small_target = int(capacity_bytes * self.SMALL_FRACTION)
+        self._ghost_cap = capacity_bytes - self._small_target
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or ``None``; a hit bumps the chunk's frequency (capped at 3)."""
+        value = self._values.get(key)
+        if value is not None:
+            self._freq[key] = min(self._freq[key] + 1, self.MAX_FREQ)
+        return value
+
+    def insert(self, key: str, value: bytes) -> None:
+        """Add a key that is not stored: to M if G remembers it, else to S."""
+        self._values[key] = value
+        self._freq[key] = 0
+        size = self.ghost.pop(key, None)
+        if size is not None:
+            self._ghost_bytes -= size
+            self.main[key] = None
+        else:
+            self.small[key] = None
+            self._small_bytes += len(value)
+
+    def evict(self) -> tuple[str, bytes]:
+        """Remove and return one chunk (the policy is not empty)."""
+        while True:
+            if self.small and (self._small_bytes >= self._small_target or not self.main):
+                key, _ = self.small.popitem(last=False)
+                size = len(self._values[key])
+                self._small_bytes -= size
+                if self._freq[key] > 0:  # read again while in S: keep it, in M
+                    self.main[key] = None
+                    continue
+                self._remember(key, size)
+            else:
+                key = next(iter(self.main))
+                if self._freq[key] > 0:
+                    self._freq[key] -= 1
+                    self.main.move_to_end(key)
+                    continue
+                del self.main[key]
+            del self._freq[key]
+            return key, self._values.pop(key)
+
+    def remove(self, key: str) -> bytes | None:
+        """Remove a key (explicit delete; not remembered in G); ``None`` if not stored."""
+        value = self._values.pop(key, None)
+        if value is not None:
+            del self._freq[key]
+            if key in self.small:
+                del self.small[key]
+                self._small_bytes -= len(value)
+            else:
+                del self.main[key]
+        return value
+
+    def _remember(self, key: str, size: int) -> None:
+        """Add an evicted key to G, dropping G's oldest keys beyond its byte bound."""
+        self.ghost[key] = size
+        self._ghost_bytes += size
+        while self._ghost_bytes > self._ghost_cap:
+            _, old = self.ghost.popitem(last=False)
+            self._ghost_bytes -= old
+
+
+_POLICIES: dict[str, type[_LRU | _S3FIFO]] = {"lru": _LRU, "s3fifo": _S3FIFO}
+
 
 class MemoryBackend(Backend):
-    """Host-memory tier: an ``OrderedDict`` in LRU order, capped in bytes.
+    """Host-memory tier, capped in bytes, with LRU or S3-FIFO eviction.
 
     The sum of stored value lengths (bytes) never exceeds ``capacity_bytes``,
-    not even during a ``put``: least-recently-used chunks are evicted before a
-    new one is inserted. ``get`` promotes hits to most-recently-used; ``exists``
-    does not. One lock guards every operation, so the tier is thread-safe.
+    not even during a ``put``: chunks are evicted (by the policy) before a new
+    one is inserted. Under ``"lru"``, ``get`` promotes hits to most-recently-used;
+    under ``"s3fifo"`` (Yang et al., SOSP 2023; see :class:`_S3FIFO`) a hit
+    bumps a frequency counter instead. ``exists`` changes nothing under either.
+    One lock guards every operation, so the tier is thread-safe.
 
     Values are kept as ordinary (pageable) ``bytes``; pinned staging for
     host-to-device copies is the store's concern.
 
     Args:
         capacity_bytes: Byte cap of the stored values.
+        policy: ``"lru"`` (default) or ``"s3fifo"`` (scan-resistant).
 
     Raises:
-        ConfigError: ``capacity_bytes`` is not a non-negative int.
+        ConfigError: ``capacity_bytes`` is not a non-negative int, or ``policy``
+            is not one of :data:`EVICTION_POLICIES`.
     """
 
     name = "memory"
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, policy: EvictionPolicy = "lru") -> None:
         self.capacity_bytes = check_capacity(capacity_bytes)
-        self._data: OrderedDict[str, bytes] = OrderedDict()  # LRU first, MRU last
+        if policy not in _POLICIES:
+            raise ConfigError(
+                f"policy must be one of {', '.join(EVICTION_POLICIES)}, got {policy!r}"
+            )
+        self.policy = policy
+        self._policy = _POLICIES[policy](self.capacity_bytes)
         self._used = 0
         self._lock = threading.Lock()
         self._hits = 0
@@ -51,10 +215,10 @@ class MemoryBackend(Backend):
         """Say which keys are stored (no promotion). Raises ValueError on a bad key."""
         keys = validate_keys(keys)
         with self._lock:
-            return [k in self._data for k in keys]
+            return [k in self._policy for k in keys]
 
     def get(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Return each key's bytes or ``None``; hits become most-recently-used.
+        """Return each key's bytes or ``None``; hits are promoted per the policy.
 
         Raises:
             ValueError: a key is malformed.
@@ -63,18 +227,17 @@ class MemoryBackend(Backend):
         out: list[bytes | None] = []
         with self._lock:
             for k in keys:
-                value = self._data.get(k)
+                value = self._policy.get(k)
                 if value is None:
                     self._misses += 1
                 else:
-                    self._data.move_to_end(k)
                     self._hits += 1
                     self._bytes_read += len(value)
                 out.append(value)
         return out
 
     def put(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Store new chunks, evicting LRU ones first so the cap is never exceeded.
+        """Store new chunks, evicting (per the policy) first so the cap is never exceeded.
 
         Re-putting a stored key is a no-op (no rewrite, no promotion).
 
@@ -93,10 +256,10 @@ class MemoryBackend(Backend):
                 )
         with self._lock:
             for key, value in items:
-                if key in self._data:
+                if key in self._policy:
                     continue
                 self._evict_until_fits(len(value))
-                self._data[key] = value
+                self._policy.insert(key, value)
                 self._used += len(value)
                 self._bytes_written += len(value)
 
@@ -105,7 +268,7 @@ class MemoryBackend(Backend):
         keys = validate_keys(keys)
         with self._lock:
             for k in keys:
-                value = self._data.pop(k, None)
+                value = self._policy.remove(k)
                 if value is not None:
                     self._used -= len(value)
 
@@ -115,7 +278,7 @@ class MemoryBackend(Backend):
             return TierUsage(
                 used_bytes=self._used,
                 capacity_bytes=self.capacity_bytes,
-                n_items=len(self._data),
+                n_items=len(self._policy),
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
@@ -124,9 +287,9 @@ class MemoryBackend(Backend):
             )
 
     def _evict_until_fits(self, nbytes: int) -> None:
-        """Pop LRU chunks until ``nbytes`` more fit under the cap. Caller holds the lock."""
-        while self._data and self._used + nbytes > self.capacity_bytes:
-            key, value = self._data.popitem(last=False)
+        """Evict chunks until ``nbytes`` more fit under the cap. Caller holds the lock."""
+        while self._policy and self._used + nbytes > self.capacity_bytes:
+            key, value = self._policy.evict()
             self._used -= len(value)
             self._evictions += 1
             logger.debug("%s tier: evicted %s (%d B)", self.name, key, len(value))

@@ -160,6 +160,7 @@ class _TierBase(_Model):
     name: str | None = Field(None, min_length=1)
     """Name in logs, stats and ``usage()``; default: the kind. Unique within a store."""
     eviction: Literal["lru"] = "lru"
+    """Eviction policy; ``"s3fifo"`` is offered by memory tiers only."""
 
     @property
     def label(self) -> str:
@@ -172,6 +173,8 @@ class MemoryTierConfig(_TierBase):
 
     kind: Literal["memory"]
     capacity: ByteSize
+    eviction: Literal["lru", "s3fifo"] = "lru"  # type: ignore[assignment]
+    """``lru``, or ``s3fifo`` (scan-resistant S3-FIFO, Yang et al., SOSP 2023)."""
 
 
 class DiskTierConfig(_TierBase):
@@ -467,7 +470,7 @@ def _build_tier(tier: _TierBase, i: int) -> Backend:
     from .backends import DiskBackend, MemoryBackend
 
     if isinstance(tier, MemoryTierConfig):
-        return MemoryBackend(tier.capacity)
+        return MemoryBackend(tier.capacity, policy=tier.eviction)
     if isinstance(tier, DiskTierConfig):
         try:
             return DiskBackend(tier.path, tier.capacity)

@@ -145,6 +145,9 @@ def test_bad_byte_sizes_are_refused(bad) -> None:
         (MINIMAL.replace("1GiB\n", "1GiB\n  - {kind: memory, capacity: 1}\n"), "tiers", "distinct"),
         ("tiers: [{kind: s3, bucket: a}, {kind: s3, bucket: b, name: s3}]", "tiers", "distinct"),
         (MINIMAL + "tenant: 0123\n", "tenant", "valid string"),
+        (MINIMAL + "    eviction: s3fifo\n", "tiers.1.eviction", "'lru'"),
+        ("tiers: [{kind: s3, bucket: a, eviction: s3fifo}]", "tiers.0.eviction", "'lru'"),
+        (MINIMAL.replace("64MiB", "64MiB\n    eviction: arc"), "tiers.0.eviction", "s3fifo"),
     ],
 )
 def test_each_error_names_its_field_and_the_file(tmp_path: Path, text, where, what) -> None:
@@ -258,6 +261,20 @@ def test_build_tiers_gives_working_memory_and_disk_tiers(tmp_path: Path) -> None
         tier.put([(KEY, b"blob")])
         assert tier.get([KEY, "cd" * 32]) == [b"blob", None]
     assert (tmp_path / "disk" / KEY[:2] / f"{KEY}.kvtc").read_bytes() == b"blob"
+
+
+def test_memory_tier_takes_s3fifo_eviction(tmp_path: Path) -> None:
+    text = MINIMAL.replace("64MiB", "64MiB\n    eviction: s3fifo")
+    cfg = load_config(write(tmp_path, text), env={})
+    assert [t.eviction for t in cfg.tiers] == ["s3fifo", "lru"]
+    mem = build_tiers(cfg)[0]
+    assert isinstance(mem, MemoryBackend) and mem.policy == "s3fifo"
+    env = {"KVTC_STORE_TIERS__0__EVICTION": "lru"}
+    assert build_tiers(load_config(write(tmp_path, text), env=env))[0].policy == "lru"
+    env = {"KVTC_STORE_TIERS__1__EVICTION": "s3fifo"}
+    assert "tiers.1.eviction (env KVTC_STORE_TIERS__1__EVICTION)" in config_error(
+        write(tmp_path, MINIMAL), env
+    )
 
 
 def test_build_tiers_uses_tier_names(tmp_path: Path) -> None:
