@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .codec import CalibrationStats, CodecArtifact, default_groups, fit_artifacts
-from .codec.calibrate import PCAFit
+from .codec import CalibrationStats, CodecArtifact, PCAFit, default_groups, fit_artifacts
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .texts import shakespeare_plays

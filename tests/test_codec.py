@@ -18,6 +18,7 @@ from kvtc_store.codec import (
     RopeParams,
     default_groups,
     fit_artifacts,
+    measure_error,
 )
 from kvtc_store.codec.blob import unpack_blob
 from kvtc_store.codec.features import group_slices
@@ -219,6 +220,10 @@ def test_scaled_pca_error_matches_the_prediction_in_scaled_units(scaled_art, tmp
     )
     predicted = art.quality["predicted_mse"]
     assert 0.5 * predicted <= err / 512 <= 2.0 * predicted, (err / 512, predicted)
+    # measure_error reports the same figure, in the units of the prediction
+    measured = measure_error(art, [(keys, values, 5000)])
+    assert measured["measured_weighted_mse"] == pytest.approx(err / 512, rel=1e-4)
+    assert measured["measured_mse"] != pytest.approx(measured["measured_weighted_mse"], rel=0.05)
     # the scales travel with the artifact: a loaded copy encodes the same bytes
     loaded = CodecArtifact.load(art.save(tmp_path / "scaled"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.scales, art.scales))

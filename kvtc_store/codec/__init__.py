@@ -8,7 +8,14 @@ The codec knows tensors and bytes only, never storage. Public API:
 """
 
 from .artifact import CodecArtifact, FeatureGroup, PlanRange
-from .calibrate import CalibrationStats, fit_artifacts, fit_pca, measure_error, plan_bits
+from .calibrate import (
+    CalibrationStats,
+    PCAFit,
+    fit_artifacts,
+    fit_pca,
+    measure_error,
+    plan_bits,
+)
 from .codec import DecodedChunk, KVTCCodec
 from .entropy import get_coder, register_coder
 from .features import default_groups
@@ -20,6 +27,7 @@ __all__ = [
     "DecodedChunk",
     "FeatureGroup",
     "KVTCCodec",
+    "PCAFit",
     "PlanRange",
     "RopeParams",
     "apply_rope",

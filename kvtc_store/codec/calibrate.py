@@ -431,15 +431,26 @@ def measure_error(art: CodecArtifact, chunks) -> dict:
     """Round-trip ``chunks`` through the codec; squared error over compressed tokens.
 
     Returns:
-        ``measured_mse`` (sum over features, mean over tokens), ``measured_nmse``
-        (relative to the chunks' centred energy), ``measured_nmse_k``/``_v``, and
-        ``honest_ratio`` (bf16 bytes / blob bytes over the chunks).
+        ``measured_mse`` (sum over features, mean over tokens), ``measured_weighted_mse``
+        (the same in the DP's units: features divided by the artifact's scales, so it
+        compares with ``predicted_mse``), ``measured_nmse`` (relative to the chunks'
+        centred energy), ``measured_nmse_k``/``_v``, and ``honest_ratio`` (bf16 bytes /
+        blob bytes over the chunks).
     """
     from .codec import KVTCCodec  # local: codec imports this package's modules
 
     codec = KVTCCodec(art, coder="deflate")
     stats = CalibrationStats(art.kv_shape, art.rope, art.groups, n_sink=art.n_sink)
+    means = {
+        kind: torch.cat([m for (kd, _), m in zip(stats.slices, art.means) if kd == kind])
+        for kind in ("k", "v")
+    }
+    scales = {
+        kind: torch.cat([s for (kd, _), s in zip(stats.slices, art.scales) if kd == kind])
+        for kind in ("k", "v")
+    }
     err = {"k": 0.0, "v": 0.0}
+    weighted = 0.0
     energy = {"k": 0.0, "v": 0.0}
     tokens = 0
     raw_bytes = blob_bytes = 0
@@ -448,16 +459,17 @@ def measure_error(art: CodecArtifact, chunks) -> dict:
         dec = codec.decode(blob, dtype=torch.float32)
         ref = stats.features(keys, values, first)
         got = stats.features(dec.keys, dec.values, first)
-        for kind, (r, g_) in zip(("k", "v"), zip(ref, got)):
+        for kind, r, g_ in zip(("k", "v"), ref, got):
             err[kind] += float(((r - g_) ** 2).sum())
-            mean = torch.cat([m for (kd, _), m in zip(stats.slices, art.means) if kd == kind])
-            energy[kind] += float(((r - mean) ** 2).sum())
+            weighted += float((((r - g_) / scales[kind]) ** 2).sum())
+            energy[kind] += float(((r - means[kind]) ** 2).sum())
         tokens += ref[0].shape[0]
         raw_bytes += keys.numel() * 2 * 2
         blob_bytes += len(blob)
     total_e = energy["k"] + energy["v"]
     return {
         "measured_mse": (err["k"] + err["v"]) / max(tokens, 1),
+        "measured_weighted_mse": weighted / max(tokens, 1),
         "measured_nmse": (err["k"] + err["v"]) / total_e if total_e else 0.0,
         "measured_nmse_k": err["k"] / energy["k"] if energy["k"] else 0.0,
         "measured_nmse_v": err["v"] / energy["v"] if energy["v"] else 0.0,
