@@ -72,11 +72,14 @@ def test_missing_model_folder_is_a_named_error(tmp_path):
         load_model(tmp_path / "no-such-model")
 
 
-def test_new_ratio_reuses_the_cached_pca_fit(smollm2, artifact8, test_settings):
-    """After one calibration, another ratio needs no model run (model=None here)."""
-    from kvtc_store.calibration import load_or_calibrate
+def test_new_ratio_reuses_the_cached_pca_fit(smollm2, test_settings):
+    """Once a calibration has cached its PCA fit, another ratio needs no model run
+    (``model=None`` here)."""
+    from kvtc_store.calibration import calibrate, settings_dir
 
-    _, tok, info = smollm2
-    (art,) = load_or_calibrate(None, tok, info, [12.0], test_settings)
+    model, tok, info = smollm2
+    if not (settings_dir(info, test_settings) / "pca-fit.safetensors").is_file():
+        calibrate(model, tok, info, [8.0], test_settings)  # a cache from before fits existed
+    (art,) = calibrate(None, tok, info, [12.0], test_settings)
     assert art.target_ratio == 12.0 and art.model_fingerprint == info.fingerprint
     assert 11.0 < art.quality["honest_ratio"] < 14.0
