@@ -66,6 +66,13 @@ def main(argv=None) -> int:
         default=None,
         help="per-head feature scaling before PCA (default: the library's, 0.5)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a CalibrationSettings field, e.g. --set weighting=sensitivity",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -74,6 +81,10 @@ def main(argv=None) -> int:
     settings = CalibrationSettings(windows=args.calibration_windows)
     if args.scale_exponent is not None:
         settings = dataclasses.replace(settings, scale_exponent=args.scale_exponent)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kind = type(getattr(settings, name))
+        settings = dataclasses.replace(settings, **{name: kind(value)})
     arts = load_or_calibrate(model, tok, info, args.ratios, settings)
     codecs = {r: (KVTCCodec(a), KVTCCodec(a, coder="none")) for r, a in zip(args.ratios, arts)}
     wins = windows(tok, args.windows)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from .codec import CalibrationStats, CodecArtifact, PCAFit, default_groups, fit_artifacts
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
+from .sensitivity import measure_sensitivity
 from .texts import shakespeare_plays
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,18 @@ class CalibrationSettings:
         scale_exponent: per-(layer, head) feature scaling before PCA, ``var ** (α/2)``;
             0.5 won on held-out KL against 0 (plain PCA) and 1 (unit variance), see
             benchmarks/results/quality.md.
+        quantizer: ``"rans"`` (calibrated fixed steps + rANS; default) or ``"minmax"``
+            (per-token min/max + bit packing + DEFLATE, the paper's); see
+            :mod:`kvtc_store.codec.steps`.
+        allocation: ``"dp"`` (default) or ``"uniform"`` (ablation without the DP).
+        undo_rope: de-rotate keys before PCA (False only for the ablation).
+        weighting: ``"variance"`` (features of each (layer, head) divided by
+            ``var ** (scale_exponent / 2)``) or ``"sensitivity"`` (each layer's keys and
+            values weighted by the KL its noise causes, measured on the model: see
+            :mod:`kvtc_store.sensitivity`).
+        quant_bias: reconstruction offset of the ``rans`` quantiser, in steps (0.1 cut the
+            held-out squared error by 7% at ratio 12 against 0; see
+            benchmarks/results/rate_distortion.md).
     """
 
     windows: int = 8
@@ -57,10 +70,23 @@ class CalibrationSettings:
     sample_tokens: int = 2048
     corpus: str = "shakespeare"
     scale_exponent: float = 0.5
+    quantizer: str = "rans"
+    allocation: str = "dp"
+    undo_rope: bool = True
+    weighting: str = "variance"
+    quant_bias: float = 0.1
 
     def key(self) -> str:
-        """Short hash of the settings."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """Short hash of the settings the PCA fit depends on (the quantiser and the
+        allocation only change artifacts, which :func:`artifact_dir` names)."""
+        d = asdict(self)
+        for name in ("quantizer", "allocation", "quant_bias"):
+            d.pop(name)
+        if d["undo_rope"]:
+            d.pop("undo_rope")  # keeps the keys of fits made before the setting existed
+        if d["weighting"] == "variance":
+            d.pop("weighting")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def settings_dir(info: ModelInfo, settings: CalibrationSettings) -> Path:
@@ -70,8 +96,11 @@ def settings_dir(info: ModelInfo, settings: CalibrationSettings) -> Path:
 
 
 def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -> Path:
-    """Cache folder of the artifact for one model, settings and target ratio."""
-    return settings_dir(info, settings) / f"cr{ratio:g}"
+    """Cache folder of the artifact for one model, settings and target ratio, e.g.
+    ``rans-cr16`` (``rans-uniform-cr16`` for the allocation ablation)."""
+    alloc = "" if settings.allocation == "dp" else f"-{settings.allocation}"
+    bias = f"-b{settings.quant_bias:g}" if settings.quantizer == "rans" else ""
+    return settings_dir(info, settings) / f"{settings.quantizer}{alloc}{bias}-cr{ratio:g}"
 
 
 def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
@@ -129,6 +158,7 @@ def calibrate(
             default_groups(info.kv_shape[0], settings.layers_per_group),
             n_sink=settings.n_sink,
             sample_tokens=settings.sample_tokens,
+            undo_rope=settings.undo_rope,
         )
         w = settings.window_tokens
         for i in range(settings.windows + 1):
@@ -147,8 +177,15 @@ def calibrate(
                     for s in (256, 768, 1280)
                 ]
             done += 1
+        weights = None
+        if settings.weighting == "sensitivity":
+            say(done, steps, "measuring layer sensitivity")
+            weights = measure_sensitivity(model, ids, n_sink=settings.n_sink, window=settings.window)
+            log.info("layer sensitivity (keys, values): %s", weights.tolist())
+        elif settings.weighting != "variance":
+            raise CalibrationError(f"unknown weighting {settings.weighting!r}")
         say(done, steps, "fitting PCA (eigendecompositions)")
-        fit = PCAFit.from_stats(stats, settings.scale_exponent)
+        fit = PCAFit.from_stats(stats, settings.scale_exponent, layer_weights=weights)
         del stats
         _save_fit(folder, fit, holdout)
         done += 1
@@ -173,6 +210,9 @@ def calibrate(
             "settings": asdict(settings),
         },
         progress=fit_progress,
+        quantizer=settings.quantizer,
+        allocation=settings.allocation,
+        bias=settings.quant_bias,
     )
     say(steps, steps, "done")
     for a in arts:

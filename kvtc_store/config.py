@@ -208,7 +208,7 @@ _TIER_MODELS: dict[str, type[_TierBase]] = {
     "s3": S3TierConfig,
 }
 
-_CALIBRATION_FIELDS = ("target_ratio", "layers_per_group", "calibration_windows")
+_CALIBRATION_FIELDS = ("target_ratio", "layers_per_group", "calibration_windows", "quantizer")
 
 
 class CodecConfig(_Model):
@@ -222,7 +222,10 @@ class CodecConfig(_Model):
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(8, ge=1)
-    coder: Literal["deflate", "none"] = "deflate"
+    quantizer: Literal["rans", "minmax"] = "rans"
+    """``rans``: calibrated steps + rANS (default); ``minmax``: per-token min/max (paper)."""
+    coder: Literal["deflate", "none"] | None = None
+    """General-purpose pass over blob payloads; default: none for rans, deflate for minmax."""
     device: str = Field("cpu", min_length=1)
 
     @model_validator(mode="after")
@@ -545,7 +548,9 @@ def codec_from_config(
         from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate
 
         settings = CalibrationSettings(
-            windows=c.calibration_windows, layers_per_group=c.layers_per_group
+            windows=c.calibration_windows,
+            layers_per_group=c.layers_per_group,
+            quantizer=c.quantizer,
         )
         cached = artifact_dir(model_info, settings, c.target_ratio)
         if model is not None and tokenizer is not None:

@@ -57,17 +57,20 @@ def make_chunk(tokens: int, first: int, seed: int) -> tuple[torch.Tensor, torch.
     return apply_rope(k, torch.arange(first, first + tokens), ROPE).contiguous(), v.contiguous()
 
 
-@pytest.fixture(scope="module")
-def arts():
+@pytest.fixture(scope="module", params=["rans", "minmax"])
+def arts(request):
+    """Artifacts of both quantisers: the format tests run for each."""
     stats = CalibrationStats((L, H, D), ROPE, default_groups(L), n_sink=4, sample_tokens=512)
     for s in range(2):
         stats.add(*make_chunk(256, 0, seed=s))
-    return fit_artifacts(stats, [8.0, 16.0], FP, "synthetic", block=8, window=16)
+    return fit_artifacts(
+        stats, [8.0, 16.0], FP, "synthetic", block=8, window=16, quantizer=request.param
+    )
 
 
 @pytest.fixture(scope="module")
 def codec(arts):
-    return KVTCCodec(arts[0])
+    return KVTCCodec(arts[0], coder="deflate")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def blob(codec, chunk) -> bytes:
     """A blob with all three sections: sinks and a tail exact, the rest transform-coded."""
     b = codec.encode(*chunk, first_position=0, exact_tail=6)
     header, _ = unpack_blob(b)
-    assert all(header.sections[s] > 0 for s in ("scales", "codes", "exact"))
+    assert all(v > 0 for v in header.sections.values())
     return b
 
 
@@ -342,7 +345,9 @@ def test_random_bytes_only_raise_blob_errors(case, data) -> None:
         st.text(max_size=5),
         st.none(),
         st.lists(st.integers(-3, 100), max_size=5),
-        st.dictionaries(st.sampled_from(["scales", "codes", "exact"]), st.integers(0, 10**4)),
+        st.dictionaries(
+            st.sampled_from(["stream", "scales", "codes", "exact"]), st.integers(0, 10**4)
+        ),
     ),
 )
 def test_lying_header_with_valid_checksums_only_raises_blob_errors(case, field, value) -> None:
@@ -367,7 +372,7 @@ def test_lying_header_with_valid_checksums_only_raises_blob_errors(case, field, 
         {"shape": [L, H + 1, D, 40]},
         {"first_position": 100},  # sinks no longer exact: sections disagree
         {"exact_tail": 3},
-        {"sections": {"scales": 1, "codes": 2, "exact": 3}},
+        {"sections": {"stream": 1, "scales": 1, "codes": 2, "exact": 3}},
     ],
 )
 def test_header_lying_about_sizes_is_corrupt(codec, blob, changes) -> None:
@@ -431,10 +436,10 @@ def test_deflate_payload_is_a_raw_stream(codec, blob, chunk) -> None:
     assert len(raw) == sum(header.sections.values())
     with pytest.raises(zlib.error):
         zlib.decompress(bytes(payload))  # not a zlib-wrapped stream
-    # sections in order: scales, codes, exact; the exact section is bf16 keys then values
+    # sections in order (scales, codes | stream), exact; exact is bf16 keys then values
     keys, values = chunk
     idx = [0, 1, 2, 3, 34, 35, 36, 37, 38, 39]
-    exact = raw[header.sections["scales"] + header.sections["codes"] :]
+    exact = raw[sum(v for k, v in header.sections.items() if k != "exact") :]
     want = b"".join(
         t[:, :, idx].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
         for t in (keys, values)

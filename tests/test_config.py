@@ -82,7 +82,7 @@ def test_example_s3_block_uncommented_is_valid(tmp_path: Path) -> None:
 def test_defaults_and_artifact_path(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL + "codec:\n  artifact: arts/cr16\n"), env={})
     assert cfg.codec.artifact == tmp_path / "arts" / "cr16"
-    assert cfg.codec.coder == "deflate" and cfg.codec.device == "cpu"
+    assert cfg.codec.coder is None and cfg.codec.quantizer == "rans" and cfg.codec.device == "cpu"
     s3 = StoreConfig(tiers=[{"kind": "s3", "bucket": "b"}]).tiers[0]
     assert (s3.prefix, s3.endpoint_url, s3.region, s3.capacity) == ("kvtc/", None, None, None)
 

@@ -83,3 +83,18 @@ def test_new_ratio_reuses_the_cached_pca_fit(smollm2, test_settings):
     (art,) = calibrate(None, tok, info, [12.0], test_settings)
     assert art.target_ratio == 12.0 and art.model_fingerprint == info.fingerprint
     assert 11.0 < art.quality["honest_ratio"] < 14.0
+
+
+def test_layer_sensitivity_is_measured_on_the_model(smollm2):
+    """Noise in one layer's keys or values moves the predictions by a finite, positive
+    KL per unit of squared error; more noise in the same layer moves them more."""
+    from kvtc_store.sensitivity import measure_sensitivity
+
+    model, tok, info = smollm2
+    ids = torch.tensor(tok("The quick brown fox jumps over the lazy dog. " * 20).input_ids)
+    kw = {"windows": 1, "context": 64, "continuation": 8, "window": 8}
+    w = measure_sensitivity(model, ids, **kw)
+    assert w.shape == (2, info.kv_shape[0]) and torch.isfinite(w).all() and (w > 0).all()
+    assert w.max() / w.min() > 3  # layers differ: the point of weighting them
+    with pytest.raises(ValueError):
+        measure_sensitivity(model, ids[:50], **kw)

@@ -96,6 +96,9 @@ def test_blob_of_another_codec_is_a_miss_and_kept(artifact8, doc_kv, tmp_path):
     _store(artifact8, tmp_path).put(ids, keys, values)
     other = dataclasses.replace(artifact8, artifact_id="", version=2, target_ratio=9.0)
     other.plan = other.plan[:-1]
+    if other.quantizer == "rans":  # its tables cover the components the plan codes
+        n = other.coded_components()
+        other.rans_shift, other.rans_cls = other.rans_shift[:n], other.rans_cls[:n]
     other.artifact_id = other._content_id()
     store = _store(other, tmp_path)
     assert store.lookup(ids) == 1024

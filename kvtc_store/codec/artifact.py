@@ -4,7 +4,9 @@ On disk it is a folder with two files:
 
 - ``tensors.safetensors``: for each feature group ``g``, ``g{g}.mean`` and ``g{g}.scale``
   (float32, ``(p_g,)``) and ``g{g}.basis`` (float16, ``(p_g, r_g)``: the first ``r_g`` principal
-  components as columns, only those the bit plan keeps);
+  components as columns, only those the bit plan keeps); for the ``rans`` quantiser also
+  ``rans.freq`` (int32 ``(2, classes, symbols)``, the frequency tables) and ``rans.shift``,
+  ``rans.cls`` (int32, one per coded component in plan order);
 - ``manifest.json``: model fingerprint and name, KV shape, RoPE parameters, groups, the
   bit plan, target ratio, sink and window settings, calibration data hash, the quality
   measured at calibration, and the artifact's id and version.
@@ -48,12 +50,18 @@ class FeatureGroup:
 
 @dataclass(frozen=True)
 class PlanRange:
-    """Components ``[start, end)`` of group ``group`` coded at ``bits`` bits per value."""
+    """Components ``[start, end)`` of group ``group``: coded at ``bits`` bits per value
+    with per-token min/max (quantiser ``minmax``), or at quantisation step ``step`` in
+    the scaled coefficient space (quantiser ``rans``; then ``bits`` is 0)."""
 
     group: int
     start: int
     end: int
     bits: int
+    step: float = 0.0
+
+
+QUANTIZERS = ("minmax", "rans")
 
 
 @dataclass
@@ -70,7 +78,15 @@ class CodecArtifact:
         bases: per group, float32 ``(p_g, r_g)`` with orthonormal columns.
         scales: per group, float32 ``(p_g,)``: features are divided by these before the
             projection (per-layer, per-head sensitivity weights; ones = plain PCA).
-        plan: the kept ranges (bits >= 1) in group then component order.
+        plan: the kept ranges in group then component order.
+        quantizer: ``"rans"`` (calibrated fixed steps, entropy-coded with rANS over
+            calibrated tables) or ``"minmax"`` (per-token min/max, bit-packed: the paper's).
+        rans_freq, rans_shift, rans_cls: the rANS tables and each coded component's
+            shift and table class (see :mod:`kvtc_store.codec.rans`); empty for minmax.
+        rans_interleave: rANS lanes per token (components coded side by side).
+        quant_rounding, quant_bias: dead zone and reconstruction offset of the fixed-step
+            quantiser (:func:`~kvtc_store.codec.quant.quantize_step`).
+        undo_rope: keys are de-rotated before the projection (False only for ablations).
         target_ratio: compression ratio against 16-bit KV the budget was set for.
         n_sink: tokens at absolute positions below this are stored exactly.
         window: tokens at the end of a stored sequence that are stored exactly.
@@ -95,6 +111,14 @@ class CodecArtifact:
     quality: dict = field(default_factory=dict)
     version: int = 1
     artifact_id: str = ""
+    quantizer: str = "minmax"
+    rans_freq: torch.Tensor | None = None
+    rans_shift: torch.Tensor | None = None
+    rans_cls: torch.Tensor | None = None
+    rans_interleave: int = 4
+    quant_rounding: float = 0.5
+    quant_bias: float = 0.0
+    undo_rope: bool = True
 
     def __post_init__(self) -> None:
         # The bases are stored in float16; use the stored values everywhere so that a
@@ -104,6 +128,10 @@ class CodecArtifact:
         if not self.scales:
             self.scales = [torch.ones_like(m) for m in self.means]
         self.scales = [s.float() for s in self.scales]
+        if self.quantizer not in QUANTIZERS:
+            raise ArtifactError(f"unknown quantiser {self.quantizer!r} (have {QUANTIZERS})")
+        if self.quantizer == "rans" and self.rans_freq is None:
+            raise ArtifactError("a rans artifact needs its tables")
         if not self.artifact_id:
             self.artifact_id = self._content_id()
 
@@ -115,6 +143,12 @@ class CodecArtifact:
             "rope": self.rope.to_dict(),
             "n_sink": self.n_sink,
         }
+        if self.quantizer != "minmax" or not self.undo_rope:
+            settings.update(quantizer=self.quantizer, undo_rope=self.undo_rope)
+        if self.quantizer == "rans":
+            settings["rans_interleave"] = self.rans_interleave
+            if (self.quant_rounding, self.quant_bias) != (0.5, 0.0):
+                settings.update(rounding=self.quant_rounding, bias=self.quant_bias)
         h.update(json.dumps(settings, sort_keys=True).encode())
         h.update(json.dumps([asdict(r) for r in self.plan]).encode())
         h.update(json.dumps([asdict(g) for g in self.groups]).encode())
@@ -122,6 +156,9 @@ class CodecArtifact:
             h.update(m.contiguous().numpy().tobytes())
             h.update(s.contiguous().numpy().tobytes())
             h.update(b.to(torch.float16).contiguous().numpy().tobytes())
+        for t in (self.rans_freq, self.rans_shift, self.rans_cls):
+            if t is not None:
+                h.update(t.to(torch.int32).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def features_per_token(self) -> int:
@@ -130,10 +167,17 @@ class CodecArtifact:
         return 2 * layers * heads * dim
 
     def plan_bits_per_token(self) -> int:
-        """Bits per compressed token the plan spends, scales included."""
+        """Bits per compressed token the plan spends, scales included (``minmax``); for
+        ``rans`` the calibration estimate of the entropy-coded size (``quality``)."""
         from .quant import SCALE_BITS
 
+        if self.quantizer == "rans":
+            return round(self.quality.get("estimated_bits_per_token", 0))
         return sum((r.end - r.start) * r.bits + SCALE_BITS for r in self.plan)
+
+    def coded_components(self) -> int:
+        """Number of components the plan codes (over all groups)."""
+        return sum(r.end - r.start for r in self.plan)
 
     def check_model(self, fingerprint: str, kv_shape: tuple[int, int, int]) -> None:
         """Raise ArtifactModelMismatchError unless this artifact is for that model."""
@@ -165,6 +209,11 @@ class CodecArtifact:
             "bits_per_token": self.plan_bits_per_token(),
             "n_sink": self.n_sink,
             "window": self.window,
+            "quantizer": self.quantizer,
+            "rans_interleave": self.rans_interleave,
+            "quant_rounding": self.quant_rounding,
+            "quant_bias": self.quant_bias,
+            "undo_rope": self.undo_rope,
             "calibration": self.calibration,
             "quality": self.quality,
         }
@@ -183,6 +232,10 @@ class CodecArtifact:
             tensors[f"g{g}.mean"] = m.float().contiguous()
             tensors[f"g{g}.scale"] = s.float().contiguous()
             tensors[f"g{g}.basis"] = b.to(torch.float16).contiguous()
+        for name in ("freq", "shift", "cls"):
+            t = getattr(self, f"rans_{name}")
+            if t is not None:
+                tensors[f"rans.{name}"] = t.to(torch.int32).contiguous()
         save_file(tensors, str(tmp / "tensors.safetensors"))
         (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
         if path.exists():
@@ -221,6 +274,14 @@ class CodecArtifact:
                 bases=[tensors[f"g{g}.basis"].float() for g in range(len(groups))],
                 scales=[tensors[f"g{g}.scale"].float() for g in range(len(groups))],
                 plan=[PlanRange(**r) for r in man["plan"]],
+                quantizer=man.get("quantizer", "minmax"),
+                undo_rope=man.get("undo_rope", True),
+                rans_freq=tensors.get("rans.freq"),
+                rans_shift=tensors.get("rans.shift"),
+                rans_cls=tensors.get("rans.cls"),
+                rans_interleave=man.get("rans_interleave", 4),
+                quant_rounding=man.get("quant_rounding", 0.5),
+                quant_bias=man.get("quant_bias", 0.0),
                 target_ratio=man["target_ratio"],
                 n_sink=man["n_sink"],
                 window=man["window"],

@@ -33,6 +33,7 @@ from .dp import allocate_bits
 from .features import group_slices, to_token_major
 from .quant import SCALE_BITS
 from .rope import RopeParams, undo_rope
+from .steps import StepTables, plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class CalibrationStats:
         n_sink: skip tokens at absolute positions below this.
         sample_tokens: size of the token sample kept for the bit allocation.
         seed: seed of the sampler.
+        undo_rope: de-rotate keys before fitting (False only for the ablation that keeps
+            RoPE on keys).
 
     Memory: ``8 * p_g²`` bytes per group for the Gram matrix (265 MB for SmolLM2's
     all-layer groups, p_g = 5,760), plus ``4 * p * sample_tokens`` for the sample.
@@ -60,9 +63,11 @@ class CalibrationStats:
         n_sink: int = 4,
         sample_tokens: int = 2048,
         seed: int = 0,
+        undo_rope: bool = True,
     ):
         self.kv_shape = tuple(kv_shape)
         self.rope = rope
+        self.undo_rope = undo_rope
         self.groups = groups
         self.n_sink = n_sink
         self.sample_tokens = sample_tokens
@@ -81,7 +86,9 @@ class CalibrationStats:
         tokens = keys.shape[2]
         pos = torch.arange(first_position, first_position + tokens)
         keep = pos >= self.n_sink if skip_sinks else torch.ones(tokens, dtype=torch.bool)
-        k = undo_rope(keys[:, :, keep].float(), pos[keep], self.rope)
+        k = keys[:, :, keep].float()
+        if self.undo_rope:
+            k = undo_rope(k, pos[keep], self.rope)
         return to_token_major(k), to_token_major(values[:, :, keep].float())
 
     @torch.no_grad()
@@ -134,7 +141,12 @@ class PCA:
     components: torch.Tensor
 
 
-def fit_pca(stats: CalibrationStats, scale_exponent: float = 0.0, head_dim: int = 0) -> list[PCA]:
+def fit_pca(
+    stats: CalibrationStats,
+    scale_exponent: float = 0.0,
+    head_dim: int = 0,
+    layer_weights: torch.Tensor | None = None,
+) -> list[PCA]:
     """Eigendecomposition of each group's (scaled) covariance (float32 ``eigh``).
 
     Args:
@@ -144,6 +156,11 @@ def fit_pca(stats: CalibrationStats, scale_exponent: float = 0.0, head_dim: int 
             features (large-variance layers dominate the error), 1 = every head's features
             normalised to unit variance (each head gets the same relative error).
         head_dim: channels per head (features per scale block); default from stats.
+        layer_weights: float ``(2, L)`` error weights of keys' and values' layers (e.g.
+            :func:`kvtc_store.sensitivity.measure_sensitivity`); when given, a layer's
+            features are divided by ``w ** -0.5`` (normalised to geometric mean 1)
+            instead of the variance scaling, so squared error in the scaled space is
+            the weighted error.
 
     Raises:
         CalibrationError: fewer than 2 tokens.
@@ -151,12 +168,20 @@ def fit_pca(stats: CalibrationStats, scale_exponent: float = 0.0, head_dim: int 
     if stats.count < 2:
         raise CalibrationError(f"calibration needs tokens; got {stats.count}")
     dim = head_dim or stats.kv_shape[2]
+    _, heads, _ = stats.kv_shape
+    if layer_weights is not None:
+        w = layer_weights.double().clamp_min(1e-30)
+        per_layer = w.log().sub(w.log().mean()).mul(-0.5).exp()  # w^-1/2, geometric mean 1
     out = []
-    for s, gram in zip(stats.sums, stats.grams):
+    for (kind, _), group, s, gram in zip(stats.slices, stats.groups, stats.sums, stats.grams):
         mean = s / stats.count
         cov = gram / stats.count - torch.outer(mean, mean)
-        var = cov.diagonal().clamp_min(1e-12).reshape(-1, dim).mean(1)
-        scale = (var ** (scale_exponent / 2)).repeat_interleave(dim)
+        if layer_weights is not None:
+            row = per_layer[0 if kind == "k" else 1, group.layer_start : group.layer_end]
+            scale = row.repeat_interleave(heads * dim)
+        else:
+            var = cov.diagonal().clamp_min(1e-12).reshape(-1, dim).mean(1)
+            scale = (var ** (scale_exponent / 2)).repeat_interleave(dim)
         cov = cov / torch.outer(scale, scale)
         evals, evecs = torch.linalg.eigh(cov.float())
         order = torch.argsort(evals, descending=True)
@@ -187,11 +212,17 @@ class PCAFit:
     scale_exponent: float
     pcas: list[PCA]
     sample: list[torch.Tensor]
+    undo_rope: bool = True
 
     @classmethod
-    def from_stats(cls, stats: CalibrationStats, scale_exponent: float = 0.0) -> PCAFit:
+    def from_stats(
+        cls,
+        stats: CalibrationStats,
+        scale_exponent: float = 0.0,
+        layer_weights: torch.Tensor | None = None,
+    ) -> PCAFit:
         """Fit PCA on ``stats`` (see :func:`fit_pca`) and take its token sample."""
-        pcas = fit_pca(stats, scale_exponent)
+        pcas = fit_pca(stats, scale_exponent, layer_weights=layer_weights)
         for p in pcas:
             p.components = p.components.half().float()
         feats = stats.sample()
@@ -205,7 +236,21 @@ class PCAFit:
             scale_exponent,
             pcas,
             sample,
+            stats.undo_rope,
         )
+
+    def step_tables(self, block: int = 64, rounding: float = 0.5, bias: float = 0.0) -> StepTables:
+        """Error and bit tables of the fixed-step quantiser on this fit's sample (computed
+        once per setting and kept; ratio-independent)."""
+        cache = self.__dict__.setdefault("_step_tables", {})
+        key = (block, rounding, bias)
+        if key not in cache:
+            cache[key] = StepTables(self.coefficients(), block, rounding, bias)
+        return cache[key]
+
+    def coefficients(self) -> list[torch.Tensor]:
+        """The sample's scaled principal-component coefficients, per group ``(N, p_g)``."""
+        return [((x - p.mean) / p.scale) @ p.components for x, p in zip(self.sample, self.pcas)]
 
     def save(self, path) -> None:
         """Write ``path`` (safetensors; settings in its metadata), atomically."""
@@ -229,6 +274,7 @@ class PCAFit:
             "n_sink": self.n_sink,
             "count": self.count,
             "scale_exponent": self.scale_exponent,
+            "undo_rope": self.undo_rope,
         }
         tmp = f"{path}.tmp{os.getpid()}"
         save_file(tensors, tmp, metadata={"fit": json.dumps(meta)})
@@ -269,6 +315,7 @@ class PCAFit:
                 meta["scale_exponent"],
                 pcas,
                 sample,
+                meta.get("undo_rope", True),
             )
         except Exception as exc:
             raise CalibrationError(f"cached PCA fit at {path} is unusable: {exc}") from exc
@@ -316,8 +363,9 @@ def plan_bits(
     target_ratio: float,
     block: int = 64,
     max_bits: int = 8,
+    uniform: bool = False,
 ) -> tuple[list[PlanRange], dict]:
-    """Bit plan for one target ratio.
+    """Bit plan for one target ratio (quantiser ``minmax``).
 
     Args:
         pcas: per group PCA.
@@ -325,6 +373,8 @@ def plan_bits(
         target_ratio: CR against 16-bit KV; budget ``16 * p / CR`` bits per token.
         block: range boundaries fall on multiples of this many components.
         max_bits: widest code (8).
+        uniform: the ablation without bit allocation: one width for every kept range
+            (the best single width; the ranges are still chosen by the DP).
 
     Returns:
         ``(plan, info)``: kept ranges, and the predicted error (``predicted_mse`` per
@@ -336,7 +386,17 @@ def plan_bits(
     p_total = sum(p.mean.numel() for p in pcas)
     budget_bits = 16 * p_total / target_ratio
     budget = int(budget_bits // unit)
-    total, ranges = allocate_bits(err, cost, budget, segs)
+    if uniform:
+        best = None
+        for b in range(1, max_bits + 1):
+            e = err.copy()
+            e[:, :, [w for w in range(1, max_bits + 1) if w != b]] = np.inf
+            cand = allocate_bits(e, cost, budget, segs)
+            if best is None or cand[0] < best[0]:
+                best = cand
+        total, ranges = best
+    else:
+        total, ranges = allocate_bits(err, cost, budget, segs)
     plan = []
     for r in ranges:
         if r.bits == 0:
@@ -365,6 +425,10 @@ def fit_artifacts(
     calibration: dict | None = None,
     progress=None,
     scale_exponent: float = 0.0,
+    quantizer: str = "rans",
+    allocation: str = "dp",
+    rounding: float = 0.5,
+    bias: float = 0.0,
 ) -> list[CodecArtifact]:
     """Fit PCA once and a bit plan per target ratio; measure each codec on held-out KV.
 
@@ -380,6 +444,12 @@ def fit_artifacts(
         calibration: facts to record (data hash, texts, token count).
         progress: optional callable ``progress(message)``.
         scale_exponent: per-head feature scaling before PCA (see :func:`fit_pca`).
+        quantizer: ``"rans"`` (calibrated steps + rANS, :mod:`~kvtc_store.codec.steps`)
+            or ``"minmax"`` (per-token min/max + bit packing, the paper's).
+        allocation: ``"dp"``, or ``"uniform"`` (ablation: one width/step for the top
+            components).
+        rounding, bias: dead zone and reconstruction offset of the ``rans`` quantiser
+            (:func:`~kvtc_store.codec.quant.quantize_step`).
 
     Returns:
         One artifact per ratio, in order.
@@ -393,9 +463,25 @@ def fit_artifacts(
         fit = PCAFit.from_stats(stats, scale_exponent)
     pcas, sample = fit.pcas, fit.sample
     arts = []
+    p_total = sum(p.mean.numel() for p in pcas)
     for cr in target_ratios:
         say(f"bit allocation for ratio {cr}")
-        plan, info = plan_bits(pcas, sample, cr, block=block)
+        rans = {}
+        if quantizer == "rans":
+            tables = fit.step_tables(block, rounding, bias)
+            plan, shift, cls, info = plan_steps(tables, cr, p_total, allocation)
+            rans = {
+                "quant_rounding": rounding,
+                "quant_bias": bias,
+                "rans_freq": torch.from_numpy(tables.tables),
+                "rans_shift": torch.from_numpy(shift),
+                "rans_cls": torch.from_numpy(cls),
+                "rans_interleave": info["rans_interleave"],
+            }
+        elif quantizer == "minmax":
+            plan, info = plan_bits(pcas, sample, cr, block=block, uniform=allocation == "uniform")
+        else:
+            raise CalibrationError(f"unknown quantiser {quantizer!r}")
         ranks = [max([r.end for r in plan if r.group == g], default=0) for g in range(len(pcas))]
         art = CodecArtifact(
             model_fingerprint=model_fingerprint,
@@ -415,8 +501,12 @@ def fit_artifacts(
                 "tokens": fit.count,
                 "block": block,
                 "scale_exponent": fit.scale_exponent,
+                "allocation": allocation,
             },
             quality=info,
+            quantizer=quantizer,
+            undo_rope=fit.undo_rope,
+            **rans,
         )
         if holdout:
             art.quality.update(measure_error(art, holdout))
@@ -439,8 +529,10 @@ def measure_error(art: CodecArtifact, chunks) -> dict:
     """
     from .codec import KVTCCodec  # local: codec imports this package's modules
 
-    codec = KVTCCodec(art, coder="deflate")
-    stats = CalibrationStats(art.kv_shape, art.rope, art.groups, n_sink=art.n_sink)
+    codec = KVTCCodec(art)
+    stats = CalibrationStats(
+        art.kv_shape, art.rope, art.groups, n_sink=art.n_sink, undo_rope=art.undo_rope
+    )
     means = {
         kind: torch.cat([m for (kd, _), m in zip(stats.slices, art.means) if kd == kind])
         for kind in ("k", "v")

@@ -22,7 +22,15 @@ from .artifact import CodecArtifact
 from .blob import BlobHeader, pack_blob, unpack_blob
 from .entropy import get_coder
 from .features import from_token_major, group_slices, to_token_major
-from .quant import dequantize_range, pack_bits, quantize_range, unpack_bits
+from .quant import (
+    dequantize_range,
+    dequantize_step,
+    pack_bits,
+    quantize_range,
+    quantize_step,
+    unpack_bits,
+)
+from .rans import RansTables
 from .rope import apply_rope, undo_rope
 
 EXACT_DTYPE = torch.bfloat16
@@ -70,15 +78,19 @@ class KVTCCodec:
 
     Args:
         artifact: the calibrated codec (bases, means, bit plan).
-        coder: entropy coder name for new blobs (``"deflate"`` or ``"none"``).
+        coder: general-purpose coder applied to new blobs' payload (``"deflate"`` or
+            ``"none"``); default ``"none"`` for the ``rans`` quantiser (its stream is
+            entropy-coded already), ``"deflate"`` for ``minmax``.
         device: where to run the transform (``"cpu"`` or ``"cuda"``).
 
     Blob size: ``bits_per_token / 8`` bytes per compressed token before entropy coding,
     plus ``2 * L * H * D * 2`` bytes per exact token, plus a header of ~300 bytes.
     """
 
-    def __init__(self, artifact: CodecArtifact, coder: str = "deflate", device: str = "cpu"):
+    def __init__(self, artifact: CodecArtifact, coder: str | None = None, device: str = "cpu"):
         self.artifact = artifact
+        if coder is None:  # rANS streams are entropy-coded already; bit-packed codes are not
+            coder = "none" if artifact.quantizer == "rans" else "deflate"
         self.coder = get_coder(coder)
         self.device = torch.device(device)
         self._means = [m.to(self.device) for m in artifact.means]
@@ -86,6 +98,29 @@ class KVTCCodec:
         self._scales = [s.to(self.device) for s in artifact.scales]
         layers, heads, dim = artifact.kv_shape
         self._slices = group_slices(artifact.groups, heads, dim)
+        self._rans = None
+        if artifact.quantizer == "rans":
+            try:
+                self._rans = RansTables(
+                    artifact.rans_freq.numpy(),
+                    artifact.rans_shift.numpy(),
+                    artifact.rans_cls.numpy(),
+                    artifact.rans_interleave,
+                )
+            except (ValueError, AttributeError) as exc:
+                raise ArtifactError(
+                    f"artifact {artifact.artifact_id}: bad rANS tables: {exc}"
+                ) from exc
+            if self._rans.n_components != artifact.coded_components():
+                raise ArtifactError(
+                    f"artifact {artifact.artifact_id}: rANS tables cover "
+                    f"{self._rans.n_components} components, the plan codes "
+                    f"{artifact.coded_components()}"
+                )
+            self._steps = torch.cat(
+                [torch.full((r.end - r.start,), float(r.step)) for r in artifact.plan]
+                or [torch.zeros(0)]
+            ).to(self.device)
         for kind in ("k", "v"):
             spans = [(sl.start, sl.stop) for kd, sl in self._slices if kd == kind]
             ends = [0] + [e for _, e in spans]
@@ -97,6 +132,12 @@ class KVTCCodec:
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _undo_rope(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return undo_rope(k, pos, self.artifact.rope) if self.artifact.undo_rope else k
+
+    def _apply_rope(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return apply_rope(k, pos, self.artifact.rope) if self.artifact.undo_rope else k
+
     def _compressed_span(self, tokens: int, first_position: int, exact_tail: int):
         """Tokens ``[a, b)`` are transform-coded; ``[0, a)`` (sinks) and ``[b, tokens)``
         (the exact tail) are stored exactly. Both exact parts are contiguous."""
@@ -104,9 +145,14 @@ class KVTCCodec:
         b = max(a, tokens - max(0, exact_tail))
         return a, b
 
-    def _section_sizes(self, n_comp: int, n_exact: int) -> dict[str, int]:
+    def _section_sizes(self, n_comp: int, n_exact: int, stream: int = 0) -> dict[str, int]:
         layers, heads, dim = self.artifact.kv_shape
         plan = self.artifact.plan
+        if self._rans is not None:
+            return {
+                "stream": stream if n_comp else 0,
+                "exact": 2 * layers * heads * n_exact * dim * 2,
+            }
         return {
             "scales": n_comp * len(plan) * 4,
             "codes": sum(((r.end - r.start) * n_comp * r.bits + 7) // 8 for r in plan),
@@ -154,17 +200,22 @@ class KVTCCodec:
             v = values[:, :, a:b].to(self.device, torch.float32)
             pos = torch.arange(first_position + a, first_position + b)
             feats = {
-                "k": to_token_major(undo_rope(k, pos, art.rope)),
+                "k": to_token_major(self._undo_rope(k, pos)),
                 "v": to_token_major(v),
             }
             coeffs = [
                 ((feats[kind][:, sl] - self._means[g]) / self._scales[g]) @ self._bases[g]
                 for g, (kind, sl) in enumerate(self._slices)
             ]
-            for r in art.plan:
-                codes, scales = quantize_range(coeffs[r.group][:, r.start : r.end], r.bits)
-                scale_parts.append(scales)
-                code_parts.append(_tobytes(pack_bits(codes, r.bits)))
+            if self._rans is not None:
+                coded = torch.cat([coeffs[r.group][:, r.start : r.end] for r in art.plan], dim=1)
+                q = quantize_step(coded, self._steps, art.quant_rounding).T.cpu().numpy()
+                code_parts.append(self._rans.encode(q, [b - a])[0])
+            else:
+                for r in art.plan:
+                    codes, scales = quantize_range(coeffs[r.group][:, r.start : r.end], r.bits)
+                    scale_parts.append(scales)
+                    code_parts.append(_tobytes(pack_bits(codes, r.bits)))
         scales_b = _tobytes(torch.stack(scale_parts, dim=1)) if scale_parts else b""
         codes_b = b"".join(code_parts)
         exact_b = b""
@@ -172,7 +223,10 @@ class KVTCCodec:
             ek = torch.cat([keys[:, :, :a], keys[:, :, b:]], dim=2).to(EXACT_DTYPE)
             ev = torch.cat([values[:, :, :a], values[:, :, b:]], dim=2).to(EXACT_DTYPE)
             exact_b = _tobytes(ek) + _tobytes(ev)
-        sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
+        if self._rans is not None:
+            sections = {"stream": len(codes_b), "exact": len(exact_b)}
+        else:
+            sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
         header = BlobHeader(
             artifact_id=art.artifact_id,
             artifact_version=art.version,
@@ -304,7 +358,41 @@ class KVTCCodec:
             except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
                 error = BlobCorruptError(f"blob does not decode: {exc}")
                 break
+        if self._rans is not None and parsed:
+            parsed, rans_error = self._decode_streams(parsed)
+            error = rans_error or error
         return self._reconstruct(parsed, device, dtype), error
+
+    def _decode_streams(self, parsed: list[_Parsed]) -> tuple[list[_Parsed], BlobError | None]:
+        """rANS-decode every parsed blob's stream in one vectorised pass and fill its
+        coefficients; on a bad stream, the prefix before it and that stream's error."""
+        try:
+            self._fill_coeffs(parsed)
+            return parsed, None
+        except BlobError:
+            pass
+        for i, p in enumerate(parsed):  # find the first bad one
+            try:
+                self._fill_coeffs([p])
+            except BlobError as exc:
+                return parsed[:i], exc
+        return parsed, None  # pragma: no cover - the batch failed, every blob alone passed
+
+    def _fill_coeffs(self, parsed: list[_Parsed]) -> None:
+        todo = [p for p in parsed if p.b > p.a]
+        if not todo:
+            return
+        counts = [p.b - p.a for p in todo]
+        q = self._rans.decode([p.stream for p in todo], counts)
+        coded = dequantize_step(
+            torch.from_numpy(q.T.copy()).to(self.device), self._steps, self.artifact.quant_bias
+        )
+        for p, part in zip(todo, coded.split(counts)):
+            off = 0
+            for r in self.artifact.plan:
+                n = r.end - r.start
+                p.coeffs[r.group][:, r.start : r.end] = part[:, off : off + n]
+                off += n
 
     def _parse(self, header: BlobHeader, payload) -> _Parsed:
         """Entropy-decode and dequantise one blob: coefficients and exact tokens."""
@@ -314,15 +402,21 @@ class KVTCCodec:
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
         a, b = self._compressed_span(tokens, header.first_position, header.exact_tail)
         n_comp, n_exact = b - a, tokens - (b - a)
-        want = self._section_sizes(n_comp, n_exact)
-        if n_comp == 0:
+        want = self._section_sizes(n_comp, n_exact, header.sections.get("stream", 0))
+        if n_comp == 0 and self._rans is None:
             want["scales"] = want["codes"] = 0
         if header.sections != want:
             raise BlobCorruptError(f"blob sections {header.sections} do not match {want}")
         raw = get_coder(header.coder).decode(bytes(payload), sum(want.values()))
+        coeffs = [torch.zeros(n_comp, basis.shape[1], device=self.device) for basis in self._bases]
+        if self._rans is not None:
+            o_exact = want["stream"]
+            exact_k, exact_v = self._exact(
+                raw[o_exact:], want["exact"], layers, heads, n_exact, dim
+            )
+            return _Parsed(header, a, b, coeffs, exact_k, exact_v, bytes(raw[:o_exact]))
         o_codes = want["scales"]
         o_exact = o_codes + want["codes"]
-        coeffs = [torch.zeros(n_comp, basis.shape[1], device=self.device) for basis in self._bases]
         if n_comp:
             scales = _frombytes(
                 raw[:o_codes], torch.float16, (n_comp, len(art.plan), 2), self.device
@@ -335,13 +429,20 @@ class KVTCCodec:
                 codes = unpack_bits(packed, r.bits, n).view(n_comp, r.end - r.start)
                 coeffs[r.group][:, r.start : r.end] = dequantize_range(codes, scales[:, i])
                 off += nbytes
-        exact_k = exact_v = None
-        if n_exact:
-            half = want["exact"] // 2
-            shape = (layers, heads, n_exact, dim)
-            exact_k = _frombytes(raw[o_exact : o_exact + half], EXACT_DTYPE, shape, "cpu")
-            exact_v = _frombytes(raw[o_exact + half :], EXACT_DTYPE, shape, "cpu")
+        exact_k, exact_v = self._exact(raw[o_exact:], want["exact"], layers, heads, n_exact, dim)
         return _Parsed(header, a, b, coeffs, exact_k, exact_v)
+
+    @staticmethod
+    def _exact(raw, nbytes: int, layers: int, heads: int, n_exact: int, dim: int):
+        """The exactly stored tokens' keys and values ``(L, H, n_exact, D)`` bf16, or Nones."""
+        if not n_exact:
+            return None, None
+        half = nbytes // 2
+        shape = (layers, heads, n_exact, dim)
+        return (
+            _frombytes(raw[:half], EXACT_DTYPE, shape, "cpu"),
+            _frombytes(raw[half:nbytes], EXACT_DTYPE, shape, "cpu"),
+        )
 
     def _reconstruct(self, parsed: list[_Parsed], device, dtype) -> list[DecodedChunk]:
         """Project every parsed chunk's coefficients back at once, redo RoPE, assemble."""
@@ -372,7 +473,7 @@ class KVTCCodec:
             values = torch.empty_like(keys)
             if p.b > p.a:
                 pos = torch.arange(h.first_position + p.a, h.first_position + p.b)
-                k = apply_rope(from_token_major(feats["k"][i], layers, heads, dim), pos, art.rope)
+                k = self._apply_rope(from_token_major(feats["k"][i], layers, heads, dim), pos)
                 keys[:, :, p.a : p.b] = k.to(out_device, out_dtype)
                 values[:, :, p.a : p.b] = from_token_major(feats["v"][i], layers, heads, dim).to(
                     out_device, out_dtype
@@ -395,3 +496,4 @@ class _Parsed:
     coeffs: list[torch.Tensor]
     exact_k: torch.Tensor | None
     exact_v: torch.Tensor | None
+    stream: bytes = b""  # rANS stream, decoded in a batch (quantiser "rans")

@@ -1,4 +1,10 @@
-"""Per-token uniform quantisation of component ranges, and bit packing.
+"""Quantisers of principal-component coefficients, and bit packing.
+
+Fixed step (quantiser ``rans``): every coded component has a calibrated step; symbols are
+``round(c / step)`` clamped to int16, entropy-coded by :mod:`kvtc_store.codec.rans`. No
+per-token side information.
+
+Per-token min/max (quantiser ``minmax``, the paper's):
 
 Each kept range of principal components is quantised per token with its own offset (the
 range's minimum) and step ``(max - min) / (2**bits - 1)``, both stored as float16 (32
@@ -12,6 +18,34 @@ import numpy as np
 import torch
 
 SCALE_BITS = 32  # float16 offset + float16 step, per kept range and token
+SYMBOL_MAX = 32767  # fixed-step symbols are clamped to +-SYMBOL_MAX
+
+
+def quantize_step(coeffs: torch.Tensor, steps: torch.Tensor, rounding: float = 0.5) -> torch.Tensor:
+    """Fixed-step symbols ``sign(y) * floor(|y| + rounding)``, ``y = coeffs / steps``, as
+    int32 clamped to ``+-SYMBOL_MAX``. ``rounding`` 0.5 rounds to nearest; below 0.5 the
+    zero bin widens (a dead zone: fewer bits for near-zero values, as in H.264's
+    quantisers; Sullivan, "Efficient scalar quantization of exponential and Laplacian
+    random variables", IEEE Trans. IT 1996).
+
+    Args:
+        coeffs: float32 ``(T, n)``.
+        steps: float32 ``(n,)``, > 0.
+        rounding: in ``(0, 0.5]``.
+    """
+    y = coeffs / steps
+    q = torch.floor(y.abs() + rounding).clamp_(max=SYMBOL_MAX)
+    return (q * torch.sign(y)).to(torch.int32)
+
+
+def dequantize_step(symbols: torch.Tensor, steps: torch.Tensor, bias: float = 0.0) -> torch.Tensor:
+    """Inverse of :func:`quantize_step`: float32 ``(T, n)``, ``(q - sign(q) * bias) * step``
+    (a reconstruction ``bias`` > 0 moves non-zero values toward zero, where a Laplacian's
+    bin centroid lies)."""
+    q = symbols.float()
+    if bias:
+        q = q - torch.sign(q) * bias
+    return q * steps
 
 
 def quantize_range(coeffs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
