@@ -218,20 +218,26 @@ class DiskBackend(Backend):
                     f"{self.name} tier: chunk {key} is {len(value)} B, "
                     f"larger than the tier's capacity of {self.capacity_bytes} B"
                 )
-        with self._lock:
-            for key, value in items:
-                path = self._path(key)
-                size = self._file_size(path)
-                if size is not None:  # stored already (maybe by another process)
-                    if key not in self._index:
-                        self._adopt(key, size)
-                    continue
-                self._forget(key)  # indexed but removed by another process
-                self._evict_until_fits(len(value))
-                self._write(path, value)
-                self._index[key] = len(value)
-                self._used += len(value)
-                self._bytes_written += len(value)
+        evicted: list[tuple[str, bytes]] = []
+        try:
+            with self._lock:
+                for key, value in items:
+                    path = self._path(key)
+                    size = self._file_size(path)
+                    if size is not None:  # stored already (maybe by another process)
+                        if key not in self._index:
+                            self._adopt(key, size, evicted)
+                        continue
+                    self._forget(key)  # indexed but removed by another process
+                    self._evict_until_fits(len(value), evicted)
+                    self._write(path, value)
+                    self._index[key] = len(value)
+                    self._used += len(value)
+                    self._bytes_written += len(value)
+        finally:
+            listener = self._eviction_listener
+            if evicted and listener is not None:
+                listener(evicted)
 
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the keys' files; missing keys are ignored.
@@ -295,11 +301,11 @@ class DiskBackend(Backend):
         if size is not None:
             self._used -= size
 
-    def _adopt(self, key: str, size: int) -> None:
+    def _adopt(self, key: str, size: int, evicted: list | None = None) -> None:
         """Count a chunk found on disk but not in the index, as most-recently-used."""
         if size > self.capacity_bytes:
             return  # another instance's bigger cap; serve it, never count it
-        self._evict_until_fits(size)
+        self._evict_until_fits(size, evicted)
         self._index[key] = size
         self._used += size
 
@@ -375,12 +381,22 @@ class DiskBackend(Backend):
         except OSError as e:
             logger.warning("%s tier: fsync of directory %s failed: %s", self.name, directory, e)
 
-    def _evict_until_fits(self, nbytes: int) -> None:
-        """Remove LRU chunk files until ``nbytes`` more fit under the cap."""
+    def _evict_until_fits(self, nbytes: int, evicted: list | None = None) -> None:
+        """Remove LRU chunk files until ``nbytes`` more fit under the cap.
+
+        With an eviction listener set and an ``evicted`` list given, each file is read
+        before it is removed and ``(key, bytes)`` is appended (for write-back).
+        """
+        keep = evicted is not None and self._eviction_listener is not None
         while self._index and self._used + nbytes > self.capacity_bytes:
             key, size = self._index.popitem(last=False)
             self._used -= size
             self._evictions += 1
+            if keep:
+                try:
+                    evicted.append((key, self._path(key).read_bytes()))
+                except OSError as e:  # gone already: nothing to hand down
+                    logger.debug("%s tier: evicted %s unread: %s", self.name, key, e)
             try:
                 self._path(key).unlink()
             except FileNotFoundError:

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtc_store.backends import Backend, DiskBackend, MemoryBackend, TierUsage
+from kvtc_store.backends import Backend, DiskBackend, GPUBackend, MemoryBackend, TierUsage
 from kvtc_store.backends import disk as disk_module
 from kvtc_store.errors import CapacityError, ConfigError
 
@@ -60,11 +60,14 @@ def temp_files(root: Path) -> list[Path]:
     return sorted(root.glob("??/.tmp-*"))
 
 
-@pytest.fixture(params=["memory", "disk"])
+@pytest.fixture(params=["memory", "gpu-code-on-cpu", "disk"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each tier with a 1,000-byte capacity."""
+    """Each tier with a 1,000-byte capacity. The GPU tier's code runs here on host
+    tensors (``device="cpu"``); tests/test_gpu_backend.py runs it on CUDA."""
     if request.param == "memory":
         return MemoryBackend(1000)
+    if request.param == "gpu-code-on-cpu":
+        return GPUBackend(1000, device="cpu")
     return DiskBackend(tmp_path / "tier", 1000)
 
 
@@ -516,3 +519,20 @@ def test_disk_put_rewrites_a_chunk_removed_by_another_process(tmp_path: Path) ->
     a.put([(k(1), b"v1")])  # a's index still listed it; the file is written again
     assert b.get([k(1)]) == [b"v1"]
     assert a.usage().used_bytes == 2
+
+
+# --- eviction listener (write-back) ----------------------------------------------------------
+
+
+def test_eviction_listener_gets_each_evicted_chunk_once(backend: Backend) -> None:
+    seen: list[tuple[str, bytes]] = []
+    backend.set_eviction_listener(seen.extend)
+    values = {k(i): bytes([i]) * 300 for i in range(6)}
+    for key, value in values.items():
+        backend.put([(key, value)])  # 3 fit: each later put evicts the oldest
+    assert seen == [(k(i), values[k(i)]) for i in range(3)]
+    assert all(type(v) is bytes for _, v in seen)
+    backend.delete([k(4)])  # an explicit delete is not an eviction
+    backend.set_eviction_listener(None)
+    backend.put([(k(7), b"x" * 1000)])  # evicts 3 and 5, nobody told
+    assert len(seen) == 3 and backend.usage().evictions == 5
