@@ -536,3 +536,43 @@ def test_eviction_listener_gets_each_evicted_chunk_once(backend: Backend) -> Non
     backend.set_eviction_listener(None)
     backend.put([(k(7), b"x" * 1000)])  # evicts 3 and 5, nobody told
     assert len(seen) == 3 and backend.usage().evictions == 5
+
+
+def test_disk_cap_never_exceeded_under_concurrent_batches(tmp_path: Path) -> None:
+    """8 threads put batches (written in parallel, outside the index lock) and read;
+    the chunk files on disk, summed with the index lock held, never pass the cap, and
+    at the end they are exactly what the index counts."""
+    cap = 40_000
+    tier = DiskBackend(tmp_path, cap, io_threads=4)
+    over: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            with tier._lock:
+                used = sum(p.stat().st_size for p in chunk_files(tmp_path))
+            if used > cap:
+                over.append(used)
+
+    def worker(seed: int) -> None:
+        for j in range(12):
+            batch = [(k(seed * 1000 + j * 10 + i), bytes([i]) * (500 + 400 * i)) for i in range(5)]
+            tier.put(batch)
+            got = tier.get([key for key, _ in batch])
+            assert all(g is None or g == v for g, (_, v) in zip(got, batch))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not over
+    u = tier.usage()
+    assert sum(p.stat().st_size for p in chunk_files(tmp_path)) == u.used_bytes <= cap
+    assert u.n_items == len(chunk_files(tmp_path)) and u.evictions > 0
+    assert temp_files(tmp_path) == []
+    tier.close()
