@@ -134,6 +134,7 @@ class TieredStore:
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._inflight: dict[str, Future] = {}  # key -> its prefetch job
         self._prefetched: OrderedDict[str, bytes] = OrderedDict()
+        self._prefetch_source: dict[str, str] = {}  # key -> tier a prefetched blob came from
         self._prefetched_bytes = 0
         self.prefetch_buffer_bytes = prefetch_buffer_bytes
         self._closed = False
@@ -296,24 +297,29 @@ class TieredStore:
 
     # --- get and prefetch ----------------------------------------------------------------
 
-    def _fetch(self, keys: list[str]) -> tuple[list[bytes | None], list[str | None]]:
-        """Blobs and their sources for ``keys``: what a prefetch fetched first (waiting
-        for one still running), the rest from the tiers in one batched call each."""
+    def _fetch(
+        self, keys: list[str]
+    ) -> tuple[list[bytes | None], list[str | None], list[str | None]]:
+        """Blobs for ``keys``, what served each (a tier, the write queue or
+        ``prefetch``) and the tier each came from: what a prefetch fetched first
+        (waiting for one still running), the rest from the tiers, one batched call each."""
         self._wait_for_prefetches(keys)
         blobs: list[bytes | None] = [None] * len(keys)
         sources: list[str | None] = [None] * len(keys)
+        origins: list[str | None] = [None] * len(keys)
         with self._lock:
             for i, k in enumerate(keys):
                 blob = self._prefetched.pop(k, None)
                 if blob is not None:
                     self._prefetched_bytes -= len(blob)
                     blobs[i], sources[i] = blob, PREFETCHED
+                    origins[i] = self._prefetch_source.pop(k, None)
         rest = [i for i, b in enumerate(blobs) if b is None]
         if rest:
             got = self._stack.get([keys[i] for i in rest])
             for i, blob, src in zip(rest, got.blobs, got.sources):
-                blobs[i], sources[i] = blob, src
-        return blobs, sources
+                blobs[i], sources[i], origins[i] = blob, src, src
+        return blobs, sources, origins
 
     @torch.no_grad()
     def get(
@@ -343,7 +349,7 @@ class TieredStore:
         ckeys = self.keys_for(tokens)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
-        blobs, sources = self._fetch(ckeys)
+        blobs, sources, origins = self._fetch(ckeys)
         present = 0
         while present < len(blobs) and blobs[present] is not None:
             present += 1
@@ -367,14 +373,13 @@ class TieredStore:
             with self._lock:
                 self._stats.chunks_missed += 1
         elif error is not None:
-            key = ckeys[len(chunks)]
-            log.warning(
-                "dropping undecodable chunk %s (from %s): %s", key[:12], sources[len(chunks)], error
-            )
+            key, origin = ckeys[len(chunks)], origins[len(chunks)]
+            log.warning("dropping undecodable chunk %s (from %s): %s", key[:12], origin, error)
             self.metrics.corrupt_chunks.inc()
             with self._lock:
                 self._stats.corrupt_dropped += 1
-            self._stack.delete([key])
+            # from the tier that served it and the tiers it was promoted into
+            self._stack.delete([key], through=origin)
         if not chunks:
             return None
         return (
@@ -430,12 +435,14 @@ class TieredStore:
             got = self._stack.get(fetch) if fetch else None
             with self._lock:
                 if got is not None:
-                    for k, blob in zip(fetch, got.blobs):
+                    for k, blob, src in zip(fetch, got.blobs, got.sources):
                         if blob is not None and k not in self._prefetched:
                             self._prefetched[k] = blob
+                            self._prefetch_source[k] = src
                             self._prefetched_bytes += len(blob)
                     while self._prefetched_bytes > self.prefetch_buffer_bytes:
-                        _, old = self._prefetched.popitem(last=False)
+                        old_key, old = self._prefetched.popitem(last=False)
+                        self._prefetch_source.pop(old_key, None)
                         self._prefetched_bytes -= len(old)
                 ready = [k in self._prefetched or k in resident for k in ckeys]
         finally:

@@ -127,9 +127,16 @@ class TierStack:
         if self.write_mode == "write-through":
             self.write_down.submit_all(items)
 
-    def delete(self, keys: list[str]) -> None:
-        """Remove ``keys`` from every tier; a tier's failure is logged and counted."""
-        for tier in self.tiers:
+    def delete(self, keys: list[str], through: str | None = None) -> None:
+        """Remove ``keys`` from every tier, or from the top one down to the tier named
+        ``through`` (:data:`QUEUED`: the top tier only); a tier's failure is logged and
+        counted. A bad copy found in one tier is removed from it and from the tiers it
+        was promoted into, while the copies below (maybe good) stay."""
+        names = [t.name for t in self.tiers]
+        last = len(self.tiers) if through not in names else names.index(through) + 1
+        if through == QUEUED:
+            last = 1
+        for tier in self.tiers[:last]:
             try:
                 tier.delete(keys)
             except KVTCError as exc:

@@ -209,6 +209,31 @@ def test_corrupt_s3_object_is_caught_removed_and_missed(
         assert reader.lookup(tokens) == 2 * CHUNK
 
 
+def test_a_bad_copy_is_removed_where_it_was_and_a_good_copy_below_then_serves(
+    tmp_path: Path,
+    s3_endpoint: str,
+    bucket: str,
+) -> None:
+    tokens, keys, values = tiny_sequence(4, seed=16)
+    tiers = [MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20), s3_tier(s3_endpoint, bucket)]
+    with store_of(tiers) as writer:
+        writer.put(tokens, keys, values)
+        ref_k, _ = writer.get(tokens)
+        second = writer.keys_for(tokens)[1]
+    path = next(tmp_path.rglob(f"{second}.kvtc"))
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    tiers = [MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20), s3_tier(s3_endpoint, bucket)]
+    with store_of(tiers) as reader:
+        assert reader.get(tokens)[0].shape[2] == CHUNK  # the bad disk copy ends the prefix
+        assert reader.stats.corrupt_dropped == 1
+        assert not path.exists() and second in s3_keys(s3_endpoint, bucket)
+        assert not reader.tiers[0].exists([second])[0]  # nor kept where it was promoted
+        k, _ = reader.get(tokens)  # now from S3's good copy
+        assert torch.equal(k, ref_k)
+
+
 # --- fetching --------------------------------------------------------------------------------
 
 
