@@ -7,6 +7,8 @@ come back as :class:`TierUsage`.
 
 Tiers here:
 
+- :class:`GPUBackend`: device memory (the GPU tier), the memory tier's policies
+  over ``uint8`` CUDA tensors; imported on first use (it needs torch).
 - :class:`MemoryBackend`: host memory (the CPU tier); LRU, or scan-resistant
   S3-FIFO with ``policy="s3fifo"`` (Yang et al., SOSP 2023).
 - :class:`DiskBackend`: one file per chunk, atomic writes (the disk tier).
@@ -19,18 +21,32 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Backend, TierUsage
+from .base import Backend, EvictionListener, TierUsage
 from .disk import DiskBackend
-from .memory import MemoryBackend
+from .memory import EVICTION_POLICIES, MemoryBackend
 
 if TYPE_CHECKING:
+    from .gpu import GPUBackend
     from .s3 import S3Backend
 
-__all__ = ["Backend", "DiskBackend", "MemoryBackend", "S3Backend", "TierUsage"]
+__all__ = [
+    "EVICTION_POLICIES",
+    "Backend",
+    "DiskBackend",
+    "EvictionListener",
+    "GPUBackend",
+    "MemoryBackend",
+    "S3Backend",
+    "TierUsage",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """Import :class:`S3Backend` (and boto3) only when it is asked for."""
+    """Import :class:`GPUBackend` (torch) and :class:`S3Backend` (boto3) on first use."""
+    if name == "GPUBackend":
+        from .gpu import GPUBackend
+
+        return GPUBackend
     if name == "S3Backend":
         try:
             from .s3 import S3Backend

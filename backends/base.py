@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvtc_store.errors import ConfigError
 
 __all__ = [
     "Backend",
+    "EvictionListener",
     "TierUsage",
     "check_capacity",
     "validate_items",
@@ -40,6 +41,10 @@ __all__ = [
 ]
 
 _KEY_RE = re.compile(r"[0-9a-f]{2,128}")
+
+EvictionListener = Callable[[list[tuple[str, bytes]]], None]
+"""Called with the ``(key, value)`` pairs a tier evicted to make room (see
+:meth:`Backend.set_eviction_listener`)."""
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,14 @@ class Backend(abc.ABC):
 
     Attributes:
         name: Short tier name used in logs and metrics (``"memory"``, ``"disk"``).
+        remote: Whether the tier is reached over the network.
     """
 
     name: str = "backend"
+    remote: bool = False
+    """True for a tier reached over the network (S3): the store never waits on it
+    where a local answer will do (the check for chunks already stored, in ``put``)."""
+    _eviction_listener: EvictionListener | None = None
 
     @abc.abstractmethod
     def exists(self, keys: Sequence[str]) -> list[bool]:
@@ -200,6 +210,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def usage(self) -> TierUsage:
         """Return a snapshot of occupancy (bytes, items) and counters."""
+
+    def snapshot(self) -> TierUsage:
+        """A cheap :meth:`usage`: the counters, and the occupancy as last known.
+
+        Meant for frequent readers (metrics scrapes). Local tiers know their
+        occupancy exactly and return :meth:`usage`; a remote tier whose occupancy
+        costs requests (S3 lists its prefix) returns the last one it measured.
+        """
+        return self.usage()
+
+    def set_eviction_listener(self, listener: EvictionListener | None) -> None:
+        """Have ``listener`` called with every batch of chunks this tier evicts.
+
+        The store uses it for write-back: a chunk leaving a tier is written to the
+        tier below. The listener is called after the tier's lock is released, in
+        the thread whose ``put`` caused the eviction, with the evicted
+        ``(key, value)`` pairs; explicit ``delete`` does not call it. Tiers that
+        never evict (default) ignore it. ``None`` removes the listener.
+        """
+        self._eviction_listener = listener
 
     def close(self) -> None:
         """Release resources held by the tier (files, connections). Default: nothing.

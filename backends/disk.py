@@ -32,6 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvtc_store.errors import CapacityError, ConfigError, StoreError
@@ -112,8 +113,12 @@ class DiskBackend(Backend):
     instances sharing one directory each keep their own view, so the directory
     can briefly hold more than one cap until they next meet each other's chunks.
 
-    One lock serialises the instance's operations (file I/O included), so the
-    tier is thread-safe.
+    Thread-safe. One lock guards the index and the counters; file I/O runs outside
+    it, so reads are not held up by writes. A batch's files are written (and read)
+    in parallel by ``io_threads`` threads: each write's fsync then overlaps the
+    others' (file systems commit concurrent fsyncs together), which a one-by-one
+    write cannot do. Space for a batch is reserved (evicting LRU chunks) before its
+    files are written, so the cap holds while writes are in flight.
 
     Args:
         root: Directory of the tier; created (with parents) if missing.
@@ -121,6 +126,7 @@ class DiskBackend(Backend):
         stale_temp_seconds: A temp file older than this (seconds) is stale and
             removed on open, whoever wrote it. A temp file whose writer ran on
             this host (same PID namespace) and is dead is removed at once.
+        io_threads: Files of one batch written or read at once (≥ 1).
 
     Raises:
         ConfigError: ``capacity_bytes`` is not a non-negative int, or ``root``
@@ -135,8 +141,12 @@ class DiskBackend(Backend):
         capacity_bytes: int,
         *,
         stale_temp_seconds: float = 3600.0,
+        io_threads: int = 8,
     ) -> None:
         self.capacity_bytes = check_capacity(capacity_bytes)
+        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
+            raise ConfigError(f"io_threads must be an int >= 1, got {io_threads!r}")
+        self.io_threads = io_threads
         self.root = Path(root)
         self.stale_temp_seconds = float(stale_temp_seconds)
         try:
@@ -146,8 +156,11 @@ class DiskBackend(Backend):
         if not self.root.is_dir():
             raise ConfigError(f"disk tier root {self.root} is not a directory")
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when reserved space frees
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, LRU first
         self._used = 0
+        self._reserved = 0  # bytes of files being written outside the lock
+        self._pool: ThreadPoolExecutor | None = None
         self._last_stamp_ns = 0
         self._host = _host_tag()
         self._hits = 0
@@ -184,17 +197,25 @@ class DiskBackend(Backend):
             ValueError: a key is malformed.
         """
         keys = validate_keys(keys)
-        out: list[bytes | None] = []
+        values = self._each(self._read_file, keys)  # file I/O, outside the lock
+        touch: list[tuple[Path, int]] = []
         with self._lock:
-            for k in keys:
-                value = self._read(k)
+            for k, value in zip(keys, values):
                 if value is None:
                     self._misses += 1
-                else:
-                    self._hits += 1
-                    self._bytes_read += len(value)
-                out.append(value)
-        return out
+                    continue
+                self._hits += 1
+                self._bytes_read += len(value)
+                touch.append((self._path(k), self._stamp()))
+                if k in self._index:
+                    self._used += len(value) - self._index[k]
+                    self._index[k] = len(value)
+                    self._index.move_to_end(k)
+                elif self._file_size(self._path(k)) is not None:  # not evicted since the read
+                    self._adopt(k, len(value))
+        for path, stamp in touch:
+            self._touch(path, stamp)
+        return values
 
     def put(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Write new chunks atomically, evicting LRU chunks first to stay under the cap.
@@ -218,20 +239,44 @@ class DiskBackend(Backend):
                     f"{self.name} tier: chunk {key} is {len(value)} B, "
                     f"larger than the tier's capacity of {self.capacity_bytes} B"
                 )
-        with self._lock:
-            for key, value in items:
-                path = self._path(key)
-                size = self._file_size(path)
-                if size is not None:  # stored already (maybe by another process)
-                    if key not in self._index:
-                        self._adopt(key, size)
-                    continue
-                self._forget(key)  # indexed but removed by another process
-                self._evict_until_fits(len(value))
-                self._write(path, value)
-                self._index[key] = len(value)
-                self._used += len(value)
-                self._bytes_written += len(value)
+        evicted: list[tuple[str, bytes]] = []
+        try:
+            with self._lock:
+                plan: dict[str, tuple[Path, bytes, int]] = {}
+                for key, value in items:
+                    path = self._path(key)
+                    size = self._file_size(path)
+                    if size is not None:  # stored already (maybe by another process)
+                        if key not in self._index:
+                            self._adopt(key, size, evicted)
+                        continue
+                    if key not in plan:
+                        self._forget(key)  # indexed but removed by another process
+                        plan[key] = (path, value, 0)
+                total = sum(len(v) for _, v, _ in plan.values())
+                if total > self.capacity_bytes:  # the batch evicts itself: one by one
+                    for key, (path, value, _) in plan.items():
+                        self._make_room(len(value), evicted)
+                        self._write(path, value, self._stamp())
+                        self._commit(key, len(value))
+                    return
+                self._make_room(total, evicted)
+                self._reserved += total
+                plan = {k: (p, v, self._stamp()) for k, (p, v, _) in plan.items()}
+            failures = self._each(self._write_or_error, list(plan.values()))
+            with self._lock:
+                self._reserved -= total
+                for key, (_, value, _), error in zip(plan, plan.values(), failures):
+                    if error is None:
+                        self._commit(key, len(value))
+                self._room.notify_all()
+            error = next((e for e in failures if e is not None), None)
+            if error is not None:
+                raise error
+        finally:
+            listener = self._eviction_listener
+            if evicted and listener is not None:
+                listener(evicted)
 
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the keys' files; missing keys are ignored.
@@ -250,6 +295,13 @@ class DiskBackend(Backend):
                     pass
                 except OSError as e:
                     raise StoreError(f"{self.name} tier: cannot delete chunk {k}: {e}") from e
+
+    def close(self) -> None:
+        """Stop the I/O threads (the chunk files stay)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def usage(self) -> TierUsage:
         """Return occupancy (bytes of chunk files known to this instance) and counters."""
@@ -283,50 +335,69 @@ class DiskBackend(Backend):
         self._last_stamp_ns = max(time.time_ns(), self._last_stamp_ns + 1)
         return self._last_stamp_ns
 
-    def _touch(self, path: Path) -> None:
-        stamp = self._stamp()
+    def _touch(self, path: Path, stamp: int) -> None:
         try:
             os.utime(path, ns=(stamp, stamp))
-        except OSError as e:  # read-only or foreign file: recency is best effort
+        except OSError as e:  # read-only, foreign or just evicted: recency is best effort
             logger.debug("%s tier: cannot touch %s: %s", self.name, path, e)
+
+    def _each(self, fn, args: list) -> list:
+        """``[fn(a) for a in args]``, on the I/O threads when there is more than one."""
+        if len(args) <= 1 or self.io_threads == 1:
+            return [fn(a) for a in args]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvtc-disk")
+            pool = self._pool
+        return list(pool.map(fn, args))
+
+    def _commit(self, key: str, size: int) -> None:
+        """Index a chunk file just written (caller holds the lock)."""
+        if key in self._index:  # written meanwhile by a concurrent put of the same key
+            return
+        self._index[key] = size
+        self._used += size
+        self._bytes_written += size
 
     def _forget(self, key: str) -> None:
         size = self._index.pop(key, None)
         if size is not None:
             self._used -= size
 
-    def _adopt(self, key: str, size: int) -> None:
+    def _adopt(self, key: str, size: int, evicted: list | None = None) -> None:
         """Count a chunk found on disk but not in the index, as most-recently-used."""
         if size > self.capacity_bytes:
             return  # another instance's bigger cap; serve it, never count it
-        self._evict_until_fits(size)
+        self._make_room(size, evicted)
         self._index[key] = size
         self._used += size
 
-    def _read(self, key: str) -> bytes | None:
-        path = self._path(key)
+    def _read_file(self, key: str) -> bytes | None:
+        """A chunk file's bytes; None if it is missing or unreadable (no lock held)."""
         try:
-            with open(path, "rb") as f:
-                value = f.read()
+            with open(self._path(key), "rb") as f:
+                return f.read()
         except FileNotFoundError:
-            self._forget(key)
+            with self._lock:
+                self._forget(key)
             return None
         except OSError as e:
             logger.warning(
                 "%s tier: cannot read chunk %s, treated as a miss: %s", self.name, key, e
             )
             return None
-        self._touch(path)
-        if key in self._index:
-            self._used += len(value) - self._index[key]
-            self._index[key] = len(value)
-            self._index.move_to_end(key)
-        else:
-            self._adopt(key, len(value))
-        return value
 
-    def _write(self, path: Path, value: bytes) -> None:
-        """Write ``value`` to ``path`` atomically; on failure remove the temp file."""
+    def _write_or_error(self, job: tuple[Path, bytes, int]) -> Exception | None:
+        """:meth:`_write`, returning its error instead of raising it (for the I/O pool)."""
+        try:
+            self._write(*job)
+        except Exception as e:  # noqa: BLE001 - handed back to put, which raises it
+            return e
+        return None
+
+    def _write(self, path: Path, value: bytes, stamp: int) -> None:
+        """Write ``value`` to ``path`` atomically, mtime ``stamp`` (ns); on failure remove
+        the temp file. Needs no lock."""
         directory = path.parent
         key = path.name[: -len(CHUNK_SUFFIX)]
         tmp = directory / (
@@ -342,7 +413,6 @@ class DiskBackend(Backend):
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                stamp = self._stamp()
                 os.utime(fd, ns=(stamp, stamp))
                 os.fsync(fd)
             finally:
@@ -375,12 +445,35 @@ class DiskBackend(Backend):
         except OSError as e:
             logger.warning("%s tier: fsync of directory %s failed: %s", self.name, directory, e)
 
-    def _evict_until_fits(self, nbytes: int) -> None:
-        """Remove LRU chunk files until ``nbytes`` more fit under the cap."""
-        while self._index and self._used + nbytes > self.capacity_bytes:
+    def _make_room(self, nbytes: int, evicted: list | None = None) -> None:
+        """Evict LRU chunks until ``nbytes`` more fit under the cap beside the chunks
+        stored and those being written; wait for those writes if that is not enough.
+        Caller holds the lock (the wait releases it)."""
+        while self._used + self._reserved + nbytes > self.capacity_bytes:
+            if self._index:
+                self._evict_until_fits(nbytes, evicted)
+            elif self._reserved:
+                self._room.wait()
+            else:
+                return
+
+    def _evict_until_fits(self, nbytes: int, evicted: list | None = None) -> None:
+        """Remove LRU chunk files until ``nbytes`` more fit under the cap (beside the
+        bytes being written).
+
+        With an eviction listener set and an ``evicted`` list given, each file is read
+        before it is removed and ``(key, bytes)`` is appended (for write-back).
+        """
+        keep = evicted is not None and self._eviction_listener is not None
+        while self._index and self._used + self._reserved + nbytes > self.capacity_bytes:
             key, size = self._index.popitem(last=False)
             self._used -= size
             self._evictions += 1
+            if keep:
+                try:
+                    evicted.append((key, self._path(key).read_bytes()))
+                except OSError as e:  # gone already: nothing to hand down
+                    logger.debug("%s tier: evicted %s unread: %s", self.name, key, e)
             try:
                 self._path(key).unlink()
             except FileNotFoundError:

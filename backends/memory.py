@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from kvtc_store.errors import CapacityError, ConfigError
 
@@ -179,10 +179,13 @@ class MemoryBackend(Backend):
     one is inserted. Under ``"lru"``, ``get`` promotes hits to most-recently-used;
     under ``"s3fifo"`` (Yang et al., SOSP 2023; see :class:`_S3FIFO`) a hit
     bumps a frequency counter instead. ``exists`` changes nothing under either.
-    One lock guards every operation, so the tier is thread-safe.
+    One lock guards the index and the counters, so the tier is thread-safe.
 
-    Values are kept as ordinary (pageable) ``bytes``; pinned staging for
-    host-to-device copies is the store's concern.
+    Values are kept as ordinary (pageable) ``bytes``, by reference (``bytes`` are
+    immutable, so neither ``put`` nor ``get`` copies them). Subclasses keep values
+    elsewhere (:class:`~kvtc_store.backends.GPUBackend`: device memory) by
+    overriding :meth:`_to_stored` and :meth:`_from_stored`; the policies, the byte
+    accounting and the counters are shared.
 
     Args:
         capacity_bytes: Byte cap of the stored values.
@@ -211,6 +214,18 @@ class MemoryBackend(Backend):
         self._bytes_written = 0
         self._bytes_read = 0
 
+    # --- where values live (overridden by device tiers) ---------------------------------
+
+    def _to_stored(self, values: list[bytes]) -> list[Any]:
+        """Host bytes -> the stored form; ``len()`` of a stored value is its bytes."""
+        return values
+
+    def _from_stored(self, stored: list[Any]) -> list[bytes]:
+        """The stored form -> host bytes, in order."""
+        return stored
+
+    # --- the protocol ----------------------------------------------------------------------
+
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Say which keys are stored (no promotion). Raises ValueError on a bad key."""
         keys = validate_keys(keys)
@@ -224,7 +239,7 @@ class MemoryBackend(Backend):
             ValueError: a key is malformed.
         """
         keys = validate_keys(keys)
-        out: list[bytes | None] = []
+        found: list[Any] = []
         with self._lock:
             for k in keys:
                 value = self._policy.get(k)
@@ -233,13 +248,16 @@ class MemoryBackend(Backend):
                 else:
                     self._hits += 1
                     self._bytes_read += len(value)
-                out.append(value)
-        return out
+                found.append(value)
+        hits = [v for v in found if v is not None]
+        loaded = iter(self._from_stored(hits) if hits else [])
+        return [None if v is None else next(loaded) for v in found]
 
     def put(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store new chunks, evicting (per the policy) first so the cap is never exceeded.
 
-        Re-putting a stored key is a no-op (no rewrite, no promotion).
+        Re-putting a stored key is a no-op (no rewrite, no promotion). Evicted
+        chunks go to the eviction listener, if one is set.
 
         Raises:
             ValueError: a key is malformed.
@@ -255,13 +273,26 @@ class MemoryBackend(Backend):
                     f"larger than the tier's capacity of {self.capacity_bytes} B"
                 )
         with self._lock:
+            fresh: dict[str, bytes] = {}  # the first value of each key not stored yet
             for key, value in items:
-                if key in self._policy:
+                if key not in self._policy and key not in fresh:
+                    fresh[key] = value
+        new = list(fresh.items())
+        if not new:
+            return
+        stored = self._to_stored([v for _, v in new])  # e.g. a host-to-device copy, unlocked
+        evicted: list[tuple[str, Any]] = []
+        with self._lock:
+            for (key, _), value in zip(new, stored):
+                if key in self._policy:  # stored meanwhile by another thread
                     continue
-                self._evict_until_fits(len(value))
+                evicted += self._evict_until_fits(len(value))
                 self._policy.insert(key, value)
                 self._used += len(value)
                 self._bytes_written += len(value)
+        listener = self._eviction_listener
+        if evicted and listener is not None:
+            listener(list(zip([k for k, _ in evicted], self._from_stored([v for _, v in evicted]))))
 
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the keys; missing ones are ignored. Raises ValueError on a bad key."""
@@ -286,10 +317,16 @@ class MemoryBackend(Backend):
                 bytes_read=self._bytes_read,
             )
 
-    def _evict_until_fits(self, nbytes: int) -> None:
-        """Evict chunks until ``nbytes`` more fit under the cap. Caller holds the lock."""
+    def _evict_until_fits(self, nbytes: int) -> list[tuple[str, Any]]:
+        """Evict chunks until ``nbytes`` more fit under the cap; return them.
+
+        Caller holds the lock.
+        """
+        evicted = []
         while self._policy and self._used + nbytes > self.capacity_bytes:
             key, value = self._policy.evict()
             self._used -= len(value)
             self._evictions += 1
+            evicted.append((key, value))
             logger.debug("%s tier: evicted %s (%d B)", self.name, key, len(value))
+        return evicted

@@ -3,7 +3,7 @@
 kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 8]
 kvtc-store calibrate --ratio 8 16 [--windows 8] [--layers-per-group N]
 kvtc-store inspect BLOB_FILE
-kvtc-store stats --disk DIR
+kvtc-store stats --config store.yaml [--json] | --disk DIR
 """
 
 from __future__ import annotations
@@ -90,17 +90,78 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_stats(args) -> int:
-    from pathlib import Path
+def _tier_usage(tier) -> dict:
+    """Chunks and bytes of one configured tier, read from where it keeps them.
 
+    Memory and GPU tiers live inside a serving process: there is nothing to read.
+    """
     from .backends import DiskBackend
 
-    if not Path(args.disk).is_dir():
-        print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
-        return 2
-    u = DiskBackend(args.disk, capacity_bytes=args.capacity).usage()
-    print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB")
-    return 0
+    out: dict = {"tier": tier.label, "kind": tier.kind, "capacity_bytes": tier.capacity}
+    if tier.kind in ("memory", "gpu"):
+        out["note"] = "held by each serving process; nothing stored to read"
+        return out
+    if tier.kind == "disk":
+        out["where"] = str(tier.path)
+        if not tier.path.is_dir():
+            out["note"] = "absent (no such directory)"
+            return out
+        u = DiskBackend(tier.path, capacity_bytes=sys.maxsize).usage()  # evicts nothing
+    else:
+        from .config import build_tier
+
+        backend = build_tier(tier)
+        out["where"] = f"s3://{tier.bucket}/{backend.prefix}"
+        try:
+            u = backend.list_chunks()
+        finally:
+            backend.close()
+        out.update(chunks=len(u), used_bytes=sum(u.values()))
+        return out
+    out.update(chunks=u.n_items, used_bytes=u.used_bytes)
+    return out
+
+
+def cmd_stats(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .errors import KVTCError
+
+    if args.config is None:
+        from .backends import DiskBackend
+
+        if not Path(args.disk).is_dir():
+            print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
+            return 2
+        u = DiskBackend(args.disk, capacity_bytes=args.capacity).usage()
+        print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB")
+        return 0
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    rows, rc = [], 0
+    for tier in cfg.tiers:
+        try:
+            rows.append(_tier_usage(tier))
+        except KVTCError as exc:
+            rows.append({"tier": tier.label, "kind": tier.kind, "error": str(exc)})
+            rc = 1
+    if args.json:
+        print(json.dumps({"config": str(args.config), "tenant": cfg.tenant, "tiers": rows}))
+        return rc
+    print(f"store {args.config} (tenant {cfg.tenant!r}, {cfg.chunk_tokens}-token chunks)")
+    for r in rows:
+        head = f"  {r['tier']:<10} {r['kind']:<6} {r.get('where', '')}"
+        if "error" in r:
+            print(f"{head}: unreachable: {r['error']}")
+        elif "note" in r:
+            print(f"{head}: {r['note']}")
+        else:
+            cap = r["capacity_bytes"]
+            of = f" of {cap / 1e6:.2f} MB ({100 * r['used_bytes'] / cap:.1f}%)" if cap else ""
+            print(f"{head}: {r['chunks']} chunks, {r['used_bytes'] / 1e6:.2f} MB{of}")
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="print a blob's header")
     i.add_argument("blob")
     i.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("stats", help="chunks and bytes of a disk tier")
-    s.add_argument("--disk", required=True)
+    s = sub.add_parser("stats", help="chunks and bytes of a store's disk and S3 tiers")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="a store's YAML config: every tier it names")
+    where.add_argument("--disk", help="one disk tier's folder")
+    s.add_argument("--json", action="store_true", help="with --config: print JSON")
     s.add_argument(
         "--capacity",
         type=int,

@@ -26,6 +26,7 @@ from the environment.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import typing
@@ -59,15 +60,20 @@ __all__ = [
     "ENV_PREFIX",
     "CodecConfig",
     "DiskTierConfig",
+    "GPUTierConfig",
     "MemoryTierConfig",
+    "MetricsConfig",
     "S3TierConfig",
     "StoreConfig",
     "TierConfig",
+    "build_tier",
     "build_tiers",
     "codec_from_config",
     "load_config",
     "parse_byte_size",
 ]
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "KVTC_STORE_"
 """Prefix of environment overrides."""
@@ -142,8 +148,11 @@ def _positive(n: int) -> int:
 
 ByteSize = Annotated[int, BeforeValidator(_byte_size), AfterValidator(_positive)]
 """A positive byte count, written as an int or a string with a unit."""
+ByteCount = Annotated[int, BeforeValidator(_byte_size)]
+"""A byte count (0 allowed), written as an int or a string with a unit."""
 
 StrictInt = Annotated[int, Strict()]  # no bools, no "8"
+StrictBool = Annotated[bool, Strict()]  # no "yes" strings from the environment
 StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 UserPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
 
@@ -160,12 +169,25 @@ class _TierBase(_Model):
     name: str | None = Field(None, min_length=1)
     """Name in logs, stats and ``usage()``; default: the kind. Unique within a store."""
     eviction: Literal["lru"] = "lru"
-    """Eviction policy; ``"s3fifo"`` is offered by memory tiers only."""
+    """Eviction policy; ``"s3fifo"`` is offered by memory and gpu tiers only."""
 
     @property
     def label(self) -> str:
         """The tier's name: ``name`` if set, else its kind."""
         return self.name or self.kind  # type: ignore[attr-defined]
+
+
+class GPUTierConfig(_TierBase):
+    """GPU tier: blobs in device memory (:class:`~kvtc_store.backends.GPUBackend`)."""
+
+    kind: Literal["gpu"]
+    capacity: ByteSize
+    device: str = Field("cuda", pattern=r"^cuda(:[0-9]+)?$")
+    """A CUDA device: ``cuda`` (the current one) or ``cuda:N``."""
+    eviction: Literal["lru", "s3fifo"] = "lru"  # type: ignore[assignment]
+    optional: StrictBool = False
+    """Without CUDA: False (default) refuses the config; True skips the tier with a
+    logged warning (one config for GPU and CPU-only hosts)."""
 
 
 class MemoryTierConfig(_TierBase):
@@ -195,14 +217,21 @@ class S3TierConfig(_TierBase):
     region: str | None = None
     capacity: ByteSize | None = None
     """None: no cap (the bucket's lifecycle rules decide)."""
+    max_concurrency: StrictInt = Field(8, ge=1)
+    """Requests in flight at once per batch."""
+    connect_timeout: StrictFloat = Field(2.0, gt=0)
+    read_timeout: StrictFloat = Field(10.0, gt=0)
+    max_attempts: StrictInt = Field(3, ge=1)
 
 
 TierConfig = Annotated[
-    MemoryTierConfig | DiskTierConfig | S3TierConfig, Field(discriminator="kind")
+    GPUTierConfig | MemoryTierConfig | DiskTierConfig | S3TierConfig,
+    Field(discriminator="kind"),
 ]
 """One tier; ``kind`` picks the variant."""
 
 _TIER_MODELS: dict[str, type[_TierBase]] = {
+    "gpu": GPUTierConfig,
     "memory": MemoryTierConfig,
     "disk": DiskTierConfig,
     "s3": S3TierConfig,
@@ -239,13 +268,27 @@ class CodecConfig(_Model):
         return self
 
 
+class MetricsConfig(_Model):
+    """Prometheus metrics endpoint of the store."""
+
+    port: StrictInt | None = Field(None, ge=0, le=65535)
+    """Serve ``/metrics`` over HTTP on this port (0: any free port); None: no server
+    (the metrics are still kept, in ``store.metrics``)."""
+    addr: str = Field("127.0.0.1", min_length=1)
+    """Address the server listens on."""
+
+
 class StoreConfig(_Model):
-    """One tiered store: tiers from the top (fastest) down, chunking, tenant, codec."""
+    """One tiered store: tiers from the top (fastest) down, chunking, tenant, write-down,
+    prefetch, metrics, codec."""
 
     tiers: list[TierConfig] = Field(min_length=1)
     chunk_tokens: StrictInt = Field(256, gt=0)
     tenant: str = ""
     write_mode: Literal["write-through", "write-back"] = "write-through"
+    write_queue_chunks: StrictInt = Field(256, ge=1)
+    prefetch_buffer: ByteCount = 256 * 2**20
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
 
     @field_validator("chunk_tokens")
@@ -368,7 +411,7 @@ def _apply_env(data: dict, env: Mapping[str, str], src: str) -> dict[tuple, str]
     return origins
 
 
-_SECTIONS = {(0, "codec"): dict, (0, "tiers"): list}
+_SECTIONS = {(0, "codec"): dict, (0, "metrics"): dict, (0, "tiers"): list}
 """Containers an override may create when the file leaves them out: (depth, key) -> type."""
 
 
@@ -378,6 +421,8 @@ def _field_model(data: dict, path: tuple) -> type[BaseModel] | None:
         return StoreConfig
     if len(path) == 2 and path[0] == "codec":
         return CodecConfig
+    if len(path) == 2 and path[0] == "metrics":
+        return MetricsConfig
     if len(path) == 3 and path[0] == "tiers" and isinstance(path[1], int):
         tiers = data.get("tiers")
         if isinstance(tiers, list) and path[1] < len(tiers) and isinstance(tiers[path[1]], dict):
@@ -407,7 +452,11 @@ def _dotted(path: tuple) -> str:
 
 
 _ALL_FIELDS = sorted(
-    {f for m in (StoreConfig, CodecConfig, *_TIER_MODELS.values()) for f in m.model_fields}
+    {
+        f
+        for m in (StoreConfig, CodecConfig, MetricsConfig, *_TIER_MODELS.values())
+        for f in m.model_fields
+    }
 )
 
 
@@ -452,14 +501,24 @@ def _format_errors(exc: ValidationError, src: str, origins: dict[tuple, str]) ->
 def build_tiers(cfg: StoreConfig) -> list[Backend]:
     """Open the configured tiers, top first; each backend's ``name`` is the tier's label.
 
+    A GPU tier marked ``optional`` is left out, with a logged warning, where CUDA is not
+    available.
+
     Raises:
         ConfigError: a tier cannot be opened (a disk path that cannot be created, an S3
-            tier without boto3); tiers opened before it are closed again.
+            tier without boto3, a GPU tier without CUDA); tiers opened before it are
+            closed again.
     """
     built: list[Backend] = []
     try:
         for i, tier in enumerate(cfg.tiers):
-            backend = _build_tier(tier, i)
+            try:
+                backend = build_tier(tier, i)
+            except ConfigError as exc:
+                if not getattr(tier, "optional", False):
+                    raise
+                log.warning("optional tier %s left out: %s", tier.label, exc)
+                continue
             backend.name = tier.label
             built.append(backend)
     except BaseException:
@@ -469,9 +528,21 @@ def build_tiers(cfg: StoreConfig) -> list[Backend]:
     return built
 
 
-def _build_tier(tier: _TierBase, i: int) -> Backend:
+def build_tier(tier: _TierBase, i: int = 0) -> Backend:
+    """Open one configured tier (``i``: its index, for error messages).
+
+    Raises:
+        ConfigError: as :func:`build_tiers`, naming ``tiers.<i>``.
+    """
     from .backends import DiskBackend, MemoryBackend
 
+    if isinstance(tier, GPUTierConfig):
+        from .backends.gpu import GPUBackend
+
+        try:
+            return GPUBackend(tier.capacity, device=tier.device, policy=tier.eviction)
+        except ConfigError as exc:
+            raise ConfigError(f"tiers.{i}: {exc}") from exc
     if isinstance(tier, MemoryTierConfig):
         return MemoryBackend(tier.capacity, policy=tier.eviction)
     if isinstance(tier, DiskTierConfig):
@@ -496,6 +567,10 @@ def _build_tier(tier: _TierBase, i: int) -> Backend:
                 endpoint_url=tier.endpoint_url,
                 region_name=tier.region,
                 capacity_bytes=tier.capacity,
+                max_concurrency=tier.max_concurrency,
+                connect_timeout=tier.connect_timeout,
+                read_timeout=tier.read_timeout,
+                max_attempts=tier.max_attempts,
             )
         except ConfigError as exc:
             raise ConfigError(f"tiers.{i}: {exc}") from exc

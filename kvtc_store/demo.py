@@ -127,8 +127,8 @@ def run_demo(
     q2 = torch.cat([doc, tok(QUESTION_2, return_tensors="pt").input_ids[0]])
 
     log("query 1: miss, prefill and store")
-    store1 = replica()
-    r1 = PrefixCachingLM(model, store1).prefill(q1)
+    with replica() as store1:  # closing flushes the asynchronous write-down to disk
+        r1 = PrefixCachingLM(model, store1).prefill(q1)
     log(f"query 1: stored {r1.put.chunks_written} chunks")
 
     log("query 2: a new replica (empty CPU tier) reuses the document from disk")
@@ -157,6 +157,7 @@ def run_demo(
     disk_tier = store2.tiers[1]
     disk = disk_tier.usage().used_bytes
     sizes = [len(b) for b in disk_tier.get(store2.keys_for(q1))]
+    store2.close()
     middle = sizes[1:-1]  # chunks with no sink and no exact-window token
     return DemoReport(
         target_ratio=target_ratio,

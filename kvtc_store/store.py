@@ -1,38 +1,55 @@
-"""The tiered chunk store (first cut: synchronous write-through over byte-only tiers).
+"""The tiered chunk store: KV chunks compressed with KVTC over GPU/CPU/disk/S3 tiers.
 
 A stored sequence is cut into chunks of ``chunk_tokens`` tokens; chunk ``i`` is named by
-the prefix-hash chain of :mod:`kvtc_store.keys`, so equal prefixes share chunks across
-processes and replicas. Each chunk is encoded once with the KVTC codec into a blob and
-written to every tier (write-through), top tier first. A get fetches each chunk from the
-highest tier that holds it and promotes it into the tiers above. A blob that fails its
-checksum or does not decode is deleted from the tier it came from and counted as a miss:
-a damaged tier never yields wrong KV.
+the prefix-hash chain of :mod:`kvtc_store.keys` (model fingerprint, KV layout and tenant
+salt in every link), so equal prefixes share chunks across processes and replicas and
+tenants never see each other's chunks. Each chunk is encoded once with the KVTC codec
+into a blob; the blob goes to the top tier at once and down the tiers asynchronously
+(:mod:`kvtc_store.tierstack`: write-through by default, write-back as an option, bounded
+queues with back-pressure). A get fetches the longest cached prefix with one batched
+call per tier, each chunk from the highest tier holding it, promotes hits, and decodes
+the prefix in one batch. :meth:`TieredStore.prefetch` starts that fetch ahead of need.
 
-Tiers are :class:`kvtc_store.backends.Backend` objects (bytes in, bytes out), ordered
-from the fastest (CPU memory) to the slowest (disk, later S3).
+A blob that fails its checksum or does not decode is deleted from every tier and
+counted as a miss: a damaged or failed tier never yields wrong KV.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from typing_extensions import Self
 
 from .backends import Backend
 from .codec import KVTCCodec
-from .errors import CodecMismatchError, ConfigError, KVTCError, StoreError
+from .errors import CodecMismatchError, ConfigError, StoreError
 from .keys import ChunkNamespace, chunk_keys
+from .metrics import StoreMetrics
 from .model import ModelInfo
+from .tierstack import TierStack, WriteMode
 
 log = logging.getLogger(__name__)
+
+PREFETCHED = "prefetch"
+"""Source name of a chunk a get took from what :meth:`TieredStore.prefetch` fetched."""
 
 
 @dataclass
 class StoreStats:
-    """Counters of one store instance (chunks, bytes, seconds)."""
+    """Counters of one store instance (chunks, bytes, seconds).
+
+    ``chunks_hit`` counts chunks served by source: a tier's name, ``"write-queue"`` (a
+    chunk still on its way down) or ``"prefetch"``. ``lower_tier_put_errors`` counts
+    failed write-down batches (each one ``put`` call on a lower tier).
+    """
 
     chunks_put: int = 0
     chunks_skipped: int = 0
@@ -64,11 +81,32 @@ class PutResult:
 class TieredStore:
     """KV chunks of one model, compressed with KVTC, over an ordered list of tiers.
 
+    Thread-safe: any number of threads may put, get, lookup and prefetch at once.
+    Use it as a context manager, or call :meth:`close`, so queued writes reach the
+    lower tiers before the process ends (a store that is garbage-collected, or still
+    open at interpreter exit, flushes for up to 60 s first).
+
     Args:
         tiers: backends from the top (fastest) to the bottom; at least one.
         codec: the KVTC codec (its artifact must match the model whose KV is stored).
         namespace: model fingerprint, KV layout and tenant salt for the chunk keys.
         chunk_tokens: tokens per chunk (256, LMCache's default).
+        write_mode: ``"write-through"`` (default: every new chunk is queued for every
+            lower tier) or ``"write-back"`` (a chunk goes down a tier when the tier
+            above evicts it).
+        write_queue_chunks: capacity of each lower tier's write-down queue, in chunks;
+            a put blocks while a queue it needs is full (back-pressure).
+        prefetch_buffer_bytes: most bytes of prefetched blobs held for a later get
+            (they are also promoted into the top tier).
+        metrics_registry: Prometheus registry for :attr:`metrics`; default: the
+            store's own.
+
+    Attributes:
+        tiers: the backends, top first.
+        metrics: :class:`~kvtc_store.metrics.StoreMetrics` (Prometheus).
+
+    Raises:
+        ConfigError: no tiers, duplicate tier names, a bad write mode or queue size.
     """
 
     def __init__(
@@ -77,14 +115,30 @@ class TieredStore:
         codec: KVTCCodec,
         namespace: ChunkNamespace,
         chunk_tokens: int = 256,
+        *,
+        write_mode: WriteMode = "write-through",
+        write_queue_chunks: int = 256,
+        prefetch_buffer_bytes: int = 256 << 20,
+        metrics_registry=None,
     ):
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
-        self.tiers = list(tiers)
+        self._stack = TierStack(tiers, write_mode, queue_chunks=write_queue_chunks)
+        self.tiers = self._stack.tiers
         self.codec = codec
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
-        self.stats = StoreStats()
+        self.metrics = StoreMetrics(self._stack, metrics_registry)
+        self._stats = StoreStats()
+        self._lock = threading.Lock()  # stats and the prefetch state
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[str, Future] = {}  # key -> its prefetch job
+        self._prefetched: OrderedDict[str, bytes] = OrderedDict()
+        self._prefetch_source: dict[str, str] = {}  # key -> tier a prefetched blob came from
+        self._prefetched_bytes = 0
+        self.prefetch_buffer_bytes = prefetch_buffer_bytes
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _release, self._stack, self.metrics)
 
     @classmethod
     def from_config(
@@ -101,6 +155,9 @@ class TieredStore:
     ) -> TieredStore:
         """A store as the YAML config at ``path`` (plus ``KVTC_STORE_*`` overrides) says.
 
+        Tiers, write mode and queue size, tenant (the key namespace's salt), codec,
+        and the metrics endpoint (``metrics.port``) all come from the config.
+
         Args:
             path: YAML file (see docs/config.md).
             info: the model's identity (:func:`kvtc_store.model.model_info`).
@@ -109,20 +166,35 @@ class TieredStore:
             dtype, tp_rank, tp_size: the KV layout, part of the chunk-key namespace.
 
         Raises:
-            ConfigError: malformed config (the message names the field), or a setting
-                not implemented yet (write-back).
+            ConfigError: malformed config (the message names the field), a tier that
+                cannot be opened (a GPU tier without CUDA that is not ``optional``).
             ArtifactError: the codec artifact is missing, malformed or for another model.
         """
         from .config import build_tiers, codec_from_config, load_config
 
         cfg = load_config(path)
-        if cfg.write_mode != "write-through":
-            raise ConfigError(f"{path}: write_mode: {cfg.write_mode!r} is not implemented yet")
         codec = codec_from_config(cfg, info, model=model, tokenizer=tokenizer, progress=progress)
         namespace = ChunkNamespace(
             info.fingerprint, info.kv_layout(dtype, tp_rank, tp_size), cfg.tenant
         )
-        return cls(build_tiers(cfg), codec, namespace, chunk_tokens=cfg.chunk_tokens)
+        tiers = build_tiers(cfg)
+        if not tiers:
+            raise ConfigError(f"{path}: tiers: every tier was optional and unavailable")
+        store = cls(
+            tiers,
+            codec,
+            namespace,
+            chunk_tokens=cfg.chunk_tokens,
+            write_mode=cfg.write_mode,
+            write_queue_chunks=cfg.write_queue_chunks,
+            prefetch_buffer_bytes=cfg.prefetch_buffer,
+        )
+        if cfg.metrics.port is not None:
+            port = store.metrics.serve(cfg.metrics.port, cfg.metrics.addr)
+            log.info("metrics at http://%s:%d/metrics", cfg.metrics.addr, port)
+        return store
+
+    # --- keys and lookup -----------------------------------------------------------------
 
     def keys_for(self, tokens) -> list[str]:
         """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D)."""
@@ -131,26 +203,38 @@ class TieredStore:
     def lookup(self, tokens) -> int:
         """Length in tokens of the longest cached prefix of ``tokens``.
 
-        One batched ``exists`` per tier; side-effect free. Returns a multiple of
-        ``chunk_tokens``.
+        One batched ``exists`` per tier, asked only for chunks no tier above holds;
+        chunks on their way down (queued) or prefetched count as cached, and a prefetch
+        still running on these chunks is waited for. Side-effect free; returns a
+        multiple of ``chunk_tokens``.
         """
-        keys = self.keys_for(tokens)
-        present = [False] * len(keys)
-        for tier in self.tiers:
-            missing = [i for i, p in enumerate(present) if not p]
-            if not missing:
-                break
-            try:
-                hits = tier.exists([keys[i] for i in missing])
-            except KVTCError as exc:  # a failed tier degrades to misses, never to errors
-                log.warning("tier %s failed on exists: %s", tier.name, exc)
-                continue
-            for i, hit in zip(missing, hits):
-                present[i] = present[i] or hit
+        return self._cached_chunks(self.keys_for(tokens)) * self.chunk_tokens
+
+    def _cached_chunks(self, keys: list[str], local_only: bool = False) -> int:
+        """How many leading ``keys`` are cached.
+
+        A prefetch still running on some of them is waited for (its fetch answers for
+        them; asking the tiers again would double its requests), except with
+        ``local_only``, which never waits on the network.
+        """
+        if not local_only:
+            self._wait_for_prefetches(keys)
+        with self._lock:
+            ready = [k in self._prefetched for k in keys]
+        present = ready if all(ready) else self._stack.exists(keys, local_only)
         n = 0
-        while n < len(keys) and present[n]:
+        while n < len(keys) and (present[n] or ready[n]):
             n += 1
-        return n * self.chunk_tokens
+        return n
+
+    def _wait_for_prefetches(self, keys: list[str]) -> None:
+        """Wait until no prefetch is running on any of ``keys``."""
+        with self._lock:
+            jobs = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
+        for job in jobs.values():
+            job.exception()  # waits; a failed prefetch only means asking the tiers
+
+    # --- put -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def put(self, tokens, keys: torch.Tensor, values: torch.Tensor) -> PutResult:
@@ -162,22 +246,31 @@ class TieredStore:
                 RoPE applied to keys (as cached).
 
         The stored sequence is the full chunks of ``tokens``; its last ``window`` tokens
-        are stored exactly. The cached prefix (see :meth:`lookup`) is skipped: blobs are
-        immutable and content-addressed.
+        are stored exactly. The prefix already cached in a local tier (or queued) is
+        skipped: blobs are immutable and content-addressed. Remote tiers (S3) are not
+        asked, so a put never waits on the network; a connector that called
+        :meth:`lookup` and :meth:`get` first has the S3 hits promoted into the top
+        tier already. The new chunks are encoded once, written to the top tier before
+        this returns, and queued for the lower tiers (this blocks while a queue is
+        full); :meth:`flush` waits for them.
 
         Raises:
             ValueError: fewer KV tokens than the full chunks need.
-            StoreError: the top tier failed to write (CapacityError if it is full); a
-                lower tier's failure is logged and counted, the chunks stay in the top tier.
+            StoreError: the top tier failed to write (CapacityError if it is full), or
+                the store is closed. A lower tier's failure is logged and counted, never
+                raised: the chunks stay in the tiers above.
         """
+        if self._closed:
+            raise StoreError("the store is closed")
         ckeys = self.keys_for(tokens)
         stored = len(ckeys) * self.chunk_tokens
         if keys.shape[2] < stored:
             raise ValueError(f"KV holds {keys.shape[2]} tokens, the chunks need {stored}")
-        first_new = self.lookup(tokens) // self.chunk_tokens if ckeys else 0
+        first_new = self._cached_chunks(ckeys, local_only=True)
         todo = list(range(first_new, len(ckeys)))
         if not todo:
-            self.stats.chunks_skipped += len(ckeys)
+            with self._lock:
+                self._stats.chunks_skipped += len(ckeys)
             return PutResult(0, len(ckeys), 0, 0)
         t0 = time.perf_counter()
         s = first_new * self.chunk_tokens
@@ -187,52 +280,46 @@ class TieredStore:
             first_position=s,
             chunk_tokens=self.chunk_tokens,
         )
-        self.stats.encode_seconds += time.perf_counter() - t0
-        items = [(ckeys[i], b) for i, b in zip(todo, blobs)]
-        self.tiers[0].put(items)  # the top tier's failure is the caller's error
-        for tier in self.tiers[1:]:
-            try:
-                tier.put(items)
-            except StoreError as exc:  # a lower tier down: the top tier still serves
-                log.warning("write-through to %s failed: %s", tier.name, exc)
-                self.stats.lower_tier_put_errors += 1
+        dt = time.perf_counter() - t0
+        self.metrics.encode_seconds.observe(dt)
+        self.metrics.chunks_encoded.inc(len(blobs))
+        self._stack.put([(ckeys[i], b) for i, b in zip(todo, blobs)])
         nbytes = sum(len(b) for b in blobs)
         raw = len(todo) * self.chunk_tokens * keys.shape[0] * keys.shape[1] * keys.shape[3] * 4
-        self.stats.chunks_put += len(todo)
-        self.stats.chunks_skipped += first_new
-        self.stats.bytes_put += nbytes
-        self.stats.raw_bf16_bytes_put += raw
+        with self._lock:
+            st = self._stats
+            st.encode_seconds += dt
+            st.chunks_put += len(todo)
+            st.chunks_skipped += first_new
+            st.bytes_put += nbytes
+            st.raw_bf16_bytes_put += raw
         return PutResult(len(todo), first_new, nbytes, raw)
 
-    def _fetch(self, keys: list[str]) -> list[bytes | None]:
-        """Blobs for ``keys`` from the highest tier holding each; promote on hit."""
+    # --- get and prefetch ----------------------------------------------------------------
+
+    def _fetch(
+        self, keys: list[str]
+    ) -> tuple[list[bytes | None], list[str | None], list[str | None]]:
+        """Blobs for ``keys``, what served each (a tier, the write queue or
+        ``prefetch``) and the tier each came from: what a prefetch fetched first
+        (waiting for one still running), the rest from the tiers, one batched call each."""
+        self._wait_for_prefetches(keys)
         blobs: list[bytes | None] = [None] * len(keys)
-        found_in: list[int] = [-1] * len(keys)
-        for t, tier in enumerate(self.tiers):
-            missing = [i for i, b in enumerate(blobs) if b is None]
-            if not missing:
-                break
-            try:
-                got = tier.get([keys[i] for i in missing])
-            except KVTCError as exc:
-                log.warning("tier %s failed on get: %s", tier.name, exc)
-                continue
-            for i, b in zip(missing, got):
-                if b is not None:
-                    blobs[i], found_in[i] = b, t
-        for t in range(1, len(self.tiers)):
-            promote = [(keys[i], blobs[i]) for i in range(len(keys)) if found_in[i] == t]
-            for upper in self.tiers[:t]:
-                if promote:
-                    try:
-                        upper.put(promote)
-                    except StoreError as exc:
-                        log.warning("promotion into %s failed: %s", upper.name, exc)
-        for i, t in enumerate(found_in):
-            if t >= 0:
-                name = self.tiers[t].name
-                self.stats.chunks_hit[name] = self.stats.chunks_hit.get(name, 0) + 1
-        return blobs
+        sources: list[str | None] = [None] * len(keys)
+        origins: list[str | None] = [None] * len(keys)
+        with self._lock:
+            for i, k in enumerate(keys):
+                blob = self._prefetched.pop(k, None)
+                if blob is not None:
+                    self._prefetched_bytes -= len(blob)
+                    blobs[i], sources[i] = blob, PREFETCHED
+                    origins[i] = self._prefetch_source.pop(k, None)
+        rest = [i for i, b in enumerate(blobs) if b is None]
+        if rest:
+            got = self._stack.get([keys[i] for i in rest])
+            for i, blob, src in zip(rest, got.blobs, got.sources):
+                blobs[i], sources[i], origins[i] = blob, src, src
+        return blobs, sources, origins
 
     @torch.no_grad()
     def get(
@@ -244,49 +331,195 @@ class TieredStore:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """KV of the longest cached prefix of ``tokens`` (up to ``n_tokens``).
 
+        One batched ``get`` per tier for all the chunks (each from the highest tier
+        holding it; hits below the top are promoted), then one batched decode.
+
         Args:
             tokens: token ids ``(T,)``.
             n_tokens: fetch at most this many tokens (rounded down to whole chunks);
-                default: all of ``lookup(tokens)``.
+                default: every full chunk of ``tokens``.
             device, dtype: of the returned tensors (default: codec device, stored dtype).
 
         Returns:
             ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
             ``chunk_tokens``, keys with RoPE applied; or ``None`` when nothing is cached.
             A chunk that is missing, corrupt or undecodable ends the prefix there (corrupt
-            blobs are deleted from their tier).
+            blobs are deleted from every tier).
         """
         ckeys = self.keys_for(tokens)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
-        blobs = self._fetch(ckeys)
+        blobs, sources, origins = self._fetch(ckeys)
         present = 0
         while present < len(blobs) and blobs[present] is not None:
             present += 1
-        if present < len(blobs):
-            self.stats.chunks_missed += 1
         t0 = time.perf_counter()
         chunks, error = self.codec.decode_prefix(blobs[:present], device=device, dtype=dtype)
-        self.stats.decode_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.metrics.decode_seconds.observe(dt)
+        for src in sources[: len(chunks)]:
+            self.metrics.chunks_served.labels(src).inc()
+        with self._lock:
+            st = self._stats
+            st.decode_seconds += dt
+            for src in sources[: len(chunks)]:
+                st.chunks_hit[src] = st.chunks_hit.get(src, 0) + 1
+            if present < len(blobs):
+                st.chunks_missed += 1
         if isinstance(error, CodecMismatchError):
             # Written by another codec version: valid data this codec cannot read. Keep
             # it (a re-encode job migrates it); serve a miss from there on.
             log.info("chunk %s needs another codec: %s", ckeys[len(chunks)][:12], error)
-            self.stats.chunks_missed += 1
+            with self._lock:
+                self._stats.chunks_missed += 1
         elif error is not None:
-            key = ckeys[len(chunks)]
-            log.warning("dropping undecodable chunk %s: %s", key[:12], error)
-            self.stats.corrupt_dropped += 1
-            for tier in self.tiers:
-                tier.delete([key])
-        ks = [c.keys for c in chunks]
-        vs = [c.values for c in chunks]
-        if not ks:
+            key, origin = ckeys[len(chunks)], origins[len(chunks)]
+            log.warning("dropping undecodable chunk %s (from %s): %s", key[:12], origin, error)
+            self.metrics.corrupt_chunks.inc()
+            with self._lock:
+                self._stats.corrupt_dropped += 1
+            # from the tier that served it and the tiers it was promoted into
+            self._stack.delete([key], through=origin)
+        if not chunks:
             return None
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        return (
+            torch.cat([c.keys for c in chunks], dim=2),
+            torch.cat([c.values for c in chunks], dim=2),
+        )
+
+    def prefetch(self, tokens, n_tokens: int | None = None) -> Future:
+        """Start fetching the cached prefix of ``tokens`` in the background.
+
+        The blobs of the chunks not in the top tier are fetched (one batched call per
+        tier, in a background thread), promoted into the top tier and held (up to
+        ``prefetch_buffer_bytes``) for the next :meth:`get`, which waits for a prefetch
+        still running on its chunks instead of fetching them again.
+
+        Args:
+            tokens: token ids ``(T,)``.
+            n_tokens: prefetch at most this many tokens (whole chunks).
+
+        Returns:
+            A future of the cached prefix length in tokens once the fetch is done (a
+            multiple of ``chunk_tokens``). It never raises for a failed tier (that is a
+            miss).
+
+        Raises:
+            StoreError: the store is closed.
+        """
+        ckeys = self.keys_for(tokens)
+        if n_tokens is not None:
+            ckeys = ckeys[: n_tokens // self.chunk_tokens]
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            if self._prefetch_pool is None:
+                self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtc-prefetch")
+            todo = [k for k in ckeys if k not in self._inflight and k not in self._prefetched]
+            job: Future = self._prefetch_pool.submit(self._prefetch_job, ckeys, todo)
+            for k in todo:
+                self._inflight[k] = job
+        return job
+
+    def _prefetch_job(self, ckeys: list[str], todo: list[str]) -> int:
+        """Fetch ``todo`` (skipping what the top tier holds); the prefix length of ckeys."""
+        try:
+            top = self._stack.tiers[0]
+            resident = set()
+            if todo:
+                try:
+                    resident = {k for k, p in zip(todo, top.exists(todo)) if p}
+                except Exception as exc:  # noqa: BLE001 - then fetch them all
+                    log.debug("prefetch: top tier exists failed: %s", exc)
+            fetch = [k for k in todo if k not in resident]
+            got = self._stack.get(fetch) if fetch else None
+            with self._lock:
+                if got is not None:
+                    for k, blob, src in zip(fetch, got.blobs, got.sources):
+                        if blob is not None and k not in self._prefetched:
+                            self._prefetched[k] = blob
+                            self._prefetch_source[k] = src
+                            self._prefetched_bytes += len(blob)
+                    while self._prefetched_bytes > self.prefetch_buffer_bytes:
+                        old_key, old = self._prefetched.popitem(last=False)
+                        self._prefetch_source.pop(old_key, None)
+                        self._prefetched_bytes -= len(old)
+                ready = [k in self._prefetched or k in resident for k in ckeys]
+        finally:
+            with self._lock:
+                for k in todo:
+                    if self._inflight.get(k) is not None:
+                        del self._inflight[k]
+        if not all(ready):  # chunks prefetched earlier, or written since: ask the tiers
+            present = self._stack.exists(ckeys)
+            ready = [r or p for r, p in zip(ready, present)]
+        n = 0
+        while n < len(ckeys) and ready[n]:
+            n += 1
+        return n * self.chunk_tokens
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the lower tiers have every chunk put so far.
+
+        Returns:
+            True when every queued write is done (written, or failed and counted);
+            False if ``timeout`` seconds passed first.
+        """
+        return self._stack.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush (up to ``timeout`` seconds), stop the writer and prefetch threads, stop
+        the metrics server and close the tiers. Returns whether the flush finished.
+        Idempotent; the store must not be used afterwards."""
+        with self._lock:
+            if self._closed:
+                return True
+            self._closed = True
+            pool, self._prefetch_pool = self._prefetch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        self._finalizer.detach()
+        return _release(self._stack, self.metrics, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> StoreStats:
+        """A snapshot of the store's counters."""
+        failures = self._stack.failures()
+        with self._lock:
+            snap = replace(self._stats, chunks_hit=dict(self._stats.chunks_hit))
+        snap.lower_tier_put_errors = sum(n for (_, op), n in failures.items() if op == "write-down")
+        return snap
+
+    def queue_depths(self) -> dict[str, int]:
+        """Chunks queued or being written for each lower tier, by tier name (no I/O)."""
+        return self._stack.queue_depths()
 
     def usage(self) -> dict:
-        """Per tier: :class:`~kvtc_store.backends.TierUsage` as a dict."""
-        from dataclasses import asdict
+        """Per tier: :class:`~kvtc_store.backends.TierUsage` as a dict, plus
+        ``queue_depth`` (chunks waiting to be written to it) for lower tiers."""
+        depths = self._stack.queue_depths()
+        out = {}
+        for t in self.tiers:
+            out[t.name] = asdict(t.usage())
+            if t.name in depths:
+                out[t.name]["queue_depth"] = depths[t.name]
+        return out
 
-        return {t.name: asdict(t.usage()) for t in self.tiers}
+
+def _release(stack: TierStack, metrics: StoreMetrics, timeout: float | None = 60.0) -> bool:
+    """Flush and close a store's tiers and metrics server (also its finalizer)."""
+    metrics.close()
+    flushed = stack.close(timeout)
+    if not flushed:
+        log.warning("store closed with chunks still queued for the lower tiers")
+    return flushed

@@ -11,6 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The loopback S3 endpoint (moto) and a fresh bucket per test, for every module.
+from tests.s3_server import aws_credentials, bucket, s3_endpoint  # noqa: F401
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -2,12 +2,14 @@
 
 Import the fixtures into a test module::
 
-    from tests.s3_server import aws_credentials, s3_endpoint  # noqa: F401
+    from tests.s3_server import aws_credentials, bucket, s3_endpoint  # noqa: F401
 
 - ``KVTC_TEST_S3_ENDPOINT`` set (CI starts ``moto_server -H 127.0.0.1 -p PORT``
   and stops it by PID): that endpoint is used as it is.
 - Otherwise ``moto.server.ThreadedMotoServer`` is started in this process on a
   free port of 127.0.0.1 and stopped at the end of the session.
+
+:class:`SlowProxy` sits in front of the endpoint to make it slow or stall it.
 
 Either way the session runs with dummy credentials in the environment and no
 AWS config files, so boto3's usual chain resolves without touching the host's
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+from typing_extensions import Self
 
 ENV_ENDPOINT = "KVTC_TEST_S3_ENDPOINT"
 
@@ -56,6 +61,19 @@ def wait_until_serving(endpoint: str, timeout: float = 15.0) -> None:
     pytest.fail(f"S3 endpoint {endpoint} not serving after {timeout:.0f} s: {last}")
 
 
+def raw_client(endpoint: str):
+    """A plain boto3 client of the endpoint, to look at objects behind a backend."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=botocore.config.Config(s3={"addressing_style": "path"}),
+    )
+
+
 def closed_port() -> int:
     """A port of 127.0.0.1 with nothing listening (connections are refused)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -70,6 +88,14 @@ def aws_credentials() -> Iterator[None]:
         for name, value in _DUMMY_ENV.items():
             mp.setenv(name, value)
         yield
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"kvtc-test-{uuid.uuid4().hex[:16]}"
+    raw_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +119,100 @@ def s3_endpoint(aws_credentials: None) -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+
+
+class SlowProxy:
+    """A TCP proxy on 127.0.0.1 in front of a real endpoint, to make it slow or stall it.
+
+    Real sockets and the real server behind them (no mocks): requests pass through
+    unchanged, but while the proxy is *held* nothing a client sends is forwarded (the
+    server never sees it, so the client waits as on a stalled endpoint), and ``delay``
+    seconds pass before each piece of a response is passed back (a slow endpoint).
+
+    Use as a context manager; ``url`` is the proxy's endpoint. Every loop is bounded by
+    the sockets' lifetime: :meth:`close` shuts them all.
+    """
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        parts = urlsplit(upstream)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.delay = delay
+        self._open = threading.Event()
+        self._open.set()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def hold(self) -> None:
+        """Stop forwarding what clients send (requests stall) until :meth:`release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        """Forward again, the held requests first."""
+        self._open.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._open.set()
+        with self._lock:
+            socks, self._sockets = self._sockets, []
+        for s in [self._listener, *socks]:
+            try:
+                s.close()
+            except OSError:
+                pass
+        for th in self._threads:
+            th.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self._upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)  # blocking: a stalled exchange stalls, never times out
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for src, dst, gated in ((client, server, True), (server, client, False)):
+                th = threading.Thread(target=self._pump, args=(src, dst, gated), daemon=True)
+                self._threads.append(th)
+                th.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
+        try:
+            while not self._closed.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if gated:
+                    self._open.wait()
+                elif self.delay:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtc_store.backends import Backend, DiskBackend, MemoryBackend, TierUsage
+from kvtc_store.backends import Backend, DiskBackend, GPUBackend, MemoryBackend, TierUsage
 from kvtc_store.backends import disk as disk_module
 from kvtc_store.errors import CapacityError, ConfigError
 
@@ -60,11 +60,14 @@ def temp_files(root: Path) -> list[Path]:
     return sorted(root.glob("??/.tmp-*"))
 
 
-@pytest.fixture(params=["memory", "disk"])
+@pytest.fixture(params=["memory", "gpu-code-on-cpu", "disk"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each tier with a 1,000-byte capacity."""
+    """Each tier with a 1,000-byte capacity. The GPU tier's code runs here on host
+    tensors (``device="cpu"``); tests/test_gpu_backend.py runs it on CUDA."""
     if request.param == "memory":
         return MemoryBackend(1000)
+    if request.param == "gpu-code-on-cpu":
+        return GPUBackend(1000, device="cpu")
     return DiskBackend(tmp_path / "tier", 1000)
 
 
@@ -516,3 +519,61 @@ def test_disk_put_rewrites_a_chunk_removed_by_another_process(tmp_path: Path) ->
     a.put([(k(1), b"v1")])  # a's index still listed it; the file is written again
     assert b.get([k(1)]) == [b"v1"]
     assert a.usage().used_bytes == 2
+
+
+# --- eviction listener (write-back) ----------------------------------------------------------
+
+
+def test_eviction_listener_gets_each_evicted_chunk_once(backend: Backend) -> None:
+    seen: list[tuple[str, bytes]] = []
+    backend.set_eviction_listener(seen.extend)
+    values = {k(i): bytes([i]) * 300 for i in range(6)}
+    for key, value in values.items():
+        backend.put([(key, value)])  # 3 fit: each later put evicts the oldest
+    assert seen == [(k(i), values[k(i)]) for i in range(3)]
+    assert all(type(v) is bytes for _, v in seen)
+    backend.delete([k(4)])  # an explicit delete is not an eviction
+    backend.set_eviction_listener(None)
+    backend.put([(k(7), b"x" * 1000)])  # evicts 3 and 5, nobody told
+    assert len(seen) == 3 and backend.usage().evictions == 5
+
+
+def test_disk_cap_never_exceeded_under_concurrent_batches(tmp_path: Path) -> None:
+    """8 threads put batches (written in parallel, outside the index lock) and read;
+    the chunk files on disk, summed with the index lock held, never pass the cap, and
+    at the end they are exactly what the index counts."""
+    cap = 40_000
+    tier = DiskBackend(tmp_path, cap, io_threads=4)
+    over: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            with tier._lock:
+                used = sum(p.stat().st_size for p in chunk_files(tmp_path))
+            if used > cap:
+                over.append(used)
+            time.sleep(0.002)  # let the writers take the lock (it is not fair)
+
+    def worker(seed: int) -> None:
+        for j in range(12):
+            batch = [(k(seed * 1000 + j * 10 + i), bytes([i]) * (500 + 400 * i)) for i in range(5)]
+            tier.put(batch)
+            got = tier.get([key for key, _ in batch])
+            assert all(g is None or g == v for g, (_, v) in zip(got, batch))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not over
+    u = tier.usage()
+    assert sum(p.stat().st_size for p in chunk_files(tmp_path)) == u.used_bytes <= cap
+    assert u.n_items == len(chunk_files(tmp_path)) and u.evictions > 0
+    assert temp_files(tmp_path) == []
+    tier.close()

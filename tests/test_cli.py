@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,53 @@ def test_stats_counts_chunks_of_a_disk_tier(tmp_path):
         check=True,
     ).stdout
     assert "2 chunks" in out and "0.00 MB" in out
+
+
+def test_stats_of_a_config_reads_its_disk_and_s3_tiers(tmp_path, s3_endpoint):
+    import json
+    import uuid
+
+    from kvtc_store.backends import DiskBackend, S3Backend
+    from tests.s3_server import closed_port
+
+    bucket = f"kvtc-stats-{uuid.uuid4().hex[:12]}"
+    s3 = S3Backend(bucket, endpoint_url=s3_endpoint, region_name="us-east-1", create_bucket=True)
+    s3.put([(f"{i:02x}" * 32, b"s" * 1000) for i in range(3)])
+    DiskBackend(tmp_path / "disk", 1 << 20).put([("ab" * 32, b"x" * 2000), ("cd" * 32, b"y")])
+    config = tmp_path / "store.yaml"
+    config.write_text(
+        "tenant: acme\n"
+        "tiers:\n"
+        "  - {kind: memory, capacity: 1MiB}\n"
+        "  - {kind: disk, path: disk, capacity: 1MB}\n"
+        f"  - {{kind: s3, bucket: {bucket}, endpoint_url: '{s3_endpoint}', region: us-east-1}}\n"
+    )
+
+    def stats(*extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "kvtc_store.cli", "stats", "--config", str(config), *extra],
+            check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    out = stats()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "tenant 'acme'" in lines[0]
+    assert "held by each serving process" in lines[1]
+    assert "2 chunks, 0.00 MB of 1.00 MB (0.2%)" in lines[2] and str(tmp_path / "disk") in lines[2]
+    assert f"s3://{bucket}/kvtc/: 3 chunks, 0.00 MB" in lines[3]
+    report = json.loads(stats("--json").stdout)
+    assert [(t["tier"], t.get("chunks"), t.get("used_bytes")) for t in report["tiers"]] == [
+        ("memory", None, None),
+        ("disk", 2, 2001),
+        ("s3", 3, 3000),
+    ]
+    dead = f"http://127.0.0.1:{closed_port()}"
+    out = stats(
+        env={"KVTC_STORE_TIERS__2__ENDPOINT_URL": dead, "KVTC_STORE_TIERS__2__MAX_ATTEMPTS": "1"}
+    )
+    assert out.returncode == 1
+    assert "unreachable: s3 tier: list: listing" in out.stdout.splitlines()[3]

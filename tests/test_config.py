@@ -16,6 +16,7 @@ from kvtc_store.backends import DiskBackend, MemoryBackend
 from kvtc_store.config import (
     CodecConfig,
     DiskTierConfig,
+    GPUTierConfig,
     MemoryTierConfig,
     S3TierConfig,
     StoreConfig,
@@ -25,6 +26,8 @@ from kvtc_store.config import (
     parse_byte_size,
 )
 from kvtc_store.errors import ArtifactError, ArtifactModelMismatchError, ConfigError
+from tests.tiny_codec import tiny_artifact as make_tiny_artifact
+from tests.tiny_codec import tiny_info
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "store.yaml"
 MiB, GiB = 2**20, 2**30
@@ -59,13 +62,15 @@ def config_error(path: Path, env: dict[str, str] | None = None) -> str:
 def test_example_loads_with_the_right_types() -> None:
     cfg = load_config(EXAMPLE, env={})
     assert isinstance(cfg, StoreConfig)
-    mem, disk = cfg.tiers
+    gpu, mem, disk = cfg.tiers
+    assert isinstance(gpu, GPUTierConfig) and gpu.optional and gpu.capacity == 2 * GiB
     assert isinstance(mem, MemoryTierConfig) and mem.capacity == 256 * MiB
     assert isinstance(disk, DiskTierConfig) and disk.capacity == 8 * GiB
     assert type(disk.capacity) is int
     assert disk.path == EXAMPLE.parent / "kvtc-cache"  # relative to the file, made absolute
     assert (mem.eviction, mem.label, disk.label) == ("lru", "memory", "disk")
     assert (cfg.chunk_tokens, cfg.tenant, cfg.write_mode) == (256, "", "write-through")
+    assert (cfg.write_queue_chunks, cfg.prefetch_buffer, cfg.metrics.port) == (256, 256 * MiB, None)
     assert cfg.codec == CodecConfig(target_ratio=16, calibration_windows=8)
     assert cfg.codec.artifact is None and type(cfg.codec.target_ratio) is float
 
@@ -73,7 +78,7 @@ def test_example_loads_with_the_right_types() -> None:
 def test_example_s3_block_uncommented_is_valid(tmp_path: Path) -> None:
     text = re.sub(r"(?m)^  # (- |  )", r"  \1", EXAMPLE.read_text())
     cfg = load_config(write(tmp_path, text), env={})
-    s3 = cfg.tiers[2]
+    s3 = cfg.tiers[3]
     assert isinstance(s3, S3TierConfig)
     assert (s3.bucket, s3.prefix, s3.region) == ("kvtc-chunks", "kvtc/", "us-east-1")
     assert s3.endpoint_url == "http://127.0.0.1:9000" and s3.capacity == 100 * GiB
@@ -199,6 +204,38 @@ def test_env_overrides_scalar_nested_and_list_index(tmp_path: Path) -> None:
     assert cfg.tiers[0].label == "hot"
 
 
+def test_write_down_prefetch_metrics_and_gpu_fields(tmp_path: Path) -> None:
+    text = (
+        "tiers:\n  - {kind: gpu, capacity: 1GiB, device: 'cuda:1', optional: true}\n"
+        + (MINIMAL.split("tiers:\n", 1)[1])
+    )
+    cfg = load_config(write(tmp_path, text), env={})
+    gpu = cfg.tiers[0]
+    assert (gpu.kind, gpu.device, gpu.optional, gpu.eviction) == ("gpu", "cuda:1", True, "lru")
+    assert (cfg.write_queue_chunks, cfg.prefetch_buffer) == (256, 256 * MiB)
+    assert (cfg.metrics.port, cfg.metrics.addr) == (None, "127.0.0.1")
+    env = {
+        "KVTC_STORE_WRITE_MODE": "write-back",
+        "KVTC_STORE_WRITE_QUEUE_CHUNKS": "1024",
+        "KVTC_STORE_PREFETCH_BUFFER": "0",
+        "KVTC_STORE_METRICS__PORT": "9400",
+        "KVTC_STORE_METRICS__ADDR": "0.0.0.0",
+        "KVTC_STORE_TIERS__0__DEVICE": "cuda",
+        "KVTC_STORE_TIERS__0__EVICTION": "s3fifo",
+    }
+    cfg = load_config(write(tmp_path, text), env=env)
+    assert (cfg.write_mode, cfg.write_queue_chunks, cfg.prefetch_buffer) == ("write-back", 1024, 0)
+    assert (cfg.metrics.port, cfg.metrics.addr) == (9400, "0.0.0.0")
+    assert (cfg.tiers[0].device, cfg.tiers[0].eviction) == ("cuda", "s3fifo")
+    for var, value, where in (
+        ("KVTC_STORE_WRITE_QUEUE_CHUNKS", "0", "write_queue_chunks"),
+        ("KVTC_STORE_METRICS__PORT", "70000", "metrics.port"),
+        ("KVTC_STORE_METRICS__PROT", "1", "metrics.prot"),
+        ("KVTC_STORE_TIERS__0__DEVICE", "cpu", "tiers.0.device"),
+    ):
+        assert f"{where} (env {var})" in config_error(write(tmp_path, text), {var: value})
+
+
 def test_overrides_come_from_os_environ_by_default(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("KVTC_STORE_TENANT", "from-env")
     monkeypatch.setenv("KVTC_STORE_HOME", str(tmp_path))
@@ -251,9 +288,9 @@ def test_bad_env_values_name_the_variable(tmp_path: Path, var, value, where, wha
 
 
 def test_build_tiers_gives_working_memory_and_disk_tiers(tmp_path: Path) -> None:
-    env = {"KVTC_STORE_TIERS__1__PATH": str(tmp_path / "disk")}
-    tiers = build_tiers(load_config(EXAMPLE, env=env))
-    mem, disk = tiers
+    env = {"KVTC_STORE_TIERS__2__PATH": str(tmp_path / "disk")}
+    tiers = [t for t in build_tiers(load_config(EXAMPLE, env=env)) if t.name != "gpu"]
+    mem, disk = tiers  # the optional GPU tier is left out where CUDA is missing
     assert isinstance(mem, MemoryBackend) and isinstance(disk, DiskBackend)
     assert (mem.name, disk.name) == ("memory", "disk")
     assert mem.usage().capacity_bytes == 256 * MiB and disk.usage().capacity_bytes == 8 * GiB
@@ -309,6 +346,8 @@ def test_build_tiers_passes_s3_settings(tmp_path: Path, monkeypatch) -> None:
                 "endpoint_url": "http://127.0.0.1:9000",
                 "region": "eu-west-1",
                 "capacity": "1GiB",
+                "max_concurrency": 16,
+                "read_timeout": 1.5,
             },
         ]
     )
@@ -322,6 +361,10 @@ def test_build_tiers_passes_s3_settings(tmp_path: Path, monkeypatch) -> None:
                 "endpoint_url": "http://127.0.0.1:9000",
                 "region_name": "eu-west-1",
                 "capacity_bytes": GiB,
+                "max_concurrency": 16,
+                "connect_timeout": 2.0,
+                "read_timeout": 1.5,
+                "max_attempts": 3,
             },
         )
     ]
@@ -371,29 +414,7 @@ def test_disk_path_that_cannot_be_created(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_artifact():
     """A hand-made artifact for a 1-layer, 1-head, 16-channel model (no calibration)."""
-    import torch
-
-    from kvtc_store.codec import CodecArtifact, PlanRange, RopeParams, default_groups
-
-    groups = default_groups(1)
-    return CodecArtifact(
-        model_fingerprint="f" * 64,
-        model_name="tiny",
-        kv_shape=(1, 1, 16),
-        rope=RopeParams(head_dim=16, theta=1e4),
-        groups=groups,
-        means=[torch.zeros(16) for _ in groups],
-        bases=[torch.eye(16)[:, :4] for _ in groups],
-        plan=[PlanRange(g, 0, 4, 4) for g in range(len(groups))],
-        target_ratio=8.0,
-    )
-
-
-def tiny_info(fingerprint: str = "f" * 64):
-    from kvtc_store.codec import RopeParams
-    from kvtc_store.model import ModelInfo
-
-    return ModelInfo("tiny", fingerprint, (1, 1, 16), RopeParams(head_dim=16, theta=1e4))
+    return make_tiny_artifact()
 
 
 def test_codec_from_artifact(tmp_path: Path, tiny_artifact) -> None:

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtc_store.backends import MemoryBackend
+from kvtc_store.backends import GPUBackend, MemoryBackend
 from kvtc_store.errors import CapacityError, ConfigError
 from tests.test_backends import _ops, k
 
 POLICIES = ["lru", "s3fifo"]
+TIERS = {
+    "memory": MemoryBackend,
+    "gpu-code-on-cpu": partial(GPUBackend, device="cpu"),  # same policies, tensor values
+}
 
 
 @settings(max_examples=150, deadline=None)
-@given(policy=st.sampled_from(POLICIES), cap=st.integers(0, 300), ops=_ops)
+@given(
+    kind=st.sampled_from(sorted(TIERS)),
+    policy=st.sampled_from(POLICIES),
+    cap=st.integers(0, 300),
+    ops=_ops,
+)
 def test_cap_never_exceeded_and_counters_agree(
-    policy: str, cap: int, ops: list[tuple[str, int, int]]
+    kind: str, policy: str, cap: int, ops: list[tuple[str, int, int]]
 ) -> None:
     """Random puts/gets/deletes: the cap holds after every op, values are the ones put,
     and hits, misses, evictions and bytes match what was observed."""
-    tier = MemoryBackend(cap, policy=policy)  # type: ignore[arg-type]
+    tier = TIERS[kind](cap, policy=policy)
     stored: dict[str, bytes] = {}  # what the tier held after the previous op
     hits = misses = evictions = written = read = 0
     for op, i, size in ops:
@@ -55,14 +66,15 @@ def test_cap_never_exceeded_and_counters_agree(
         assert (u.bytes_written, u.bytes_read) == (written, read)
 
 
-def test_s3fifo_is_scan_resistant_and_lru_is_not() -> None:
+@pytest.mark.parametrize("kind", sorted(TIERS))
+def test_s3fifo_is_scan_resistant_and_lru_is_not(kind: str) -> None:
     """A hot set read repeatedly survives a one-time scan larger than the cache under
     S3-FIFO; under LRU the scan flushes it."""
     hot = [k(i) for i in range(20)]  # 200 of 1,000 bytes
     scan = [k(1000 + i) for i in range(500)]  # 5,000 bytes, each put once, never read
     survivors = {}
     for policy in POLICIES:
-        tier = MemoryBackend(1000, policy=policy)  # type: ignore[arg-type]
+        tier = TIERS[kind](1000, policy=policy)
         tier.put([(key, b"h" * 10) for key in hot])
         for _ in range(2):
             assert tier.get(hot) == [b"h" * 10] * len(hot)

@@ -17,13 +17,11 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import boto3
-import botocore.config
 import pytest
 
 from kvtc_store.backends import S3Backend, TierUsage
 from kvtc_store.errors import CapacityError, ConfigError, StoreError
-from tests.s3_server import aws_credentials, closed_port, s3_endpoint  # noqa: F401
+from tests.s3_server import closed_port, raw_client
 
 MB = 1024 * 1024
 
@@ -33,26 +31,8 @@ def k(i: int) -> str:
     return hashlib.sha256(str(i).encode()).hexdigest()
 
 
-def raw_client(endpoint: str):
-    """A plain boto3 client of the endpoint, to look at objects behind the backend."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
-
-
 @pytest.fixture
-def bucket(s3_endpoint: str) -> str:  # noqa: F811
-    """A fresh, empty bucket for one test."""
-    name = f"kvtc-test-{uuid.uuid4().hex[:16]}"
-    raw_client(s3_endpoint).create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def make_s3(s3_endpoint: str, bucket: str) -> Iterator:  # noqa: F811
+def make_s3(s3_endpoint: str, bucket: str) -> Iterator:
     """Factory of S3 tiers on the test's bucket; every one is closed at the end."""
     made: list[S3Backend] = []
 
@@ -111,7 +91,7 @@ def test_missing_keys_are_misses_not_errors(s3: S3Backend) -> None:
     assert (u.hits, u.misses, u.errors, u.n_items, u.used_bytes) == (0, 4, 0, 0, 0)
 
 
-def test_object_layout(s3: S3Backend, s3_endpoint: str, bucket: str) -> None:  # noqa: F811
+def test_object_layout(s3: S3Backend, s3_endpoint: str, bucket: str) -> None:
     s3.put([(k(1), b"x")])
     listed = raw_client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"]
     assert [o["Key"] for o in listed] == [f"kvtc/{k(1)[:2]}/{k(1)}.kvtc"]
@@ -135,7 +115,7 @@ def test_delete_goes_in_batches_of_1000(s3: S3Backend) -> None:
     assert s3.usage().n_items == 0
 
 
-def test_prefix_isolation(make_s3, s3_endpoint: str, bucket: str) -> None:  # noqa: F811
+def test_prefix_isolation(make_s3, s3_endpoint: str, bucket: str) -> None:
     a = make_s3(prefix="a/")
     ab = make_s3(prefix="ab")  # normalised to "ab/": never overlaps "a/"
     assert ab.prefix == "ab/"
@@ -155,7 +135,7 @@ def test_prefix_isolation(make_s3, s3_endpoint: str, bucket: str) -> None:  # no
 
 def test_large_blob_goes_multipart_and_round_trips(
     s3: S3Backend,
-    s3_endpoint: str,  # noqa: F811
+    s3_endpoint: str,
     bucket: str,
 ) -> None:
     value = os.urandom(12 * MB)
@@ -232,7 +212,7 @@ def test_bad_batches_raise_type_error(s3: S3Backend) -> None:
         s3.put([k(1)])
 
 
-def test_bad_config_raises(s3_endpoint: str) -> None:  # noqa: F811
+def test_bad_config_raises(s3_endpoint: str) -> None:
     for kwargs in (
         {"bucket": ""},
         {"bucket": "b", "max_concurrency": 0},
@@ -245,7 +225,7 @@ def test_bad_config_raises(s3_endpoint: str) -> None:  # noqa: F811
             S3Backend(endpoint_url=s3_endpoint, **kwargs)
 
 
-def test_create_bucket(s3_endpoint: str) -> None:  # noqa: F811
+def test_create_bucket(s3_endpoint: str) -> None:
     name = f"kvtc-new-{uuid.uuid4().hex[:12]}"
     for _ in range(2):  # the second time it exists already
         s3 = S3Backend(name, endpoint_url=s3_endpoint, region_name="us-east-1", create_bucket=True)
@@ -257,7 +237,7 @@ def test_create_bucket(s3_endpoint: str) -> None:  # noqa: F811
 # --- failures ----------------------------------------------------------------------------
 
 
-def test_dead_endpoint_raises_store_error_quickly(aws_credentials: None) -> None:  # noqa: F811
+def test_dead_endpoint_raises_store_error_quickly(aws_credentials: None) -> None:
     # default timeouts and retries: a refused connection fails fast, retries included
     s3 = S3Backend(
         "kvtc-dead", endpoint_url=f"http://127.0.0.1:{closed_port()}", region_name="us-east-1"
@@ -278,7 +258,7 @@ def test_dead_endpoint_raises_store_error_quickly(aws_credentials: None) -> None
     s3.close()
 
 
-def test_unanswered_request_times_out(aws_credentials: None) -> None:  # noqa: F811
+def test_unanswered_request_times_out(aws_credentials: None) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # the kernel completes connections; nobody ever answers

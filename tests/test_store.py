@@ -14,7 +14,7 @@ from kvtc_store.backends import DiskBackend, MemoryBackend, S3Backend
 from kvtc_store.codec import KVTCCodec
 from kvtc_store.keys import ChunkNamespace
 from kvtc_store.store import TieredStore
-from tests.s3_server import aws_credentials, closed_port, s3_endpoint  # noqa: F401
+from tests.s3_server import closed_port
 
 pytestmark = pytest.mark.model
 
@@ -54,7 +54,8 @@ def test_put_lookup_get_round_trip(artifact8, doc_kv, tmp_path):
 
 def test_get_promotes_from_disk_into_cpu(artifact8, doc_kv, tmp_path):
     ids, keys, values = doc_kv
-    _store(artifact8, tmp_path).put(ids, keys, values)
+    with _store(artifact8, tmp_path) as first:  # close() flushes the write-down queues
+        first.put(ids, keys, values)
     fresh = _store(artifact8, tmp_path)  # a new replica: empty CPU tier, same disk
     assert fresh.tiers[0].usage().n_items == 0
     assert fresh.lookup(ids) == 1024
@@ -67,7 +68,8 @@ def test_get_promotes_from_disk_into_cpu(artifact8, doc_kv, tmp_path):
 
 def test_tenants_do_not_share_chunks(artifact8, doc_kv, tmp_path):
     ids, keys, values = doc_kv
-    _store(artifact8, tmp_path, tenant="alice").put(ids, keys, values)
+    with _store(artifact8, tmp_path, tenant="alice") as alice:
+        alice.put(ids, keys, values)
     assert _store(artifact8, tmp_path, tenant="bob").lookup(ids) == 0
     assert _store(artifact8, tmp_path, tenant="alice").lookup(ids) == 1024
 
@@ -76,6 +78,7 @@ def test_corrupt_chunk_on_disk_is_dropped_and_missed(artifact8, doc_kv, tmp_path
     ids, keys, values = doc_kv
     store = _store(artifact8, tmp_path)
     store.put(ids, keys, values)
+    assert store.flush(timeout=60)
     third = store.keys_for(ids)[2]
     path = next(tmp_path.rglob(f"{third}*"))
     data = bytearray(path.read_bytes())
@@ -93,7 +96,8 @@ def test_blob_of_another_codec_is_a_miss_and_kept(artifact8, doc_kv, tmp_path):
     import dataclasses
 
     ids, keys, values = doc_kv
-    _store(artifact8, tmp_path).put(ids, keys, values)
+    with _store(artifact8, tmp_path) as first:
+        first.put(ids, keys, values)
     other = dataclasses.replace(artifact8, artifact_id="", version=2, target_ratio=9.0)
     other.plan = other.plan[:-1]
     if other.quantizer == "rans":  # its tables cover the components the plan codes
@@ -110,6 +114,7 @@ def test_disk_chunks_found_by_a_new_process(artifact8, doc_kv, tmp_path):
     ids, keys, values = doc_kv
     store = _store(artifact8, tmp_path / "disk")
     store.put(ids, keys, values)
+    assert store.flush(timeout=60)
     art_dir = artifact8.save(tmp_path / "codec")
     torch.save(ids, tmp_path / "ids.pt")
     code = textwrap.dedent(
@@ -138,7 +143,7 @@ def test_disk_chunks_found_by_a_new_process(artifact8, doc_kv, tmp_path):
 def test_s3_lower_tier_shared_and_dead_s3_degrades_to_misses(
     artifact8,
     doc_kv,
-    s3_endpoint,  # noqa: F811
+    s3_endpoint,
 ):
     """Two replicas share chunks through a real (loopback moto) S3 tier; with S3 dead,
     the CPU tier keeps serving and S3 failures are misses, not errors."""
@@ -152,6 +157,7 @@ def test_s3_lower_tier_shared_and_dead_s3_degrades_to_misses(
 
     a = TieredStore([MemoryBackend(64 << 20), s3()], codec, ns)
     assert a.put(ids, keys, values).chunks_written == 4
+    assert a.flush(timeout=60)
     b = TieredStore([MemoryBackend(64 << 20), s3()], codec, ns)
     assert b.lookup(ids) == 1024
     kb, _ = b.get(ids)
@@ -162,6 +168,7 @@ def test_s3_lower_tier_shared_and_dead_s3_degrades_to_misses(
     c = TieredStore([MemoryBackend(64 << 20), dead], codec, ns)
     assert c.lookup(ids) == 0 and c.get(ids) is None
     assert c.put(ids, keys, values).chunks_written == 4  # the CPU tier takes it
+    assert c.flush(timeout=60)  # the write-down to S3 fails: counted, never raised
     assert c.stats.lower_tier_put_errors == 1
     assert c.lookup(ids) == 1024 and c.get(ids) is not None
     assert dead.usage().errors > 0

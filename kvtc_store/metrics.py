@@ -1,0 +1,181 @@
+"""Prometheus metrics of one tiered store (prometheus_client), in its own registry.
+
+Every store has its own :class:`~prometheus_client.CollectorRegistry`, so several stores
+in one process (or one test session) never clash; scrape it with
+:meth:`StoreMetrics.serve` (an HTTP endpoint) or read :meth:`StoreMetrics.text`.
+
+Per tier (label ``tier``), read from the tiers at scrape time (no double bookkeeping):
+
+======================================  =====================================================
+``kvtc_tier_hits_total``                keys a tier's ``get`` found
+``kvtc_tier_misses_total``              keys a tier's ``get`` did not find
+``kvtc_tier_bytes_read_total``          bytes a tier's ``get`` returned
+``kvtc_tier_bytes_written_total``       bytes newly stored by a tier's ``put``
+``kvtc_tier_evictions_total``           chunks evicted to stay under the cap
+``kvtc_tier_errors_total``              failed requests as the tier counts them (S3)
+``kvtc_tier_failed_calls_total``        store calls to the tier that raised (label ``op``:
+                                        get, exists, delete, promote, write-down)
+``kvtc_tier_used_bytes``                bytes stored (S3: as of its last listing)
+``kvtc_tier_capacity_bytes``            the tier's cap (absent when it has none)
+``kvtc_tier_chunks``                    chunks stored
+``kvtc_writedown_queue_depth``          chunks queued or in flight for a lower tier
+``kvtc_writedown_failed_chunks_total``  chunks whose write-down failed
+======================================  =====================================================
+
+Per store: ``kvtc_encode_seconds`` and ``kvtc_decode_seconds`` (histograms, one
+observation per ``put`` encode and per ``get`` decode), ``kvtc_encode_chunks_total``,
+``kvtc_store_chunks_served_total`` (label ``source``: a tier, ``write-queue`` or
+``prefetch``), ``kvtc_store_corrupt_chunks_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .tierstack import TierStack
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StoreMetrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+"""Seconds: from a GPU encode of one chunk (about 1 ms) to a CPU decode of a long prefix."""
+
+
+class _TierCollector(Collector):
+    """Reads the tiers' counters (``Backend.snapshot``) and the write-down state at scrape."""
+
+    def __init__(self, stack: TierStack) -> None:
+        self.stack = stack
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {
+            name: CounterMetricFamily(f"kvtc_tier_{name}", doc, labels=["tier"])
+            for name, doc in (
+                ("hits", "Keys a tier's get found."),
+                ("misses", "Keys a tier's get did not find."),
+                ("bytes_read", "Bytes a tier's get returned."),
+                ("bytes_written", "Bytes newly stored by a tier's put."),
+                ("evictions", "Chunks a tier evicted to stay under its cap."),
+                ("errors", "Failed requests as the tier counts them."),
+            )
+        }
+        gauges = {
+            "used_bytes": GaugeMetricFamily(
+                "kvtc_tier_used_bytes", "Bytes stored in a tier.", labels=["tier"]
+            ),
+            "capacity_bytes": GaugeMetricFamily(
+                "kvtc_tier_capacity_bytes", "A tier's byte cap.", labels=["tier"]
+            ),
+            "n_items": GaugeMetricFamily("kvtc_tier_chunks", "Chunks in a tier.", labels=["tier"]),
+        }
+        failed_calls = CounterMetricFamily(
+            "kvtc_tier_failed_calls", "Store calls to a tier that raised.", labels=["tier", "op"]
+        )
+        depth = GaugeMetricFamily(
+            "kvtc_writedown_queue_depth",
+            "Chunks queued or in flight for a lower tier.",
+            labels=["tier"],
+        )
+        failed_chunks = CounterMetricFamily(
+            "kvtc_writedown_failed_chunks", "Chunks whose write-down failed.", labels=["tier"]
+        )
+        wd = self.stack.write_down
+        for t, tier in enumerate(self.stack.tiers):
+            try:
+                u = tier.snapshot()
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail on one tier
+                log.warning("metrics: tier %s snapshot failed: %s", tier.name, exc)
+                continue
+            for name, family in counters.items():
+                family.add_metric([tier.name], getattr(u, name))
+            gauges["used_bytes"].add_metric([tier.name], u.used_bytes)
+            gauges["n_items"].add_metric([tier.name], u.n_items)
+            if u.capacity_bytes is not None:
+                gauges["capacity_bytes"].add_metric([tier.name], u.capacity_bytes)
+            if t > 0:
+                depth.add_metric([tier.name], wd.depth(t))
+                failed_chunks.add_metric([tier.name], wd.failed(t))
+        for (tier_name, op), n in sorted(self.stack.failures().items()):
+            failed_calls.add_metric([tier_name, op], n)
+        yield from counters.values()
+        yield from gauges.values()
+        yield failed_calls
+        yield depth
+        yield failed_chunks
+
+
+class StoreMetrics:
+    """The Prometheus metrics of one store (see the module docstring for the list).
+
+    Args:
+        stack: the store's tiers.
+        registry: registry to put the metrics in; default: a new one for this store.
+
+    Attributes:
+        registry: the store's :class:`~prometheus_client.CollectorRegistry`.
+        encode_seconds, decode_seconds: latency histograms (seconds).
+        chunks_encoded: counter of chunks encoded by ``put``.
+        chunks_served: counter of chunks ``get`` returned, by ``source``.
+        corrupt_chunks: counter of blobs dropped because they did not decode.
+    """
+
+    def __init__(self, stack: TierStack, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.encode_seconds = Histogram(
+            "kvtc_encode_seconds",
+            "Seconds to encode the new chunks of one put.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "kvtc_decode_seconds",
+            "Seconds to decode the fetched prefix of one get.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.chunks_encoded = Counter("kvtc_encode_chunks", "Chunks encoded by put.", registry=r)
+        self.chunks_served = Counter(
+            "kvtc_store_chunks_served",
+            "Chunks get returned, by the tier (or write-queue, prefetch) that served them.",
+            ["source"],
+            registry=r,
+        )
+        self.corrupt_chunks = Counter(
+            "kvtc_store_corrupt_chunks",
+            "Blobs that failed their checksum or did not decode (deleted, served as misses).",
+            registry=r,
+        )
+        r.register(_TierCollector(stack))
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def text(self) -> str:
+        """The metrics in Prometheus' text exposition format."""
+        return generate_latest(self.registry).decode()
+
+    def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
+        """Expose the metrics over HTTP at ``http://addr:port/metrics``; return the port.
+
+        ``port=0`` picks a free port. One server per store; a second call returns the
+        first server's port. Stopped by :meth:`close` (and the store's ``close``).
+        """
+        if self._server is None:
+            from prometheus_client import start_http_server
+
+            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        """Stop the HTTP server, if one runs."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()

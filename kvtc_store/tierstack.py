@@ -1,0 +1,253 @@
+"""The tier stack: byte blobs over ordered tiers, written down and promoted between them.
+
+DESIGN.md, "The tiered store". The stack knows keys and bytes only; the tiered store
+(:mod:`kvtc_store.store`) turns tokens into keys and tensors into blobs on top of it.
+
+- **put**: the top tier is written synchronously (its failure is the caller's error);
+  the tiers below get the chunks through :class:`~kvtc_store.writedown.WriteDown`'s
+  bounded queues, either at once (``write-through``, the default) or when the tier
+  above evicts them (``write-back``: a tier's evictions are queued for the tier below).
+- **get**: one batched ``get`` per tier, top first, each asking only for the chunks no
+  tier above had; a chunk still queued for a lower tier is served from the queue's copy
+  (so a chunk being written down is never a miss). A hit below the top is *promoted*:
+  written into the top tier at once and, under write-through, queued (best effort,
+  never blocking) for the tiers between.
+- **faults**: a tier that raises on a read counts as a miss for that call, is logged and
+  counted (:meth:`TierStack.failures`); a failed write-down is counted likewise. Nothing
+  is ever served but the bytes a tier returned for the key asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from .backends import Backend
+from .errors import ConfigError, KVTCError, StoreError
+from .writedown import WriteDown
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QUEUED", "WRITE_MODES", "Fetched", "TierStack", "WriteMode"]
+
+WriteMode = Literal["write-through", "write-back"]
+WRITE_MODES: tuple[str, ...] = ("write-through", "write-back")
+QUEUED = "write-queue"
+"""Source name of a chunk served from the write-down queue's copy."""
+
+
+@dataclass
+class Fetched:
+    """What :meth:`TierStack.get` found.
+
+    Attributes:
+        blobs: the bytes of each key asked, or None (missing everywhere, or its tiers
+            failed).
+        sources: for each key, the name of the tier that served it, :data:`QUEUED`, or
+            None for a miss.
+    """
+
+    blobs: list[bytes | None]
+    sources: list[str | None]
+
+
+class TierStack:
+    """Ordered byte tiers with asynchronous write-down and promotion on hit.
+
+    Args:
+        tiers: backends from the top (fastest) to the bottom; at least one, names
+            unique.
+        write_mode: ``"write-through"`` (every put is queued for every lower tier) or
+            ``"write-back"`` (a chunk goes down one tier when the tier above evicts it;
+            chunks still resident at exit are not written down, as in any write-back
+            cache).
+        queue_chunks: capacity of each lower tier's queue, in chunks; a put blocks
+            while a queue it needs is full (back-pressure).
+        batch_chunks: most chunks one write-down ``put`` carries.
+
+    Raises:
+        ConfigError: no tiers, duplicate tier names, an unknown write mode, or a queue
+            or batch size below 1.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[Backend],
+        write_mode: WriteMode = "write-through",
+        queue_chunks: int = 256,
+        batch_chunks: int = 32,
+    ) -> None:
+        if not tiers:
+            raise ConfigError("a tier stack needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tier names must be unique, got {names}")
+        if write_mode not in WRITE_MODES:
+            raise ConfigError(
+                f"write_mode must be one of {', '.join(WRITE_MODES)}, got {write_mode!r}"
+            )
+        if isinstance(queue_chunks, bool) or not isinstance(queue_chunks, int) or queue_chunks < 1:
+            raise ConfigError(f"write_queue_chunks must be an int >= 1, got {queue_chunks!r}")
+        if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1:
+            raise ConfigError(f"write_batch_chunks must be an int >= 1, got {batch_chunks!r}")
+        self.tiers = list(tiers)
+        self.write_mode = write_mode
+        self._lock = threading.Lock()
+        self._failures: dict[tuple[str, str], int] = {}
+        self.write_down = WriteDown(
+            self.tiers,
+            queue_chunks=queue_chunks,
+            batch_chunks=batch_chunks,
+            skip_present=write_mode == "write-back",
+            on_failure=lambda t, n, exc: self._count_failure(self.tiers[t], "write-down"),
+        )
+        if write_mode == "write-back":
+            for t, tier in enumerate(self.tiers[:-1]):
+                tier.set_eviction_listener(partial(self._evicted, t))
+
+    # --- writes --------------------------------------------------------------------------
+
+    def put(self, items: list[tuple[str, bytes]]) -> None:
+        """Write ``items`` to the top tier now and queue them for the tiers below.
+
+        Under write-through, blocks while a lower tier's queue is full. The lower tiers'
+        failures are never raised here.
+
+        Raises:
+            StoreError: the top tier failed (CapacityError: a chunk larger than it, or
+                its medium is full); or the stack is closed.
+        """
+        if not items:
+            return
+        self.tiers[0].put(items)
+        if self.write_mode == "write-through":
+            self.write_down.submit_all(items)
+
+    def delete(self, keys: list[str], through: str | None = None) -> None:
+        """Remove ``keys`` from every tier, or from the top one down to the tier named
+        ``through`` (:data:`QUEUED`: the top tier only); a tier's failure is logged and
+        counted. A bad copy found in one tier is removed from it and from the tiers it
+        was promoted into, while the copies below (maybe good) stay."""
+        names = [t.name for t in self.tiers]
+        last = len(self.tiers) if through not in names else names.index(through) + 1
+        if through == QUEUED:
+            last = 1
+        for tier in self.tiers[:last]:
+            try:
+                tier.delete(keys)
+            except KVTCError as exc:
+                log.warning("tier %s failed on delete: %s", tier.name, exc)
+                self._count_failure(tier, "delete")
+
+    def _evicted(self, t: int, items: list[tuple[str, bytes]]) -> None:
+        """Write-back: what tier ``t`` evicted goes down to tier ``t + 1``."""
+        self.write_down.submit(t + 1, items)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def exists(self, keys: list[str], local_only: bool = False) -> list[bool]:
+        """Which keys some tier (or a write-down queue) holds: one ``exists`` per tier.
+
+        Side-effect free; a failed tier counts as holding nothing. ``local_only``: ask
+        no remote tier (``Backend.remote``), so the answer never waits on the network.
+        """
+        found, _, _ = self._ask("exists", keys, local_only)
+        return [f is not None for f in found]
+
+    def get(self, keys: list[str]) -> Fetched:
+        """Each key's bytes from the highest tier holding it; promote hits from below.
+
+        One batched ``get`` per tier (only for keys no tier above had), so a prefix of
+        128 chunks costs at most one call per tier, not 128.
+        """
+        blobs, found_in, sources = self._ask("get", keys)
+        self._promote(keys, blobs, found_in)
+        return Fetched(blobs, sources)
+
+    def _ask(
+        self, op: str, keys: list[str], local_only: bool = False
+    ) -> tuple[list, list[int], list[str | None]]:
+        """Ask the tiers top down, each once and only for the keys none above had.
+
+        Between the top tier and the next, the write-down queues' copies answer too.
+        Returns, per key: the answer (``True`` or the bytes; None: nowhere), the index
+        of the tier that gave it (the queue counts as the top tier's; -1: nowhere), and
+        the name of its source.
+        """
+        found: list = [None] * len(keys)
+        where = [-1] * len(keys)
+        sources: list[str | None] = [None] * len(keys)
+        for t, tier in enumerate(self.tiers):
+            if t == 1:
+                for i, blob in enumerate(self.write_down.pending(keys)):
+                    if found[i] is None and blob is not None:
+                        found[i] = blob if op == "get" else True
+                        where[i], sources[i] = 0, QUEUED
+            missing = [i for i, f in enumerate(found) if f is None]
+            if not missing:
+                break
+            if local_only and tier.remote:
+                continue
+            try:
+                answers = getattr(tier, op)([keys[i] for i in missing])
+            except KVTCError as exc:  # a failed tier is a miss, never an error
+                log.warning("tier %s failed on %s: %s", tier.name, op, exc)
+                self._count_failure(tier, op)
+                continue
+            for i, answer in zip(missing, answers):
+                if answer is not None and answer is not False:
+                    found[i], where[i], sources[i] = answer, t, tier.name
+        return found, where, sources
+
+    def _promote(self, keys: list[str], blobs: list[bytes | None], found_in: list[int]) -> None:
+        """Hits from tier ``t >= 1`` into the top tier (now) and, under write-through,
+        into tiers ``1..t-1`` (queued, dropped if their queue is full)."""
+        for t in range(1, len(self.tiers)):
+            items = [(keys[i], blobs[i]) for i in range(len(keys)) if found_in[i] == t]
+            if not items:
+                continue
+            try:
+                self.tiers[0].put(items)
+            except StoreError as exc:
+                log.warning("promotion into %s failed: %s", self.tiers[0].name, exc)
+                self._count_failure(self.tiers[0], "promote")
+            if self.write_mode == "write-through":
+                for u in range(1, t):
+                    self.write_down.submit(u, items, block=False)
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _count_failure(self, tier: Backend, op: str) -> None:
+        with self._lock:
+            self._failures[tier.name, op] = self._failures.get((tier.name, op), 0) + 1
+
+    def failures(self) -> dict[tuple[str, str], int]:
+        """Failed calls so far by ``(tier name, operation)``; operations: ``get``,
+        ``exists``, ``delete``, ``promote`` and ``write-down`` (one per failed batch)."""
+        with self._lock:
+            return dict(self._failures)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Chunks queued or in flight for each lower tier, by tier name."""
+        return {tier.name: self.write_down.depth(t) for t, tier in enumerate(self.tiers) if t}
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the lower tiers have every chunk queued so far (see
+        :meth:`WriteDown.flush`); False if ``timeout`` seconds passed first."""
+        return self.write_down.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, stop the writers and close every tier. Returns whether the flush
+        finished in time. The stack must not be used afterwards."""
+        flushed = self.write_down.close(timeout)
+        for tier in self.tiers:
+            tier.set_eviction_listener(None)
+            try:
+                tier.close()
+            except Exception as exc:  # noqa: BLE001 - close the others regardless
+                log.warning("closing tier %s failed: %s", tier.name, exc)
+        return flushed
