@@ -17,8 +17,8 @@ taken alternately from the two texts (windows 0, 16, 1, 17, ... of the 32), the 
 for every peer. Writes ``benchmarks/results/peers.json`` (every per-window record) and
 ``peers.md``, and merges one row per (method, ratio) into ``quality.json`` (``merge.py``).
 
-Usage: ``python benchmarks/peers/run_peers.py [--limit N] [--presses snapkv knorm ...]
-[--ratios 2 4 8] [--no-cachegen] [--no-kvpress]``.
+Usage: ``python benchmarks/peers/run_peers.py [--limit N (default 8; 0: all 32)]
+[--presses snapkv knorm ...] [--ratios 2 4 8] [--threads 1] [--no-cachegen] [--no-kvpress]``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: quality.windows
 
+from kvpress_presses import DEFAULT_PRESSES
 from merge import merge_rows
 from protocol import (
     CTX,
@@ -59,6 +60,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 LMCACHE_PY = ROOT / ".venv-lmcache" / "bin" / "python"
 KVPRESS_PY = ROOT / ".venv-kvpress" / "bin" / "python"
 N_WINDOWS = 32
+# 2 windows took 504 s on 2 shared cores (load 5-14), 4 presses about 206 s a window:
+# 8 windows fit the ~30-minute budget (see benchmarks/results/peers.md).
+DEFAULT_LIMIT = 8
 
 
 def interleaved(n_total: int, limit: int | None) -> list[int]:
@@ -213,8 +217,13 @@ def rows_from(records: list[dict], device: str) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--limit", type=int, default=None, help=f"windows to run (of {N_WINDOWS})")
-    p.add_argument("--presses", nargs="+", default=["snapkv", "knorm", "expected_attention"])
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"windows to run (of {N_WINDOWS}; 0: all)",
+    )
+    p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES)
     p.add_argument("--ratios", nargs="+", type=float, default=[2.0, 4.0, 8.0])
     p.add_argument("--no-cachegen", action="store_true")
     p.add_argument("--no-kvpress", action="store_true")
@@ -227,13 +236,27 @@ def main(argv=None) -> int:
         help="torch threads here and in the kvpress worker (1: two contending threads on a "
         "shared 2-core host ran single-token steps 4x slower)",
     )
+    p.add_argument("--note", default=None, help="a sentence on the run kept in the report")
+    p.add_argument(
+        "--render", action="store_true", help="only rewrite peers.md from peers.json (and --note)"
+    )
     args = p.parse_args(argv)
+    if args.render:
+        doc = json.loads((args.out / "peers.json").read_text())
+        rows, records = doc.pop("rows"), doc.pop("records")
+        if args.note:
+            doc["note"] = args.note
+            (args.out / "peers.json").write_text(
+                json.dumps({**doc, "rows": rows, "records": records}, indent=1) + "\n"
+            )
+        (args.out / "peers.md").write_text(render(doc, rows, records))
+        return 0
     torch.set_num_threads(args.threads)
 
     t_start = time.time()
     model, tok, info = load_model()
     wins = windows(tok, N_WINDOWS)
-    order = interleaved(N_WINDOWS, args.limit)
+    order = interleaved(N_WINDOWS, args.limit or None)
     ids = torch.stack([wins[i][1] for i in order])
     names = [wins[i][0] for i in order]
     device = "cpu"
@@ -267,6 +290,7 @@ def main(argv=None) -> int:
         "windows": order,
         "seconds": round(time.time() - t_start, 1),
         **timing,
+        **({"note": args.note} if args.note else {}),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(
@@ -321,6 +345,8 @@ def render(meta: dict, rows: list[dict], records: list[dict]) -> str:
     for m, s in by.items():
         lines.append(f"- {m} (per ratio and window): {sum(s) / len(s):.1f}")
     lines += [f"- totals: {json.dumps({k: v for k, v in meta.items() if k.endswith('_s')})}"]
+    if meta.get("note"):
+        lines += ["", meta["note"]]
     exact = {r["window"]: r["greedy"] for r in records if r["method"] == "exact"}
     if cg and exact:
         same = sum(exact.get(r["window"]) == r["exact_greedy"] for r in cg)
@@ -342,7 +368,40 @@ def render(meta: dict, rows: list[dict], records: list[dict]) -> str:
                 f"5.24 here, kvpress's pinned one there) agree on {same} of {len(cg)} windows."
             ),
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", METHOD_NOTES]) + "\n"
+
+
+METHOD_NOTES = """## How the peers were run
+
+- Windows: `benchmarks/quality.py`'s `windows(tok, 32)` (1,536 context + 256 continuation
+  tokens), tokenised once in the main environment; token ids reach the peer environments
+  in a safetensors file. With `--limit N` the first N of the order 0, 16, 1, 17, ... run
+  (alternating Python docs and Shakespeare), the same windows for every peer.
+- Scores: `kvtc_store.evaluate.compare_logits` (mean KL of next-token distributions, exact
+  KV as the reference; top-1 agreement; perplexity change of the 256 continuation tokens).
+  Greedy: from the context's KV, the first continuation token is fed at position 1,536 and
+  64 tokens are decoded greedily; "greedy (64)" is the share of windows whose 64 tokens all
+  equal the exact run's, "greedy prefix" the mean length of the common prefix.
+- CacheGen (arXiv 2310.07240): `lmcache==0.5.6`'s own `CacheGenSerializer` /
+  `CacheGenDeserializer` on the CPU, 256-token chunks in LMCache's `KV_2LTD` layout, bf16.
+  It has no quality setting: for a 30-layer model LMCache uses 32 bins for keys of layers
+  0-9 and values of layers 0-1, 16 bins elsewhere. Honest ratio = bf16 bytes / serialised
+  bytes after raw DEFLATE (zlib level 9); before DEFLATE in brackets. DEFLATE gains this
+  much because each chunk's blob carries its int16 CDF tables (60 x 192 channels x 33
+  entries = 760 KB, about 45% of the 1.70 MB serialised chunk), which compress well; the
+  arithmetic-coded symbols do not.
+- kvpress 0.5.5 presses (SnapKV arXiv 2404.14469, Knorm arXiv 2406.11430, Expected
+  Attention arXiv 2510.00636, StreamingLLM arXiv 2309.17453), default settings, on the same
+  model loaded from the converted folder. Memory ratio m maps to kvpress's
+  `compression_ratio = 1 - 1/m`; kvpress keeps `int(1536 * (1 - compression_ratio))` tokens
+  per layer and head (768, 384, 192 for m = 2, 4, 8); the honest ratio is read back from the
+  cache after the press (context tokens x layers / kept tokens). The continuation and the
+  greedy run use the true positions (1,536 on), as kvpress's pipeline does.
+- One prefill per window serves every press: each press's own `forward_hook` is replayed on
+  the recorded hook arguments of the reference prefill (`kvpress_presses.replay`);
+  `tests/test_peers.py` checks the resulting caches equal those of prefills run under
+  `with press(model):`, tensor for tensor.
+"""
 
 
 if __name__ == "__main__":
