@@ -40,30 +40,42 @@ def _model_dir(model) -> Path:
     return path
 
 
-def test_merge_keeps_other_methods_and_replaces_own(tmp_path):
+def test_merge_keeps_other_rows_and_replaces_own(tmp_path):
     path = tmp_path / "quality.json"
-    path.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/quality.py",
-                "rows": [
-                    {"method": "kvtc", "target_ratio": 8, "kl": 0.007},
-                    {"method": "cachegen", "target_ratio": None, "kl": 9.9},
-                ],
-            }
-        )
-    )
-    new = [{"method": "cachegen", "target_ratio": None, "kl": 0.05}]
-    merge_rows(path, new, "peers", {"windows": [0, 16]})
+    legacy = {
+        "command": "python benchmarks/quality.py",
+        "rows": [
+            {"method": "kvtc", "target_ratio": 8, "kl": 0.007},
+            {"method": "cachegen", "target_ratio": None, "kl": 9.9},
+            {"method": "kvpress-snapkv", "target_ratio": 2.0, "kl": 9.9},
+            {"method": "kvpress-snapkv", "target_ratio": 16.0, "kl": 0.5},
+        ],
+    }
+    path.write_text(json.dumps(legacy))
+    new = [
+        {"method": "cachegen", "target_ratio": None, "kl": 0.05},
+        {"method": "kvpress-snapkv", "target_ratio": 2, "kl": 0.01},
+    ]
+    merge_rows(path, new, "peers-1", {"windows": [0, 16]})
     doc = json.loads(path.read_text())
-    assert doc["command"] == "python benchmarks/quality.py"
-    assert doc["peers"] == {"windows": [0, 16]}
-    assert doc["rows"] == [{"method": "kvtc", "target_ratio": 8, "kl": 0.007}, new[0]]
+    assert doc["runs"] == {
+        "legacy": {"command": "python benchmarks/quality.py"},
+        "peers-1": {"windows": [0, 16]},
+    }
+    assert doc["rows"] == [
+        {"method": "kvtc", "target_ratio": 8, "kl": 0.007, "run": "legacy"},
+        {"method": "kvpress-snapkv", "target_ratio": 16.0, "kl": 0.5, "run": "legacy"},
+        {**new[0], "run": "peers-1"},
+        {**new[1], "run": "peers-1"},
+    ]
+    # a second run of the same rows replaces them, and the unused run goes away
+    doc = merge_rows(path, new, "peers-2", {})
+    assert set(doc["runs"]) == {"legacy", "peers-2"} and len(doc["rows"]) == 4
     with pytest.raises(ValueError, match="method"):
-        merge_rows(path, [{"kl": 1.0}])
+        merge_rows(path, [{"kl": 1.0}], "x", {})
     path.write_text("[1, 2]")
     with pytest.raises(TypeError, match="rows"):
-        merge_rows(path, new)
+        merge_rows(path, new, "x", {})
 
 
 def test_windows_file_round_trip_and_shape_check(tmp_path):

@@ -51,7 +51,11 @@ from protocol import (
     save_windows,
     score_record,
 )
-from quality import windows
+
+try:  # the rate-distortion harness (branch rd) moved windows() to benchmarks/rd/data.py
+    from rd.data import windows
+except ImportError:
+    from quality import windows
 
 from kvtc_store.evaluate import ContinuationScores, compare_logits
 from kvtc_store.model import cache_from_kv, kv_from_cache, lm_forward, load_model
@@ -176,7 +180,7 @@ def _scores(recs: list[dict]) -> dict:
         "kl": round(s.kl, 5),
         "top1_agreement": round(s.top1_agreement, 4),
         "greedy_agreement": round(sum(r["greedy_matched"] == GREEDY for r in recs) / len(recs), 4),
-        "greedy_matched_tokens_mean": round(sum(r["greedy_matched"] for r in recs) / len(recs), 2),
+        "greedy_prefix_mean": round(sum(r["greedy_matched"] for r in recs) / len(recs), 2),
     }
 
 
@@ -204,6 +208,7 @@ def rows_from(records: list[dict], device: str) -> list[dict]:
             {
                 "method": method,
                 "target_ratio": target,
+                "kind": "baseline",
                 **ratio,
                 **_scores(recs),
                 "retrieval_delta_pts": None,
@@ -238,18 +243,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--note", default=None, help="a sentence on the run kept in the report")
     p.add_argument(
-        "--render", action="store_true", help="only rewrite peers.md from peers.json (and --note)"
+        "--render",
+        action="store_true",
+        help="no run: rebuild rows, peers.md and the quality.json merge from peers.json's records",
     )
     args = p.parse_args(argv)
     if args.render:
         doc = json.loads((args.out / "peers.json").read_text())
-        rows, records = doc.pop("rows"), doc.pop("records")
+        meta = doc.get("runs", {}).get(doc.get("run")) or {
+            k: v for k, v in doc.items() if k not in ("rows", "records")
+        }
         if args.note:
-            doc["note"] = args.note
-            (args.out / "peers.json").write_text(
-                json.dumps({**doc, "rows": rows, "records": records}, indent=1) + "\n"
-            )
-        (args.out / "peers.md").write_text(render(doc, rows, records))
+            meta["note"] = args.note
+        write_outputs(args.out, meta, doc["records"], not args.no_merge)
         return 0
     torch.set_num_threads(args.threads)
 
@@ -277,7 +283,6 @@ def main(argv=None) -> int:
             timing["kvpress_s"] = round(time.time() - t0, 1)
     for r in records:  # window index within the 32 of windows(tok, 32)
         r["window"] = order[r["window"]]
-    rows = rows_from(records, device)
     cmd = "python benchmarks/peers/run_peers.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -287,21 +292,35 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": info.name,
+        "device": device,
         "windows": order,
         "seconds": round(time.time() - t_start, 1),
         **timing,
         **({"note": args.note} if args.note else {}),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(
-        json.dumps({**meta, "rows": rows, "records": records}, indent=1) + "\n"
-    )
-    if not args.no_merge:
-        merge_rows(args.out / "quality.json", rows, "peers", meta)
-    report = render(meta, rows, records)
-    (args.out / "peers.md").write_text(report)
-    print(report)
+    print(write_outputs(args.out, meta, records, not args.no_merge))
     return 0
+
+
+def write_outputs(out: Path, meta: dict, records: list[dict], merge: bool) -> str:
+    """Rows from ``records``; ``peers.json`` (a results document of one run, which
+    ``merge_rows`` or ``benchmarks/rd/rows.py``'s ``merge_docs`` can merge, plus every
+    record), ``peers.md``, and the rows merged into ``quality.json``. Returns the report."""
+    rows = rows_from(records, meta.get("device", "cpu"))
+    run_id = "peers-" + meta["date"][:19].replace(":", "")
+    doc = {
+        "rows": [{**r, "run": run_id} for r in rows],
+        "runs": {run_id: meta},
+        "run": run_id,
+        "records": records,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.json").write_text(json.dumps(doc, indent=1) + "\n")
+    if merge:
+        merge_rows(out / "quality.json", rows, run_id, meta)
+    report = render(meta, rows, records)
+    (out / "peers.md").write_text(report)
+    return report
 
 
 def render(meta: dict, rows: list[dict], records: list[dict]) -> str:
@@ -331,7 +350,7 @@ def render(meta: dict, rows: list[dict], records: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {target} | {ratio} | {r['ppl_change_pct']:+.2f}% | "
             f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.2f} | "
-            f"{r['greedy_matched_tokens_mean']:.1f} | {r['n_windows']} |"
+            f"{r['greedy_prefix_mean']:.1f} | {r['n_windows']} |"
         )
     lines += ["", "Per-window cost (seconds, mean):", ""]
     cg = [r for r in records if r["method"] == "cachegen"]
