@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench-quality clean
+.PHONY: install demo test lint bench-quality peers-env test-peers bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -32,5 +32,32 @@ lint: install
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py
 
+# External peers (benchmarks/peers) live in their own environments: their pins clash with
+# ours (lmcache: numpy<=2.2.6, protobuf<7; kvpress: transformers<5.3). torch==2.13.0 (CPU)
+# is named in every install so pip never swaps in a CUDA build. The default `make test`
+# does not need them (their tests skip without them).
+peers-env: .venv-lmcache/.installed .venv-kvpress/.installed
+
+.venv-lmcache/.installed: Makefile
+	$(PYTHON) -m venv .venv-lmcache
+	.venv-lmcache/bin/pip install -q --upgrade pip
+	.venv-lmcache/bin/pip install -q torch==2.13.0
+	.venv-lmcache/bin/pip install -q torch==2.13.0 lmcache==0.5.6
+	touch $@
+
+# kvtc-store itself (no extras) is installed there for its scoring functions.
+.venv-kvpress/.installed: Makefile pyproject.toml
+	$(PYTHON) -m venv .venv-kvpress
+	.venv-kvpress/bin/pip install -q --upgrade pip
+	.venv-kvpress/bin/pip install -q torch==2.13.0
+	.venv-kvpress/bin/pip install -q torch==2.13.0 kvpress==0.5.5 -e .
+	touch $@
+
+test-peers: install peers-env
+	$(BIN)/python -m pytest -q tests/test_peers.py
+
+bench-peers: install peers-env
+	$(BIN)/python benchmarks/peers/run_peers.py $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-lmcache .venv-kvpress .pytest_cache
