@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench-quality peers-env test-peers bench-peers clean
+.PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench-quality: install
-	$(BIN)/python benchmarks/quality.py
+# Rate-distortion suite of issue 3 (benchmarks/rate_distortion.py). The full run is meant
+# for a GPU (`make bench-rd RD_ARGS="--device cuda"`); on this CPU use bench-rd-quick.
+bench-extra: install
+	$(BIN)/pip install -q -e ".[bench]"
+
+bench-rd: bench-extra
+	$(BIN)/python benchmarks/rate_distortion.py $(RD_ARGS)
+
+bench-rd-quick: bench-extra
+	$(BIN)/python benchmarks/rate_distortion.py --quick $(RD_ARGS)
 
 # External peers (benchmarks/peers) live in their own environments: their pins clash with
 # ours (lmcache: numpy<=2.2.6, protobuf<7; kvpress: transformers<5.3). torch==2.13.0 (CPU)

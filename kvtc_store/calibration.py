@@ -46,7 +46,7 @@ class CalibrationSettings:
         corpus: ``"shakespeare"`` (comedies and histories; tragedies are held out).
         scale_exponent: per-(layer, head) feature scaling before PCA, ``var ** (α/2)``;
             0.5 won on held-out KL against 0 (plain PCA) and 1 (unit variance), see
-            benchmarks/results/quality.md.
+            benchmarks/results/experiments.md.
         quantizer: ``"rans"`` (calibrated fixed steps + rANS; default) or ``"minmax"``
             (per-token min/max + bit packing + DEFLATE, the paper's); see
             :mod:`kvtc_store.codec.steps`.

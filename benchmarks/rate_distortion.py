@@ -1,0 +1,403 @@
+"""Rate-distortion of KV compression methods on SmolLM2-135M-Instruct (issue 3).
+
+Every method round-trips the same exact KV (compress -> stored bytes -> decompress, as
+256-token chunks) and the model continues from it, in one run:
+
+- (a) continuation quality on held-out windows (KL, top-1 agreement, perplexity change);
+- (b) RULER-style passkey and multi-key retrieval from real-text haystacks, at the lengths
+  where the uncompressed model scores >= 80% (measured first, reported);
+- (c) greedy agreement of 64-token continuations.
+
+Methods (``--methods``): ours (``kvtc`` at ``--ratios``), its ablations, and baselines
+(bf16, fp8, int8, int4-g64, KIVI-2); see ``benchmarks/rd/``. Rows merge into
+``benchmarks/results/quality.json`` keyed by (method, target ratio), keeping rows of other
+runs; ``rate_distortion.md`` and PNG plots are regenerated from all rows.
+
+Usage::
+
+    python benchmarks/rate_distortion.py --device cuda           # the full suite
+    python benchmarks/rate_distortion.py --quick                 # CPU smoke run, minutes
+    python benchmarks/rate_distortion.py --methods fp8 kivi-2    # some methods, merged
+    python benchmarks/rate_distortion.py --plot-only             # MD + plots from JSON
+    python benchmarks/rate_distortion.py --merge a.json b.json --plot-only  # other runs' rows
+
+Cost, measured on an H200 (float32 model, 10 prompts per group, 8 windows): a kvtc row
+takes 3-4 s per 10 retrieval prompts at 2k tokens and 4-10 s at 4k (the codec's GPU path
+spends ~40 ms per 256-token chunk), so with the defaults (32 windows, 40 prompts, 4
+qualifying groups) a kvtc row takes about 45-150 s (low ratios are slower), a baseline
+about 35 s, and all methods about 35 minutes; split them with ``--methods``/``--ratios``
+into runs of under 10 minutes and merge their ``quality.json`` files with ``--merge``.
+Calibration runs on the CPU (16 cores: about 20 s, plus ~1.5 s per ratio) before the
+model moves to the GPU, and is cached under ``$KVTC_STORE_HOME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...`
+
+from benchmarks.rd import methods as M
+from benchmarks.rd import plots, report, rows, targets
+from benchmarks.rd.base import KVMethod
+from benchmarks.rd.continuation import ContinuationResult, ContinuationSuite
+from benchmarks.rd.data import CTX, windows
+from benchmarks.rd.engine import Runner
+from benchmarks.rd.kvtc import KVTC
+from benchmarks.rd.retrieval import TASKS, GroupResult, RetrievalGroup
+
+log = logging.getLogger("rate_distortion")
+RESULTS = Path(__file__).parent / "results"
+QUICK_METHODS = ["kvtc", "fp8", "int4-g64", "kivi-2"]
+
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="model weights and activations (float32: the exact KV is float32)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=M.ALL_METHODS,
+        default=None,
+        help="default: all (--quick: kvtc fp8 int4-g64 kivi-2)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"kvtc target ratios (default {' '.join(map(str, M.DEFAULT_RATIOS))})",
+    )
+    p.add_argument(
+        "--ablation-ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"ablation ratios (default {' '.join(map(str, M.DEFAULT_ABLATION_RATIOS))})",
+    )
+    p.add_argument("--windows", type=int, default=None, help="continuation windows (32)")
+    p.add_argument("--greedy-tokens", type=int, default=None, help="64 (--quick: 32)")
+    p.add_argument("--retrieval-tasks", nargs="*", choices=TASKS, default=list(TASKS))
+    p.add_argument(
+        "--retrieval-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="nominal prompt lengths (2048 4096 8192)",
+    )
+    p.add_argument(
+        "--retrieval-samples", type=int, default=None, help="prompts per task and length (40)"
+    )
+    p.add_argument("--retrieval-min-accuracy", type=float, default=0.8)
+    p.add_argument("--batch", type=int, default=None, help="rows per forward (cuda 8, cpu 2)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="contexts round-tripped at once (cuda 8, cpu 1)"
+    )
+    p.add_argument("--calibration-windows", type=int, default=8)
+    p.add_argument(
+        "--scale-exponent",
+        type=float,
+        default=None,
+        help="per-head feature scaling before PCA (default: the library's)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU smoke run: 2 windows, kvtc 8 16, fp8, int4-g64, kivi-2, 1,024-token "
+        "haystacks, 2 prompts each, 32 greedy tokens",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="quality.json files of other runs (e.g. one per GPU) to merge into --out's",
+    )
+    p.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="regenerate the Markdown and plots from the JSON; run nothing",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results; --quick: .../quick)",
+    )
+    a = p.parse_args(argv)
+    q = a.quick
+    a.ratios = a.ratios or ([8.0, 16.0] if q else [float(r) for r in M.DEFAULT_RATIOS])
+    a.ablation_ratios = a.ablation_ratios or (
+        [8.0] if q else [float(r) for r in M.DEFAULT_ABLATION_RATIOS]
+    )
+    a.windows = a.windows or (2 if q else 32)
+    a.greedy_tokens = a.greedy_tokens or (32 if q else 64)
+    a.retrieval_lengths = (
+        a.retrieval_lengths
+        if a.retrieval_lengths is not None
+        else ([1024] if q else [2048, 4096, 8192])
+    )
+    a.retrieval_samples = a.retrieval_samples or (2 if q else 40)
+    a.methods = a.methods or (QUICK_METHODS if q else list(M.ALL_METHODS))
+    a.batch = a.batch or (8 if a.device.startswith("cuda") else 2)
+    a.workers = a.workers or (8 if a.device.startswith("cuda") else 1)
+    a.out = a.out or (RESULTS / "quick" if q else RESULTS)
+    return a
+
+
+def device_name(device: str) -> str:
+    """The device in words, for rows and the report."""
+    if device.startswith("cuda"):
+        return f"cuda ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def deflate_impl() -> str:
+    from kvtc_store.codec import entropy
+
+    return "python-isal" if entropy._isal is not None else "zlib"
+
+
+def method_row(
+    m: KVMethod,
+    cont: ContinuationResult,
+    ret: dict[str, GroupResult],
+    exact_ret: dict[str, GroupResult],
+    extra: dict,
+) -> dict:
+    """One row of quality.json for method ``m``."""
+    s = cont.scores
+    row = {
+        "method": m.name,
+        "target_ratio": m.target_ratio,
+        "kind": m.kind,
+        "honest_ratio": _r(cont.bytes.chunk_ratio, 3),
+        "context_ratio": _r(cont.bytes.context_ratio, 3),
+        "ppl_change_pct": round(s.ppl_change_pct, 3),
+        "kl": round(s.kl, 5),
+        "top1_agreement": round(s.top1_agreement, 4),
+        "greedy_agreement": round(cont.greedy_agreement, 4),
+        "greedy_prefix_mean": round(cont.greedy_prefix_mean, 2),
+        "per_text": {
+            n: {
+                "kl": round(t.kl, 5),
+                "top1_agreement": round(t.top1_agreement, 4),
+                "ppl_change_pct": round(t.ppl_change_pct, 3),
+            }
+            for n, t in cont.per_text.items()
+        },
+        **retrieval_fields(ret, exact_ret),
+        "seconds": round(cont.seconds + sum(g.seconds for g in ret.values()), 1),
+        **extra,
+    }
+    if isinstance(m, KVTC):
+        row.update(m.facts())
+    return row
+
+
+def _r(x, n):
+    return None if x is None else round(x, n)
+
+
+def retrieval_fields(ret: dict[str, GroupResult], exact_ret: dict[str, GroupResult]) -> dict:
+    """Pooled accuracy and the change against exact KV, over the groups measured."""
+    if not ret:
+        return {"retrieval_accuracy": None, "retrieval_delta_pts": None, "retrieval": {}}
+    correct = sum(g.correct for g in ret.values())
+    total = sum(g.total for g in ret.values())
+    exact_correct = sum(exact_ret[k].correct for k in ret)
+    ratio = None
+    raw = sum(g.bytes.ctx_raw for g in ret.values())
+    if raw:
+        ratio = round(raw / sum(g.bytes.ctx_stored for g in ret.values()), 3)
+    return {
+        "retrieval_accuracy": round(correct / total, 4),
+        "retrieval_delta_pts": round(100 * (correct - exact_correct) / total, 2),
+        "retrieval": {k: round(g.accuracy, 4) for k, g in ret.items()},
+        "retrieval_groups": sorted(ret),
+        "retrieval_context_ratio": ratio,
+    }
+
+
+def finish(doc: dict, out: Path, skipped: list[str] | None) -> None:
+    """Write the report and plots and print the targets."""
+    text = report.write(doc, out / "rate_distortion.md", skipped)
+    for path in plots.draw(doc["rows"], out):
+        log.info("wrote %s", path)
+    print(text.split(report.LOG_MARKER)[0])
+    print("Issue 3 targets:")
+    for t in targets.check(doc["rows"]):
+        print("  " + t.line())
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = parse(argv)
+    json_path = args.out / "quality.json"
+    if args.merge:
+        doc = rows.load(json_path)
+        for other in args.merge:
+            doc = rows.merge_docs(doc, rows.load(other))
+        rows.save(json_path, doc)
+        log.info("merged %d files into %s", len(args.merge), json_path)
+    if args.plot_only:
+        finish(rows.load(json_path), args.out, None)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    from kvtc_store.calibration import CalibrationSettings, load_or_calibrate
+    from kvtc_store.model import load_model
+
+    # Calibration runs on the CPU in float32 (kvtc_store.calibration feeds CPU tensors), so
+    # artifacts are the same ones this machine and the store would calibrate and cache.
+    model, tok, info = load_model()
+    settings = CalibrationSettings(windows=args.calibration_windows)
+    if args.scale_exponent is not None:
+        settings = dataclasses.replace(settings, scale_exponent=args.scale_exponent)
+
+    def calibrate(s, ratios):
+        log.info("codec artifacts for ratios %s (settings %s)", ratios, s.key())
+        return load_or_calibrate(
+            model, tok, info, ratios, s, lambda d, n, stage: log.info("  %d/%d %s", d, n, stage)
+        )
+
+    methods, skipped = M.build_methods(
+        args.methods, args.ratios, args.ablation_ratios, settings, calibrate, args.device
+    )
+    model_params = sum(p.numel() for p in model.parameters())
+    dtype = getattr(torch, args.dtype)
+    model = model.to(args.device, dtype)
+    runner = Runner(model, torch.device(args.device))
+    device = device_name(args.device)
+    log.info(
+        "model on %s in %s; %d methods; %.0f s", device, args.dtype, len(methods), time.time() - t0
+    )
+
+    # (b) retrieval first: the uncompressed model decides which groups count.
+    exact_ret: dict[str, GroupResult] = {}
+    ret: dict[str, dict[str, GroupResult]] = {id(m): {} for m in methods}
+    for task in args.retrieval_tasks:
+        for length in args.retrieval_lengths:
+            group = RetrievalGroup(
+                runner, tok, task, length, args.retrieval_samples, args.batch, args.workers
+            )
+            exact_ret[group.key] = e = group.run(None)
+            ok = e.accuracy >= args.retrieval_min_accuracy
+            log.info(
+                "retrieval %s: uncompressed %.1f%% (%s)",
+                group.key,
+                100 * e.accuracy,
+                "qualifies" if ok else "below threshold, methods skip it",
+            )
+            if ok:
+                for m in methods:
+                    ret[id(m)][group.key] = g = group.run(m)
+                    log.info(
+                        "  %s %s: %.1f%% (%.1f s)",
+                        m.name,
+                        _g(m.target_ratio),
+                        100 * g.accuracy,
+                        g.seconds,
+                    )
+            del group
+    qualifying = sorted(
+        k for k, g in exact_ret.items() if g.accuracy >= args.retrieval_min_accuracy
+    )
+
+    # (a) + (c) continuation quality and greedy agreement.
+    wins = windows(tok, args.windows)
+    suite = ContinuationSuite(runner, wins, CTX, args.batch, args.greedy_tokens, args.workers)
+    log.info("continuation references ready (%d windows), %.0f s", len(wins), time.time() - t0)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    extra = {"device": device, "date": date, "model_params": model_params}
+    new_rows = [
+        {
+            "method": "exact",
+            "target_ratio": None,
+            "kind": "reference",
+            "retrieval": {k: round(g.accuracy, 4) for k, g in exact_ret.items()},
+            "retrieval_groups": qualifying,
+            "retrieval_accuracy": (
+                round(
+                    sum(exact_ret[k].correct for k in qualifying)
+                    / sum(exact_ret[k].total for k in qualifying),
+                    4,
+                )
+                if qualifying
+                else None
+            ),
+            **extra,
+        }
+    ]
+    for m in methods:
+        cont = suite.run(m)
+        row = method_row(m, cont, ret[id(m)], exact_ret, extra)
+        new_rows.append(row)
+        log.info(
+            "%s %s: ratio %s, KL %.4f, ppl %+.2f%%, top-1 %.3f, greedy %.2f (%.0f s)",
+            m.name,
+            _g(m.target_ratio),
+            row["honest_ratio"],
+            row["kl"],
+            row["ppl_change_pct"],
+            row["top1_agreement"],
+            row["greedy_agreement"],
+            row["seconds"],
+        )
+
+    import transformers
+
+    run_id = f"{date[:19].replace(':', '')}-{args.device.split(':')[0]}"
+    cmd = "python benchmarks/rate_distortion.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    meta = {
+        "command": cmd.strip(),
+        "device": device,
+        "model": info.name,
+        "model_dtype": args.dtype,
+        "date": date,
+        "seconds": round(time.time() - t0, 1),
+        "windows": len(wins),
+        "context_tokens": CTX,
+        "greedy_tokens": args.greedy_tokens,
+        "retrieval_tasks": args.retrieval_tasks,
+        "retrieval_lengths": args.retrieval_lengths,
+        "retrieval_samples": args.retrieval_samples,
+        "retrieval_min_accuracy": args.retrieval_min_accuracy,
+        "calibration_settings": settings.key(),
+        "deflate": deflate_impl(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "skipped": skipped,
+    }
+    doc = rows.merge(rows.load(json_path), new_rows, run_id, meta)
+    rows.save(json_path, doc)
+    log.info("wrote %s (%d rows)", json_path, len(doc["rows"]))
+    finish(doc, args.out, skipped)
+    return 0
+
+
+def _g(r) -> str:
+    return "" if r is None else f"{r:g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Which methods a run compares, by name, and how each is built.
+
+- ``kvtc``: ours, one row per target ratio (artifacts from
+  :func:`kvtc_store.calibration.load_or_calibrate`).
+- Ablations of ours, one row per ablation ratio: ``kvtc-nocoder`` (the same artifacts, no
+  entropy coder), and three that calibrate under other
+  :class:`~kvtc_store.calibration.CalibrationSettings` fields: ``kvtc-uniform``
+  (``allocation="uniform"``: uniform bits on the top components, no DP),
+  ``kvtc-rope`` (``undo_rope=False``: RoPE kept on keys), ``kvtc-perlayer``
+  (``layers_per_group=1``: per-layer PCA instead of all layers in one group). An ablation
+  whose settings field does not exist in the installed kvtc_store is skipped with a
+  message, not faked.
+- Baselines: ``bf16`` (storage floor), ``fp8``, ``fp8-token``, ``int8``, ``int4-g64``,
+  ``kivi-2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from kvtc_store.calibration import CalibrationSettings
+from kvtc_store.codec import CodecArtifact, KVTCCodec
+
+from .base import KVMethod
+from .bf16 import BF16
+from .fp8 import fp8_cast, fp8_per_token
+from .int_group import int4_group64, int8_per_token
+from .kivi import KIVI
+from .kvtc import KVTC
+
+log = logging.getLogger(__name__)
+
+BASELINES: dict[str, Callable[[], KVMethod]] = {
+    "bf16": BF16,
+    "fp8": fp8_cast,
+    "fp8-token": fp8_per_token,
+    "int8": int8_per_token,
+    "int4-g64": int4_group64,
+    "kivi-2": KIVI,
+}
+# ablation name -> (CalibrationSettings field, value)
+SETTINGS_ABLATIONS: dict[str, tuple[str, object]] = {
+    "kvtc-uniform": ("allocation", "uniform"),
+    "kvtc-rope": ("undo_rope", False),
+    "kvtc-perlayer": ("layers_per_group", 1),
+}
+ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS)
+ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
+DEFAULT_RATIOS = (4, 6, 8, 12, 16, 20, 24, 32, 48, 64)
+DEFAULT_ABLATION_RATIOS = (12, 20)  # where issue 3's two quality targets sit
+
+Calibrator = Callable[[CalibrationSettings, list[float]], list[CodecArtifact]]
+
+
+def ablation_settings(base: CalibrationSettings, name: str) -> CalibrationSettings | str:
+    """Settings of a settings ablation, or the reason it cannot run (a missing field)."""
+    fld, value = SETTINGS_ABLATIONS[name]
+    have = {f.name for f in dataclasses.fields(CalibrationSettings)}
+    if fld not in have:
+        return (
+            f"{name} skipped: CalibrationSettings has no field {fld!r} in this kvtc_store "
+            f"(needs {fld}={value!r}; fields: {', '.join(sorted(have))})"
+        )
+    if getattr(base, fld) == value:
+        return f"{name} skipped: the base settings already have {fld}={value!r}"
+    return dataclasses.replace(base, **{fld: value})
+
+
+def build_methods(
+    names: list[str],
+    ratios: list[float],
+    ablation_ratios: list[float],
+    settings: CalibrationSettings,
+    calibrate: Calibrator,
+    device: str,
+) -> tuple[list[KVMethod], list[str]]:
+    """The methods to run, in report order, and messages for those skipped.
+
+    Args:
+        names: method names from :data:`ALL_METHODS`.
+        ratios: target ratios of ``kvtc``.
+        ablation_ratios: target ratios of the ablations.
+        settings: calibration settings of ours (ablations change one field).
+        calibrate: ``calibrate(settings, ratios) -> artifacts`` (cached calibration).
+        device: where the codecs run (``"cpu"`` or ``"cuda"``).
+
+    Raises:
+        ValueError: an unknown method name.
+    """
+    unknown = sorted(set(names) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+    out: list[KVMethod] = []
+    skipped: list[str] = []
+
+    def kvtc_rows(name, kind, arts, rs, coder="deflate"):
+        for r, a in zip(rs, arts):
+            codec = KVTCCodec(a, coder=coder, device=device)
+            out.append(KVTC(name=name, target_ratio=float(r), kind=kind, codec=codec))
+
+    if "kvtc" in names:
+        kvtc_rows("kvtc", "ours", calibrate(settings, list(ratios)), ratios)
+    if "kvtc-nocoder" in names:
+        arts = calibrate(settings, list(ablation_ratios))
+        kvtc_rows("kvtc-nocoder", "ablation", arts, ablation_ratios, coder="none")
+    for name in SETTINGS_ABLATIONS:
+        if name not in names:
+            continue
+        s = ablation_settings(settings, name)
+        if isinstance(s, str):
+            log.warning("%s", s)
+            skipped.append(s)
+            continue
+        kvtc_rows(name, "ablation", calibrate(s, list(ablation_ratios)), ablation_ratios)
+    for name, make in BASELINES.items():
+        if name in names:
+            out.append(make())
+    return out, skipped
