@@ -2,7 +2,8 @@
 
 Staniszewski & Łańcucki, "KV Cache Transform Coding for Compact Storage in LLM
 Inference", arXiv 2511.01815 (ICLR 2026): RoPE undone on keys, PCA per feature group,
-dynamic-programming bit allocation, DEFLATE. The context is stored exactly as the store
+dynamic-programming allocation; kvtc-store's default quantiser codes calibrated steps
+with rANS (the paper's min/max + DEFLATE is the ``kvtc-minmax`` ablation). The context is stored exactly as the store
 stores a sequence (:meth:`kvtc_store.codec.KVTCCodec.encode_sequence`: 256-token chunks,
 positions below 4 and the sequence's last 128 tokens exact in bfloat16) and decoded in
 one batch (:meth:`~kvtc_store.codec.KVTCCodec.decode_prefix`). Every blob byte counts:

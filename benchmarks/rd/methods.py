@@ -7,7 +7,10 @@
   :class:`~kvtc_store.calibration.CalibrationSettings` fields: ``kvtc-uniform``
   (``allocation="uniform"``: uniform bits on the top components, no DP),
   ``kvtc-rope`` (``undo_rope=False``: RoPE kept on keys), ``kvtc-perlayer``
-  (``layers_per_group=1``: per-layer PCA instead of all layers in one group). An ablation
+  (``layers_per_group=1``: per-layer PCA instead of all layers in one group),
+  ``kvtc-minmax`` (``quantizer="minmax"``: the paper's per-token min/max, bit packing and
+  DEFLATE instead of calibrated steps and rANS), ``kvtc-sensitivity``
+  (``weighting="sensitivity"``: layers weighted by measured KL sensitivity). An ablation
   whose settings field does not exist in the installed kvtc_store is skipped with a
   message, not faked.
 - Baselines: ``bf16`` (storage floor), ``fp8``, ``fp8-token``, ``int8``, ``int4-g64``,
@@ -45,6 +48,8 @@ SETTINGS_ABLATIONS: dict[str, tuple[str, object]] = {
     "kvtc-uniform": ("allocation", "uniform"),
     "kvtc-rope": ("undo_rope", False),
     "kvtc-perlayer": ("layers_per_group", 1),
+    "kvtc-minmax": ("quantizer", "minmax"),
+    "kvtc-sensitivity": ("weighting", "sensitivity"),
 }
 ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
