@@ -1,0 +1,506 @@
+"""Encode and decode a batch of KV chunks end to end on CUDA (quantiser ``rans``).
+
+The same blobs as :class:`~kvtc_store.codec.KVTCCodec` (``docs/blob-format.md``): a blob
+written here decodes on a CPU-only host and the reverse. The rANS streams are
+byte-identical to the CPU's for the same symbols; the symbols themselves can differ from
+the CPU's where the float transform rounds differently (fp16 GEMM operands against
+float32 on the CPU), so the values agree within float tolerance, not bit for bit.
+
+Data flow, all chunks of a batch at once (``N = B * T`` tokens; ``p`` features of K or V;
+``R`` principal components over all groups), feature-major so that every GEMM operand is
+a plain or transposed contiguous matrix:
+
+encode: ``(B, L, H, T, D)`` K and V →[:func:`_prep_kernel`: undo RoPE on K, subtract the
+mean, divide by the scale]→ ``X (p, N)`` fp16 →[cuBLAS per group: ``basisᵀ @ X``]→
+``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams → blobs.
+
+decode: blobs → streams (one host-to-device copy) →[rANS decoder, dequantising on the fly]→
+``C (R, N)`` fp16 →[cuBLAS per group: ``basis @ C``]→ ``F (p, N)`` fp16 →
+[:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
+caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
+
+Sources: KVTC (Staniszewski & Łańcucki, arXiv 2511.01815, §3); RoPE in Hugging Face's
+``rotate_half`` convention (:mod:`kvtc_store.codec.rope`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ...errors import ArtifactError, BlobCorruptError, BlobError
+from ..artifact import CodecArtifact
+from ..blob import BlobHeader, pack_blob, unpack_blob
+from ..codec import EXACT_DTYPE, KVTCCodec
+from ..entropy import get_coder
+from ..features import group_slices
+from .rans_triton import DeviceTables, decode_words_gpu, encode_gpu, upload_streams
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+# -- kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prep_kernel(
+    x_ptr,  # (B, L, H, T, D) keys or values, any float dtype and strides
+    sx_b,
+    sx_l,
+    sx_h,
+    sx_t,
+    sx_d,
+    cos_ptr,  # float32 (B * T, HALF)
+    sin_ptr,
+    mean_ptr,  # float32 (p,)
+    scale_ptr,  # float32 (p,)
+    out_ptr,  # (p, N) feature-major, row stride n_cols
+    n_cols,
+    L,
+    H,
+    T,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    ROT: tl.constexpr,
+    ROPE: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """One (chunk, layer, head) and ``BT`` tokens: ``(undo_rope(x) - mean) / scale``."""
+    pid = tl.program_id(0)
+    h = pid % H
+    lay = (pid // H) % L
+    b = pid // (H * L)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)[:, None]
+    d = tl.arange(0, D)[None, :]
+    m = t < T
+    base = x_ptr + b.to(tl.int64) * sx_b + lay * sx_l + h * sx_h
+    x = tl.load(base + t * sx_t + d * sx_d, mask=m, other=0.0).to(tl.float32)
+    n = b.to(tl.int64) * T + t
+    if ROPE:
+        rot = d < ROT
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        xp = tl.load(base + t * sx_t + partner * sx_d, mask=m & rot, other=0.0).to(tl.float32)
+        rh = tl.where(d < HALF, -xp, xp)
+        cs = tl.load(cos_ptr + n * HALF + d % HALF, mask=m & rot, other=1.0)
+        sn = tl.load(sin_ptr + n * HALF + d % HALF, mask=m & rot, other=0.0)
+        x = tl.where(rot, x * cs - rh * sn, x)
+    f = (lay * H + h) * D + d
+    y = tl.math.div_rn(x - tl.load(mean_ptr + f), tl.load(scale_ptr + f))
+    tl.store(out_ptr + f.to(tl.int64) * n_cols + n, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _finish_kernel(
+    f_ptr,  # (p, N) feature-major, row stride n_cols
+    n_cols,
+    mean_ptr,
+    scale_ptr,
+    cos_ptr,
+    sin_ptr,
+    span_ptr,  # int32 (B, 2): each chunk's transform-coded tokens [a, b)
+    out_ptr,  # (B, L, H, T, D), any strides
+    so_b,
+    so_l,
+    so_h,
+    so_t,
+    so_d,
+    L,
+    H,
+    T,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    ROT: tl.constexpr,
+    ROPE: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """One (chunk, layer, head) and ``BT`` tokens: ``apply_rope(mean + f * scale)``,
+    written for the chunk's coded tokens only."""
+    pid = tl.program_id(0)
+    h = pid % H
+    lay = (pid // H) % L
+    b = pid // (H * L)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)[:, None]
+    d = tl.arange(0, D)[None, :]
+    lo = tl.load(span_ptr + 2 * b)
+    hi = tl.load(span_ptr + 2 * b + 1)
+    m = (t >= lo) & (t < hi)
+    n = b.to(tl.int64) * T + t
+    f = (lay * H + h) * D + d
+    v = tl.load(f_ptr + f.to(tl.int64) * n_cols + n, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(mean_ptr + f) + v * tl.load(scale_ptr + f)
+    if ROPE:
+        rot = d < ROT
+        pf = (lay * H + h) * D + tl.where(d < HALF, d + HALF, d - HALF)
+        vp = tl.load(f_ptr + pf.to(tl.int64) * n_cols + n, mask=m & rot, other=0.0)
+        vp = tl.load(mean_ptr + pf) + vp.to(tl.float32) * tl.load(scale_ptr + pf)
+        rh = tl.where(d < HALF, -vp, vp)
+        cs = tl.load(cos_ptr + n * HALF + d % HALF, mask=m & rot, other=1.0)
+        sn = tl.load(sin_ptr + n * HALF + d % HALF, mask=m & rot, other=0.0)
+        v = tl.where(rot, v * cs + rh * sn, v)
+    ptr = out_ptr + b.to(tl.int64) * so_b + lay * so_l + h * so_h + t * so_t + d * so_d
+    tl.store(ptr, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# -- host ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedBatch:
+    """Chunks decoded by :meth:`GpuCodec.decode_batch`.
+
+    Attributes:
+        keys, values: ``(B, L, H, T, D)`` (RoPE applied to keys); chunks from ``count`` on
+            are undefined.
+        first_positions: absolute position of each decoded chunk's token 0.
+        count: chunks decoded (the prefix before the first bad blob).
+        error: that blob's error, or None.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    first_positions: list[int]
+    count: int
+    error: BlobError | None
+
+
+_MIXED_GEMM = [True]  # torch.mm(..., out_dtype=) works here (checked at first use)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` through cuBLAS; fp16/bf16 operands accumulate in float32 and, when
+    ``out`` is float32, are written in float32 (``torch.mm(..., out_dtype=)``; where that
+    is missing, the GEMM runs in float32)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+        return
+    if out.device.type == "cuda" and _MIXED_GEMM[0]:
+        try:
+            out.copy_(torch.mm(a, b, out_dtype=out.dtype))
+            return
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            log.warning("no mixed-dtype GEMM (%s): projections in float32", exc)
+            _MIXED_GEMM[0] = False
+    torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+class GpuCodec:
+    """Batched encode/decode of 256-token-style chunks on CUDA with a ``rans`` artifact.
+
+    Args:
+        artifact: a calibrated codec with quantiser ``rans``.
+        device: a CUDA device.
+        gemm_dtype: operand dtype of the projections (float16: the artifact's bases are
+            stored in float16, so they are exact; float32 for the slow reference).
+
+    Raises:
+        ArtifactError: not a ``rans`` artifact, or tables that do not match its plan.
+        NotImplementedError: a head dimension that is not a power of two.
+    """
+
+    def __init__(
+        self,
+        artifact: CodecArtifact,
+        device: str | torch.device = "cuda",
+        gemm_dtype: torch.dtype = torch.float16,
+    ):
+        if artifact.quantizer != "rans":
+            raise ArtifactError(f"GpuCodec needs a rans artifact, not {artifact.quantizer!r}")
+        self.artifact = artifact
+        self.device = torch.device(device)
+        self.gemm_dtype = gemm_dtype
+        self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
+        _, heads, dim = artifact.kv_shape
+        if dim & (dim - 1):
+            raise NotImplementedError(f"head dim {dim} is not a power of two")
+        self.tables = DeviceTables.from_rans(self._ref._rans, self.device)
+        dev = self.device
+        self._slices = group_slices(artifact.groups, heads, dim)
+        self._means = {k: self._kind_vector(artifact.means, k) for k in "kv"}
+        self._scales = {k: self._kind_vector(artifact.scales, k) for k in "kv"}
+        widths = [b.shape[1] for b in artifact.bases]
+        self._offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int).tolist()
+        self.n_rows = self._offsets[-1]  # R
+        self._bases = [b.to(dev, gemm_dtype) for b in artifact.bases]
+        colmap, steps = [], []
+        for r in artifact.plan:
+            colmap += range(self._offsets[r.group] + r.start, self._offsets[r.group] + r.end)
+            steps += [float(r.step)] * (r.end - r.start)
+        self._colmap = torch.tensor(colmap, dtype=torch.int64, device=dev)
+        self._steps = torch.tensor(steps, dtype=torch.float32, device=dev)
+        uncoded = sorted(set(range(self.n_rows)) - set(colmap))
+        self._uncoded = torch.tensor(uncoded, dtype=torch.int64, device=dev)
+        self._rounding = float(getattr(artifact, "quant_rounding", 0.5))
+        self._bias = float(getattr(artifact, "quant_bias", 0.0))
+        rope = artifact.rope
+        self._rot = int(rope.head_dim * rope.partial_rotary_factor) if artifact.undo_rope else 0
+        self._inv_freq = rope.inv_freq().to(dev) if self._rot else None
+
+    def _kind_vector(self, per_group: list[torch.Tensor], kind: str) -> torch.Tensor:
+        """Per-group vectors of one kind joined in feature order (groups tile it)."""
+        parts = [v for v, (kd, _) in zip(per_group, self._slices) if kd == kind]
+        return torch.cat(parts).to(self.device, torch.float32).contiguous()
+
+    def _cos_sin(self, first_positions: list[int], tokens: int):
+        """float32 ``(B * T, rot / 2)`` cos and sin of every token's angles (computed in
+        float64, as :mod:`~kvtc_store.codec.rope` does)."""
+        if not self._rot:
+            z = torch.zeros(1, device=self.device)
+            return z, z
+        first = torch.tensor(first_positions, dtype=torch.float64, device=self.device)
+        pos = (first[:, None] + torch.arange(tokens, device=self.device)).reshape(-1)
+        ang = pos[:, None] * self._inv_freq[None, :]
+        return ang.cos().float().contiguous(), ang.sin().float().contiguous()
+
+    @staticmethod
+    def _stage(timer, name: str):
+        return timer(name) if timer is not None else contextlib.nullcontext()
+
+    def _launch_elementwise(self, kernel, batch: int, tokens: int, *args, rope: bool):
+        layers, heads, dim = self.artifact.kv_shape
+        bt = max(16, min(64, 4096 // dim))
+        rot = self._rot if rope else 0
+        grid = (batch * layers * heads, triton.cdiv(tokens, bt))
+        kernel[grid](
+            *args, layers, heads, tokens,
+            D=dim, HALF=max(rot // 2, 1), ROT=rot, ROPE=rot > 0, BT=bt, num_warps=4,
+        )  # fmt: skip
+
+    # -- encode ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_batch(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        first_positions: list[int],
+        exact_tails: list[int] | None = None,
+        timer=None,
+    ) -> list[bytes]:
+        """Compress ``B`` chunks of ``T`` tokens.
+
+        Args:
+            keys, values: ``(B, L, H, T, D)`` on this codec's device (RoPE applied to keys,
+                as cached), any float dtype and strides.
+            first_positions: absolute position of each chunk's token 0.
+            exact_tails: trailing tokens of each chunk stored exactly (default none).
+            timer: optional ``timer(stage) -> context manager`` (benchmarks).
+
+        Returns:
+            One blob per chunk, readable by :meth:`KVTCCodec.decode` on any host.
+
+        Raises:
+            ValueError: shapes differ from the artifact's model.
+        """
+        art = self.artifact
+        batch, layers, heads, tokens, dim = keys.shape
+        if keys.shape != values.shape or (layers, heads, dim) != tuple(art.kv_shape):
+            raise ValueError(f"chunks {tuple(keys.shape)} do not match {tuple(art.kv_shape)}")
+        tails = list(exact_tails) if exact_tails is not None else [0] * batch
+        spans = [
+            self._ref._compressed_span(tokens, int(f), int(e))
+            for f, e in zip(first_positions, tails)
+        ]
+        n = batch * tokens
+        with self._stage(timer, "rope_mean"):
+            cos, sin = self._cos_sin(list(first_positions), tokens)
+            feats = {}
+            for kind, x in (("k", keys), ("v", values)):
+                out = torch.empty(layers * heads * dim, n, dtype=self.gemm_dtype, device=x.device)
+                self._launch_elementwise(
+                    _prep_kernel, batch, tokens, x, *x.stride(), cos, sin,
+                    self._means[kind], self._scales[kind], out, n, rope=kind == "k",
+                )  # fmt: skip
+                feats[kind] = out
+        with self._stage(timer, "projection"):
+            coeffs = torch.empty(self.n_rows, n, dtype=torch.float32, device=keys.device)
+            for g, (kind, sl) in enumerate(self._slices):
+                o0, o1 = self._offsets[g], self._offsets[g + 1]
+                _mm_into(coeffs[o0:o1], self._bases[g].T, feats[kind][sl])
+            del feats
+        with self._stage(timer, "quantise_rans"):
+            coded = [(b, a, e) for b, (a, e) in enumerate(spans) if e > a]
+            streams = encode_gpu(
+                coeffs, self._colmap, self.tables,
+                [e - a for _, a, e in coded], [b * tokens + a for b, a, _ in coded],
+                steps=self._steps, rounding=self._rounding,
+            ) if coded else []  # fmt: skip
+            by_chunk = dict(zip((b for b, _, _ in coded), streams))
+        with self._stage(timer, "blobs"):
+            blobs = []
+            for b, (a, e) in enumerate(spans):
+                exact = b""
+                if a > 0 or e < tokens:
+                    ek = torch.cat([keys[b, :, :, :a], keys[b, :, :, e:]], dim=2)
+                    ev = torch.cat([values[b, :, :, :a], values[b, :, :, e:]], dim=2)
+                    exact = _bf16_bytes(ek) + _bf16_bytes(ev)
+                stream = by_chunk.get(b, b"")
+                header = BlobHeader(
+                    artifact_id=art.artifact_id,
+                    artifact_version=art.version,
+                    model=art.model_fingerprint,
+                    shape=[layers, heads, dim, tokens],
+                    dtype=str(keys.dtype).removeprefix("torch."),
+                    first_position=int(first_positions[b]),
+                    n_sink=art.n_sink,
+                    exact_tail=int(tails[b]),
+                    exact_dtype="bfloat16",
+                    coder="none",
+                    sections={"stream": len(stream), "exact": len(exact)},
+                )
+                blobs.append(pack_blob(header, stream + exact))
+        return blobs
+
+    # -- decode ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_batch(
+        self,
+        blobs: list[bytes],
+        dtype: torch.dtype | None = None,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        timer=None,
+    ) -> DecodedBatch:
+        """Decompress consecutive chunks of equal token count in one batch, up to the first
+        that fails (as :meth:`KVTCCodec.decode_prefix`).
+
+        Args:
+            blobs: blobs written by this artifact (on any host).
+            dtype: output dtype (default: the first blob's input dtype).
+            out: optional ``(keys, values)`` ``(B, L, H, T, D)`` CUDA tensors to write into
+                (any strides, e.g. views of a serving engine's cache).
+            timer: optional ``timer(stage) -> context manager`` (benchmarks).
+
+        Returns:
+            :class:`DecodedBatch`.
+
+        Raises:
+            ValueError: blobs of different token counts, or ``out`` of the wrong shape.
+        """
+        art = self.artifact
+        layers, heads, dim = art.kv_shape
+        with self._stage(timer, "parse"):
+            parsed, error = [], None
+            for blob in blobs:
+                try:
+                    parsed.append(self._parse(blob))
+                except BlobError as exc:
+                    error = exc
+                    break
+                except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
+                    error = BlobCorruptError(f"blob does not decode: {exc}")
+                    break
+        tokens = parsed[0][0].shape[3] if parsed else 0
+        if any(h.shape[3] != tokens for h, *_ in parsed):
+            raise ValueError("decode_batch needs chunks of equal token count")
+        batch = len(blobs)
+        if dtype is None:
+            dtype = _DTYPES.get(parsed[0][0].dtype, torch.float32) if parsed else torch.bfloat16
+        if out is None:
+            shape = (batch, layers, heads, tokens, dim)
+            out = (
+                torch.empty(shape, dtype=dtype, device=self.device),
+                torch.empty(shape, dtype=dtype, device=self.device),
+            )
+        elif out[0].shape[1:] != (layers, heads, tokens, dim) or out[0].shape[0] < batch:
+            raise ValueError(f"out {tuple(out[0].shape)} does not fit {batch} chunks")
+        keys, values = out
+        n = batch * tokens
+        coded = [(i, a, b) for i, (_, a, b, _, _) in enumerate(parsed) if b > a]
+        with self._stage(timer, "upload"):
+            words, base, end = upload_streams([parsed[i][3] for i, _, _ in coded], self.device)
+        with self._stage(timer, "rans_dequantise"):
+            coeffs = torch.empty(self.n_rows, n, dtype=self.gemm_dtype, device=self.device)
+            if self._uncoded.numel():
+                coeffs.index_fill_(0, self._uncoded, 0)
+            ok = decode_words_gpu(
+                words, base, end, self.tables, [b - a for _, a, b in coded], coeffs,
+                colmap=self._colmap, col0=[i * tokens + a for i, a, _ in coded],
+                steps=self._steps, bias=self._bias,
+            ) if coded else np.ones(0, dtype=bool)  # fmt: skip
+        count = len(parsed)
+        if not ok.all():
+            first_bad = coded[int(np.flatnonzero(~ok)[0])][0]
+            if first_bad < count:
+                count = first_bad
+                error = BlobCorruptError(
+                    "rANS stream does not decode to its initial state (data altered)"
+                )
+        with self._stage(timer, "projection"):
+            feats = {
+                kind: torch.empty(layers * heads * dim, n, dtype=self.gemm_dtype,
+                                  device=self.device)
+                for kind in "kv"
+            }  # fmt: skip
+            for g, (kind, sl) in enumerate(self._slices):
+                o0, o1 = self._offsets[g], self._offsets[g + 1]
+                _mm_into(feats[kind][sl], self._bases[g], coeffs[o0:o1])
+            del coeffs
+        with self._stage(timer, "rope_write"):
+            first_positions = [int(h.first_position) for h, *_ in parsed]
+            cos, sin = self._cos_sin(first_positions + [0] * (batch - len(parsed)), tokens)
+            spans = [[a, b] for _, a, b, _, _ in parsed] + [[0, 0]] * (batch - len(parsed))
+            span_t = torch.tensor(spans, dtype=torch.int32, device=self.device)
+            for kind, dst in (("k", keys), ("v", values)):
+                self._launch_elementwise(
+                    _finish_kernel, batch, tokens, feats[kind], n,
+                    self._means[kind], self._scales[kind], cos, sin, span_t,
+                    dst, *dst.stride(), rope=kind == "k",
+                )  # fmt: skip
+        with self._stage(timer, "exact"):
+            for i, (_, a, b, _, exact) in enumerate(parsed[:count]):
+                if exact is None:
+                    continue
+                ek, ev = exact
+                for dst, src in ((keys, ek), (values, ev)):
+                    src = src.to(self.device, dtype, non_blocking=True)
+                    dst[i, :, :, :a] = src[:, :, :a]
+                    dst[i, :, :, b:] = src[:, :, a:]
+        return DecodedBatch(keys, values, first_positions[:count], count, error)
+
+    def _parse(self, blob: bytes):
+        """``(header, a, b, stream, exact)`` of one blob; exact is ``(k, v)`` bf16 on the
+        host ``(L, H, n_exact, D)`` or None."""
+        header, payload = unpack_blob(blob)
+        self._ref._check_header(header)
+        layers, heads, dim, tokens = header.shape
+        if (layers, heads, dim) != tuple(self.artifact.kv_shape):
+            raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
+        a, b = self._ref._compressed_span(tokens, header.first_position, header.exact_tail)
+        n_exact = tokens - (b - a)
+        want = {
+            "stream": header.sections.get("stream", 0) if b > a else 0,
+            "exact": 2 * layers * heads * n_exact * dim * 2,
+        }
+        if header.sections != want:
+            raise BlobCorruptError(f"blob sections {header.sections} do not match {want}")
+        if header.coder == "none":  # no copy: the stream goes straight to pinned memory
+            if len(payload) != sum(want.values()):
+                raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
+            raw = payload
+        else:
+            raw = memoryview(get_coder(header.coder).decode(bytes(payload), sum(want.values())))
+        stream = raw[: want["stream"]]
+        exact = None
+        if n_exact:
+            arr = np.frombuffer(raw, dtype=np.int16, offset=want["stream"]).copy()
+            kv = torch.from_numpy(arr).view(EXACT_DTYPE).reshape(2, layers, heads, n_exact, dim)
+            exact = (kv[0], kv[1])
+        return header, a, b, stream, exact
+
+
+def _bf16_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian bfloat16 bytes of ``t`` (the blob's exact section)."""
+    return t.to(EXACT_DTYPE).contiguous().cpu().view(torch.int16).numpy().tobytes()

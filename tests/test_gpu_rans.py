@@ -1,0 +1,244 @@
+"""The rANS coder and the codec on CUDA (kvtc_store.codec.gpu): streams byte-identical
+to the numpy reference, blobs that cross devices both ways, every output element written.
+
+Skipped without CUDA and Triton (CI has neither); run on the lent H200 and recorded in
+``benchmarks/results/gpu_codec.md``. Set ``KVTC_GPU_RANS_DATA`` to a folder holding
+``artifact/`` (a saved SmolLM2 ``rans`` codec) and ``chunk.safetensors`` (``keys`` /
+``values`` ``(30, 3, 256, 64)`` bf16 of real text at position 256) to add real KV.
+``KVTC_GPU_TEST_DEVICE=cpu`` with ``TRITON_INTERPRET=1`` runs them in Triton's CPU
+interpreter (slow; for developing the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvtc_store.codec import CodecArtifact, KVTCCodec
+from kvtc_store.codec.blob import pack_blob, unpack_blob
+from kvtc_store.codec.rans import MAX_SHIFT, RansTables, laplace_tables
+from kvtc_store.errors import BlobCorruptError
+from tests.test_codec import arts, make_chunk  # noqa: F401 - synthetic artifact fixture
+
+DEV = os.environ.get("KVTC_GPU_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs CUDA"),
+]
+triton = pytest.importorskip("triton")
+
+from kvtc_store.codec.gpu.codec_gpu import GpuCodec
+from kvtc_store.codec.gpu.rans_triton import (
+    DeviceTables,
+    decode_symbols_gpu,
+    decode_words_gpu,
+    encode_symbols_gpu,
+    upload_streams,
+)
+
+TABLES = laplace_tables()
+COUNTS = [256, 1, 17, 0, 100, 64, 3, 255]  # tokens per chunk, a chunk of none included
+
+
+def _random_case(n_comp: int, counts: list[int], interleave: int, seed: int):
+    """Tables with every kind of component (shifts 0..MAX_SHIFT, narrow and wide classes)
+    and symbols drawn near each component's own scale, plus outliers that escape."""
+    rng = np.random.default_rng(seed)
+    shift = rng.integers(0, MAX_SHIFT + 1, n_comp)
+    shift[rng.random(n_comp) < 0.5] = 0
+    cls = rng.integers(0, TABLES.shape[1], n_comp)
+    scale = np.exp(rng.uniform(np.log(0.05), np.log(4), n_comp)) * 2.0**shift
+    q = np.round(rng.laplace(0, scale[:, None], (n_comp, sum(counts))))
+    out = rng.random(q.shape) < 0.002
+    q[out] = rng.integers(-32767, 32768, out.sum())
+    q = np.clip(q, -32767, 32767).astype(np.int32)
+    return q, RansTables(TABLES, shift, cls, interleave)
+
+
+@pytest.mark.parametrize("interleave", [1, 2, 3, 4])
+def test_streams_byte_identical_to_numpy(interleave):
+    """Many chunks of different lengths, shifts, escapes: the GPU writes the reference's
+    bytes from int32, int16 and token-major input and decodes the reference's streams."""
+    q, ref = _random_case(203, COUNTS, interleave, seed=interleave)
+    want = ref.encode(q, COUNTS)
+    tables = DeviceTables.from_rans(ref, DEV)
+    qd = torch.from_numpy(q).to(DEV)
+    assert encode_symbols_gpu(qd, tables, COUNTS) == want
+    assert encode_symbols_gpu(qd.to(torch.int16), tables, COUNTS) == want
+    assert encode_symbols_gpu(qd.T.contiguous().T, tables, COUNTS) == want  # token-major
+    assert encode_symbols_gpu(qd, tables, COUNTS, capacity=8) == want  # buffer overflows
+    assert torch.equal(decode_symbols_gpu(want, tables, COUNTS).cpu(), torch.from_numpy(q))
+    q16 = decode_symbols_gpu(want, tables, COUNTS, dtype=torch.int16)
+    assert torch.equal(q16.cpu().int(), torch.from_numpy(q))
+
+
+def test_a_large_batch_of_full_chunks():
+    """More chunks than the H200 has multiprocessors, 256 tokens each, 4 lanes."""
+    counts = [256] * 140
+    q, ref = _random_case(61, counts, 4, seed=7)
+    tables = DeviceTables.from_rans(ref, DEV)
+    want = ref.encode(q, counts)
+    assert encode_symbols_gpu(torch.from_numpy(q).to(DEV), tables, counts) == want
+    assert torch.equal(decode_symbols_gpu(want, tables, counts).cpu(), torch.from_numpy(q))
+
+
+def _alterations(stream: bytes, lanes: int):
+    s = bytearray(stream)
+    flip = bytearray(s)
+    flip[4 * lanes + 10] ^= 0x5A  # a word
+    low_state = bytearray(s)
+    low_state[2:4] = b"\x00\x00"  # lane 0's state below 2**16
+    return {
+        "word": bytes(flip),
+        "state": bytes(low_state),
+        "short": bytes(s[:-2]),
+        "long": bytes(s) + b"\x01\x00",
+    }
+
+
+def test_altered_streams_raise_where_numpy_does():
+    counts = [40, 40]
+    q, ref = _random_case(50, counts, 4, seed=11)
+    tables = DeviceTables.from_rans(ref, DEV)
+    good = ref.encode(q, counts)
+    raised = 0
+    for name, bad in _alterations(good[1], 40 * 4).items():
+        streams = [good[0], bad]
+        try:
+            ref.decode(streams, counts)
+            cpu_raises = False
+        except BlobCorruptError:
+            cpu_raises = True
+        if cpu_raises:
+            raised += 1
+            with pytest.raises(BlobCorruptError):
+                decode_symbols_gpu(streams, tables, counts)
+        else:  # undetected on the CPU: the GPU decodes the same symbols
+            want = ref.decode(streams, counts)
+            got = decode_symbols_gpu(streams, tables, counts).cpu().numpy()
+            assert np.array_equal(got, want), name
+    assert raised >= 3
+
+
+def test_decoder_writes_every_element():
+    """Outputs poisoned with 0x7f7f7f7f (symbols) and NaN (dequantised, fp16 and
+    float32, scattered through a column map into a token-major matrix)."""
+    q, ref = _random_case(77, COUNTS, 3, seed=5)
+    tables = DeviceTables.from_rans(ref, DEV)
+    streams = ref.encode(q, COUNTS)
+    words, base, end = upload_streams(streams, DEV)
+    n, t = q.shape
+    out = torch.full((n, t), 0x7F7F7F7F, dtype=torch.int32, device=DEV)
+    assert decode_words_gpu(words, base, end, tables, COUNTS, out).all()
+    assert torch.equal(out.cpu(), torch.from_numpy(q))
+    steps = torch.rand(n, device=DEV) + 0.1
+    perm = torch.randperm(n, device=DEV)
+    qt = torch.from_numpy(q).to(DEV).float()
+    for dtype in (torch.float16, torch.float32):
+        tm = torch.full((t, n), float("nan"), dtype=dtype, device=DEV)  # token-major
+        ok = decode_words_gpu(
+            words, base, end, tables, COUNTS, tm.T, colmap=perm, steps=steps, bias=0.25
+        )
+        assert ok.all() and not tm.isnan().any()
+        want = ((qt - torch.sign(qt) * 0.25) * steps[:, None]).to(dtype)
+        assert torch.equal(tm.T[perm], want)
+
+
+# -- real SmolLM2 KV and the whole codec ---------------------------------------------------
+
+
+def _real():
+    root = os.environ.get("KVTC_GPU_RANS_DATA")
+    if not root:
+        return None
+    from safetensors.torch import load_file
+
+    t = load_file(str(Path(root) / "chunk.safetensors"))
+    return CodecArtifact.load(Path(root) / "artifact"), t["keys"], t["values"], 256
+
+
+def test_real_chunk_streams_byte_identical():
+    real = _real()
+    if real is None:
+        pytest.skip("KVTC_GPU_RANS_DATA not set")
+    art, k, v, first = real
+    cpu = KVTCCodec(art)
+    blobs = [cpu.encode(k, v, first), cpu.encode(k[:, :, :200], v[:, :, :200], first + 56)]
+    streams, counts = [], []
+    for blob in blobs:
+        header, payload = unpack_blob(blob)
+        streams.append(bytes(payload[: header.sections["stream"]]))
+        counts.append(header.shape[3])
+    q = cpu._rans.decode(streams, counts)
+    tables = DeviceTables.from_rans(cpu._rans, DEV)
+    got = decode_symbols_gpu(streams, tables, counts)
+    assert np.array_equal(got.cpu().numpy(), q)
+    assert encode_symbols_gpu(torch.from_numpy(q).to(DEV), tables, counts) == streams
+
+
+def _codec_cases(arts):  # noqa: F811
+    k, v = make_chunk(64, 300, seed=5)
+    k2, v2 = make_chunk(64, 364, seed=6)
+    cases = []
+    for key in (("all", 8.0), ("layer", 4.0)):
+        if arts[key].quantizer == "rans":
+            cases.append((arts[key], torch.stack([k, k2]), torch.stack([v, v2]), [300, 364]))
+    real = _real()
+    if real is not None:
+        art, k, v, first = real
+        cases.append((art, torch.stack([k, k]), torch.stack([v, v]), [first, first + 256]))
+    return cases
+
+
+@pytest.mark.parametrize("gemm_dtype", [torch.float16, torch.float32])
+def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
+    """GPU blobs decode on the CPU and CPU blobs on the GPU, with exact tails and sinks;
+    the same blob decodes to the same values on both (float tolerance), and GPU-written
+    blobs reconstruct the chunks as well as CPU-written ones."""
+    cases = _codec_cases(arts)
+    if not cases:
+        pytest.skip("minmax artifacts")
+    for art, keys, values, firsts in cases:
+        cpu, gpu = KVTCCodec(art), GpuCodec(art, device=DEV, gemm_dtype=gemm_dtype)
+        tails = [0, 17]
+        blob_g = gpu.encode_batch(keys.to(DEV), values.to(DEV), firsts, tails)
+        blob_c = [cpu.encode(keys[i], values[i], firsts[i], tails[i]) for i in range(2)]
+        scale = keys.float().abs().max().item()
+        for b in range(2):
+            assert cpu.read_header(blob_g[b]).sections.keys() == {"stream", "exact"}
+            ref = cpu.decode(blob_c[b])
+            err_c = ((ref.keys.float() - keys[b].float()) ** 2).sum().item()
+            err_g = ((cpu.decode(blob_g[b]).keys.float() - keys[b].float()) ** 2).sum().item()
+            assert err_g < 1.05 * err_c + 1e-6
+        for blobs in (blob_c, blob_g):
+            dec = gpu.decode_batch(blobs, dtype=torch.float32)
+            assert dec.count == 2 and dec.error is None
+            for b in range(2):
+                ref = cpu.decode(blobs[b], dtype=torch.float32)
+                assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
+                assert (dec.values[b].cpu() - ref.values).abs().max().item() < 2e-3 * scale
+
+
+def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts):  # noqa: F811
+    cases = _codec_cases(arts)
+    if not cases:
+        pytest.skip("minmax artifacts")
+    for art, keys, values, firsts in cases:
+        gpu = GpuCodec(art, device=DEV)
+        blobs = gpu.encode_batch(keys.to(DEV), values.to(DEV), firsts, [0, 9])
+        for dtype in (torch.bfloat16, torch.float32):
+            out = tuple(torch.full(keys.shape, float("nan"), dtype=dtype, device=DEV)
+                        for _ in range(2))  # fmt: skip
+            dec = gpu.decode_batch(blobs, out=out)
+            assert dec.keys is out[0] and not out[0].isnan().any() and not out[1].isnan().any()
+            exact = keys[1, :, :, -9:].to(torch.bfloat16).to(dtype)
+            assert torch.equal(out[0][1, :, :, -9:].cpu(), exact)
+        header, payload = unpack_blob(blobs[1])
+        bad = bytearray(payload)
+        bad[2:4] = b"\x00\x00"  # a lane state below 2**16, checksum recomputed
+        dec = gpu.decode_batch([blobs[0], pack_blob(header, bytes(bad))])
+        assert dec.count == 1 and isinstance(dec.error, BlobCorruptError)
