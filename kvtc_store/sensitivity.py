@@ -78,9 +78,7 @@ def measure_sensitivity(
                 x = base[layer, :, lossy]
                 var = float(x.var(dim=1).mean())
                 noisy = base.clone()
-                noisy[layer, :, lossy] += (noise * var) ** 0.5 * torch.randn(
-                    x.shape, generator=gen
-                )
+                noisy[layer, :, lossy] += (noise * var) ** 0.5 * torch.randn(x.shape, generator=gen)
                 k, v = (noisy, values) if row == 0 else (keys, noisy)
                 lq = F.log_softmax(continuation_logits(model, k, v, cont), dim=-1)
                 kl = float((lp.exp() * (lp - lq)).sum(-1).mean())

@@ -9,8 +9,9 @@
   ``kvtc-rope`` (``undo_rope=False``: RoPE kept on keys), ``kvtc-perlayer``
   (``layers_per_group=1``: per-layer PCA instead of all layers in one group),
   ``kvtc-minmax`` (``quantizer="minmax"``: the paper's per-token min/max, bit packing and
-  DEFLATE instead of calibrated steps and rANS), ``kvtc-sensitivity``
-  (``weighting="sensitivity"``: layers weighted by measured KL sensitivity). An ablation
+  DEFLATE instead of calibrated steps and rANS), ``kvtc-variance``
+  (``weighting="variance"``: per-head variance scaling instead of the layers' measured
+  KL sensitivity). An ablation
   whose settings field does not exist in the installed kvtc_store is skipped with a
   message, not faked.
 - Baselines: ``bf16`` (storage floor), ``fp8``, ``fp8-token``, ``int8``, ``int4-g64``,
@@ -49,7 +50,7 @@ SETTINGS_ABLATIONS: dict[str, tuple[str, object]] = {
     "kvtc-rope": ("undo_rope", False),
     "kvtc-perlayer": ("layers_per_group", 1),
     "kvtc-minmax": ("quantizer", "minmax"),
-    "kvtc-sensitivity": ("weighting", "sensitivity"),
+    "kvtc-variance": ("weighting", "variance"),
 }
 ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
