@@ -227,20 +227,38 @@ class KVTCCodec:
             sections = {"stream": len(codes_b), "exact": len(exact_b)}
         else:
             sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
-        header = BlobHeader(
+        header = self.blob_header(
+            tokens, keys.dtype, first_position, exact_tail, self.coder.name, sections
+        )
+        return pack_blob(header, self.coder.encode(scales_b + codes_b + exact_b))
+
+    def blob_header(
+        self,
+        tokens: int,
+        dtype: torch.dtype,
+        first_position: int,
+        exact_tail: int,
+        coder: str,
+        sections: dict[str, int],
+    ) -> BlobHeader:
+        """The header of a blob this codec writes for a chunk of ``tokens`` tokens whose
+        input had ``dtype``; ``sections`` are the raw section lengths in bytes (the
+        payload length and checksum are filled by :func:`pack_blob`)."""
+        art = self.artifact
+        layers, heads, dim = art.kv_shape
+        return BlobHeader(
             artifact_id=art.artifact_id,
             artifact_version=art.version,
             model=art.model_fingerprint,
-            shape=[layers, heads, dim, tokens],
-            dtype=str(keys.dtype).removeprefix("torch."),
+            shape=[layers, heads, dim, int(tokens)],
+            dtype=str(dtype).removeprefix("torch."),
             first_position=int(first_position),
             n_sink=art.n_sink,
             exact_tail=int(exact_tail),
             exact_dtype="bfloat16",
-            coder=self.coder.name,
+            coder=coder,
             sections=sections,
         )
-        return pack_blob(header, self.coder.encode(scales_b + codes_b + exact_b))
 
     def encode_sequence(
         self,

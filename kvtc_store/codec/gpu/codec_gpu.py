@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ...errors import ArtifactError, BlobCorruptError, BlobError
 from ..artifact import CodecArtifact
-from ..blob import BlobHeader, pack_blob, unpack_blob
+from ..blob import pack_blob, unpack_blob
 from ..codec import EXACT_DTYPE, KVTCCodec
 from ..entropy import get_coder
 from ..features import group_slices
@@ -347,18 +347,13 @@ class GpuCodec:
                     ev = torch.cat([values[b, :, :, :a], values[b, :, :, e:]], dim=2)
                     exact = _bf16_bytes(ek) + _bf16_bytes(ev)
                 stream = by_chunk.get(b, b"")
-                header = BlobHeader(
-                    artifact_id=art.artifact_id,
-                    artifact_version=art.version,
-                    model=art.model_fingerprint,
-                    shape=[layers, heads, dim, tokens],
-                    dtype=str(keys.dtype).removeprefix("torch."),
-                    first_position=int(first_positions[b]),
-                    n_sink=art.n_sink,
-                    exact_tail=int(tails[b]),
-                    exact_dtype="bfloat16",
-                    coder="none",
-                    sections={"stream": len(stream), "exact": len(exact)},
+                header = self._ref.blob_header(
+                    tokens,
+                    keys.dtype,
+                    first_positions[b],
+                    tails[b],
+                    "none",
+                    {"stream": len(stream), "exact": len(exact)},
                 )
                 blobs.append(pack_blob(header, stream + exact))
         return blobs
