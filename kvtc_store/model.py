@@ -136,11 +136,16 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     return model, tok, model_info(model, name)
 
 
-def model_info(model, name: str) -> ModelInfo:
-    """Identify a loaded transformers model: KV shape, RoPE, fingerprint."""
-    cfg = model.config.get_text_config()
+def kv_geometry(config) -> tuple[tuple[int, int, int], RopeParams]:
+    """KV shape ``(layers, kv_heads, head_dim)`` and RoPE parameters of a transformers
+    config (a ``PretrainedConfig``; multimodal configs use their text config).
+
+    Serving engines hand over the same config object (vLLM's ``model_config.hf_config``,
+    SGLang's ``model_config.hf_config``), so engines and transformers agree on both.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = cfg.num_hidden_layers
-    heads = cfg.num_key_value_heads
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rp = getattr(cfg, "rope_parameters", None) or {}
     theta = float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
@@ -150,6 +155,13 @@ def model_info(model, name: str) -> ModelInfo:
         rope_type=rp.get("rope_type", "default"),
         partial_rotary_factor=float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0),
     )
+    return (layers, heads, dim), rope
+
+
+def model_info(model, name: str) -> ModelInfo:
+    """Identify a loaded transformers model: KV shape, RoPE, fingerprint."""
+    cfg = model.config.get_text_config()
+    (layers, heads, dim), rope = kv_geometry(cfg)
     h = hashlib.sha256()
     arch = {
         "model_type": cfg.model_type,

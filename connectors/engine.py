@@ -1,0 +1,95 @@
+"""What every serving-engine connector (vLLM, SGLang) shares: the store opened for the
+engine's model, with engine-neutral chunk keys.
+
+Engines never run our calibration, so their store config must name a saved codec
+artifact (``codec.artifact``; make one with ``kvtc-store calibrate``). The artifact says
+which model it was calibrated for; the engine's transformers config must have the same
+KV shape and RoPE, or :class:`~kvtc_store.errors.ArtifactModelMismatchError` is raised.
+
+Chunk keys are the store's own SHA-256 prefix chain (:mod:`kvtc_store.keys`) over the
+token ids, namespaced by the artifact's model fingerprint and the KV layout
+(``L{layers}-H{heads}-D{dim}-{dtype}-tp{rank}of{size}``), never an engine's block or page
+hash. A vLLM replica and an SGLang replica of one model with one config therefore derive
+the same keys for the same tokens and share every chunk (``tests/test_engine_keys.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..codec.artifact import CodecArtifact
+from ..config import load_config
+from ..errors import ArtifactModelMismatchError, ConfigError
+from ..model import ModelInfo, kv_geometry
+from ..store import TieredStore
+
+__all__ = ["engine_model_info", "open_engine_store"]
+
+
+def engine_model_info(hf_config, artifact: CodecArtifact) -> ModelInfo:
+    """The served model's identity, from the engine's config and the codec artifact.
+
+    Args:
+        hf_config: the engine's transformers config (``PretrainedConfig``).
+        artifact: the codec artifact the store config names.
+
+    Returns:
+        A :class:`~kvtc_store.model.ModelInfo` with the artifact's model name and
+        fingerprint and the config's KV shape and RoPE.
+
+    Raises:
+        ArtifactModelMismatchError: the config's KV shape or RoPE differs from the
+            artifact's (the artifact was calibrated for another model).
+    """
+    kv_shape, rope = kv_geometry(hf_config)
+    if tuple(kv_shape) != tuple(artifact.kv_shape):
+        raise ArtifactModelMismatchError(
+            f"codec artifact {artifact.artifact_id} ({artifact.model_name}) is for KV shape "
+            f"{tuple(artifact.kv_shape)}; the engine's model has {tuple(kv_shape)}"
+        )
+    if rope.to_dict() != artifact.rope.to_dict():
+        raise ArtifactModelMismatchError(
+            f"codec artifact {artifact.artifact_id} ({artifact.model_name}) is for RoPE "
+            f"{artifact.rope.to_dict()}; the engine's model has {rope.to_dict()}"
+        )
+    return ModelInfo(artifact.model_name, artifact.model_fingerprint, tuple(kv_shape), rope)
+
+
+def open_engine_store(
+    config_path: str | os.PathLike,
+    hf_config,
+    *,
+    dtype: str = "bfloat16",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> TieredStore:
+    """Open the store a connector's config names, for the engine's model.
+
+    Args:
+        config_path: the store's YAML config (docs/config.md); ``codec.artifact`` is
+            required.
+        hf_config: the engine's transformers config of the served model.
+        dtype: the KV dtype the engine serves (``"bfloat16"``, ``"float16"``); part of
+            the chunk-key namespace.
+        tp_rank, tp_size: tensor-parallel rank and size; only ``tp_size == 1`` is
+            supported (the codec is calibrated on every KV head).
+
+    Raises:
+        ConfigError: malformed config, no ``codec.artifact``, or ``tp_size > 1``.
+        ArtifactError: the artifact is missing or malformed;
+            ArtifactModelMismatchError: it is for another model.
+    """
+    if tp_size != 1:
+        raise ConfigError(
+            f"kvtc-store connectors support tensor parallel size 1 (got {tp_size}): the "
+            "codec is calibrated on all KV heads of a layer"
+        )
+    cfg = load_config(config_path)
+    if cfg.codec.artifact is None:
+        raise ConfigError(
+            f"{config_path}: codec.artifact: a serving engine needs a saved codec artifact "
+            "(make one with `kvtc-store calibrate`, then name its folder here)"
+        )
+    info = engine_model_info(hf_config, CodecArtifact.load(Path(cfg.codec.artifact)))
+    return TieredStore.from_config(config_path, info, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size)
