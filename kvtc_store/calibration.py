@@ -61,6 +61,9 @@ class CalibrationSettings:
         quant_bias: reconstruction offset of the ``rans`` quantiser, in steps (0.1 cut the
             held-out squared error by 7% at ratio 12 against 0; see
             benchmarks/results/rate_distortion.md).
+        basis_dtype: how artifacts store the PCA bases: ``"int8"`` (default; one scale
+            per component, half the size of float16 at no measurable KL cost, see
+            benchmarks/results/rate_distortion.md) or ``"float16"``.
     """
 
     windows: int = 8
@@ -77,12 +80,13 @@ class CalibrationSettings:
     undo_rope: bool = True
     weighting: str = "sensitivity"
     quant_bias: float = 0.1
+    basis_dtype: str = "int8"
 
     def key(self) -> str:
         """Short hash of the settings the PCA fit depends on (the quantiser and the
         allocation only change artifacts, which :func:`artifact_dir` names)."""
         d = asdict(self)
-        for name in ("quantizer", "allocation", "quant_bias"):
+        for name in ("quantizer", "allocation", "quant_bias", "basis_dtype"):
             d.pop(name)
         if d["undo_rope"]:
             d.pop("undo_rope")  # keeps the keys of fits made before the setting existed
@@ -102,7 +106,8 @@ def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -
     ``rans-cr16`` (``rans-uniform-cr16`` for the allocation ablation)."""
     alloc = "" if settings.allocation == "dp" else f"-{settings.allocation}"
     bias = f"-b{settings.quant_bias:g}" if settings.quantizer == "rans" else ""
-    return settings_dir(info, settings) / f"{settings.quantizer}{alloc}{bias}-cr{ratio:g}"
+    basis = "" if settings.basis_dtype == "float16" else f"-{settings.basis_dtype}"
+    return settings_dir(info, settings) / f"{settings.quantizer}{alloc}{bias}{basis}-cr{ratio:g}"
 
 
 def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
@@ -217,6 +222,7 @@ def calibrate(
         quantizer=settings.quantizer,
         allocation=settings.allocation,
         bias=settings.quant_bias,
+        basis_dtype=settings.basis_dtype,
     )
     say(steps, steps, "done")
     for a in arts:

@@ -429,6 +429,7 @@ def fit_artifacts(
     allocation: str = "dp",
     rounding: float = 0.5,
     bias: float = 0.0,
+    basis_dtype: str = "float16",
 ) -> list[CodecArtifact]:
     """Fit PCA once and a bit plan per target ratio; measure each codec on held-out KV.
 
@@ -450,6 +451,7 @@ def fit_artifacts(
             components).
         rounding, bias: dead zone and reconstruction offset of the ``rans`` quantiser
             (:func:`~kvtc_store.codec.quant.quantize_step`).
+        basis_dtype: storage of the bases in the artifact, ``"float16"`` or ``"int8"``.
 
     Returns:
         One artifact per ratio, in order.
@@ -506,6 +508,7 @@ def fit_artifacts(
             quality=info,
             quantizer=quantizer,
             undo_rope=fit.undo_rope,
+            basis_dtype=basis_dtype,
             **rans,
         )
         if holdout:
