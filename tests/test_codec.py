@@ -710,3 +710,14 @@ def test_int8_basis_halves_the_artifact_and_codes_like_float16(arts, tmp_path) -
 def test_unknown_basis_dtype_is_an_artifact_error(arts) -> None:
     with pytest.raises(ArtifactError, match="basis dtype"):
         dataclasses.replace(arts["all", 8.0], artifact_id="", basis_dtype="int4")
+
+
+def test_batched_gpu_kernels_only_where_they_apply(arts) -> None:
+    """The batched GPU codec is used on CUDA by default, never on the CPU unless asked,
+    and asking for it where it cannot run (the minmax quantiser) is an error."""
+    for art in (arts["all", 8.0], arts["layer", 4.0]):
+        assert KVTCCodec(art)._gpu is None
+        assert KVTCCodec(art, gpu_kernels=False)._gpu is None
+        if art.quantizer == "minmax":
+            with pytest.raises(ValueError, match="quantiser 'minmax'"):
+                KVTCCodec(art, gpu_kernels=True)

@@ -242,3 +242,38 @@ def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts):  # n
         bad[2:4] = b"\x00\x00"  # a lane state below 2**16, checksum recomputed
         dec = gpu.decode_batch([blobs[0], pack_blob(header, bytes(bad))])
         assert dec.count == 1 and isinstance(dec.error, BlobCorruptError)
+
+
+@pytest.mark.parametrize("coder", ["none", "deflate"])
+def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: F811
+    """``KVTCCodec(..., gpu_kernels=True)`` (default on CUDA) encodes a stored sequence in
+    batches (full chunks, then the short last one) and decodes a prefix batch by batch:
+    blobs that the per-chunk CPU codec reads, values within float tolerance of its decode,
+    and a bad blob ending the prefix there."""
+    cases = _codec_cases(arts)
+    if not cases:
+        pytest.skip("minmax artifacts")
+    art = cases[0][0]
+    keys, values = make_chunk(600, 0, seed=31)  # 2 full 256-token chunks + 88 tokens
+    cpu = KVTCCodec(art, coder=coder)
+    gpu = KVTCCodec(art, coder=coder, device=DEV, gpu_kernels=True)
+    assert gpu._gpu is not None and cpu._gpu is None
+    blobs = gpu.encode_sequence(keys.to(DEV), values.to(DEV), 0)
+    ref = cpu.encode_sequence(keys, values, 0)
+    heads = [(h.shape, h.coder) for h in map(cpu.read_header, blobs)]
+    assert heads == [(h.shape, h.coder) for h in map(cpu.read_header, ref)]
+    assert {c for _, c in heads} == {coder}
+    scale = keys.abs().max().item()
+    for got in (blobs, ref):
+        chunks, error = gpu.decode_prefix(got, device="cpu", dtype=torch.float32)
+        want, _ = cpu.decode_prefix(got, dtype=torch.float32)
+        assert error is None and len(chunks) == 3
+        for c, w in zip(chunks, want):
+            assert c.first_position == w.first_position and c.keys.device.type == "cpu"
+            assert (c.keys - w.keys).abs().max().item() < 2e-3 * scale
+            assert (c.values - w.values).abs().max().item() < 2e-3 * scale
+    header, payload = unpack_blob(blobs[1])
+    bad = bytearray(payload)
+    bad[2:4] = b"\x00\x00"  # a lane state below 2**16, checksum recomputed
+    chunks, error = gpu.decode_prefix([blobs[0], pack_blob(header, bytes(bad)), blobs[2]])
+    assert len(chunks) == 1 and isinstance(error, BlobCorruptError)

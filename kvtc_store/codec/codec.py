@@ -12,6 +12,7 @@ GPU with the same blob format.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ from .quant import (
 )
 from .rans import RansTables
 from .rope import apply_rope, undo_rope
+
+log = logging.getLogger(__name__)
 
 EXACT_DTYPE = torch.bfloat16
 
@@ -82,12 +85,24 @@ class KVTCCodec:
             ``"none"``); default ``"none"`` for the ``rans`` quantiser (its stream is
             entropy-coded already), ``"deflate"`` for ``minmax``.
         device: where to run the transform (``"cpu"`` or ``"cuda"``).
+        gpu_kernels: run :meth:`encode_sequence` and :meth:`decode_prefix` through the
+            batched Triton codec (:class:`~kvtc_store.codec.gpu.GpuCodec`: one kernel
+            launch per stage for all chunks, no Python loop per chunk). Default (None):
+            on CUDA when the artifact is ``rans``, its head dim a power of two, and triton
+            imports; otherwise the per-chunk torch path.
+            Blobs are the same format either way and decode on either.
 
     Blob size: ``bits_per_token / 8`` bytes per compressed token before entropy coding,
     plus ``2 * L * H * D * 2`` bytes per exact token, plus a header of ~300 bytes.
     """
 
-    def __init__(self, artifact: CodecArtifact, coder: str | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        artifact: CodecArtifact,
+        coder: str | None = None,
+        device: str = "cpu",
+        gpu_kernels: bool | None = None,
+    ):
         self.artifact = artifact
         if coder is None:  # rANS streams are entropy-coded already; bit-packed codes are not
             coder = "none" if artifact.quantizer == "rans" else "deflate"
@@ -129,6 +144,34 @@ class KVTCCodec:
                     f"artifact {artifact.artifact_id}: the {kind} groups must cover layers "
                     "0..L in order"
                 )
+        self._gpu = self._batched_codec(gpu_kernels)
+
+    def _batched_codec(self, wanted: bool | None):
+        """The :class:`~kvtc_store.codec.gpu.GpuCodec` this codec hands batches to, or None.
+
+        Raises:
+            ValueError: ``wanted`` is True but the artifact, coder or device cannot use it.
+        """
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
+            return None
+        art = self.artifact
+        dim = art.kv_shape[2]
+        why = None
+        if art.quantizer != "rans":
+            why = f"quantiser {art.quantizer!r} (needs rans)"
+        elif dim & (dim - 1):
+            why = f"head dim {dim} (needs a power of two)"
+        else:
+            try:
+                from .gpu import GpuCodec
+            except ImportError as exc:  # triton missing
+                why = f"the GPU codec does not import: {exc}"
+        if why is not None:
+            if wanted:
+                raise ValueError(f"gpu_kernels: cannot batch on {self.device}: {why}")
+            log.info("codec on %s without batched kernels: %s", self.device, why)
+            return None
+        return GpuCodec(art, self.device, coder=self.coder.name)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -283,11 +326,36 @@ class KVTCCodec:
         """
         window = self.artifact.window if window is None else window
         total = keys.shape[2]
-        blobs = []
+        spans = []
         for s in range(0, total, chunk_tokens):
             e = min(s + chunk_tokens, total)
-            tail = max(0, min(e - s, window - (total - e)))
-            blobs.append(self.encode(keys[:, :, s:e], values[:, :, s:e], first_position + s, tail))
+            spans.append((s, e, max(0, min(e - s, window - (total - e)))))
+        if self._gpu is None or keys.device.type != self.device.type:
+            return [
+                self.encode(keys[:, :, s:e], values[:, :, s:e], first_position + s, tail)
+                for s, e, tail in spans
+            ]
+        # Batched: the full chunks in one call (strided views, no copy), the short last one
+        # in another.
+        full = total // chunk_tokens
+        blobs = []
+        if full:
+
+            def as_batch(x: torch.Tensor) -> torch.Tensor:
+                return (
+                    x[:, :, : full * chunk_tokens].unflatten(2, (full, chunk_tokens)).movedim(2, 0)
+                )
+
+            blobs += self._gpu.encode_batch(
+                as_batch(keys),
+                as_batch(values),
+                [first_position + s for s, _, _ in spans[:full]],
+                [tail for _, _, tail in spans[:full]],
+            )
+        for s, e, tail in spans[full:]:
+            blobs += self._gpu.encode_batch(
+                keys[None, :, :, s:e], values[None, :, :, s:e], [first_position + s], [tail]
+            )
         return blobs
 
     # -- decode ---------------------------------------------------------------------------
@@ -363,6 +431,8 @@ class KVTCCodec:
             decode, and that blob's error (a :class:`BlobError` subclass, including
             :class:`CodecMismatchError`) or None when all decoded.
         """
+        if self._gpu is not None:
+            return self._decode_prefix_batched(blobs, device, dtype)
         parsed: list[_Parsed] = []
         error: BlobError | None = None
         for blob in blobs:
@@ -380,6 +450,41 @@ class KVTCCodec:
             parsed, rans_error = self._decode_streams(parsed)
             error = rans_error or error
         return self._reconstruct(parsed, device, dtype), error
+
+    def _decode_prefix_batched(
+        self, blobs: list[bytes], device, dtype
+    ) -> tuple[list[DecodedChunk], BlobError | None]:
+        """:meth:`decode_prefix` through the batched GPU codec: one batch per run of
+        blobs with equal token counts (all of them, in a stored sequence, but the last)."""
+        out_device = torch.device(device) if device is not None else self.device
+        chunks: list[DecodedChunk] = []
+        i = 0
+        while i < len(blobs):
+            try:
+                tokens = self.read_header(blobs[i]).shape[3]
+            except BlobError as exc:
+                return chunks, exc
+            j = i + 1
+            while j < len(blobs):
+                try:
+                    if unpack_blob(blobs[j])[0].shape[3] != tokens:
+                        break
+                except BlobError:
+                    break  # the batch stops before it; the next round reports its error
+                j += 1
+            batch = self._gpu.decode_batch(blobs[i:j], dtype=dtype)
+            for b in range(batch.count):
+                chunks.append(
+                    DecodedChunk(
+                        batch.keys[b].to(out_device),
+                        batch.values[b].to(out_device),
+                        batch.first_positions[b],
+                    )
+                )
+            if batch.error is not None:
+                return chunks, batch.error
+            i = j
+        return chunks, None
 
     def _decode_streams(self, parsed: list[_Parsed]) -> tuple[list[_Parsed], BlobError | None]:
         """rANS-decode every parsed blob's stream in one vectorised pass and fill its

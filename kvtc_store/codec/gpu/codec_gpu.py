@@ -202,8 +202,12 @@ class GpuCodec:
     Args:
         artifact: a calibrated codec with quantiser ``rans``.
         device: a CUDA device.
-        gemm_dtype: operand dtype of the projections (float16: the artifact's bases are
-            stored in float16, so they are exact; float32 for the slow reference).
+        gemm_dtype: operand dtype of the projections (float16: exact for float16-stored
+            bases, within float16 rounding (2**-11 relative) for int8-stored ones; float32
+            for the slow reference).
+        coder: general-purpose coder over new blobs' payload, applied on the host
+            (``"none"``: the rANS stream is entropy-coded already; ``"deflate"`` also
+            squeezes the exact bf16 tokens). Decoding reads whatever the blob names.
 
     Raises:
         ArtifactError: not a ``rans`` artifact, or tables that do not match its plan.
@@ -215,12 +219,14 @@ class GpuCodec:
         artifact: CodecArtifact,
         device: str | torch.device = "cuda",
         gemm_dtype: torch.dtype = torch.float16,
+        coder: str = "none",
     ):
         if artifact.quantizer != "rans":
             raise ArtifactError(f"GpuCodec needs a rans artifact, not {artifact.quantizer!r}")
         self.artifact = artifact
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
+        self.coder = get_coder(coder)
         self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
         _, heads, dim = artifact.kv_shape
         if dim & (dim - 1):
@@ -352,10 +358,13 @@ class GpuCodec:
                     keys.dtype,
                     first_positions[b],
                     tails[b],
-                    "none",
+                    self.coder.name,
                     {"stream": len(stream), "exact": len(exact)},
                 )
-                blobs.append(pack_blob(header, stream + exact))
+                payload = stream + exact
+                if self.coder.name != "none":  # on the host, as the CPU codec does
+                    payload = self.coder.encode(payload)
+                blobs.append(pack_blob(header, payload))
         return blobs
 
     # -- decode ---------------------------------------------------------------------------
