@@ -369,8 +369,9 @@ class KVTCConnector(KVConnectorBase_V1):
         Blocks whose chunk is missing, corrupt or fails to decode are left for vLLM to
         recompute and reported by :meth:`get_block_ids_with_load_errors`.
         """
-        meta = self._get_connector_metadata()
-        for plan in meta.requests:
+        if not self.has_connector_metadata():
+            return
+        for plan in self._get_connector_metadata().requests:
             if plan.load_end > plan.load_start:
                 self._load(plan)
 
@@ -420,8 +421,9 @@ class KVTCConnector(KVConnectorBase_V1):
 
         A failed put is logged and dropped (a later miss): the step never fails for it.
         """
-        meta = self._get_connector_metadata()
-        for plan in meta.requests:
+        if not self.has_connector_metadata():
+            return
+        for plan in self._get_connector_metadata().requests:
             if not plan.save_end:
                 continue
             blocks = plan.block_ids[: plan.save_end // self._block_size]

@@ -137,12 +137,14 @@ def model_config(model_dir):
     )
 
 
-def make_vllm_config(model_config, store_yaml, block_size: int, **extra) -> VllmConfig:
+def make_vllm_config(
+    model_config, store_yaml, block_size: int, batch_tokens: int = 512, **extra
+) -> VllmConfig:
     config = VllmConfig(
         model_config=model_config,
         scheduler_config=SchedulerConfig(
             max_num_seqs=8,
-            max_num_batched_tokens=512,
+            max_num_batched_tokens=batch_tokens,
             max_model_len=1024,
             is_encoder_decoder=False,
         ),
@@ -401,9 +403,9 @@ class Engine:
 
     BLOCK = 16
 
-    def __init__(self, model_config, store_yaml):
+    def __init__(self, model_config, store_yaml, batch_tokens: int = 512):
         self.config = make_vllm_config(
-            model_config, store_yaml, self.BLOCK, kv_load_failure_policy="recompute"
+            model_config, store_yaml, self.BLOCK, batch_tokens, kv_load_failure_policy="recompute"
         )
         self.config.cache_config.num_gpu_blocks = 64
         kcc = make_kv_cache_config(self.BLOCK, 64, KVCacheLayout.LBHNC)
@@ -419,8 +421,8 @@ class Engine:
         )
         self.blocks: dict[str, list[int]] = {}
 
-    def add(self, req_id, tokens, max_tokens=20) -> Request:
-        req = Request(req_id, list(tokens), SamplingParams(max_tokens=max_tokens), None)
+    def add(self, req_id, tokens, max_tokens=20, **kwargs) -> Request:
+        req = Request(req_id, list(tokens), SamplingParams(max_tokens=max_tokens), None, **kwargs)
         self.scheduler.add_request(req)
         return req
 
@@ -456,11 +458,15 @@ class Engine:
         out = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=[[7] for _ in ids],
+            sampled_token_ids=[[7] if self._prefilled(r) else [] for r in ids],
             kv_connector_output=KVConnectorOutput(invalid_block_ids=errors),
         )
         self.scheduler.update_from_output(so, out)
         return so, meta, errors
+
+    def _prefilled(self, req_id) -> bool:
+        req = self.scheduler.requests[req_id]
+        return req.num_computed_tokens >= req.num_prompt_tokens
 
 
 def test_scheduler_saves_loads_and_recomputes_failed_blocks(model_config, store_yaml):
@@ -520,3 +526,38 @@ def test_scheduler_saves_loads_and_recomputes_failed_blocks(model_config, store_
     # finished requests are forgotten; their blocks are freed at once
     assert connector.request_finished(sched.requests["a"], engine.blocks["a"]) == (False, None)
     assert "a" not in connector._tracked
+
+
+def test_chunked_prefill_saves_each_chunk_as_it_completes(model_config, store_yaml):
+    engine = Engine(model_config, store_yaml, batch_tokens=48)  # 48 tokens per step
+    store = engine.worker._store
+    prompt = torch.randint(0, 1000, (150,), generator=_G).tolist()
+    engine.add("long", prompt)
+    saves = []
+    for _ in range(4):
+        _, meta, _ = engine.step()
+        saves.append([p.save_end for p in meta.requests])
+    # computed after each step: 48, 96, 144, 150 -> full chunks 32, 96, 128, 128
+    assert saves == [[32], [96], [128], []]
+    assert store.lookup(prompt) == 128
+    # each chunk was encoded once, with the KV the forward wrote
+    assert store.stats.chunks_put == 4
+    got = engine.worker._store.get(prompt)
+    want = source_kv(prompt[:128])
+    assert torch.equal(got[0][:, :, :4].to(DTYPE), want[0][:, :, :4])  # exact sinks
+
+
+def test_requests_the_keys_cannot_name_are_neither_loaded_nor_saved(model_config, store_yaml):
+    engine = Engine(model_config, store_yaml)
+    connector, store = engine.scheduler.connector, engine.worker._store
+    prompt = torch.randint(0, 1000, (70,), generator=_G).tolist()
+    engine.add("plain", prompt)
+    engine.step()
+    assert store.lookup(prompt) == 64
+    salted = Request("salted", prompt, SamplingParams(max_tokens=1), None, cache_salt="tenant-b")
+    assert connector.get_num_new_matched_tokens(salted, 0) == (0, False)
+    other = torch.randint(0, 1000, (70,), generator=_G).tolist()
+    engine.add("salted-2", other, cache_salt="tenant-b")
+    _, meta, _ = engine.step()
+    assert [p.req_id for p in meta.requests] == []
+    assert store.lookup(other) == 0
