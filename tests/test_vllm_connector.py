@@ -403,12 +403,12 @@ class Engine:
 
     BLOCK = 16
 
-    def __init__(self, model_config, store_yaml, batch_tokens: int = 512):
+    def __init__(self, model_config, store_yaml, batch_tokens: int = 512, num_blocks: int = 64):
         self.config = make_vllm_config(
             model_config, store_yaml, self.BLOCK, batch_tokens, kv_load_failure_policy="recompute"
         )
-        self.config.cache_config.num_gpu_blocks = 64
-        kcc = make_kv_cache_config(self.BLOCK, 64, KVCacheLayout.LBHNC)
+        self.config.cache_config.num_gpu_blocks = num_blocks
+        kcc = make_kv_cache_config(self.BLOCK, num_blocks, KVCacheLayout.LBHNC)
         self.worker, self.kv = make_worker(
             self.config, kcc, CPUAttentionBackend, KVCacheLayout.LBHNC
         )
@@ -561,3 +561,30 @@ def test_requests_the_keys_cannot_name_are_neither_loaded_nor_saved(model_config
     _, meta, _ = engine.step()
     assert [p.req_id for p in meta.requests] == []
     assert store.lookup(other) == 0
+
+
+def test_a_preempted_request_resumes_from_the_store(model_config, store_yaml):
+    # 10 usable blocks of 16 tokens: two decoding requests outgrow them and vLLM preempts one
+    engine = Engine(model_config, store_yaml, num_blocks=11)
+    prompt_a = torch.randint(0, 1000, (64,), generator=_G).tolist()
+    prompt_b = torch.randint(0, 1000, (70,), generator=_G).tolist()
+    engine.add("a", prompt_a, max_tokens=40)
+    engine.add("b", prompt_b, max_tokens=40)
+    preempted, resumed = False, None
+    for _ in range(60):
+        so, meta, errors = engine.step()
+        preempted |= "b" in so.preempted_req_ids
+        plans = [p for p in meta.requests if p.req_id == "b" and p.load_end]
+        if preempted and plans:
+            resumed = so, plans[0], errors
+            break
+    assert resumed is not None, "b was not preempted and resumed"
+    so, plan, errors = resumed
+    # b's prompt chunks were saved before the preemption; it reloads 64 tokens into its
+    # new blocks and computes only the rest (prompt tail and the tokens it generated)
+    assert (plan.load_start, plan.load_end) == (0, 64) and errors == set()
+    (again,) = [r for r in so.scheduled_new_reqs if r.req_id == "b"]  # 0.33 resends it whole
+    assert again.num_computed_tokens == 64 and so.num_scheduled_tokens["b"] > 70 - 64
+    got = read_tokens(engine.kv, CPUAttentionBackend, engine.blocks["b"], 0, 64, Engine.BLOCK)
+    want = round_trip(*source_kv(prompt_b[:64]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
