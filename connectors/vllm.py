@@ -277,8 +277,6 @@ class KVTCConnector(KVConnectorBase_V1):
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
             self._plan(meta, req_id, state, cached.num_computed_tokens[i], scheduled[req_id])
-        for req_id in scheduler_output.finished_req_ids:
-            self._forget(req_id)
         return meta
 
     def _plan(
