@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers clean
+.PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers test-engines clean
 
 install: $(VENV)/.installed
 
@@ -67,5 +67,26 @@ test-peers: install peers-env
 bench-peers: install peers-env
 	$(BIN)/python benchmarks/peers/run_peers.py $(PEERS_ARGS)
 
+# Serving engines (issue 5) in their own environments: their pins clash with ours.
+# vLLM 0.33 is installed --no-deps beside torch 2.13 (CPU) with only the modules its
+# KV-connector interface and v1 scheduler import; transformers at our pin.
+test-engines: .venv-vllm/.installed
+	.venv-vllm/bin/python -m pytest -q tests/test_vllm_connector.py
+
+KVTC_CORE_DEPS := numpy msgpack safetensors xxhash isal pydantic pyyaml tqdm prometheus_client \
+	typing_extensions
+VLLM_DEPS := psutil pyzmq cbor2 aiohttp requests openai-harmony openai pillow pybase64 \
+	cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client xgrammar fastapi \
+	partial-json-parser llguidance einops
+.venv-vllm/.installed: Makefile pyproject.toml
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q torch==2.13.0 $(KVTC_CORE_DEPS) "transformers>=4.56" pytest
+	.venv-vllm/bin/pip install -q --no-deps -e .
+	.venv-vllm/bin/pip install -q --no-deps vllm==0.33.0
+	.venv-vllm/bin/pip install -q torch==2.13.0 $(VLLM_DEPS)
+	touch $@
+
 clean:
-	rm -rf $(VENV) .venv-lmcache .venv-kvpress .pytest_cache
+	rm -rf $(VENV) .venv-lmcache .venv-kvpress .venv-vllm .pytest_cache

@@ -63,6 +63,7 @@ def open_engine_store(
     dtype: str = "bfloat16",
     tp_rank: int = 0,
     tp_size: int = 1,
+    codec_device: str | None = None,
 ) -> TieredStore:
     """Open the store a connector's config names, for the engine's model.
 
@@ -74,6 +75,8 @@ def open_engine_store(
             the chunk-key namespace.
         tp_rank, tp_size: tensor-parallel rank and size; only ``tp_size == 1`` is
             supported (the codec is calibrated on every KV head).
+        codec_device: run the codec on this device (the one the engine's KV cache lives
+            on) instead of the config's ``codec.device``.
 
     Raises:
         ConfigError: malformed config, no ``codec.artifact``, or ``tp_size > 1``.
@@ -92,4 +95,6 @@ def open_engine_store(
             "(make one with `kvtc-store calibrate`, then name its folder here)"
         )
     info = engine_model_info(hf_config, CodecArtifact.load(Path(cfg.codec.artifact)))
-    return TieredStore.from_config(config_path, info, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size)
+    return TieredStore.from_config(
+        config_path, info, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size, codec_device=codec_device
+    )

@@ -67,3 +67,12 @@ class CapacityError(StoreError):
 
 class ConfigError(KVTCError):
     """A configuration value is invalid; the message names the field."""
+
+
+# --- serving engines -------------------------------------------------------------------
+
+
+class KVLayoutError(KVTCError):
+    """A serving engine's paged KV cache is laid out in a way the connector cannot read
+    (an attention backend, dtype or cache shape it does not know); the message says which
+    and what is supported."""

@@ -152,6 +152,7 @@ class TieredStore:
         tp_rank: int = 0,
         tp_size: int = 1,
         progress=None,
+        codec_device: str | None = None,
     ) -> TieredStore:
         """A store as the YAML config at ``path`` (plus ``KVTC_STORE_*`` overrides) says.
 
@@ -164,6 +165,8 @@ class TieredStore:
             model, tokenizer: needed only when ``codec.artifact`` is unset and no
                 calibrated artifact is cached for the model yet.
             dtype, tp_rank, tp_size: the KV layout, part of the chunk-key namespace.
+            codec_device: run the codec here instead of the config's ``codec.device``
+                (a serving engine passes the device its KV cache lives on).
 
         Raises:
             ConfigError: malformed config (the message names the field), a tier that
@@ -173,6 +176,9 @@ class TieredStore:
         from .config import build_tiers, codec_from_config, load_config
 
         cfg = load_config(path)
+        if codec_device is not None:
+            codec_cfg = cfg.codec.model_copy(update={"device": codec_device})
+            cfg = cfg.model_copy(update={"codec": codec_cfg})
         codec = codec_from_config(cfg, info, model=model, tokenizer=tokenizer, progress=progress)
         namespace = ChunkNamespace(
             info.fingerprint, info.kv_layout(dtype, tp_rank, tp_size), cfg.tenant

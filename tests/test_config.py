@@ -435,6 +435,20 @@ def test_codec_from_artifact(tmp_path: Path, tiny_artifact) -> None:
         codec_from_config(CodecConfig(artifact=tmp_path / "art", device="gpu"))
 
 
+def test_store_codec_device_overrides_the_config(tmp_path: Path, tiny_artifact) -> None:
+    """A serving engine runs the codec where its KV lives, whatever codec.device says."""
+    from kvtc_store.store import TieredStore
+
+    tiny_artifact.save(tmp_path / "art")
+    path = write(tmp_path, MINIMAL + "codec:\n  artifact: art\n  device: cpu\n")
+    with TieredStore.from_config(path, tiny_info()) as store:
+        assert store.codec.device.type == "cpu"
+    with TieredStore.from_config(path, tiny_info(), codec_device="meta") as store:
+        assert store.codec.device.type == "meta"
+    with pytest.raises(ConfigError, match=r"^codec\.device: "):
+        TieredStore.from_config(path, tiny_info(), codec_device="gpu")
+
+
 def test_codec_calibrated_on_demand_comes_from_the_cache(
     tmp_path: Path, monkeypatch, tiny_artifact
 ) -> None:

@@ -1,0 +1,482 @@
+"""vLLM KV connector: vLLM's prefix KV cached in the tiered KVTC store.
+
+Load it out of tree (vLLM 0.33)::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTCConnector",
+        "kv_connector_module_path": "kvtc_store.connectors.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"config": "store.yaml"}}'
+
+The contract is vLLM's ``KVConnectorBase_V1``
+(``vllm/distributed/kv_transfer/kv_connector/v1/base.py``), split by role:
+
+- Scheduler side (:meth:`get_num_new_matched_tokens`, :meth:`update_state_after_alloc`,
+  :meth:`build_connector_meta`, :meth:`request_finished`): how many prompt tokens the
+  store holds beyond vLLM's own prefix cache (``TieredStore.lookup``, side-effect free,
+  whole chunks, never the whole prompt), and per step the metadata the workers need:
+  each request's prompt tokens, block ids, the token range to load and how many tokens
+  of full chunks to save.
+- Worker side (:meth:`register_kv_caches`, :meth:`start_load_kv`,
+  :meth:`wait_for_save`, :meth:`get_block_ids_with_load_errors`): the layout is read
+  from vLLM's KV cache spec, its per-layer views and the layers' attention backend
+  (:mod:`kvtc_store.connectors.vllm_layout`); a load fetches and decodes the chunks
+  (``TieredStore.get``) and scatters them into the request's blocks before the forward;
+  a save gathers the blocks of the newly computed full chunks after the forward and
+  puts them (encoded on the device the KV cache lives on). Blocks whose chunk is
+  missing, corrupt or undecodable are reported so vLLM recomputes them.
+
+Loads and saves are synchronous (``get_num_new_matched_tokens`` reports ``False``):
+they run inside the step that needs them. Chunk keys come from
+:func:`kvtc_store.connectors.engine.open_engine_store`, so vLLM and SGLang replicas of
+one model with one config share every chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.config import get_layers_from_vllm_config
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from ..errors import ConfigError, KVLayoutError
+from ..store import TieredStore
+from .engine import open_engine_store
+from .vllm_layout import PagedKVLayout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["KVTCConnector", "KVTCConnectorMetadata", "RequestPlan"]
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+# One store per (config file, KV dtype) and process: when vLLM runs its worker in the
+# engine-core process (one GPU, the default executor) the scheduler side and the worker
+# side share it, memory tiers included.
+_STORES: dict[tuple[str, str], TieredStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _shared_store(
+    config: str, hf_config, dtype: str, codec_device: str | None = None
+) -> TieredStore:
+    """The process's store for ``config`` and ``dtype``, opened on first use.
+
+    The worker passes its KV device as ``codec_device``; a store already open with its
+    codec elsewhere is not reused by it (the codec runs where the KV lives).
+    """
+    key = (os.path.abspath(config), dtype)
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is not None and (
+            codec_device is None or store.codec.device == torch.device(codec_device)
+        ):
+            return store
+        store = open_engine_store(config, hf_config, dtype=dtype, codec_device=codec_device)
+        _STORES[key] = store
+        return store
+
+
+@dataclass
+class RequestPlan:
+    """What the workers do for one request in one step.
+
+    Attributes:
+        req_id: vLLM's request id.
+        token_ids: the prompt's token ids ``[0, max(load_end, save_end))``.
+        block_ids: the request's KV block ids in token order (cache group 0), enough
+            for ``max(load_end, save_end)`` tokens.
+        load_start, load_end: tokens ``[load_start, load_end)`` are loaded into their
+            blocks before the forward (``load_end == 0``: nothing to load).
+            ``load_start`` is a multiple of the block size.
+        save_end: after the forward, the full chunks of tokens ``[0, save_end)`` are
+            put (``0``: nothing to save); a multiple of the chunk size.
+    """
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    load_start: int = 0
+    load_end: int = 0
+    save_end: int = 0
+
+
+@dataclass
+class KVTCConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker metadata of one step: one :class:`RequestPlan` per request
+    that loads or saves in it."""
+
+    requests: list[RequestPlan] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of a request the connector serves."""
+
+    token_ids: list[int]
+    block_ids: list[int]
+    saved_end: int = 0  # tokens of full chunks already in the store (saved or loaded)
+
+
+class KVTCConnector(KVConnectorBase_V1):
+    """vLLM KV connector backed by the kvtc-store tiered store (module doc).
+
+    Args:
+        vllm_config: vLLM's config; ``kv_transfer_config.kv_connector_extra_config``
+            must name the store's YAML config as ``"config"``.
+        role: scheduler or worker.
+        kv_cache_config: vLLM's KV cache config (one cache group of full attention).
+
+    Raises:
+        ConfigError: no ``config`` in the extra config, tensor or pipeline parallel
+            size above 1, a store config without ``codec.artifact`` (or one for another
+            model), or a chunk size that is not a multiple of vLLM's block size.
+        KVLayoutError: a KV cache the connector cannot read (hybrid or MLA models, a
+            quantised KV cache, an unknown attention backend).
+    """
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        config = self._kv_transfer_config.get_from_extra_config("config", None)
+        if not config:
+            raise ConfigError(
+                "kv_connector_extra_config.config: name the kvtc-store config file, e.g. "
+                '{"config": "store.yaml"}'
+            )
+        self._config = str(config)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+            raise ConfigError(
+                "the kvtc-store connector supports tensor and pipeline parallel size 1 (got "
+                f"TP {parallel.tensor_parallel_size}, PP {parallel.pipeline_parallel_size})"
+            )
+        self._spec = _attention_spec(kv_cache_config)
+        self._dtype = _DTYPE_NAMES[self._spec.dtype]
+        self._block_size = self._spec.block_size
+        self._hf_config = vllm_config.model_config.hf_config
+        self._store: TieredStore | None = None
+        self._chunk = 0
+        # scheduler side
+        self._matched: dict[str, int] = {}  # req_id -> num_computed_tokens of the last ask
+        self._loads: dict[str, tuple[int, int]] = {}  # req_id -> tokens to load next step
+        self._tracked: dict[str, _Tracked] = {}
+        self._uncacheable: set[str] = set()  # requests the chunk keys cannot name
+        # worker side
+        self._layout: PagedKVLayout | None = None
+        self._load_errors: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER:
+            self._open_store(None)
+
+    # ---- shared -------------------------------------------------------------------------
+
+    def _open_store(self, codec_device: str | None) -> TieredStore:
+        store = _shared_store(self._config, self._hf_config, self._dtype, codec_device)
+        if store.chunk_tokens % self._block_size:
+            raise ConfigError(
+                f"{self._config}: chunk_tokens ({store.chunk_tokens}) must be a multiple of "
+                f"vLLM's block size ({self._block_size}); change chunk_tokens or --block-size"
+            )
+        self._store, self._chunk = store, store.chunk_tokens
+        return store
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a dropped save is a later miss, never wrong output."""
+        return False
+
+    def shutdown(self) -> None:
+        """Wait for the queued writes to reach the lower tiers."""
+        if self._store is not None:
+            self._store.flush(timeout=60)
+
+    # ---- scheduler side -----------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Prompt tokens the store holds beyond the ``num_computed_tokens`` vLLM has.
+
+        Whole chunks only, and never the whole prompt (vLLM computes at least its last
+        token). Side-effect free on the store; requests the keys cannot name (LoRA,
+        multimodal inputs, prompt embeddings, a cache salt) get 0.
+
+        Returns:
+            ``(tokens, False)``: the load is synchronous (done before the step's forward).
+        """
+        self._matched.pop(request.request_id, None)
+        tokens = _cacheable_prompt(request)
+        if tokens is None:
+            self._uncacheable.add(request.request_id)
+            return 0, False
+        self._uncacheable.discard(request.request_id)
+        limit = (len(tokens) - 1) // self._chunk * self._chunk
+        if limit <= num_computed_tokens:
+            return 0, False
+        hit = self._store.lookup(tokens[:limit])
+        if hit <= num_computed_tokens:
+            return 0, False
+        self._matched[request.request_id] = num_computed_tokens
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """Remember the tokens to load for ``request`` (from the computed prefix vLLM
+        had when it asked, for ``num_external_tokens`` tokens)."""
+        start = self._matched.pop(request.request_id, None)
+        if num_external_tokens > 0 and start is not None:
+            self._loads[request.request_id] = (start, start + num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVTCConnectorMetadata:
+        """Per request of this step: what to load before and what to save after the forward.
+
+        Tokens saved are the prompt's full chunks computed by the end of the step
+        (``num_computed_tokens + num_scheduled_tokens``), from the first chunk not yet
+        in the store; loaded chunks count as stored.
+        """
+        meta = KVTCConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.prompt_token_ids is None or new.req_id in self._uncacheable:
+                self._loads.pop(new.req_id, None)
+                continue
+            state = _Tracked(list(new.prompt_token_ids), list(new.block_ids[0]))
+            self._tracked[new.req_id] = state
+            self._plan(meta, new.req_id, state, new.num_computed_tokens, scheduled[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._tracked.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # preempted: blocks given anew
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            self._plan(meta, req_id, state, cached.num_computed_tokens[i], scheduled[req_id])
+        return meta
+
+    def _plan(
+        self, meta: KVTCConnectorMetadata, req_id: str, state: _Tracked, computed: int, n: int
+    ) -> None:
+        load_start, load_end = self._loads.pop(req_id, (0, 0))
+        # vLLM recomputes from `computed` (a preempted request, or blocks that failed to
+        # load): what lies beyond it may not be in the store, so save it again
+        state.saved_end = min(state.saved_end, computed // self._chunk * self._chunk)
+        if load_end:
+            state.saved_end = max(state.saved_end, load_end // self._chunk * self._chunk)
+        done = min(computed + n, len(state.token_ids))
+        save_end = done // self._chunk * self._chunk
+        if save_end <= state.saved_end:
+            save_end = 0
+        else:
+            state.saved_end = save_end
+        if not (load_end or save_end):
+            return
+        # the load covers whole chunks of the store and whole blocks of the cache
+        fetch_end = -(-load_end // self._chunk) * self._chunk
+        end = max(fetch_end, save_end)
+        n_blocks = -(-end // self._block_size)
+        if len(state.block_ids) < n_blocks:  # a load may not reach past the allocated blocks
+            end = len(state.block_ids) * self._block_size
+            n_blocks = len(state.block_ids)
+        meta.requests.append(
+            RequestPlan(
+                req_id,
+                state.token_ids[:end],
+                state.block_ids[:n_blocks],
+                load_start,
+                min(load_end, end),
+                save_end,
+            )
+        )
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request. Saves are done by the time a request finishes, so its
+        blocks can be freed at once (``False``)."""
+        self._forget(request.request_id)
+        return False, None
+
+    def _forget(self, req_id: str) -> None:
+        self._tracked.pop(req_id, None)
+        self._loads.pop(req_id, None)
+        self._matched.pop(req_id, None)
+        self._uncacheable.discard(req_id)
+
+    # ---- worker side --------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Read the KV layout (spec, views, the layers' attention backend) and open the
+        store with its codec on the KV cache's device.
+
+        Raises:
+            KVLayoutError: the layers use no or several attention backends, or a layout
+                :class:`~kvtc_store.connectors.vllm_layout.PagedKVLayout` cannot read.
+            ConfigError, ArtifactModelMismatchError: from opening the store.
+        """
+        group = self._kv_cache_config.kv_cache_groups[0]
+        names = [n for n in group.layer_names if n in kv_caches]
+        layers = get_layers_from_vllm_config(self._vllm_config, AttentionLayerBase, names)
+        backends = {layer.get_attn_backend().get_name() for layer in layers.values()}
+        if len(layers) != len(names) or len(backends) != 1:
+            raise KVLayoutError(
+                f"expected one attention backend for the {len(names)} attention layers, "
+                f"found {sorted(backends)} on {len(layers)} layers"
+            )
+        spec = self._spec
+        self._layout = PagedKVLayout.from_views(
+            {n: kv_caches[n] for n in names},
+            backends.pop(),
+            block_size=spec.block_size,
+            num_blocks=self._kv_cache_config.num_blocks,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=spec.dtype,
+        )
+        self._open_store(str(self._layout.device))
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Fetch, decode and scatter every load of this step (before the forward).
+
+        Blocks whose chunk is missing, corrupt or fails to decode are left for vLLM to
+        recompute and reported by :meth:`get_block_ids_with_load_errors`.
+        """
+        if not self.has_connector_metadata():
+            return
+        for plan in self._get_connector_metadata().requests:
+            if plan.load_end > plan.load_start:
+                self._load(plan)
+
+    def _load(self, plan: RequestPlan) -> None:
+        layout, bs = self._layout, self._block_size
+        want = min(-(-plan.load_end // self._chunk) * self._chunk, len(plan.token_ids))
+        try:
+            got = self._store.get(plan.token_ids, n_tokens=want, device=layout.device)
+        except Exception as exc:  # noqa: BLE001 - a failed load is a recompute, not a crash
+            log.warning("request %s: loading KV failed: %s", plan.req_id, exc)
+            got = None
+        n = 0 if got is None else got[0].shape[2]
+        end = min(n, len(plan.block_ids) * bs) // bs * bs
+        if end > plan.load_start:
+            keys, values = got
+            s = plan.load_start
+            layout.scatter(
+                plan.block_ids[s // bs : end // bs], keys[:, :, s:end], values[:, :, s:end]
+            )
+        first_bad = max(end, plan.load_start)
+        if first_bad < plan.load_end:
+            bad = plan.block_ids[first_bad // bs : -(-plan.load_end // bs)]
+            log.warning(
+                "request %s: tokens %d..%d did not load (%d blocks recomputed)",
+                plan.req_id,
+                first_bad,
+                plan.load_end,
+                len(bad),
+            )
+            self._load_errors.update(bad)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing to wait for: :meth:`start_load_kv` loads every layer before the forward."""
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Nothing per layer: a chunk holds every layer, so :meth:`wait_for_save` gathers
+        all layers at once after the forward."""
+
+    def wait_for_save(self) -> None:
+        """Gather the blocks of each request's newly computed full chunks, encode and put.
+
+        A failed put is logged and dropped (a later miss): the step never fails for it.
+        """
+        if not self.has_connector_metadata():
+            return
+        for plan in self._get_connector_metadata().requests:
+            if not plan.save_end:
+                continue
+            blocks = plan.block_ids[: plan.save_end // self._block_size]
+            try:
+                keys, values = self._layout.gather(blocks)
+                self._store.put(torch.tensor(plan.token_ids[: plan.save_end]), keys, values)
+            except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
+                log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Block ids whose KV failed to load since the last call (vLLM recomputes them)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+
+def _attention_spec(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
+    """The one full-attention spec every layer shares.
+
+    Raises:
+        KVLayoutError: several cache groups (hybrid models), or a spec that is not plain
+            full attention (MLA, quantised or packed KV, compressed states).
+    """
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise KVLayoutError(
+            f"the kvtc-store connector needs one KV cache group; this model has {len(groups)}"
+        )
+    spec = groups[0].kv_cache_spec
+    plain = (
+        isinstance(spec, FullAttentionSpec)
+        and type(spec).__name__ == "FullAttentionSpec"
+        and spec.num_head_slots is None
+        and spec.state_content_bytes is None
+        and spec.tokens_per_state == 1
+        and spec.kv_quant_mode.name == "NONE"
+        and spec.dtype in _DTYPE_NAMES
+    )
+    if not plain:
+        raise KVLayoutError(
+            f"KV cache spec {spec} is not plain full attention in bf16/fp16/fp32 (MLA, "
+            "sliding-window groups and quantised KV are not supported)"
+        )
+    return spec
+
+
+def _cacheable_prompt(request: Request) -> list[int] | None:
+    """The prompt's token ids if the store's keys name its KV, else None (LoRA adapters,
+    multimodal inputs and prompt embeddings change the KV; a cache salt asks for
+    isolation the keys do not give)."""
+    if (
+        request.prompt_token_ids is None
+        or request.prompt_embeds is not None
+        or request.mm_features
+        or request.lora_request is not None
+        or getattr(request, "cache_salt", None)
+    ):
+        return None
+    return list(request.prompt_token_ids)
