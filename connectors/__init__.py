@@ -2,4 +2,9 @@
 
 - :mod:`kvtc_store.connectors.transformers`: prefix-cache reuse for Hugging Face
   transformers (``DynamicCache``); used by the demo and the quality benchmark.
+- :mod:`kvtc_store.connectors.engine`: the store opened for a serving engine's model,
+  with engine-neutral chunk keys (shared by vLLM and SGLang replicas).
+- :mod:`kvtc_store.connectors.sglang`: an SGLang HiCache storage backend
+  (``--hicache-storage-backend dynamic``; docs/engines/sglang.md), with
+  :mod:`kvtc_store.connectors.sglang_pages` mapping SGLang's page hashes to token ids.
 """

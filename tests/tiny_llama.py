@@ -2,7 +2,7 @@
 transformers config, a hand-made codec artifact for it and a store config naming it,
 for the engine-connector tests (vLLM, SGLang). No model weights, no calibration.
 
-The artifact keeps 16 of 64 components at 4 bits, stores only the 4 sink tokens
+The artifact codes all 64 components of a random rotation at 4 bits, stores only the 4 sink tokens
 exactly (``window=0``), so what a store serves is visibly the codec's round trip, not
 the input, and a chunk codes the same whichever put wrote it.
 """
@@ -40,6 +40,9 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
 def tiny_llama_artifact(fingerprint: str = "a" * 64) -> CodecArtifact:
     groups = default_groups(LAYERS)
     p = LAYERS * HEADS * DIM
+    # A seeded random rotation mixes every layer and head into each component, so KV
+    # put in the wrong orientation decodes visibly wrong.
+    basis, _ = torch.linalg.qr(torch.randn(p, p, generator=torch.Generator().manual_seed(5)))
     return CodecArtifact(
         model_fingerprint=fingerprint,
         model_name="tiny-llama",
@@ -47,8 +50,8 @@ def tiny_llama_artifact(fingerprint: str = "a" * 64) -> CodecArtifact:
         rope=RopeParams(head_dim=DIM, theta=10000.0),
         groups=groups,
         means=[torch.zeros(p) for _ in groups],
-        bases=[torch.eye(p)[:, :16] for _ in groups],
-        plan=[PlanRange(g, 0, 16, 4) for g in range(len(groups))],
+        bases=[basis for _ in groups],
+        plan=[PlanRange(g, 0, p, 4) for g in range(len(groups))],
         target_ratio=8.0,
         window=0,
     )
@@ -80,11 +83,16 @@ def write_store_config(
     return path
 
 
-def round_trip(keys: torch.Tensor, values: torch.Tensor, first_position: int = 0):
+def round_trip(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    first_position: int = 0,
+    dtype: torch.dtype | None = None,
+):
     """What the store serves for KV ``(L, H, T, D)`` of whole chunks from
-    ``first_position``: the codec's encode then decode, chunk by chunk."""
+    ``first_position``: the codec's encode then decode (to ``dtype``), chunk by chunk."""
     codec = KVTCCodec(tiny_llama_artifact())
     blobs = codec.encode_sequence(keys, values, first_position, chunk_tokens=CHUNK)
-    chunks, error = codec.decode_prefix(blobs)
+    chunks, error = codec.decode_prefix(blobs, dtype=dtype)
     assert error is None
     return torch.cat([c.keys for c in chunks], 2), torch.cat([c.values for c in chunks], 2)
