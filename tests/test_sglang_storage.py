@@ -21,6 +21,7 @@ Skipped without sglang (run by ``make test-engines`` in ``.venv-sglang``).
 
 from __future__ import annotations
 
+from array import array
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +36,7 @@ from sglang.srt.mem_cache.storage import StorageBackendFactory
 
 from kvtc_store.connectors.engine import open_engine_store
 from kvtc_store.connectors.sglang import KVTCHiCacheStorage
+from kvtc_store.connectors.sglang_pages import PAGE_TOKENS
 from kvtc_store.errors import ConfigError
 
 from .tiny_llama import (
@@ -222,6 +224,7 @@ def test_set_then_exists_then_get_serve_the_codec_round_trip(model_dir, store_ya
     backend = make_backend(model_dir, store_yaml, writer_pool, interface_v1=int(v1))
     hashes = page_hashes(tokens)
     assert len(hashes) == n_pages
+    assert hashes == sglang_utils.get_hash_str.__wrapped__(tokens, None, P)  # tap: unchanged
     if v1:
         assert backend.batch_set_v1(hashes, host_indices) == [True] * n_pages
     else:
@@ -362,3 +365,33 @@ def test_bad_settings_are_config_errors(model_dir, store_yaml):
         )
         with pytest.raises(ConfigError, match=match):
             backend.register_mem_pool_host(bad_pool)
+
+
+class Key:
+    """What SGLang's radix tree hashes: a ``RadixKey`` (raw ids in an ``array``, an
+    optional LoRA ``extra_key`` / ``cache_salt``, bigram mode for EAGLE). The real class
+    is not importable here (torchvision, as for the host pool); this has the attributes
+    SGLang's hashing reads (``mem_cache/cpp_utils/native_hash.py``, ``utils.py``)."""
+
+    def __init__(self, ids: list[int], extra_key=None, is_bigram: bool = False):
+        self.token_ids = array("q", ids)
+        self.extra_key, self.cache_salt, self.is_bigram = extra_key, None, is_bigram
+
+    def raw_token_ids(self) -> array:
+        return self.token_ids
+
+    def __len__(self) -> int:
+        n = len(self.token_ids)
+        return max(0, n - 1) if self.is_bigram else n
+
+
+def test_radix_keys_are_mapped_like_token_lists_and_namespaced_ones_are_not(model_dir, store_yaml):
+    make_backend(model_dir, store_yaml, HostPool("layer_first", 4)).close()  # installs the tap
+    ids = list(range(100, 100 + 4 * P))
+    plain = sglang_utils.get_storage_hash_str(Key(ids), None, page_size=P)
+    assert plain == page_hashes(ids)
+    assert PAGE_TOKENS.chain(plain).tokens.tolist() == ids
+    lora = sglang_utils.get_storage_hash_str(Key(ids, extra_key="lora-a"), None, page_size=P)
+    assert lora != plain and PAGE_TOKENS.chain(lora) is None
+    bigram = sglang_utils.get_storage_hash_str(Key([*ids, 7], is_bigram=True), None, page_size=P)
+    assert len(bigram) == 4 and PAGE_TOKENS.chain(bigram) is None
