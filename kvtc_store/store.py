@@ -206,15 +206,30 @@ class TieredStore:
         """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D)."""
         return chunk_keys(tokens, self.namespace, self.chunk_tokens)
 
-    def lookup(self, tokens) -> int:
+    def lookup(self, tokens, start: int = 0) -> int:
         """Length in tokens of the longest cached prefix of ``tokens``.
 
         One batched ``exists`` per tier, asked only for chunks no tier above holds;
         chunks on their way down (queued) or prefetched count as cached, and a prefetch
         still running on these chunks is waited for. Side-effect free; returns a
         multiple of ``chunk_tokens``.
+
+        Args:
+            tokens: token ids ``(T,)`` from position 0.
+            start: ask only about the chunks from this token on (rounded down to a
+                chunk), for an engine that holds the KV before it: the result is then
+                the end of the cached run of chunks that begins there (``start``
+                rounded down when that chunk is missing).
         """
-        return self._cached_chunks(self.keys_for(tokens)) * self.chunk_tokens
+        first = self._first_chunk(start)
+        ckeys = self.keys_for(tokens)[first:]
+        return (first + self._cached_chunks(ckeys)) * self.chunk_tokens
+
+    def _first_chunk(self, start: int) -> int:
+        """Chunk index of token ``start`` (``ValueError`` if negative)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        return start // self.chunk_tokens
 
     def _cached_chunks(self, keys: list[str], local_only: bool = False) -> int:
         """How many leading ``keys`` are cached.
@@ -243,13 +258,17 @@ class TieredStore:
     # --- put -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def put(self, tokens, keys: torch.Tensor, values: torch.Tensor) -> PutResult:
+    def put(self, tokens, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> PutResult:
         """Store the KV of every full chunk of ``tokens`` not yet stored.
 
         Args:
             tokens: token ids ``(T,)`` of the sequence, from position 0.
-            keys, values: ``(L, H, T', D)``, ``T'`` at least the length of the full chunks;
-                RoPE applied to keys (as cached).
+            keys, values: ``(L, H, T', D)``, the KV of tokens ``[start, start + T')``;
+                ``start + T'`` at least the length of the full chunks; RoPE applied to
+                keys (as cached).
+            start: first token the KV holds, a multiple of ``chunk_tokens``: only the
+                chunks from there on are stored (an engine that holds the KV of a
+                suffix); the chunks before it are neither written nor needed.
 
         The stored sequence is the full chunks of ``tokens``; its last ``window`` tokens
         are stored exactly. The prefix already cached in a local tier (or queued) is
@@ -261,28 +280,35 @@ class TieredStore:
         full); :meth:`flush` waits for them.
 
         Raises:
-            ValueError: fewer KV tokens than the full chunks need.
+            ValueError: fewer KV tokens than the full chunks need, or ``start`` not a
+                multiple of ``chunk_tokens``.
             StoreError: the top tier failed to write (CapacityError if it is full), or
                 the store is closed. A lower tier's failure is logged and counted, never
                 raised: the chunks stay in the tiers above.
         """
         if self._closed:
             raise StoreError("the store is closed")
+        if start % self.chunk_tokens:
+            raise ValueError(f"start {start} is not a multiple of {self.chunk_tokens}")
+        first = self._first_chunk(start)
         ckeys = self.keys_for(tokens)
         stored = len(ckeys) * self.chunk_tokens
-        if keys.shape[2] < stored:
-            raise ValueError(f"KV holds {keys.shape[2]} tokens, the chunks need {stored}")
-        first_new = self._cached_chunks(ckeys, local_only=True)
+        if start + keys.shape[2] < stored:
+            raise ValueError(
+                f"KV holds tokens [{start}, {start + keys.shape[2]}), the chunks need "
+                f"[{start}, {stored})"
+            )
+        first_new = first + self._cached_chunks(ckeys[first:], local_only=True)
         todo = list(range(first_new, len(ckeys)))
         if not todo:
             with self._lock:
-                self._stats.chunks_skipped += len(ckeys)
-            return PutResult(0, len(ckeys), 0, 0)
+                self._stats.chunks_skipped += len(ckeys) - first
+            return PutResult(0, len(ckeys) - first, 0, 0)
         t0 = time.perf_counter()
         s = first_new * self.chunk_tokens
         blobs = self.codec.encode_sequence(
-            keys[:, :, s:stored],
-            values[:, :, s:stored],
+            keys[:, :, s - start : stored - start],
+            values[:, :, s - start : stored - start],
             first_position=s,
             chunk_tokens=self.chunk_tokens,
         )
@@ -296,10 +322,10 @@ class TieredStore:
             st = self._stats
             st.encode_seconds += dt
             st.chunks_put += len(todo)
-            st.chunks_skipped += first_new
+            st.chunks_skipped += first_new - first
             st.bytes_put += nbytes
             st.raw_bf16_bytes_put += raw
-        return PutResult(len(todo), first_new, nbytes, raw)
+        return PutResult(len(todo), first_new - first, nbytes, raw)
 
     # --- get and prefetch ----------------------------------------------------------------
 
@@ -334,6 +360,7 @@ class TieredStore:
         n_tokens: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """KV of the longest cached prefix of ``tokens`` (up to ``n_tokens``).
 
@@ -345,16 +372,20 @@ class TieredStore:
             n_tokens: fetch at most this many tokens (rounded down to whole chunks);
                 default: every full chunk of ``tokens``.
             device, dtype: of the returned tensors (default: codec device, stored dtype).
+            start: fetch from this token on (rounded down to a chunk), for an engine
+                that holds the KV before it; the chunks before it are not fetched.
 
         Returns:
             ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
-            ``chunk_tokens``, keys with RoPE applied; or ``None`` when nothing is cached.
-            A chunk that is missing, corrupt or undecodable ends the prefix there (corrupt
-            blobs are deleted from every tier).
+            ``chunk_tokens``: the KV of tokens ``[s, s + n)``, ``s`` = ``start`` rounded
+            down to a chunk, keys with RoPE applied; or ``None`` when nothing is cached
+            there. A chunk that is missing, corrupt or undecodable ends the run there
+            (corrupt blobs are deleted from every tier).
         """
         ckeys = self.keys_for(tokens)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
+        ckeys = ckeys[self._first_chunk(start) :]
         blobs, sources, origins = self._fetch(ckeys)
         present = 0
         while present < len(blobs) and blobs[present] is not None:

@@ -314,6 +314,34 @@ def test_a_128_chunk_prefix_is_one_concurrent_batch_per_tier(
         assert tiers[0].inner.exists(ckeys) == [True] * 128  # promoted
 
 
+def test_an_engine_holding_a_prefix_puts_and_gets_only_the_chunks_after_it() -> None:
+    """``start``: an engine (SGLang) holds the KV of the first chunks itself, so it
+    stores and asks for the chunks from there on, with the prefix's tokens for the keys."""
+    tokens, keys, values = tiny_sequence(6, seed=11)
+    s = 2 * CHUNK
+    with store_of([MemoryBackend(1 << 20)]) as whole, store_of([MemoryBackend(1 << 20)]) as tail:
+        whole.put(tokens, keys, values)
+        res = tail.put(tokens, keys[:, :, s:], values[:, :, s:], start=s)
+        assert (res.chunks_written, res.chunks_present) == (4, 0)
+        assert tail.tiers[0].exists(tail.keys_for(tokens)) == [False] * 2 + [True] * 4
+        assert tail.lookup(tokens) == 0  # the prefix is not there
+        assert tail.lookup(tokens, start=s) == 6 * CHUNK
+        assert tail.lookup(tokens, start=s + 3) == 6 * CHUNK  # rounded down to a chunk
+        assert tail.get(tokens) is None
+        k, v = tail.get(tokens, start=s)
+        wk, wv = whole.get(tokens)
+        torch.testing.assert_close(k, wk[:, :, s:])
+        torch.testing.assert_close(v, wv[:, :, s:])
+        k2, _ = tail.get(tokens, n_tokens=4 * CHUNK, start=s)
+        assert k2.shape[2] == 2 * CHUNK
+        again = tail.put(tokens, keys[:, :, s:], values[:, :, s:], start=s)
+        assert (again.chunks_written, again.chunks_present) == (0, 4)
+        with pytest.raises(ValueError, match="multiple"):
+            tail.put(tokens, keys, values, start=3)
+        with pytest.raises(ValueError, match="KV holds"):
+            tail.put(tokens, keys[:, :, s + CHUNK :], values[:, :, s + CHUNK :], start=s)
+
+
 def test_prefetch_runs_ahead_and_get_uses_what_it_fetched(
     s3_endpoint: str,
     bucket: str,
