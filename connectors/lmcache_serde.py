@@ -12,7 +12,8 @@ so an adapter spec selects it with::
     "serde": {"type": "kvtc", "config": "/path/to/store.yaml"}   # its codec.artifact
 
 optionally with ``"device": "cuda"`` (where the transform runs; default the config's
-``codec.device``, else ``cpu``) and ``"max_workers"`` (serde threads, default 1).
+``codec.device``, else ``cpu``), ``"max_workers"`` (serde threads, default 1),
+``"chunk_size"`` and ``"max_position"`` (see Positions below).
 
 Layout: an L1 object of LMCache's KV format ``KV_2LTD`` is one tensor
 ``(2, L, T, H * D)`` (keys then values; layers; tokens; heads times head dim, head-major),
@@ -22,13 +23,13 @@ dtype the engine's (bfloat16, float16). The serializer views it as keys and valu
 deserializer reads the blob's own length from its header (:func:`blob_size`), decodes it
 and writes ``(2, L, T, H * D)`` in the destination's dtype.
 
-Limits (LMCache's serde API hands a chunk without its token positions):
-
-- every chunk is coded as if it started at position 0: keys are de-rotated at positions
-  ``0..T-1``, so the codec's RoPE step sees the true rotation only for a request's first
-  chunk (artifacts calibrated with ``undo_rope`` off do not depend on positions), and
-  the first ``n_sink`` tokens of every chunk are stored exactly (bfloat16);
-- no token is stored exactly as the end of a sequence's recent window (``exact_tail`` 0).
+Positions: LMCache's serde API hands a chunk without its token positions, and the codec
+undoes RoPE at each token's absolute position. The serializer therefore reads the chunk's
+first position from its keys (:func:`~kvtc_store.codec.estimate_first_position`, among the
+multiples of ``chunk_size`` below ``max_position``, kwargs defaulting to LMCache's 256 and
+131072) and codes the chunk there; the blob records it, so a wrong guess costs ratio and
+quality, never correctness. No token is stored exactly as the end of a sequence's recent
+window (``exact_tail`` 0): LMCache does not say which chunk ends a sequence.
 
 A blob that does not decode (damaged, foreign, another artifact) raises a
 :class:`~kvtc_store.errors.BlobError`; LMCache's serde processor then fails the whole load
@@ -53,7 +54,7 @@ from lmcache.v1.distributed.serde import (
 )
 from lmcache.v1.memory_management import MemoryObj
 
-from ..codec import CodecArtifact, KVTCCodec
+from ..codec import CodecArtifact, KVTCCodec, estimate_first_position
 from ..codec.blob import blob_size
 from ..config import load_config
 from ..errors import ChunkLayoutError, ConfigError
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 SERDE_NAME = "kvtc"
 """The name an LMCache adapter spec gives in ``"serde": {"type": ...}``."""
 
-_KWARGS = frozenset({"artifact", "config", "device", "max_workers"})
+_KWARGS = frozenset({"artifact", "config", "device", "max_workers", "chunk_size", "max_position"})
 _HEADER_MARGIN = 4096
 """Bytes allowed for a blob's prefix and header (~300 B in practice)."""
 
@@ -91,13 +92,16 @@ class KVTCSerializer(Serializer):
 
     Args:
         codec: the codec for the served model.
+        candidates: possible first positions of a chunk, ``(N,)`` int64 (default: 0).
     """
 
-    def __init__(self, codec: KVTCCodec) -> None:
+    def __init__(self, codec: KVTCCodec, candidates: torch.Tensor | None = None) -> None:
         self.codec = codec
+        self.candidates = torch.zeros(1, dtype=torch.int64) if candidates is None else candidates
 
     def serialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey) -> int:
-        """Encode ``src`` (``(2, L, T, H * D)``, any float dtype) into ``dst``'s bytes.
+        """Encode ``src`` (``(2, L, T, H * D)``, any float dtype) into ``dst``'s bytes, at
+        the first position its keys show.
 
         Returns:
             The blob's length in bytes (LMCache narrows ``dst`` to it).
@@ -111,7 +115,8 @@ class KVTCSerializer(Serializer):
             raise ChunkLayoutError("LMCache handed the kvtc serde an object without a tensor")
         layers, tokens, heads, dim = _kv_dims(kv.shape, self.codec)
         kv = kv.view(2, layers, tokens, heads, dim).transpose(2, 3)  # (2, L, H, T, D)
-        blob = self.codec.encode(kv[0], kv[1], first_position=0, exact_tail=0)
+        first = estimate_first_position(self.codec.artifact, kv[0], self.candidates)
+        blob = self.codec.encode(kv[0], kv[1], first_position=first, exact_tail=0)
         out = dst.raw_tensor
         if out is None or out.numel() * out.element_size() < len(blob):
             room = 0 if out is None else out.numel() * out.element_size()
@@ -171,7 +176,7 @@ def codec_for_serde(kwargs: dict[str, object]) -> KVTCCodec:
     Args:
         kwargs: the spec without ``type``: ``artifact`` (a codec artifact folder) or
             ``config`` (a store YAML whose ``codec.artifact`` is used), optional
-            ``device``; ``max_workers`` is LMCache's and ignored here.
+            ``device``; the other keys are read by :func:`create_serde`.
 
     Raises:
         ConfigError: neither or both of ``artifact`` and ``config``, an unknown key, or a
@@ -201,24 +206,35 @@ def codec_for_serde(kwargs: dict[str, object]) -> KVTCCodec:
     return KVTCCodec(CodecArtifact.load(path), device=str(kwargs.get("device", "cpu")))
 
 
+def _int_kwarg(kwargs: dict[str, object], name: str, default: int) -> int:
+    value = kwargs.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"LMCache serde {SERDE_NAME!r}: {name} must be an int >= 1")
+    return value
+
+
 def create_serde(kwargs: dict[str, object]) -> SerdeProcessor:
     """LMCache serde factory for ``kvtc`` (``register_serde_factory``'s signature).
 
     Raises:
-        As :func:`codec_for_serde`; ``ConfigError`` for a ``max_workers`` below 1.
+        As :func:`codec_for_serde`; ``ConfigError`` for a ``max_workers``, ``chunk_size``
+        or ``max_position`` that is not an int >= 1.
     """
     codec = codec_for_serde(kwargs)
-    workers = kwargs.get("max_workers", 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"LMCache serde {SERDE_NAME!r}: max_workers must be an int >= 1")
+    workers = _int_kwarg(kwargs, "max_workers", 1)
+    chunk = _int_kwarg(kwargs, "chunk_size", 256)
+    horizon = _int_kwarg(kwargs, "max_position", 131072)
+    candidates = torch.arange(0, max(horizon, chunk), chunk, dtype=torch.int64)
     log.info(
-        "LMCache serde %s: artifact %s (%s), %s",
+        "LMCache serde %s: artifact %s (%s), %s, %d candidate chunk positions",
         SERDE_NAME,
         codec.artifact.artifact_id,
         codec.artifact.model_name,
         codec.device,
+        len(candidates),
     )
-    return AsyncSerdeProcessor(KVTCSerializer(codec), KVTCDeserializer(codec), max_workers=workers)
+    serializer = KVTCSerializer(codec, candidates)
+    return AsyncSerdeProcessor(serializer, KVTCDeserializer(codec), max_workers=workers)
 
 
 if SERDE_NAME not in get_registered_serde_types():  # a second import must not raise
