@@ -1,15 +1,15 @@
 """Where a chunk sits in its sequence, read from its keys (for callers that do not know).
 
 The codec undoes RoPE at each token's absolute position before the key PCA (paper §3);
-coded at the wrong position, keys keep a residual rotation the PCA was not fit for
-(measured on SmolLM2 chunks at positions 256-768 coded as if at 0: key error 0.50
-instead of 0.09, ratio 6.5 instead of 11). Some containers hand the codec a chunk without
-its position (LMCache's serde API). Pre-RoPE keys have a large per-channel mean (the
-artifact's K mean; outlier channels of pre-RoPE keys, KVQuant, Hooper et al. 2024, §3.2),
-and RoPE turns that mean by each position's angles: de-rotating the chunk's mean key at a
-candidate first position and correlating it with the artifact's mean peaks at the true
-position. Measured on SmolLM2 (2-core CPU): all 16 chunks of a 4,096-token text found
-among 512 chunk-aligned candidates up to 131,072, about 0.2 s per chunk.
+coded at the wrong position, keys keep a residual rotation the PCA was not fit for. Some
+containers hand the codec a chunk without its position (LMCache's serde API). Pre-RoPE
+keys have a large per-channel mean (the artifact's K mean; outlier channels of pre-RoPE
+keys, KVQuant, Hooper et al. 2024, §3.2), and RoPE turns that mean by each position's
+angles: de-rotating the chunk's mean key at a candidate first position and correlating it
+with the artifact's mean peaks at the true position. Measured on SmolLM2
+(benchmarks/results/lmcache_serde.md): all 8 chunks of a 2,048-token text found among 512
+chunk-aligned candidates below 131,072; chunks at 256-1792 coded at 0 instead had key
+error 0.51-0.58 (0.09-0.10 at their position) and ratio 6.2-6.5 (9.8-10.9).
 
 A wrong guess costs compression quality only, never correctness: the blob records the
 position it was coded at and decoding re-applies RoPE there.
