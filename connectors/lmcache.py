@@ -208,11 +208,12 @@ class KVTCStoreL2Adapter(L2AdapterInterface):
             hexkeys = self._hex(keys)
             items = [(h, bytes(obj.byte_array)) for h, obj in zip(hexkeys, objects, strict=True)]
             self.stack.put(items)
-            sizes = [len(b) for _, b in items]
-            with self._lock:
-                self._sizes.update(zip(hexkeys, sizes))
-            self._notify_keys_stored(list(keys), sizes)
-            return L2StoreResult(True, sum(sizes))
+            with self._lock:  # a re-stored key keeps its blob and is counted once
+                new = [i for i, h in enumerate(hexkeys) if h not in self._sizes]
+                self._sizes.update((hexkeys[i], len(items[i][1])) for i in new)
+            if new:
+                self._notify_keys_stored([keys[i] for i in new], [len(items[i][1]) for i in new])
+            return L2StoreResult(True, sum(len(b) for _, b in items))
 
         return self._submit(store, self._stored, self._store_efd, L2StoreResult(False, 0))
 

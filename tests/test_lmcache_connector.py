@@ -131,8 +131,9 @@ def wait(predicate, timeout: float = 20.0) -> bool:
 
 
 def our_adapter(sm: StorageManager):
-    """Our adapter inside LMCache (behind LMCache's serde wrapper when a serde is set)."""
-    (_, adapter), = sm.l2_adapters()  # fmt: skip
+    """Our adapter inside LMCache, listed first (behind LMCache's serde wrapper when a
+    serde is set)."""
+    _, adapter = sm.l2_adapters()[0]
     return getattr(adapter, "inner_adapter", adapter)
 
 
@@ -268,6 +269,42 @@ def test_corrupt_blob_is_a_miss_not_wrong_data(setup: dict) -> None:
         assert torch.equal(good[0], codec_round_trip(setup["artifact"], kvs[0])[0])
     finally:
         sm.close()
+
+
+def test_serde_with_lmcaches_own_fs_adapter(setup: dict, tmp_path: Path) -> None:
+    """The serde alone, around LMCache's built-in filesystem adapter (listed after ours,
+    which imports the module that registers it): LMCache's files are our blobs. Reading
+    them back is that adapter's job, and 0.5.6's refuses objects shorter than the serde's
+    size estimate ("Incomplete read"): every chunk is then a miss, never wrong KV; our
+    adapter, which keeps each blob's own length, is the one to use."""
+    fs_dir = tmp_path / "lmcache-fs"
+    fs_dir.mkdir()
+    fs = {"type": "fs", "base_path": str(fs_dir), "serde": {"type": "kvtc", **_art(setup)}}
+    ours = adapter_spec(setup["config"], None)
+    keys, kvs = object_keys(2), chunks(2, seed=11)
+    cfg = parse_args(
+        [
+            "--l1-size-gb", "1", "--l1-init-size-gb", "1", "--eviction-policy", "LRU",
+            "--l2-adapter", json.dumps(ours), "--l2-adapter", json.dumps(fs),
+        ]
+    )  # fmt: skip
+    sm = StorageManager(cfg)
+    try:
+        store(sm, keys, kvs)
+        assert wait(lambda: len(list(fs_dir.rglob("*.data"))) == 2)
+    finally:
+        sm.close()
+    for kv, f in zip(kvs, sorted(fs_dir.rglob("*.data")), strict=True):
+        assert f.read_bytes() == codec_round_trip(setup["artifact"], kv)[1]
+    sm = storage_manager(fs)  # LMCache's fs adapter alone; the serde is registered already
+    try:
+        assert prefetch(sm, keys) is None
+    finally:
+        sm.close()
+
+
+def _art(setup: dict) -> dict:
+    return {"artifact": str(setup["artifact"])}
 
 
 def test_adapter_without_serde_stores_raw_kv_exactly(setup: dict) -> None:
