@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers test-engines test-engines-vllm test-engines-sglang clean
+.PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers \
+	test-engines test-engines-vllm test-engines-sglang test-lmcache clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +62,20 @@ peers-env: .venv-lmcache/.installed .venv-kvpress/.installed
 	.venv-kvpress/bin/pip install -q torch==2.13.0 kvpress==0.5.5 -e .
 	touch $@
 
+# The LMCache connector (connectors/lmcache.py, issue 5) is tested inside .venv-lmcache
+# against lmcache 0.5.6 itself: kvtc-store goes in without its dependencies (lmcache pins
+# numpy<=2.2.6 and protobuf<7), plus the few small ones it needs and the test tools (moto
+# for the S3 tier); pip check proves lmcache's pins still hold.
+.venv-lmcache/.kvtc-store: .venv-lmcache/.installed pyproject.toml
+	.venv-lmcache/bin/pip install -q torch==2.13.0 "numpy<=2.2.6" "protobuf<7" \
+		msgpack xxhash isal pytest boto3 "moto[server]"
+	.venv-lmcache/bin/pip install -q --no-deps -e .
+	.venv-lmcache/bin/pip check
+	touch $@
+
+test-lmcache: .venv-lmcache/.kvtc-store
+	.venv-lmcache/bin/python -m pytest -q tests/test_lmcache_connector.py
+
 test-peers: install peers-env
 	$(BIN)/python -m pytest -q tests/test_peers.py
 
@@ -71,7 +86,7 @@ bench-peers: install peers-env
 # engine's package is installed --no-deps with only what its connector-facing modules import;
 # torch==2.13.0 (CPU) is named in every install line. `make test-engines` runs the engine
 # tests (each skips without its engine, so the default `make test` passes without them).
-test-engines: test-engines-vllm test-engines-sglang
+test-engines: test-engines-vllm test-engines-sglang test-lmcache
 
 # vLLM 0.33 (--no-deps) beside torch 2.13 (CPU) with only the modules its KV-connector
 # interface and v1 scheduler import; transformers at our pin.

@@ -9,4 +9,7 @@
   :mod:`kvtc_store.connectors.sglang_pages` mapping SGLang's page hashes to token ids.
 - :mod:`kvtc_store.connectors.vllm`: vLLM's KV connector (``KVTCConnector``; needs vllm),
   with :mod:`kvtc_store.connectors.vllm_layout` reading vLLM's paged KV layout.
+- :mod:`kvtc_store.connectors.lmcache`: an LMCache (0.5.6) L2 adapter over our tiers;
+  importing it registers the LMCache serde ``kvtc``
+  (:mod:`kvtc_store.connectors.lmcache_serde`). Needs ``lmcache``; docs/engines/lmcache.md.
 """

@@ -46,6 +46,11 @@ class ArtifactModelMismatchError(ArtifactError):
     """The codec artifact was calibrated for another model (fingerprint or KV shape differ)."""
 
 
+class ChunkLayoutError(KVTCError):
+    """An engine handed a chunk whose tensor layout is not the one the connector expects
+    (another KV format, or another model's layers, heads or head dim)."""
+
+
 class ModelNotFoundError(KVTCError):
     """The model's weights cannot be found (package not installed, or path missing)."""
 

@@ -23,7 +23,14 @@ from kvtc_store.codec import (
     default_groups,
     fit_artifacts,
 )
-from kvtc_store.codec.blob import FORMAT_VERSION, MAGIC, BlobHeader, pack_blob, unpack_blob
+from kvtc_store.codec.blob import (
+    FORMAT_VERSION,
+    MAGIC,
+    BlobHeader,
+    blob_size,
+    pack_blob,
+    unpack_blob,
+)
 from kvtc_store.codec.rope import apply_rope
 from kvtc_store.errors import (
     BlobCorruptError,
@@ -192,6 +199,25 @@ def test_trailing_bytes_are_corruption() -> None:
     b = pack_blob(_header(), b"payload")
     with pytest.raises(BlobCorruptError):
         unpack_blob(b + b"\x00")
+
+
+def test_blob_size_finds_a_blob_in_a_larger_buffer() -> None:
+    b = pack_blob(_header(), bytes(range(40)))
+    buffer = b + bytes(1000)  # a fixed-size container's buffer: the blob, then anything
+    assert blob_size(buffer) == len(b) == blob_size(b)
+    assert unpack_blob(buffer[: blob_size(buffer)])[1] == bytes(range(40))
+
+
+def test_blob_size_refuses_what_is_no_blob() -> None:
+    b = pack_blob(_header(), b"payload")
+    with pytest.raises(BlobFormatError):
+        blob_size(bytes(len(b)))  # a zeroed buffer: nothing was ever written
+    with pytest.raises(BlobTruncatedError):
+        blob_size(b[: PREFIX + 3])  # ends inside the header
+    bad = bytearray(b)
+    bad[PREFIX + 2] ^= 0x10  # inside the header
+    with pytest.raises(BlobCorruptError):
+        blob_size(bytes(bad))
 
 
 def _expected_for_flip(offset: int, hlen: int):

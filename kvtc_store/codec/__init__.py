@@ -19,6 +19,7 @@ from .calibrate import (
 from .codec import DecodedChunk, KVTCCodec
 from .entropy import get_coder, register_coder
 from .features import default_groups
+from .position import estimate_first_position
 from .rope import RopeParams, apply_rope, undo_rope
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "RopeParams",
     "apply_rope",
     "default_groups",
+    "estimate_first_position",
     "fit_artifacts",
     "fit_pca",
     "get_coder",

@@ -104,18 +104,9 @@ def pack_blob(header: BlobHeader, payload: bytes) -> bytes:
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb), xxhash.xxh64_intdigest(hb)) + hb + payload
 
 
-def unpack_blob(blob: bytes) -> tuple[BlobHeader, memoryview]:
-    """Parse and verify a blob.
-
-    Returns:
-        ``(header, payload)``, the payload still entropy-coded, checksum verified.
-
-    Raises:
-        BlobFormatError: not a kvtc blob, or an unknown format version.
-        BlobTruncatedError: fewer bytes than the prefix, header or payload need.
-        BlobCorruptError: a checksum mismatch, a malformed header, or trailing bytes.
-    """
-    mv = memoryview(blob)
+def _read_header(mv: memoryview) -> tuple[BlobHeader, int]:
+    """Parse and verify the prefix and header at the start of ``mv``; return the header
+    and the payload's offset. Raises as :func:`unpack_blob` does for those parts."""
     if len(mv) < len(MAGIC) or bytes(mv[:4]) != MAGIC:
         if MAGIC.startswith(bytes(mv[:4])) and len(mv) < 4:
             raise BlobTruncatedError(f"blob of {len(mv)} bytes ends inside the magic")
@@ -136,6 +127,40 @@ def unpack_blob(blob: bytes) -> tuple[BlobHeader, memoryview]:
     except Exception as exc:
         raise BlobCorruptError(f"blob header does not parse: {exc}") from exc
     _check_types(header)
+    if header.payload_len < 0:
+        raise BlobCorruptError(f"blob header payload_len {header.payload_len} is negative")
+    return header, end
+
+
+def blob_size(buffer: bytes | bytearray | memoryview) -> int:
+    """Length in bytes of the blob at the start of ``buffer`` (which may hold more).
+
+    For containers that hand a blob back in a fixed-size buffer (LMCache's serde buffers):
+    the prefix and header are read and their checksum verified; the payload is not
+    checked here (:func:`unpack_blob` does that on ``buffer[:blob_size(buffer)]``).
+
+    Raises:
+        BlobFormatError: not a kvtc blob, or an unknown format version.
+        BlobTruncatedError: the buffer ends inside the prefix or the header.
+        BlobCorruptError: the header's checksum or content is wrong.
+    """
+    header, end = _read_header(memoryview(buffer))
+    return end + header.payload_len
+
+
+def unpack_blob(blob: bytes) -> tuple[BlobHeader, memoryview]:
+    """Parse and verify a blob.
+
+    Returns:
+        ``(header, payload)``, the payload still entropy-coded, checksum verified.
+
+    Raises:
+        BlobFormatError: not a kvtc blob, or an unknown format version.
+        BlobTruncatedError: fewer bytes than the prefix, header or payload need.
+        BlobCorruptError: a checksum mismatch, a malformed header, or trailing bytes.
+    """
+    mv = memoryview(blob)
+    header, end = _read_header(mv)
     payload = mv[end:]
     if len(payload) < header.payload_len:
         raise BlobTruncatedError(
