@@ -18,13 +18,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ..codec.artifact import CodecArtifact
 from ..config import load_config
 from ..errors import ArtifactModelMismatchError, ConfigError
 from ..model import ModelInfo, kv_geometry
 from ..store import TieredStore
 
-__all__ = ["engine_model_info", "open_engine_store"]
+__all__ = ["KV_DTYPE_NAMES", "engine_model_info", "open_engine_store"]
+
+KV_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+"""KV cache dtypes the connectors serve, and the name each takes in the chunk-key
+namespace. One table for every engine, so a vLLM and an SGLang replica serving the same
+dtype name it the same way and share chunks."""
 
 
 def engine_model_info(hf_config, artifact: CodecArtifact) -> ModelInfo:

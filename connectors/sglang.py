@@ -46,7 +46,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from ..errors import ConfigError, KVTCError
 from ..store import TieredStore
-from .engine import open_engine_store
+from .engine import KV_DTYPE_NAMES, open_engine_store
 from .sglang_pages import PAGE_TOKENS, PageChain, install_hash_tap
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ _PAGE_AXES = {
     "page_head": "KHPLD",
 }
 _CANONICAL = "KLPHD"
-_SUPPORTED_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 @dataclass(frozen=True)
@@ -111,18 +110,18 @@ class HostPageLayout:
                 f"host pool {type(pool).__name__}: K width {pool.head_dim} != V width "
                 f"{pool.v_head_dim} (not supported)"
             )
-        if pool.dtype not in _SUPPORTED_DTYPES or getattr(pool, "storage_format_tag", None):
+        if pool.dtype not in KV_DTYPE_NAMES or getattr(pool, "storage_format_tag", None):
             raise ConfigError(
                 f"host pool {type(pool).__name__}: KV dtype {pool.dtype} / format "
                 f"{getattr(pool, 'storage_format_tag', None)!r} is not supported "
-                f"(supported: {sorted(_SUPPORTED_DTYPES.values())})"
+                f"(supported: {sorted(KV_DTYPE_NAMES.values())})"
             )
         return cls(layout, pool.layer_num, pool.page_size, pool.head_num, pool.head_dim, pool.dtype)
 
     @property
     def dtype_name(self) -> str:
         """The dtype as the chunk-key namespace names it (``"bfloat16"``)."""
-        return _SUPPORTED_DTYPES[self.dtype]
+        return KV_DTYPE_NAMES[self.dtype]
 
     def _shape(self, axes: str) -> tuple[int, ...]:
         size = {"K": 2, "L": self.layers, "P": self.page_size, "H": self.heads}

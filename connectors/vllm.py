@@ -50,7 +50,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import ConfigError, KVLayoutError
 from ..store import TieredStore
-from .engine import open_engine_store
+from .engine import KV_DTYPE_NAMES, open_engine_store
 from .vllm_layout import PagedKVLayout
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ __all__ = ["KVTCConnector", "KVTCConnectorMetadata", "RequestPlan"]
 
 log = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 # One store per (config file, KV dtype) and process: when vLLM runs its worker in the
 # engine-core process (one GPU, the default executor) the scheduler side and the worker
@@ -174,7 +173,7 @@ class KVTCConnector(KVConnectorBase_V1):
                 f"TP {parallel.tensor_parallel_size}, PP {parallel.pipeline_parallel_size})"
             )
         self._spec = _attention_spec(kv_cache_config)
-        self._dtype = _DTYPE_NAMES[self._spec.dtype]
+        self._dtype = KV_DTYPE_NAMES[self._spec.dtype]
         self._block_size = self._spec.block_size
         self._hf_config = vllm_config.model_config.hf_config
         self._store: TieredStore | None = None
@@ -457,7 +456,7 @@ def _attention_spec(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
         and spec.state_content_bytes is None
         and spec.tokens_per_state == 1
         and spec.kv_quant_mode.name == "NONE"
-        and spec.dtype in _DTYPE_NAMES
+        and spec.dtype in KV_DTYPE_NAMES
     )
     if not plain:
         raise KVLayoutError(
