@@ -221,3 +221,9 @@ def test_scale_bits_is_two_float16() -> None:
     _, scales = quantize_range(torch.randn(7, 3), 4)
     assert scales.numpy().nbytes * 8 == 7 * SCALE_BITS
     assert np.dtype(np.float16).itemsize * 2 * 8 == SCALE_BITS
+
+
+def test_subnormal_step_never_clips_the_top() -> None:
+    """A range so narrow that its step is a float16 subnormal (hypothesis found bits=5,
+    row [0, 1e-5]): widening the step by one float16 ulp, not by 2**-10, keeps the top."""
+    _check_quant(torch.tensor([[0.0, 1e-5]]), 5)

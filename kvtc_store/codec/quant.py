@@ -64,11 +64,12 @@ def quantize_range(coeffs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     hi = coeffs.amax(dim=1)
     lo16 = lo.to(torch.float16)
     step16 = ((hi - lo16.float()) / levels).to(torch.float16)
-    # A step that rounded down would clip the top code; a zero step (constant row) is 1.
-    step = step16.float()
-    step = torch.where(step * levels < hi - lo16.float(), step * (1 + 2**-10), step)
-    step = torch.where(step > 0, step, torch.ones_like(step))
-    step16 = step.to(torch.float16)
+    # A step that rounded down would clip the top code: take the next float16 up (one ulp;
+    # for subnormal steps that is more than a 2**-10 relative nudge). A zero step
+    # (constant row) is 1.
+    up = torch.nextafter(step16, torch.full_like(step16, float("inf")))
+    step16 = torch.where(step16.float() * levels < hi - lo16.float(), up, step16)
+    step16 = torch.where(step16 > 0, step16, torch.ones_like(step16))
     q = torch.round((coeffs - lo16.float()[:, None]) / step16.float()[:, None])
     codes = q.clamp_(0, levels).to(torch.uint8)
     return codes, torch.stack([lo16, step16], dim=1)
