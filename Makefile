@@ -89,12 +89,18 @@ bench-peers: install peers-env
 test-engines: test-engines-vllm test-engines-sglang test-lmcache
 
 # vLLM 0.33 (--no-deps) beside torch 2.13 (CPU) with only the modules its KV-connector
-# interface and v1 scheduler import; transformers at our pin.
+# interface and v1 scheduler import; transformers at our pin. SGLang 0.5.23 (--no-deps, with
+# what .venv-sglang adds for it) goes in too, for the cross-engine test. Their full pins
+# clash (torch 2.14.0 vs 2.14.1, openai>=2.25 vs ==2.8.0, xgrammar 0.2.8 vs 0.2.7) but
+# neither set holds beside torch 2.13 (CPU) anyway; SGLang's install only adds packages
+# (vLLM's `pip check` lines are unchanged) and both engines' tests pass here.
 KVTC_CORE_DEPS := numpy msgpack safetensors xxhash isal pydantic pyyaml tqdm prometheus_client \
 	typing_extensions
 VLLM_DEPS := psutil pyzmq cbor2 aiohttp requests openai-harmony openai pillow pybase64 \
 	cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client xgrammar fastapi \
 	partial-json-parser llguidance einops
+SGLANG_DEPS := transformers orjson ipython pybase64 requests triton pillow starlette msgspec \
+	pyzmq aiohttp
 .venv-vllm/.installed: Makefile pyproject.toml
 	$(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/pip install -q --upgrade pip
@@ -103,6 +109,8 @@ VLLM_DEPS := psutil pyzmq cbor2 aiohttp requests openai-harmony openai pillow py
 	.venv-vllm/bin/pip install -q --no-deps -e .
 	.venv-vllm/bin/pip install -q --no-deps vllm==0.33.0
 	.venv-vllm/bin/pip install -q torch==2.13.0 $(VLLM_DEPS)
+	.venv-vllm/bin/pip install -q --no-deps torch==2.13.0 sglang==0.5.23
+	.venv-vllm/bin/pip install -q torch==2.13.0 $(SGLANG_DEPS)
 	touch $@
 
 test-engines-vllm: .venv-vllm/.installed
@@ -116,9 +124,7 @@ test-engines-vllm: .venv-vllm/.installed
 	.venv-sglang/bin/pip install -q --upgrade pip
 	.venv-sglang/bin/pip install -q torch==2.13.0
 	.venv-sglang/bin/pip install -q --no-deps torch==2.13.0 sglang==0.5.23
-	.venv-sglang/bin/pip install -q torch==2.13.0 transformers orjson ipython pybase64 requests \
-		triton pillow starlette msgspec pyzmq aiohttp pytest \
-		msgpack xxhash isal pydantic pyyaml tqdm prometheus_client safetensors typing_extensions
+	.venv-sglang/bin/pip install -q torch==2.13.0 $(SGLANG_DEPS) pytest $(KVTC_CORE_DEPS)
 	.venv-sglang/bin/pip install -q --no-deps -e .
 	touch $@
 
