@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers \
-	test-engines test-engines-vllm test-engines-sglang test-lmcache clean
+	test-engines test-engines-vllm test-engines-sglang test-engines-cross test-lmcache clean
 
 install: $(VENV)/.installed
 
@@ -86,7 +86,7 @@ bench-peers: install peers-env
 # engine's package is installed --no-deps with only what its connector-facing modules import;
 # torch==2.13.0 (CPU) is named in every install line. `make test-engines` runs the engine
 # tests (each skips without its engine, so the default `make test` passes without them).
-test-engines: test-engines-vllm test-engines-sglang test-lmcache
+test-engines: test-engines-vllm test-engines-sglang test-engines-cross test-lmcache
 
 # vLLM 0.33 (--no-deps) beside torch 2.13 (CPU) with only the modules its KV-connector
 # interface and v1 scheduler import; transformers at our pin. SGLang 0.5.23 (--no-deps, with
@@ -115,6 +115,10 @@ SGLANG_DEPS := transformers orjson ipython pybase64 requests triton pillow starl
 
 test-engines-vllm: .venv-vllm/.installed
 	.venv-vllm/bin/python -m pytest -q tests/test_vllm_connector.py
+
+# One cache across engines: vLLM's connector and SGLang's backend over one shared disk tier.
+test-engines-cross: .venv-vllm/.installed
+	.venv-vllm/bin/python -m pytest -q tests/test_cross_engine.py
 
 # SGLang 0.5.23 (--no-deps): HiCacheStorage, its backend factory and its page hash (a C++
 # extension SGLang builds at first use: needs g++ and OpenSSL headers) import with what the

@@ -2,7 +2,8 @@
 and an SGLang worker open them (one config, one transformers config) derive the same
 chunk keys and read each other's chunks through a shared disk tier; another model or
 tenant does not share. Runs without any engine installed. (SGLang's connector puts and
-gets under these keys: tests/test_sglang_storage.py.)
+gets under these keys: tests/test_sglang_storage.py; both real connectors sharing one
+cache: tests/test_cross_engine.py.)
 """
 
 from __future__ import annotations

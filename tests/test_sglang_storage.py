@@ -61,11 +61,13 @@ class HostPool:
     P, L, D)``. ``index`` arguments are token slots (a page starts at a multiple of P).
     """
 
-    def __init__(self, layout: str, pages: int, page_size: int = P, heads: int = HEADS):
+    def __init__(
+        self, layout: str, pages: int, page_size: int = P, heads: int = HEADS, dim: int = DIM
+    ):
         self.layout, self.page_size = layout, page_size
-        self.layer_num, self.head_num, self.head_dim, self.v_head_dim = LAYERS, heads, DIM, DIM
+        self.layer_num, self.head_num, self.head_dim, self.v_head_dim = LAYERS, heads, dim, dim
         self.dtype = torch.bfloat16
-        L, H, D, S = LAYERS, heads, DIM, pages * page_size
+        L, H, D, S = LAYERS, heads, dim, pages * page_size
         dims = {
             "layer_first": (2, L, S, H, D),
             "page_first": (2, S, L, H, D),

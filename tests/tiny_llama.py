@@ -63,12 +63,16 @@ def write_store_config(
     disk: Path | None = None,
     tenant: str = "",
     fingerprint: str = "a" * 64,
+    artifact: Path | None = None,
 ) -> Path:
     """Save the artifact under ``folder`` and a store YAML naming it (memory tier, then a
-    disk tier at ``disk``, default ``folder/disk``); returns the YAML's path."""
+    disk tier at ``disk``, default ``folder/disk``); returns the YAML's path. With
+    ``artifact`` (a saved artifact's folder) the YAML names that one instead."""
     folder.mkdir(parents=True, exist_ok=True)
-    art = folder / "artifact"
-    tiny_llama_artifact(fingerprint).save(art)
+    art = artifact
+    if art is None:
+        art = folder / "artifact"
+        tiny_llama_artifact(fingerprint).save(art)
     cfg = {
         "chunk_tokens": CHUNK,
         "tenant": tenant,
