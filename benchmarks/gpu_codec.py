@@ -335,7 +335,8 @@ def load_llama(tiny: bool = False):
             "num_attention_heads": heads,
             "num_key_value_heads": LLAMA["heads"],
         }
-    cfg = LlamaConfig(**dims, max_position_embeddings=131072, rope_theta=LLAMA["theta"])
+    rope = {"rope_type": "default", "rope_theta": LLAMA["theta"]}  # transformers 5 spelling
+    cfg = LlamaConfig(**dims, max_position_embeddings=131072, rope_parameters=rope)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

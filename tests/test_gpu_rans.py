@@ -277,6 +277,11 @@ def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: 
     bad[2:4] = b"\x00\x00"  # a lane state below 2**16, checksum recomputed
     chunks, error = gpu.decode_prefix([blobs[0], pack_blob(header, bytes(bad)), blobs[2]])
     assert len(chunks) == 1 and isinstance(error, BlobCorruptError)
+    flip = bytearray(blobs[1])
+    flip[-5] ^= 0x40  # payload altered, checksum not recomputed: the CPU decoder's error
+    altered = [blobs[0], bytes(flip), blobs[2]]
+    (chunks, error), (want, want_err) = gpu.decode_prefix(altered), cpu.decode_prefix(altered)
+    assert len(chunks) == len(want) == 1 and str(error) == str(want_err)
 
 
 def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
