@@ -866,6 +866,7 @@ def main() -> None:
             ttft_codecs[grouping] = codec
         del codec
     info["seconds"] = round(time.time() - t0, 1)
+    log(f"[{info['seconds']} s] throughput done")
     write(args.out, info, ceil, configs, [], kv_source)
     if model is None or not ttft_codecs:
         return
@@ -880,6 +881,7 @@ def main() -> None:
     ttfts = []
     try:
         for prefix in prefixes:
+            log(f"[{time.time() - t0:.0f} s] TTFT at a {prefix}-token prefix")
             try:
                 r = ttft(model, ttft_codecs, prefix, root, args.ttft_reps)
                 ttft_speedups(r)
