@@ -5,6 +5,10 @@ JSON twin ``gpu_codec.json``. Run on the GPU machine from the repository root:
 
     PYTHONPATH=. python3 benchmarks/gpu_codec.py [--smollm2-artifact DIR] [--ttft]
 
+Dry run without a GPU (Triton's interpreter, tiny shapes; checks the code paths, measures
+nothing): ``KVTC_BENCH_DEVICE=cpu TRITON_INTERPRET=1 python benchmarks/gpu_codec.py
+--tiny --ttft --batches 1,2 --reps 1 --ttft-reps 1 --out /tmp/dry``.
+
 Shapes: SmolLM2-135M (30 layers, 3 KV heads, head dim 64) with its real calibrated
 ``rans`` artifact when given, and the Llama-3.1-8B KV shape (32 layers, 8 KV heads, head
 dim 128) with a *synthetic* codec: random orthonormal bases (QR of a Gaussian matrix, a
@@ -21,6 +25,12 @@ blobs in host memory) and decode (blobs in host memory -> device KV) in GB/s of 
 each stage's time from a separate synchronised run, the projection's FLOPs per token
 against the bf16/fp16 GEMM rate measured here (its roofline), and the peak GPU memory the
 codec adds per batch. Ceilings measured in the same run: device-to-device copy and GEMM.
+
+``--ttft``: time to first token of prompts whose first 8k and 32k tokens are reused,
+against their full prefill: from the CPU tier (``MemoryBackend``) and the disk tier
+(``DiskBackend``, page cache dropped before each read) as KVTC blobs, and uncompressed
+bf16 as the anchors (pinned host memory; one file per chunk on the same disk); see
+:func:`ttft`. The model's output from reused bf16 KV is checked against the prefill's.
 """
 
 from __future__ import annotations
@@ -28,11 +38,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -40,9 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtc_store.backends import DiskBackend, MemoryBackend
 from kvtc_store.codec import CodecArtifact, PlanRange, RopeParams
 from kvtc_store.codec.features import default_groups
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
+from kvtc_store.codec.gpu.staging import HostStaging
 from kvtc_store.codec.rans import ESC, N_SYM, PREC, STATE_BITS, K, assign_classes, laplace_tables
 
 RESULTS = Path(__file__).parent / "results"
@@ -293,114 +309,466 @@ def run_config(
     return res
 
 
-# -- TTFT ---------------------------------------------------------------------------------
+# -- TTFT: the model ------------------------------------------------------------------
 
 
-def load_llama():
+def load_llama(tiny: bool = False):
+    """A random-weight Llama-3.1-8B-architecture model in bf16 on :data:`DEV` (``tiny``:
+    the same architecture at :data:`LLAMA`'s dry-run shape)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        rope_theta=LLAMA["theta"],
-        torch_dtype="bfloat16",
-    )
+    dims = {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    }
+    if tiny:
+        heads = 2 * LLAMA["heads"]
+        dims = {
+            "vocab_size": 1000,
+            "hidden_size": heads * LLAMA["dim"],
+            "intermediate_size": 4 * heads * LLAMA["dim"],
+            "num_hidden_layers": LLAMA["layers"],
+            "num_attention_heads": heads,
+            "num_key_value_heads": LLAMA["heads"],
+        }
+    rope = {"rope_type": "default", "rope_theta": LLAMA["theta"]}  # transformers 5 spelling
+    cfg = LlamaConfig(**dims, max_position_embeddings=131072, rope_parameters=rope)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(DEV):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
     return model.eval()
 
 
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: ``cache`` in newer transformers (which still
+    take ``past_key_values`` with a deprecation warning), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def forward(model, ids, cache=None):
+    """Logits of the last position of ``ids`` ``(1, n)``; ``cache`` (a DynamicCache,
+    new if None) is extended in place."""
     from transformers import DynamicCache
 
     if cache is None:
         cache = DynamicCache()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits, out.past_key_values
+    kwargs = {_cache_kwarg(model): cache}
+    return model(ids, use_cache=True, logits_to_keep=1, **kwargs).logits
+
+
+def cache_of(keys, values):
+    """A DynamicCache holding ``(L, H, T, D)`` keys and values (one layer each)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i in range(keys.shape[0]):
+        cache.update(keys[i][None], values[i][None], i)
+    return cache
+
+
+def cache_kv(cache):
+    """``(L, H, T, D)`` keys and values of a batch-1 DynamicCache."""
+    if hasattr(cache, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:  # transformers 4.x
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    return torch.stack([k[0] for k, _ in pairs]), torch.stack([v[0] for _, v in pairs])
 
 
 def model_kv(model, tokens: int, seed: int):
     """``(L, H, T, D)`` bf16 K and V of a random-token prompt."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    ids = torch.randint(0, 128256, (1, tokens), device=DEV, generator=g)
-    with torch.no_grad():
-        _, cache = forward(model, ids)
-    k = torch.stack([layer.keys[0] for layer in cache.layers])
-    v = torch.stack([layer.values[0] for layer in cache.layers])
-    return k, v
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=DEV, generator=g)
+    return model_kv_of(model, ids)
 
 
-def ttft(model, codec: GpuCodec, prefix: int, suffix: int = 16, reps: int = 3) -> dict:
-    """TTFT of a ``prefix + suffix`` prompt: full prefill, against reuse of the prefix's
-    KV from pinned CPU memory as blobs (copy + GPU decode into the cache layout + prefill
-    of the suffix), and as uncompressed bf16 (copy + prefill of the suffix)."""
+def model_kv_of(model, ids):
+    """``(L, H, T, D)`` K and V of a prefill of ``ids`` ``(1, T)``."""
     from transformers import DynamicCache
 
-    layers, heads, dim = codec.artifact.kv_shape
-    g = torch.Generator(device=DEV).manual_seed(prefix)
-    ids = torch.randint(0, 128256, (1, prefix + suffix), device=DEV, generator=g)
+    cache = DynamicCache()
     with torch.no_grad():
-        t_prefill = cuda_time(lambda: forward(model, ids), reps=reps)
-        _, cache = forward(model, ids[:, :prefix])
-        k = torch.stack([layer.keys[0] for layer in cache.layers])  # (L, H, T, D)
-        v = torch.stack([layer.values[0] for layer in cache.layers])
-        del cache
-        n = prefix // CHUNK
-        kc = k.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4)
-        vc = v.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4)
-        blobs = []
-        for s in range(0, n, 32):
-            blobs += codec.encode_batch(
-                kc[s : s + 32], vc[s : s + 32], [i * CHUNK for i in range(s, min(n, s + 32))]
-            )
-        ratio = 2 * k.numel() * 2 / sum(len(b) for b in blobs)
-        host_k = k.cpu().pin_memory()
-        host_v = v.cpu().pin_memory()
-        del k, v, kc, vc
+        forward(model, ids, cache)
+    return cache_kv(cache)
 
-        def cache_of(kk, vv):
-            return DynamicCache(ddp_cache_data=[(kk[i][None], vv[i][None]) for i in range(layers)])
 
-        def reuse_compressed():
+# -- TTFT: the tiers --------------------------------------------------------------------
+
+
+def fs_info(path: Path) -> dict:
+    """The file system holding ``path``: mount point, type, source, free bytes."""
+    path = Path(path).resolve()
+    best = ("/", "?", "?")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            src, mnt, fstype = line.split()[:3]
+            under = str(path).startswith(mnt.rstrip("/") + "/") or str(path) == mnt
+            if under and len(mnt) >= len(best[0]):
+                best = (mnt, fstype, src)
+    except OSError:
+        pass
+    st = os.statvfs(path)
+    return {"path": str(path), "mount": best[0], "fstype": best[1], "source": best[2],
+            "free_gb": round(st.f_bavail * st.f_frsize / 1e9, 1)}  # fmt: skip
+
+
+def pick_disk_dir(wanted: Path | None, need_bytes: int) -> Path:
+    """``wanted``, else the first of home, the temp folders and the working directory
+    on a file system not held in memory (tmpfs, ramfs) with twice ``need_bytes`` free;
+    the temp folder if none is."""
+    if wanted is not None:
+        wanted.mkdir(parents=True, exist_ok=True)
+        return wanted
+    cands = [Path.home(), Path("/var/tmp"), Path(tempfile.gettempdir()), Path.cwd()]
+    for c in cands:
+        try:
+            info = fs_info(c)
+        except OSError:
+            continue
+        if info["fstype"] not in ("tmpfs", "ramfs") and info["free_gb"] * 1e9 > 2 * need_bytes:
+            return c
+    return Path(tempfile.gettempdir())
+
+
+def drop_page_cache(paths: list[Path]) -> str | None:
+    """fsync then ``posix_fadvise(DONTNEED)`` each file, so the next read comes from the
+    disk; the first error's text, or None."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def resident_fraction(paths: list[Path]) -> float | None:
+    """Fraction of the files' pages in the page cache (``mincore`` of a private
+    mapping), or None where that cannot be asked."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        total = resident = 0
+        for p in paths:
+            size = os.path.getsize(p)
+            if not size:
+                continue
+            with open(p, "rb") as f:
+                mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+            try:
+                buf = (ctypes.c_char * size).from_buffer(mm)
+                pages = -(-size // mmap.PAGESIZE)
+                vec = (ctypes.c_ubyte * pages)()
+                rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)),
+                                  ctypes.c_size_t(size), vec)  # fmt: skip
+                del buf
+            finally:
+                mm.close()
+            if rc != 0:
+                return None
+            resident += int((np.frombuffer(vec, np.uint8) & 1).sum())
+            total += pages
+        return resident / max(total, 1)
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+
+
+def raw_read_gbps(paths: list[Path], threads: int = 8) -> float:
+    """The disk's cold read rate for these files: page cache dropped, each file read
+    into a reused buffer, ``threads`` at a time (the disk tier's own parallelism)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drop_page_cache(paths)
+    size = max(os.path.getsize(p) for p in paths)
+    local = threading.local()
+
+    def read(p):
+        if not hasattr(local, "buf"):
+            local.buf = bytearray(size)
+        with open(p, "rb", buffering=0) as f:
+            view = memoryview(local.buf)[: os.path.getsize(p)]
+            while view:
+                n = f.readinto(view)
+                if not n:
+                    break
+                view = view[n:]
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, paths))
+    return sum(os.path.getsize(p) for p in paths) / (time.perf_counter() - t) / 1e9
+
+
+def chunk_key(tag: str, i: int) -> str:
+    return hashlib.sha256(f"{tag}/{i}".encode()).hexdigest()
+
+
+def disk_paths(disk, keys: list[str]) -> list[Path]:
+    """Files of ``keys`` in a DiskBackend (its documented layout: root/key[:2]/key.kvtc)."""
+    paths = [Path(disk.root) / k[:2] / f"{k}.kvtc" for k in keys]
+    assert all(p.is_file() for p in paths), "DiskBackend layout changed"
+    return paths
+
+
+def cold_time(fn, paths: list[Path], reps: int) -> tuple[float, dict]:
+    """Median seconds of ``fn()`` with the files' page cache dropped before each run
+    (outside the timing); a warm-up run first. Also what the drops did."""
+    out, errors, resident = [], set(), []
+    for r in range(reps + 1):
+        err = drop_page_cache(paths)
+        if err:
+            errors.add(err)
+        resident.append(resident_fraction(paths))
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        if r:
+            out.append(time.perf_counter() - t)
+    known = [x for x in resident if x is not None]
+    return statistics.median(out), {
+        "drop_errors": sorted(errors),
+        "resident_after_drop_max": max(known) if known else None,
+    }
+
+
+# -- TTFT ---------------------------------------------------------------------------------
+
+
+def ttft(model, codecs: dict, prefix: int, root: Path, reps: int, suffix: int = 16) -> dict:
+    """TTFT of a ``prefix + suffix`` prompt: full prefill against reuse of the prefix's
+    KV, each timed from the tier's ``get`` to the last position's logits (synchronised):
+
+    - CPU tier, compressed: blobs in a :class:`MemoryBackend` (pageable ``bytes``) →
+      ``decode_batch`` into the cache layout → prefill of the suffix;
+    - CPU tier, bf16 (the anchor): the prefix's KV in pinned host memory in the cache
+      layout → one host-to-device copy each of K and V → prefill of the suffix;
+    - disk tier, compressed: the blobs as files of a :class:`DiskBackend`, page cache
+      dropped first (per file: fsync, ``posix_fadvise(DONTNEED)``) → ``get`` → decode
+      → prefill of the suffix;
+    - disk tier, bf16: one file per 256-token chunk (K then V, bf16) in another
+      DiskBackend on the same disk, dropped the same way → ``get`` → the codec's
+      staging upload (:class:`HostStaging`) → the cache layout → prefill of the suffix.
+
+    ``codecs``: grouping name → GpuCodec; the compressed rows are per codec.
+    """
+    layers, heads, dim = next(iter(codecs.values())).artifact.kv_shape
+    n = prefix // CHUNK
+    g = torch.Generator(device=DEV).manual_seed(prefix)
+    ids = torch.randint(0, model.config.vocab_size, (1, prefix + suffix), device=DEV, generator=g)
+    row: dict = {"prefix": prefix, "suffix": suffix, "chunks": n}
+    with torch.no_grad():
+        t = cuda_time(lambda: forward(model, ids), reps=reps)
+        row["prefill_ms"] = 1e3 * t
+        log(f"ttft {prefix}: prefill {1e3 * t:.1f} ms")
+        k, v = model_kv_of(model, ids[:, :prefix])
+        row["kv_bf16_bytes"] = 2 * k.numel() * 2
+        row["suffix_only_ms"] = 1e3 * cuda_time(
+            lambda: forward(model, ids[:, prefix:], cache_of(k, v)), reps=reps
+        )
+
+        def layout():
             kk = torch.empty(layers, heads, prefix, dim, dtype=torch.bfloat16, device=DEV)
             vv = torch.empty_like(kk)
-            view = (  # the cache's own layout, written in place by the decoder
+            view = (  # the cache's own layout, as chunks: (n, L, H, 256, D) views
                 kk.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4),
                 vv.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4),
             )
-            dec = codec.decode_batch(blobs, out=view)
-            assert dec.count == n
+            return kk, vv, view
+
+        def suffix_logits(kk, vv):
             return forward(model, ids[:, prefix:], cache_of(kk, vv))
 
-        def reuse_plain():
-            kk = host_k.to("cuda", non_blocking=True)
-            vv = host_v.to("cuda", non_blocking=True)
-            return forward(model, ids[:, prefix:], cache_of(kk, vv))
+        # -- CPU tier, bf16 in pinned memory (the anchor)
+        host_k, host_v = k.cpu(), v.cpu()
+        if CUDA:
+            host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
 
-        t_comp = cuda_time(reuse_compressed, reps=reps)
-        t_plain = cuda_time(reuse_plain, reps=reps)
-        t_suffix = cuda_time(lambda: forward(model, ids[:, prefix:], cache_of(
-            host_k.to("cuda"), host_v.to("cuda"))), reps=1)  # fmt: skip
-    return {
-        "prefix": prefix,
-        "prefill_ms": 1e3 * t_prefill,
-        "reuse_cpu_compressed_ms": 1e3 * t_comp,
-        "reuse_cpu_bf16_ms": 1e3 * t_plain,
-        "speedup_cpu_compressed": t_prefill / t_comp,
-        "honest_ratio": ratio,
-        "note_suffix_with_copy_ms": 1e3 * t_suffix,
-    }
+        def reuse_pinned_bf16():
+            kk = host_k.to(DEV, non_blocking=True)
+            vv = host_v.to(DEV, non_blocking=True)
+            return suffix_logits(kk, vv)
+
+        row["reuse_cpu_bf16_ms"] = 1e3 * cuda_time(reuse_pinned_bf16, reps=reps)
+        # plumbing check: reused bf16 KV gives the full prefill's next-token logits
+        ref = forward(model, ids).float()
+        anchor = reuse_pinned_bf16().float()
+        row["check_bf16_reuse_logit_max_abs_diff"] = float((anchor - ref).abs().max())
+        row["check_logit_scale"] = float(ref.abs().max())
+        host_k = host_v = None  # 2 x 2.1 GB of pinned memory at 32k, freed
+
+        # -- disk tier, bf16: one file per chunk, through the same DiskBackend
+        cap = 1 << 42
+        disk_bf16 = DiskBackend(root / f"bf16-{prefix}", cap)
+        keys_bf16 = [chunk_key(f"bf16/{prefix}", i) for i in range(n)]
+        for s in range(0, n, 16):  # 16 chunks (0.5 GB) of host bytes at a time
+            items = []
+            for i in range(s, min(n, s + 16)):
+                sl = slice(i * CHUNK, (i + 1) * CHUNK)
+                kv = torch.stack([k[:, :, sl], v[:, :, sl]]).contiguous().cpu()
+                items.append((keys_bf16[i], kv.view(torch.int16).numpy().tobytes()))
+            disk_bf16.put(items)
+            del items
+        paths_bf16 = disk_paths(disk_bf16, keys_bf16)
+        row["disk_raw_read_gbps"] = raw_read_gbps(paths_bf16)
+        staging = HostStaging(DEV)
+        chunk_bytes = 2 * layers * heads * CHUNK * dim * 2
+
+        def bf16_to_device(vals):
+            buf = staging.upload([(i * chunk_bytes, b) for i, b in enumerate(vals)],
+                                 n * chunk_bytes)  # fmt: skip
+            kv = buf.view(torch.bfloat16).view(n, 2, layers, heads, CHUNK, dim)
+            kk = kv[:, 0].permute(1, 2, 0, 3, 4).reshape(layers, heads, prefix, dim)
+            vv = kv[:, 1].permute(1, 2, 0, 3, 4).reshape(layers, heads, prefix, dim)
+            return kk, vv
+
+        def reuse_disk_bf16(phases=None):
+            return reuse_phases(lambda: disk_bf16.get(keys_bf16), bf16_to_device,
+                                suffix_logits, phases)  # fmt: skip
+
+        row["check_disk_bf16_logits_equal_pinned"] = bool(
+            torch.equal(reuse_disk_bf16().float(), anchor)
+        )
+        # a slow disk: one cold read of the bf16 KV per measurement, not reps + 1
+        slow = row["kv_bf16_bytes"] / (row["disk_raw_read_gbps"] * 1e9) > 3.0
+        row["disk_bf16_reps"] = 1 if slow else reps
+        t, drops = cold_time(reuse_disk_bf16, paths_bf16, row["disk_bf16_reps"])
+        row["reuse_disk_bf16_ms"] = 1e3 * t
+        row["disk_bf16_phases_ms"] = phased(reuse_disk_bf16, paths_bf16)
+        row["page_cache_drop"] = {"bf16": drops}
+        staging.release()
+        disk_bf16 = None
+        shutil.rmtree(root / f"bf16-{prefix}", ignore_errors=True)
+        log(f"ttft {prefix}: anchors done {json.dumps(row)}")
+
+        # -- compressed, per codec: the CPU tier and the disk tier
+        row["compressed"] = {}
+        for name, codec in codecs.items():
+            try:
+                row["compressed"][name] = ttft_compressed(
+                    codec, name, (k, v), prefix, root, reps, layout, suffix_logits,
+                    row["page_cache_drop"],
+                )  # fmt: skip
+            except Exception:  # noqa: BLE001 - keep the other groupings' rows
+                traceback.print_exc()
+            empty_cache()
+    return row
+
+
+def reuse_phases(fetch, to_device, finish, phases: dict | None = None):
+    """``finish(*to_device(fetch()))``: the tier's get, the KV on the device in the
+    cache layout, the suffix's logits. With ``phases`` (a dict), synchronise after each
+    and record their ms there."""
+    t0 = time.perf_counter()
+    got = fetch()
+    t1 = time.perf_counter()
+    kk, vv = to_device(got)
+    del got
+    if phases is not None:
+        sync()
+    t2 = time.perf_counter()
+    logits = finish(kk, vv)
+    if phases is not None:
+        sync()
+        phases.update(fetch_ms=1e3 * (t1 - t0), to_device_ms=1e3 * (t2 - t1),
+                      suffix_ms=1e3 * (time.perf_counter() - t2))  # fmt: skip
+    return logits
+
+
+def phased(fn, paths: list[Path]) -> dict:
+    """One more cold run of ``fn(phases)`` with a synchronisation between phases: where
+    the time goes (fetch from the tier, to the device in the cache layout, suffix)."""
+    drop_page_cache(paths)
+    phases: dict = {}
+    sync()
+    fn(phases)
+    return {k: round(v, 2) for k, v in phases.items()}
+
+
+def ttft_compressed(codec, name, kv, prefix, root, reps, layout, suffix_logits,
+                    drops) -> dict:  # fmt: skip
+    """The compressed rows of :func:`ttft` for one codec (``kv``: the prefix's ``(L, H,
+    T, D)`` K and V on the device)."""
+    k, v = kv
+    layers, heads, _, dim = k.shape
+    n = prefix // CHUNK
+    kc = k.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4)
+    vc = v.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4)
+    blobs = []
+    for s in range(0, n, 32):
+        e = min(n, s + 32)
+        blobs += codec.encode_batch(kc[s:e], vc[s:e], [i * CHUNK for i in range(s, e)])
+    keys = [chunk_key(f"kvtc-{name}/{prefix}", i) for i in range(n)]
+    out = {"honest_ratio": 2 * kc.numel() * 2 / sum(len(b) for b in blobs),
+           "blob_bytes": sum(len(b) for b in blobs)}  # fmt: skip
+    cpu = MemoryBackend(1 << 42)
+    cpu.put(list(zip(keys, blobs)))
+    disk = DiskBackend(root / f"kvtc-{name}-{prefix}", 1 << 42)
+    disk.put(list(zip(keys, blobs)))
+    del blobs
+    paths = disk_paths(disk, keys)
+
+    def decode(got):
+        kk, vv, view = layout()
+        dec = codec.decode_batch(got, out=view)
+        assert dec.count == n and dec.error is None, dec.error
+        return kk, vv
+
+    def reuse(tier, phases=None):
+        return reuse_phases(lambda: tier.get(keys), decode, suffix_logits, phases)
+
+    kk, vv, view = layout()
+    codec.decode_batch(cpu.get(keys), out=view)
+    err = ref = 0.0
+    for a, b in ((kk, k), (vv, v)):
+        for i in range(layers):  # a layer at a time: float32 copies of 32k tokens are big
+            err += float(((a[i].float() - b[i].float()) ** 2).sum())
+            ref += float((b[i].float() ** 2).sum())
+    out["kv_nmse"] = err / ref
+    del kk, vv, view
+    out["reuse_cpu_compressed_ms"] = 1e3 * cuda_time(lambda: reuse(cpu), reps=reps)
+    out["cpu_phases_ms"] = phased(lambda ph: reuse(cpu, ph), [])
+    t, drops[f"kvtc-{name}"] = cold_time(lambda: reuse(disk), paths, reps)
+    out["reuse_disk_compressed_ms"] = 1e3 * t
+    out["disk_phases_ms"] = phased(lambda ph: reuse(disk, ph), paths)
+    disk = None
+    shutil.rmtree(root / f"kvtc-{name}-{prefix}", ignore_errors=True)
+    log(f"ttft {prefix} {name}: {json.dumps(out)}")
+    return out
+
+
+def ttft_speedups(row: dict, default: str = "all") -> None:
+    """Add the speedups to each compressed row of a :func:`ttft` row, and the default
+    codec's times and speedups to the row itself."""
+    for c in row.get("compressed", {}).values():
+        c["speedup_cpu"] = row["prefill_ms"] / c["reuse_cpu_compressed_ms"]
+        c["speedup_disk"] = row["prefill_ms"] / c["reuse_disk_compressed_ms"]
+        c["cpu_vs_bf16"] = row["reuse_cpu_bf16_ms"] / c["reuse_cpu_compressed_ms"]
+        c["disk_vs_bf16"] = row["reuse_disk_bf16_ms"] / c["reuse_disk_compressed_ms"]
+    c = row.get("compressed", {}).get(default)
+    if c is not None:
+        row["default_codec"] = default
+        for key in ("reuse_cpu_compressed_ms", "reuse_disk_compressed_ms", "speedup_cpu",
+                    "speedup_disk", "cpu_vs_bf16", "disk_vs_bf16"):  # fmt: skip
+            row[key] = c[key]
 
 
 # -- report -------------------------------------------------------------------------------
@@ -414,6 +782,16 @@ def main() -> None:
     ap.add_argument("--groupings", default="all,4,1")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ttft", action="store_true")
+    ap.add_argument("--ttft-prefixes", default=None, help="default 8192,32768 (tiny: 512,1024)")
+    ap.add_argument("--ttft-groupings", default="all,4", help="codecs whose TTFT is measured")
+    ap.add_argument("--ttft-reps", type=int, default=3)
+    ap.add_argument(
+        "--disk-dir",
+        type=Path,
+        default=None,
+        help="where the disk tier writes (default: the first of the working "
+        "directory, home, /var/tmp, the temp folder not held in memory)",
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a dry run of the script)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -460,17 +838,19 @@ def main() -> None:
     model, kv_source = None, "Gaussian KV with a decaying spectrum (no model loaded)"
     if args.ttft:
         try:
-            model = load_llama()
+            model = load_llama(tiny=args.tiny)
             sample = [model_kv(model, 4096, seed=s) for s in range(2)]
             lk = torch.cat([s[0] for s in sample], dim=2)
             lv = torch.cat([s[1] for s in sample], dim=2)
             kv_source = "random-weight Llama-3.1-8B-architecture model, random-token prompts"
+            del sample
         except Exception:  # noqa: BLE001 - report and go on with the throughput part
             traceback.print_exc()
             model = None
     if model is None:
         lk, lv = gaussian_kv(LLAMA, 1024 if args.tiny else 8192)
-    ttft_codec = None
+    ttft_codecs = {}
+    wanted = args.ttft_groupings.split(",")
     for grouping in args.groupings.split(","):
         lpg = None if grouping == "all" else int(grouping)
         art = synthetic_artifact(LLAMA, lpg, lk[:, :, :2048], lv[:, :, :2048],
@@ -482,24 +862,38 @@ def main() -> None:
             log(json.dumps(r))
             configs.append(r)
             empty_cache()
-        if grouping == "all":
-            ttft_codec = codec
+        if grouping in wanted:
+            ttft_codecs[grouping] = codec
         del codec
     info["seconds"] = round(time.time() - t0, 1)
+    log(f"[{info['seconds']} s] throughput done")
     write(args.out, info, ceil, configs, [], kv_source)
+    if model is None or not ttft_codecs:
+        return
+    del lk, lv
+    empty_cache()
+    prefixes = [int(x) for x in (args.ttft_prefixes or ("512,1024" if args.tiny else "8192,32768")).split(",")]  # fmt: skip
+    layers, heads, dim = LLAMA["layers"], LLAMA["heads"], LLAMA["dim"]
+    need = 2 * layers * heads * dim * 2 * max(prefixes) * (1 + 0.2 * len(ttft_codecs))
+    root = Path(tempfile.mkdtemp(prefix="kvtc-ttft-", dir=pick_disk_dir(args.disk_dir, need)))
+    info["disk"] = fs_info(root)
+    log("disk tier at", info["disk"])
     ttfts = []
-    if model is not None and ttft_codec is not None:
-        del lk, lv
-        empty_cache()
-        try:
-            for prefix in (8192, 32768):
-                r = ttft(model, ttft_codec, prefix)
+    try:
+        for prefix in prefixes:
+            log(f"[{time.time() - t0:.0f} s] TTFT at a {prefix}-token prefix")
+            try:
+                r = ttft(model, ttft_codecs, prefix, root, args.ttft_reps)
+                ttft_speedups(r)
                 log(json.dumps(r))
                 ttfts.append(r)
-        except Exception:  # noqa: BLE001 - keep what was measured
-            traceback.print_exc()
-        info["seconds"] = round(time.time() - t0, 1)
-        write(args.out, info, ceil, configs, ttfts, kv_source)
+            except Exception:  # noqa: BLE001 - keep what was measured
+                traceback.print_exc()
+            empty_cache()
+            info["seconds"] = round(time.time() - t0, 1)
+            write(args.out, info, ceil, configs, ttfts, kv_source)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def write(out: Path, info, ceil, configs, ttfts, kv_source) -> None:
@@ -514,10 +908,12 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source) -> None:
         "encode_gbps_ans": default[0]["encode_gbps"] if default else None,
         "decode_gbps_ans": default[0]["decode_gbps"] if default else None,
         "decode_gbps_deflate": None,
+        "decode_gbps_deflate_note": (
+            "not measured: the rans blobs are coded 'none' (the stream is entropy-coded "
+            "already); deflate blobs decode on the host, and nvCOMP is not in this path"
+        ),
         "entropy_coder": "rANS (Triton), not nvCOMP ANS: the codec's own stream format",
-        "ttft_speedup_cpu_8k": next((t["speedup_cpu_compressed"] for t in ttfts if t["prefix"] == 8192), None),
-        "ttft_speedup_cpu_32k": next((t["speedup_cpu_compressed"] for t in ttfts if t["prefix"] == 32768), None),
-        "ttft_speedup_disk_32k": None,
+        **ttft_keys(ttfts),
         "configs": configs,
         "ttft": ttfts,
     }  # fmt: skip
@@ -562,25 +958,79 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source) -> None:
             f"decode {c['decode_stages_ms']}"
         )
     if ttfts:
-        lines += [
-            "",
-            "## TTFT, random-weight Llama-3.1-8B architecture, bf16, prefix + 16 new tokens",
-            "",
-            (
-                "| prefix | prefill ms | reuse from pinned CPU, KVTC ms | reuse, bf16 copy ms "
-                "| speedup | ratio |"
-            ),
-            "|---|---|---|---|---|---|",
-        ]
-        for t in ttfts:
-            lines.append(
-                f"| {t['prefix']} | {t['prefill_ms']:.1f} | {t['reuse_cpu_compressed_ms']:.1f} "
-                f"| {t['reuse_cpu_bf16_ms']:.1f} | {t['speedup_cpu_compressed']:.1f}x | "
-                f"{t['honest_ratio']:.2f} |"
-            )
+        lines += ttft_lines(ttfts, info)
     lines += ["", "Raw JSON: `gpu_codec.json`.", ""]
     (out / "gpu_codec.md").write_text("\n".join(lines))
     log("\n".join(lines))
+
+
+def _get(ttfts, prefix: int, grouping: str, key: str):
+    row = next((t for t in ttfts if t["prefix"] == prefix), None)
+    return row.get("compressed", {}).get(grouping, {}).get(key) if row else None
+
+
+def ttft_keys(ttfts: list[dict]) -> dict:
+    """The issue's JSON keys, for the default codec (all-layer groups)."""
+    return {
+        "ttft_grouping": "all",
+        "ttft_speedup_cpu_8k": _get(ttfts, 8192, "all", "speedup_cpu"),
+        "ttft_speedup_cpu_32k": _get(ttfts, 32768, "all", "speedup_cpu"),
+        "ttft_speedup_disk_32k": _get(ttfts, 32768, "all", "speedup_disk"),
+        "ttft_cpu_vs_bf16_32k": _get(ttfts, 32768, "all", "cpu_vs_bf16"),
+        "ttft_disk_vs_bf16_32k": _get(ttfts, 32768, "all", "disk_vs_bf16"),
+    }
+
+
+def ttft_lines(ttfts: list[dict], info: dict) -> list[str]:
+    disk = info.get("disk", {})
+    lines = [
+        "",
+        "## TTFT, random-weight Llama-3.1-8B architecture, bf16, prefix + 16 new tokens",
+        "",
+        "Each time runs from the tier's `get` to the last position's logits, synchronised,",
+        "median of the repetitions: prefill = the whole prompt; CPU tier = blobs as `bytes`",
+        "in a `MemoryBackend`, then `decode_batch` into the cache layout, then the suffix;",
+        "CPU bf16 (anchor) = the prefix's KV in pinned host memory, copied to the device;",
+        "disk = a `DiskBackend` per variant (compressed: the blobs; bf16: one file of K and V",
+        "per 256-token chunk), page cache dropped before each run (fsync,",
+        "`posix_fadvise(DONTNEED)` per file), `get`, then to the device (decode, or the",
+        "staging upload and a device copy into the layout), then the suffix.",
+        f"Disk: `{disk.get('path')}` on {disk.get('source')} ({disk.get('fstype')}).",
+        "",
+        (
+            "| prefix | codec | ratio | prefill ms | CPU kvtc ms | CPU bf16 ms | disk kvtc ms "
+            "| disk bf16 ms | speedup CPU | speedup disk | CPU kvtc vs bf16 | disk kvtc vs bf16 |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in ttfts:
+        for name, c in t.get("compressed", {}).items():
+            lines.append(
+                f"| {t['prefix']} | {name} | {c['honest_ratio']:.2f} | {t['prefill_ms']:.1f} | "
+                f"{c['reuse_cpu_compressed_ms']:.1f} | {t['reuse_cpu_bf16_ms']:.1f} | "
+                f"{c['reuse_disk_compressed_ms']:.1f} | {t['reuse_disk_bf16_ms']:.1f} | "
+                f"{c['speedup_cpu']:.1f}x | {c['speedup_disk']:.1f}x | "
+                f"{c['cpu_vs_bf16']:.2f}x | {c['disk_vs_bf16']:.2f}x |"
+            )
+    lines += ["", "Where the time goes (one more run, synchronised between phases, ms):", ""]
+    for t in ttfts:
+        lines.append(
+            f"- {t['prefix']}: suffix alone on a cache already on the device "
+            f"{t['suffix_only_ms']:.1f}; disk bf16 {t['disk_bf16_phases_ms']} (cold read of "
+            f"the bf16 files into a reused buffer, 8 threads: {t['disk_raw_read_gbps']:.2f} "
+            f"GB/s); page cache drops {t['page_cache_drop']}; checks: logits from reused "
+            f"bf16 KV against the prefill's, max abs diff "
+            f"{t['check_bf16_reuse_logit_max_abs_diff']:.3g} (logit scale "
+            f"{t['check_logit_scale']:.3g}), disk bf16 logits equal the pinned anchor's: "
+            f"{t['check_disk_bf16_logits_equal_pinned']}; disk bf16 runs "
+            f"{t['disk_bf16_reps']}"
+        )
+        for name, c in t.get("compressed", {}).items():
+            lines.append(
+                f"  - {name}: CPU tier {c['cpu_phases_ms']}; disk tier {c['disk_phases_ms']}; "
+                f"decoded KV NMSE {c['kv_nmse']:.3f} (random bases: a timing codec)"
+            )
+    return lines
 
 
 if __name__ == "__main__":

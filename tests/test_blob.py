@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import pickle
+import re
 import struct
 import zlib
 
@@ -29,7 +30,10 @@ from kvtc_store.codec.blob import (
     BlobHeader,
     blob_size,
     pack_blob,
+    payload_intact,
     unpack_blob,
+    unpack_blob_header,
+    verify_payload,
 )
 from kvtc_store.codec.rope import apply_rope
 from kvtc_store.errors import (
@@ -237,6 +241,30 @@ def test_every_single_byte_flip_is_detected() -> None:
             bad[offset] ^= mask
             with pytest.raises(_expected_for_flip(offset, hlen)):
                 unpack_blob(bytes(bad))
+
+
+def test_header_only_parse_defers_exactly_the_payload_checksum() -> None:
+    """``unpack_blob_header`` raises what ``unpack_blob`` raises for every byte flip,
+    except a flip in the payload, which only ``payload_intact``/``verify_payload`` see."""
+    b = pack_blob(_header(), bytes(range(64)))
+    payload_at = len(b) - 64
+    for offset in range(len(b)):
+        bad = bytearray(b)
+        bad[offset] ^= 0x80
+        if offset < payload_at:
+            with pytest.raises(_expected_for_flip(offset, _hlen(b))) as full:
+                unpack_blob(bytes(bad))
+            with pytest.raises(type(full.value), match=re.escape(str(full.value))):
+                unpack_blob_header(bytes(bad))
+            continue
+        header, payload = unpack_blob_header(bytes(bad))
+        assert header == unpack_blob(b)[0] and bytes(payload) == bytes(bad[payload_at:])
+        assert not payload_intact(header, payload)
+        with pytest.raises(BlobCorruptError, match="payload checksum"):
+            verify_payload(header, payload)
+    header, payload = unpack_blob_header(b)
+    assert payload_intact(header, payload)
+    verify_payload(header, payload)
 
 
 @pytest.mark.parametrize(

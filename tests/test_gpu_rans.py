@@ -277,3 +277,87 @@ def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: 
     bad[2:4] = b"\x00\x00"  # a lane state below 2**16, checksum recomputed
     chunks, error = gpu.decode_prefix([blobs[0], pack_blob(header, bytes(bad)), blobs[2]])
     assert len(chunks) == 1 and isinstance(error, BlobCorruptError)
+    flip = bytearray(blobs[1])
+    flip[-5] ^= 0x40  # payload altered, checksum not recomputed: the CPU decoder's error
+    altered = [blobs[0], bytes(flip), blobs[2]]
+    (chunks, error), (want, want_err) = gpu.decode_prefix(altered), cpu.decode_prefix(altered)
+    assert len(chunks) == len(want) == 1 and str(error) == str(want_err)
+
+
+def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
+    """The batched decoder verifies payload checksums after queueing the device work; the
+    prefix it returns and the error that ends it are still the CPU decoder's: an altered
+    payload ends the prefix at its blob (before a later bad header), a foreign blob is a
+    CodecMismatchError unless its payload is altered too (the checksum comes first), a
+    bad first blob decodes nothing (``out`` untouched), and the pinned staging buffer is
+    reused, not regrown, by a second call of the same size."""
+    cases = _codec_cases(arts)
+    if not cases:
+        pytest.skip("minmax artifacts")
+    art, keys, values, firsts = cases[0]
+    other = next(a for a in arts.values() if a.artifact_id != art.artifact_id)
+    cpu, gpu = KVTCCodec(art), GpuCodec(art, device=DEV)
+    good = [cpu.encode(keys[i], values[i], firsts[i] + 64 * i, 5 * i) for i in range(2)]
+    good.append(cpu.encode(keys[0], values[0], 0))  # sink tokens stored exactly
+    flip = bytearray(good[1])
+    flip[-7] ^= 0x21  # payload byte: checksum no longer matches
+    bad_sum = bytes(flip)
+    flip = bytearray(good[2])
+    flip[20] ^= 0x01  # header byte: header checksum fails
+    bad_head = bytes(flip)
+    foreign = KVTCCodec(other).encode(keys[0], values[0], 4096)
+    flip = bytearray(foreign)
+    flip[-3] ^= 0x10
+    foreign_bad = bytes(flip)
+    cases = {
+        "good": good,
+        "checksum": [good[0], bad_sum, good[2]],
+        "checksum before header": [good[0], bad_sum, bad_head],
+        "foreign": [good[0], foreign],
+        "foreign, altered": [good[0], foreign_bad, good[2]],
+        "bad first": [bad_head, good[0]],
+    }
+    scale = keys.float().abs().max().item()
+    for name, blobs in cases.items():
+        want, want_err = cpu.decode_prefix(blobs, dtype=torch.float32)
+        out = tuple(torch.full((len(blobs), *keys.shape[1:]), float("nan"), device=DEV)
+                    for _ in range(2))  # fmt: skip
+        dec = gpu.decode_batch(blobs, out=out)
+        assert dec.count == len(want), name
+        assert type(dec.error) is type(want_err) and str(dec.error) == str(want_err), name
+        for b, w in enumerate(want):
+            assert dec.first_positions[b] == w.first_position
+            assert (out[0][b].cpu() - w.keys).abs().max().item() < 2e-3 * scale, name
+            assert (out[1][b].cpu() - w.values).abs().max().item() < 2e-3 * scale, name
+        if not want:
+            assert out[0].isnan().all() and out[1].isnan().all(), name
+    capacity = gpu._staging.capacity
+    assert capacity > 0
+    gpu.decode_batch(good)
+    assert gpu._staging.capacity == capacity
+
+
+def test_host_staging_places_every_part(monkeypatch):
+    """Parts of many sizes (below, at and above a piece), gaps between them, through the
+    threaded path in slices and the single-thread path: each lands at its offset."""
+    from kvtc_store.codec.gpu import staging
+
+    rng = np.random.default_rng(3)
+    for workers, piece in ((3, 4096), (1, 1 << 20)):
+        monkeypatch.setattr(staging, "host_workers", lambda w=workers: w)
+        monkeypatch.setattr(staging, "PIECE", piece)
+        monkeypatch.setattr(staging, "POOL_MIN", 0)
+        monkeypatch.setattr(staging, "SLICE_MIN", 0)
+        st = staging.HostStaging(DEV)
+        for _ in range(3):
+            parts, off = [], 0
+            for size in rng.integers(0, 3 * piece, 40):
+                off += int(rng.integers(0, 9))
+                data = rng.integers(0, 256, int(size), dtype=np.uint8)
+                parts.append((off, data.tobytes() if size % 2 else memoryview(data)))
+                off += int(size)
+            got = st.upload(parts, off + 5).cpu().numpy()
+            for o, data in parts:
+                assert np.array_equal(got[o : o + len(data)], np.frombuffer(data, np.uint8))
+        with pytest.raises(ValueError):
+            st.upload([(4, b"abc")], 6)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ArtifactError, BlobCorruptError, BlobError, CodecMismatchError
 from .artifact import CodecArtifact
-from .blob import BlobHeader, pack_blob, unpack_blob
+from .blob import BlobHeader, pack_blob, unpack_blob, unpack_blob_header
 from .entropy import get_coder
 from .features import from_token_major, group_slices, to_token_major
 from .quant import (
@@ -460,14 +460,16 @@ class KVTCCodec:
         chunks: list[DecodedChunk] = []
         i = 0
         while i < len(blobs):
+            # headers only: the batched decoder checks the rest (checksums in parallel)
+            # and reports the first bad blob's error as decode_prefix does
             try:
-                tokens = self.read_header(blobs[i]).shape[3]
+                tokens = unpack_blob_header(blobs[i])[0].shape[3]
             except BlobError as exc:
                 return chunks, exc
             j = i + 1
             while j < len(blobs):
                 try:
-                    if unpack_blob(blobs[j])[0].shape[3] != tokens:
+                    if unpack_blob_header(blobs[j])[0].shape[3] != tokens:
                         break
                 except BlobError:
                     break  # the batch stops before it; the next round reports its error

@@ -14,7 +14,9 @@ encode: ``(B, L, H, T, D)`` K and V →[:func:`_prep_kernel`: undo RoPE on K, su
 mean, divide by the scale]→ ``X (p, N)`` fp16 →[cuBLAS per group: ``basisᵀ @ X``]→
 ``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams → blobs.
 
-decode: blobs → streams (one host-to-device copy) →[rANS decoder, dequantising on the fly]→
+decode: blobs →[headers parsed; payloads copied by host threads into a reused pinned
+buffer, sent to the device in one pass; checksums verified by those threads meanwhile]→
+streams →[rANS decoder, dequantising on the fly]→
 ``C (R, N)`` fp16 →[cuBLAS per group: ``basis @ C``]→ ``F (p, N)`` fp16 →
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
 caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
@@ -36,11 +38,19 @@ import triton.language as tl
 
 from ...errors import ArtifactError, BlobCorruptError, BlobError
 from ..artifact import CodecArtifact
-from ..blob import pack_blob, unpack_blob
+from ..blob import (
+    PAYLOAD_CHECKSUM_MISMATCH,
+    BlobHeader,
+    pack_blob,
+    payload_intact,
+    unpack_blob_header,
+    verify_payload,
+)
 from ..codec import EXACT_DTYPE, KVTCCodec
 from ..entropy import get_coder
 from ..features import group_slices
-from .rans_triton import DeviceTables, decode_words_gpu, encode_gpu, upload_streams
+from .rans_triton import DeviceTables, encode_gpu, launch_decode
+from .staging import HostStaging, host_pool
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +238,7 @@ class GpuCodec:
         self.gemm_dtype = gemm_dtype
         self.coder = get_coder(coder)
         self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
+        self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
         _, heads, dim = artifact.kv_shape
         if dim & (dim - 1):
             raise NotImplementedError(f"head dim {dim} is not a power of two")
@@ -259,14 +270,14 @@ class GpuCodec:
         parts = [v for v, (kd, _) in zip(per_group, self._slices) if kd == kind]
         return torch.cat(parts).to(self.device, torch.float32).contiguous()
 
-    def _cos_sin(self, first_positions: list[int], tokens: int):
+    def _cos_sin(self, first: torch.Tensor, tokens: int):
         """float32 ``(B * T, rot / 2)`` cos and sin of every token's angles (computed in
-        float64, as :mod:`~kvtc_store.codec.rope` does)."""
+        float64, as :mod:`~kvtc_store.codec.rope` does); ``first``: each chunk's first
+        position, ``(B,)`` on the device."""
         if not self._rot:
             z = torch.zeros(1, device=self.device)
             return z, z
-        first = torch.tensor(first_positions, dtype=torch.float64, device=self.device)
-        pos = (first[:, None] + torch.arange(tokens, device=self.device)).reshape(-1)
+        pos = (first.double()[:, None] + torch.arange(tokens, device=self.device)).reshape(-1)
         ang = pos[:, None] * self._inv_freq[None, :]
         return ang.cos().float().contiguous(), ang.sin().float().contiguous()
 
@@ -321,7 +332,8 @@ class GpuCodec:
         ]
         n = batch * tokens
         with self._stage(timer, "rope_mean"):
-            cos, sin = self._cos_sin(list(first_positions), tokens)
+            first = torch.tensor(list(first_positions), dtype=torch.int64, device=keys.device)
+            cos, sin = self._cos_sin(first, tokens)
             feats = {}
             for kind, x in (("k", keys), ("v", values)):
                 out = torch.empty(layers * heads * dim, n, dtype=self.gemm_dtype, device=x.device)
@@ -380,15 +392,27 @@ class GpuCodec:
         """Decompress consecutive chunks of equal token count in one batch, up to the first
         that fails (as :meth:`KVTCCodec.decode_prefix`).
 
+        Host side, in order: each blob's header is parsed and checked (O(blobs) Python);
+        the payloads and a small table of per-chunk offsets are copied by several threads
+        into this codec's pinned staging buffer (:class:`~.staging.HostStaging`, kept
+        between calls) and sent to the device in one pass of a few slices; the device
+        work is queued; the payload checksums (xxh64) are verified by the host threads
+        while the device decodes; the call returns once both are done. A blob whose
+        checksum fails ends the prefix there, exactly as if it had been checked first.
+        Calls on one codec from several threads take turns for the staging buffer.
+
         Args:
             blobs: blobs written by this artifact (on any host).
             dtype: output dtype (default: the first blob's input dtype).
             out: optional ``(keys, values)`` ``(B, L, H, T, D)`` CUDA tensors to write into
                 (any strides, e.g. views of a serving engine's cache).
-            timer: optional ``timer(stage) -> context manager`` (benchmarks).
+            timer: optional ``timer(stage) -> context manager`` (benchmarks); stages
+                ``parse``, ``upload``, ``rans_dequantise``, ``projection``,
+                ``rope_write``, ``exact``, ``verify`` (what the checksums still take
+                once the device work is done, and the status read).
 
         Returns:
-            :class:`DecodedBatch`.
+            :class:`DecodedBatch`. Chunks from ``count`` on are undefined in ``out``.
 
         Raises:
             ValueError: blobs of different token counts, or ``out`` of the wrong shape.
@@ -396,52 +420,49 @@ class GpuCodec:
         art = self.artifact
         layers, heads, dim = art.kv_shape
         with self._stage(timer, "parse"):
-            parsed, error = [], None
-            for blob in blobs:
-                try:
-                    parsed.append(self._parse(blob))
-                except BlobError as exc:
-                    error = exc
-                    break
-                except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
-                    error = BlobCorruptError(f"blob does not decode: {exc}")
-                    break
-        tokens = parsed[0][0].shape[3] if parsed else 0
-        if any(h.shape[3] != tokens for h, *_ in parsed):
-            raise ValueError("decode_batch needs chunks of equal token count")
+            parsed, error = self._parse_all(blobs)
         batch = len(blobs)
+        tokens = parsed[0].header.shape[3] if parsed else 0
+        if any(p.header.shape[3] != tokens for p in parsed):
+            raise ValueError("decode_batch needs chunks of equal token count")
         if dtype is None:
-            dtype = _DTYPES.get(parsed[0][0].dtype, torch.float32) if parsed else torch.bfloat16
+            dtype = _DTYPES.get(parsed[0].header.dtype, torch.float32) if parsed else torch.bfloat16
         if out is None:
             shape = (batch, layers, heads, tokens, dim)
             out = (
                 torch.empty(shape, dtype=dtype, device=self.device),
                 torch.empty(shape, dtype=dtype, device=self.device),
             )
+        elif not parsed:
+            pass  # nothing to write: the first blob is bad
         elif out[0].shape[1:] != (layers, heads, tokens, dim) or out[0].shape[0] < batch:
             raise ValueError(f"out {tuple(out[0].shape)} does not fit {batch} chunks")
         keys, values = out
+        if not parsed:
+            return DecodedBatch(keys, values, [], 0, error)
         n = batch * tokens
-        coded = [(i, a, b) for i, (_, a, b, _, _) in enumerate(parsed) if b > a]
+        coded = [i for i, p in enumerate(parsed) if p.b > p.a]
         with self._stage(timer, "upload"):
-            words, base, end = upload_streams([parsed[i][3] for i, _, _ in coded], self.device)
+            dev, layout = self._upload(parsed, coded, batch)
+            checks = [
+                (i, host_pool().submit(payload_intact, p.header, p.payload))
+                for i, p in enumerate(parsed)
+                if p.payload is not None
+            ]  # the checksums run on the host threads while the device decodes
+        meta = dev[: layout.meta_bytes].view(torch.int64)
+        nc = len(coded)
+        base, end, lanes, col0 = (meta[j * nc : (j + 1) * nc] for j in range(4))
+        spans = meta[4 * nc : 4 * nc + 2 * batch]
+        first = meta[4 * nc + 2 * batch : 4 * nc + 3 * batch]
+        words = dev.view(torch.int16)
         with self._stage(timer, "rans_dequantise"):
             coeffs = torch.empty(self.n_rows, n, dtype=self.gemm_dtype, device=self.device)
             if self._uncoded.numel():
                 coeffs.index_fill_(0, self._uncoded, 0)
-            ok = decode_words_gpu(
-                words, base, end, self.tables, [b - a for _, a, b in coded], coeffs,
-                colmap=self._colmap, col0=[i * tokens + a for i, a, _ in coded],
-                steps=self._steps, bias=self._bias,
-            ) if coded else np.ones(0, dtype=bool)  # fmt: skip
-        count = len(parsed)
-        if not ok.all():
-            first_bad = coded[int(np.flatnonzero(~ok)[0])][0]
-            if first_bad < count:
-                count = first_bad
-                error = BlobCorruptError(
-                    "rANS stream does not decode to its initial state (data altered)"
-                )
+            status = launch_decode(
+                words, base, end, lanes, col0, layout.max_lanes, self.tables, coeffs,
+                colmap=self._colmap, steps=self._steps, bias=self._bias,
+            )  # fmt: skip
         with self._stage(timer, "projection"):
             feats = {
                 kind: torch.empty(layers * heads * dim, n, dtype=self.gemm_dtype,
@@ -453,31 +474,97 @@ class GpuCodec:
                 _mm_into(feats[kind][sl], self._bases[g], coeffs[o0:o1])
             del coeffs
         with self._stage(timer, "rope_write"):
-            first_positions = [int(h.first_position) for h, *_ in parsed]
-            cos, sin = self._cos_sin(first_positions + [0] * (batch - len(parsed)), tokens)
-            spans = [[a, b] for _, a, b, _, _ in parsed] + [[0, 0]] * (batch - len(parsed))
-            span_t = torch.tensor(spans, dtype=torch.int32, device=self.device)
+            cos, sin = self._cos_sin(first, tokens)
             for kind, dst in (("k", keys), ("v", values)):
                 self._launch_elementwise(
                     _finish_kernel, batch, tokens, feats[kind], n,
-                    self._means[kind], self._scales[kind], cos, sin, span_t,
+                    self._means[kind], self._scales[kind], cos, sin, spans,
                     dst, *dst.stride(), rope=kind == "k",
                 )  # fmt: skip
         with self._stage(timer, "exact"):
-            for i, (_, a, b, _, exact) in enumerate(parsed[:count]):
-                if exact is None:
+            for i, p in enumerate(parsed):
+                n_exact = tokens - (p.b - p.a)
+                if not n_exact:
                     continue
-                ek, ev = exact
+                o = layout.exact_at[i]
+                kv = dev[o : o + p.exact_len].view(EXACT_DTYPE)
+                ek, ev = kv.view(2, layers, heads, n_exact, dim).to(dtype)
                 for dst, src in ((keys, ek), (values, ev)):
-                    src = src.to(self.device, dtype, non_blocking=True)
-                    dst[i, :, :, :a] = src[:, :, :a]
-                    dst[i, :, :, b:] = src[:, :, a:]
-        return DecodedBatch(keys, values, first_positions[:count], count, error)
+                    dst[i, :, :, : p.a] = src[:, :, : p.a]
+                    dst[i, :, :, p.b :] = src[:, :, p.a :]
+        with self._stage(timer, "verify"):
+            count = len(parsed)
+            for i, check in checks:  # in blob order: the first bad one ends the prefix
+                if i < count and not check.result():
+                    count, error = i, BlobCorruptError(PAYLOAD_CHECKSUM_MISMATCH)
+            bad = np.flatnonzero(status.cpu().numpy() != 0)
+            if bad.size and coded[int(bad[0])] < count:
+                count = coded[int(bad[0])]
+                error = BlobCorruptError(
+                    "rANS stream does not decode to its initial state (data altered)"
+                )
+        firsts = [int(p.header.first_position) for p in parsed[:count]]
+        return DecodedBatch(keys, values, firsts, count, error)
 
-    def _parse(self, blob: bytes):
-        """``(header, a, b, stream, exact)`` of one blob; exact is ``(k, v)`` bf16 on the
-        host ``(L, H, n_exact, D)`` or None."""
-        header, payload = unpack_blob(blob)
+    def _upload(self, parsed: list[_Blob], coded: list[int], batch: int):
+        """Put every parsed blob's sections on the device in one buffer: an int64 table
+        (each coded chunk's stream base, end, lanes and first column; each chunk's coded
+        token span and first position), then each blob's ``stream ‖ exact`` bytes."""
+        tokens = parsed[0].header.shape[3]
+        g = self.tables.interleave
+        nc = len(coded)
+        meta = np.zeros(4 * nc + 3 * batch, dtype=np.int64)
+        meta_bytes = meta.nbytes
+        offset = meta_bytes
+        parts: list[tuple[int, object]] = [(0, meta)]
+        exact_at = []
+        stream_at = []
+        for p in parsed:
+            parts.append((offset, p.raw))
+            stream_at.append(offset)
+            exact_at.append(offset + p.stream_len)
+            offset += -(-len(p.raw) // 8) * 8  # 8-byte aligned: int16 and bf16 views
+        for j, i in enumerate(coded):
+            p = parsed[i]
+            meta[j] = stream_at[i] // 2
+            meta[nc + j] = (stream_at[i] + p.stream_len) // 2
+            meta[2 * nc + j] = (p.b - p.a) * g
+            meta[3 * nc + j] = i * tokens + p.a
+        for i, p in enumerate(parsed):
+            meta[4 * nc + 2 * i : 4 * nc + 2 * i + 2] = (p.a, p.b)
+            meta[4 * nc + 2 * batch + i] = p.header.first_position
+        # chunks past the parsed ones: an empty span (nothing written), position 0
+        dev = self._staging.upload(parts, max(offset, 8))
+        max_lanes = int(meta[2 * nc : 3 * nc].max()) if nc else 0
+        return dev, _Layout(meta_bytes, exact_at, max_lanes)
+
+    def _parse_all(self, blobs: list[bytes]) -> tuple[list[_Blob], BlobError | None]:
+        """Parse blobs up to the first bad one (its error, as :meth:`KVTCCodec.decode_prefix`
+        reports it, checked in the same order; payload checksums of ``none``-coded blobs
+        are left to the caller, except where another check fails after where the
+        checksum would have come)."""
+        parsed: list[_Blob] = []
+        for blob in blobs:
+            try:
+                header, payload = unpack_blob_header(blob)
+            except BlobError as exc:
+                return parsed, exc
+            except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
+                return parsed, BlobCorruptError(f"blob does not decode: {exc}")
+            try:
+                parsed.append(self._parse(header, payload))
+            except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
+                if not payload_intact(header, payload):  # that check came first
+                    return parsed, BlobCorruptError(PAYLOAD_CHECKSUM_MISMATCH)
+                if isinstance(exc, BlobError):
+                    return parsed, exc
+                return parsed, BlobCorruptError(f"blob does not decode: {exc}")
+        return parsed, None
+
+    def _parse(self, header: BlobHeader, payload: memoryview) -> _Blob:
+        """Check one blob's header against this codec and locate its sections. A ``none``
+        payload is left in place, its checksum unverified (``_Blob.payload``); another
+        coder's is verified and decoded here, on the host."""
         self._ref._check_header(header)
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(self.artifact.kv_shape):
@@ -490,19 +577,40 @@ class GpuCodec:
         }
         if header.sections != want:
             raise BlobCorruptError(f"blob sections {header.sections} do not match {want}")
-        if header.coder == "none":  # no copy: the stream goes straight to pinned memory
+        if want["stream"] % 2:
+            raise BlobCorruptError("rANS stream of odd length")
+        if want["stream"] < 4 * (b - a) * self.tables.interleave:
+            raise BlobCorruptError("rANS stream shorter than its lanes' states")
+        if header.coder == "none":  # no copy: the payload goes straight to pinned memory
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
-            raw = payload
-        else:
-            raw = memoryview(get_coder(header.coder).decode(bytes(payload), sum(want.values())))
-        stream = raw[: want["stream"]]
-        exact = None
-        if n_exact:
-            arr = np.frombuffer(raw, dtype=np.int16, offset=want["stream"]).copy()
-            kv = torch.from_numpy(arr).view(EXACT_DTYPE).reshape(2, layers, heads, n_exact, dim)
-            exact = (kv[0], kv[1])
-        return header, a, b, stream, exact
+            return _Blob(header, a, b, payload, want["stream"], want["exact"], payload)
+        verify_payload(header, payload)
+        raw = get_coder(header.coder).decode(bytes(payload), sum(want.values()))
+        return _Blob(header, a, b, memoryview(raw), want["stream"], want["exact"], None)
+
+
+@dataclass
+class _Blob:
+    """One parsed blob: header, coded token span ``[a, b)``, ``raw`` = ``stream ‖ exact``
+    bytes (their lengths), and the payload whose checksum is still to verify (or None)."""
+
+    header: BlobHeader
+    a: int
+    b: int
+    raw: memoryview
+    stream_len: int
+    exact_len: int
+    payload: memoryview | None
+
+
+@dataclass
+class _Layout:
+    """Where :meth:`GpuCodec._upload` put things in the device buffer (bytes)."""
+
+    meta_bytes: int
+    exact_at: list[int]
+    max_lanes: int
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:

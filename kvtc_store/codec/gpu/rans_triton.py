@@ -308,7 +308,7 @@ def _decode_kernel(
     words_ptr,  # int16 (total,): all streams back to back
     base_ptr,  # int64 (n_chunks,): first uint16 of each stream
     end_ptr,  # int64 (n_chunks,): one past its last
-    lanes_ptr,  # int32 (n_chunks,): tokens * G
+    lanes_ptr,  # int64 (n_chunks,): tokens * G
     col0_ptr,  # int64 (n_chunks,): output column of each chunk's first token
     col_shift_ptr,
     col_table_ptr,
@@ -579,26 +579,69 @@ def decode_words_gpu(
     dev = words.device
     if col0 is None:
         col0 = np.concatenate([[0], np.cumsum(tok)[:-1]])
+    meta = torch.as_tensor(
+        np.stack([base, end, lanes, np.asarray(col0)]).astype(np.int64), device=dev
+    )
+    status = launch_decode(
+        words, meta[0], meta[1], meta[2], meta[3], int(lanes.max()), tables, out,
+        colmap=colmap, steps=steps, bias=bias,
+    )  # fmt: skip
+    return status.cpu().numpy() == 0
+
+
+def launch_decode(
+    words: torch.Tensor,
+    base: torch.Tensor,
+    end: torch.Tensor,
+    lanes: torch.Tensor,
+    col0: torch.Tensor,
+    max_lanes: int,
+    tables: DeviceTables,
+    out: torch.Tensor,
+    colmap: torch.Tensor | None = None,
+    steps: torch.Tensor | None = None,
+    bias: float = 0.0,
+) -> torch.Tensor:
+    """Queue the decoder on the device and return at once (no synchronisation): the
+    form of :func:`decode_words_gpu` whose per-chunk arguments are already there.
+
+    Args:
+        words: int16 device buffer holding the streams.
+        base, end, lanes, col0: int64 device ``(n_chunks,)``: each stream's first and
+            one-past-last uint16 in ``words``, its lanes (tokens times the interleave,
+            each stream at least two words per lane: the caller checks) and its first
+            output column.
+        max_lanes: the largest of ``lanes`` (sizes the program's block).
+        tables, out, colmap, steps, bias: as for :func:`decode_words_gpu`.
+
+    Returns:
+        int32 device ``(n_chunks,)``: 0 where the chunk's stream decoded cleanly.
+
+    Raises:
+        ValueError: more than 32768 lanes in a chunk.
+    """
+    dev = words.device
+    n_chunks = base.numel()
+    status = torch.empty(n_chunks, dtype=torch.int32, device=dev)
+    if n_chunks == 0:
+        return status
     if colmap is None:
         colmap = torch.arange(tables.n_components, device=dev)
-    block, warps = _block(int(lanes.max()))
+    block, warps = _block(max_lanes)
     if block > 1 << 15:  # the decoder's packed scan counts lanes in 16 bits
-        raise ValueError(f"{int(lanes.max())} lanes per chunk (at most 32768)")
-    status = torch.empty(n_chunks, dtype=torch.int32, device=dev)
+        raise ValueError(f"{max_lanes} lanes per chunk (at most 32768)")
     dequant = steps is not None
     if steps is None:
         steps = torch.zeros(1, dtype=torch.float32, device=dev)
     _decode_kernel[(n_chunks,)](
-        words, torch.as_tensor(base, device=dev), torch.as_tensor(end, device=dev),
-        torch.as_tensor(lanes.astype(np.int32), device=dev),
-        torch.as_tensor(np.asarray(col0, np.int64), device=dev),
+        words, base, end, lanes, col0,
         tables.col_shift, tables.col_table, tables.step_shift, tables.freq, tables.cum,
         tables.slot2sym,
         out, colmap, out.stride(0), out.stride(1), steps, float(bias), status,
         tables.n_components, tables.n_steps,
-        G=g, BLOCK=block, DEQUANT=dequant, num_warps=warps,
+        G=tables.interleave, BLOCK=block, DEQUANT=dequant, num_warps=warps,
     )  # fmt: skip
-    return status.cpu().numpy() == 0
+    return status
 
 
 def decode_symbols_gpu(
