@@ -250,7 +250,7 @@ def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: 
     batches (full chunks, then the short last one) and decodes a prefix batch by batch:
     blobs that the per-chunk CPU codec reads, values within float tolerance of its decode,
     and a bad blob ending the prefix there."""
-    cases = _codec_cases(arts)
+    cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
     if not cases:
         pytest.skip("minmax artifacts")
     art = cases[0][0]
@@ -291,7 +291,7 @@ def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
     CodecMismatchError unless its payload is altered too (the checksum comes first), a
     bad first blob decodes nothing (``out`` untouched), and the pinned staging buffer is
     reused, not regrown, by a second call of the same size."""
-    cases = _codec_cases(arts)
+    cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
     if not cases:
         pytest.skip("minmax artifacts")
     art, keys, values, firsts = cases[0]
