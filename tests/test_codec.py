@@ -721,3 +721,19 @@ def test_batched_gpu_kernels_only_where_they_apply(arts) -> None:
         if art.quantizer == "minmax":
             with pytest.raises(ValueError, match="quantiser 'minmax'"):
                 KVTCCodec(art, gpu_kernels=True)
+
+
+def test_int8_basis_of_a_group_that_keeps_no_component(arts, tmp_path) -> None:
+    """Per-layer groups can keep no component at a high ratio (the H200 run of the
+    per-layer ablation hit it): an empty ``(p, 0)`` basis stores and loads in int8."""
+    art = arts["layer", 4.0]
+    bases = [b[:, :0] if g == 0 else b for g, b in enumerate(art.bases)]
+    plan = [r for r in art.plan if r.group != 0]
+    kw = {"plan": plan, "bases": bases, "artifact_id": "", "basis_dtype": "int8"}
+    if art.quantizer == "rans":
+        n = sum(r.end - r.start for r in art.plan if r.group == 0)
+        kw.update(rans_shift=art.rans_shift[n:], rans_cls=art.rans_cls[n:])
+    i8 = dataclasses.replace(art, **kw)
+    assert i8.bases[0].shape == (art.bases[0].shape[0], 0)
+    loaded = CodecArtifact.load(i8.save(tmp_path / "i8"))
+    assert loaded.artifact_id == i8.artifact_id and loaded.bases[0].shape[1] == 0

@@ -54,10 +54,11 @@ def _quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torc
         return basis.to(torch.float16), None
     p, r = basis.shape
     pad = (-p) % BASIS_GROUP
-    b = torch.nn.functional.pad(basis.float(), (0, 0, 0, pad)).view(-1, BASIS_GROUP, r)
+    groups = (p + pad) // BASIS_GROUP  # explicit: a group may keep no component (r = 0)
+    b = torch.nn.functional.pad(basis.float(), (0, 0, 0, pad)).view(groups, BASIS_GROUP, r)
     scale = (b.abs().amax(dim=1) / 127.0).to(torch.float16)  # (groups, r)
     s = scale.float().clamp_min(1e-30).unsqueeze(1)
-    q = torch.round(b / s).clamp_(-127, 127).to(torch.int8).view(-1, r)[:p]
+    q = torch.round(b / s).clamp_(-127, 127).to(torch.int8).view(groups * BASIS_GROUP, r)[:p]
     return q, scale
 
 
