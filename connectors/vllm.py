@@ -4,6 +4,7 @@ Load it out of tree (vLLM 0.33)::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTCConnector",
         "kv_connector_module_path": "kvtc_store.connectors.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"config": "store.yaml"}}'
 
 The contract is vLLM's ``KVConnectorBase_V1``
