@@ -150,7 +150,8 @@ class KVTCCodec:
         """The :class:`~kvtc_store.codec.gpu.GpuCodec` this codec hands batches to, or None.
 
         Raises:
-            ValueError: ``wanted`` is True but the artifact, coder or device cannot use it.
+            ValueError: ``wanted`` is True but the artifact (quantiser, head dim) or the
+                installation (no triton) cannot use it.
         """
         if wanted is False or (wanted is None and self.device.type != "cuda"):
             return None
