@@ -103,6 +103,13 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument(
         "--retrieval-samples", type=int, default=None, help="prompts per task and length (40)"
     )
+    p.add_argument(
+        "--retrieval-first",
+        type=int,
+        default=0,
+        help="index of the first prompt (prompts are seeded by index: a run from 40 adds "
+        "new prompts to one that ran 0-39)",
+    )
     p.add_argument("--retrieval-min-accuracy", type=float, default=0.8)
     p.add_argument("--batch", type=int, default=None, help="rows per forward (cuda 8, cpu 2)")
     p.add_argument(
@@ -230,6 +237,7 @@ def retrieval_fields(ret: dict[str, GroupResult], exact_ret: dict[str, GroupResu
         "retrieval_accuracy": round(correct / total, 4),
         "retrieval_delta_pts": round(100 * (correct - exact_correct) / total, 2),
         "retrieval": {k: round(g.accuracy, 4) for k, g in ret.items()},
+        "retrieval_wrong": {k: sorted(g.wrong) for k, g in ret.items()},
         "retrieval_groups": sorted(ret),
         "retrieval_context_ratio": ratio,
     }
@@ -296,7 +304,14 @@ def main(argv=None) -> int:
     for task in args.retrieval_tasks:
         for length in args.retrieval_lengths:
             group = RetrievalGroup(
-                runner, tok, task, length, args.retrieval_samples, args.batch, args.workers
+                runner,
+                tok,
+                task,
+                length,
+                args.retrieval_samples,
+                args.batch,
+                args.workers,
+                first=args.retrieval_first,
             )
             exact_ret[group.key] = e = group.run(None)
             ok = e.accuracy >= args.retrieval_min_accuracy
@@ -333,6 +348,7 @@ def main(argv=None) -> int:
             "target_ratio": None,
             "kind": "reference",
             "retrieval": {k: round(g.accuracy, 4) for k, g in exact_ret.items()},
+            "retrieval_wrong": {k: sorted(g.wrong) for k, g in exact_ret.items()},
             "retrieval_groups": qualifying,
             "retrieval_accuracy": (
                 round(
@@ -381,6 +397,7 @@ def main(argv=None) -> int:
         "retrieval_tasks": args.retrieval_tasks,
         "retrieval_lengths": args.retrieval_lengths,
         "retrieval_samples": args.retrieval_samples,
+        "retrieval_first": args.retrieval_first,
         "retrieval_min_accuracy": args.retrieval_min_accuracy,
         "calibration_settings": settings.key(),
         "deflate": deflate_impl(),

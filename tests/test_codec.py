@@ -737,3 +737,49 @@ def test_int8_basis_of_a_group_that_keeps_no_component(arts, tmp_path) -> None:
     assert i8.bases[0].shape == (art.bases[0].shape[0], 0)
     loaded = CodecArtifact.load(i8.save(tmp_path / "i8"))
     assert loaded.artifact_id == i8.artifact_id and loaded.bases[0].shape[1] == 0
+
+
+@pytest.mark.parametrize("basis_dtype", ["int8", "float16"])
+def test_artifact_size_cap_bounds_stored_params(basis_dtype) -> None:
+    """``max_artifact_params`` (issue 3: at most 15% of the model's parameters) caps what an
+    artifact stores; the allocation keeps the highest-variance blocks that fit, a prefix of
+    each group, and still meets the bit budget; without a cap nothing changes."""
+    stats = _stats(default_groups(L))
+    free = fit_artifacts(stats, [4.0], FP, "synthetic", block=8, basis_dtype=basis_dtype)[0]
+    ranks = [b.shape[1] for b in free.bases]
+    assert sum(ranks) > 16  # the cap below binds
+    per_component = P + (-(-P // 64) if basis_dtype == "int8" else 0) + 2  # column, scales, rANS
+    cap = free.stored_params() - (sum(ranks) - 16) * per_component  # room for 16 components
+    capped = fit_artifacts(
+        stats,
+        [4.0],
+        FP,
+        "synthetic",
+        block=8,
+        basis_dtype=basis_dtype,
+        max_artifact_params=cap,
+    )[0]
+    assert capped.stored_params() <= cap < free.stored_params()
+    kept = [b.shape[1] for b in capped.bases]
+    assert 0 < sum(kept) <= 16 and all(k % 8 == 0 for k in kept)
+    # coded ranges of each group are contiguous from component 0 (a prefix)
+    for g in range(len(capped.bases)):
+        spans = sorted((r.start, r.end) for r in capped.plan if r.group == g)
+        assert all(a == b for (_, b), (a, _) in itertools.pairwise(spans))
+        assert not spans or spans[0][0] == 0
+    keys, values = make_chunk(256, 3000, seed=5)
+    blob = KVTCCodec(capped).encode(keys, values, 3000)
+    assert len(blob) <= 1.1 * 256 * 2 * P * 2 / 4.0  # the bit budget still holds
+    dec = KVTCCodec(capped).decode(blob, dtype=torch.float32)
+    assert torch.isfinite(dec.keys).all() and torch.isfinite(dec.values).all()
+    # an uncapped fit is unchanged by the new argument's default
+    again = fit_artifacts(stats, [4.0], FP, "synthetic", block=8, basis_dtype=basis_dtype)[0]
+    assert again.artifact_id == free.artifact_id
+    with pytest.raises(CalibrationError, match="holds no block"):
+        fit_artifacts(
+            stats, [4.0], FP, "synthetic", block=8, basis_dtype=basis_dtype, max_artifact_params=10
+        )
+    with pytest.raises(CalibrationError, match="rans quantiser"):
+        fit_artifacts(
+            stats, [4.0], FP, "synthetic", block=8, quantizer="minmax", max_artifact_params=cap
+        )

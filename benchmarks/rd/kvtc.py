@@ -52,11 +52,11 @@ class KVTC(KVMethod):
         )
 
     def facts(self) -> dict:
-        """Artifact facts for the row: id, bits per token, parameters stored."""
+        """Artifact facts for the row: id, bits per token, parameters stored (every tensor
+        element, :meth:`~kvtc_store.codec.CodecArtifact.stored_params`)."""
         art = self.codec.artifact
-        params = sum(t.numel() for group in (art.bases, art.means, art.scales) for t in group)
         return {
             "artifact_id": art.artifact_id,
             "bits_per_token": art.plan_bits_per_token(),
-            "artifact_params": int(params),
+            "artifact_params": art.stored_params(),
         }

@@ -11,7 +11,10 @@
   ``kvtc-minmax`` (``quantizer="minmax"``: the paper's per-token min/max, bit packing and
   DEFLATE instead of calibrated steps and rANS), ``kvtc-variance``
   (``weighting="variance"``: per-head variance scaling instead of the layers' measured
-  KL sensitivity). An ablation
+  KL sensitivity), ``kvtc-cap15`` (``max_artifact_share=0.15``: the artifact capped at
+  15% of the model's parameters, issue 3's size target; the allocation codes only the
+  components that fit).
+  An ablation
   whose settings field does not exist in the installed kvtc_store is skipped with a
   message, not faked.
 - Baselines: ``bf16`` (storage floor), ``fp8``, ``fp8-token``, ``int8``, ``int4-g64``,
@@ -51,6 +54,7 @@ SETTINGS_ABLATIONS: dict[str, tuple[str, object]] = {
     "kvtc-perlayer": ("layers_per_group", 1),
     "kvtc-minmax": ("quantizer", "minmax"),
     "kvtc-variance": ("weighting", "variance"),
+    "kvtc-cap15": ("max_artifact_share", 0.15),
 }
 ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)

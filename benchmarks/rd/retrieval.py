@@ -198,10 +198,13 @@ def is_correct(tok, tokens: list[int], answer: str) -> bool:
 
 @dataclass
 class GroupResult:
-    """Correct answers of one method on one (task, length) group."""
+    """Correct answers of one method on one (task, length) group; ``wrong`` lists the
+    sample indices answered wrongly (to tell prompts the uncompressed model barely gets
+    from systematic losses)."""
 
     correct: int = 0
     total: int = 0
+    wrong: list[int] = field(default_factory=list)
     bytes: ByteCount = field(default_factory=ByteCount)
     seconds: float = 0.0
 
@@ -220,6 +223,7 @@ class RetrievalGroup:
         samples: how many (depths cycle through :data:`DEPTHS`, texts alternate per sweep).
         batch: prompts per forward.
         workers: prompts round-tripped at once (threads; see :func:`.base.roundtrip_many`).
+        first: index of the first sample (samples ``first .. first + samples - 1``).
     """
 
     def __init__(
@@ -231,10 +235,11 @@ class RetrievalGroup:
         samples: int,
         batch: int,
         workers: int = 1,
+        first: int = 0,
     ):
         self.runner, self.tok, self.batch, self.workers = runner, tok, batch, workers
         self.task, self.length = task, length
-        self.samples = [build_sample(tok, task, length, i) for i in range(samples)]
+        self.samples = [build_sample(tok, task, length, i) for i in range(first, first + samples)]
         self.exact = []
         for rows in self._batches(by_suffix=False):
             self.exact += runner.prefill(torch.stack([self.samples[i].stored for i in rows]))
@@ -262,7 +267,10 @@ class RetrievalGroup:
             suffix = torch.stack([self.samples[i].suffix for i in rows])
             out = self.runner.greedy(kvs, suffix, ANSWER_TOKENS).cpu()
             for j, i in enumerate(rows):
-                res.correct += is_correct(self.tok, out[j].tolist(), self.samples[i].answer)
+                ok = is_correct(self.tok, out[j].tolist(), self.samples[i].answer)
+                res.correct += ok
                 res.total += 1
+                if not ok:
+                    res.wrong.append(self.samples[i].index)
         res.seconds = time.time() - t0
         return res

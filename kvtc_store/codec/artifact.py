@@ -209,6 +209,18 @@ class CodecArtifact:
                 h.update(t.to(torch.int32).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def stored_params(self) -> int:
+        """Parameters (tensor elements) the artifact stores: means, scales, the kept
+        components' basis columns with their int8 scales, and the rANS tables; the
+        figure issue 3 caps at 15% of the model's parameter count."""
+        n = sum(m.numel() + s.numel() for m, s in zip(self.means, self.scales))
+        for b in self.bases:
+            n += sum(t.numel() for t in _quantize_basis(b, self.basis_dtype) if t is not None)
+        for t in (self.rans_freq, self.rans_shift, self.rans_cls):
+            if t is not None:
+                n += t.numel()
+        return n
+
     def features_per_token(self) -> int:
         """p: features per token over keys and values, ``2 * L * H * D``."""
         layers, heads, dim = self.kv_shape

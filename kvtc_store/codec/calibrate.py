@@ -430,6 +430,7 @@ def fit_artifacts(
     rounding: float = 0.5,
     bias: float = 0.0,
     basis_dtype: str = "float16",
+    max_artifact_params: float | None = None,
 ) -> list[CodecArtifact]:
     """Fit PCA once and a bit plan per target ratio; measure each codec on held-out KV.
 
@@ -452,9 +453,18 @@ def fit_artifacts(
         rounding, bias: dead zone and reconstruction offset of the ``rans`` quantiser
             (:func:`~kvtc_store.codec.quant.quantize_step`).
         basis_dtype: storage of the bases in the artifact, ``"float16"`` or ``"int8"``.
+        max_artifact_params: cap on the parameters (tensor elements) an artifact stores:
+            means, scales, rANS tables and the kept components' basis columns with their
+            int8 scales (:meth:`CodecArtifact.stored_params`); the ``rans`` allocation
+            codes only components that fit (:func:`~kvtc_store.codec.steps.plan_steps`).
+            None: no cap. Issue 3 asks for at most 15% of the model's parameters.
 
     Returns:
         One artifact per ratio, in order.
+
+    Raises:
+        CalibrationError: the cap leaves no room for a single block of components, or
+            is set with the ``minmax`` quantiser (not supported).
     """
     say = progress or (lambda m: log.info(m))
     t0 = time.time()
@@ -471,7 +481,10 @@ def fit_artifacts(
         rans = {}
         if quantizer == "rans":
             tables = fit.step_tables(block, rounding, bias)
-            plan, shift, cls, info = plan_steps(tables, cr, p_total, allocation)
+            per_component, basis_cap = _basis_cap(pcas, tables, basis_dtype, max_artifact_params)
+            plan, shift, cls, info = plan_steps(
+                tables, cr, p_total, allocation, per_component, basis_cap
+            )
             rans = {
                 "quant_rounding": rounding,
                 "quant_bias": bias,
@@ -481,6 +494,8 @@ def fit_artifacts(
                 "rans_interleave": info["rans_interleave"],
             }
         elif quantizer == "minmax":
+            if max_artifact_params is not None:
+                raise CalibrationError("an artifact size cap needs the rans quantiser")
             plan, info = plan_bits(pcas, sample, cr, block=block, uniform=allocation == "uniform")
         else:
             raise CalibrationError(f"unknown quantiser {quantizer!r}")
@@ -517,6 +532,25 @@ def fit_artifacts(
     for a in arts:
         a.calibration["fit_seconds"] = round(time.time() - t0, 1)
     return arts
+
+
+def _basis_cap(pcas, tables, basis_dtype: str, max_params: float | None):
+    """``(parameters per kept component of each group, cap on all kept components)`` for
+    :func:`~kvtc_store.codec.steps.plan_steps`, from a cap on the whole artifact: what
+    every artifact stores whatever it keeps (means, scales, rANS frequency tables) comes
+    off first. A kept component stores its basis column (``p_g`` values), the column's
+    int8 scales (one per :data:`~kvtc_store.codec.artifact.BASIS_GROUP` rows) and its
+    rANS shift and class."""
+    if max_params is None:
+        return None, None
+    from .artifact import BASIS_GROUP
+
+    fixed = sum(p.mean.numel() + p.scale.numel() for p in pcas) + tables.tables.size
+    per_component = [
+        p.mean.numel() + (-(-p.mean.numel() // BASIS_GROUP) if basis_dtype == "int8" else 0) + 2
+        for p in pcas
+    ]
+    return per_component, max_params - fixed
 
 
 @torch.no_grad()

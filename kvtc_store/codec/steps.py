@@ -126,6 +126,8 @@ def plan_steps(
     target_ratio: float,
     features: int,
     allocation: str = "dp",
+    component_params: list[float] | None = None,
+    max_basis_params: float | None = None,
 ) -> tuple[list[PlanRange], np.ndarray, np.ndarray, dict]:
     """Steps for one target ratio.
 
@@ -135,12 +137,19 @@ def plan_steps(
         features: ``p``, features per token (keys and values).
         allocation: ``"dp"`` (per-block optimum) or ``"uniform"`` (the ablation: one step
             for every coded block, the top blocks of each group by energy).
+        component_params, max_basis_params: the artifact's size cap. Each kept principal
+            component of group ``g`` stores ``component_params[g]`` parameters (its basis
+            column, with the column's int8 scales); the kept components may store at most
+            ``max_basis_params`` in all (None: no cap). Only blocks above one energy
+            threshold, common to all groups (the highest-variance blocks that fit), may
+            be coded; the allocation runs over those (:func:`eligible_blocks`).
 
     Returns:
         ``(plan, shift, cls, info)``: the coded ranges (adjacent blocks with the same
         step merged), each coded component's rANS shift and class in plan order, and
         ``estimated_bits_per_token``, ``predicted_mse``, ``budget_bits_per_token``,
-        ``rans_interleave`` (lanes per token, :func:`interleave_for`).
+        ``rans_interleave`` (lanes per token, :func:`interleave_for`), and
+        ``eligible_blocks`` (blocks the cap left codable).
 
     Raises:
         CalibrationError: the budget does not cover the coder's fixed overhead, or an
@@ -157,6 +166,8 @@ def plan_steps(
         )
     n = tables.tokens
     per_token = tables.bits / n
+    allowed = eligible_blocks(tables, component_params, max_basis_params)
+    per_token[~allowed, 1:] = np.inf  # a block beyond the cap can only be dropped
     if allocation == "dp":
         choice = _dp_choice(tables, per_token, budget_bits)
     else:
@@ -182,10 +193,50 @@ def plan_steps(
         "predicted_mse": float(tables.err[idx, choice].sum() / n),
         "allocation": allocation,
         "rans_interleave": interleave,
+        "eligible_blocks": int(allowed.sum()),
     }
     shift = np.concatenate(shifts) if shifts else np.zeros(0, np.int64)
     cls = np.concatenate(classes) if classes else np.zeros(0, np.int64)
     return plan, shift, cls, info
+
+
+def eligible_blocks(
+    tables: StepTables,
+    component_params: list[float] | None,
+    max_basis_params: float | None,
+) -> np.ndarray:
+    """Which blocks may be coded under an artifact size cap: bool ``(n_blocks,)``.
+
+    Blocks are taken in order of their energy on the calibration sample (the error of
+    dropping them, in the allocation's weighted units, so keys and values compete on
+    one scale) while their components' parameters fit ``max_basis_params``; each
+    group's eligible blocks are then a prefix (its components are in decreasing
+    variance, and a stored basis keeps the first ``rank`` columns). With no cap every
+    block is eligible.
+
+    Raises:
+        CalibrationError: the cap does not hold even one block.
+    """
+    n_b = len(tables.blocks)
+    if max_basis_params is None or component_params is None:
+        return np.ones(n_b, dtype=bool)
+    cost = np.array([(e - a) * component_params[g] for g, a, e in tables.blocks], dtype=float)
+    allowed = np.zeros(n_b, dtype=bool)
+    spent = 0.0
+    for i in np.argsort(-tables.err[:, 0], kind="stable"):
+        if spent + cost[i] > max_basis_params:
+            break
+        allowed[i] = True
+        spent += cost[i]
+    if not allowed.any():
+        raise CalibrationError(
+            f"an artifact cap of {max_basis_params:,.0f} parameters holds no block of components"
+        )
+    for g in {g for g, _, _ in tables.blocks}:  # a prefix per group
+        rows = [i for i, (gg, _, _) in enumerate(tables.blocks) if gg == g]
+        first_out = next((j for j, i in enumerate(rows) if not allowed[i]), len(rows))
+        allowed[rows[first_out:]] = False
+    return allowed
 
 
 def interleave_for(budget_bits: float) -> int:
@@ -200,8 +251,9 @@ def _dp_choice(tables: StepTables, per_token: np.ndarray, budget_bits: float) ->
     err = np.full((n_b + 1, n_b + 1, n_opt), np.inf)
     cost = np.zeros((n_b + 1, n_b + 1, n_opt), dtype=np.int64)
     for i in range(n_b):
-        err[i, i + 1] = tables.err[i]
-        cost[i, i + 1] = np.ceil(per_token[i] / COST_UNIT).astype(np.int64)
+        barred = ~np.isfinite(per_token[i])  # options the artifact cap rules out
+        err[i, i + 1] = np.where(barred, np.inf, tables.err[i])
+        cost[i, i + 1] = np.ceil(np.where(barred, 0, per_token[i]) / COST_UNIT).astype(np.int64)
     budget = int(budget_bits // COST_UNIT)
     _, ranges = allocate_bits(err, cost, budget, [(0, n_b)])
     choice = np.zeros(n_b, dtype=np.int64)
