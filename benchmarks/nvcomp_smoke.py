@@ -13,6 +13,7 @@ rough throughputs. Exits 1 if any check fails.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import traceback
@@ -50,6 +51,9 @@ def sample(n: int, seed: int) -> bytes:
 
 def main() -> int:
     from nvidia import nvcomp
+
+    logging.basicConfig(level=logging.WARNING)  # the wrapper's fallbacks, if any, at DEBUG:
+    logging.getLogger("kvtc_store.codec.gpu.nvcomp_coder").setLevel(logging.DEBUG)
 
     print("nvcomp", nvcomp.__version__, "cuda", nvcomp.__cuda_version__, "torch", torch.__version__)
     print("device", torch.cuda.get_device_name(0))

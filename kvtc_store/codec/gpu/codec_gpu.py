@@ -56,7 +56,7 @@ from ..blob import (
 from ..codec import EXACT_DTYPE, KVTCCodec
 from ..entropy import get_coder
 from ..features import group_slices
-from .nvcomp_coder import NvcompCoder
+from .nvcomp_coder import NvcompCoder, aligned
 from .rans_triton import DeviceTables, encode_gpu, launch_decode
 from .staging import HostStaging, host_pool
 
@@ -559,7 +559,7 @@ class GpuCodec:
         nc = len(coded)
         meta = np.zeros(4 * nc + 3 * batch, dtype=np.int64)
         meta_bytes = meta.nbytes
-        offset = _aligned(meta_bytes)
+        offset = aligned(meta_bytes)  # 16 bytes: int16 and bf16 views, nvCOMP's buffers
         parts: list[tuple[int, object]] = [(0, meta)]
         exact_at = []
         stream_at = []
@@ -568,14 +568,14 @@ class GpuCodec:
                 parts.append((offset, p.raw))
             stream_at.append(offset)
             exact_at.append(offset + p.stream_len)
-            offset = _aligned(offset + p.stream_len + p.exact_len)
+            offset = aligned(offset + p.stream_len + p.exact_len)
         inflate = []
         for i, p in enumerate(parsed):
             if p.packed is not None:
                 raw_len = p.stream_len + p.exact_len
                 parts.append((offset, p.packed))
                 inflate.append((offset, len(p.packed), stream_at[i], raw_len))
-                offset = _aligned(offset + len(p.packed))
+                offset = aligned(offset + len(p.packed))
         for j, i in enumerate(coded):
             p = parsed[i]
             meta[j] = stream_at[i] // 2
@@ -719,11 +719,6 @@ class _Layout:
     max_lanes: int
     coded: list[int]  # parsed blobs with a coded token span
     inflate: list[tuple[int, int, int, int]]  # for :meth:`GpuCodec._inflate`
-
-
-def _aligned(offset: int) -> int:
-    """``offset`` rounded up to 16 bytes: int16 and bf16 views, nvCOMP's buffers."""
-    return -(-offset // 16) * 16
 
 
 def _device_deflater(device: torch.device, wanted: bool | None) -> NvcompCoder | None:

@@ -58,7 +58,7 @@ def load_nvcomp():
     """
     try:
         from nvidia import nvcomp
-    except (ImportError, OSError) as exc:
+    except Exception as exc:  # ImportError, OSError, or a broken install
         raise NvcompUnavailableError(
             f"nvCOMP is not importable (pip install nvidia-nvcomp-cu13, the gpu extra): {exc}"
         ) from exc
@@ -87,7 +87,8 @@ def _cuda_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """``n`` rounded up to :data:`ALIGN` bytes (offsets of buffers nvCOMP reads or writes)."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -170,7 +171,9 @@ class NvcompCoder:
             codec, stream = self._codec(max(sizes))
             srcs = [self._input(buffers[i]) for i in todo]
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            batch = self._nv.as_arrays([_DeviceBytes(t) for t in srcs], stream.cuda_stream)
+            batch = self._nv.as_arrays(
+                [_DeviceBytes(t) for t in srcs], cuda_stream=stream.cuda_stream
+            )
             result = codec.encode(batch)
             comp_sizes = result.buffer_sizes  # waits for the device
             coded = {i: (result, j, n) for j, (i, n) in enumerate(zip(todo, comp_sizes))}
@@ -185,8 +188,7 @@ class NvcompCoder:
         if coded:
             with torch.cuda.stream(stream):
                 for i, (result, j, n) in coded.items():
-                    src = torch.as_tensor(_Borrowed(result[j]), device=self.device)
-                    views[i].copy_(src.view(torch.uint8).reshape(-1)[:n])
+                    views[i].copy_(self._as_torch(result[j])[:n])
             stream.synchronize()  # before nvCOMP's output buffers are freed
         return views
 
@@ -237,8 +239,10 @@ class NvcompCoder:
         codec, stream = self._codec(max(want))
         srcs = [self._input(buffers[i]) for i in todo]
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        src = self._nv.as_arrays([_DeviceBytes(t) for t in srcs], stream.cuda_stream)
-        dst = self._nv.as_arrays([_DeviceBytes(out[i]) for i in todo], stream.cuda_stream)
+        src = self._nv.as_arrays([_DeviceBytes(t) for t in srcs], cuda_stream=stream.cuda_stream)
+        dst = self._nv.as_arrays(
+            [_DeviceBytes(out[i]) for i in todo], cuda_stream=stream.cuda_stream
+        )
         try:
             # sizes known: a config from them spares nvCOMP reading them from the streams
             config = codec.decompression_config(codec.compression_config(want))
@@ -277,7 +281,7 @@ class NvcompCoder:
     def to_device(self, buffers: Sequence[bytes | memoryview]) -> list[torch.Tensor]:
         """Host bytes as 16-byte aligned views of one device buffer (one copy)."""
         lengths = [memoryview(b).nbytes for b in buffers]
-        starts = np.concatenate([[0], np.cumsum([_aligned(n) for n in lengths])]).astype(int)
+        starts = np.concatenate([[0], np.cumsum([aligned(n) for n in lengths])]).astype(int)
         host = np.zeros(max(int(starts[-1]), 1), dtype=np.uint8)
         for s, b, n in zip(starts, buffers, lengths):
             host[s : s + n] = np.frombuffer(b, dtype=np.uint8, count=n)
@@ -318,6 +322,16 @@ class NvcompCoder:
             log.debug("nvCOMP Deflate: no chunk size %d (%s); nvCOMP's default", chunk, exc)
             return nv.Codec(**kwargs)
 
+    def _as_torch(self, array) -> torch.Tensor:
+        """An nvCOMP device array as a 1-D uint8 torch tensor sharing its memory: through
+        its CUDA Array Interface, else (a torch that refuses it) through DLPack."""
+        try:
+            t = torch.as_tensor(_Borrowed(array), device=self.device)
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+            log.debug("nvCOMP array via DLPack (%s)", exc)
+            t = torch.from_dlpack(array)
+        return t.view(torch.uint8).reshape(-1)
+
     def _check(self, t: torch.Tensor, what: str) -> torch.Tensor:
         if t.dtype != torch.uint8 or t.device != self.device or t.dim() != 1:
             raise ValueError(f"{what}: want 1-D uint8 on {self.device}, got {t.dtype} "
@@ -332,7 +346,7 @@ class NvcompCoder:
         return t
 
     def _alloc(self, lengths: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        starts = np.concatenate([[0], np.cumsum([_aligned(int(n)) for n in lengths])])
+        starts = np.concatenate([[0], np.cumsum([aligned(int(n)) for n in lengths])])
         buf = torch.empty(max(int(starts[-1]), 1), dtype=torch.uint8, device=self.device)
         return buf, [buf[int(s) : int(s) + int(n)] for s, n in zip(starts, lengths)]
 
