@@ -243,21 +243,7 @@ class NvcompCoder:
         dst = self._nv.as_arrays(
             [_DeviceBytes(out[i]) for i in todo], cuda_stream=stream.cuda_stream
         )
-        try:
-            # sizes known: a config from them spares nvCOMP reading them from the streams
-            config = codec.decompression_config(codec.compression_config(want))
-        except (RuntimeError, ValueError, TypeError) as exc:
-            log.debug("nvCOMP %s: no preconfigured decompression (%s)", self.algorithm, exc)
-            config = None
-        try:
-            result = codec.decode(src, out=dst, decompression_config=config)
-            got = list(result.buffer_sizes)  # waits for the device
-        except (RuntimeError, ValueError) as exc:
-            raise BlobCorruptError(
-                f"nvCOMP {self.algorithm} cannot decode the batch: {exc}"
-            ) from exc
-        finally:
-            stream.synchronize()
+        got = self._decode(codec, stream, src, dst, want)
         bad = [(i, g, n) for i, g, n in zip(todo, got, want) if g != n]
         if bad:
             i, g, n = bad[0]
@@ -289,6 +275,30 @@ class NvcompCoder:
         return [dev[s : s + n] for s, n in zip(starts.tolist(), lengths)]
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _decode(self, codec, stream: torch.cuda.Stream, src, dst, want: list[int]) -> list[int]:
+        """One nvCOMP decode of the batch ``src`` into ``dst``; the sizes nvCOMP reports.
+        First with a configuration built from the known sizes (nvCOMP then reads nothing
+        from the streams to plan the work), then, should nvCOMP refuse that, without."""
+        try:
+            configs = [codec.decompression_config(codec.compression_config(want)), None]
+        except (RuntimeError, ValueError, TypeError) as exc:
+            log.debug("nvCOMP %s: no preconfigured decompression (%s)", self.algorithm, exc)
+            configs = [None]
+        for config in configs:
+            try:
+                result = codec.decode(src, out=dst, decompression_config=config)
+                got = list(result.buffer_sizes)  # waits for the device
+                stream.synchronize()  # and for the whole stream, to be sure
+                return got
+            except (RuntimeError, ValueError) as exc:
+                stream.synchronize()
+                if config is None:
+                    raise BlobCorruptError(
+                        f"nvCOMP {self.algorithm} cannot decode the batch: {exc}"
+                    ) from exc
+                log.debug("nvCOMP %s: preconfigured decode failed (%s)", self.algorithm, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _codec(self, largest: int):
         """This thread's side stream and its nvCOMP codec for buffers of up to ``largest``
