@@ -24,7 +24,10 @@ Per configuration (grouping x batch of 256-token chunks): end-to-end encode (dev
 blobs in host memory) and decode (blobs in host memory -> device KV) in GB/s of bf16 KV,
 each stage's time from a separate synchronised run, the projection's FLOPs per token
 against the bf16/fp16 GEMM rate measured here (its roofline), and the peak GPU memory the
-codec adds per batch. Ceilings measured in the same run: device-to-device copy and GEMM.
+codec adds per batch. Ceilings measured in the same run: device-to-device copy and GEMM,
+and nvCOMP alone on the same bytes (:func:`nvcomp_runs`: RAW Deflate and ANS over the
+blob payloads of the largest Llama-3.1-8B-shape batch, all-layer groups), beside the
+codec end to end with coder ``deflate`` (nvCOMP both ways: ``decode_gbps_deflate``).
 
 ``--ttft``: time to first token of prompts whose first 8k and 32k tokens are reused,
 against their full prefill: from the CPU tier (``MemoryBackend``) and the disk tier
@@ -56,8 +59,10 @@ import torch
 
 from kvtc_store.backends import DiskBackend, MemoryBackend
 from kvtc_store.codec import CodecArtifact, PlanRange, RopeParams
+from kvtc_store.codec.blob import unpack_blob
 from kvtc_store.codec.features import default_groups
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
+from kvtc_store.codec.gpu.nvcomp_coder import NvcompCoder
 from kvtc_store.codec.gpu.staging import HostStaging
 from kvtc_store.codec.rans import ESC, N_SYM, PREC, STATE_BITS, K, assign_classes, laplace_tables
 
@@ -247,16 +252,71 @@ def projection_flops_per_token(art: CodecArtifact) -> int:
     return int(sum(2 * b.shape[0] * b.shape[1] for b in art.bases))
 
 
-def run_config(
-    codec: GpuCodec, keys, values, batch: int, gemm_tflops: float, reps: int, first=None
-):
-    """Encode and decode ``batch`` chunks built from ``keys/values`` ``(L, H, T, D)``
-    (chunk ``i`` at position ``first`` if given, the data's own, else ``4096 + 256 i``)."""
+def make_batch(keys, values, batch: int, first=None):
+    """``(B, L, H, T, D)`` K and V of ``batch`` chunks cut from ``(L, H, T, D)`` (cycling
+    over them) and each chunk's first position (``first``, else ``4096 + 256 i``)."""
     pool = keys.shape[2] // CHUNK
     idx = [i % pool for i in range(batch)]
     k = torch.stack([keys[:, :, i * CHUNK : (i + 1) * CHUNK] for i in idx])
     v = torch.stack([values[:, :, i * CHUNK : (i + 1) * CHUNK] for i in idx])
     firsts = [first if first is not None else 4096 + i * CHUNK for i in range(batch)]
+    return k, v, firsts
+
+
+def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict:
+    """nvCOMP on ``batch`` chunks cut from ``keys/values``.
+
+    Alone on the same bytes: the blobs' payloads as the codec writes them with coder
+    ``none`` (each chunk's rANS stream and its exact bf16 tokens: the bytes a blob coder
+    is given), already on the device, compressed and decompressed with nvCOMP RAW Deflate
+    and ANS, one call per batch: GB/s of those payload bytes (both ways) and the ratio.
+    End to end: the codec with coder ``deflate`` (nvCOMP both ways), in GB/s of bf16 KV
+    as the other configurations. A note instead where nvCOMP is missing."""
+    try:
+        coders = {name: NvcompCoder(name, DEV) for name in ("deflate", "ans")}
+    except Exception as exc:  # noqa: BLE001 - NvcompUnavailableError, or a broken install
+        return {"nvcomp_note": f"nvCOMP not measured: {exc}"}
+    k, v, firsts = make_batch(keys, values, batch)
+    kv_bytes = 2 * k.numel() * 2
+    payloads = [bytes(unpack_blob(b)[1]) for b in GpuCodec(art, DEV).encode_batch(k, v, firsts)]
+    sizes = [len(p) for p in payloads]
+    out = {
+        "nvcomp_version": coders["deflate"].version,
+        "nvcomp_batch": batch,
+        "nvcomp_input": "blob payloads with coder none (rANS stream and exact bf16 tokens)",
+        "nvcomp_input_bytes": sum(sizes),
+    }
+    for name, coder in coders.items():
+        dev = coder.to_device(payloads)
+        comp = coder.compress(dev)
+        out[f"nvcomp_{name}_ratio"] = sum(sizes) / sum(c.numel() for c in comp)
+        t_c = cuda_time(lambda c=coder, d=dev: c.compress(d), reps=reps)
+        t_d = cuda_time(lambda c=coder, x=comp: c.decompress(x, sizes), reps=reps)
+        out[f"nvcomp_{name}_compress_gbps"] = sum(sizes) / t_c / 1e9
+        out[f"nvcomp_{name}_decompress_gbps"] = sum(sizes) / t_d / 1e9
+        del dev, comp
+    codec = GpuCodec(art, DEV, coder="deflate", nvcomp=True)
+    blobs = codec.encode_batch(k, v, firsts)
+    dest = (torch.empty_like(k), torch.empty_like(v))
+    dec = codec.decode_batch(blobs, out=dest)
+    assert dec.count == batch and dec.error is None, dec.error
+    out["deflate_honest_ratio"] = kv_bytes / sum(len(b) for b in blobs)
+    t_e = cuda_time(lambda: codec.encode_batch(k, v, firsts), reps=reps)
+    t_d = cuda_time(lambda: codec.decode_batch(blobs, out=dest), reps=reps)
+    out["encode_gbps_deflate"] = kv_bytes / t_e / 1e9
+    out["decode_gbps_deflate"] = kv_bytes / t_d / 1e9
+    tm = StageTimer()
+    codec.decode_batch(blobs, out=dest, timer=tm)
+    out["decode_deflate_stages_ms"] = {s: round(1e3 * t, 3) for s, t in tm.times.items()}
+    return out
+
+
+def run_config(
+    codec: GpuCodec, keys, values, batch: int, gemm_tflops: float, reps: int, first=None
+):
+    """Encode and decode ``batch`` chunks built from ``keys/values`` ``(L, H, T, D)``
+    (chunk ``i`` at position ``first`` if given, the data's own, else ``4096 + 256 i``)."""
+    k, v, firsts = make_batch(keys, values, batch, first)
     kv_bytes = 2 * k.numel() * 2  # bf16 K and V
     res = {"batch": batch, "kv_bytes": kv_bytes}
 
@@ -850,6 +910,7 @@ def main() -> None:
     if model is None:
         lk, lv = gaussian_kv(LLAMA, 1024 if args.tiny else 8192)
     ttft_codecs = {}
+    nvc: dict = {}
     wanted = args.ttft_groupings.split(",")
     for grouping in args.groupings.split(","):
         lpg = None if grouping == "all" else int(grouping)
@@ -862,12 +923,20 @@ def main() -> None:
             log(json.dumps(r))
             configs.append(r)
             empty_cache()
+        if grouping == "all":  # nvCOMP alone on this codec's payloads, and coder deflate
+            try:
+                nvc = nvcomp_runs(art, lk, lv, max(batches), args.reps)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                traceback.print_exc()
+                nvc = {"nvcomp_note": f"nvCOMP run failed: {type(exc).__name__}: {exc}"}
+            log(json.dumps(nvc))
+            empty_cache()
         if grouping in wanted:
             ttft_codecs[grouping] = codec
         del codec
     info["seconds"] = round(time.time() - t0, 1)
     log(f"[{info['seconds']} s] throughput done")
-    write(args.out, info, ceil, configs, [], kv_source)
+    write(args.out, info, ceil, configs, [], kv_source, nvc)
     if model is None or not ttft_codecs:
         return
     del lk, lv
@@ -891,28 +960,37 @@ def main() -> None:
                 traceback.print_exc()
             empty_cache()
             info["seconds"] = round(time.time() - t0, 1)
-            write(args.out, info, ceil, configs, ttfts, kv_source)
+            write(args.out, info, ceil, configs, ttfts, kv_source, nvc)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write(out: Path, info, ceil, configs, ttfts, kv_source) -> None:
+def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     big = [c for c in configs if c["batch"] == max(c2["batch"] for c2 in configs)]
     default = [c for c in big if c["shape"] == "Llama-3.1-8B" and c["grouping"] == "all"]
+    nvcomp_ceil = {k: v for k, v in nvc.items() if k.startswith("nvcomp_") and isinstance(v, float)}
+    if "decode_gbps_deflate" in nvc:
+        deflate_note = (
+            f"the codec with coder 'deflate' (RAW Deflate over each blob's payload, nvCOMP "
+            f"on the device both ways; nvCOMP {nvc['nvcomp_version']}), Llama-3.1-8B "
+            f"shape, all-layer groups, {nvc['nvcomp_batch']} chunks, GB/s of bf16 KV as "
+            f"decode_gbps_ans; honest ratio {nvc['deflate_honest_ratio']:.2f}"
+        )
+    else:
+        deflate_note = nvc.get("nvcomp_note", "not measured (no Llama-3.1-8B 'all' config)")
     summary = {
         **info,
-        "ceilings": ceil,
+        "ceilings": {**ceil, **nvcomp_ceil},
         "kv_source_llama": kv_source,
         "honest_ratio": default[0]["honest_ratio"] if default else None,
         "encode_gbps_ans": default[0]["encode_gbps"] if default else None,
         "decode_gbps_ans": default[0]["decode_gbps"] if default else None,
-        "decode_gbps_deflate": None,
-        "decode_gbps_deflate_note": (
-            "not measured: the rans blobs are coded 'none' (the stream is entropy-coded "
-            "already); deflate blobs decode on the host, and nvCOMP is not in this path"
-        ),
+        "decode_gbps_deflate": nvc.get("decode_gbps_deflate"),
+        "decode_gbps_deflate_note": deflate_note,
+        "encode_gbps_deflate": nvc.get("encode_gbps_deflate"),
         "entropy_coder": "rANS (Triton), not nvCOMP ANS: the codec's own stream format",
+        "nvcomp": nvc,
         **ttft_keys(ttfts),
         "configs": configs,
         "ttft": ttfts,
@@ -929,6 +1007,13 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source) -> None:
         "## Ceilings measured in this run",
         "",
         *(f"- {k}: {v:.1f}" for k, v in ceil.items()),
+        "",
+        "nvCOMP alone on the same bytes (the blob payloads with coder `none`: each chunk's",
+        "rANS stream and exact bf16 tokens, on the device; one nvCOMP call per batch; GB/s",
+        "of those payload bytes), and the codec with coder `deflate` (nvCOMP both ways,",
+        "GB/s of bf16 KV):",
+        "",
+        *(f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in nvc.items()),
         "",
         "## Throughput (GB/s of bf16 KV), 256-token chunks",
         "",

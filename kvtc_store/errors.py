@@ -74,6 +74,15 @@ class ConfigError(KVTCError):
     """A configuration value is invalid; the message names the field."""
 
 
+# --- GPU -----------------------------------------------------------------------------------
+
+
+class NvcompUnavailableError(KVTCError):
+    """nvCOMP cannot run here: the ``gpu`` extra's ``nvidia-nvcomp-cu13`` (module
+    ``nvidia.nvcomp``) is not importable, or there is no CUDA device; the message says
+    which."""
+
+
 # --- serving engines -------------------------------------------------------------------
 
 

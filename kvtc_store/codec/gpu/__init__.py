@@ -9,15 +9,20 @@ the entropy coder.
   (:func:`encode_symbols_gpu`, :func:`decode_symbols_gpu`).
 - :mod:`.codec_gpu`: :class:`GpuCodec`, encode and decode of a batch of chunks end to
   end on the GPU (RoPE, mean/scale, cuBLAS projection, quantisation, rANS).
+- :mod:`.nvcomp_coder`: :class:`NvcompCoder`, batched RAW Deflate (zlib-compatible) and
+  ANS with nvCOMP (``nvidia-nvcomp-cu13``, also in the ``gpu`` extra).
 """
 
 from .codec_gpu import DecodedBatch, GpuCodec
+from .nvcomp_coder import NvcompCoder, nvcomp_available
 from .rans_triton import DeviceTables, decode_symbols_gpu, encode_symbols_gpu
 
 __all__ = [
     "DecodedBatch",
     "DeviceTables",
     "GpuCodec",
+    "NvcompCoder",
     "decode_symbols_gpu",
     "encode_symbols_gpu",
+    "nvcomp_available",
 ]

@@ -15,11 +15,18 @@ mean, divide by the scale]→ ``X (p, N)`` fp16 →[cuBLAS per group: ``basisᵀ
 ``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams → blobs.
 
 decode: blobs →[headers parsed; payloads copied by host threads into a reused pinned
-buffer, sent to the device in one pass; checksums verified by those threads meanwhile]→
+buffer, sent to the device in one pass; checksums verified by those threads meanwhile;
+``deflate`` payloads verified first, then inflated on the device by nvCOMP]→
 streams →[rANS decoder, dequantising on the fly]→
 ``C (R, N)`` fp16 →[cuBLAS per group: ``basis @ C``]→ ``F (p, N)`` fp16 →
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
 caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
+
+The general-purpose coder over a blob's payload (the header's ``coder``): ``none`` goes
+to the device as it is; ``deflate`` (RAW DEFLATE, :mod:`kvtc_store.codec.entropy`) is
+deflated and inflated by nvCOMP on the device where ``nvidia-nvcomp-cu13`` is installed
+(:mod:`.nvcomp_coder`), else by ISA-L or zlib on the host; the streams are the same
+format either way.
 
 Sources: KVTC (Staniszewski & Łańcucki, arXiv 2511.01815, §3); RoPE in Hugging Face's
 ``rotate_half`` convention (:mod:`kvtc_store.codec.rope`).
@@ -36,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...errors import ArtifactError, BlobCorruptError, BlobError
+from ...errors import ArtifactError, BlobCorruptError, BlobError, NvcompUnavailableError
 from ..artifact import CodecArtifact
 from ..blob import (
     PAYLOAD_CHECKSUM_MISMATCH,
@@ -49,6 +56,7 @@ from ..blob import (
 from ..codec import EXACT_DTYPE, KVTCCodec
 from ..entropy import get_coder
 from ..features import group_slices
+from .nvcomp_coder import NvcompCoder, aligned
 from .rans_triton import DeviceTables, encode_gpu, launch_decode
 from .staging import HostStaging, host_pool
 
@@ -215,13 +223,18 @@ class GpuCodec:
         gemm_dtype: operand dtype of the projections (float16: exact for float16-stored
             bases, within float16 rounding (2**-11 relative) for int8-stored ones; float32
             for the slow reference).
-        coder: general-purpose coder over new blobs' payload, applied on the host
-            (``"none"``: the rANS stream is entropy-coded already; ``"deflate"`` also
-            squeezes the exact bf16 tokens). Decoding reads whatever the blob names.
+        coder: general-purpose coder over new blobs' payload (``"none"``: the rANS
+            stream is entropy-coded already; ``"deflate"`` also squeezes the exact bf16
+            tokens). Decoding reads whatever the blob names.
+        nvcomp: deflate payloads on the device with nvCOMP, both ways (new blobs of coder
+            ``deflate``; blobs that name ``deflate``): None (default) where nvCOMP is
+            importable and the device is CUDA, False never (ISA-L or zlib on the host),
+            True always.
 
     Raises:
         ArtifactError: not a ``rans`` artifact, or tables that do not match its plan.
         NotImplementedError: a head dimension that is not a power of two.
+        NvcompUnavailableError: ``nvcomp=True`` without nvCOMP or CUDA.
     """
 
     def __init__(
@@ -230,6 +243,7 @@ class GpuCodec:
         device: str | torch.device = "cuda",
         gemm_dtype: torch.dtype = torch.float16,
         coder: str = "none",
+        nvcomp: bool | None = None,
     ):
         if artifact.quantizer != "rans":
             raise ArtifactError(f"GpuCodec needs a rans artifact, not {artifact.quantizer!r}")
@@ -237,6 +251,7 @@ class GpuCodec:
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
         self.coder = get_coder(coder)
+        self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
         self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
         _, heads, dim = artifact.kv_shape
@@ -357,7 +372,7 @@ class GpuCodec:
             ) if coded else []  # fmt: skip
             by_chunk = dict(zip((b for b, _, _ in coded), streams))
         with self._stage(timer, "blobs"):
-            blobs = []
+            headers, payloads = [], []
             for b, (a, e) in enumerate(spans):
                 exact = b""
                 if a > 0 or e < tokens:
@@ -373,11 +388,25 @@ class GpuCodec:
                     self.coder.name,
                     {"stream": len(stream), "exact": len(exact)},
                 )
-                payload = stream + exact
-                if self.coder.name != "none":  # on the host, as the CPU codec does
-                    payload = self.coder.encode(payload)
-                blobs.append(pack_blob(header, payload))
+                headers.append(header)
+                payloads.append(stream + exact)
+            payloads = self._entropy_code(payloads)
+            blobs = [pack_blob(h, p) for h, p in zip(headers, payloads)]
         return blobs
+
+    def _entropy_code(self, payloads: list[bytes]) -> list[bytes]:
+        """This codec's coder over each payload: RAW Deflate of the whole batch in one
+        nvCOMP call on the device where it has nvCOMP (the payloads go there and back:
+        the rANS streams come off the device as bytes), else on the host chunk by chunk,
+        as the CPU codec does."""
+        if self.coder.name == "none":
+            return payloads
+        if self.coder.name == "deflate" and self._deflater is not None:
+            try:
+                return self._deflater.compress_host(payloads)
+            except Exception as exc:  # noqa: BLE001 - the host writes the same format
+                log.warning("nvCOMP Deflate failed (%s): deflating on the host", exc)
+        return [self.coder.encode(p) for p in payloads]
 
     # -- decode ---------------------------------------------------------------------------
 
@@ -399,7 +428,12 @@ class GpuCodec:
         work is queued; the payload checksums (xxh64) are verified by the host threads
         while the device decodes; the call returns once both are done. A blob whose
         checksum fails ends the prefix there, exactly as if it had been checked first.
-        Calls on one codec from several threads take turns for the staging buffer.
+        Payloads coded ``deflate`` are inflated on the device by one nvCOMP call when
+        this codec has nvCOMP (their checksums verified first, before the upload: nvCOMP
+        does not validate what it inflates), else on the host while parsing. Should
+        nvCOMP fail, they are inflated on the host and uploaded again, so the prefix and
+        its error are the CPU decoder's. Calls on one codec from several threads take
+        turns for the staging buffer.
 
         Args:
             blobs: blobs written by this artifact (on any host).
@@ -407,9 +441,9 @@ class GpuCodec:
             out: optional ``(keys, values)`` ``(B, L, H, T, D)`` CUDA tensors to write into
                 (any strides, e.g. views of a serving engine's cache).
             timer: optional ``timer(stage) -> context manager`` (benchmarks); stages
-                ``parse``, ``upload``, ``rans_dequantise``, ``projection``,
-                ``rope_write``, ``exact``, ``verify`` (what the checksums still take
-                once the device work is done, and the status read).
+                ``parse``, ``upload``, ``inflate`` (nvCOMP), ``rans_dequantise``,
+                ``projection``, ``rope_write``, ``exact``, ``verify`` (what the
+                checksums still take once the device work is done, and the status read).
 
         Returns:
             :class:`DecodedBatch`. Chunks from ``count`` on are undefined in ``out``.
@@ -420,7 +454,7 @@ class GpuCodec:
         art = self.artifact
         layers, heads, dim = art.kv_shape
         with self._stage(timer, "parse"):
-            parsed, error = self._parse_all(blobs)
+            parsed, error = self._verify_packed(*self._parse_all(blobs))
         batch = len(blobs)
         tokens = parsed[0].header.shape[3] if parsed else 0
         if any(p.header.shape[3] != tokens for p in parsed):
@@ -441,14 +475,21 @@ class GpuCodec:
         if not parsed:
             return DecodedBatch(keys, values, [], 0, error)
         n = batch * tokens
-        coded = [i for i, p in enumerate(parsed) if p.b > p.a]
         with self._stage(timer, "upload"):
-            dev, layout = self._upload(parsed, coded, batch)
+            dev, layout = self._upload(parsed, batch)
             checks = [
                 (i, host_pool().submit(payload_intact, p.header, p.payload))
                 for i, p in enumerate(parsed)
                 if p.payload is not None
             ]  # the checksums run on the host threads while the device decodes
+        if layout.inflate:
+            with self._stage(timer, "inflate"):
+                if not self._inflate(dev, layout.inflate):
+                    parsed, error = self._inflate_on_host(parsed, error)
+                    if not parsed:
+                        return DecodedBatch(keys, values, [], 0, error)
+                    dev, layout = self._upload(parsed, batch)
+        coded = layout.coded
         meta = dev[: layout.meta_bytes].view(torch.int64)
         nc = len(coded)
         base, end, lanes, col0 = (meta[j * nc : (j + 1) * nc] for j in range(4))
@@ -506,24 +547,35 @@ class GpuCodec:
         firsts = [int(p.header.first_position) for p in parsed[:count]]
         return DecodedBatch(keys, values, firsts, count, error)
 
-    def _upload(self, parsed: list[_Blob], coded: list[int], batch: int):
+    def _upload(self, parsed: list[_Blob], batch: int):
         """Put every parsed blob's sections on the device in one buffer: an int64 table
         (each coded chunk's stream base, end, lanes and first column; each chunk's coded
-        token span and first position), then each blob's ``stream ‖ exact`` bytes."""
+        token span and first position), then each blob's ``stream ‖ exact`` bytes, then
+        the payloads still to inflate (``_Blob.packed``), whose ``stream ‖ exact`` places
+        are left for :meth:`_inflate` to fill."""
         tokens = parsed[0].header.shape[3]
         g = self.tables.interleave
+        coded = [i for i, p in enumerate(parsed) if p.b > p.a]
         nc = len(coded)
         meta = np.zeros(4 * nc + 3 * batch, dtype=np.int64)
         meta_bytes = meta.nbytes
-        offset = meta_bytes
+        offset = aligned(meta_bytes)  # 16 bytes: int16 and bf16 views, nvCOMP's buffers
         parts: list[tuple[int, object]] = [(0, meta)]
         exact_at = []
         stream_at = []
         for p in parsed:
-            parts.append((offset, p.raw))
+            if p.raw is not None:
+                parts.append((offset, p.raw))
             stream_at.append(offset)
             exact_at.append(offset + p.stream_len)
-            offset += -(-len(p.raw) // 8) * 8  # 8-byte aligned: int16 and bf16 views
+            offset = aligned(offset + p.stream_len + p.exact_len)
+        inflate = []
+        for i, p in enumerate(parsed):
+            if p.packed is not None:
+                raw_len = p.stream_len + p.exact_len
+                parts.append((offset, p.packed))
+                inflate.append((offset, len(p.packed), stream_at[i], raw_len))
+                offset = aligned(offset + len(p.packed))
         for j, i in enumerate(coded):
             p = parsed[i]
             meta[j] = stream_at[i] // 2
@@ -536,7 +588,55 @@ class GpuCodec:
         # chunks past the parsed ones: an empty span (nothing written), position 0
         dev = self._staging.upload(parts, max(offset, 8))
         max_lanes = int(meta[2 * nc : 3 * nc].max()) if nc else 0
-        return dev, _Layout(meta_bytes, exact_at, max_lanes)
+        return dev, _Layout(meta_bytes, exact_at, max_lanes, coded, inflate)
+
+    def _inflate(self, dev: torch.Tensor, jobs: list[tuple[int, int, int, int]]) -> bool:
+        """Inflate the payloads that :meth:`_upload` put in ``dev`` (``(offset, length,
+        raw offset, raw length)`` each) into their ``stream ‖ exact`` places, in one
+        nvCOMP call. False if nvCOMP fails (a stream it cannot inflate, or nvCOMP
+        itself): the caller then inflates them on the host, which names the culprit."""
+        try:
+            self._deflater.decompress(
+                [dev[o : o + n] for o, n, _, _ in jobs],
+                [n for _, _, _, n in jobs],
+                out=[dev[o : o + n] for _, _, o, n in jobs],
+            )
+        except Exception as exc:  # noqa: BLE001 - the host path gives the exact error
+            log.warning("nvCOMP could not inflate the batch (%s): inflating on the host", exc)
+            return False
+        return True
+
+    @staticmethod
+    def _inflate_on_host(parsed: list[_Blob], error: BlobError | None):
+        """Inflate the packed payloads on the host (as the CPU decoder does); the prefix
+        ends at the first that does not inflate, with that decoder's error."""
+        coder = get_coder("deflate")
+        for i, p in enumerate(parsed):
+            if p.packed is None:
+                continue
+            try:
+                p.raw = memoryview(coder.decode(bytes(p.packed), p.stream_len + p.exact_len))
+            except BlobError as exc:
+                return parsed[:i], exc
+            p.packed = None
+        return parsed, error
+
+    @staticmethod
+    def _verify_packed(parsed: list[_Blob], error: BlobError | None):
+        """Verify the checksums of the payloads to inflate on the device, on the host
+        threads at once, before nvCOMP reads them (it does not validate its input); the
+        prefix ends at the first that fails."""
+        checks = [
+            (i, host_pool().submit(payload_intact, p.header, p.packed))
+            for i, p in enumerate(parsed)
+            if p.packed is not None
+        ]
+        for i, check in checks:
+            if not check.result():
+                for _, c in checks:
+                    c.cancel()
+                return parsed[:i], BlobCorruptError(PAYLOAD_CHECKSUM_MISMATCH)
+        return parsed, error
 
     def _parse_all(self, blobs: list[bytes]) -> tuple[list[_Blob], BlobError | None]:
         """Parse blobs up to the first bad one (its error, as :meth:`KVTCCodec.decode_prefix`
@@ -563,8 +663,10 @@ class GpuCodec:
 
     def _parse(self, header: BlobHeader, payload: memoryview) -> _Blob:
         """Check one blob's header against this codec and locate its sections. A ``none``
-        payload is left in place, its checksum unverified (``_Blob.payload``); another
-        coder's is verified and decoded here, on the host."""
+        payload is left in place, its checksum unverified (``_Blob.payload``); a
+        ``deflate`` one, when this codec has nvCOMP, too (``_Blob.packed``, verified by
+        :meth:`_verify_packed`); another coder's is verified and decoded here, on the
+        host."""
         self._ref._check_header(header)
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(self.artifact.kv_shape):
@@ -585,6 +687,8 @@ class GpuCodec:
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
             return _Blob(header, a, b, payload, want["stream"], want["exact"], payload)
+        if header.coder == "deflate" and self._deflater is not None:  # on the device
+            return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload)
         verify_payload(header, payload)
         raw = get_coder(header.coder).decode(bytes(payload), sum(want.values()))
         return _Blob(header, a, b, memoryview(raw), want["stream"], want["exact"], None)
@@ -593,15 +697,17 @@ class GpuCodec:
 @dataclass
 class _Blob:
     """One parsed blob: header, coded token span ``[a, b)``, ``raw`` = ``stream ‖ exact``
-    bytes (their lengths), and the payload whose checksum is still to verify (or None)."""
+    bytes (their lengths; None while ``packed``), the payload whose checksum is still to
+    verify (or None), and the RAW DEFLATE payload to inflate on the device (or None)."""
 
     header: BlobHeader
     a: int
     b: int
-    raw: memoryview
+    raw: memoryview | None
     stream_len: int
     exact_len: int
     payload: memoryview | None
+    packed: memoryview | None = None
 
 
 @dataclass
@@ -611,6 +717,21 @@ class _Layout:
     meta_bytes: int
     exact_at: list[int]
     max_lanes: int
+    coded: list[int]  # parsed blobs with a coded token span
+    inflate: list[tuple[int, int, int, int]]  # for :meth:`GpuCodec._inflate`
+
+
+def _device_deflater(device: torch.device, wanted: bool | None) -> NvcompCoder | None:
+    """nvCOMP's RAW Deflate on ``device``, or None for the host: ``wanted`` None (where
+    nvCOMP and CUDA are), False (never) or True (always; NvcompUnavailableError else)."""
+    if wanted is False:
+        return None
+    try:
+        return NvcompCoder("deflate", device)
+    except NvcompUnavailableError:
+        if wanted:
+            raise
+        return None
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:

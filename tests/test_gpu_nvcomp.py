@@ -1,0 +1,252 @@
+"""nvCOMP on CUDA (kvtc_store.codec.gpu.nvcomp_coder): RAW Deflate streams interchangeable
+with zlib and ISA-L both ways, ANS round trips, batches with empty buffers, and the GPU
+codec's ``deflate`` blobs crossing devices both ways with corrupt ones caught.
+
+Skipped without CUDA, Triton or nvCOMP (``nvidia-nvcomp-cu13``; CI has none of them); run
+on the lent H200 after ``benchmarks/nvcomp_smoke.py``, in a pytest process of its own: the
+last tests hand nvCOMP streams that are corrupt but carry a valid checksum (a buggy
+writer), on which nvCOMP promises nothing ("undefined behavior", ``nvcomp/deflate.h``); a
+failure there must not take other test files' CUDA context with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec.blob import PAYLOAD_CHECKSUM_MISMATCH, pack_blob, unpack_blob
+from kvtc_store.errors import BlobCorruptError
+from tests.test_codec import arts, make_chunk  # noqa: F401 - synthetic artifact fixture
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+triton = pytest.importorskip("triton")
+nvcomp = pytest.importorskip("nvidia.nvcomp")
+
+from kvtc_store.codec.gpu.codec_gpu import GpuCodec
+from kvtc_store.codec.gpu.nvcomp_coder import EMPTY_DEFLATE, NvcompCoder
+from tests.test_gpu_rans import _codec_cases
+
+SIZES = [0, 1, 100, 4096, 65535, 65536, 65537, 1 << 20, (2 << 20) + 3]
+
+
+def _payload(n: int, seed: int) -> bytes:
+    """Bytes like a blob's payload: bf16 of Gaussian values (compressible, not trivially),
+    a run of zeros at the start."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((n + 1) // 2).astype(np.float32))
+    b = bytearray(x.to(torch.bfloat16).view(torch.int16).numpy().tobytes()[:n])
+    b[: n // 8] = bytes(n // 8)
+    return bytes(b)
+
+
+def _raw_zlib(data: bytes, level: int) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+@pytest.fixture(scope="module")
+def deflate():
+    return NvcompCoder("deflate", "cuda")
+
+
+@pytest.fixture(scope="module")
+def ans():
+    return NvcompCoder("ans", "cuda")
+
+
+def test_gpu_deflate_inflates_with_zlib(deflate):
+    data = [_payload(n, i) for i, n in enumerate(SIZES)]
+    comp = deflate.compress_host(data)
+    assert comp[0] == EMPTY_DEFLATE
+    assert [zlib.decompress(c, -15) for c in comp] == data
+    assert sum(map(len, comp)) < sum(SIZES)
+
+
+@pytest.mark.parametrize("writer", ["zlib-1", "zlib-9", "isal"])
+def test_host_deflate_inflates_on_the_gpu(deflate, writer):
+    data = [_payload(n, 10 + i) for i, n in enumerate(SIZES)]
+    if writer == "isal":
+        from isal import isal_zlib
+
+        streams = [isal_zlib.compress(d, 1, wbits=-15) for d in data]
+    else:
+        streams = [_raw_zlib(d, int(writer[-1])) for d in data]
+    assert deflate.decompress_host(streams, SIZES) == data
+
+
+def test_ans_round_trip(ans):
+    data = [_payload(n, 20 + i) for i, n in enumerate(SIZES)]
+    comp = ans.compress_host(data)
+    assert comp[0] == b""
+    assert ans.decompress_host(comp, SIZES) == data
+
+
+@pytest.mark.parametrize("algorithm", ["deflate", "ans"])
+def test_a_batch_of_128_unequal_sizes_with_an_empty_one(algorithm):
+    """Device tensors in, device tensors out: unaligned inputs (views at odd offsets) and
+    decompression into given buffers of one staging tensor."""
+    coder = NvcompCoder(algorithm, "cuda")
+    rng = np.random.default_rng(3)
+    lens = [int(n) for n in rng.integers(1, 150_000, 128)]
+    lens[41] = 0
+    data = [_payload(n, i) for i, n in enumerate(lens)]
+    dev = coder.to_device(data)
+    odd = torch.empty(sum(lens) + 128, dtype=torch.uint8, device="cuda")
+    unaligned, o = [], 1
+    for t in dev:  # the same bytes at offsets that are not 16-byte aligned
+        unaligned.append(odd[o : o + t.numel()])
+        unaligned[-1].copy_(t)
+        o += t.numel() + 1
+    comp = coder.compress(unaligned)
+    staging, out = coder._alloc(lens)
+    staging.fill_(0xA5)
+    got = coder.decompress(comp, lens, out=out)
+    assert all(g is b for g, b in zip(got, out))
+    assert all(torch.equal(g, t) for g, t in zip(got, dev))
+    host = [c.cpu().numpy().tobytes() for c in comp]
+    if algorithm == "deflate":
+        assert [zlib.decompress(c, -15) for c in host] == data
+    assert coder.decompress_host(host, lens) == data
+
+
+def test_wrong_sizes_raise(deflate):
+    data = _payload(70_000, 1)
+    comp = deflate.compress_host([data])
+    with pytest.raises(BlobCorruptError):
+        deflate.decompress_host([b""], [10])  # nothing for 10 bytes
+    with pytest.raises(BlobCorruptError):
+        deflate.decompress_host([comp[0]], [0])  # a stream of 70 kB for 0 bytes
+    with pytest.raises(ValueError):
+        deflate.decompress(deflate.to_device(comp), [len(data)], out=[torch.empty(5)])
+
+
+# -- the GPU codec with coder "deflate" ------------------------------------------------------
+
+
+def _spy_inflate(gpu: GpuCodec) -> list[bool]:
+    """Record what each of ``gpu``'s nvCOMP inflates returns (False: fell back to host)."""
+    calls: list[bool] = []
+    real = gpu._inflate
+
+    def spy(dev, jobs):
+        calls.append(real(dev, jobs))
+        return calls[-1]
+
+    gpu._inflate = spy
+    return calls
+
+
+def test_deflate_blobs_cross_devices(arts, caplog):  # noqa: F811
+    """GPU-deflated blobs (nvCOMP) decode with the CPU codec, their inflated payloads equal
+    the host-deflated ones; CPU-deflated blobs decode on the GPU through nvCOMP; values
+    within the tolerance of the other GPU tests."""
+    cases = _codec_cases(arts)
+    if not cases:
+        pytest.skip("minmax artifacts")
+    caplog.set_level(logging.WARNING, logger="kvtc_store.codec.gpu.codec_gpu")
+    for art, keys, values, firsts in cases:
+        cpu = KVTCCodec(art, coder="deflate")
+        gpu = GpuCodec(art, coder="deflate", nvcomp=True)
+        host = GpuCodec(art, coder="deflate", nvcomp=False)
+        assert gpu._deflater is not None and host._deflater is None
+        calls = _spy_inflate(gpu)
+        tails = [0, 17]
+        kd, vd = keys.cuda(), values.cuda()
+        blob_g = gpu.encode_batch(kd, vd, firsts, tails)
+        blob_h = host.encode_batch(kd, vd, firsts, tails)
+        blob_c = [cpu.encode(keys[i], values[i], firsts[i], tails[i]) for i in range(2)]
+        scale = keys.float().abs().max().item()
+        for g, h in zip(blob_g, blob_h):
+            (hg, pg), (hh, ph) = unpack_blob(g), unpack_blob(h)
+            assert hg.coder == hh.coder == "deflate" and hg.sections == hh.sections
+            assert zlib.decompress(bytes(pg), -15) == zlib.decompress(bytes(ph), -15)
+        for b in range(2):
+            on_cpu = cpu.decode(blob_g[b], dtype=torch.float32)
+            ref = cpu.decode(blob_h[b], dtype=torch.float32)
+            assert torch.equal(on_cpu.keys, ref.keys) and torch.equal(on_cpu.values, ref.values)
+        for blobs in (blob_c, blob_g):
+            dec = gpu.decode_batch(blobs, dtype=torch.float32)
+            assert dec.count == 2 and dec.error is None
+            for b in range(2):
+                ref = cpu.decode(blobs[b], dtype=torch.float32)
+                assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
+                assert (dec.values[b].cpu() - ref.values).abs().max().item() < 2e-3 * scale
+        assert calls == [True, True]  # both batches inflated by nvCOMP, no host fallback
+    assert not [r for r in caplog.records if "nvCOMP" in r.getMessage()]
+
+
+def test_host_fallback_when_nvcomp_fails(arts, monkeypatch, caplog):  # noqa: F811
+    """nvCOMP raising mid-batch: the batch is inflated on the host instead, same values."""
+    cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
+    if not cases:
+        pytest.skip("minmax artifacts")
+    art, keys, values, firsts = cases[0]
+    cpu = KVTCCodec(art, coder="deflate")
+    gpu = GpuCodec(art, coder="deflate", nvcomp=True)
+    blobs = [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated nvCOMP failure")
+
+    monkeypatch.setattr(gpu._deflater, "decompress", broken)
+    dec = gpu.decode_batch(blobs, dtype=torch.float32)
+    assert dec.count == 2 and dec.error is None
+    assert "simulated nvCOMP failure" in caplog.text
+    scale = keys.float().abs().max().item()
+    for b in range(2):
+        ref = cpu.decode(blobs[b], dtype=torch.float32)
+        assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
+
+
+def _altered(blob: bytes, how: str) -> bytes:
+    header, payload = unpack_blob(blob)
+    p = bytearray(payload)
+    if how == "checksum":  # a payload byte flipped, checksum left as it was
+        flip = bytearray(blob)
+        flip[-len(p) // 2] ^= 0x5A
+        return bytes(flip)
+    if how == "truncated":  # checksum recomputed: only the stream itself can tell
+        return pack_blob(header, bytes(p[: len(p) // 2]))
+    if how == "flipped":
+        p[len(p) // 3] ^= 0xFF
+        return pack_blob(header, bytes(p))
+    if how == "garbage":
+        rng = np.random.default_rng(4)
+        return pack_blob(header, rng.integers(0, 256, len(p), dtype=np.uint8).tobytes())
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["checksum", "truncated", "flipped", "garbage"])
+def test_a_corrupt_deflate_payload_raises_never_garbage(arts, how):  # noqa: F811
+    """A payload altered with its checksum left (the checksum error, before nvCOMP sees
+    it) or recomputed (the stream's own error, as the CPU decoder reports it): the prefix
+    ends at that blob with a BlobCorruptError; blobs before it decode."""
+    cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
+    if not cases:
+        pytest.skip("minmax artifacts")
+    art, keys, values, firsts = cases[0]
+    cpu = KVTCCodec(art, coder="deflate")
+    gpu = GpuCodec(art, coder="deflate", nvcomp=True)
+    good = [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
+    blobs = [good[0], _altered(good[1], how), good[0]]
+    want, want_err = cpu.decode_prefix(blobs, dtype=torch.float32)
+    dec = gpu.decode_batch(blobs, dtype=torch.float32)
+    scale = keys.float().abs().max().item()
+    assert dec.count == len(want)
+    if want_err is None:  # the CPU decoder saw nothing wrong: the same values
+        assert dec.error is None
+    else:
+        assert isinstance(dec.error, BlobCorruptError)
+    if how == "checksum":
+        assert len(want) == 1 and str(dec.error) == str(want_err) == PAYLOAD_CHECKSUM_MISMATCH
+    for b, w in enumerate(want):
+        assert (dec.keys[b].cpu() - w.keys).abs().max().item() < 2e-3 * scale
+        assert (dec.values[b].cpu() - w.values).abs().max().item() < 2e-3 * scale
