@@ -61,6 +61,8 @@ QUICK_METHODS = ["kvtc", "fp8", "int4-g64", "kivi-2"]
 
 
 def parse(argv) -> argparse.Namespace:
+    from kvtc_store.calibration import CalibrationSettings
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -115,7 +117,12 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, default=None, help="contexts round-tripped at once (cuda 8, cpu 1)"
     )
-    p.add_argument("--calibration-windows", type=int, default=8)
+    p.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=CalibrationSettings.windows,
+        help=f"calibration windows of 2,048 tokens (default {CalibrationSettings.windows})",
+    )
     p.add_argument(
         "--scale-exponent",
         type=float,

@@ -1,7 +1,7 @@
 """kvtc-store: a tiered KV-cache store with KVTC compression.
 
-kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 8]
-kvtc-store calibrate --ratio 8 16 [--windows 8] [--layers-per-group N]
+kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 24]
+kvtc-store calibrate --ratio 8 16 [--windows 24] [--layers-per-group N]
 kvtc-store inspect BLOB_FILE
 kvtc-store stats --config store.yaml [--json] | --disk DIR
 """
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--ratio", type=float, default=16.0, help="codec target ratio (default 16)")
     d.add_argument("--doc-tokens", type=int, default=4000, help="document length in tokens")
     d.add_argument(
-        "--windows", type=int, default=8, help="calibration windows of 2,048 tokens (default 8)"
+        "--windows", type=int, default=24, help="calibration windows of 2,048 tokens (default 24)"
     )
     d.set_defaults(fn=cmd_demo)
     c = sub.add_parser("calibrate", help="calibrate (and cache) codec artifacts for SmolLM2")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         help="target ratios against 16-bit KV (default 16)",
     )
     c.add_argument(
-        "--windows", type=int, default=8, help="calibration windows of 2,048 tokens (default 8)"
+        "--windows", type=int, default=24, help="calibration windows of 2,048 tokens (default 24)"
     )
     c.add_argument(
         "--layers-per-group",

@@ -250,7 +250,7 @@ class CodecConfig(_Model):
     """Folder of a saved codec artifact (``manifest.json`` + ``tensors.safetensors``)."""
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
-    calibration_windows: StrictInt = Field(8, ge=1)
+    calibration_windows: StrictInt = Field(24, ge=1)
     quantizer: Literal["rans", "minmax"] = "rans"
     """``rans``: calibrated steps + rANS (default); ``minmax``: per-token min/max (paper)."""
     coder: Literal["deflate", "none"] | None = None
