@@ -27,8 +27,9 @@ spends ~40 ms per 256-token chunk), so with the defaults (32 windows, 40 prompts
 qualifying groups) a kvtc row takes about 45-150 s (low ratios are slower), a baseline
 about 35 s, and all methods about 35 minutes; split them with ``--methods``/``--ratios``
 into runs of under 10 minutes and merge their ``quality.json`` files with ``--merge``.
-Calibration runs on the CPU (16 cores: about 20 s, plus ~1.5 s per ratio) before the
-model moves to the GPU, and is cached under ``$KVTC_STORE_HOME``.
+Calibration runs on the CPU (16 cores: about 20 s with 8 windows, about a minute with the
+default 24, plus ~1.5 s per ratio) before the model moves to the GPU, and is cached under
+``$KVTC_STORE_HOME``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # H200 call of 2026-11-30 (issue 3): the kvtc curve again with the new default of 24
 # calibration windows (was 8), same set-up as rd_h200_s3.sh (.dev-a carried by a first
 # call, .dev-b by this one). Five harness processes side by side at batch 4, each
-# calibrating in-process on the GPU; retrieval at the qualifying 2k/4k.
+# calibrating in-process (on the CPU) first; retrieval at the qualifying 2k/4k.
 source benchmarks/rd_h200_setup.sh
 rm -rf /tmp/rd/t*
 R="timeout 555 python3 benchmarks/rate_distortion.py --device cuda --windows 32 --greedy-tokens 64 --retrieval-tasks passkey multikey --retrieval-lengths 2048 4096 --retrieval-samples 40 --threads 3 --batch 4 --methods kvtc"

@@ -108,7 +108,7 @@ def run_demo(
     elif (settings_dir(info, settings) / "pca-fit.safetensors").is_file():
         log(f"codec: bit allocation for ratio {target_ratio:g} on the cached PCA fit")
     else:
-        log("codec: calibrating on Shakespeare (first run: about 3 minutes on 2 cores)")
+        log("codec: calibrating on Shakespeare (first run: about 8 minutes on 2 cores)")
     t0 = time.time()
     (art,) = load_or_calibrate(model, tok, info, [target_ratio], settings, progress)
     calib_s = time.time() - t0

@@ -3,8 +3,9 @@
 ``deflate`` is the portable format: a raw DEFLATE stream (RFC 1951, no zlib header), so
 ``zlib.decompress(data, -15)`` reads it on any host and nvCOMP's RAW Deflate can too.
 It is written with python-isal (ISA-L's fast DEFLATE) when installed, else with zlib;
-the streams are interchangeable. ``none`` stores bytes as they are. New coders (nvCOMP
-ANS on the GPU) register themselves with :func:`register_coder`.
+the streams are interchangeable. ``none`` stores bytes as they are. New coders register
+themselves with :func:`register_coder` (nvCOMP's ANS is not one: on the rANS streams it
+saves nothing, see benchmarks/results/gpu_codec.md).
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ def plan_steps(
         ``eligible_blocks`` (blocks the cap left codable).
 
     Raises:
-        CalibrationError: the budget does not cover the coder's fixed overhead, or an
-            unknown allocation.
+        CalibrationError: the budget does not cover the coder's fixed overhead, an
+            unknown allocation, or an artifact cap that holds no block of components.
     """
     if allocation not in ALLOCATIONS:
         raise CalibrationError(f"unknown allocation {allocation!r} (have {ALLOCATIONS})")

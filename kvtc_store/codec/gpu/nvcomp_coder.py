@@ -213,7 +213,9 @@ class NvcompCoder:
 
         Raises:
             BlobCorruptError: a stream that does not decompress to its size (where nvCOMP
-                reports it; it does not promise to for corrupt input).
+                reports it; it does not promise to for corrupt input), or any nvCOMP
+                failure while decoding the batch (RuntimeError/ValueError from nvCOMP,
+                e.g. out of device memory, is reported as "cannot decode the batch").
             ValueError: mismatched lengths, or an ``out`` entry of the wrong size, dtype,
                 device or alignment.
         """
@@ -256,16 +258,35 @@ class NvcompCoder:
     # -- host bytes -----------------------------------------------------------------------
 
     def compress_host(self, buffers: Sequence[bytes | memoryview]) -> list[bytes]:
-        """:meth:`compress` of host bytes: one copy to the device, one copy back."""
+        """:meth:`compress` of host bytes: one copy to the device, one copy back.
+
+        Returns:
+            One compressed ``bytes`` per buffer, in order.
+
+        Raises:
+            Whatever :meth:`compress` raises.
+        """
         comp = self.compress(self.to_device(buffers))
         return _to_host(comp)
 
     def decompress_host(self, buffers: Sequence[bytes | memoryview], sizes: Sequence[int]):
-        """:meth:`decompress` of host bytes to host bytes (same errors)."""
+        """:meth:`decompress` of host bytes to host bytes.
+
+        Returns:
+            One decompressed ``bytes`` per buffer, of ``sizes`` bytes each.
+
+        Raises:
+            Whatever :meth:`decompress` raises.
+        """
         return _to_host(self.decompress(self.to_device(buffers), sizes))
 
     def to_device(self, buffers: Sequence[bytes | memoryview]) -> list[torch.Tensor]:
-        """Host bytes as 16-byte aligned views of one device buffer (one copy)."""
+        """Host bytes as 16-byte aligned views of one device buffer (one copy).
+
+        Returns:
+            1-D uint8 tensors on this coder's device, one per buffer, each starting at a
+            16-byte aligned offset of one shared allocation.
+        """
         lengths = [memoryview(b).nbytes for b in buffers]
         starts = np.concatenate([[0], np.cumsum([aligned(n) for n in lengths])]).astype(int)
         host = np.zeros(max(int(starts[-1]), 1), dtype=np.uint8)
