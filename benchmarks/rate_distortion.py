@@ -130,6 +130,13 @@ def parse(argv) -> argparse.Namespace:
         default=None,
         help="per-head feature scaling before PCA (default: the library's)",
     )
+    p.add_argument(
+        "--codec-kernels",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: on CUDA, ours runs the batched Triton codec (float16 projections); "
+        "off: the torch reference codec in float32 on the same device",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument(
         "--quick",
@@ -295,7 +302,13 @@ def main(argv=None) -> int:
         )
 
     methods, skipped = M.build_methods(
-        args.methods, args.ratios, args.ablation_ratios, settings, calibrate, args.device
+        args.methods,
+        args.ratios,
+        args.ablation_ratios,
+        settings,
+        calibrate,
+        args.device,
+        gpu_kernels=False if args.codec_kernels == "off" else None,
     )
     model_params = sum(p.numel() for p in model.parameters())
     dtype = getattr(torch, args.dtype)

@@ -85,6 +85,7 @@ def build_methods(
     settings: CalibrationSettings,
     calibrate: Calibrator,
     device: str,
+    gpu_kernels: bool | None = None,
 ) -> tuple[list[KVMethod], list[str]]:
     """The methods to run, in report order, and messages for those skipped.
 
@@ -95,6 +96,8 @@ def build_methods(
         settings: calibration settings of ours (ablations change one field).
         calibrate: ``calibrate(settings, ratios) -> artifacts`` (cached calibration).
         device: where the codecs run (``"cpu"`` or ``"cuda"``).
+        gpu_kernels: ``KVTCCodec``'s choice of the batched GPU codec (None: where it runs;
+            False: the float32 torch reference on ``device`` too).
 
     Raises:
         ValueError: an unknown method name.
@@ -107,7 +110,7 @@ def build_methods(
 
     def kvtc_rows(name, kind, arts, rs, coder="deflate"):
         for r, a in zip(rs, arts):
-            codec = KVTCCodec(a, coder=coder, device=device)
+            codec = KVTCCodec(a, coder=coder, device=device, gpu_kernels=gpu_kernels)
             out.append(KVTC(name=name, target_ratio=float(r), kind=kind, codec=codec))
 
     if "kvtc" in names:
