@@ -253,8 +253,10 @@ class CodecConfig(_Model):
     calibration_windows: StrictInt = Field(24, ge=1)
     quantizer: Literal["rans", "minmax"] = "rans"
     """``rans``: calibrated steps + rANS (default); ``minmax``: per-token min/max (paper)."""
-    coder: Literal["deflate", "none"] | None = None
-    """General-purpose pass over blob payloads; default: none for rans, deflate for minmax."""
+    coder: Literal["deflate", "deflate64k", "none"] | None = None
+    """General-purpose pass over blob payloads; default: none for rans, deflate for minmax.
+    ``deflate`` writes ``deflate64k`` (DEFLATE in 64 KiB pieces; older single-stream
+    ``deflate`` blobs still decode)."""
     device: str = Field("cpu", min_length=1)
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """The blob format (DESIGN.md, "Blob format"): self-describing, versioned, msgpack header,
-raw DEFLATE payload; truncated, corrupted or foreign bytes raise their named error."""
+raw DEFLATE payload (64 KiB pieces); truncated, corrupted or foreign bytes raise their named error."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from kvtc_store.codec.blob import (
     unpack_blob_header,
     verify_payload,
 )
+from kvtc_store.codec.entropy import PIECE_SIZE, pack_pieces
 from kvtc_store.codec.rope import apply_rope
 from kvtc_store.errors import (
     BlobCorruptError,
@@ -483,13 +484,25 @@ def test_blob_from_artifact_with_other_rope_is_mismatch(arts, chunk) -> None:
 # --- the payload ------------------------------------------------------------------------------
 
 
-def test_deflate_payload_is_a_raw_stream(codec, blob, chunk) -> None:
+def _inflate_with_zlib(payload) -> bytes:
+    """A ``deflate64k`` payload inflated by plain zlib, read as docs/blob-format.md says."""
+    payload = bytes(payload)
+    (n,) = struct.unpack_from("<I", payload)
+    sizes = struct.unpack_from(f"<{n}I", payload, 4)
+    o, raw = 4 + 4 * n, []
+    for c in sizes:
+        o = -(-o // 16) * 16
+        raw.append(zlib.decompress(payload[o : o + c], -15))  # no header, no isal
+        o += c
+    assert o == len(payload)
+    return b"".join(raw)
+
+
+def test_deflate_payload_is_raw_streams_of_64k_pieces(codec, blob, chunk) -> None:
     header, payload = unpack_blob(blob)
-    assert header.coder == "deflate"
-    raw = zlib.decompress(bytes(payload), -15)  # plain zlib, no header, no isal
+    assert header.coder == "deflate64k"  # what a request for "deflate" writes
+    raw = _inflate_with_zlib(payload)
     assert len(raw) == sum(header.sections.values())
-    with pytest.raises(zlib.error):
-        zlib.decompress(bytes(payload))  # not a zlib-wrapped stream
     # sections in order (scales, codes | stream), exact; exact is bf16 keys then values
     keys, values = chunk
     idx = [0, 1, 2, 3, 34, 35, 36, 37, 38, 39]
@@ -502,15 +515,22 @@ def test_deflate_payload_is_a_raw_stream(codec, blob, chunk) -> None:
 
 
 def test_payload_written_by_zlib_decodes_the_same(codec, blob) -> None:
-    """Streams from any raw-DEFLATE writer (zlib here, nvCOMP on a GPU) are interchangeable."""
+    """Streams from any raw-DEFLATE writer (zlib here, nvCOMP on a GPU) are interchangeable,
+    in 64 KiB pieces or, as older blobs have them, one stream for the whole payload."""
     header, payload = unpack_blob(blob)
-    raw = zlib.decompress(bytes(payload), -15)
+    raw = _inflate_with_zlib(payload)
     for level in (1, 6, 9):
         c = zlib.compressobj(level, zlib.DEFLATED, -15)
-        again = c.compress(raw) + c.flush()
-        other = pack_blob(dataclasses.replace(header), again)
-        a, b = codec.decode(blob), codec.decode(other)
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        stream = c.compress(raw) + c.flush()
+        pieces = []
+        for s in range(0, len(raw), PIECE_SIZE):
+            c = zlib.compressobj(level, zlib.DEFLATED, -15)
+            pieces.append(c.compress(raw[s : s + PIECE_SIZE]) + c.flush())
+        legacy = pack_blob(dataclasses.replace(header, coder="deflate"), stream)
+        other = pack_blob(dataclasses.replace(header), pack_pieces(pieces))
+        a = codec.decode(blob)
+        for b in (codec.decode(other), codec.decode(legacy)):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_coder_none_stores_sections_verbatim(arts, codec, chunk, blob) -> None:
@@ -518,7 +538,7 @@ def test_coder_none_stores_sections_verbatim(arts, codec, chunk, blob) -> None:
     nb = plain.encode(*chunk, first_position=0, exact_tail=6)
     header, payload = unpack_blob(nb)
     assert header.coder == "none"
-    assert bytes(payload) == zlib.decompress(bytes(unpack_blob(blob)[1]), -15)
+    assert bytes(payload) == _inflate_with_zlib(unpack_blob(blob)[1])
     a, b = plain.decode(nb), codec.decode(blob)
     assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     # a short "none" payload (with matching checksums) is corruption, not garbage

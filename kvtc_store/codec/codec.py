@@ -21,7 +21,7 @@ import torch
 from ..errors import ArtifactError, BlobCorruptError, BlobError, CodecMismatchError
 from .artifact import CodecArtifact
 from .blob import BlobHeader, pack_blob, unpack_blob, unpack_blob_header
-from .entropy import get_coder
+from .entropy import get_coder, writer_coder
 from .features import from_token_major, group_slices, to_token_major
 from .quant import (
     dequantize_range,
@@ -81,9 +81,10 @@ class KVTCCodec:
 
     Args:
         artifact: the calibrated codec (bases, means, bit plan).
-        coder: general-purpose coder applied to new blobs' payload (``"deflate"`` or
-            ``"none"``); default ``"none"`` for the ``rans`` quantiser (its stream is
-            entropy-coded already), ``"deflate"`` for ``minmax``.
+        coder: general-purpose coder applied to new blobs' payload (``"deflate"``, which
+            writes ``"deflate64k"``, or ``"none"``; :func:`~.entropy.writer_coder`);
+            default ``"none"`` for the ``rans`` quantiser (its stream is entropy-coded
+            already), ``"deflate"`` for ``minmax``. Blobs of any registered coder decode.
         device: where to run the transform (``"cpu"`` or ``"cuda"``).
         gpu_kernels: run :meth:`encode_sequence` and :meth:`decode_prefix` through the
             batched Triton codec (:class:`~kvtc_store.codec.gpu.GpuCodec`: one kernel
@@ -106,7 +107,7 @@ class KVTCCodec:
         self.artifact = artifact
         if coder is None:  # rANS streams are entropy-coded already; bit-packed codes are not
             coder = "none" if artifact.quantizer == "rans" else "deflate"
-        self.coder = get_coder(coder)
+        self.coder = writer_coder(coder)
         self.device = torch.device(device)
         self._means = [m.to(self.device) for m in artifact.means]
         self._bases = [b.to(self.device) for b in artifact.bases]

@@ -1,17 +1,26 @@
 """Entropy coders, by name, in a registry.
 
-``deflate`` is the portable format: a raw DEFLATE stream (RFC 1951, no zlib header), so
-``zlib.decompress(data, -15)`` reads it on any host and nvCOMP's RAW Deflate can too.
-It is written with python-isal (ISA-L's fast DEFLATE) when installed, else with zlib;
-the streams are interchangeable. ``none`` stores bytes as they are. New coders register
-themselves with :func:`register_coder` (nvCOMP's ANS is not one: on the rANS streams it
-saves nothing, see benchmarks/results/gpu_codec.md).
+``deflate64k`` is the portable format that new blobs get when ``deflate`` is asked for
+(:func:`writer_coder`): the payload cut into pieces of :data:`PIECE_SIZE` bytes, each a
+raw DEFLATE stream of its own (RFC 1951, no zlib header), after a table of the pieces'
+coded sizes (layout: :class:`PiecewiseDeflateCoder`). Every piece inflates with
+``zlib.decompress(piece, -15)`` on any host, and a GPU inflates all pieces of a batch of
+blobs at once (nvCOMP's RAW Deflate parallelises over streams, not within one).
+
+``deflate`` is the older layout, still read everywhere: the whole payload as one raw
+DEFLATE stream. Both are written with python-isal (ISA-L's fast DEFLATE) when installed,
+else with zlib; the streams are interchangeable. ``none`` stores bytes as they are. New
+coders register themselves with :func:`register_coder` (nvCOMP's ANS is not one: on the
+rANS streams it saves nothing, see benchmarks/results/gpu_codec.md).
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 from typing import Protocol
+
+import numpy as np
 
 from ..errors import BlobCorruptError, BlobFormatError
 
@@ -61,6 +70,116 @@ class DeflateCoder:
         return out
 
 
+PIECE_SIZE = 1 << 16  # raw bytes per piece of ``deflate64k`` (nvCOMP's usual chunk size)
+PIECE_ALIGN = 16  # coded pieces start at multiples of this from the payload's start
+_COUNT = struct.Struct("<I")
+
+
+def piece_count(raw_size: int) -> int:
+    """Pieces of a ``deflate64k`` payload of ``raw_size`` raw bytes."""
+    return -(-raw_size // PIECE_SIZE)
+
+
+def piece_raw_sizes(raw_size: int) -> np.ndarray:
+    """int64 raw size of each piece: :data:`PIECE_SIZE`, the last one the rest."""
+    n = piece_count(raw_size)
+    sizes = np.full(n, PIECE_SIZE, dtype=np.int64)
+    if n:
+        sizes[-1] = raw_size - (n - 1) * PIECE_SIZE
+    return sizes
+
+
+def _align(n):
+    return -(-n // PIECE_ALIGN) * PIECE_ALIGN
+
+
+def piece_offsets(sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Where pieces of coded ``sizes`` start in a ``deflate64k`` payload (int64) and the
+    payload's length: after the table, each piece at the next multiple of
+    :data:`PIECE_ALIGN`, zero bytes between."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    table = _COUNT.size * (1 + len(sizes))
+    if not len(sizes):
+        return np.zeros(0, dtype=np.int64), table
+    gaps = _align(sizes[:-1]) if len(sizes) > 1 else np.zeros(0, dtype=np.int64)
+    starts = _align(table) + np.concatenate([[0], np.cumsum(gaps)]).astype(np.int64)
+    return starts, int(starts[-1] + sizes[-1])
+
+
+def pack_pieces(coded: list) -> bytes:
+    """A ``deflate64k`` payload of these coded pieces (bytes-like, in order)."""
+    sizes = np.array([memoryview(c).nbytes for c in coded], dtype=np.int64)
+    starts, total = piece_offsets(sizes)
+    out = bytearray(total)
+    out[: _COUNT.size] = _COUNT.pack(len(coded))
+    out[_COUNT.size : _COUNT.size * (1 + len(coded))] = sizes.astype("<u4").tobytes()
+    for s, n, c in zip(starts.tolist(), sizes.tolist(), coded):
+        out[s : s + n] = c
+    return bytes(out)
+
+
+def read_piece_table(payload, raw_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and coded sizes (int64) of the pieces of a ``deflate64k`` payload that
+    inflates to ``raw_size`` bytes, the table checked against the payload's length.
+
+    Raises:
+        BlobCorruptError: a table that does not fit the payload or ``raw_size``.
+    """
+    mv = memoryview(payload).cast("B")
+    n = piece_count(raw_size)
+    if len(mv) < _COUNT.size * (1 + n):
+        raise BlobCorruptError(f"deflate64k payload of {len(mv)} bytes ends inside its table")
+    (count,) = _COUNT.unpack_from(mv, 0)
+    if count != n:
+        raise BlobCorruptError(f"deflate64k table lists {count} pieces, {raw_size} bytes need {n}")
+    sizes = np.frombuffer(mv, dtype="<u4", count=n, offset=_COUNT.size).astype(np.int64)
+    if n and sizes.min() == 0:
+        raise BlobCorruptError("deflate64k table lists an empty piece")
+    starts, total = piece_offsets(sizes)
+    if total != len(mv):
+        raise BlobCorruptError(f"deflate64k table spans {total} bytes, the payload is {len(mv)}")
+    return starts, sizes
+
+
+class PiecewiseDeflateCoder:
+    """Raw DEFLATE in independent pieces of :data:`PIECE_SIZE` raw bytes.
+
+    Payload layout (integers little-endian)::
+
+        uint32 n                      pieces: ceil(raw_size / PIECE_SIZE), 0 for no bytes
+        uint32 size[n]                coded bytes of each piece
+        then each piece's raw DEFLATE stream, starting at the next multiple of
+        PIECE_ALIGN (16) bytes from the payload's start (zero bytes between)
+
+    Piece ``k`` inflates (``zlib.decompress(piece, -15)``) to raw bytes
+    ``[k * PIECE_SIZE, min((k + 1) * PIECE_SIZE, raw_size))``. The alignment lets a
+    payload copied to an aligned device address feed nvCOMP's batched RAW Deflate in place.
+    """
+
+    name = "deflate64k"
+
+    def __init__(self, level: int = 1):
+        self._piece = DeflateCoder(level)
+
+    def encode(self, data: bytes) -> bytes:
+        mv = memoryview(data).cast("B")
+        return pack_pieces(
+            [self._piece.encode(mv[s : s + PIECE_SIZE]) for s in range(0, len(mv), PIECE_SIZE)]
+        )
+
+    def decode(self, data: bytes, raw_size: int) -> bytes:
+        mv = memoryview(data).cast("B")
+        starts, sizes = read_piece_table(mv, raw_size)
+        raw = piece_raw_sizes(raw_size).tolist()
+        out = []
+        for k, (s, n, want) in enumerate(zip(starts.tolist(), sizes.tolist(), raw)):
+            try:
+                out.append(self._piece.decode(mv[s : s + n], want))
+            except BlobCorruptError as exc:
+                raise BlobCorruptError(f"deflate64k piece {k} of {len(raw)}: {exc}") from exc
+        return b"".join(out)
+
+
 class NoCoder:
     """Identity coder (for measuring the ratio before entropy coding)."""
 
@@ -97,5 +216,20 @@ def get_coder(name: str) -> EntropyCoder:
         ) from None
 
 
+WRITE_AS = {"deflate": "deflate64k"}
+"""Coder names that writers replace: a request for ``deflate`` writes ``deflate64k``."""
+
+
+def writer_coder(name: str) -> EntropyCoder:
+    """The coder that writes new blobs when ``name`` is asked for (:data:`WRITE_AS`;
+    readers use :func:`get_coder` with the blob's own name).
+
+    Raises:
+        BlobFormatError: no such coder here.
+    """
+    return get_coder(WRITE_AS.get(name, name))
+
+
 register_coder(DeflateCoder())
+register_coder(PiecewiseDeflateCoder())
 register_coder(NoCoder())
