@@ -114,7 +114,7 @@ def pack_pieces(coded: list) -> bytes:
     out[: _COUNT.size] = _COUNT.pack(len(coded))
     out[_COUNT.size : _COUNT.size * (1 + len(coded))] = sizes.astype("<u4").tobytes()
     for s, n, c in zip(starts.tolist(), sizes.tolist(), coded):
-        out[s : s + n] = c
+        out[s : s + n] = memoryview(c).cast("B")
     return bytes(out)
 
 

@@ -16,17 +16,20 @@ mean, divide by the scale]→ ``X (p, N)`` fp16 →[cuBLAS per group: ``basisᵀ
 
 decode: blobs →[headers parsed; payloads copied by host threads into a reused pinned
 buffer, sent to the device in one pass; checksums verified by those threads meanwhile;
-``deflate`` payloads verified first, then inflated on the device by nvCOMP]→
+``deflate64k`` (and older ``deflate``) payloads verified first, then inflated on the
+device by one nvCOMP call, every 64 KiB piece of every blob a stream of its own]→
 streams →[rANS decoder, dequantising on the fly]→
 ``C (R, N)`` fp16 →[cuBLAS per group: ``basis @ C``]→ ``F (p, N)`` fp16 →
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
 caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
 
 The general-purpose coder over a blob's payload (the header's ``coder``): ``none`` goes
-to the device as it is; ``deflate`` (RAW DEFLATE, :mod:`kvtc_store.codec.entropy`) is
-deflated and inflated by nvCOMP on the device where ``nvidia-nvcomp-cu13`` is installed
-(:mod:`.nvcomp_coder`), else by ISA-L or zlib on the host; the streams are the same
-format either way.
+to the device as it is; ``deflate64k`` (RAW DEFLATE in independent 64 KiB pieces,
+:mod:`kvtc_store.codec.entropy`; what a request for ``deflate`` writes) is deflated and
+inflated by nvCOMP on the device where ``nvidia-nvcomp-cu13`` is installed
+(:mod:`.nvcomp_coder`), all pieces of a batch in one call, else by ISA-L or zlib on the
+host; older single-stream ``deflate`` payloads are inflated there too, one stream each.
+The streams are the same format either way.
 
 Sources: KVTC (Staniszewski & Łańcucki, arXiv 2511.01815, §3); RoPE in Hugging Face's
 ``rotate_half`` convention (:mod:`kvtc_store.codec.rope`).
@@ -54,7 +57,14 @@ from ..blob import (
     verify_payload,
 )
 from ..codec import EXACT_DTYPE, KVTCCodec
-from ..entropy import get_coder
+from ..entropy import (
+    PIECE_SIZE,
+    get_coder,
+    pack_pieces,
+    piece_raw_sizes,
+    read_piece_table,
+    writer_coder,
+)
 from ..features import group_slices
 from .nvcomp_coder import NvcompCoder, aligned
 from .rans_triton import DeviceTables, encode_gpu, launch_decode
@@ -224,12 +234,12 @@ class GpuCodec:
             bases, within float16 rounding (2**-11 relative) for int8-stored ones; float32
             for the slow reference).
         coder: general-purpose coder over new blobs' payload (``"none"``: the rANS
-            stream is entropy-coded already; ``"deflate"`` also squeezes the exact bf16
-            tokens). Decoding reads whatever the blob names.
-        nvcomp: deflate payloads on the device with nvCOMP, both ways (new blobs of coder
-            ``deflate``; blobs that name ``deflate``): None (default) where nvCOMP is
-            importable and the device is CUDA, False never (ISA-L or zlib on the host),
-            True always.
+            stream is entropy-coded already; ``"deflate"``, which writes ``"deflate64k"``,
+            also squeezes the exact bf16 tokens). Decoding reads whatever the blob names.
+        nvcomp: DEFLATE payloads on the device with nvCOMP, both ways (new blobs of coder
+            ``deflate64k``; blobs that name ``deflate64k`` or ``deflate``): None (default)
+            where nvCOMP is importable and the device is CUDA, False never (ISA-L or zlib
+            on the host), True always.
 
     Raises:
         ArtifactError: not a ``rans`` artifact, or tables that do not match its plan.
@@ -250,7 +260,7 @@ class GpuCodec:
         self.artifact = artifact
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
-        self.coder = get_coder(coder)
+        self.coder = writer_coder(coder)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
         self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
@@ -395,18 +405,39 @@ class GpuCodec:
         return blobs
 
     def _entropy_code(self, payloads: list[bytes]) -> list[bytes]:
-        """This codec's coder over each payload: RAW Deflate of the whole batch in one
-        nvCOMP call on the device where it has nvCOMP (the payloads go there and back:
-        the rANS streams come off the device as bytes), else on the host chunk by chunk,
-        as the CPU codec does."""
+        """This codec's coder over each payload: RAW Deflate of every 64 KiB piece of the
+        batch in one nvCOMP call on the device where it has nvCOMP (the payloads go there
+        and back: the rANS streams come off the device as bytes), else on the host chunk by
+        chunk, as the CPU codec does."""
         if self.coder.name == "none":
             return payloads
-        if self.coder.name == "deflate" and self._deflater is not None:
+        if self._deflater is not None and self.coder.name in ("deflate64k", "deflate"):
             try:
-                return self._deflater.compress_host(payloads)
+                if self.coder.name == "deflate":  # one stream a payload (older blobs)
+                    return self._deflater.compress_host(payloads)
+                return self._deflate_pieces(payloads)
             except Exception as exc:  # noqa: BLE001 - the host writes the same format
                 log.warning("nvCOMP Deflate failed (%s): deflating on the host", exc)
         return [self.coder.encode(p) for p in payloads]
+
+    def _deflate_pieces(self, payloads: list[bytes]) -> list[bytes]:
+        """``deflate64k`` payloads: all pieces of all payloads deflated in one nvCOMP call
+        (each payload copied to the device at an aligned offset, so its pieces are too)."""
+        dev, starts = self._deflater.to_device_packed(payloads)
+        raws = [piece_raw_sizes(len(p)) for p in payloads]
+        offsets = [s + PIECE_SIZE * np.arange(len(r)) for s, r in zip(starts, raws)]
+        out, out_offsets, comp = self._deflater.compress_spans(
+            dev, np.concatenate([np.zeros(0, np.int64), *offsets]),
+            np.concatenate([np.zeros(0, np.int64), *raws]),
+        )  # fmt: skip
+        host = out.cpu().numpy()
+        coded, j = [], 0
+        for r in raws:
+            k = len(r)
+            pieces = [host[o : o + n] for o, n in zip(out_offsets[j : j + k], comp[j : j + k])]
+            coded.append(pack_pieces(pieces))
+            j += k
+        return coded
 
     # -- decode ---------------------------------------------------------------------------
 
@@ -428,9 +459,11 @@ class GpuCodec:
         work is queued; the payload checksums (xxh64) are verified by the host threads
         while the device decodes; the call returns once both are done. A blob whose
         checksum fails ends the prefix there, exactly as if it had been checked first.
-        Payloads coded ``deflate`` are inflated on the device by one nvCOMP call when
-        this codec has nvCOMP (their checksums verified first, before the upload: nvCOMP
-        does not validate what it inflates), else on the host while parsing. Should
+        Payloads coded ``deflate64k`` (or ``deflate``) are inflated on the device by one
+        nvCOMP call when this codec has nvCOMP, every piece of every blob a stream of that
+        call, from the staging upload into its place (their checksums verified first,
+        before the upload: nvCOMP does not validate what it inflates), else on the host
+        while parsing. Should
         nvCOMP fail, they are inflated on the host and uploaded again, so the prefix and
         its error are the CPU decoder's. Calls on one codec from several threads take
         turns for the staging buffer.
@@ -482,7 +515,7 @@ class GpuCodec:
                 for i, p in enumerate(parsed)
                 if p.payload is not None
             ]  # the checksums run on the host threads while the device decodes
-        if layout.inflate:
+        if layout.inflate is not None:
             with self._stage(timer, "inflate"):
                 if not self._inflate(dev, layout.inflate):
                     parsed, error = self._inflate_on_host(parsed, error)
@@ -551,8 +584,11 @@ class GpuCodec:
         """Put every parsed blob's sections on the device in one buffer: an int64 table
         (each coded chunk's stream base, end, lanes and first column; each chunk's coded
         token span and first position), then each blob's ``stream ‖ exact`` bytes, then
-        the payloads still to inflate (``_Blob.packed``), whose ``stream ‖ exact`` places
-        are left for :meth:`_inflate` to fill."""
+        the payloads still to inflate (``_Blob.packed``, each at an aligned offset, so
+        that its pieces are too), whose ``stream ‖ exact`` places are left for
+        :meth:`_inflate` to fill: ``_Layout.inflate`` lists every piece's offset and
+        size, and where it inflates to (piece ``k`` of a payload at ``k`` pieces' raw
+        size past the blob's ``stream ‖ exact`` place) and to how many bytes."""
         tokens = parsed[0].header.shape[3]
         g = self.tables.interleave
         coded = [i for i, p in enumerate(parsed) if p.b > p.a]
@@ -569,13 +605,16 @@ class GpuCodec:
             stream_at.append(offset)
             exact_at.append(offset + p.stream_len)
             offset = aligned(offset + p.stream_len + p.exact_len)
-        inflate = []
+        jobs: list[list[np.ndarray]] = [[], [], [], []]
         for i, p in enumerate(parsed):
             if p.packed is not None:
-                raw_len = p.stream_len + p.exact_len
                 parts.append((offset, p.packed))
-                inflate.append((offset, len(p.packed), stream_at[i], raw_len))
+                starts, sizes, raw_at, raw_sizes = p.pieces
+                for table, part in zip(jobs, (offset + starts, sizes, stream_at[i] + raw_at,
+                                              raw_sizes)):  # fmt: skip
+                    table.append(part)
                 offset = aligned(offset + len(p.packed))
+        inflate = tuple(np.concatenate(t) for t in jobs) if jobs[0] else None
         for j, i in enumerate(coded):
             p = parsed[i]
             meta[j] = stream_at[i] // 2
@@ -590,17 +629,14 @@ class GpuCodec:
         max_lanes = int(meta[2 * nc : 3 * nc].max()) if nc else 0
         return dev, _Layout(meta_bytes, exact_at, max_lanes, coded, inflate)
 
-    def _inflate(self, dev: torch.Tensor, jobs: list[tuple[int, int, int, int]]) -> bool:
-        """Inflate the payloads that :meth:`_upload` put in ``dev`` (``(offset, length,
-        raw offset, raw length)`` each) into their ``stream ‖ exact`` places, in one
-        nvCOMP call. False if nvCOMP fails (a stream it cannot inflate, or nvCOMP
-        itself): the caller then inflates them on the host, which names the culprit."""
+    def _inflate(self, dev: torch.Tensor, jobs: tuple[np.ndarray, ...]) -> bool:
+        """Inflate the pieces that :meth:`_upload` put in ``dev`` (``jobs``: offsets,
+        sizes, raw offsets, raw sizes) into their ``stream ‖ exact`` places, in one nvCOMP
+        call. False if nvCOMP fails (a stream it cannot inflate, or nvCOMP itself): the
+        caller then inflates them on the host, which names the culprit."""
+        offsets, sizes, raw_at, raw_sizes = jobs
         try:
-            self._deflater.decompress(
-                [dev[o : o + n] for o, n, _, _ in jobs],
-                [n for _, _, _, n in jobs],
-                out=[dev[o : o + n] for _, _, o, n in jobs],
-            )
+            self._deflater.decompress_spans(dev, offsets, sizes, dev, raw_at, raw_sizes)
         except Exception as exc:  # noqa: BLE001 - the host path gives the exact error
             log.warning("nvCOMP could not inflate the batch (%s): inflating on the host", exc)
             return False
@@ -610,15 +646,16 @@ class GpuCodec:
     def _inflate_on_host(parsed: list[_Blob], error: BlobError | None):
         """Inflate the packed payloads on the host (as the CPU decoder does); the prefix
         ends at the first that does not inflate, with that decoder's error."""
-        coder = get_coder("deflate")
         for i, p in enumerate(parsed):
             if p.packed is None:
                 continue
             try:
+                coder = get_coder(p.header.coder)
                 p.raw = memoryview(coder.decode(bytes(p.packed), p.stream_len + p.exact_len))
             except BlobError as exc:
                 return parsed[:i], exc
             p.packed = None
+            p.pieces = None
         return parsed, error
 
     @staticmethod
@@ -664,9 +701,9 @@ class GpuCodec:
     def _parse(self, header: BlobHeader, payload: memoryview) -> _Blob:
         """Check one blob's header against this codec and locate its sections. A ``none``
         payload is left in place, its checksum unverified (``_Blob.payload``); a
-        ``deflate`` one, when this codec has nvCOMP, too (``_Blob.packed``, verified by
-        :meth:`_verify_packed`); another coder's is verified and decoded here, on the
-        host."""
+        ``deflate64k`` or ``deflate`` one, when this codec has nvCOMP, too (``_Blob.packed``,
+        verified by :meth:`_verify_packed`; its pieces located, the table checked); another
+        coder's, or one with nothing to inflate, is verified and decoded here, on the host."""
         self._ref._check_header(header)
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(self.artifact.kv_shape):
@@ -687,8 +724,17 @@ class GpuCodec:
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
             return _Blob(header, a, b, payload, want["stream"], want["exact"], payload)
-        if header.coder == "deflate" and self._deflater is not None:  # on the device
-            return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload)
+        raw_len = sum(want.values())
+        if self._deflater is not None and raw_len and header.coder == "deflate64k":
+            starts, sizes = read_piece_table(payload, raw_len)  # on the device
+            raw_sizes = piece_raw_sizes(raw_len)
+            raw_at = PIECE_SIZE * np.arange(len(raw_sizes), dtype=np.int64)
+            pieces = (starts, sizes, raw_at, raw_sizes)
+            return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload, pieces)
+        if self._deflater is not None and raw_len and header.coder == "deflate" and payload:
+            one = (np.zeros(1, np.int64), np.array([len(payload)]), np.zeros(1, np.int64),
+                   np.array([raw_len]))  # fmt: skip
+            return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload, one)
         verify_payload(header, payload)
         raw = get_coder(header.coder).decode(bytes(payload), sum(want.values()))
         return _Blob(header, a, b, memoryview(raw), want["stream"], want["exact"], None)
@@ -698,7 +744,8 @@ class GpuCodec:
 class _Blob:
     """One parsed blob: header, coded token span ``[a, b)``, ``raw`` = ``stream ‖ exact``
     bytes (their lengths; None while ``packed``), the payload whose checksum is still to
-    verify (or None), and the RAW DEFLATE payload to inflate on the device (or None)."""
+    verify (or None), the RAW DEFLATE payload to inflate on the device (or None) and its
+    pieces (int64 offsets and sizes in ``packed``, offsets and sizes in ``raw``)."""
 
     header: BlobHeader
     a: int
@@ -708,6 +755,7 @@ class _Blob:
     exact_len: int
     payload: memoryview | None
     packed: memoryview | None = None
+    pieces: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -718,7 +766,7 @@ class _Layout:
     exact_at: list[int]
     max_lanes: int
     coded: list[int]  # parsed blobs with a coded token span
-    inflate: list[tuple[int, int, int, int]]  # for :meth:`GpuCodec._inflate`
+    inflate: tuple[np.ndarray, ...] | None  # for :meth:`GpuCodec._inflate`, or None
 
 
 def _device_deflater(device: torch.device, wanted: bool | None) -> NvcompCoder | None:

@@ -8,11 +8,16 @@ device work):
   stream written here inflates with ``zlib.decompress(data, -15)``, and a raw DEFLATE
   stream written by zlib or ISA-L (:class:`~kvtc_store.codec.entropy.DeflateCoder`)
   inflates here. A DEFLATE stream inflates serially: one buffer is one nvCOMP chunk, and
-  the batch supplies the parallelism.
+  the batch supplies the parallelism, so blobs hand over their 64 KiB pieces
+  (``deflate64k``), thousands a batch, not one stream each.
 - ``ans``: nvCOMP's ANS in nvCOMP's own container (``BitstreamKind.NVCOMP_NATIVE``,
   64 KiB chunks coded in parallel), the fast GPU format; only nvCOMP reads it.
 
-Buffers are 1-D uint8 CUDA tensors. They reach nvCOMP through the CUDA Array Interface
+Buffers are 1-D uint8 CUDA tensors, or spans of one such tensor (offset and size tables:
+:meth:`NvcompCoder.compress_spans`, :meth:`NvcompCoder.decompress_spans`, which hand
+nvCOMP one buffer carved by the tables, ``nvcomp.as_arrays(buffer, offsets, sizes)``, so
+a batch of thousands of streams costs no Python per stream). They reach nvCOMP through
+the CUDA Array Interface
 (version 2, no stream: :class:`_DeviceBytes`), never through DLPack; buffers that nvCOMP
 allocates (compressed output) are copied into torch memory through theirs. nvCOMP runs on
 a side stream of the calling thread that first waits for the caller's current stream;
@@ -145,6 +150,7 @@ class NvcompCoder:
         self._nv = load_nvcomp()
         self.version: str = self._nv.__version__
         self._local = threading.local()  # per thread: side stream, nvCOMP codecs
+        self._carved = True  # nvCOMP takes a batch carved out of one buffer (6.0 does)
 
     # -- device buffers -------------------------------------------------------------------
 
@@ -255,6 +261,103 @@ class NvcompCoder:
             )
         return list(out)
 
+    # -- spans of one buffer --------------------------------------------------------------
+
+    def decompress_spans(
+        self,
+        src: torch.Tensor,
+        src_offsets: Sequence[int] | np.ndarray,
+        src_sizes: Sequence[int] | np.ndarray,
+        dst: torch.Tensor,
+        dst_offsets: Sequence[int] | np.ndarray,
+        dst_sizes: Sequence[int] | np.ndarray,
+    ) -> None:
+        """Decompress the streams at spans of ``src`` into spans of ``dst``, all in one
+        nvCOMP call.
+
+        Args:
+            src: 1-D uint8 tensor on :attr:`device` holding the compressed streams
+                (checksums verified: see the module docstring).
+            src_offsets, src_sizes: each stream's byte offset in ``src`` (a multiple of
+                :data:`ALIGN` from ``src``'s start, which is aligned too) and length (> 0).
+            dst: 1-D uint8 tensor on :attr:`device` (may be ``src``: spans must not overlap).
+            dst_offsets, dst_sizes: where each stream's bytes go, exactly ``dst_sizes``
+                of them (> 0), offsets multiples of :data:`ALIGN`.
+
+        Raises:
+            BlobCorruptError: a stream that does not decompress to its size (where nvCOMP
+                reports it; it does not promise to for corrupt input).
+            ValueError: tables of different lengths, or spans that are empty, unaligned or
+                outside their buffer.
+        """
+        so, ss = self._spans(src, src_offsets, src_sizes, "src")
+        do, ds = self._spans(dst, dst_offsets, dst_sizes, "dst")
+        if len(so) != len(do):
+            raise ValueError(f"{len(so)} streams for {len(do)} destinations")
+        if not so:
+            return
+        codec, stream = self._codec(max(ds))
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        src_b = self._carve(src, so, ss, stream)
+        dst_b = self._carve(dst, do, ds, stream)
+        got = self._decode(codec, stream, src_b, dst_b, ds)
+        bad = [(j, g, n) for j, (g, n) in enumerate(zip(got, ds)) if g != n]
+        if bad:
+            j, g, n = bad[0]
+            raise BlobCorruptError(
+                f"{self.algorithm} stream {j} decompressed to {g} bytes, not {n} "
+                f"({len(bad)} of {len(ds)} streams)"
+            )
+
+    def compress_spans(
+        self,
+        src: torch.Tensor,
+        offsets: Sequence[int] | np.ndarray,
+        sizes: Sequence[int] | np.ndarray,
+    ) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Compress the spans of ``src``, each to a stream of its own, all in one nvCOMP call.
+
+        Args:
+            src: 1-D uint8 tensor on :attr:`device`.
+            offsets, sizes: each span's byte offset (a multiple of :data:`ALIGN` from
+                ``src``'s start, which is aligned too) and length (> 0).
+
+        Returns:
+            ``(out, out_offsets, out_sizes)``: stream ``j`` is
+            ``out[out_offsets[j] : out_offsets[j] + out_sizes[j]]`` (``out`` holds a slot
+            of nvCOMP's worst-case size per stream).
+
+        Raises:
+            ValueError: spans that are empty, unaligned or outside ``src``.
+            RuntimeError: nvCOMP failed (its message).
+        """
+        so, ss = self._spans(src, offsets, sizes, "src")
+        if not so:
+            return torch.empty(0, dtype=torch.uint8, device=self.device), [], []
+        codec, stream = self._codec(max(ss))
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        batch = self._carve(src, so, ss, stream)
+        cap = self._max_compressed(codec, src, so, ss)
+        slot = aligned(cap)
+        out = torch.empty(slot * len(so), dtype=torch.uint8, device=self.device)
+        out_offsets = [slot * j for j in range(len(so))]
+        try:
+            result = codec.encode(batch, out=self._carve(out, out_offsets, [cap] * len(so), stream))
+            comp = [int(n) for n in result.buffer_sizes]  # waits for the device
+            if all(n == cap for n in comp):  # capacities, not what was written
+                raise ValueError("nvCOMP reported the output capacities as sizes")
+        except (RuntimeError, ValueError, TypeError) as exc:
+            log.debug("nvCOMP %s: no encode into given buffers (%s)", self.algorithm, exc)
+            result = codec.encode(batch)
+            comp = [int(n) for n in result.buffer_sizes]
+            if max(comp) > slot:
+                raise RuntimeError(f"nvCOMP wrote {max(comp)} bytes, above its bound {cap}")
+            with torch.cuda.stream(stream):
+                for j, n in enumerate(comp):
+                    out[out_offsets[j] : out_offsets[j] + n].copy_(self._as_torch(result[j])[:n])
+        stream.synchronize()  # the output is written (and nvCOMP's buffers may go)
+        return out, out_offsets, comp
+
     # -- host bytes -----------------------------------------------------------------------
 
     def compress_host(self, buffers: Sequence[bytes | memoryview]) -> list[bytes]:
@@ -287,13 +390,24 @@ class NvcompCoder:
             1-D uint8 tensors on this coder's device, one per buffer, each starting at a
             16-byte aligned offset of one shared allocation.
         """
+        dev, starts = self.to_device_packed(buffers)
+        return [dev[s : s + memoryview(b).nbytes] for s, b in zip(starts, buffers)]
+
+    def to_device_packed(
+        self, buffers: Sequence[bytes | memoryview]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Host bytes copied into one device buffer (one copy), each at a multiple of
+        :data:`ALIGN`.
+
+        Returns:
+            The 1-D uint8 device buffer and each input's byte offset in it.
+        """
         lengths = [memoryview(b).nbytes for b in buffers]
         starts = np.concatenate([[0], np.cumsum([aligned(n) for n in lengths])]).astype(int)
         host = np.zeros(max(int(starts[-1]), 1), dtype=np.uint8)
         for s, b, n in zip(starts, buffers, lengths):
             host[s : s + n] = np.frombuffer(b, dtype=np.uint8, count=n)
-        dev = torch.from_numpy(host).to(self.device)
-        return [dev[s : s + n] for s, n in zip(starts.tolist(), lengths)]
+        return torch.from_numpy(host).to(self.device), starts[:-1].tolist()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -320,6 +434,49 @@ class NvcompCoder:
                     ) from exc
                 log.debug("nvCOMP %s: preconfigured decode failed (%s)", self.algorithm, exc)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spans(self, t: torch.Tensor, offsets, sizes, what: str) -> tuple[list[int], list[int]]:
+        """Offset and size tables as int lists, checked against ``t``."""
+        self._check(t, what)
+        o = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        n = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if len(o) != len(n):
+            raise ValueError(f"{what}: {len(o)} offsets, {len(n)} sizes")
+        if len(o) and (
+            n.min() <= 0 or o.min() < 0 or (o + n).max() > t.numel() or (o % ALIGN).any()
+        ):
+            raise ValueError(f"{what}: spans empty, unaligned or outside {t.numel()} bytes")
+        if t.data_ptr() % ALIGN:
+            raise ValueError(f"{what}: buffer not {ALIGN}-byte aligned")
+        return o.tolist(), n.tolist()
+
+    def _carve(self, t: torch.Tensor, offsets: list[int], sizes: list[int], stream):
+        """An nvCOMP batch of the spans of ``t``: one buffer carved by the tables, or, for
+        an nvCOMP without that form, a list of views (Python per span)."""
+        if self._carved:
+            try:
+                return self._nv.as_arrays(
+                    _DeviceBytes(t), offsets, sizes, cuda_stream=stream.cuda_stream
+                )
+            except (TypeError, ValueError, RuntimeError) as exc:
+                log.warning("nvCOMP cannot carve a batch out of one buffer (%s): views", exc)
+                self._carved = False
+        return self._nv.as_arrays(
+            [_DeviceBytes(t[o : o + n]) for o, n in zip(offsets, sizes)],
+            cuda_stream=stream.cuda_stream,
+        )
+
+    def _max_compressed(self, codec, src: torch.Tensor, offsets: list[int], sizes: list[int]):
+        """nvCOMP's bound on the compressed size of the largest span (its own query, else a
+        generous DEFLATE bound: 9 bits a byte plus block headers)."""
+        j = int(np.argmax(sizes))
+        largest = sizes[j]
+        try:
+            view = _DeviceBytes(src[offsets[j] : offsets[j] + largest])
+            return int(codec.get_max_comp_buffer_size(self._nv.as_array(view)))
+        except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            log.debug("nvCOMP %s: no max compressed size (%s)", self.algorithm, exc)
+            return largest + largest // 8 + 1024
 
     def _codec(self, largest: int):
         """This thread's side stream and its nvCOMP codec for buffers of up to ``largest``
