@@ -1,6 +1,7 @@
 """nvCOMP on CUDA (kvtc_store.codec.gpu.nvcomp_coder): RAW Deflate streams interchangeable
-with zlib and ISA-L both ways, ANS round trips, batches with empty buffers, and the GPU
-codec's ``deflate`` blobs crossing devices both ways with corrupt ones caught.
+with zlib and ISA-L both ways, ANS round trips, batches with empty buffers, spans of one
+buffer (``deflate64k`` pieces) both ways, and the GPU codec's ``deflate64k`` blobs (and
+older single-stream ``deflate`` ones) crossing devices both ways with corrupt ones caught.
 
 Skipped without CUDA, Triton or nvCOMP (``nvidia-nvcomp-cu13``; CI has none of them); run
 on the lent H200 after ``benchmarks/nvcomp_smoke.py``, in a pytest process of its own: the
@@ -18,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec import KVTCCodec, entropy
 from kvtc_store.codec.blob import PAYLOAD_CHECKSUM_MISMATCH, pack_blob, unpack_blob
+from kvtc_store.codec.entropy import PIECE_SIZE, DeflateCoder, get_coder, read_piece_table
 from kvtc_store.errors import BlobCorruptError
 from tests.test_codec import arts, make_chunk  # noqa: F401 - synthetic artifact fixture
 
@@ -30,6 +32,7 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 nvcomp = pytest.importorskip("nvidia.nvcomp")
 
+from kvtc_store.codec.gpu import codec_gpu
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
 from kvtc_store.codec.gpu.nvcomp_coder import EMPTY_DEFLATE, NvcompCoder
 from tests.test_gpu_rans import _codec_cases
@@ -128,7 +131,90 @@ def test_wrong_sizes_raise(deflate):
         deflate.decompress(deflate.to_device(comp), [len(data)], out=[torch.empty(5)])
 
 
-# -- the GPU codec with coder "deflate" ------------------------------------------------------
+# -- deflate64k pieces: spans of one buffer ------------------------------------------------
+
+
+def _zlib_inflate64k(payload, raw_size: int) -> bytes:
+    """A ``deflate64k`` payload inflated piece by piece with plain zlib."""
+    payload = bytes(payload)
+    starts, sizes = read_piece_table(payload, raw_size)
+    return b"".join(
+        zlib.decompress(payload[s : s + n], -15) for s, n in zip(starts.tolist(), sizes.tolist())
+    )
+
+
+def test_gpu_pieces_decode_on_the_cpu_with_an_empty_payload(deflate):
+    """``GpuCodec._deflate_pieces`` (one nvCOMP call over every piece of the batch):
+    payloads of 0 bytes (first and last), piece boundaries and MBs; plain zlib and the CPU
+    coder read every one."""
+    gpu = object.__new__(GpuCodec)
+    gpu._deflater = deflate
+    sizes = [*SIZES, 0]
+    data = [_payload(n, 30 + i) for i, n in enumerate(sizes)]
+    coded = gpu._deflate_pieces(data)
+    assert coded[0] == coded[-1] == b"\x00\x00\x00\x00"
+    cpu = get_coder("deflate64k")
+    for c, d in zip(coded, data):
+        assert cpu.decode(c, len(d)) == d
+        assert _zlib_inflate64k(c, len(d)) == d
+    assert sum(map(len, coded)) < sum(sizes)
+
+
+@pytest.mark.parametrize("writer", ["isal", "zlib-6"])
+def test_cpu_pieces_inflate_on_the_gpu_in_one_call(deflate, writer):
+    """CPU-written ``deflate64k`` payloads (ISA-L, or zlib piece by piece), staged as
+    ``GpuCodec._upload`` does (each payload at an aligned offset), inflated by one
+    :meth:`decompress_spans` into their places (adjacent pieces contiguous)."""
+    sizes = [*SIZES, 0, 3 << 20]
+    data = [_payload(n, 40 + i) for i, n in enumerate(sizes)]
+    if writer == "isal":
+        coded = [get_coder("deflate64k").encode(d) for d in data]
+    else:
+        coded = []
+        for d in data:
+            pieces = []
+            for s in range(0, len(d), PIECE_SIZE):
+                c = zlib.compressobj(6, zlib.DEFLATED, -15)
+                pieces.append(c.compress(d[s : s + PIECE_SIZE]) + c.flush())
+            coded.append(entropy.pack_pieces(pieces))
+    src, at = deflate.to_device_packed(coded)
+    raw_at = np.concatenate([[0], np.cumsum([-(-n // 16) * 16 for n in sizes])]).astype(np.int64)
+    dst = torch.full((int(raw_at[-1]) + 16,), 0xA5, dtype=torch.uint8, device="cuda")
+    tables = [[], [], [], []]
+    for a, c, r, n in zip(at, coded, raw_at.tolist(), sizes):
+        starts, lens = read_piece_table(c, n)
+        raw = entropy.piece_raw_sizes(n)
+        for t, part in zip(tables, (a + starts, lens, r + PIECE_SIZE * np.arange(len(raw)), raw)):
+            t.append(part)
+    so, ss, do, ds = (np.concatenate(t) for t in tables)
+    assert len(so) > 100  # thousands in a real batch; here the pieces of 19 MB
+    deflate.decompress_spans(src, so, ss, dst, do, ds)
+    host = dst.cpu().numpy()
+    for r, n, d in zip(raw_at.tolist(), sizes, data):
+        assert host[r : r + n].tobytes() == d
+
+
+def test_spans_round_trip_and_wrong_sizes(deflate):
+    data = _payload(5 * PIECE_SIZE + 7, 50)
+    src, (at,) = deflate.to_device_packed([data])
+    raw = entropy.piece_raw_sizes(len(data))
+    offs = at + PIECE_SIZE * np.arange(len(raw))
+    out, out_at, comp = deflate.compress_spans(src, offs, raw)
+    assert len(comp) == len(raw) and all(o % 16 == 0 for o in out_at)
+    host = out.cpu().numpy()
+    for k, (o, n) in enumerate(zip(out_at, comp)):
+        got = zlib.decompress(host[o : o + n].tobytes(), -15)
+        assert got == data[k * PIECE_SIZE : (k + 1) * PIECE_SIZE]
+    dst = torch.empty(len(data) + 64, dtype=torch.uint8, device="cuda")
+    deflate.decompress_spans(out, out_at, comp, dst, offs - at, raw)
+    assert dst[: len(data)].cpu().numpy().tobytes() == data
+    with pytest.raises(BlobCorruptError):  # a piece said to be longer than it inflates to
+        deflate.decompress_spans(out, out_at[:1], comp[:1], dst, [0], [PIECE_SIZE + 16])
+    with pytest.raises(ValueError):  # unaligned destination
+        deflate.decompress_spans(out, out_at[:1], comp[:1], dst, [8], [PIECE_SIZE])
+
+
+# -- the GPU codec with coder "deflate" (writes deflate64k) ---------------------------------
 
 
 def _spy_inflate(gpu: GpuCodec) -> list[bool]:
@@ -144,14 +230,19 @@ def _spy_inflate(gpu: GpuCodec) -> list[bool]:
     return calls
 
 
-def test_deflate_blobs_cross_devices(arts, caplog):  # noqa: F811
-    """GPU-deflated blobs (nvCOMP) decode with the CPU codec, their inflated payloads equal
-    the host-deflated ones; CPU-deflated blobs decode on the GPU through nvCOMP; values
-    within the tolerance of the other GPU tests."""
+@pytest.mark.parametrize("piece", [PIECE_SIZE, 1024])
+def test_deflate_blobs_cross_devices(arts, caplog, monkeypatch, piece):  # noqa: F811
+    """GPU-deflated blobs (nvCOMP, ``deflate64k``) decode with the CPU codec, their
+    inflated payloads equal the host-deflated ones; CPU-deflated blobs, and older
+    single-stream ``deflate`` ones, decode on the GPU through one nvCOMP call a batch;
+    values within the tolerance of the other GPU tests. ``piece`` 1024 (patched) makes
+    the test chunks' payloads span several pieces."""
+    monkeypatch.setattr(entropy, "PIECE_SIZE", piece)
+    monkeypatch.setattr(codec_gpu, "PIECE_SIZE", piece)
     cases = _codec_cases(arts)
     if not cases:
         pytest.skip("minmax artifacts")
-    caplog.set_level(logging.WARNING, logger="kvtc_store.codec.gpu.codec_gpu")
+    caplog.set_level(logging.WARNING, logger="kvtc_store.codec.gpu")
     for art, keys, values, firsts in cases:
         cpu = KVTCCodec(art, coder="deflate")
         gpu = GpuCodec(art, coder="deflate", nvcomp=True)
@@ -163,23 +254,31 @@ def test_deflate_blobs_cross_devices(arts, caplog):  # noqa: F811
         blob_g = gpu.encode_batch(kd, vd, firsts, tails)
         blob_h = host.encode_batch(kd, vd, firsts, tails)
         blob_c = [cpu.encode(keys[i], values[i], firsts[i], tails[i]) for i in range(2)]
+        legacy = []  # single-stream deflate blobs, as older writers made them
+        for b in blob_c:
+            header, payload = unpack_blob(b)
+            raw = get_coder(header.coder).decode(bytes(payload), sum(header.sections.values()))
+            header.coder = "deflate"
+            legacy.append(pack_blob(header, DeflateCoder().encode(raw)))
         scale = keys.float().abs().max().item()
         for g, h in zip(blob_g, blob_h):
             (hg, pg), (hh, ph) = unpack_blob(g), unpack_blob(h)
-            assert hg.coder == hh.coder == "deflate" and hg.sections == hh.sections
-            assert zlib.decompress(bytes(pg), -15) == zlib.decompress(bytes(ph), -15)
+            assert hg.coder == hh.coder == "deflate64k" and hg.sections == hh.sections
+            raw = sum(hg.sections.values())
+            assert _zlib_inflate64k(pg, raw) == _zlib_inflate64k(ph, raw)
         for b in range(2):
             on_cpu = cpu.decode(blob_g[b], dtype=torch.float32)
             ref = cpu.decode(blob_h[b], dtype=torch.float32)
             assert torch.equal(on_cpu.keys, ref.keys) and torch.equal(on_cpu.values, ref.values)
-        for blobs in (blob_c, blob_g):
+        for blobs in (blob_c, blob_g, legacy, [legacy[0], blob_g[1]]):
             dec = gpu.decode_batch(blobs, dtype=torch.float32)
             assert dec.count == 2 and dec.error is None
             for b in range(2):
                 ref = cpu.decode(blobs[b], dtype=torch.float32)
                 assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
                 assert (dec.values[b].cpu() - ref.values).abs().max().item() < 2e-3 * scale
-        assert calls == [True, True]  # both batches inflated by nvCOMP, no host fallback
+        assert calls == [True] * 4  # every batch inflated by nvCOMP, no host fallback
+        del calls[:]
     assert not [r for r in caplog.records if "nvCOMP" in r.getMessage()]
 
 
@@ -196,7 +295,7 @@ def test_host_fallback_when_nvcomp_fails(arts, monkeypatch, caplog):  # noqa: F8
     def broken(*args, **kwargs):
         raise RuntimeError("simulated nvCOMP failure")
 
-    monkeypatch.setattr(gpu._deflater, "decompress", broken)
+    monkeypatch.setattr(gpu._deflater, "decompress_spans", broken)
     dec = gpu.decode_batch(blobs, dtype=torch.float32)
     assert dec.count == 2 and dec.error is None
     assert "simulated nvCOMP failure" in caplog.text
