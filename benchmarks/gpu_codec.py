@@ -25,9 +25,11 @@ blobs in host memory) and decode (blobs in host memory -> device KV) in GB/s of 
 each stage's time from a separate synchronised run, the projection's FLOPs per token
 against the bf16/fp16 GEMM rate measured here (its roofline), and the peak GPU memory the
 codec adds per batch. Ceilings measured in the same run: device-to-device copy and GEMM,
-and nvCOMP alone on the same bytes (:func:`nvcomp_runs`: RAW Deflate and ANS over the
-blob payloads of the largest Llama-3.1-8B-shape batch, all-layer groups), beside the
-codec end to end with coder ``deflate`` (nvCOMP both ways: ``decode_gbps_deflate``).
+and nvCOMP alone on the same bytes (:func:`nvcomp_runs`: RAW Deflate over the blob
+payloads of the largest Llama-3.1-8B-shape batch, all-layer groups, cut into the 64 KiB
+pieces of coder ``deflate64k``, and, for comparison, as one stream a payload (the older
+``deflate`` layout); ANS over whole payloads), beside the codec end to end with coder
+``deflate``, which writes ``deflate64k`` (nvCOMP both ways: ``decode_gbps_deflate``).
 
 ``--ttft``: time to first token of prompts whose first 8k and 32k tokens are reused,
 against their full prefill: from the CPU tier (``MemoryBackend``) and the disk tier
@@ -60,6 +62,7 @@ import torch
 from kvtc_store.backends import DiskBackend, MemoryBackend
 from kvtc_store.codec import CodecArtifact, PlanRange, RopeParams
 from kvtc_store.codec.blob import unpack_blob
+from kvtc_store.codec.entropy import PIECE_SIZE, piece_raw_sizes
 from kvtc_store.codec.features import default_groups
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
 from kvtc_store.codec.gpu.nvcomp_coder import NvcompCoder
@@ -268,10 +271,15 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
 
     Alone on the same bytes: the blobs' payloads as the codec writes them with coder
     ``none`` (each chunk's rANS stream and its exact bf16 tokens: the bytes a blob coder
-    is given), already on the device, compressed and decompressed with nvCOMP RAW Deflate
-    and ANS, one call per batch: GB/s of those payload bytes (both ways) and the ratio.
-    End to end: the codec with coder ``deflate`` (nvCOMP both ways), in GB/s of bf16 KV
-    as the other configurations. A note instead where nvCOMP is missing."""
+    is given), already on the device, compressed and decompressed with nvCOMP, one call
+    per batch: RAW Deflate over the 64 KiB pieces that ``deflate64k`` cuts each payload
+    into (``nvcomp_deflate_*``: every piece of the batch a stream of one call, spans of
+    one buffer as :class:`GpuCodec` hands them over) and over one stream a payload (the
+    older ``deflate`` layout: ``nvcomp_deflate_stream_*``), and ANS over whole payloads
+    (nvCOMP's own 64 KiB chunks): GB/s of those payload bytes (both ways) and the ratio.
+    End to end: the codec with coder ``deflate`` (writes ``deflate64k``; nvCOMP both
+    ways), in GB/s of bf16 KV as the other configurations. A note instead where nvCOMP
+    is missing."""
     try:
         coders = {name: NvcompCoder(name, DEV) for name in ("deflate", "ans")}
     except Exception as exc:  # noqa: BLE001 - NvcompUnavailableError, or a broken install
@@ -280,23 +288,47 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
     kv_bytes = 2 * k.numel() * 2
     payloads = [bytes(unpack_blob(b)[1]) for b in GpuCodec(art, DEV).encode_batch(k, v, firsts)]
     sizes = [len(p) for p in payloads]
+    raws = [piece_raw_sizes(n) for n in sizes]
     out = {
         "nvcomp_version": coders["deflate"].version,
         "nvcomp_batch": batch,
         "nvcomp_input": "blob payloads with coder none (rANS stream and exact bf16 tokens)",
         "nvcomp_input_bytes": sum(sizes),
+        "nvcomp_deflate_layout": (
+            f"deflate64k: each payload cut into {PIECE_SIZE}-byte pieces, "
+            f"{sum(map(len, raws))} streams in one call (spans of one device buffer)"
+        ),
+        "nvcomp_deflate_stream_layout": f"older deflate: one stream a payload, {batch} streams",
     }
+    deflate = coders["deflate"]
+    src, starts = deflate.to_device_packed(payloads)
+    offs = np.concatenate([s + PIECE_SIZE * np.arange(len(r)) for s, r in zip(starts, raws)])
+    lens = np.concatenate(raws)
+    comp, comp_at, comp_len = deflate.compress_spans(src, offs, lens)
+    dst = torch.empty_like(src)
+    out["nvcomp_deflate_ratio"] = sum(sizes) / sum(comp_len)
+    t_c = cuda_time(lambda a=src: deflate.compress_spans(a, offs, lens), reps=reps)
+    t_d = cuda_time(
+        lambda c=comp, d=dst: deflate.decompress_spans(c, comp_at, comp_len, d, offs, lens),
+        reps=reps,
+    )
+    assert all(torch.equal(dst[s : s + n], src[s : s + n]) for s, n in zip(starts, sizes))
+    out["nvcomp_deflate_compress_gbps"] = sum(sizes) / t_c / 1e9
+    out["nvcomp_deflate_decompress_gbps"] = sum(sizes) / t_d / 1e9
+    del src, dst, comp
     for name, coder in coders.items():
         dev = coder.to_device(payloads)
         comp = coder.compress(dev)
-        out[f"nvcomp_{name}_ratio"] = sum(sizes) / sum(c.numel() for c in comp)
+        key = "deflate_stream" if name == "deflate" else name
+        out[f"nvcomp_{key}_ratio"] = sum(sizes) / sum(c.numel() for c in comp)
         t_c = cuda_time(lambda c=coder, d=dev: c.compress(d), reps=reps)
         t_d = cuda_time(lambda c=coder, x=comp: c.decompress(x, sizes), reps=reps)
-        out[f"nvcomp_{name}_compress_gbps"] = sum(sizes) / t_c / 1e9
-        out[f"nvcomp_{name}_decompress_gbps"] = sum(sizes) / t_d / 1e9
+        out[f"nvcomp_{key}_compress_gbps"] = sum(sizes) / t_c / 1e9
+        out[f"nvcomp_{key}_decompress_gbps"] = sum(sizes) / t_d / 1e9
         del dev, comp
     codec = GpuCodec(art, DEV, coder="deflate", nvcomp=True)
     blobs = codec.encode_batch(k, v, firsts)
+    out["deflate_coder"] = unpack_blob(blobs[0])[0].coder  # what "deflate" writes
     dest = (torch.empty_like(k), torch.empty_like(v))
     dec = codec.decode_batch(blobs, out=dest)
     assert dec.count == batch and dec.error is None, dec.error
@@ -972,8 +1004,10 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
     nvcomp_ceil = {k: v for k, v in nvc.items() if k.startswith("nvcomp_") and isinstance(v, float)}
     if "decode_gbps_deflate" in nvc:
         deflate_note = (
-            f"the codec with coder 'deflate' (RAW Deflate over each blob's payload, nvCOMP "
-            f"on the device both ways; nvCOMP {nvc['nvcomp_version']}), Llama-3.1-8B "
+            f"the codec with coder 'deflate', written as {nvc.get('deflate_coder')!r} (RAW "
+            f"Deflate over each blob's payload in independent {PIECE_SIZE}-byte pieces, "
+            f"every piece of the batch one stream of one nvCOMP call, on the device both "
+            f"ways; nvCOMP {nvc['nvcomp_version']}), Llama-3.1-8B "
             f"shape, all-layer groups, {nvc['nvcomp_batch']} chunks, GB/s of bf16 KV as "
             f"decode_gbps_ans; honest ratio {nvc['deflate_honest_ratio']:.2f}"
         )
@@ -1010,8 +1044,10 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
         "",
         "nvCOMP alone on the same bytes (the blob payloads with coder `none`: each chunk's",
         "rANS stream and exact bf16 tokens, on the device; one nvCOMP call per batch; GB/s",
-        "of those payload bytes), and the codec with coder `deflate` (nvCOMP both ways,",
-        "GB/s of bf16 KV):",
+        "of those payload bytes): `nvcomp_deflate_*` over the 64 KiB pieces of `deflate64k`",
+        "(every piece a stream), `nvcomp_deflate_stream_*` over one stream a payload (the",
+        "older `deflate` layout), `nvcomp_ans_*` over whole payloads; and the codec with",
+        "coder `deflate`, written as `deflate64k` (nvCOMP both ways, GB/s of bf16 KV):",
         "",
         *(f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in nvc.items()),
         "",
