@@ -43,7 +43,8 @@ class EntropyCoder(Protocol):
 
 
 class DeflateCoder:
-    """Raw DEFLATE (wbits = -15), python-isal when installed, else zlib."""
+    """Raw DEFLATE (wbits = -15), python-isal when installed, else zlib: the payload as one
+    stream (coder ``deflate``, older blobs), and each piece of ``deflate64k``."""
 
     name = "deflate"
 
