@@ -463,9 +463,8 @@ class GpuCodec:
         nvCOMP call when this codec has nvCOMP, every piece of every blob a stream of that
         call, from the staging upload into its place (their checksums verified first,
         before the upload: nvCOMP does not validate what it inflates), else on the host
-        while parsing. Should
-        nvCOMP fail, they are inflated on the host and uploaded again, so the prefix and
-        its error are the CPU decoder's. Calls on one codec from several threads take
+        while parsing. Should nvCOMP fail, they are inflated on the host and uploaded
+        again, so the prefix and its error are the CPU decoder's. Calls on one codec from several threads take
         turns for the staging buffer.
 
         Args:
@@ -726,7 +725,7 @@ class GpuCodec:
             return _Blob(header, a, b, payload, want["stream"], want["exact"], payload)
         raw_len = sum(want.values())
         if self._deflater is not None and raw_len and header.coder == "deflate64k":
-            starts, sizes = read_piece_table(payload, raw_len)  # on the device
+            starts, sizes = read_piece_table(payload, raw_len)  # inflated on the device
             raw_sizes = piece_raw_sizes(raw_len)
             raw_at = PIECE_SIZE * np.arange(len(raw_sizes), dtype=np.int64)
             pieces = (starts, sizes, raw_at, raw_sizes)
