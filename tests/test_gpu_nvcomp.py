@@ -208,8 +208,6 @@ def test_spans_round_trip_and_wrong_sizes(deflate):
     dst = torch.empty(len(data) + 64, dtype=torch.uint8, device="cuda")
     deflate.decompress_spans(out, out_at, comp, dst, offs - at, raw)
     assert dst[: len(data)].cpu().numpy().tobytes() == data
-    with pytest.raises(BlobCorruptError):  # a piece said to be longer than it inflates to
-        deflate.decompress_spans(out, out_at[:1], comp[:1], dst, [0], [PIECE_SIZE + 16])
     with pytest.raises(ValueError):  # unaligned destination
         deflate.decompress_spans(out, out_at[:1], comp[:1], dst, [8], [PIECE_SIZE])
 

@@ -285,8 +285,11 @@ class NvcompCoder:
                 of them (> 0), offsets multiples of :data:`ALIGN`.
 
         Raises:
-            BlobCorruptError: a stream that does not decompress to its size (where nvCOMP
-                reports it; it does not promise to for corrupt input).
+            BlobCorruptError: nvCOMP refuses the batch, or reports a stream of another
+                size. It is handed the expected sizes (so that it plans without reading the
+                streams), and then reports those: on the H200 a stream said to be longer
+                than it inflates to raised nothing, so the blob checksums, verified before,
+                are the guard.
             ValueError: tables of different lengths, or spans that are empty, unaligned or
                 outside their buffer.
         """
