@@ -11,6 +11,7 @@ import struct
 import zlib
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 import xxhash
@@ -30,6 +31,8 @@ from kvtc_store.codec.blob import (
     BlobHeader,
     blob_size,
     pack_blob,
+    pack_blob_parts,
+    payload_checksum,
     payload_intact,
     unpack_blob,
     unpack_blob_header,
@@ -183,6 +186,21 @@ def test_pack_unpack_round_trip() -> None:
     b = pack_blob(_header(), payload)
     assert bytes(unpack_blob(bytearray(b))[1]) == payload
     assert bytes(unpack_blob(memoryview(b))[1]) == payload
+
+
+def test_blob_from_parts_equals_the_blob_of_their_concatenation() -> None:
+    """The batched encoder builds blobs from a stream view and the exact tokens' bytes
+    (one copy each); the bytes must be those of pack_blob on the joined payload."""
+    a, b = bytes(range(256)) * 9, b"\x07" * 1001
+    view = memoryview(np.frombuffer(a, dtype=np.uint8))[5:]
+    whole = pack_blob(_header(), a[5:] + b)
+    assert pack_blob_parts(_header(), [view, b]) == whole
+    assert payload_checksum([view, b]) == xxhash.xxh64_intdigest(a[5:] + b)
+    assert pack_blob_parts(_header(), [view, b], payload_checksum([view, b])) == whole
+    assert pack_blob_parts(_header(), []) == pack_blob(_header(), b"")
+    # a wrong checksum handed in is written as given, and the reader catches it
+    with pytest.raises(BlobCorruptError):
+        unpack_blob(pack_blob_parts(_header(), [view, b], 12345))
 
 
 def test_empty_payload() -> None:

@@ -364,3 +364,24 @@ def test_host_staging_places_every_part(monkeypatch):
                 assert np.array_equal(got[o : o + len(data)], np.frombuffer(data, np.uint8))
         with pytest.raises(ValueError):
             st.upload([(4, b"abc")], 6)
+
+
+def test_host_download_lends_the_bytes_and_grows():
+    """The encoder's streams come back through one kept buffer: any dtype's bytes, larger
+    downloads grow it, smaller ones reuse it, and one borrower at a time."""
+    from kvtc_store.codec.gpu.staging import HostDownload
+
+    dl = HostDownload(DEV)
+    rng = np.random.default_rng(5)
+    most = 0
+    for n in (1000, 3 << 20, 17, 0):
+        data = torch.from_numpy(rng.integers(-(2**15), 2**15, n, dtype=np.int16)).to(DEV)
+        with dl.download(data) as host:
+            assert host.dtype == np.uint8 and host.nbytes == 2 * n
+            assert host.tobytes() == data.cpu().numpy().tobytes()
+        most = max(most, 2 * n)
+        assert dl.capacity >= most
+    with dl.download(torch.ones(4, dtype=torch.int16, device=DEV)):
+        assert not dl._lock.acquire(blocking=False)  # lent out: a second borrower waits
+    assert dl._lock.acquire(blocking=False)
+    dl._lock.release()

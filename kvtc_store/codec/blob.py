@@ -18,6 +18,7 @@ each section and the xxh64 of the payload. See docs/blob-format.md.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import msgpack
@@ -101,10 +102,37 @@ def _check_types(header: BlobHeader) -> None:
 
 def pack_blob(header: BlobHeader, payload: bytes) -> bytes:
     """Serialise a blob; fills ``payload_len`` and ``payload_xxh64`` from ``payload``."""
-    header.payload_len = len(payload)
-    header.payload_xxh64 = xxhash.xxh64_intdigest(payload)
+    return pack_blob_parts(header, [payload])
+
+
+def payload_checksum(parts: Sequence[bytes | memoryview]) -> int:
+    """xxh64 of the concatenation of ``parts`` (bytes-like), without joining them; the
+    hash releases the GIL, so callers may run it on threads."""
+    h = xxhash.xxh64()
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
+
+
+def pack_blob_parts(
+    header: BlobHeader, parts: Sequence[bytes | memoryview], checksum: int | None = None
+) -> bytes:
+    """:func:`pack_blob` of the payload that is the concatenation of ``parts``, built with
+    one copy of each part.
+
+    Args:
+        header: filled in place (``payload_len``, ``payload_xxh64``).
+        parts: bytes-like pieces of the payload, in order.
+        checksum: :func:`payload_checksum` of ``parts`` if already computed.
+
+    Returns:
+        The blob's bytes.
+    """
+    header.payload_len = sum(memoryview(p).nbytes for p in parts)
+    header.payload_xxh64 = payload_checksum(parts) if checksum is None else checksum
     hb = msgpack.packb(asdict(header), use_bin_type=True)
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb), xxhash.xxh64_intdigest(hb)) + hb + payload
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb), xxhash.xxh64_intdigest(hb))
+    return b"".join([prefix, hb, *parts])
 
 
 def _read_header(mv: memoryview) -> tuple[BlobHeader, int]:

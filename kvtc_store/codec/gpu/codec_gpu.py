@@ -52,6 +52,8 @@ from ..blob import (
     PAYLOAD_CHECKSUM_MISMATCH,
     BlobHeader,
     pack_blob,
+    pack_blob_parts,
+    payload_checksum,
     payload_intact,
     unpack_blob_header,
     verify_payload,
@@ -67,10 +69,12 @@ from ..entropy import (
 )
 from ..features import group_slices
 from .nvcomp_coder import NvcompCoder, aligned
-from .rans_triton import DeviceTables, encode_gpu, launch_decode
-from .staging import HostStaging, host_pool
+from .rans_triton import DeviceTables, encode_gpu_device, launch_decode
+from .staging import HostDownload, HostStaging, host_pool
 
 log = logging.getLogger(__name__)
+
+_POOL_CHECKSUM_MIN = 4 << 20  # payload bytes of a batch above which checksums go on threads
 
 _DTYPES = {
     "float64": torch.float64,
@@ -264,6 +268,7 @@ class GpuCodec:
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
         self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
+        self._download = HostDownload(self.device)  # and one for the encoder's streams
         _, heads, dim = artifact.kv_shape
         if dim & (dim - 1):
             raise NotImplementedError(f"head dim {dim} is not a power of two")
@@ -375,34 +380,48 @@ class GpuCodec:
             del feats
         with self._stage(timer, "quantise_rans"):
             coded = [(b, a, e) for b, (a, e) in enumerate(spans) if e > a]
-            streams = encode_gpu(
+            streams = encode_gpu_device(
                 coeffs, self._colmap, self.tables,
                 [e - a for _, a, e in coded], [b * tokens + a for b, a, _ in coded],
                 steps=self._steps, rounding=self._rounding,
-            ) if coded else []  # fmt: skip
-            by_chunk = dict(zip((b for b, _, _ in coded), streams))
-        with self._stage(timer, "blobs"):
-            headers, payloads = [], []
-            for b, (a, e) in enumerate(spans):
-                exact = b""
-                if a > 0 or e < tokens:
-                    ek = torch.cat([keys[b, :, :, :a], keys[b, :, :, e:]], dim=2)
-                    ev = torch.cat([values[b, :, :, :a], values[b, :, :, e:]], dim=2)
-                    exact = _bf16_bytes(ek) + _bf16_bytes(ev)
-                stream = by_chunk.get(b, b"")
-                header = self._ref.blob_header(
-                    tokens,
-                    keys.dtype,
-                    first_positions[b],
-                    tails[b],
-                    self.coder.name,
-                    {"stream": len(stream), "exact": len(exact)},
-                )
-                headers.append(header)
-                payloads.append(stream + exact)
-            payloads = self._entropy_code(payloads)
-            blobs = [pack_blob(h, p) for h, p in zip(headers, payloads)]
+            )  # fmt: skip
+            where = {b: j for j, (b, _, _) in enumerate(coded)}
+            del coeffs
+        with contextlib.ExitStack() as lent:  # the pinned buffer, until the blobs are built
+            with self._stage(timer, "download"):
+                mv = memoryview(lent.enter_context(self._download.download(streams.data)))
+                parts = []
+                for b, (a, e) in enumerate(spans):
+                    exact = b""
+                    if a > 0 or e < tokens:
+                        ek = torch.cat([keys[b, :, :, :a], keys[b, :, :, e:]], dim=2)
+                        ev = torch.cat([values[b, :, :, :a], values[b, :, :, e:]], dim=2)
+                        exact = _bf16_bytes(ek) + _bf16_bytes(ev)
+                    o, n = (0, 0) if b not in where else streams.span(where[b])
+                    parts.append((mv[o : o + n], exact))
+            with self._stage(timer, "blobs"):
+                blobs = self._blobs(tokens, keys.dtype, first_positions, tails, parts)
         return blobs
+
+    def _blobs(self, tokens, dtype, first_positions, tails, parts) -> list[bytes]:
+        """One blob per chunk from its ``(stream, exact)`` byte parts: the payload
+        checksums on the host pool (xxh64 releases the GIL), then each blob built with
+        one copy of its parts; with a general-purpose coder, payloads coded first."""
+        headers = [
+            self._ref.blob_header(
+                tokens, dtype, first, tail, self.coder.name, {"stream": len(st), "exact": len(ex)}
+            )
+            for first, tail, (st, ex) in zip(first_positions, tails, parts)
+        ]
+        if self.coder.name != "none":
+            payloads = self._entropy_code([bytes(stream) + exact for stream, exact in parts])
+            return [pack_blob(h, p) for h, p in zip(headers, payloads)]
+        pieces = [[p for p in pair if len(p)] for pair in parts]
+        if sum(len(p) for pair in pieces for p in pair) >= _POOL_CHECKSUM_MIN:
+            sums = list(host_pool().map(payload_checksum, pieces))
+        else:
+            sums = [payload_checksum(p) for p in pieces]
+        return [pack_blob_parts(h, p, c) for h, p, c in zip(headers, pieces, sums)]
 
     def _entropy_code(self, payloads: list[bytes]) -> list[bytes]:
         """This codec's coder over each payload: RAW Deflate of every 64 KiB piece of the

@@ -21,7 +21,7 @@ Host code, top to bottom:
   per-chunk buffer (capacity from the tables' entropy; a chunk that overflows is coded
   again with the exact size) and its lanes' final states; :func:`_pack_kernel` lays out
   each stream (states, then the words reversed: the decoder reads them last-in first-out)
-  in one device buffer, copied to the host once.
+  in one device buffer (:class:`DeviceStreams`), which the caller copies to the host once.
 - decode: the streams are joined and copied to the device once; :func:`_decode_kernel`
   reads them and writes the symbols (or, fused, the dequantised coefficients) wherever
   a column map and strides say.
@@ -439,6 +439,31 @@ def encode_symbols_gpu(
     return encode_gpu(q, colmap, tables, tokens_per_chunk, col0, capacity=capacity)
 
 
+@dataclass
+class DeviceStreams:
+    """The rANS streams of a batch of chunks, back to back in one device buffer.
+
+    Attributes:
+        data: int16 ``(total,)`` on the device; stream ``c`` is bytes
+            ``[offsets[c], offsets[c] + sizes[c])`` of ``data.view(torch.uint8)``.
+        offsets, sizes: int64 numpy ``(n_chunks,)``, in bytes.
+    """
+
+    data: torch.Tensor
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+    def span(self, c: int) -> tuple[int, int]:
+        """Byte offset and size of stream ``c``."""
+        return int(self.offsets[c]), int(self.sizes[c])
+
+    def to_host(self) -> list[bytes]:
+        """One ``bytes`` per stream (one device-to-host copy, then a split)."""
+        total = int(self.sizes.sum())
+        host = self.data.view(torch.uint8)[:total].cpu().numpy().tobytes()
+        return [host[a : a + n] for a, n in zip(self.offsets.tolist(), self.sizes.tolist())]
+
+
 def encode_gpu(
     src: torch.Tensor,
     colmap: torch.Tensor,
@@ -452,12 +477,42 @@ def encode_gpu(
     """The general form of :func:`encode_symbols_gpu`: component ``j`` of the chunk token
     in column ``col`` is ``src[colmap[j], col]``; with ``steps`` (float32
     ``(n_components,)``) ``src`` holds float coefficients, quantised on the fly as
-    :func:`~kvtc_store.codec.quant.quantize_step` does (``rounding`` its dead zone)."""
+    :func:`~kvtc_store.codec.quant.quantize_step` does (``rounding`` its dead zone).
+
+    Returns:
+        One stream (bytes) per chunk: :func:`encode_gpu_device`'s, copied to the host.
+    """
+    return encode_gpu_device(
+        src, colmap, tables, tokens_per_chunk, col0, steps, rounding, capacity
+    ).to_host()
+
+
+def encode_gpu_device(
+    src: torch.Tensor,
+    colmap: torch.Tensor,
+    tables: DeviceTables,
+    tokens_per_chunk: list[int],
+    col0: list[int] | None = None,
+    steps: torch.Tensor | None = None,
+    rounding: float = 0.5,
+    capacity: int | None = None,
+) -> DeviceStreams:
+    """:func:`encode_gpu` without the copy to the host: the streams stay on the device
+    (the caller downloads them once, e.g. into a pinned buffer it keeps).
+
+    Args:
+        src, colmap, tables, tokens_per_chunk, col0, steps, rounding, capacity: as for
+            :func:`encode_gpu`.
+
+    Returns:
+        The streams, back to back in one device buffer (empty for no chunks).
+    """
     g = tables.interleave
     tok, lanes, lane0 = _counts(tokens_per_chunk, g)
     n_chunks = tok.size
     if n_chunks == 0:
-        return []
+        empty = np.zeros(0, np.int64)
+        return DeviceStreams(torch.empty(0, dtype=torch.int16, device=src.device), empty, empty)
     if col0 is None:
         col0 = np.concatenate([[0], np.cumsum(tok)[:-1]])
     dev = src.device
@@ -491,8 +546,8 @@ def encode_gpu(
     return _pack(states, lane0_t, lanes, lanes_t, words, capacity, n_words, n_words_t)
 
 
-def _pack(states, lane0_t, lanes, lanes_t, words, capacity, n_words, n_words_t) -> list[bytes]:
-    """Lay the streams out back to back on the device, copy once, split on the host."""
+def _pack(states, lane0_t, lanes, lanes_t, words, capacity, n_words, n_words_t) -> DeviceStreams:
+    """Lay the streams out back to back on the device."""
     dev = states.device
     sizes = 2 * lanes + n_words  # uint16 per stream
     out0 = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -504,8 +559,7 @@ def _pack(states, lane0_t, lanes, lanes_t, words, capacity, n_words, n_words_t) 
         states, lane0_t, lanes_t, words, capacity, n_words_t,
         torch.as_tensor(out0, device=dev), out, BLOCK=pblock,
     )  # fmt: skip
-    host = out[:total].cpu().numpy().tobytes()
-    return [host[2 * a : 2 * (a + s)] for a, s in zip(out0.tolist(), sizes.tolist())]
+    return DeviceStreams(out, 2 * out0, 2 * sizes.astype(np.int64))
 
 
 def upload_streams(streams: list, device: str | torch.device = "cuda"):

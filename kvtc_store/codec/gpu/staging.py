@@ -1,4 +1,5 @@
-"""Host-to-device upload of many byte ranges through one reused pinned buffer.
+"""Host-to-device upload of many byte ranges through one reused pinned buffer, and the
+device-to-host download of one buffer into another.
 
 The batched decoder's host side (:meth:`GpuCodec.decode_batch
 <kvtc_store.codec.gpu.GpuCodec.decode_batch>`) must move a few hundred MB of blob
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -174,3 +176,54 @@ class HostStaging:
                 for f in fs:
                     f.cancel() or f.exception()
             raise
+
+
+class HostDownload:
+    """A grow-only pinned host buffer that device bytes are copied into.
+
+    The batched encoder's streams (a few hundred MB per 128 chunks of an 8B model) come
+    off the device once per batch; into pageable memory that copy runs at a fraction of
+    the link's rate and allocating pinned memory per call costs more than the copy, so the
+    buffer is kept. Thread-safe: one borrower at a time (:meth:`download` holds a lock
+    until its ``with`` block ends).
+
+    Args:
+        device: the device the bytes come from (CUDA; ``cpu`` for dry runs: not pinned).
+    """
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self._host = torch.empty(0, dtype=torch.uint8)
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of the pinned buffer held now."""
+        return self._host.numel()
+
+    @contextmanager
+    def download(self, data: torch.Tensor) -> Iterator[np.ndarray]:
+        """Copy ``data``'s bytes into the pinned buffer and lend them out.
+
+        Args:
+            data: a contiguous tensor on :attr:`device` (any dtype; its bytes are copied).
+
+        Yields:
+            uint8 numpy ``(data.nbytes,)``: a view of the pinned buffer, valid inside the
+            ``with`` block only (the next download overwrites it).
+        """
+        if data.numel() == 0:  # (an empty tensor's strides may not allow the byte view)
+            data = torch.empty(0, dtype=torch.uint8, device=data.device)
+        src = data.reshape(-1).view(torch.uint8)
+        n = src.numel()
+        with self._lock:
+            if n > self._host.numel():
+                size = max(n, int(self._host.numel() * _GROW))
+                size = -(-size // (2 << 20)) * (2 << 20)
+                self._host = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+            host = self._host[:n]
+            host.copy_(src, non_blocking=self._cuda)
+            if self._cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            yield host.numpy()
