@@ -436,7 +436,7 @@ def encode_symbols_gpu(
     if q.shape[0] != tables.n_components:
         raise ValueError(f"{q.shape[0]} components for tables of {tables.n_components}")
     colmap = torch.arange(tables.n_components, device=q.device)
-    return encode_gpu(q, colmap, tables, tokens_per_chunk, col0, capacity=capacity)
+    return encode_gpu_device(q, colmap, tables, tokens_per_chunk, col0, capacity=capacity).to_host()
 
 
 @dataclass
@@ -464,29 +464,6 @@ class DeviceStreams:
         return [host[a : a + n] for a, n in zip(self.offsets.tolist(), self.sizes.tolist())]
 
 
-def encode_gpu(
-    src: torch.Tensor,
-    colmap: torch.Tensor,
-    tables: DeviceTables,
-    tokens_per_chunk: list[int],
-    col0: list[int] | None = None,
-    steps: torch.Tensor | None = None,
-    rounding: float = 0.5,
-    capacity: int | None = None,
-) -> list[bytes]:
-    """The general form of :func:`encode_symbols_gpu`: component ``j`` of the chunk token
-    in column ``col`` is ``src[colmap[j], col]``; with ``steps`` (float32
-    ``(n_components,)``) ``src`` holds float coefficients, quantised on the fly as
-    :func:`~kvtc_store.codec.quant.quantize_step` does (``rounding`` its dead zone).
-
-    Returns:
-        One stream (bytes) per chunk: :func:`encode_gpu_device`'s, copied to the host.
-    """
-    return encode_gpu_device(
-        src, colmap, tables, tokens_per_chunk, col0, steps, rounding, capacity
-    ).to_host()
-
-
 def encode_gpu_device(
     src: torch.Tensor,
     colmap: torch.Tensor,
@@ -497,12 +474,17 @@ def encode_gpu_device(
     rounding: float = 0.5,
     capacity: int | None = None,
 ) -> DeviceStreams:
-    """:func:`encode_gpu` without the copy to the host: the streams stay on the device
+    """The general form of :func:`encode_symbols_gpu`, leaving the streams on the device
     (the caller downloads them once, e.g. into a pinned buffer it keeps).
 
     Args:
-        src, colmap, tables, tokens_per_chunk, col0, steps, rounding, capacity: as for
-            :func:`encode_gpu`.
+        src: the values to code: component ``j`` of the chunk token in column ``col`` is
+            ``src[colmap[j], col]``; int symbols, or float coefficients with ``steps``.
+        colmap: int64 ``(n_components,)`` on ``src``'s device.
+        tables, tokens_per_chunk, col0, capacity: as for :func:`encode_symbols_gpu`.
+        steps: float32 ``(n_components,)``: quantise ``src`` on the fly as
+            :func:`~kvtc_store.codec.quant.quantize_step` does (``rounding`` its dead
+            zone); None: ``src`` holds symbols already.
 
     Returns:
         The streams, back to back in one device buffer (empty for no chunks).
