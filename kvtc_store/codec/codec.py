@@ -183,9 +183,25 @@ class KVTCCodec:
     def _apply_rope(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return apply_rope(k, pos, self.artifact.rope) if self.artifact.undo_rope else k
 
-    def _compressed_span(self, tokens: int, first_position: int, exact_tail: int):
-        """Tokens ``[a, b)`` are transform-coded; ``[0, a)`` (sinks) and ``[b, tokens)``
-        (the exact tail) are stored exactly. Both exact parts are contiguous."""
+    @property
+    def rans_tables(self) -> RansTables | None:
+        """The rANS tables of a ``rans`` artifact (None for ``minmax``): what the batched
+        GPU codec builds its device tables from."""
+        return self._rans
+
+    def compressed_span(self, tokens: int, first_position: int, exact_tail: int):
+        """The transform-coded token range ``(a, b)`` of a chunk.
+
+        Args:
+            tokens: tokens in the chunk.
+            first_position: absolute position of its token 0.
+            exact_tail: trailing tokens stored exactly.
+
+        Returns:
+            ``(a, b)``: tokens ``[a, b)`` are transform-coded; ``[0, a)`` (sink tokens:
+            absolute positions below the artifact's ``n_sink``) and ``[b, tokens)`` (the
+            exact tail) are stored exactly. Both exact parts are contiguous.
+        """
         a = min(tokens, max(0, self.artifact.n_sink - first_position))
         b = max(a, tokens - max(0, exact_tail))
         return a, b
@@ -236,7 +252,7 @@ class KVTCCodec:
                 f"chunk shape {tuple(keys.shape)}/{tuple(values.shape)} does not match the "
                 f"codec's (L, H, D) = {tuple(art.kv_shape)}"
             )
-        a, b = self._compressed_span(tokens, first_position, exact_tail)
+        a, b = self.compressed_span(tokens, first_position, exact_tail)
 
         scale_parts: list[torch.Tensor] = []
         code_parts: list[bytes] = []
@@ -370,10 +386,15 @@ class KVTCCodec:
             CodecMismatchError (another artifact or model).
         """
         header, _ = unpack_blob(blob)
-        self._check_header(header)
+        self.check_header(header)
         return header
 
-    def _check_header(self, header: BlobHeader) -> None:
+    def check_header(self, header: BlobHeader) -> None:
+        """Check that a blob's header was written for this codec.
+
+        Raises:
+            CodecMismatchError: another model or another codec artifact.
+        """
         art = self.artifact
         if header.model != art.model_fingerprint:
             raise CodecMismatchError(
@@ -440,7 +461,7 @@ class KVTCCodec:
         for blob in blobs:
             try:
                 header, payload = unpack_blob(blob)
-                self._check_header(header)
+                self.check_header(header)
                 parsed.append(self._parse(header, payload))
             except BlobError as exc:
                 error = exc
@@ -527,7 +548,7 @@ class KVTCCodec:
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(art.kv_shape):
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
-        a, b = self._compressed_span(tokens, header.first_position, header.exact_tail)
+        a, b = self.compressed_span(tokens, header.first_position, header.exact_tail)
         n_comp, n_exact = b - a, tokens - (b - a)
         want = self._section_sizes(n_comp, n_exact, header.sections.get("stream", 0))
         if n_comp == 0 and self._rans is None:

@@ -272,7 +272,7 @@ class GpuCodec:
         _, heads, dim = artifact.kv_shape
         if dim & (dim - 1):
             raise NotImplementedError(f"head dim {dim} is not a power of two")
-        self.tables = DeviceTables.from_rans(self._ref._rans, self.device)
+        self.tables = DeviceTables.from_rans(self._ref.rans_tables, self.device)
         dev = self.device
         self._slices = group_slices(artifact.groups, heads, dim)
         self._means = {k: self._kind_vector(artifact.means, k) for k in "kv"}
@@ -357,7 +357,7 @@ class GpuCodec:
             raise ValueError(f"chunks {tuple(keys.shape)} do not match {tuple(art.kv_shape)}")
         tails = list(exact_tails) if exact_tails is not None else [0] * batch
         spans = [
-            self._ref._compressed_span(tokens, int(f), int(e))
+            self._ref.compressed_span(tokens, int(f), int(e))
             for f, e in zip(first_positions, tails)
         ]
         n = batch * tokens
@@ -722,11 +722,11 @@ class GpuCodec:
         ``deflate64k`` or ``deflate`` one, when this codec has nvCOMP, too (``_Blob.packed``,
         verified by :meth:`_verify_packed`; its pieces located, the table checked); another
         coder's, or one with nothing to inflate, is verified and decoded here, on the host."""
-        self._ref._check_header(header)
+        self._ref.check_header(header)
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(self.artifact.kv_shape):
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
-        a, b = self._ref._compressed_span(tokens, header.first_position, header.exact_tail)
+        a, b = self._ref.compressed_span(tokens, header.first_position, header.exact_tail)
         n_exact = tokens - (b - a)
         want = {
             "stream": header.sections.get("stream", 0) if b > a else 0,
