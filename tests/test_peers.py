@@ -62,12 +62,12 @@ def test_merge_keeps_other_rows_and_replaces_own(tmp_path):
         "legacy": {"command": "python benchmarks/quality.py"},
         "peers-1": {"windows": [0, 16]},
     }
-    assert doc["rows"] == [
-        {"method": "kvtc", "target_ratio": 8, "kl": 0.007, "run": "legacy"},
-        {"method": "kvpress-snapkv", "target_ratio": 16.0, "kl": 0.5, "run": "legacy"},
-        {**new[0], "run": "peers-1"},
-        {**new[1], "run": "peers-1"},
-    ]
+    rows = {(r["method"], r["target_ratio"]): r for r in doc["rows"]}
+    assert len(doc["rows"]) == 4  # the stale snapkv 2.0 row replaced, not kept beside
+    assert rows[("cachegen", None)] == {**new[0], "run": "peers-1"}
+    assert rows[("kvpress-snapkv", 2.0)] == {**new[1], "run": "peers-1"}
+    for key, kl in ((("kvtc", 8), 0.007), (("kvpress-snapkv", 16.0), 0.5)):
+        assert rows[key]["kl"] == kl and rows[key]["run"] == "legacy"  # others' rows kept
     # a second run of the same rows replaces them, and the unused run goes away
     doc = merge_rows(path, new, "peers-2", {})
     assert set(doc["runs"]) == {"legacy", "peers-2"} and len(doc["rows"]) == 4

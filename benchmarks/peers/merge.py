@@ -5,20 +5,18 @@ owning the rows it measured. The file is ``{"rows": [...], "runs": {run id: fact
 rows are keyed by ``(method, target_ratio)`` and name their run; a merge replaces the rows
 with the keys it brings and keeps every other row and run. A file from the earlier
 single-run ``benchmarks/quality.py`` (run facts at the top level) is read as one run
-named ``legacy``. This is the file model of the rate-distortion harness's
-``benchmarks/rd/rows.py`` (branch ``rd``), so either can read what the other wrote.
+named ``legacy``. The file model is the rate-distortion harness's
+(``benchmarks/rd/rows.py``); this module checks the rows and hands them to it.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: rd.rows
 
-def _key(row: dict) -> tuple[str, float | None]:
-    r = row.get("target_ratio")
-    return row["method"], None if r is None else float(r)
+from rd import rows as rd_rows
 
 
 def merge_rows(path: Path, rows: list[dict], run_id: str, run_meta: dict) -> dict:
@@ -40,19 +38,12 @@ def merge_rows(path: Path, rows: list[dict], run_id: str, run_meta: dict) -> dic
     """
     if any("method" not in r for r in rows):
         raise ValueError("every row needs a 'method'")
-    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    if not isinstance(doc, dict) or not isinstance(doc.get("rows", []), list):
+    try:
+        doc = rd_rows.load(path)
+    except AttributeError as exc:  # a JSON list or scalar: no .get
+        raise TypeError(f"{path} is not a results document with a 'rows' list") from exc
+    if not isinstance(doc["rows"], list):
         raise TypeError(f"{path} is not a results document with a 'rows' list")
-    old, runs = doc.get("rows", []), doc.get("runs")
-    if runs is None:  # legacy single-run file: its facts sit at the top level
-        runs = {"legacy": {k: v for k, v in doc.items() if k != "rows"}}
-        old = [{**r, "run": r.get("run", "legacy")} for r in old]
-    new = {_key(r): {**r, "run": run_id} for r in rows}
-    merged = [r for r in old if _key(r) not in new] + list(new.values())
-    runs = {**runs, run_id: run_meta}
-    used = {r.get("run") for r in merged}
-    doc = {"rows": merged, "runs": {k: v for k, v in runs.items() if k in used}}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    doc = rd_rows.merge(doc, rows, run_id, run_meta)
+    rd_rows.save(path, doc)
     return doc
