@@ -107,8 +107,10 @@ class RequestPlan:
         load_start, load_end: tokens ``[load_start, load_end)`` are loaded into their
             blocks before the forward (``load_end == 0``: nothing to load).
             ``load_start`` is a multiple of the block size.
-        save_end: after the forward, the full chunks of tokens ``[0, save_end)`` are
-            put (``0``: nothing to save); a multiple of the chunk size.
+        save_start, save_end: after the forward, the full chunks of tokens
+            ``[save_start, save_end)`` are gathered and put (``save_end == 0``: nothing
+            to save); both multiples of the chunk size. The chunks before ``save_start``
+            are in the store already (saved in an earlier step, or loaded).
     """
 
     req_id: str
@@ -117,6 +119,7 @@ class RequestPlan:
     load_start: int = 0
     load_end: int = 0
     save_end: int = 0
+    save_start: int = 0
 
 
 @dataclass
@@ -134,6 +137,7 @@ class _Tracked:
     token_ids: list[int]
     block_ids: list[int]
     saved_end: int = 0  # tokens of full chunks already in the store (saved or loaded)
+    saved_once: bool = False  # a save planned: later ones start at saved_end
 
 
 class KVTCConnector(KVConnectorBase_V1):
@@ -235,7 +239,9 @@ class KVTCConnector(KVConnectorBase_V1):
         limit = (len(tokens) - 1) // self._chunk * self._chunk
         if limit <= num_computed_tokens:
             return 0, False
-        hit = self._store.lookup(tokens[:limit])
+        # only from the chunk of vLLM's computed prefix on: the chunks before it need
+        # not be in the store
+        hit = self._store.lookup(tokens[:limit], start=num_computed_tokens)
         if hit <= num_computed_tokens:
             return 0, False
         self._matched[request.request_id] = num_computed_tokens
@@ -290,10 +296,14 @@ class KVTCConnector(KVConnectorBase_V1):
             state.saved_end = max(state.saved_end, load_end // self._chunk * self._chunk)
         done = min(computed + n, len(state.token_ids))
         save_end = done // self._chunk * self._chunk
+        # a request's first save starts at token 0, so that chunks vLLM held from its own
+        # prefix cache reach the store too (put skips those stored already); later ones
+        # gather only the chunks completed since
+        save_start = state.saved_end if state.saved_once else 0
         if save_end <= state.saved_end:
-            save_end = 0
+            save_end = save_start = 0
         else:
-            state.saved_end = save_end
+            state.saved_end, state.saved_once = save_end, True
         if not (load_end or save_end):
             return
         # the load covers whole chunks of the store and whole blocks of the cache
@@ -311,6 +321,7 @@ class KVTCConnector(KVConnectorBase_V1):
                 load_start,
                 min(load_end, end),
                 save_end,
+                save_start,
             )
         )
 
@@ -376,18 +387,23 @@ class KVTCConnector(KVConnectorBase_V1):
     def _load(self, plan: RequestPlan) -> None:
         layout, bs = self._layout, self._block_size
         want = min(-(-plan.load_end // self._chunk) * self._chunk, len(plan.token_ids))
+        first = plan.load_start // self._chunk * self._chunk  # the KV fetched starts here
         try:
-            got = self._store.get(plan.token_ids, n_tokens=want, device=layout.device)
+            got = self._store.get(
+                plan.token_ids, n_tokens=want, device=layout.device, start=plan.load_start
+            )
         except Exception as exc:  # noqa: BLE001 - a failed load is a recompute, not a crash
             log.warning("request %s: loading KV failed: %s", plan.req_id, exc)
             got = None
         n = 0 if got is None else got[0].shape[2]
-        end = min(n, len(plan.block_ids) * bs) // bs * bs
+        end = min(first + n, len(plan.block_ids) * bs) // bs * bs
         if end > plan.load_start:
             keys, values = got
             s = plan.load_start
             layout.scatter(
-                plan.block_ids[s // bs : end // bs], keys[:, :, s:end], values[:, :, s:end]
+                plan.block_ids[s // bs : end // bs],
+                keys[:, :, s - first : end - first],
+                values[:, :, s - first : end - first],
             )
         first_bad = max(end, plan.load_start)
         if first_bad < plan.load_end:
@@ -415,7 +431,8 @@ class KVTCConnector(KVConnectorBase_V1):
         all layers at once after the forward."""
 
     def wait_for_save(self) -> None:
-        """Gather the blocks of each request's newly computed full chunks, encode and put.
+        """Gather the blocks of each request's newly computed full chunks (only those: from
+        ``save_start``), encode and put.
 
         A failed put is logged and dropped (a later miss): the step never fails for it.
         """
@@ -424,10 +441,12 @@ class KVTCConnector(KVConnectorBase_V1):
         for plan in self._get_connector_metadata().requests:
             if not plan.save_end:
                 continue
-            blocks = plan.block_ids[: plan.save_end // self._block_size]
+            bs = self._block_size
+            blocks = plan.block_ids[plan.save_start // bs : plan.save_end // bs]
             try:
                 keys, values = self._layout.gather(blocks)
-                self._store.put(torch.tensor(plan.token_ids[: plan.save_end]), keys, values)
+                tokens = torch.tensor(plan.token_ids[: plan.save_end])
+                self._store.put(tokens, keys, values, start=plan.save_start)
             except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
                 log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
 

@@ -342,6 +342,44 @@ def test_worker_saves_then_loads_into_other_blocks(
     assert torch.equal(src_k, keys)
 
 
+def test_suffix_saves_and_loads_without_the_chunks_before(model_config, store_yaml):
+    """vLLM may hold a prefix the store lacks (its own prefix cache): a save from
+    ``save_start`` gathers and stores only the chunks from there, the scheduler's lookup
+    counts the stored run from vLLM's computed prefix, and a load from ``load_start``
+    fetches and decodes only the chunks from there."""
+    block = 32
+    config = make_vllm_config(model_config, store_yaml, block)
+    kcc = make_kv_cache_config(block, 24, KVCacheLayout.LBHNC)
+    worker, kv = make_worker(config, kcc, CPUAttentionBackend, KVCacheLayout.LBHNC)
+    store = worker._store
+    tokens = torch.randint(0, 1000, (4 * CHUNK + 7,), generator=_G).tolist()
+    keys, values = source_kv(tokens)
+    src_blocks = [3, 17, 5, 0, 9]
+    write_tokens(kv, CPUAttentionBackend, src_blocks, 0, keys, values, block)
+    plan = RequestPlan("a", tokens[: 4 * CHUNK], src_blocks[:4], save_end=128, save_start=64)
+    worker.bind_connector_metadata(KVTCConnectorMetadata([plan]))
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+    assert store.stats.chunks_put == 2  # chunks 2 and 3 only
+    assert store.lookup(tokens) == 0  # chunk 0 is not stored: no prefix from 0
+    assert store.lookup(tokens, start=64) == 128
+
+    scheduler = KVTCConnector(config, KVConnectorRole.SCHEDULER, kcc)
+    req = Request("b", tokens, SamplingParams(max_tokens=1), None)
+    assert scheduler.get_num_new_matched_tokens(req, 64) == (64, False)
+    assert scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
+
+    dst_blocks = [20, 1, 12, 7]
+    plan = RequestPlan("b", tokens[: 4 * CHUNK], dst_blocks, load_start=64, load_end=128)
+    worker.bind_connector_metadata(KVTCConnectorMetadata([plan]))
+    worker.start_load_kv(None)
+    worker.clear_connector_metadata()
+    assert worker.get_block_ids_with_load_errors() == set()
+    got_k, got_v = read_tokens(kv, CPUAttentionBackend, dst_blocks, 64, 128, block)
+    want_k, want_v = round_trip(keys[:, :, :128], values[:, :, :128])
+    assert torch.equal(got_k, want_k[:, :, 64:]) and torch.equal(got_v, want_v[:, :, 64:])
+
+
 def test_worker_reports_blocks_of_a_corrupt_chunk(model_config, store_yaml):
     block = 16
     config = make_vllm_config(model_config, store_yaml, block)
@@ -536,9 +574,10 @@ def test_chunked_prefill_saves_each_chunk_as_it_completes(model_config, store_ya
     saves = []
     for _ in range(4):
         _, meta, _ = engine.step()
-        saves.append([p.save_end for p in meta.requests])
-    # computed after each step: 48, 96, 144, 150 -> full chunks 32, 96, 128, 128
-    assert saves == [[32], [96], [128], []]
+        saves.append([(p.save_start, p.save_end) for p in meta.requests if p.save_end])
+    # computed after each step: 48, 96, 144, 150 -> full chunks 32, 96, 128, 128; each
+    # save gathers only the chunks completed since the last one
+    assert saves == [[(0, 32)], [(32, 96)], [(96, 128)], []]
     assert store.lookup(prompt) == 128
     # each chunk was encoded once, with the KV the forward wrote
     assert store.stats.chunks_put == 4
