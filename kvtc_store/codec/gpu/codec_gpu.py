@@ -12,7 +12,9 @@ a plain or transposed contiguous matrix:
 
 encode: ``(B, L, H, T, D)`` K and V →[:func:`_prep_kernel`: undo RoPE on K, subtract the
 mean, divide by the scale]→ ``X (p, N)`` fp16 →[cuBLAS per group: ``basisᵀ @ X``]→
-``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams → blobs.
+``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams, back to back on the
+device →[one copy into a reused pinned buffer]→ blobs (each built with one copy of its
+parts; payload checksums on host threads).
 
 decode: blobs →[headers parsed; payloads copied by host threads into a reused pinned
 buffer, sent to the device in one pass; checksums verified by those threads meanwhile;
