@@ -35,7 +35,7 @@ nvcomp = pytest.importorskip("nvidia.nvcomp")
 from kvtc_store.codec.gpu import codec_gpu
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
 from kvtc_store.codec.gpu.nvcomp_coder import EMPTY_DEFLATE, NvcompCoder
-from tests.test_gpu_rans import _codec_cases
+from tests.test_gpu_rans import _assert_batch_decodes_as_on_cpu, _codec_cases
 
 SIZES = [0, 1, 100, 4096, 65535, 65536, 65537, 1 << 20, (2 << 20) + 3]
 
@@ -269,38 +269,34 @@ def test_deflate_blobs_cross_devices(arts, caplog, monkeypatch, piece):  # noqa:
             ref = cpu.decode(blob_h[b], dtype=torch.float32)
             assert torch.equal(on_cpu.keys, ref.keys) and torch.equal(on_cpu.values, ref.values)
         for blobs in (blob_c, blob_g, legacy, [legacy[0], blob_g[1]]):
-            dec = gpu.decode_batch(blobs, dtype=torch.float32)
-            assert dec.count == 2 and dec.error is None
-            for b in range(2):
-                ref = cpu.decode(blobs[b], dtype=torch.float32)
-                assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
-                assert (dec.values[b].cpu() - ref.values).abs().max().item() < 2e-3 * scale
+            _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, scale)
         assert calls == [True] * 4  # every batch inflated by nvCOMP, no host fallback
         del calls[:]
     assert not [r for r in caplog.records if "nvCOMP" in r.getMessage()]
 
 
-def test_host_fallback_when_nvcomp_fails(arts, monkeypatch, caplog):  # noqa: F811
-    """nvCOMP raising mid-batch: the batch is inflated on the host instead, same values."""
+def _deflate_pair(arts):  # noqa: F811
+    """The first synthetic rans case: ``(cpu, gpu, keys, [two deflate64k blobs])``, the
+    codecs writing ``deflate`` (the GPU one through nvCOMP); skips for minmax artifacts."""
     cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
     if not cases:
         pytest.skip("minmax artifacts")
     art, keys, values, firsts = cases[0]
     cpu = KVTCCodec(art, coder="deflate")
     gpu = GpuCodec(art, coder="deflate", nvcomp=True)
-    blobs = [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
+    return cpu, gpu, keys, [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
+
+
+def test_host_fallback_when_nvcomp_fails(arts, monkeypatch, caplog):  # noqa: F811
+    """nvCOMP raising mid-batch: the batch is inflated on the host instead, same values."""
+    cpu, gpu, keys, blobs = _deflate_pair(arts)
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated nvCOMP failure")
 
     monkeypatch.setattr(gpu._deflater, "decompress_spans", broken)
-    dec = gpu.decode_batch(blobs, dtype=torch.float32)
-    assert dec.count == 2 and dec.error is None
+    _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, keys.float().abs().max().item())
     assert "simulated nvCOMP failure" in caplog.text
-    scale = keys.float().abs().max().item()
-    for b in range(2):
-        ref = cpu.decode(blobs[b], dtype=torch.float32)
-        assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
 
 
 def _altered(blob: bytes, how: str) -> bytes:
@@ -326,13 +322,7 @@ def test_a_corrupt_deflate_payload_raises_never_garbage(arts, how):  # noqa: F81
     """A payload altered with its checksum left (the checksum error, before nvCOMP sees
     it) or recomputed (the stream's own error, as the CPU decoder reports it): the prefix
     ends at that blob with a BlobCorruptError; blobs before it decode."""
-    cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
-    if not cases:
-        pytest.skip("minmax artifacts")
-    art, keys, values, firsts = cases[0]
-    cpu = KVTCCodec(art, coder="deflate")
-    gpu = GpuCodec(art, coder="deflate", nvcomp=True)
-    good = [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
+    cpu, gpu, keys, good = _deflate_pair(arts)
     blobs = [good[0], _altered(good[1], how), good[0]]
     want, want_err = cpu.decode_prefix(blobs, dtype=torch.float32)
     dec = gpu.decode_batch(blobs, dtype=torch.float32)

@@ -195,6 +195,17 @@ def _codec_cases(arts):  # noqa: F811
     return cases
 
 
+def _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, scale) -> None:
+    """``gpu.decode_batch(blobs)`` decodes every blob, each within 2e-3 of ``scale`` (the
+    chunk's largest magnitude) of what ``cpu.decode`` makes of it."""
+    dec = gpu.decode_batch(blobs, dtype=torch.float32)
+    assert dec.count == len(blobs) and dec.error is None
+    for b, blob in enumerate(blobs):
+        ref = cpu.decode(blob, dtype=torch.float32)
+        assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
+        assert (dec.values[b].cpu() - ref.values).abs().max().item() < 2e-3 * scale
+
+
 @pytest.mark.parametrize("gemm_dtype", [torch.float16, torch.float32])
 def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
     """GPU blobs decode on the CPU and CPU blobs on the GPU, with exact tails and sinks;
@@ -216,12 +227,7 @@ def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
             err_g = ((cpu.decode(blob_g[b]).keys.float() - keys[b].float()) ** 2).sum().item()
             assert err_g < 1.05 * err_c + 1e-6
         for blobs in (blob_c, blob_g):
-            dec = gpu.decode_batch(blobs, dtype=torch.float32)
-            assert dec.count == 2 and dec.error is None
-            for b in range(2):
-                ref = cpu.decode(blobs[b], dtype=torch.float32)
-                assert (dec.keys[b].cpu() - ref.keys).abs().max().item() < 2e-3 * scale
-                assert (dec.values[b].cpu() - ref.values).abs().max().item() < 2e-3 * scale
+            _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, scale)
 
 
 def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts):  # noqa: F811
