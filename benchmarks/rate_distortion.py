@@ -125,6 +125,12 @@ def parse(argv) -> argparse.Namespace:
         help=f"calibration windows of 2,048 tokens (default {CalibrationSettings.windows})",
     )
     p.add_argument(
+        "--corpus",
+        choices=["shakespeare", "shakespeare+numpy"],
+        default=CalibrationSettings.corpus,
+        help=f"calibration corpus of ours and the ablations (default {CalibrationSettings.corpus})",
+    )
+    p.add_argument(
         "--scale-exponent",
         type=float,
         default=None,
@@ -291,7 +297,7 @@ def main(argv=None) -> int:
     # Calibration runs on the CPU in float32 (kvtc_store.calibration feeds CPU tensors), so
     # artifacts are the same ones this machine and the store would calibrate and cache.
     model, tok, info = load_model()
-    settings = CalibrationSettings(windows=args.calibration_windows)
+    settings = CalibrationSettings(windows=args.calibration_windows, corpus=args.corpus)
     if args.scale_exponent is not None:
         settings = dataclasses.replace(settings, scale_exponent=args.scale_exponent)
 

@@ -26,7 +26,7 @@ from .codec import CalibrationStats, CodecArtifact, PCAFit, default_groups, fit_
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .sensitivity import measure_sensitivity
-from .texts import shakespeare_plays
+from .texts import numpy_docs, shakespeare_plays
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ class CalibrationSettings:
         n_sink: sink tokens (stored exactly, skipped by calibration).
         window: exact recent-window tokens at the end of a stored sequence.
         sample_tokens: tokens sampled for the bit allocation.
-        corpus: ``"shakespeare"`` (comedies and histories; tragedies are held out).
+        corpus: ``"shakespeare"`` (comedies and histories; tragedies are held out), or
+            ``"shakespeare+numpy"`` (windows in turn from those plays and NumPy's
+            docstrings, :func:`~kvtc_store.texts.numpy_docs`).
         scale_exponent: per-(layer, head) feature scaling before PCA, ``var ** (α/2)``;
             0.5 won on held-out KL against 0 (plain PCA) and 1 (unit variance), see
             benchmarks/results/experiments.md.
@@ -133,15 +135,33 @@ def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Ten
     Raises:
         CalibrationError: the corpus is too short or unknown.
     """
-    if settings.corpus != "shakespeare":
-        raise CalibrationError(f"unknown calibration corpus {settings.corpus!r}")
-    need = (settings.windows + 1) * settings.window_tokens
-    ids: list[int] = []
-    for _, text in shakespeare_plays():
-        ids += tokenizer(text).input_ids
-        if len(ids) >= need:
-            return torch.tensor(ids[:need])
-    raise CalibrationError(f"corpus has {len(ids)} tokens, calibration needs {need}")
+    sources = {
+        "shakespeare": [shakespeare_plays],
+        "shakespeare+numpy": [shakespeare_plays, numpy_docs],
+    }
+    if settings.corpus not in sources:
+        raise CalibrationError(
+            f"unknown calibration corpus {settings.corpus!r} (known: {', '.join(sources)})"
+        )
+    n_windows, w = settings.windows + 1, settings.window_tokens
+    texts = sources[settings.corpus]
+    # windows taken in turn from each text (the last, held out, from the last in turn)
+    want = [len(range(i, n_windows, len(texts))) * w for i in range(len(texts))]
+    streams = []
+    for source, need in zip(texts, want):
+        ids: list[int] = []
+        for _, text in source():
+            ids += tokenizer(text).input_ids
+            if len(ids) >= need:
+                break
+        if len(ids) < need:
+            raise CalibrationError(f"corpus has {len(ids)} tokens, calibration needs {need}")
+        streams.append(ids[:need])
+    out = [
+        streams[i % len(texts)][(i // len(texts)) * w : (i // len(texts) + 1) * w]
+        for i in range(n_windows)
+    ]
+    return torch.tensor([t for window in out for t in window])
 
 
 @torch.no_grad()

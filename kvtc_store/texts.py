@@ -5,6 +5,8 @@
   histories; the tragedies are held out for evaluation.
 - Python's reference documentation, ``pydoc_data.topics`` (part of the standard
   library): used for the demo's long document and for evaluation, never calibration.
+- NumPy's docstrings (:func:`numpy_docs`): technical English with code and numbers, for
+  the ``shakespeare+numpy`` calibration corpus; never used for evaluation.
 """
 
 from __future__ import annotations
@@ -40,3 +42,20 @@ def python_docs() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     return [(k, topics[k]) for k in sorted(topics)]
+
+
+def numpy_docs() -> list[tuple[str, str]]:
+    """``[(name, docstring), ...]`` of NumPy's public top-level callables and classes, in
+    a fixed order (the text follows the installed NumPy version)."""
+    import inspect
+
+    import numpy as np
+
+    out = []
+    for name in sorted(n for n in dir(np) if not n.startswith("_")):
+        obj = getattr(np, name, None)
+        if callable(obj):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                out.append((name, doc))
+    return out

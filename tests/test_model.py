@@ -98,3 +98,27 @@ def test_layer_sensitivity_is_measured_on_the_model(smollm2):
     assert w.max() / w.min() > 3  # layers differ: the point of weighting them
     with pytest.raises(ValueError):
         measure_sensitivity(model, ids[:50], **kw)
+
+
+def test_calibration_corpus_mix_takes_windows_in_turn(smollm2):
+    """``shakespeare+numpy``: even windows are Shakespeare's (the same tokens as the
+    plain corpus, in order), odd ones NumPy's docstrings; an unknown corpus is named."""
+    import dataclasses
+
+    from kvtc_store.calibration import CalibrationSettings, calibration_token_ids
+    from kvtc_store.errors import CalibrationError
+    from kvtc_store.texts import numpy_docs
+
+    _model, tok, _info = smollm2
+    plain = CalibrationSettings(windows=4, window_tokens=256)
+    mix = dataclasses.replace(plain, corpus="shakespeare+numpy")
+    assert mix.key() != plain.key()  # a fit of its own in the cache
+    a, b = calibration_token_ids(tok, plain), calibration_token_ids(tok, mix)
+    assert a.shape == b.shape == (5 * 256,)
+    w = b.view(5, 256)
+    assert torch.equal(w[0], a[:256]) and torch.equal(w[2], a[256:512])
+    assert torch.equal(w[4], a[512:768])
+    first_doc = tok(numpy_docs()[0][1]).input_ids
+    assert w[1].tolist() == first_doc[:256]
+    with pytest.raises(CalibrationError, match="shakespeare\\+numpy"):
+        calibration_token_ids(tok, dataclasses.replace(plain, corpus="wiki"))

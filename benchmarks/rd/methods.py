@@ -13,7 +13,8 @@
   (``weighting="variance"``: per-head variance scaling instead of the layers' measured
   KL sensitivity), ``kvtc-cap15`` (``max_artifact_share=0.15``: the artifact capped at
   15% of the model's parameters, issue 3's size target; the allocation codes only the
-  components that fit).
+  components that fit), ``kvtc-mix`` (calibration windows in turn from Shakespeare and
+  NumPy's docstrings, technical text with numbers).
   An ablation
   whose settings field does not exist in the installed kvtc_store is skipped with a
   message, not faked.
@@ -55,6 +56,7 @@ SETTINGS_ABLATIONS: dict[str, tuple[str, object]] = {
     "kvtc-minmax": ("quantizer", "minmax"),
     "kvtc-variance": ("weighting", "variance"),
     "kvtc-cap15": ("max_artifact_share", 0.15),
+    "kvtc-mix": ("corpus", "shakespeare+numpy"),
 }
 ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
