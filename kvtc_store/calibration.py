@@ -155,7 +155,9 @@ def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Ten
             if len(ids) >= need:
                 break
         if len(ids) < need:
-            raise CalibrationError(f"corpus has {len(ids)} tokens, calibration needs {need}")
+            raise CalibrationError(
+                f"{source.__name__} has {len(ids)} tokens, calibration needs {need}"
+            )
         streams.append(ids[:need])
     out = [
         streams[i % len(texts)][(i // len(texts)) * w : (i // len(texts) + 1) * w]

@@ -54,6 +54,16 @@ def host_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _grown(buf: torch.Tensor, nbytes: int, pinned: bool) -> torch.Tensor:
+    """``buf`` if it holds ``nbytes``, else a new uint8 host buffer (pinned if asked) of at
+    least ``nbytes`` and ``_GROW`` times ``buf``'s size, in whole 2 MiB (fewer regrowths)."""
+    if nbytes <= buf.numel():
+        return buf
+    size = max(nbytes, int(buf.numel() * _GROW))
+    size = -(-size // (2 << 20)) * (2 << 20)
+    return torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+
+
 def _copy_pieces(dst: np.ndarray, pieces: Sequence[tuple[int, object, int, int]]) -> None:
     """``dst[off : off + n] = buf[start : start + n]`` for each piece (GIL released)."""
     for off, buf, start, n in pieces:
@@ -96,12 +106,9 @@ class HostStaging:
             self._done = None
 
     def _reserve(self, nbytes: int) -> None:
-        if nbytes <= self._host.numel():
-            return
-        size = max(nbytes, int(self._host.numel() * _GROW))
-        size = -(-size // (2 << 20)) * (2 << 20)  # whole 2 MiB, fewer regrowths
-        self._host = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
-        self._host_np = self._host.numpy()
+        grown = _grown(self._host, nbytes, self._cuda)
+        if grown is not self._host:
+            self._host, self._host_np = grown, grown.numpy()
 
     def upload(self, parts: Sequence[tuple[int, object]], nbytes: int) -> torch.Tensor:
         """Copy each ``(offset, buffer)`` of ``parts`` to ``offset`` of a new uint8 device
@@ -218,10 +225,7 @@ class HostDownload:
         src = data.reshape(-1).view(torch.uint8)
         n = src.numel()
         with self._lock:
-            if n > self._host.numel():
-                size = max(n, int(self._host.numel() * _GROW))
-                size = -(-size // (2 << 20)) * (2 << 20)
-                self._host = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+            self._host = _grown(self._host, n, self._cuda)
             host = self._host[:n]
             host.copy_(src, non_blocking=self._cuda)
             if self._cuda:
