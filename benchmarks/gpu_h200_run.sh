@@ -4,15 +4,15 @@
 # .dev-n (py3.12 wheels the GPU image lacks; nvidia-nvcomp-cu13 6.0.0.12 and its library)
 # and installs them: `python3 -m pip install --no-index --no-deps --target /tmp/site
 # .dev-w/*.whl .dev-n/*.whl`; this one carries .gpu-rans8 (the SmolLM2 int8 rans artifact
-# at ratio 16 and one real 256-token chunk).
+# at ratio 16 and one real 256-token chunk; DATA=.gpu-rans9 names another such folder).
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site KVTC_GPU_RANS_DATA=$PWD/.gpu-rans8
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site DATA=${DATA:-.gpu-rans8} KVTC_GPU_RANS_DATA=$PWD/${DATA:-.gpu-rans8}
 T0=$(date +%s)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
 mkdir -p $OUT/res
 rm -rf /tmp/t; mkdir /tmp/t; cp -r tests pyproject.toml /tmp/t/
 (cd /tmp/t && timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_rans.py tests/test_gpu_codec.py tests/test_gpu_nvcomp.py > $OUT/res/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -3 $OUT/res/gpu_tests.txt)
 echo "tests $(( $(date +%s) - T0 )) s"
-timeout 330 python3 benchmarks/gpu_codec.py --smollm2-artifact .gpu-rans8/artifact --smollm2-chunk .gpu-rans8/chunk.safetensors --ttft --reps 2 --ttft-reps 2 --out $OUT/res > $OUT/res/bench.log 2>&1; echo "bench rc=$?"
+timeout 330 python3 benchmarks/gpu_codec.py --smollm2-artifact $DATA/artifact --smollm2-chunk $DATA/chunk.safetensors --ttft --reps 2 --ttft-reps 2 --out $OUT/res > $OUT/res/bench.log 2>&1; echo "bench rc=$?"
 grep -E "gbps|ttft_speedup|honest" $OUT/res/gpu_codec.md | head -30
 echo "total $(( $(date +%s) - T0 )) s"

@@ -158,6 +158,15 @@ def parse(argv) -> argparse.Namespace:
         help="quality.json files of other runs (e.g. one per GPU) to merge into --out's",
     )
     p.add_argument(
+        "--pool-retrieval",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="results files of retrieval runs over other prompts (--retrieval-first N): "
+        "their answers pool with --out's rows of the same method and ratio "
+        "(retrieval_pooled; the ratio-16 target reads it)",
+    )
+    p.add_argument(
         "--plot-only",
         action="store_true",
         help="regenerate the Markdown and plots from the JSON; run nothing",
@@ -285,6 +294,14 @@ def main(argv=None) -> int:
             doc = rows.merge_docs(doc, rows.load(other))
         rows.save(json_path, doc)
         log.info("merged %d files into %s", len(args.merge), json_path)
+    if args.pool_retrieval:
+        doc = rows.pool_retrieval(
+            rows.load(json_path),
+            [rows.load(p) for p in args.pool_retrieval],
+            args.retrieval_min_accuracy,
+        )
+        rows.save(json_path, doc)
+        log.info("pooled retrieval of %d files into %s", len(args.pool_retrieval), json_path)
     if args.plot_only:
         finish(rows.load(json_path), args.out, None)
         return 0

@@ -140,6 +140,27 @@ def render(doc: dict, skipped: list[str] | None = None, old_text: str = "") -> s
             f"| {_f(r.get('greedy_agreement'), '.3f')} | {_f(r.get('greedy_prefix_mean'), '.1f')} "
             f"| {r.get('run', '?')} |"
         )
+    pooled = [r for r in rows if r.get("retrieval_pooled")]
+    if pooled:
+        lines += [
+            "",
+            (
+                "Retrieval pooled over more prompts (`--pool-retrieval`: the row's own "
+                "prompts and retrieval runs over further prompts; groups where the "
+                "uncompressed model scores >= 80% over all of them):"
+            ),
+            "",
+            "| method | target | prompts | groups | accuracy | uncompressed | Δ (pts) | runs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in pooled:
+            p = r["retrieval_pooled"]
+            lines.append(
+                f"| {r['method']} | {_f(r.get('target_ratio'), 'g')} | {p['prompts']} "
+                f"| {', '.join(p['groups'])} | {_f(p['accuracy'] and 100 * p['accuracy'], '.2f')}% "
+                f"| {_f(p['exact_accuracy'] and 100 * p['exact_accuracy'], '.2f')}% "
+                f"| {_f(p['delta_pts'], '+.2f')} | {len(p['parts'])} |"
+            )
     lines += ["", "## Targets (issue 3)", ""]
     lines += [f"- {t.line()}" for t in check(rows)]
     if skipped:

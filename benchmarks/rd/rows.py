@@ -80,3 +80,79 @@ def save(path: Path, doc: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def _correct(row: dict, group: str, samples: int) -> int:
+    return samples - len(row.get("retrieval_wrong", {}).get(group, []))
+
+
+def pool_retrieval(doc: dict, slices: list[dict], min_accuracy: float = 0.8) -> dict:
+    """``doc`` with the retrieval of its rows pooled with runs over other prompts.
+
+    Each of ``slices`` is a results file of one retrieval run (``--retrieval-first`` N,
+    ``--retrieval-min-accuracy 0``) over prompts the row's own run did not use. A row of
+    ``doc`` with the same (method, target ratio) gets ``retrieval_pooled``: per group the
+    correct answers of the row and of the uncompressed model summed over its own prompts
+    and every slice's (from ``retrieval_wrong`` and each run's ``retrieval_samples``), the
+    groups where the uncompressed model scores at least ``min_accuracy`` over all of
+    them, and the change in points over those groups. The row's own fields stay as they
+    are.
+
+    Raises:
+        ValueError: a slice repeats prompts already pooled, or lacks a group or the
+            uncompressed row.
+    """
+
+    def run_meta(d: dict, row: dict) -> dict:
+        return d["runs"].get(row.get("run"), {})
+
+    exact = next(r for r in doc["rows"] if r["method"] == "exact")
+    by_key = {row_key(r): r for r in doc["rows"] if r["method"] != "exact"}
+    pools: dict[tuple, dict] = {}
+    for sl in slices:
+        s_exact = next((r for r in sl["rows"] if r["method"] == "exact"), None)
+        if s_exact is None:
+            raise ValueError("a retrieval slice has no uncompressed (exact) row")
+        for r in sl["rows"]:
+            key = row_key(r)
+            if r["method"] == "exact" or key not in by_key or not r.get("retrieval"):
+                continue
+            base = by_key[key]
+            if key not in pools:
+                m = run_meta(doc, base)
+                if run_meta(doc, exact).get("retrieval_first", 0) != m.get("retrieval_first", 0):
+                    raise ValueError(f"{key}: the uncompressed row covers other prompts")
+                pools[key] = {"parts": [], "n": {}, "correct": {}, "exact_correct": {}}
+                _pool_add(pools[key], base, exact, m, base["retrieval_groups"])
+            _pool_add(pools[key], r, s_exact, run_meta(sl, r), base["retrieval_groups"])
+    for key, p in pools.items():
+        groups = [g for g in p["n"] if p["exact_correct"][g] >= min_accuracy * p["n"][g]]
+        n = sum(p["n"][g] for g in groups)
+        c = sum(p["correct"][g] for g in groups)
+        e = sum(p["exact_correct"][g] for g in groups)
+        by_key[key]["retrieval_pooled"] = {
+            **p,
+            "groups": groups,
+            "prompts": n,
+            "accuracy": round(c / n, 4) if n else None,
+            "exact_accuracy": round(e / n, 4) if n else None,
+            "delta_pts": round(100 * (c - e) / n, 2) if n else None,
+        }
+    return doc
+
+
+def _pool_add(pool: dict, row: dict, exact: dict, meta: dict, groups: list[str]) -> None:
+    first, samples = meta.get("retrieval_first", 0), meta["retrieval_samples"]
+    end = first + samples
+    part = {"run": row.get("run"), "first": first, "samples": samples, "groups": []}
+    for g in groups:
+        if g not in row.get("retrieval", {}) or g not in exact.get("retrieval", {}):
+            continue
+        for q in pool["parts"]:
+            if g in q["groups"] and first < q["first"] + q["samples"] and q["first"] < end:
+                raise ValueError(f"{g}: prompts {first}-{end - 1} pooled twice")
+        part["groups"].append(g)
+        pool["n"][g] = pool["n"].get(g, 0) + samples
+        pool["correct"][g] = pool["correct"].get(g, 0) + _correct(row, g, samples)
+        pool["exact_correct"][g] = pool["exact_correct"].get(g, 0) + _correct(exact, g, samples)
+    pool["parts"].append(part)

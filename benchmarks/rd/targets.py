@@ -115,7 +115,17 @@ def check(rows: list[dict]) -> list[Target]:
         out.append(Target(text, bool(ok), detail))
     text = "retrieval within 1 point of uncompressed at ratio 16 (qualifying lengths)"
     r16 = [r for r in ours if r.get("target_ratio") == 16]
-    if not r16 or r16[0].get("retrieval_delta_pts") is None:
+    if r16 and r16[0].get("retrieval_pooled"):
+        p = r16[0]["retrieval_pooled"]
+        d = p["delta_pts"]
+        spans = sorted({(q["first"], q["first"] + q["samples"] - 1) for q in p["parts"]})
+        detail = (
+            f"{d:+.2f} points over {p['prompts']} prompts ({', '.join(p['groups'])}; "
+            f"prompts {', '.join(f'{a}-{b}' for a, b in spans)} of each; "
+            f"{100 * p['accuracy']:.2f}% against {100 * p['exact_accuracy']:.2f}%)"
+        )
+        out.append(Target(text, d >= -1.0, detail))
+    elif not r16 or r16[0].get("retrieval_delta_pts") is None:
         out.append(Target(text, None, "no retrieval delta for kvtc 16"))
     else:
         d = r16[0]["retrieval_delta_pts"]
