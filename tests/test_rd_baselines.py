@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,6 +178,37 @@ def test_kvtc_wrapper_counts_every_blob(arts):  # noqa: F811
     assert facts["artifact_id"] == art.artifact_id and facts["artifact_params"] > 0
 
 
+def test_fixed_width_ablation_counts_the_same_symbols_bit_packed(arts):  # noqa: F811
+    """``kvtc-nocoder`` of a rans artifact: the same decoded KV as ours, its stream
+    replaced by fixed-width packing of the very symbols the stream holds."""
+    from benchmarks.rd.kvtc import KVTCFixedWidth, fixed_width_bytes
+    from kvtc_store.codec.blob import unpack_blob_header
+
+    art = arts["all", 8.0]
+    codec = KVTCCodec(art, coder="none")
+    k, v = make_chunk(700, 0, seed=7)
+    if art.quantizer != "rans":
+        with pytest.raises(ValueError, match="rans"):
+            codec.decode_symbols(codec.encode(k[:, :, :256], v[:, :, :256]))
+        return
+    ours = KVTC(name="kvtc", target_ratio=8.0, codec=codec).roundtrip(k, v)
+    fixed = KVTCFixedWidth(name="kvtc-nocoder", target_ratio=8.0, codec=codec).roundtrip(k, v)
+    assert torch.equal(fixed.keys, ours.keys) and torch.equal(fixed.values, ours.values)
+    blobs = codec.encode_sequence(k, v, 0, chunk_tokens=256)
+    n_coded = sum(r.end - r.start for r in art.plan)
+    for blob, b_ours, b_fixed in zip(blobs, ours.chunk_bytes, fixed.chunk_bytes):
+        sym = codec.decode_symbols(blob)
+        header, _ = unpack_blob_header(blob)
+        a, b = codec.compressed_span(header.shape[3], header.first_position, header.exact_tail)
+        assert sym.shape == (n_coded, b - a)
+        assert b_fixed == b_ours - header.sections["stream"] + fixed_width_bytes(sym)
+    assert sum(fixed.chunk_bytes) > sum(ours.chunk_bytes)  # rANS beats fixed width
+    # the packing: per component 3 bytes + ceil(tokens * bits of its range / 8)
+    sym = np.array([[5, 5, 5, 5], [0, 1, 2, 3], [-4, 3, 0, 0]])
+    assert fixed_width_bytes(sym) == (3 + 0) + (3 + 1) + (3 + 2)
+    assert fixed_width_bytes(np.zeros((3, 0), dtype=np.int32)) == 0
+
+
 # -- quality.json rows -------------------------------------------------------------------
 
 
@@ -298,3 +330,59 @@ def test_roundtrip_counted_counts_and_passes_exact_through():
 def test_roundtrip_dataclass_sums_bytes():
     rt = Roundtrip(torch.zeros(1), torch.zeros(1), [10, 20, 5], [256, 256, 3])
     assert rt.stored_bytes == 35
+
+
+def _ret_row(method, ratio, run, wrong):
+    """A row whose retrieval missed the prompts in ``wrong`` ({group: [prompt index]})."""
+    return {
+        **_row(method, ratio, run),
+        "retrieval": {g: 0.0 for g in wrong},
+        "retrieval_wrong": wrong,
+        "retrieval_groups": sorted(wrong),
+    }
+
+
+def test_pool_retrieval_sums_answers_over_prompt_slices():
+    """Retrieval runs over other prompts pool with a row's own by counting answers; the
+    groups that qualify are decided on the pooled uncompressed accuracy, and the
+    ratio-16 target reads the pooled change."""
+    g2, g4 = "passkey@2048", "passkey@4096"
+    doc = {"rows": [], "runs": {}}
+    doc = rows.merge(
+        doc,
+        [
+            _ret_row("exact", None, "a", {g2: [3], g4: [1, 2]}),
+            _ret_row("kvtc", 16, "a", {g2: [3], g4: [1, 2, 5]}),
+            _ret_row("kvtc", 8, "a", {g2: [], g4: [1, 2]}),
+        ],
+        "a",
+        {"retrieval_first": 0, "retrieval_samples": 10},
+    )
+
+    def slice_doc(run, first, exact_wrong, kvtc_wrong):
+        return rows.merge(
+            {"rows": [], "runs": {}},
+            [_ret_row("exact", None, run, exact_wrong), _ret_row("kvtc", 16, run, kvtc_wrong)],
+            run,
+            {"retrieval_first": first, "retrieval_samples": 10},
+        )
+
+    s1 = slice_doc("b", 10, {g2: [], g4: [11, 12]}, {g2: [14], g4: [11]})
+    s2 = slice_doc("c", 20, {g2: [], g4: [21, 22, 23, 24]}, {g2: [], g4: [21, 22, 23, 24, 25]})
+    pooled = rows.pool_retrieval(doc, [s1, s2], min_accuracy=0.8)
+    r16 = next(r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 16.0))
+    p = r16["retrieval_pooled"]
+    assert p["n"] == {g2: 30, g4: 30}
+    assert p["exact_correct"] == {g2: 29, g4: 22} and p["correct"] == {g2: 28, g4: 21}
+    assert p["groups"] == [g2]  # 22/30 < 80% at 4096 over all 30 prompts
+    assert p["prompts"] == 30 and p["delta_pts"] == pytest.approx(-100 / 30, abs=0.01)
+    assert [q["first"] for q in p["parts"]] == [0, 10, 20]
+    assert "retrieval_pooled" not in next(
+        r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 8.0)
+    )  # no slice measured it
+    got = {t.text: t for t in targets.check(pooled["rows"])}
+    r16_line = got["retrieval within 1 point of uncompressed at ratio 16 (qualifying lengths)"]
+    assert r16_line.met is False and "over 30 prompts" in r16_line.detail
+    # the same prompts twice are refused
+    with pytest.raises(ValueError, match="pooled twice"):
+        rows.pool_retrieval(doc, [s1, s1])

@@ -10,17 +10,19 @@ one batch (:meth:`~kvtc_store.codec.KVTCCodec.decode_prefix`). Every blob byte c
 msgpack header, checksum, scales, exact tokens.
 
 Ablations reuse this class with artifacts calibrated under other
-:class:`~kvtc_store.calibration.CalibrationSettings` (see :mod:`.methods`), or with the
-``none`` entropy coder.
+:class:`~kvtc_store.calibration.CalibrationSettings` (see :mod:`.methods`); ``kvtc-nocoder``
+is :class:`KVTCFixedWidth` (the same symbols without rANS).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec.blob import unpack_blob_header
 
 from .base import KVMethod, Roundtrip
 
@@ -47,9 +49,13 @@ class KVTC(KVMethod):
         return Roundtrip(
             torch.cat([c.keys for c in chunks], dim=2),
             torch.cat([c.values for c in chunks], dim=2),
-            [len(b) for b in blobs],
+            [self.stored_bytes(b) for b in blobs],
             [c.keys.shape[2] for c in chunks],
         )
+
+    def stored_bytes(self, blob: bytes) -> int:
+        """Bytes one chunk takes: the whole blob."""
+        return len(blob)
 
     def facts(self) -> dict:
         """Artifact facts for the row: id, bits per token, parameters stored (every tensor
@@ -60,3 +66,31 @@ class KVTC(KVMethod):
             "bits_per_token": art.plan_bits_per_token(),
             "artifact_params": art.stored_params(),
         }
+
+
+def fixed_width_bytes(symbols: np.ndarray) -> int:
+    """Bytes of ``(components, tokens)`` integer symbols bit-packed without an entropy
+    coder: per component its minimum (int16, 2 bytes), its width (1 byte) and
+    ``ceil(tokens * width / 8)`` bytes of ``symbol - minimum`` in ``width`` bits, the
+    width being what the component's range in this chunk needs (0 when constant)."""
+    if symbols.shape[1] == 0:
+        return 0
+    span = symbols.max(axis=1).astype(np.int64) - symbols.min(axis=1) + 1
+    width = np.ceil(np.log2(span)).astype(np.int64)
+    return int((3 + (symbols.shape[1] * width + 7) // 8).sum())
+
+
+@dataclass
+class KVTCFixedWidth(KVTC):
+    """Ablation "without entropy coding" of the ``rans`` quantiser: the same symbols
+    (so the same decoded KV and quality as :class:`KVTC` with this artifact), counted as
+    if bit-packed at fixed width per component and chunk (:func:`fixed_width_bytes`)
+    instead of rANS-coded; every other blob byte (header, checksum, exact tokens) as
+    stored. The header's section sizes would differ by a few bytes; not counted."""
+
+    kind: str = "ablation"
+
+    def stored_bytes(self, blob: bytes) -> int:
+        header, _ = unpack_blob_header(blob)
+        stream = header.sections.get("stream", 0)
+        return len(blob) - stream + fixed_width_bytes(self.codec.decode_symbols(blob))

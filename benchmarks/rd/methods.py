@@ -2,8 +2,9 @@
 
 - ``kvtc``: ours, one row per target ratio (artifacts from
   :func:`kvtc_store.calibration.load_or_calibrate`).
-- Ablations of ours, one row per ablation ratio: ``kvtc-nocoder`` (the same artifacts, no
-  entropy coder), and three that calibrate under other
+- Ablations of ours, one row per ablation ratio: ``kvtc-nocoder`` (the same artifacts and
+  symbols, bit-packed at fixed width per component instead of rANS-coded:
+  :class:`~.kvtc.KVTCFixedWidth`; for a ``minmax`` artifact, no DEFLATE pass), and others that calibrate under other
   :class:`~kvtc_store.calibration.CalibrationSettings` fields: ``kvtc-uniform``
   (``allocation="uniform"``: uniform bits on the top components, no DP),
   ``kvtc-rope`` (``undo_rope=False``: RoPE kept on keys), ``kvtc-perlayer``
@@ -39,7 +40,7 @@ from .bf16 import BF16
 from .fp8 import fp8_cast, fp8_per_token
 from .int_group import int4_group64, int8_per_token
 from .kivi import KIVI
-from .kvtc import KVTC
+from .kvtc import KVTC, KVTCFixedWidth
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,17 @@ def build_methods(
     out: list[KVMethod] = []
     skipped: list[str] = []
 
-    def kvtc_rows(name, kind, arts, rs, coder="deflate"):
+    def kvtc_rows(name, kind, arts, rs, coder="deflate", cls=KVTC):
         for r, a in zip(rs, arts):
             codec = KVTCCodec(a, coder=coder, device=device, gpu_kernels=gpu_kernels)
-            out.append(KVTC(name=name, target_ratio=float(r), kind=kind, codec=codec))
+            out.append(cls(name=name, target_ratio=float(r), kind=kind, codec=codec))
 
     if "kvtc" in names:
         kvtc_rows("kvtc", "ours", calibrate(settings, list(ratios)), ratios)
     if "kvtc-nocoder" in names:
         arts = calibrate(settings, list(ablation_ratios))
-        kvtc_rows("kvtc-nocoder", "ablation", arts, ablation_ratios, coder="none")
+        cls = KVTCFixedWidth if settings.quantizer == "rans" else KVTC
+        kvtc_rows("kvtc-nocoder", "ablation", arts, ablation_ratios, coder="none", cls=cls)
     for name in SETTINGS_ABLATIONS:
         if name not in names:
             continue

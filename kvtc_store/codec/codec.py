@@ -407,6 +407,30 @@ class KVTCCodec:
                 f"(version {header.artifact_version}), this codec is {art.artifact_id}"
             )
 
+    def decode_symbols(self, blob: bytes) -> np.ndarray:
+        """The quantised symbols of a ``rans`` blob, for analysis (what the rANS stream
+        codes; :meth:`decode` turns them into KV).
+
+        Returns:
+            ``(coded components, compressed tokens)`` int array: row ``i`` is the
+            ``i``-th component of the bit plan (the artifact's ``plan`` ranges in order),
+            column ``t`` the ``t``-th compressed token of the chunk (positions past the
+            sink tokens and before the exact tail). No columns when nothing is compressed.
+
+        Raises:
+            ValueError: the codec's quantiser is not ``rans``.
+            BlobError subclasses, CodecMismatchError: as :meth:`decode`.
+        """
+        if self._rans is None:
+            raise ValueError("decode_symbols needs a codec with the rans quantiser")
+        header, payload = unpack_blob(blob)
+        self.check_header(header)
+        p = self._parse(header, payload)
+        n_coded = sum(r.end - r.start for r in self.artifact.plan)
+        if p.b <= p.a:
+            return np.zeros((n_coded, 0), dtype=np.int32)
+        return self._rans.decode([p.stream], [p.b - p.a])
+
     @torch.no_grad()
     def decode(
         self,
