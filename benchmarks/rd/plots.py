@@ -48,11 +48,23 @@ def draw(rows: list[dict], out_dir: Path) -> list[Path]:
         if not series:
             (out_dir / name).unlink(missing_ok=True)  # no stale plot of rows now gone
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, pts in series.items():
+        fig, ax = plt.subplots(figsize=(10, 5))
+        colors = plt.get_cmap("tab20").colors
+        for i, (method, pts) in enumerate(series.items()):
             xs, ys = zip(*pts)
-            style = "o-" if len(pts) > 1 else "s"
-            ax.plot(xs, ys, style, label=method, markersize=4)
+            ours = method == "kvtc"
+            # one colour per method; eviction baselines dashed, ours thick and on top
+            line = "--" if method.startswith("kvpress") else "-"
+            ax.plot(
+                xs,
+                ys,
+                ("o" + line) if len(pts) > 1 else "s",
+                label=method,
+                markersize=5 if ours else 4,
+                lw=2.5 if ours else 1.2,
+                color="k" if ours else colors[i % len(colors)],
+                zorder=3 if ours else 2,
+            )
         if field == "retrieval_accuracy" and exact and exact.get("retrieval_accuracy") is not None:
             ax.axhline(
                 100 * exact["retrieval_accuracy"], color="k", ls="--", lw=1, label="uncompressed"
@@ -66,7 +78,7 @@ def draw(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xlabel("honest compression ratio (bf16 bytes / stored bytes, middle chunks)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.set_title(f"SmolLM2-135M-Instruct: {label} vs honest ratio")
         fig.tight_layout()
         path = out_dir / name
