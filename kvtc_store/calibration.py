@@ -235,7 +235,13 @@ def calibrate(
         )
         w = settings.window_tokens
         for i in range(settings.windows + 1):
-            say(done, steps, f"KV of calibration window {i + 1}/{settings.windows + 1}")
+            say(
+                done,
+                steps,
+                f"KV of calibration window {i + 1}/{settings.windows}"
+                if i < settings.windows
+                else "KV of the held-out window",
+            )
             _, cache = lm_forward(model, ids[None, i * w : (i + 1) * w], last_only=True)
             keys, values = kv_from_cache(cache)
             if i < settings.windows:
@@ -254,7 +260,11 @@ def calibrate(
         if settings.weighting == "sensitivity":
             say(done, steps, "measuring layer sensitivity")
             weights = measure_sensitivity(
-                model, ids, n_sink=settings.n_sink, window=settings.window
+                model,
+                ids,
+                n_sink=settings.n_sink,
+                window=settings.window,
+                progress=lambda msg: say(done, steps, msg),
             )
             log.info("layer sensitivity (keys, values): %s", weights.tolist())
         elif settings.weighting != "variance":

@@ -65,11 +65,8 @@ def cmd_calibrate(args) -> int:
     settings = CalibrationSettings(
         windows=args.windows,
         layers_per_group=args.layers_per_group,
-        **{
-            k: v
-            for k, v in [("corpus", args.corpus), ("max_artifact_share", args.max_artifact_share)]
-            if v is not None
-        },
+        **({"corpus": args.corpus} if args.corpus else {}),
+        **_cap_setting(args.max_artifact_share),
     )
     arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar())
     for r, a in zip(args.ratio, arts):
@@ -79,6 +76,27 @@ def cmd_calibrate(args) -> int:
             f"{q.get('honest_ratio', 0):.2f}, relative error {q.get('measured_nmse', 0):.4f}"
         )
     return 0
+
+
+def _cap_setting(text: str | None) -> dict:
+    """``--max-artifact-share``: a share in (0, 1], ``none`` for no cap, or not given
+    (the library's default)."""
+    if text is None:
+        return {}
+    if text.lower() == "none":
+        return {"max_artifact_share": None}
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share in (0, 1] or 'none'")
+    return {"max_artifact_share": share}
+
+
+def _share(text: str) -> str:
+    _cap_setting(text)  # refuses bad values while parsing
+    return text
 
 
 def cmd_inspect(args) -> int:
@@ -186,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="long-document reuse on SmolLM2 with CPU and disk tiers")
     d.add_argument("--ratio", type=float, default=16.0, help="codec target ratio (default 16)")
-    d.add_argument("--doc-tokens", type=int, default=4000, help="document length in tokens")
+    d.add_argument(
+        "--doc-tokens", type=int, default=4000, help="document length in tokens (default 4000)"
+    )
     d.add_argument(
         "--windows", type=int, default=24, help="calibration windows of 2,048 tokens (default 24)"
     )
@@ -212,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus",
         choices=["shakespeare", "shakespeare+numpy"],
         default=None,
-        help="calibration text (default: the library's, see docs/config.md)",
+        help="calibration text (default shakespeare+numpy)",
     )
     c.add_argument(
         "--max-artifact-share",
-        type=float,
+        type=_share,
         default=None,
-        help="cap on the artifact's stored parameters as a share of the model's, e.g. "
-        "0.15 (default: no cap)",
+        help="cap on the artifact's stored parameters as a share of the model's, applied "
+        "from target ratio 16 up (default 0.15; 'none': no cap)",
     )
     c.set_defaults(fn=cmd_calibrate)
     i = sub.add_parser("inspect", help="print a blob's header")

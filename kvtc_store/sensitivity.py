@@ -48,7 +48,8 @@ def measure_sensitivity(
         noise: injected noise variance relative to the layer's mean feature variance.
         n_sink, window: the exact tokens at the start and end of the context (no noise).
         seed: noise seed.
-        progress: optional ``progress(message)`` per window.
+        progress: optional ``progress(message)`` after each perturbed run of the model
+            (``2 * L`` runs per window).
 
     Returns:
         float64 ``(2, L)``: row 0 keys, row 1 values; mean KL (nats per continuation
@@ -83,6 +84,7 @@ def measure_sensitivity(
                 lq = F.log_softmax(continuation_logits(model, k, v, cont), dim=-1)
                 kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
                 out[row, layer] += kl / (noise * var * heads * dim) / windows
-        if progress:
-            progress(f"sensitivity window {w + 1}/{windows}")
+                if progress:
+                    done = (w * 2 + row) * n_layers + layer + 1
+                    progress(f"layer sensitivity: run {done}/{windows * 2 * n_layers}")
     return out

@@ -94,3 +94,21 @@ def test_stats_of_a_config_reads_its_disk_and_s3_tiers(tmp_path, s3_endpoint):
     )
     assert out.returncode == 1
     assert "unreachable: s3 tier: list: listing" in out.stdout.splitlines()[3]
+
+
+def test_calibrate_takes_the_corpus_and_the_artifact_cap(smollm2, test_settings, capsys):
+    """`kvtc-store calibrate`: the cap applies by default from target 16 up (its share
+    names the artifact's folder), `--max-artifact-share none` turns it off, a share
+    outside (0, 1] is refused while parsing (exit 2)."""
+    windows = ["--windows", str(test_settings.windows)]
+    assert main(["calibrate", "--ratio", "8", "16", *windows]) == 0
+    out = capsys.readouterr().out
+    assert "int8-cr8 " in out and "int8-p0.15-cr16 " in out
+    args = ["calibrate", "--ratio", "16", "--max-artifact-share", "none", *windows]
+    assert main(args) == 0
+    assert "int8-cr16 " in capsys.readouterr().out
+    for bad in ("0", "1.5", "lots"):
+        with pytest.raises(SystemExit) as exc:
+            main(["calibrate", "--max-artifact-share", bad])
+        assert exc.value.code == 2
+    assert "not a share in (0, 1]" in capsys.readouterr().err
