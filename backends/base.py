@@ -231,8 +231,13 @@ class Backend(abc.ABC):
         """
         self._eviction_listener = listener
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Release resources held by the tier (files, connections). Default: nothing.
+
+        ``wait=False`` (a store's garbage-collection finalizer): do not join threads; stop
+        them without waiting. A finalizer can run inside ``threading``'s own bookkeeping
+        (a thread starting up), where joining a thread deadlocks (seen in CI: a disk
+        tier's I/O pool joined from there).
 
         Stored data stays where the tier keeps it; a closed in-memory tier
         simply stops being used.

@@ -296,12 +296,14 @@ class DiskBackend(Backend):
                 except OSError as e:
                     raise StoreError(f"{self.name} tier: cannot delete chunk {k}: {e}") from e
 
-    def close(self) -> None:
-        """Stop the I/O threads (the chunk files stay)."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the I/O threads (the chunk files stay); ``wait=False``: without joining
+        them (see :meth:`Backend.close`; no I/O is pending, as every call waits for its
+        own)."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=wait)
 
     def usage(self) -> TierUsage:
         """Return occupancy (bytes of chunk files known to this instance) and counters."""

@@ -367,18 +367,20 @@ class S3Backend(Backend):
                 errors=self._errors,
             )
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Stop the transfer manager and the batch thread pool and close the client's connections.
 
-        A closed backend must not be used again.
+        ``wait=False`` (see :meth:`Backend.close`): the pool stops without joining its
+        threads and the transfer manager is left to stop its idle threads when it is
+        collected (its ``shutdown`` joins them). A closed backend must not be used again.
         """
         with self._lock:
             pool, self._pool = self._pool, None
             tm, self._tm = self._tm, None
-        if tm is not None:
+        if tm is not None and wait:
             tm.shutdown()
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=wait)
         close = getattr(self._client, "close", None)
         if close is not None:
             close()

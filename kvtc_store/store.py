@@ -138,7 +138,10 @@ class TieredStore:
         self._prefetched_bytes = 0
         self.prefetch_buffer_bytes = prefetch_buffer_bytes
         self._closed = False
-        self._finalizer = weakref.finalize(self, _release, self._stack, self.metrics)
+        # a store dropped without close() is flushed and closed when collected, without
+        # joining threads: collection can run inside threading's bookkeeping, where a
+        # join deadlocks (Backend.close)
+        self._finalizer = weakref.finalize(self, _release, self._stack, self.metrics, 60.0, False)
 
     @classmethod
     def from_config(
@@ -553,10 +556,13 @@ class TieredStore:
         return out
 
 
-def _release(stack: TierStack, metrics: StoreMetrics, timeout: float | None = 60.0) -> bool:
-    """Flush and close a store's tiers and metrics server (also its finalizer)."""
+def _release(
+    stack: TierStack, metrics: StoreMetrics, timeout: float | None = 60.0, wait: bool = True
+) -> bool:
+    """Flush and close a store's tiers and metrics server (also its finalizer, with
+    ``wait=False``: no thread joined)."""
     metrics.close()
-    flushed = stack.close(timeout)
+    flushed = stack.close(timeout, wait=wait)
     if not flushed:
         log.warning("store closed with chunks still queued for the lower tiers")
     return flushed

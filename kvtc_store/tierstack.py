@@ -240,14 +240,16 @@ class TierStack:
         :meth:`WriteDown.flush`); False if ``timeout`` seconds passed first."""
         return self.write_down.flush(timeout)
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None, wait: bool = True) -> bool:
         """Flush, stop the writers and close every tier. Returns whether the flush
-        finished in time. The stack must not be used afterwards."""
-        flushed = self.write_down.close(timeout)
+        finished in time. ``wait=False``: join no thread (a garbage-collection
+        finalizer, see :meth:`~kvtc_store.backends.Backend.close`). The stack must not be
+        used afterwards."""
+        flushed = self.write_down.close(timeout, wait=wait)
         for tier in self.tiers:
             tier.set_eviction_listener(None)
             try:
-                tier.close()
+                tier.close() if wait else tier.close(wait=False)
             except Exception as exc:  # noqa: BLE001 - close the others regardless
                 log.warning("closing tier %s failed: %s", tier.name, exc)
         return flushed

@@ -235,8 +235,11 @@ class WriteDown:
             if all(q.depth == 0 for q in self._queues.values()):
                 return True
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None, wait: bool = True) -> bool:
         """Flush (up to ``timeout``), then stop the writers; later submits raise.
+        ``wait=False``: do not join the writer threads (they exit once their queues are
+        empty; see :meth:`~kvtc_store.backends.Backend.close` for why a finalizer
+        must not join).
 
         Returns:
             Whether everything queued was written before the writers stopped. Chunks
@@ -248,7 +251,7 @@ class WriteDown:
             self._closed = True
         for q in self._queues.values():
             q.close()
-        if flushed:
+        if flushed and wait:
             for th in self._threads:
                 th.join()
         return flushed

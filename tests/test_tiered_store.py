@@ -502,3 +502,50 @@ def test_a_dropped_store_still_writes_its_queue_down(tmp_path: Path) -> None:
     while len(list(tmp_path.rglob("*.kvtc"))) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(list(tmp_path.rglob("*.kvtc"))) == 5
+
+
+FINALIZER_IN_THREADING = """
+import sys, threading
+from kvtc_store.backends import DiskBackend, MemoryBackend
+from kvtc_store.store import TieredStore
+from tests.tiny_codec import CHUNK, tiny_codec, tiny_namespace, tiny_sequence
+
+disk = DiskBackend(sys.argv[1], 1 << 30, io_threads=4)
+disk.put([("aa", b"1"), ("bb", b"2")])  # two files at once: the I/O pool starts here,
+# in the main thread, so its threads are not daemons (join takes threading's lock)
+store = TieredStore([MemoryBackend(1 << 24), disk], tiny_codec(), tiny_namespace("t"),
+                    chunk_tokens=CHUNK)
+tokens, keys, values = tiny_sequence(4)
+store.put(tokens, keys, values)
+assert store.flush(timeout=30)
+# A store collected without close() runs its finalizer wherever collection happens,
+# e.g. inside threading's bookkeeping while a thread starts, with this lock held:
+with threading._shutdown_locks_lock:
+    store._finalizer()
+print("released")
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(threading, "_shutdown_locks_lock"), reason="CPython's threading internals"
+)
+def test_store_finalizer_joins_no_thread(tmp_path: Path) -> None:
+    """Regression (a CI run hung in tests/test_store.py): a store dropped without close()
+    is released by its finalizer, which garbage collection may run inside threading's
+    bookkeeping; joining a thread there (the disk tier's I/O pool, the writers)
+    deadlocks. The finalizer flushes and closes without joining. Run in a subprocess so
+    a regression fails on the timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", FINALIZER_IN_THREADING, str(tmp_path / "disk")],
+        check=False,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "released"
