@@ -66,7 +66,7 @@ def cmd_calibrate(args) -> int:
         windows=args.windows,
         layers_per_group=args.layers_per_group,
         **({"corpus": args.corpus} if args.corpus else {}),
-        **_cap_setting(args.max_artifact_share),
+        **(args.max_artifact_share or {}),
     )
     arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar())
     for r, a in zip(args.ratio, arts):
@@ -78,11 +78,9 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _cap_setting(text: str | None) -> dict:
-    """``--max-artifact-share``: a share in (0, 1], ``none`` for no cap, or not given
-    (the library's default)."""
-    if text is None:
-        return {}
+def _cap_setting(text: str) -> dict:
+    """``--max-artifact-share`` as a calibration setting: a share in (0, 1], or ``none``
+    for no cap (not given: the library's default)."""
     if text.lower() == "none":
         return {"max_artifact_share": None}
     try:
@@ -92,11 +90,6 @@ def _cap_setting(text: str | None) -> dict:
     if not 0 < share <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a share in (0, 1] or 'none'")
     return {"max_artifact_share": share}
-
-
-def _share(text: str) -> str:
-    _cap_setting(text)  # refuses bad values while parsing
-    return text
 
 
 def cmd_inspect(args) -> int:
@@ -236,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument(
         "--max-artifact-share",
-        type=_share,
+        type=_cap_setting,
         default=None,
         help="cap on the artifact's stored parameters as a share of the model's, applied "
         "from target ratio 16 up (default 0.15; 'none': no cap)",

