@@ -69,6 +69,9 @@ from kvtc_store.codec.gpu.nvcomp_coder import NvcompCoder
 from kvtc_store.codec.gpu.staging import HostStaging
 from kvtc_store.codec.rans import ESC, N_SYM, PREC, STATE_BITS, K, assign_classes, laplace_tables
 
+sys.path.insert(0, str(Path(__file__).parent))
+from suffix_forward import SuffixForward  # a sibling script, not a package
+
 RESULTS = Path(__file__).parent / "results"
 CHUNK = 256
 LLAMA = {"layers": 32, "heads": 8, "dim": 128, "theta": 500000.0}
@@ -645,7 +648,15 @@ def cold_time(fn, paths: list[Path], reps: int) -> tuple[float, dict]:
 # -- TTFT ---------------------------------------------------------------------------------
 
 
-def ttft(model, codecs: dict, prefix: int, root: Path, reps: int, suffix: int = 16) -> dict:
+def ttft(
+    model,
+    codecs: dict,
+    prefix: int,
+    root: Path,
+    reps: int,
+    suffix: int = 16,
+    suffix_forward: str = "graph",
+) -> dict:
     """TTFT of a ``prefix + suffix`` prompt: full prefill against reuse of the prefix's
     KV, each timed from the tier's ``get`` to the last position's logits (synchronised):
 
@@ -661,6 +672,13 @@ def ttft(model, codecs: dict, prefix: int, root: Path, reps: int, suffix: int = 
       staging upload (:class:`HostStaging`) → the cache layout → prefill of the suffix.
 
     ``codecs``: grouping name → GpuCodec; the compressed rows are per codec.
+
+    The cache layout every path writes into is that of
+    :class:`suffix_forward.SuffixForward` (preallocated buffers of the prefix and the
+    suffix); the suffix's prefill on it is ``suffix_forward``: ``graph`` (that class: a
+    replayed CUDA graph with split-KV attention, as a serving engine runs it) or ``hf``
+    (Hugging Face's own path: a ``DynamicCache`` built from the buffers, then
+    ``forward``). Both are timed alone and their logits compared in the row.
     """
     layers, heads, dim = next(iter(codecs.values())).artifact.kv_shape
     n = prefix // CHUNK
@@ -676,18 +694,26 @@ def ttft(model, codecs: dict, prefix: int, root: Path, reps: int, suffix: int = 
         row["suffix_only_ms"] = 1e3 * cuda_time(
             lambda: forward(model, ids[:, prefix:], cache_of(k, v)), reps=reps
         )
+        runner = SuffixForward(model, ids[:, prefix:], prefix, graph=CUDA)
+        for dst, src in zip(runner.prefix_kv(), (k, v)):
+            dst.copy_(src)
+        row["suffix_forward"] = suffix_forward
+        row["suffix_graph_ms"] = 1e3 * cuda_time(runner.logits, reps=max(reps, 5))
+        hf_logits = forward(model, ids[:, prefix:], cache_of(k, v)).float()
+        row["check_graph_vs_hf_logit_max_abs_diff"] = float(
+            (runner.logits().float() - hf_logits).abs().max()
+        )
 
-        def layout():
-            kk = torch.empty(layers, heads, prefix, dim, dtype=torch.bfloat16, device=DEV)
-            vv = torch.empty_like(kk)
-            view = (  # the cache's own layout, as chunks: (n, L, H, 256, D) views
-                kk.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4),
-                vv.view(layers, heads, n, CHUNK, dim).permute(2, 0, 1, 3, 4),
-            )
-            return kk, vv, view
+        def layout():  # the cache's own buffers, and as chunks: (n, L, H, 256, D) views
+            return (*runner.prefix_kv(), runner.chunk_views(CHUNK))
 
         def suffix_logits(kk, vv):
-            return forward(model, ids[:, prefix:], cache_of(kk, vv))
+            own = runner.prefix_kv()
+            if kk.data_ptr() != own[0].data_ptr() or vv.data_ptr() != own[1].data_ptr():
+                raise ValueError("the prefix's KV must be in the runner's buffers")
+            if suffix_forward == "hf":
+                return forward(model, ids[:, prefix:], cache_of(kk, vv))
+            return runner.logits()
 
         # -- CPU tier, bf16 in pinned memory (the anchor)
         host_k, host_v = k.cpu(), v.cpu()
@@ -695,8 +721,9 @@ def ttft(model, codecs: dict, prefix: int, root: Path, reps: int, suffix: int = 
             host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
 
         def reuse_pinned_bf16():
-            kk = host_k.to(DEV, non_blocking=True)
-            vv = host_v.to(DEV, non_blocking=True)
+            kk, vv = runner.prefix_kv()
+            kk.copy_(host_k, non_blocking=True)
+            vv.copy_(host_v, non_blocking=True)
             return suffix_logits(kk, vv)
 
         row["reuse_cpu_bf16_ms"] = 1e3 * cuda_time(reuse_pinned_bf16, reps=reps)
@@ -728,9 +755,9 @@ def ttft(model, codecs: dict, prefix: int, root: Path, reps: int, suffix: int = 
             buf = staging.upload([(i * chunk_bytes, b) for i, b in enumerate(vals)],
                                  n * chunk_bytes)  # fmt: skip
             kv = buf.view(torch.bfloat16).view(n, 2, layers, heads, CHUNK, dim)
-            kk = kv[:, 0].permute(1, 2, 0, 3, 4).reshape(layers, heads, prefix, dim)
-            vv = kv[:, 1].permute(1, 2, 0, 3, 4).reshape(layers, heads, prefix, dim)
-            return kk, vv
+            for dst, src in zip(runner.chunk_views(CHUNK), (kv[:, 0], kv[:, 1])):
+                dst.copy_(src)
+            return runner.prefix_kv()
 
         def reuse_disk_bf16(phases=None):
             return reuse_phases(lambda: disk_bf16.get(keys_bf16), bf16_to_device,
@@ -878,6 +905,12 @@ def main() -> None:
     ap.add_argument("--ttft-groupings", default="all,4", help="codecs whose TTFT is measured")
     ap.add_argument("--ttft-reps", type=int, default=3)
     ap.add_argument(
+        "--suffix-forward", choices=("graph", "hf"), default="graph",
+        help="the suffix's prefill in the TTFT: a CUDA graph with split-KV attention over "
+        "preallocated cache buffers (suffix_forward.py, as serving engines run it) or "
+        "Hugging Face's DynamicCache + forward",
+    )  # fmt: skip
+    ap.add_argument(
         "--disk-dir",
         type=Path,
         default=None,
@@ -984,7 +1017,8 @@ def main() -> None:
         for prefix in prefixes:
             log(f"[{time.time() - t0:.0f} s] TTFT at a {prefix}-token prefix")
             try:
-                r = ttft(model, ttft_codecs, prefix, root, args.ttft_reps)
+                r = ttft(model, ttft_codecs, prefix, root, args.ttft_reps,
+                         suffix_forward=args.suffix_forward)  # fmt: skip
                 ttft_speedups(r)
                 log(json.dumps(r))
                 ttfts.append(r)
@@ -1116,6 +1150,14 @@ def ttft_lines(ttfts: list[dict], info: dict) -> list[str]:
         "per 256-token chunk), page cache dropped before each run (fsync,",
         "`posix_fadvise(DONTNEED)` per file), `get`, then to the device (decode, or the",
         "staging upload and a device copy into the layout), then the suffix.",
+        "Every path writes the prefix's KV into the same preallocated cache buffers; the",
+        "suffix's prefill on them is "
+        + (
+            "replayed from a CUDA graph with split-KV attention (`suffix_forward.py`: GQA "
+            "without `repeat_kv`, no `torch.cat` of the cache), as serving engines run it."
+            if ttfts and ttfts[0].get("suffix_forward") == "graph"
+            else "Hugging Face's own path (a `DynamicCache` built from them, then `forward`)."
+        ),
         f"Disk: `{disk.get('path')}` on {disk.get('source')} ({disk.get('fstype')}).",
         "",
         (
@@ -1136,8 +1178,10 @@ def ttft_lines(ttfts: list[dict], info: dict) -> list[str]:
     lines += ["", "Where the time goes (one more run, synchronised between phases, ms):", ""]
     for t in ttfts:
         lines.append(
-            f"- {t['prefix']}: suffix alone on a cache already on the device "
-            f"{t['suffix_only_ms']:.1f}; disk bf16 {t['disk_bf16_phases_ms']} (cold read of "
+            f"- {t['prefix']}: suffix alone on a cache already on the device: Hugging Face's "
+            f"path {t['suffix_only_ms']:.1f}, CUDA graph {t.get('suffix_graph_ms', float('nan')):.1f} "
+            f"(logits max abs diff between them "
+            f"{t.get('check_graph_vs_hf_logit_max_abs_diff', float('nan')):.3g}); disk bf16 {t['disk_bf16_phases_ms']} (cold read of "
             f"the bf16 files into a reused buffer, 8 threads: {t['disk_raw_read_gbps']:.2f} "
             f"GB/s); page cache drops {t['page_cache_drop']}; checks: logits from reused "
             f"bf16 KV against the prefill's, max abs diff "
