@@ -182,7 +182,12 @@ class MemoryBackend(Backend):
     One lock guards the index and the counters, so the tier is thread-safe.
 
     Values are kept as ordinary (pageable) ``bytes``, by reference (``bytes`` are
-    immutable, so neither ``put`` nor ``get`` copies them). Subclasses keep values
+    immutable, so neither ``put`` nor ``get`` copies them); with ``pinned=True``, in
+    page-locked host memory (:mod:`~kvtc_store.backends.pinned`: each ``put`` batch
+    copied into one array registered with CUDA), and ``get`` returns read-only
+    ``memoryview`` slices of it, which a GPU decoder copies to the device by DMA
+    without a staging copy (:meth:`GpuCodec.decode_batch
+    <kvtc_store.codec.gpu.GpuCodec.decode_batch>`). Subclasses keep values
     elsewhere (:class:`~kvtc_store.backends.GPUBackend`: device memory) by
     overriding :meth:`_to_stored` and :meth:`_from_stored`; the policies, the byte
     accounting and the counters are shared.
@@ -190,21 +195,29 @@ class MemoryBackend(Backend):
     Args:
         capacity_bytes: Byte cap of the stored values.
         policy: ``"lru"`` (default) or ``"s3fifo"`` (scan-resistant).
+        pinned: keep the values in page-locked memory (needs CUDA).
 
     Raises:
-        ConfigError: ``capacity_bytes`` is not a non-negative int, or ``policy``
-            is not one of :data:`EVICTION_POLICIES`.
+        ConfigError: ``capacity_bytes`` is not a non-negative int, ``policy``
+            is not one of :data:`EVICTION_POLICIES`, or ``pinned`` without CUDA.
     """
 
     name = "memory"
 
-    def __init__(self, capacity_bytes: int, policy: EvictionPolicy = "lru") -> None:
+    def __init__(
+        self, capacity_bytes: int, policy: EvictionPolicy = "lru", pinned: bool = False
+    ) -> None:
         self.capacity_bytes = check_capacity(capacity_bytes)
         if policy not in _POLICIES:
             raise ConfigError(
                 f"policy must be one of {', '.join(EVICTION_POLICIES)}, got {policy!r}"
             )
         self.policy = policy
+        self.pinned = bool(pinned)
+        if self.pinned:
+            from .pinned import check_pinning
+
+            check_pinning()
         self._policy = _POLICIES[policy](self.capacity_bytes)
         self._used = 0
         self._lock = threading.Lock()
@@ -218,6 +231,10 @@ class MemoryBackend(Backend):
 
     def _to_stored(self, values: list[bytes]) -> list[Any]:
         """Host bytes -> the stored form; ``len()`` of a stored value is its bytes."""
+        if self.pinned:
+            from .pinned import pinned_copies
+
+            return pinned_copies(values)
         return values
 
     def _from_stored(self, stored: list[Any]) -> list[bytes]:

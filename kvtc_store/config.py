@@ -197,6 +197,10 @@ class MemoryTierConfig(_TierBase):
     capacity: ByteSize
     eviction: Literal["lru", "s3fifo"] = "lru"  # type: ignore[assignment]
     """``lru``, or ``s3fifo`` (scan-resistant S3-FIFO, Yang et al., SOSP 2023)."""
+    pinned: StrictBool = False
+    """Keep the blobs in page-locked host memory, which the GPU decoder copies from by
+    DMA without a staging copy (:mod:`kvtc_store.backends.pinned`). Needs CUDA: True on
+    a host without it refuses the config."""
 
 
 class DiskTierConfig(_TierBase):
@@ -559,7 +563,10 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
         except ConfigError as exc:
             raise ConfigError(f"tiers.{i}: {exc}") from exc
     if isinstance(tier, MemoryTierConfig):
-        return MemoryBackend(tier.capacity, policy=tier.eviction)
+        try:
+            return MemoryBackend(tier.capacity, policy=tier.eviction, pinned=tier.pinned)
+        except ConfigError as exc:
+            raise ConfigError(f"tiers.{i}.pinned: {exc}") from exc
     if isinstance(tier, DiskTierConfig):
         try:
             return DiskBackend(tier.path, tier.capacity)

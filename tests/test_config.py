@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvtc_store.backends import DiskBackend, MemoryBackend
 from kvtc_store.config import (
@@ -320,6 +321,23 @@ def test_memory_tier_takes_s3fifo_eviction(tmp_path: Path) -> None:
     assert "tiers.1.eviction (env KVTC_STORE_TIERS__1__EVICTION)" in config_error(
         write(tmp_path, MINIMAL), env
     )
+
+
+def test_memory_tier_pinned_needs_cuda(tmp_path: Path) -> None:
+    """``pinned`` is a strict bool; without CUDA, building a pinned memory tier is a
+    ConfigError naming the field (with CUDA the tier is tested in test_gpu_rans.py)."""
+    text = MINIMAL.replace("64MiB", "64MiB\n    pinned: true")
+    cfg = load_config(write(tmp_path, text), env={})
+    assert [getattr(t, "pinned", None) for t in cfg.tiers] == [True, None]
+    assert load_config(EXAMPLE, env={}).tiers[1].pinned is False
+    assert "tiers.0.pinned" in config_error(write(tmp_path, MINIMAL.replace(
+        "64MiB", "64MiB\n    pinned: yes-please")))  # fmt: skip
+    if torch.cuda.is_available():
+        pytest.skip("CUDA here: a pinned tier builds")
+    with pytest.raises(ConfigError, match=r"tiers\.0\.pinned: pinned host memory needs CUDA"):
+        build_tiers(cfg)
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        MemoryBackend(1 << 20, pinned=True)
 
 
 def test_build_tiers_uses_tier_names(tmp_path: Path) -> None:

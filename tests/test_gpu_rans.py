@@ -40,6 +40,7 @@ from kvtc_store.codec.gpu.rans_triton import (
     encode_symbols_gpu,
     upload_streams,
 )
+from kvtc_store.codec.gpu.staging import HostStaging
 
 TABLES = laplace_tables()
 COUNTS = [256, 1, 17, 0, 100, 64, 3, 255]  # tokens per chunk, a chunk of none included
@@ -344,6 +345,45 @@ def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
     assert capacity > 0
     gpu.decode_batch(good)
     assert gpu._staging.capacity == capacity
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="page-locked host memory needs CUDA")
+def test_pinned_memory_tier_is_read_by_dma(arts, monkeypatch):  # noqa: F811
+    """A pinned CPU tier keeps blobs page-locked and returns read-only views of them; the
+    GPU decoder copies those to the device directly (its staging buffer takes only the
+    small offset table) and decodes them to what it makes of the same bytes; an evicted
+    blob's view stays readable while held."""
+    from kvtc_store.backends import MemoryBackend
+
+    cases = _codec_cases(arts)
+    if not cases:
+        pytest.skip("minmax artifacts")
+    art, keys, values, firsts = cases[0]
+    cpu = KVTCCodec(art)
+    blobs = [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
+    blobs.append(cpu.encode(keys[0], values[0], firsts[0] + 2048, 7))
+    names = [f"{i:064x}" for i in range(len(blobs))]
+    tier = MemoryBackend(sum(map(len, blobs)), pinned=True)
+    tier.put(list(zip(names, blobs)))
+    got = tier.get(names)
+    assert all(isinstance(g, memoryview) and g.readonly for g in got)
+    assert [bytes(g) for g in got] == blobs
+    want = GpuCodec(art, device=DEV).decode_batch(blobs)
+    calls = []  # which parts go straight to the device (the real method, observed)
+    direct = HostStaging._upload_direct
+
+    def observed(self, page_locked, rest, nbytes):
+        calls.append((len(page_locked), len(rest)))
+        return direct(self, page_locked, rest, nbytes)
+
+    monkeypatch.setattr(HostStaging, "_upload_direct", observed)
+    dec = GpuCodec(art, device=DEV).decode_batch(got)
+    assert dec.count == len(blobs) and dec.error is None
+    assert torch.equal(dec.keys, want.keys) and torch.equal(dec.values, want.values)
+    assert calls == [(len(blobs), 1)]  # every payload by DMA, the offset table staged
+    held = got[0]
+    tier.put([("ff" * 32, blobs[1])])  # over the cap: the least recently used goes
+    assert tier.get([names[0]]) == [None] and bytes(held) == blobs[0]
 
 
 def test_host_staging_places_every_part(monkeypatch):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -64,6 +65,18 @@ def _grown(buf: torch.Tensor, nbytes: int, pinned: bool) -> torch.Tensor:
     return torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
 
 
+def _page_locked(buf) -> torch.Tensor | None:
+    """A uint8 CPU tensor over ``buf``'s bytes if they are in page-locked memory (the
+    device can copy them asynchronously), else None."""
+    mv = memoryview(buf)
+    if mv.nbytes == 0 or not mv.c_contiguous:
+        return None
+    with warnings.catch_warnings():  # read-only views: the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.frombuffer(mv.cast("B"), dtype=torch.uint8)
+    return t if t.is_pinned() else None
+
+
 def _copy_pieces(dst: np.ndarray, pieces: Sequence[tuple[int, object, int, int]]) -> None:
     """``dst[off : off + n] = buf[start : start + n]`` for each piece (GIL released)."""
     for off, buf, start, n in pieces:
@@ -86,6 +99,7 @@ class HostStaging:
         self._host = torch.empty(0, dtype=torch.uint8)
         self._host_np = self._host.numpy()
         self._done: torch.cuda.Event | None = None  # the last upload's copies
+        self._held: list[torch.Tensor] = []  # page-locked sources of those copies
         self._lock = threading.Lock()
 
     @property
@@ -104,6 +118,7 @@ class HostStaging:
         if self._done is not None:
             self._done.synchronize()
             self._done = None
+        self._held = []
 
     def _reserve(self, nbytes: int) -> None:
         grown = _grown(self._host, nbytes, self._cuda)
@@ -113,6 +128,11 @@ class HostStaging:
     def upload(self, parts: Sequence[tuple[int, object]], nbytes: int) -> torch.Tensor:
         """Copy each ``(offset, buffer)`` of ``parts`` to ``offset`` of a new uint8 device
         tensor of ``nbytes`` bytes, through the pinned buffer.
+
+        A part in page-locked host memory (a view of a pinned CPU tier,
+        :mod:`kvtc_store.backends.pinned`) is copied to the device directly, by DMA,
+        without passing through the buffer (on CUDA; kept referenced until the copy is
+        done).
 
         Args:
             parts: destination byte offset and a bytes-like object (bytes, memoryview,
@@ -127,11 +147,20 @@ class HostStaging:
         Raises:
             ValueError: a part that ends past ``nbytes``.
         """
-        pieces: list[tuple[int, object, int, int]] = []  # (dst offset, buffer, start, n)
         for off, buf in parts:
             n = memoryview(buf).nbytes
             if off < 0 or off + n > nbytes:
                 raise ValueError(f"part [{off}, {off + n}) outside {nbytes} bytes")
+        direct = []
+        if self._cuda:
+            locked = [_page_locked(buf) for _, buf in parts]
+            direct = [(off, t) for (off, _), t in zip(parts, locked) if t is not None]
+            if direct:
+                rest = [part for part, t in zip(parts, locked) if t is None]
+                return self._upload_direct(direct, rest, nbytes)
+        pieces: list[tuple[int, object, int, int]] = []  # (dst offset, buffer, start, n)
+        for off, buf in parts:
+            n = memoryview(buf).nbytes
             for s in range(0, n, PIECE):
                 pieces.append((off + s, buf, s, min(PIECE, n - s)))
         out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -147,6 +176,27 @@ class HostStaging:
             if self._cuda:
                 self._done = torch.cuda.Event()
                 self._done.record()
+        return out
+
+    def _upload_direct(self, direct, rest, nbytes: int) -> torch.Tensor:
+        """:meth:`upload` with page-locked parts (``direct``: offset and a CPU tensor
+        over them): those are copied to the device as they are, the other parts
+        (``rest``, a table or two) through the buffer, packed, each to its place."""
+        out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self._lock:
+            self._wait()
+            for off, t in direct:
+                out[off : off + t.numel()].copy_(t, non_blocking=True)
+            sizes = [memoryview(buf).nbytes for _, buf in rest]
+            self._reserve(sum(sizes))
+            host, dst, at = self._host, self._host_np, 0
+            for (off, buf), n in zip(rest, sizes):
+                _copy_pieces(dst, [(at, buf, 0, n)])
+                out[off : off + n].copy_(host[at : at + n], non_blocking=True)
+                at += n
+            self._held = [t for _, t in direct]
+            self._done = torch.cuda.Event()
+            self._done.record()
         return out
 
     @staticmethod
