@@ -174,6 +174,9 @@ class Backend(abc.ABC):
     def get(self, keys: Sequence[str]) -> list[bytes | None]:
         """Return the stored bytes of each key, or ``None`` for a miss, in order.
 
+        Bytes-like: a pinned memory tier returns read-only ``memoryview`` objects
+        (:class:`~kvtc_store.backends.MemoryBackend`); ``bytes(value)`` gives ``bytes``.
+
         A hit marks the chunk most-recently-used. A chunk that vanished or
         cannot be read (for example removed by another process) is a miss,
         never an error and never wrong data.

@@ -7,6 +7,9 @@ Two eviction policies share one backend (its lock, byte accounting and counters)
   eviction", SOSP 2023. Scan-resistant: chunks read only once (a long prefill, a
   one-off scan) pass through a small FIFO queue and leave without displacing the
   chunks that are read again.
+
+With ``pinned=True`` the blobs live in page-locked memory (:mod:`.pinned`), which a GPU
+decoder copies to the device by DMA.
 """
 
 from __future__ import annotations
@@ -184,9 +187,9 @@ class MemoryBackend(Backend):
     Values are kept as ordinary (pageable) ``bytes``, by reference (``bytes`` are
     immutable, so neither ``put`` nor ``get`` copies them); with ``pinned=True``, in
     page-locked host memory (:mod:`~kvtc_store.backends.pinned`: each ``put`` batch
-    copied into one array registered with CUDA), and ``get`` returns read-only
-    ``memoryview`` slices of it, which a GPU decoder copies to the device by DMA
-    without a staging copy (:meth:`GpuCodec.decode_batch
+    each blob copied into an array of its own registered with CUDA at ``put``), and
+    ``get`` returns read-only ``memoryview`` objects over it, which a GPU decoder
+    copies to the device by DMA without a staging copy (:meth:`GpuCodec.decode_batch
     <kvtc_store.codec.gpu.GpuCodec.decode_batch>`). Subclasses keep values
     elsewhere (:class:`~kvtc_store.backends.GPUBackend`: device memory) by
     overriding :meth:`_to_stored` and :meth:`_from_stored`; the policies, the byte
@@ -249,8 +252,11 @@ class MemoryBackend(Backend):
         with self._lock:
             return [k in self._policy for k in keys]
 
-    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get(self, keys: Sequence[str]) -> list[bytes | memoryview | None]:
         """Return each key's bytes or ``None``; hits are promoted per the policy.
+
+        A pinned tier returns read-only ``memoryview`` objects over its page-locked
+        copies (bytes-like: ``bytes(v)`` makes a ``bytes``; ``v + b""`` does not work).
 
         Raises:
             ValueError: a key is malformed.
@@ -279,8 +285,9 @@ class MemoryBackend(Backend):
         Raises:
             ValueError: a key is malformed.
             TypeError: a value is not bytes-like.
-            CapacityError: a value is larger than ``capacity_bytes``; nothing
-                from the batch is stored.
+            CapacityError: a value is larger than ``capacity_bytes``, or (pinned)
+                the host could not page-lock the copies; nothing from the batch is
+                stored.
         """
         items = validate_items(items)
         for key, value in items:

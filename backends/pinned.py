@@ -3,13 +3,16 @@
 A CPU tier in pageable memory costs a host copy on every fetch for the GPU: the bytes go
 to a pinned staging buffer first, because the device only copies asynchronously from
 page-locked memory (CUDA C++ Best Practices Guide, "Pinned memory"). A tier that keeps
-its blobs page-locked hands the device views it can copy from directly.
+its blobs page-locked hands the device views it can copy from directly
+(:meth:`HostStaging.upload <kvtc_store.codec.gpu.staging.HostStaging.upload>`).
 
-Each ``put`` batch is copied into one host array, page-locked in place with
-``cudaHostRegister`` (exact size: PyTorch's pinned allocator rounds each allocation up to
-a power of two), and stored as read-only ``memoryview`` slices, one per blob. The array
-is unregistered and freed when its last slice is gone (evicted, deleted, and no reader
-holding it).
+Each blob is copied into a host array of exactly its size, page-locked in place with
+``cudaHostRegister`` (PyTorch's pinned allocator would round each allocation up to a
+power of two), and handed out as a read-only ``memoryview``. The array is unregistered
+and freed when the last view of it is gone (evicted or deleted from the tier, and no
+reader holding it), so the page-locked bytes are the tier's stored bytes plus those of
+evicted blobs that readers still hold. Only the GPU decoder gains from it: with the CPU
+codec a pinned tier is a copy and a registration per ``put`` for nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from kvtc_store.errors import ConfigError
+from kvtc_store.errors import CapacityError, ConfigError
 
 __all__ = ["check_pinning", "pinned_copies"]
 
@@ -36,7 +39,8 @@ def check_pinning() -> None:
     if not torch.cuda.is_available():
         raise ConfigError(
             "pinned host memory needs CUDA, which is not available here "
-            f"(torch {torch.__version__}, cuda {torch.version.cuda}); set pinned: false"
+            f"(torch {torch.__version__}, cuda {torch.version.cuda}): use an unpinned "
+            "memory tier (pinned: false, or KVTC_STORE_TIERS__<N>__PINNED=false on this host)"
         )
 
 
@@ -49,29 +53,35 @@ def _unregister(ptr: int) -> None:
 
 
 def pinned_copies(values: list) -> list[memoryview]:
-    """Copy ``values`` (bytes-like) into one page-locked host array.
+    """Copy each of ``values`` into a page-locked host array of its own.
+
+    Args:
+        values: bytes-like objects (``bytes``, ``memoryview``, ...); CUDA must be
+            available (:func:`check_pinning`).
 
     Returns:
-        One read-only ``memoryview`` per value (same bytes, same order), slices of the
-        array; it stays page-locked while any of them is referenced.
+        One read-only ``memoryview`` per value (same bytes, same order); its array stays
+        page-locked while the view (or a slice of it) is referenced.
 
     Raises:
-        RuntimeError: ``cudaHostRegister`` failed (the array is not kept).
+        CapacityError: ``cudaHostRegister`` failed (the host cannot lock more memory);
+            the copies made so far are released.
     """
     import torch
 
-    sizes = [memoryview(v).nbytes for v in values]
-    arr = np.empty(max(1, sum(sizes)), dtype=np.uint8)
-    offsets, at = [], 0
-    for v, n in zip(values, sizes):
-        arr[at : at + n] = np.frombuffer(v, dtype=np.uint8, count=n)
-        offsets.append(at)
-        at += n
-    ptr = arr.ctypes.data
-    rc = int(torch.cuda.cudart().cudaHostRegister(ptr, arr.nbytes, 0))
-    if rc != 0:
-        raise RuntimeError(f"cudaHostRegister of {arr.nbytes} bytes failed (cudaError {rc})")
-    done = weakref.finalize(arr, _unregister, ptr)
-    done.atexit = False  # at exit the process's memory goes anyway
-    view = memoryview(arr).toreadonly()
-    return [view[o : o + n] for o, n in zip(offsets, sizes)]
+    cudart = torch.cuda.cudart()
+    out = []
+    for v in values:
+        src = np.frombuffer(v, dtype=np.uint8)
+        arr = np.empty(max(1, src.size), dtype=np.uint8)
+        arr[: src.size] = src
+        ptr = arr.ctypes.data
+        rc = int(cudart.cudaHostRegister(ptr, arr.nbytes, 0))
+        if rc != 0:
+            raise CapacityError(
+                f"page-locking {arr.nbytes} bytes of host memory failed (cudaError {rc})"
+            )
+        done = weakref.finalize(arr, _unregister, ptr)
+        done.atexit = False  # at exit the process's memory goes anyway
+        out.append(memoryview(arr).toreadonly()[: src.size])
+    return out

@@ -24,7 +24,8 @@ same with the unchanged Hugging Face model:
   merge is the online softmax of FlashAttention, Dao 2022, §3.1);
 - the forward captured once in a CUDA graph and replayed (CUDA only).
 
-The logits are checked against Hugging Face's own path in ``gpu_codec.py --ttft``.
+The logits are checked against Hugging Face's own path in ``gpu_codec.py --ttft`` (H200,
+bf16) and in ``tests/test_suffix_forward.py`` (a tiny float32 Llama on the CPU).
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ class SuffixForward:
         graph: replay a CUDA graph (default: on CUDA).
 
     Memory: the cache, ``2 * L * Hk * (P + S) * D`` elements of the model's dtype.
+
+    Raises:
+        RuntimeError: ``graph=True`` off CUDA, or a capture CUDA refuses.
     """
 
     def __init__(self, model, suffix_ids: torch.Tensor, prefix: int, graph: bool | None = None):
@@ -206,7 +210,8 @@ class SuffixForward:
         return self.keys[:, 0, :, :p], self.values[:, 0, :, :p]
 
     def chunk_views(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix as ``(P / chunk, L, Hk, chunk, D)`` views (the codec's ``out``)."""
+        """The prefix as ``(P / chunk, L, Hk, chunk, D)`` views (the codec's ``out``);
+        ``P`` must be a multiple of ``chunk`` (tokens), else ``RuntimeError`` (view)."""
         kk, vv = self.prefix_kv()
         layers, heads, p, d = kk.shape
         return tuple(

@@ -199,8 +199,9 @@ class MemoryTierConfig(_TierBase):
     """``lru``, or ``s3fifo`` (scan-resistant S3-FIFO, Yang et al., SOSP 2023)."""
     pinned: StrictBool = False
     """Keep the blobs in page-locked host memory, which the GPU decoder copies from by
-    DMA without a staging copy (:mod:`kvtc_store.backends.pinned`). Needs CUDA: True on
-    a host without it refuses the config."""
+    DMA without a staging copy (:mod:`kvtc_store.backends.pinned`; no gain with the CPU
+    codec). Needs CUDA: ``build_tiers`` / ``from_config`` refuse True on a host without
+    it (``KVTC_STORE_TIERS__<N>__PINNED=false`` turns it off there)."""
 
 
 class DiskTierConfig(_TierBase):
@@ -525,8 +526,8 @@ def build_tiers(cfg: StoreConfig) -> list[Backend]:
 
     Raises:
         ConfigError: a tier cannot be opened (a disk path that cannot be created, an S3
-            tier without boto3, a GPU tier without CUDA); tiers opened before it are
-            closed again.
+            tier without boto3, a GPU tier or a pinned memory tier without CUDA); tiers
+            opened before it are closed again.
     """
     built: list[Backend] = []
     try:
@@ -563,10 +564,14 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
         except ConfigError as exc:
             raise ConfigError(f"tiers.{i}: {exc}") from exc
     if isinstance(tier, MemoryTierConfig):
-        try:
-            return MemoryBackend(tier.capacity, policy=tier.eviction, pinned=tier.pinned)
-        except ConfigError as exc:
-            raise ConfigError(f"tiers.{i}.pinned: {exc}") from exc
+        if tier.pinned:
+            from .backends.pinned import check_pinning
+
+            try:
+                check_pinning()
+            except ConfigError as exc:
+                raise ConfigError(f"tiers.{i}.pinned: {exc}") from exc
+        return MemoryBackend(tier.capacity, policy=tier.eviction, pinned=tier.pinned)
     if isinstance(tier, DiskTierConfig):
         try:
             return DiskBackend(tier.path, tier.capacity)

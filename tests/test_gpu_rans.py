@@ -351,8 +351,8 @@ def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
 def test_pinned_memory_tier_is_read_by_dma(arts, monkeypatch):  # noqa: F811
     """A pinned CPU tier keeps blobs page-locked and returns read-only views of them; the
     GPU decoder copies those to the device directly (its staging buffer takes only the
-    small offset table) and decodes them to what it makes of the same bytes; an evicted
-    blob's view stays readable while held."""
+    small offset table, and the pageable blobs of a mixed batch) and decodes them to
+    what it makes of the same bytes; an evicted blob's view stays readable while held."""
     from kvtc_store.backends import MemoryBackend
 
     cases = _codec_cases(arts)
@@ -381,6 +381,11 @@ def test_pinned_memory_tier_is_read_by_dma(arts, monkeypatch):  # noqa: F811
     assert dec.count == len(blobs) and dec.error is None
     assert torch.equal(dec.keys, want.keys) and torch.equal(dec.values, want.values)
     assert calls == [(len(blobs), 1)]  # every payload by DMA, the offset table staged
+    mixed = [got[0], blobs[1], got[2]]  # a prefix partly from a pageable tier
+    dec = GpuCodec(art, device=DEV).decode_batch(mixed)
+    assert dec.count == len(blobs) and dec.error is None
+    assert torch.equal(dec.keys, want.keys) and torch.equal(dec.values, want.values)
+    assert calls[-1] == (2, 2)
     held = got[0]
     tier.put([("ff" * 32, blobs[1])])  # over the cap: the least recently used goes
     assert tier.get([names[0]]) == [None] and bytes(held) == blobs[0]

@@ -10,6 +10,9 @@ grow-only pinned buffer, fills it with several threads (numpy's copy releases th
 and sends it to the device in a few slices, each as soon as its part is filled, so the
 host-to-device copy overlaps the filling of the next slice.
 
+Parts that already sit in page-locked memory (a pinned CPU tier,
+:mod:`kvtc_store.backends.pinned`) skip the buffer: the device copies them by DMA.
+
 The same code runs on a CPU "device" (dry runs of the CUDA path): the buffer is then not
 pinned and the device copy is an ordinary copy.
 
@@ -131,8 +134,9 @@ class HostStaging:
 
         A part in page-locked host memory (a view of a pinned CPU tier,
         :mod:`kvtc_store.backends.pinned`) is copied to the device directly, by DMA,
-        without passing through the buffer (on CUDA; kept referenced until the copy is
-        done).
+        without passing through the buffer (on CUDA; this object keeps it referenced
+        until the next upload or :meth:`release`, which wait for the copy); the other
+        parts of the same call go through the buffer.
 
         Args:
             parts: destination byte offset and a bytes-like object (bytes, memoryview,
@@ -180,20 +184,38 @@ class HostStaging:
 
     def _upload_direct(self, direct, rest, nbytes: int) -> torch.Tensor:
         """:meth:`upload` with page-locked parts (``direct``: offset and a CPU tensor
-        over them): those are copied to the device as they are, the other parts
-        (``rest``, a table or two) through the buffer, packed, each to its place."""
+        over them): those are copied to the device as they are, first; the other parts
+        (``rest``: the offset table, and the blobs of a batch that came partly from
+        pageable tiers) are packed into the buffer by the host threads, then each sent
+        to its place."""
         out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         with self._lock:
             self._wait()
             for off, t in direct:
                 out[off : off + t.numel()].copy_(t, non_blocking=True)
-            sizes = [memoryview(buf).nbytes for _, buf in rest]
-            self._reserve(sum(sizes))
-            host, dst, at = self._host, self._host_np, 0
-            for (off, buf), n in zip(rest, sizes):
-                _copy_pieces(dst, [(at, buf, 0, n)])
-                out[off : off + n].copy_(host[at : at + n], non_blocking=True)
+            pieces, places, at = [], [], 0  # packed: (buffer offset, part, start, n)
+            for off, buf in rest:
+                n = memoryview(buf).nbytes
+                pieces += [(at + s, buf, s, min(PIECE, n - s)) for s in range(0, n, PIECE)]
+                places.append((off, at, n))
                 at += n
+            self._reserve(at)
+            host, dst = self._host, self._host_np
+            if at < POOL_MIN or host_workers() == 1:
+                _copy_pieces(dst, pieces)
+            else:
+                step = max(1, -(-len(pieces) // host_workers()))
+                futures = [host_pool().submit(_copy_pieces, dst, pieces[i : i + step])
+                           for i in range(0, len(pieces), step)]  # fmt: skip
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    for f in futures:  # no copy may write into the buffer after we return
+                        f.cancel() or f.exception()
+                    raise
+            for off, a, n in places:
+                out[off : off + n].copy_(host[a : a + n], non_blocking=True)
             self._held = [t for _, t in direct]
             self._done = torch.cuda.Event()
             self._done.record()
