@@ -186,8 +186,8 @@ class MemoryBackend(Backend):
 
     Values are kept as ordinary (pageable) ``bytes``, by reference (``bytes`` are
     immutable, so neither ``put`` nor ``get`` copies them); with ``pinned=True``, in
-    page-locked host memory (:mod:`~kvtc_store.backends.pinned`: each ``put`` batch
-    each blob copied into an array of its own registered with CUDA at ``put``), and
+    page-locked host memory (:mod:`~kvtc_store.backends.pinned`: each blob copied
+    into an array of its own, registered with CUDA at ``put``), and
     ``get`` returns read-only ``memoryview`` objects over it, which a GPU decoder
     copies to the device by DMA without a staging copy (:meth:`GpuCodec.decode_batch
     <kvtc_store.codec.gpu.GpuCodec.decode_batch>`). Subclasses keep values
