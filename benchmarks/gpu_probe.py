@@ -8,7 +8,8 @@ Two questions, on the GPU machine, before writing kernels for them:
    row-wise scales, bf16 out) and ``torch._int_mm`` (int8, int32 out), in TFLOP/s.
 2. The 16-token suffix forward of Hugging Face Llama (random-weight 8B architecture) on a
    reused 8k / 32k cache: wall time, GPU-busy time and the top kernels (torch.profiler);
-   and the same forward replayed from a CUDA graph over a ``StaticCache``.
+   and the same forward through ``suffix_forward.SuffixForward`` (the TTFT benchmark's
+   path).
 
     PYTHONPATH=. python3 benchmarks/gpu_probe.py [--skip-gemm] [--skip-suffix] --out DIR
 """
@@ -96,40 +97,18 @@ def profile_suffix(model, ids, k, v) -> dict:
 
 
 def graphed_suffix(model, ids, k, v, prefix: int) -> dict:
-    """The suffix forward replayed from a CUDA graph over a StaticCache whose first
-    ``prefix`` positions hold ``k``, ``v``."""
-    from transformers import StaticCache
+    """The same suffix through :class:`suffix_forward.SuffixForward` (the TTFT
+    benchmark's path: preallocated cache buffers, split-KV attention, a CUDA graph),
+    timed, and its logits against Hugging Face's path."""
+    from suffix_forward import SuffixForward
 
-    sfx = ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=prefix + sfx)
-    # materialise the cache's tensors with one dummy forward, then write the prefix in
-    pos = torch.arange(prefix, prefix + sfx, device=DEV)
-    model(ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
-    for i, layer in enumerate(cache.layers):
-        layer.keys[0, :, :prefix].copy_(k[i])
-        layer.values[0, :, :prefix].copy_(v[i])
-    static_ids = ids.clone()
-
-    def step():
-        return model(static_ids, past_key_values=cache, cache_position=pos, use_cache=True,
-                     logits_to_keep=1).logits  # fmt: skip
-
-    eager = cuda_time(step, reps=5, warmup=2)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
-    t = cuda_time(graph.replay, reps=10, warmup=2)
-    ref = forward(model, ids, cache_of(k, v))
-    graph.replay()
-    torch.cuda.synchronize()
-    diff = float((logits.float() - ref.float()).abs().max())
-    return {"static_eager_ms": 1e3 * eager, "graph_ms": 1e3 * t, "max_abs_diff_vs_dynamic": diff}
+    runner = SuffixForward(model, ids, prefix)
+    for dst, src in zip(runner.prefix_kv(), (k, v)):
+        dst.copy_(src)
+    t = cuda_time(runner.logits, reps=10, warmup=2)
+    ref = forward(model, ids, cache_of(k, v)).float()
+    diff = float((runner.logits().float() - ref).abs().max())
+    return {"graph_ms": 1e3 * t, "max_abs_diff_vs_dynamic": diff}
 
 
 def main() -> None:

@@ -36,8 +36,7 @@ def _hf_prefix_and_logits(model, ids, prefix):
     kw = _cache_kwarg(model)
     with torch.no_grad():
         model(ids[:, :prefix], use_cache=True, **{kw: cache})
-        layers = cache.layers if hasattr(cache, "layers") else None
-        kv = [(la.keys[0].clone(), la.values[0].clone()) for la in layers]
+        kv = [(la.keys[0].clone(), la.values[0].clone()) for la in cache.layers]
         logits = model(ids[:, prefix:], use_cache=True, logits_to_keep=1, **{kw: cache}).logits
     return kv, logits
 
