@@ -4,7 +4,10 @@ buffer, as :meth:`GpuCodec.encode_batch <kvtc_store.codec.gpu.GpuCodec.encode_ba
 does after its download. Measures, in ms per batch: the checksums alone (xxh64, serial
 and on the host pool), the joins alone (one allocation and one copy per blob), and a
 plain copy into memory that is already mapped, so that the share of first-touch page
-faults in the joins shows. Run it under different malloc settings (for example
+faults in the joins shows; and what the encoder does now: each blob checksummed and
+joined by a pool thread with :func:`~kvtc_store.codec.blob.join_bytes`, whose copies (and
+so the page faults) run without the GIL (``join_bytes_pool``; ``join_bytes_serial``: the
+same on one thread). Run it under different malloc settings (for example
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which asks for transparent huge pages on
 large allocations, glibc >= 2.35) to compare.
 
@@ -22,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvtc_store.codec.blob import payload_checksum
+from kvtc_store.codec.blob import join_bytes, payload_checksum
 
 
 def _thp() -> str:
@@ -32,6 +35,12 @@ def _thp() -> str:
         return "n/a"
     with open(path) as f:
         return f.read().strip()
+
+
+def _checksum_and_join(view) -> bytes:
+    """What one pool thread does per blob in the encoder (``pack_blob_parts``)."""
+    payload_checksum([view])
+    return join_bytes([b"prefix and header", view])
 
 
 def main(argv=None) -> int:
@@ -51,6 +60,8 @@ def main(argv=None) -> int:
         "xxh64_serial": [],
         "xxh64_pool": [],
         "join": [],
+        "join_bytes_serial": [],
+        "checksum_and_join_bytes_pool": [],
         "copy_mapped": [],
     }
     for _ in range(a.reps):
@@ -63,6 +74,14 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         blobs = [b"".join([b"prefix and header", v]) for v in views]
         out["join"].append(time.perf_counter() - t)
+        del blobs
+        t = time.perf_counter()
+        blobs = [join_bytes([b"prefix and header", v]) for v in views]
+        out["join_bytes_serial"].append(time.perf_counter() - t)
+        del blobs
+        t = time.perf_counter()
+        blobs = list(pool.map(_checksum_and_join, views))
+        out["checksum_and_join_bytes_pool"].append(time.perf_counter() - t)
         del blobs
         t = time.perf_counter()
         mapped[:] = src

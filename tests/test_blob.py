@@ -9,6 +9,7 @@ import pickle
 import re
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import numpy as np
@@ -27,9 +28,11 @@ from kvtc_store.codec import (
 )
 from kvtc_store.codec.blob import (
     FORMAT_VERSION,
+    JOIN_UNLOCKED_MIN,
     MAGIC,
     BlobHeader,
     blob_size,
+    join_bytes,
     pack_blob,
     pack_blob_parts,
     payload_checksum,
@@ -201,6 +204,23 @@ def test_blob_from_parts_equals_the_blob_of_their_concatenation() -> None:
     # a wrong checksum handed in is written as given, and the reader catches it
     with pytest.raises(BlobCorruptError):
         unpack_blob(pack_blob_parts(_header(), [view, b], 12345))
+
+
+def test_join_bytes_large_parts_from_threads() -> None:
+    """Blobs of a few MB are joined without the GIL (uninitialised bytes filled by
+    memmove); from several threads at once each must equal b"".join of its parts."""
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 256, 3 * JOIN_UNLOCKED_MIN + 17, dtype=np.uint8)
+    jobs = [[b"prefix", memoryview(big)[i:], b"", bytes(range(i % 256))] for i in range(0, 64, 5)]
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(join_bytes, jobs))
+    for parts, got in zip(jobs, out):
+        want = b"".join(parts)
+        assert type(got) is bytes and got == want and hash(got) == hash(want)
+    small = [b"a", memoryview(b"bc")]
+    assert join_bytes(small) == b"abc"
+    with pytest.raises(BufferError):  # a strided view has no single run of bytes to copy
+        join_bytes([memoryview(big)[::2]])
 
 
 def test_empty_payload() -> None:

@@ -7,21 +7,24 @@ the CPU's where the float transform rounds differently (fp16 GEMM operands again
 float32 on the CPU), so the values agree within float tolerance, not bit for bit.
 
 Data flow, all chunks of a batch at once (``N = B * T`` tokens; ``p`` features of K or V;
-``R`` principal components over all groups), feature-major so that every GEMM operand is
-a plain or transposed contiguous matrix:
+``R`` principal components over all groups). Features are token-major (a token's ``p``
+features side by side, as in the chunk's own layout), so the elementwise kernels read and
+write whole rows of a head; coefficients are component-major, as the rANS coder walks
+them; every GEMM operand is a plain or transposed matrix with unit stride (cuBLAS takes
+either without a copy):
 
 encode: ``(B, L, H, T, D)`` K and V →[:func:`_prep_kernel`: undo RoPE on K, subtract the
-mean, divide by the scale]→ ``X (p, N)`` fp16 →[cuBLAS per group: ``basisᵀ @ X``]→
+mean, divide by the scale]→ ``Xᵀ (N, p)`` fp16 →[cuBLAS per group: ``basisᵀ @ X``]→
 ``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams, back to back on the
-device →[one copy into a reused pinned buffer]→ blobs (each built with one copy of its
-parts; payload checksums on host threads).
+device →[one copy into a reused pinned buffer]→ blobs (each checksummed and built with
+one copy of its parts by a host thread, without the GIL).
 
 decode: blobs →[headers parsed; payloads copied by host threads into a reused pinned
 buffer, sent to the device in one pass; checksums verified by those threads meanwhile;
 ``deflate64k`` (and older ``deflate``) payloads verified first, then inflated on the
 device by one nvCOMP call, every 64 KiB piece of every blob a stream of its own]→
 streams →[rANS decoder, dequantising on the fly]→
-``C (R, N)`` fp16 →[cuBLAS per group: ``basis @ C``]→ ``F (p, N)`` fp16 →
+``C (R, N)`` fp16 →[cuBLAS per group: ``Cᵀ @ basisᵀ``]→ ``Fᵀ (N, p)`` fp16 →
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
 caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
 
@@ -55,7 +58,6 @@ from ..blob import (
     BlobHeader,
     pack_blob,
     pack_blob_parts,
-    payload_checksum,
     payload_intact,
     unpack_blob_header,
     verify_payload,
@@ -76,7 +78,7 @@ from .staging import HostDownload, HostStaging, host_pool
 
 log = logging.getLogger(__name__)
 
-_POOL_CHECKSUM_MIN = 4 << 20  # payload bytes of a batch above which checksums go on threads
+_POOL_BLOBS_MIN = 4 << 20  # payload bytes of a batch above which blobs are built on threads
 
 _DTYPES = {
     "float64": torch.float64,
@@ -101,45 +103,49 @@ def _prep_kernel(
     sin_ptr,
     mean_ptr,  # float32 (p,)
     scale_ptr,  # float32 (p,)
-    out_ptr,  # (p, N) feature-major, row stride n_cols
-    n_cols,
+    out_ptr,  # (N, p) token-major, row stride n_feat
+    n_feat,
     L,
     H,
     T,
+    heads_per_program,
     D: tl.constexpr,
     HALF: tl.constexpr,
     ROT: tl.constexpr,
     ROPE: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """One (chunk, layer, head) and ``BT`` tokens: ``(undo_rope(x) - mean) / scale``."""
-    pid = tl.program_id(0)
-    h = pid % H
-    lay = (pid // H) % L
-    b = pid // (H * L)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)[:, None]
+    """``BT`` tokens of one chunk, for ``heads_per_program`` (layer, head) pairs in turn:
+    ``(undo_rope(x) - mean) / scale``. The tokens' cos and sin are loaded once."""
+    n_blocks = tl.cdiv(T, BT)
+    b = tl.program_id(0) // n_blocks
+    t = (tl.program_id(0) % n_blocks) * BT + tl.arange(0, BT)[:, None]
     d = tl.arange(0, D)[None, :]
     m = t < T
-    base = x_ptr + b.to(tl.int64) * sx_b + lay * sx_l + h * sx_h
-    x = tl.load(base + t * sx_t + d * sx_d, mask=m, other=0.0).to(tl.float32)
     n = b.to(tl.int64) * T + t
     if ROPE:
         rot = d < ROT
         partner = tl.where(d < HALF, d + HALF, d - HALF)
-        xp = tl.load(base + t * sx_t + partner * sx_d, mask=m & rot, other=0.0).to(tl.float32)
-        rh = tl.where(d < HALF, -xp, xp)
         cs = tl.load(cos_ptr + n * HALF + d % HALF, mask=m & rot, other=1.0)
         sn = tl.load(sin_ptr + n * HALF + d % HALF, mask=m & rot, other=0.0)
-        x = tl.where(rot, x * cs - rh * sn, x)
-    f = (lay * H + h) * D + d
-    y = tl.math.div_rn(x - tl.load(mean_ptr + f), tl.load(scale_ptr + f))
-    tl.store(out_ptr + f.to(tl.int64) * n_cols + n, y.to(out_ptr.dtype.element_ty), mask=m)
+        sn = tl.where(d < HALF, sn, -sn)  # x * cos - rotate_half(x) * sin
+    chunk = x_ptr + b.to(tl.int64) * sx_b + t * sx_t
+    lh0 = tl.program_id(1) * heads_per_program
+    for lh in range(lh0, tl.minimum(lh0 + heads_per_program, L * H)):
+        base = chunk + (lh // H) * sx_l + (lh % H) * sx_h
+        x = tl.load(base + d * sx_d, mask=m, other=0.0).to(tl.float32)
+        if ROPE:
+            xp = tl.load(base + partner * sx_d, mask=m & rot, other=0.0).to(tl.float32)
+            x = tl.where(rot, x * cs + xp * sn, x)
+        f = lh * D + d
+        y = tl.math.div_rn(x - tl.load(mean_ptr + f), tl.load(scale_ptr + f))
+        tl.store(out_ptr + n * n_feat + f, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _finish_kernel(
-    f_ptr,  # (p, N) feature-major, row stride n_cols
-    n_cols,
+    f_ptr,  # (N, p) token-major, row stride n_feat
+    n_feat,
     mean_ptr,
     scale_ptr,
     cos_ptr,
@@ -154,38 +160,44 @@ def _finish_kernel(
     L,
     H,
     T,
+    heads_per_program,
     D: tl.constexpr,
     HALF: tl.constexpr,
     ROT: tl.constexpr,
     ROPE: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """One (chunk, layer, head) and ``BT`` tokens: ``apply_rope(mean + f * scale)``,
-    written for the chunk's coded tokens only."""
-    pid = tl.program_id(0)
-    h = pid % H
-    lay = (pid // H) % L
-    b = pid // (H * L)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)[:, None]
+    """``BT`` tokens of one chunk, for ``heads_per_program`` (layer, head) pairs in turn:
+    ``apply_rope(mean + f * scale)``, written for the chunk's coded tokens only. The
+    tokens' cos and sin are loaded once."""
+    n_blocks = tl.cdiv(T, BT)
+    b = tl.program_id(0) // n_blocks
+    t = (tl.program_id(0) % n_blocks) * BT + tl.arange(0, BT)[:, None]
     d = tl.arange(0, D)[None, :]
     lo = tl.load(span_ptr + 2 * b)
     hi = tl.load(span_ptr + 2 * b + 1)
     m = (t >= lo) & (t < hi)
     n = b.to(tl.int64) * T + t
-    f = (lay * H + h) * D + d
-    v = tl.load(f_ptr + f.to(tl.int64) * n_cols + n, mask=m, other=0.0).to(tl.float32)
-    v = tl.load(mean_ptr + f) + v * tl.load(scale_ptr + f)
     if ROPE:
         rot = d < ROT
-        pf = (lay * H + h) * D + tl.where(d < HALF, d + HALF, d - HALF)
-        vp = tl.load(f_ptr + pf.to(tl.int64) * n_cols + n, mask=m & rot, other=0.0)
-        vp = tl.load(mean_ptr + pf) + vp.to(tl.float32) * tl.load(scale_ptr + pf)
-        rh = tl.where(d < HALF, -vp, vp)
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
         cs = tl.load(cos_ptr + n * HALF + d % HALF, mask=m & rot, other=1.0)
         sn = tl.load(sin_ptr + n * HALF + d % HALF, mask=m & rot, other=0.0)
-        v = tl.where(rot, v * cs + rh * sn, v)
-    ptr = out_ptr + b.to(tl.int64) * so_b + lay * so_l + h * so_h + t * so_t + d * so_d
-    tl.store(ptr, v.to(out_ptr.dtype.element_ty), mask=m)
+        sn = tl.where(d < HALF, -sn, sn)  # v * cos + rotate_half(v) * sin
+    row = f_ptr + n * n_feat
+    chunk = out_ptr + b.to(tl.int64) * so_b + t * so_t + d * so_d
+    lh0 = tl.program_id(1) * heads_per_program
+    for lh in range(lh0, tl.minimum(lh0 + heads_per_program, L * H)):
+        f = lh * D + d
+        v = tl.load(row + f, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(mean_ptr + f) + v * tl.load(scale_ptr + f)
+        if ROPE:
+            pf = lh * D + partner
+            vp = tl.load(row + pf, mask=m & rot, other=0.0).to(tl.float32)
+            vp = tl.load(mean_ptr + pf) + vp * tl.load(scale_ptr + pf)
+            v = tl.where(rot, v * cs + vp * sn, v)
+        ptr = chunk + (lh // H) * so_l + (lh % H) * so_h
+        tl.store(ptr, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # -- host ---------------------------------------------------------------------------------
@@ -269,6 +281,11 @@ class GpuCodec:
         self.coder = writer_coder(coder)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
         self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
+        self._sms = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count
+            if self.device.type == "cuda"
+            else 4
+        )  # sizes the elementwise kernels' grids
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
         self._download = HostDownload(self.device)  # and one for the encoder's streams
         _, heads, dim = artifact.kv_shape
@@ -318,13 +335,19 @@ class GpuCodec:
         return timer(name) if timer is not None else contextlib.nullcontext()
 
     def _launch_elementwise(self, kernel, batch: int, tokens: int, *args, rope: bool):
+        """Launch :func:`_prep_kernel` or :func:`_finish_kernel`: one program per block of
+        tokens of a chunk and share of its (layer, head) pairs, the pairs split only as
+        far as it takes to give the device about eight programs per multiprocessor."""
         layers, heads, dim = self.artifact.kv_shape
         bt = max(16, min(64, 4096 // dim))
         rot = self._rot if rope else 0
-        grid = (batch * layers * heads, triton.cdiv(tokens, bt))
+        blocks = batch * triton.cdiv(tokens, bt)
+        pairs = layers * heads
+        per = triton.cdiv(pairs, max(1, min(pairs, triton.cdiv(8 * self._sms, blocks))))
+        grid = (blocks, triton.cdiv(pairs, per))
         kernel[grid](
-            *args, layers, heads, tokens,
-            D=dim, HALF=max(rot // 2, 1), ROT=rot, ROPE=rot > 0, BT=bt, num_warps=4,
+            *args, layers, heads, tokens, per,
+            D=dim, HALF=max(rot // 2, 1), ROT=rot, ROPE=rot > 0, BT=bt, num_warps=8,
         )  # fmt: skip
 
     # -- encode ---------------------------------------------------------------------------
@@ -367,18 +390,19 @@ class GpuCodec:
             first = torch.tensor(list(first_positions), dtype=torch.int64, device=keys.device)
             cos, sin = self._cos_sin(first, tokens)
             feats = {}
+            p = layers * heads * dim
             for kind, x in (("k", keys), ("v", values)):
-                out = torch.empty(layers * heads * dim, n, dtype=self.gemm_dtype, device=x.device)
+                out = torch.empty(n, p, dtype=self.gemm_dtype, device=x.device)
                 self._launch_elementwise(
                     _prep_kernel, batch, tokens, x, *x.stride(), cos, sin,
-                    self._means[kind], self._scales[kind], out, n, rope=kind == "k",
+                    self._means[kind], self._scales[kind], out, p, rope=kind == "k",
                 )  # fmt: skip
                 feats[kind] = out
         with self._stage(timer, "projection"):
             coeffs = torch.empty(self.n_rows, n, dtype=torch.float32, device=keys.device)
             for g, (kind, sl) in enumerate(self._slices):
                 o0, o1 = self._offsets[g], self._offsets[g + 1]
-                _mm_into(coeffs[o0:o1], self._bases[g].T, feats[kind][sl])
+                _mm_into(coeffs[o0:o1], self._bases[g].T, feats[kind][:, sl].T)
             del feats
         with self._stage(timer, "quantise_rans"):
             coded = [(b, a, e) for b, (a, e) in enumerate(spans) if e > a]
@@ -406,9 +430,10 @@ class GpuCodec:
         return blobs
 
     def _blobs(self, tokens, dtype, first_positions, tails, parts) -> list[bytes]:
-        """One blob per chunk from its ``(stream, exact)`` byte parts: the payload
-        checksums on the host pool (xxh64 releases the GIL), then each blob built with
-        one copy of its parts; with a general-purpose coder, payloads coded first."""
+        """One blob per chunk from its ``(stream, exact)`` byte parts, each checksummed
+        and built by a host thread (:func:`~kvtc_store.codec.blob.pack_blob_parts`: xxh64
+        and the copies release the GIL); with a general-purpose coder, payloads coded
+        first."""
         headers = [
             self._ref.blob_header(
                 tokens, dtype, first, tail, self.coder.name, {"stream": len(st), "exact": len(ex)}
@@ -419,11 +444,9 @@ class GpuCodec:
             payloads = self._entropy_code([bytes(stream) + exact for stream, exact in parts])
             return [pack_blob(h, p) for h, p in zip(headers, payloads)]
         pieces = [[p for p in pair if len(p)] for pair in parts]
-        if sum(len(p) for pair in pieces for p in pair) >= _POOL_CHECKSUM_MIN:
-            sums = list(host_pool().map(payload_checksum, pieces))
-        else:
-            sums = [payload_checksum(p) for p in pieces]
-        return [pack_blob_parts(h, p, c) for h, p, c in zip(headers, pieces, sums)]
+        if sum(len(p) for pair in pieces for p in pair) >= _POOL_BLOBS_MIN:
+            return list(host_pool().map(pack_blob_parts, headers, pieces))
+        return [pack_blob_parts(h, p) for h, p in zip(headers, pieces)]
 
     def _entropy_code(self, payloads: list[bytes]) -> list[bytes]:
         """This codec's coder over each payload: RAW Deflate of every 64 KiB piece of the
@@ -558,20 +581,20 @@ class GpuCodec:
                 colmap=self._colmap, steps=self._steps, bias=self._bias,
             )  # fmt: skip
         with self._stage(timer, "projection"):
+            p = layers * heads * dim
             feats = {
-                kind: torch.empty(layers * heads * dim, n, dtype=self.gemm_dtype,
-                                  device=self.device)
+                kind: torch.empty(n, p, dtype=self.gemm_dtype, device=self.device)
                 for kind in "kv"
             }  # fmt: skip
             for g, (kind, sl) in enumerate(self._slices):
                 o0, o1 = self._offsets[g], self._offsets[g + 1]
-                _mm_into(feats[kind][sl], self._bases[g], coeffs[o0:o1])
+                _mm_into(feats[kind][:, sl], coeffs[o0:o1].T, self._bases[g].T)
             del coeffs
         with self._stage(timer, "rope_write"):
             cos, sin = self._cos_sin(first, tokens)
             for kind, dst in (("k", keys), ("v", values)):
                 self._launch_elementwise(
-                    _finish_kernel, batch, tokens, feats[kind], n,
+                    _finish_kernel, batch, tokens, feats[kind], p,
                     self._means[kind], self._scales[kind], cos, sin, spans,
                     dst, *dst.stride(), rope=kind == "k",
                 )  # fmt: skip

@@ -27,7 +27,8 @@ Host code, top to bottom:
   a column map and strides say.
 
 Sources: Duda, "Asymmetric numeral systems", arXiv 1311.2540 (rANS); Giesen's
-``rans_word`` (32-bit state, 16-bit words); Triton language reference (``tl.cumsum``).
+``rans_word`` (32-bit state, 16-bit words); Triton language reference (``tl.cumsum``,
+``tl.gather``).
 """
 
 from __future__ import annotations
@@ -345,6 +346,11 @@ def _decode_kernel(
     x = tl.maximum(x, _RANS_L)  # a corrupt stream still decodes (to garbage), flagged
     cursor = base + 2 * lanes.to(tl.int64)
     for i in range(n_steps):
+        # the BLOCK words from the cursor on: those the step's renormalisation can read
+        # (at most one a lane), loaded before the table lookups so that the latency of
+        # this load does not add to theirs; the lanes pick their words from it below
+        ahead = cursor + idx
+        window = tl.load(words_ptr + ahead, mask=ahead < end, other=0)
         comp = i * G + g
         shift = tl.load(col_shift_ptr + comp)
         table = tl.load(col_table_ptr + comp)
@@ -361,8 +367,8 @@ def _decode_kernel(
         rank = (tl.cumsum(packed, axis=0) & 0xFFFF) - need.to(tl.int32)
         total = tl.sum(packed, axis=0)
         count = (total & 0xFFFF).to(tl.int64)
-        pos = cursor + count - 1 - rank
-        w = tl.load(words_ptr + pos, mask=need & (pos < end), other=0).to(tl.int64) & 0xFFFF
+        rel = tl.where(need, count - 1 - rank, 0).to(tl.int32)  # < count <= BLOCK
+        w = tl.gather(window, rel, 0).to(tl.int64) & 0xFFFF
         x = tl.where(need, (x << 16) | w, x)
         cursor += count
         bad = bad | (cursor > end).to(tl.int32)
