@@ -10,9 +10,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site DATA=${DATA:-.gpu-rans8} KVTC_GPU
 T0=$(date +%s)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
 mkdir -p $OUT/res
-rm -rf /tmp/t; mkdir /tmp/t; cp -r tests pyproject.toml /tmp/t/
-(cd /tmp/t && timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_rans.py tests/test_gpu_codec.py tests/test_gpu_nvcomp.py > $OUT/res/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -3 $OUT/res/gpu_tests.txt)
+rm -rf /tmp/t; mkdir /tmp/t; cp -r tests benchmarks pyproject.toml /tmp/t/
+(cd /tmp/t && timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_rans.py tests/test_gpu_codec.py tests/test_gpu_nvcomp.py tests/test_suffix_forward.py > $OUT/res/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -3 $OUT/res/gpu_tests.txt)
 echo "tests $(( $(date +%s) - T0 )) s"
 timeout 330 python3 benchmarks/gpu_codec.py --smollm2-artifact $DATA/artifact --smollm2-chunk $DATA/chunk.safetensors --ttft --reps 2 --ttft-reps 2 --out $OUT/res > $OUT/res/bench.log 2>&1; echo "bench rc=$?"
 grep -E "gbps|ttft_speedup|honest" $OUT/res/gpu_codec.md | head -30
 echo "total $(( $(date +%s) - T0 )) s"
+timeout 60 python3 benchmarks/blob_assembly.py > $OUT/res/blob_assembly.txt 2>&1; echo "blob_assembly rc=$?"; cat $OUT/res/blob_assembly.txt

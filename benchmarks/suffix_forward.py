@@ -16,12 +16,19 @@ same with the unchanged Hugging Face model:
   (:meth:`SuffixForward.prefix_kv`, :meth:`SuffixForward.chunk_views`), and each
   layer's ``update`` writes the suffix's KV at its positions (Hugging Face's own layers
   count tokens across calls, which a replayed step must not);
-- :func:`prefix_suffix_attention`, registered as a Hugging Face attention function: the
-  query heads of each KV head packed as rows (GQA without ``repeat_kv``), the prefix cut
-  into splits attended in one batched flash-attention call that returns the log-sum-exp
-  of each split, the suffix's own ``S x S`` causal block in float32, the parts merged by
-  their log-sum-exps (Dao et al., "Flash-Decoding for long-context inference", 2023; the
-  merge is the online softmax of FlashAttention, Dao 2022, §3.1);
+- attention as one FlashAttention-2 call per layer (:func:`causal_flash_attention`, the
+  default): the causal mask aligned to the bottom-right corner, so that new token ``i``
+  sees the whole prefix and new tokens up to itself, the KV heads read once for the
+  query heads that share them (GQA without ``repeat_kv``), the keys split across the
+  multiprocessors by the kernel itself when the queries are few, as engines' paged
+  prefill kernels do (Dao, "FlashAttention-2", 2023; its ``mha_fwd`` split-KV path). The
+  first version, :func:`prefix_suffix_attention` (``attention="split"``), did that by
+  hand: the query heads of each KV head packed as rows, the prefix cut into splits
+  attended in one batched flash-attention call that returns each split's log-sum-exp,
+  the suffix's own ``S x S`` causal block in float32, the parts merged by their
+  log-sum-exps (Dao et al., "Flash-Decoding for long-context inference", 2023; the merge
+  is the online softmax of FlashAttention, Dao 2022, §3.1); about twenty small kernels a
+  layer instead of one;
 - the forward captured once in a CUDA graph and replayed (CUDA only).
 
 The logits are checked against Hugging Face's own path in ``gpu_codec.py --ttft`` (H200,
@@ -36,7 +43,7 @@ import math
 
 import torch
 
-ATTN_NAME = "kvtc_prefix_suffix"
+ATTN_NAMES = {"flash": "kvtc_causal_flash", "split": "kvtc_prefix_suffix"}
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -66,10 +73,26 @@ def _splits(prefix: int) -> int:
     return 1
 
 
-def prefix_suffix_attention(module, query, key, value, attention_mask, scaling=None,
-                            dropout=0.0, **kwargs):  # fmt: skip
+def _check_shapes(name: str, query: torch.Tensor, key: torch.Tensor) -> None:
+    """ValueError unless batch 1, a cache at least as long as the query, ``Hk | Hq``."""
+    b, hq, s, _ = query.shape
+    hk, total = key.shape[1], key.shape[2]
+    if b != 1 or total < s or hq % hk:
+        raise ValueError(f"{name}: query {tuple(query.shape)}, key {tuple(key.shape)}")
+
+
+def causal_flash_attention(module, query, key, value, attention_mask, scaling=None,
+                           dropout=0.0, **kwargs):  # fmt: skip
     """Attention of ``S`` new tokens over a cache holding exactly ``P`` earlier tokens
-    and themselves (Hugging Face attention-function signature).
+    and themselves, in one FlashAttention-2 call (Hugging Face attention-function
+    signature; module docstring).
+
+    On CUDA in float16/bfloat16: ``aten._scaled_dot_product_flash_attention`` with
+    ``is_causal``, which FlashAttention-2 aligns to the bottom-right corner when there
+    are fewer queries than keys (query ``i`` sees keys ``0 .. P + i``); PyTorch's
+    dispatcher keeps ``scaled_dot_product_attention(is_causal=True)`` off that kernel
+    for such shapes because its own mask is aligned top-left, hence the direct call.
+    Elsewhere: float32 arithmetic with that mask (the reference the tests use).
 
     Args:
         query: ``(1, Hq, S, D)``.
@@ -83,11 +106,33 @@ def prefix_suffix_attention(module, query, key, value, attention_mask, scaling=N
     Raises:
         ValueError: batch other than 1, or a cache shorter than the query.
     """
-    b, hq, s, d = query.shape
+    _check_shapes("causal_flash_attention", query, key)
+    _, hq, s, d = query.shape
     hk, total = key.shape[1], key.shape[2]
-    if b != 1 or total < s or hq % hk:
-        raise ValueError(f"prefix_suffix_attention: query {tuple(query.shape)}, key "
-                         f"{tuple(key.shape)}")  # fmt: skip
+    scale = d**-0.5 if scaling is None else scaling
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, True, False, scale=scale
+        )[0]
+        return out.transpose(1, 2).contiguous(), None
+    k = key.float().repeat_interleave(hq // hk, dim=1)
+    v = value.float().repeat_interleave(hq // hk, dim=1)
+    scores = (query.float() @ k.transpose(-1, -2)) * scale  # (1, Hq, S, P + S)
+    seen = torch.arange(total, device=query.device)[None, :] <= (
+        total - s + torch.arange(s, device=query.device)[:, None]
+    )
+    out = torch.softmax(scores.masked_fill(~seen, -math.inf), dim=-1) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def prefix_suffix_attention(module, query, key, value, attention_mask, scaling=None,
+                            dropout=0.0, **kwargs):  # fmt: skip
+    """:func:`causal_flash_attention`'s result (same arguments, return value and errors)
+    the first version's way: split-KV attention by hand, the parts merged by their
+    log-sum-exps (module docstring); kept to compare (``SuffixForward(attention="split")``)."""
+    _check_shapes("prefix_suffix_attention", query, key)
+    _, hq, s, d = query.shape
+    hk, total = key.shape[1], key.shape[2]
     scale = d**-0.5 if scaling is None else scaling
     g = hq // hk
     p = total - s
@@ -127,8 +172,10 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTN_NAME, prefix_suffix_attention)
-    AttentionMaskInterface.register(ATTN_NAME, lambda *args, **kwargs: None)
+    for name, fn in ((ATTN_NAMES["flash"], causal_flash_attention),
+                     (ATTN_NAMES["split"], prefix_suffix_attention)):  # fmt: skip
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
 
 
 @contextlib.contextmanager
@@ -152,18 +199,25 @@ class SuffixForward:
         suffix_ids: ``(1, S)`` token ids of the new tokens (int64, on the model's device).
         prefix: ``P``, the cached tokens (the suffix sits at positions ``P .. P + S - 1``).
         graph: replay a CUDA graph (default: on CUDA).
+        attention: ``"flash"`` (:func:`causal_flash_attention`, default) or ``"split"``
+            (:func:`prefix_suffix_attention`, the first version, kept to compare).
 
     Memory: the cache, ``2 * L * Hk * (P + S) * D`` elements of the model's dtype.
 
     Raises:
         RuntimeError: ``graph=True`` off CUDA, or a capture CUDA refuses.
+        ValueError: an unknown ``attention``.
     """
 
-    def __init__(self, model, suffix_ids: torch.Tensor, prefix: int, graph: bool | None = None):
+    def __init__(self, model, suffix_ids: torch.Tensor, prefix: int, graph: bool | None = None,
+                 attention: str = "flash"):  # fmt: skip
         import inspect
 
         from transformers import StaticCache
 
+        if attention not in ATTN_NAMES:
+            raise ValueError(f"attention {attention!r}: one of {sorted(ATTN_NAMES)}")
+        self.attention = ATTN_NAMES[attention]
         _register()
         self.model, self.prefix = model, prefix
         cfg = model.config
@@ -199,7 +253,7 @@ class SuffixForward:
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
-        with _attention(self.model, ATTN_NAME):
+        with _attention(self.model, self.attention):
             kwargs = {self.cache_kwarg: self.cache}
             return self.model(self.ids, position_ids=self.position_ids, use_cache=True,
                               logits_to_keep=1, **kwargs).logits  # fmt: skip
