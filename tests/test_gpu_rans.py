@@ -11,6 +11,7 @@ interpreter (slow; for developing the kernels without a GPU).
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -35,6 +36,7 @@ triton = pytest.importorskip("triton")
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
 from kvtc_store.codec.gpu.rans_triton import (
     DeviceTables,
+    RansDecode,
     decode_symbols_gpu,
     decode_words_gpu,
     encode_symbols_gpu,
@@ -150,6 +152,34 @@ def test_decoder_writes_every_element():
         assert torch.equal(tm.T[perm], want)
 
 
+def test_decoder_in_ranges_of_steps_equals_one_launch():
+    """The decoder queued in ranges of steps (the lanes' states kept on the device in
+    between) writes what one launch writes, and flags the same corrupt stream; ranges
+    out of order are refused."""
+    counts = [40, 0, 17, 40]
+    q, ref = _random_case(61, counts, 3, seed=8)
+    tables = DeviceTables.from_rans(ref, DEV)
+    streams = ref.encode(q, counts)
+    streams[3] = streams[3][:-4] + bytes(4)  # corrupt: the last chunk ends wrong
+    words, base, end = upload_streams(streams, DEV)
+    lanes = np.asarray(counts) * 3
+    col0 = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    meta = torch.as_tensor(np.stack([base, end, lanes, col0]).astype(np.int64), device=DEV)
+    outs = []
+    for bounds in ([0, tables.n_steps], [0, 5, 5, 12, tables.n_steps]):
+        out = torch.full(q.shape, 0x7F7F7F7F, dtype=torch.int32, device=DEV)
+        run = RansDecode(words, *meta, int(lanes.max()), tables, out)
+        for a, b in itertools.pairwise(bounds):
+            run.launch(a, b)
+        outs.append((out.cpu(), run.status.cpu()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[1][1].tolist() == [0, 0, 0, 1]
+    assert torch.equal(outs[1][0][:, :57], torch.from_numpy(q)[:, :57])  # the good chunks
+    with pytest.raises(ValueError, match="steps"):
+        run = RansDecode(words, *meta, int(lanes.max()), tables, out)
+        run.launch(3, 5)
+
+
 # -- real SmolLM2 KV and the whole codec ---------------------------------------------------
 
 
@@ -227,16 +257,23 @@ def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
             err_c = ((ref.keys.float() - keys[b].float()) ** 2).sum().item()
             err_g = ((cpu.decode(blob_g[b]).keys.float() - keys[b].float()) ** 2).sum().item()
             assert err_g < 1.05 * err_c + 1e-6
-        for blobs in (blob_c, blob_g):
-            _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, scale)
+        for ranges in (False, True):  # the decoder in one launch, then in step ranges
+            gpu.decode_ranges_min_tokens = 0 if ranges else 1 << 40
+            for blobs in (blob_c, blob_g):
+                _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, scale)
 
 
-def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts):  # noqa: F811
+@pytest.mark.parametrize("ranges", [False, True])
+def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts, ranges):  # noqa: F811
+    """Poisoned outputs all written, exact tails in place, a bad stream ending the
+    prefix; with the decoder in one launch and in ranges of steps (the projections of
+    each range on a side stream behind it)."""
     cases = _codec_cases(arts)
     if not cases:
         pytest.skip("minmax artifacts")
     for art, keys, values, firsts in cases:
         gpu = GpuCodec(art, device=DEV)
+        gpu.decode_ranges_min_tokens = 0 if ranges else 1 << 40
         blobs = gpu.encode_batch(keys.to(DEV), values.to(DEV), firsts, [0, 9])
         for dtype in (torch.bfloat16, torch.float32):
             out = tuple(torch.full(keys.shape, float("nan"), dtype=dtype, device=DEV)

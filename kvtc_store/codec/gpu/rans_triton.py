@@ -323,12 +323,17 @@ def _decode_kernel(
     out_col_stride,
     step_ptr,  # float32 (n_comp,) (DEQUANT only)
     bias,  # reconstruction offset toward zero, in steps (DEQUANT only)
-    status_ptr,  # int32 (n_chunks,): 0 = ok, 1 = corrupt
+    status_ptr,  # int32 (n_chunks,): 0 = ok, 1 = corrupt (between ranges: so far)
+    state_ptr,  # int64 (n_chunks, BLOCK): the lanes' states between ranges of steps
+    cursor_ptr,  # int64 (n_chunks,): each stream's read position between ranges
     n_comp,
-    n_steps,
+    step0,  # the steps [step0, step1) this launch decodes
+    step1,
     G: tl.constexpr,
     BLOCK: tl.constexpr,
     DEQUANT: tl.constexpr,
+    FIRST: tl.constexpr,  # step0 == 0: the states come from the stream's head
+    LAST: tl.constexpr,  # step1 == n_steps: check the final states, write the status
 ):
     c = tl.program_id(0)
     base = tl.load(base_ptr + c)
@@ -339,13 +344,18 @@ def _decode_kernel(
     live = idx < lanes
     tok = (idx // G).to(tl.int64)
     g = idx % G
-    lo = tl.load(words_ptr + base + 2 * idx, mask=live, other=0).to(tl.int64) & 0xFFFF
-    hi = tl.load(words_ptr + base + 2 * idx + 1, mask=live, other=0).to(tl.int64) & 0xFFFF
-    x = tl.where(live, lo | (hi << 16), _RANS_L)
-    bad = tl.max((x < _RANS_L).to(tl.int32), axis=0)
-    x = tl.maximum(x, _RANS_L)  # a corrupt stream still decodes (to garbage), flagged
-    cursor = base + 2 * lanes.to(tl.int64)
-    for i in range(n_steps):
+    if FIRST:
+        lo = tl.load(words_ptr + base + 2 * idx, mask=live, other=0).to(tl.int64) & 0xFFFF
+        hi = tl.load(words_ptr + base + 2 * idx + 1, mask=live, other=0).to(tl.int64) & 0xFFFF
+        x = tl.where(live, lo | (hi << 16), _RANS_L)
+        bad = tl.max((x < _RANS_L).to(tl.int32), axis=0)
+        x = tl.maximum(x, _RANS_L)  # a corrupt stream still decodes (to garbage), flagged
+        cursor = base + 2 * lanes.to(tl.int64)
+    else:
+        x = tl.load(state_ptr + c * BLOCK + idx)
+        bad = tl.load(status_ptr + c)
+        cursor = tl.load(cursor_ptr + c)
+    for i in range(step0, step1):
         # the BLOCK words from the cursor on: those the step's renormalisation can read
         # (at most one a lane), loaded before the table lookups so that the latency of
         # this load does not add to theirs; the lanes pick their words from it below
@@ -396,8 +406,12 @@ def _decode_kernel(
             tl.store(ptr, val.to(out_ptr.dtype.element_ty), mask=keep)
         else:
             tl.store(ptr, h.to(out_ptr.dtype.element_ty), mask=keep)
-    ok_end = (cursor == end) & (tl.max((x != _RANS_L).to(tl.int32), axis=0) == 0)
-    bad = bad | (1 - ok_end.to(tl.int32))
+    if LAST:
+        ok_end = (cursor == end) & (tl.max((x != _RANS_L).to(tl.int32), axis=0) == 0)
+        bad = bad | (1 - ok_end.to(tl.int32))
+    else:
+        tl.store(state_ptr + c * BLOCK + idx, x)
+        tl.store(cursor_ptr + c, cursor)
     tl.store(status_ptr + c, bad)
 
 
@@ -631,6 +645,90 @@ def decode_words_gpu(
     return status.cpu().numpy() == 0
 
 
+class RansDecode:
+    """The decoder of one batch queued on the device in ranges of steps, one kernel a
+    range (no synchronisation): between ranges the lanes' states and the streams' read
+    positions wait in device memory. Step ``i`` decodes components ``i * G .. i * G +
+    G - 1`` of every token, so once a range is queued, work on the output rows of its
+    components can be queued after it (on another stream, behind an event) while the
+    next range decodes.
+
+    Args:
+        words: int16 device buffer holding the streams.
+        base, end, lanes, col0: int64 device ``(n_chunks,)``: each stream's first and
+            one-past-last uint16 in ``words``, its lanes (tokens times the interleave,
+            each stream at least two words per lane: the caller checks) and its first
+            output column.
+        max_lanes: the largest of ``lanes`` (sizes the program's block).
+        tables, out, colmap, steps, bias: as for :func:`decode_words_gpu`.
+
+    Attributes:
+        status: int32 device ``(n_chunks,)``: after the range that ends at
+            ``tables.n_steps``, 0 where the chunk's stream decoded cleanly.
+
+    Raises:
+        ValueError: more than 32768 lanes in a chunk.
+    """
+
+    def __init__(
+        self,
+        words: torch.Tensor,
+        base: torch.Tensor,
+        end: torch.Tensor,
+        lanes: torch.Tensor,
+        col0: torch.Tensor,
+        max_lanes: int,
+        tables: DeviceTables,
+        out: torch.Tensor,
+        colmap: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
+        bias: float = 0.0,
+    ):
+        dev = words.device
+        self.n_chunks = base.numel()
+        self.status = torch.empty(self.n_chunks, dtype=torch.int32, device=dev)
+        self.block, self.warps = _block(max_lanes)
+        if self.block > 1 << 15:  # the decoder's packed scan counts lanes in 16 bits
+            raise ValueError(f"{max_lanes} lanes per chunk (at most 32768)")
+        if colmap is None:
+            colmap = torch.arange(tables.n_components, device=dev)
+        self.dequant = steps is not None
+        if steps is None:
+            steps = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.tables = tables
+        self._args = (words, base, end, lanes, col0, tables.col_shift, tables.col_table,
+                      tables.step_shift, tables.freq, tables.cum, tables.slot2sym, out,
+                      colmap, out.stride(0), out.stride(1), steps, float(bias))  # fmt: skip
+        self._state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._next = 0  # the first step not yet queued
+
+    def launch(self, step0: int, step1: int) -> None:
+        """Queue steps ``[step0, step1)``; ranges must come in order, without gaps.
+
+        Raises:
+            ValueError: a range out of order or past the last step.
+        """
+        n_steps = self.tables.n_steps
+        if step0 != self._next or not step0 <= step1 <= n_steps:
+            raise ValueError(f"steps [{step0}, {step1}) after {self._next} of {n_steps}")
+        self._next = step1
+        if self.n_chunks == 0 or (step0 == step1 and 0 < step0 < n_steps):
+            return
+        first, last = step0 == 0, step1 == n_steps
+        if self._state is None and not (first and last):
+            dev = self.status.device
+            self._state = (
+                torch.empty(self.n_chunks * self.block, dtype=torch.int64, device=dev),
+                torch.empty(self.n_chunks, dtype=torch.int64, device=dev),
+            )
+        state, cursor = self._state if self._state is not None else (self.status, self.status)
+        _decode_kernel[(self.n_chunks,)](
+            *self._args, self.status, state, cursor, self.tables.n_components, step0, step1,
+            G=self.tables.interleave, BLOCK=self.block, DEQUANT=self.dequant, FIRST=first,
+            LAST=last, num_warps=self.warps,
+        )  # fmt: skip
+
+
 def launch_decode(
     words: torch.Tensor,
     base: torch.Tensor,
@@ -644,17 +742,9 @@ def launch_decode(
     steps: torch.Tensor | None = None,
     bias: float = 0.0,
 ) -> torch.Tensor:
-    """Queue the decoder on the device and return at once (no synchronisation): the
-    form of :func:`decode_words_gpu` whose per-chunk arguments are already there.
-
-    Args:
-        words: int16 device buffer holding the streams.
-        base, end, lanes, col0: int64 device ``(n_chunks,)``: each stream's first and
-            one-past-last uint16 in ``words``, its lanes (tokens times the interleave,
-            each stream at least two words per lane: the caller checks) and its first
-            output column.
-        max_lanes: the largest of ``lanes`` (sizes the program's block).
-        tables, out, colmap, steps, bias: as for :func:`decode_words_gpu`.
+    """Queue the whole decoder on the device and return at once (no synchronisation):
+    :class:`RansDecode` in one range, the form of :func:`decode_words_gpu` whose
+    per-chunk arguments are already there (arguments as :class:`RansDecode`'s).
 
     Returns:
         int32 device ``(n_chunks,)``: 0 where the chunk's stream decoded cleanly.
@@ -662,28 +752,9 @@ def launch_decode(
     Raises:
         ValueError: more than 32768 lanes in a chunk.
     """
-    dev = words.device
-    n_chunks = base.numel()
-    status = torch.empty(n_chunks, dtype=torch.int32, device=dev)
-    if n_chunks == 0:
-        return status
-    if colmap is None:
-        colmap = torch.arange(tables.n_components, device=dev)
-    block, warps = _block(max_lanes)
-    if block > 1 << 15:  # the decoder's packed scan counts lanes in 16 bits
-        raise ValueError(f"{max_lanes} lanes per chunk (at most 32768)")
-    dequant = steps is not None
-    if steps is None:
-        steps = torch.zeros(1, dtype=torch.float32, device=dev)
-    _decode_kernel[(n_chunks,)](
-        words, base, end, lanes, col0,
-        tables.col_shift, tables.col_table, tables.step_shift, tables.freq, tables.cum,
-        tables.slot2sym,
-        out, colmap, out.stride(0), out.stride(1), steps, float(bias), status,
-        tables.n_components, tables.n_steps,
-        G=tables.interleave, BLOCK=block, DEQUANT=dequant, num_warps=warps,
-    )  # fmt: skip
-    return status
+    run = RansDecode(words, base, end, lanes, col0, max_lanes, tables, out, colmap, steps, bias)
+    run.launch(0, tables.n_steps)
+    return run.status
 
 
 def decode_symbols_gpu(
