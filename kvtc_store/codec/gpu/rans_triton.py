@@ -24,7 +24,9 @@ Host code, top to bottom:
   in one device buffer (:class:`DeviceStreams`), which the caller copies to the host once.
 - decode: the streams are joined and copied to the device once; :func:`_decode_kernel`
   reads them and writes the symbols (or, fused, the dequantised coefficients) wherever
-  a column map and strides say.
+  a column map and strides say, in one launch or, through :class:`RansDecode`, in ranges
+  of steps whose lanes' states wait in device memory in between (so that work on the
+  components of one range can overlap the decoding of the next).
 
 Sources: Duda, "Asymmetric numeral systems", arXiv 1311.2540 (rANS); Giesen's
 ``rans_word`` (32-bit state, 16-bit words); Triton language reference (``tl.cumsum``,
@@ -638,11 +640,12 @@ def decode_words_gpu(
     meta = torch.as_tensor(
         np.stack([base, end, lanes, np.asarray(col0)]).astype(np.int64), device=dev
     )
-    status = launch_decode(
+    run = RansDecode(
         words, meta[0], meta[1], meta[2], meta[3], int(lanes.max()), tables, out,
         colmap=colmap, steps=steps, bias=bias,
     )  # fmt: skip
-    return status.cpu().numpy() == 0
+    run.launch(0, tables.n_steps)
+    return run.status.cpu().numpy() == 0
 
 
 class RansDecode:
@@ -727,34 +730,6 @@ class RansDecode:
             G=self.tables.interleave, BLOCK=self.block, DEQUANT=self.dequant, FIRST=first,
             LAST=last, num_warps=self.warps,
         )  # fmt: skip
-
-
-def launch_decode(
-    words: torch.Tensor,
-    base: torch.Tensor,
-    end: torch.Tensor,
-    lanes: torch.Tensor,
-    col0: torch.Tensor,
-    max_lanes: int,
-    tables: DeviceTables,
-    out: torch.Tensor,
-    colmap: torch.Tensor | None = None,
-    steps: torch.Tensor | None = None,
-    bias: float = 0.0,
-) -> torch.Tensor:
-    """Queue the whole decoder on the device and return at once (no synchronisation):
-    :class:`RansDecode` in one range, the form of :func:`decode_words_gpu` whose
-    per-chunk arguments are already there (arguments as :class:`RansDecode`'s).
-
-    Returns:
-        int32 device ``(n_chunks,)``: 0 where the chunk's stream decoded cleanly.
-
-    Raises:
-        ValueError: more than 32768 lanes in a chunk.
-    """
-    run = RansDecode(words, base, end, lanes, col0, max_lanes, tables, out, colmap, steps, bias)
-    run.launch(0, tables.n_steps)
-    return run.status
 
 
 def decode_symbols_gpu(
