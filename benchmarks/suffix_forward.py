@@ -32,7 +32,8 @@ same with the unchanged Hugging Face model:
 - the forward captured once in a CUDA graph and replayed (CUDA only).
 
 The logits are checked against Hugging Face's own path in ``gpu_codec.py --ttft`` (H200,
-bf16) and in ``tests/test_suffix_forward.py`` (a tiny float32 Llama on the CPU).
+bf16) and in ``tests/test_suffix_forward.py`` (a tiny float32 Llama on the CPU; on CUDA,
+the FlashAttention call against the float32 reference and the split version).
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def causal_flash_attention(module, query, key, value, attention_mask, scaling=No
     are fewer queries than keys (query ``i`` sees keys ``0 .. P + i``); PyTorch's
     dispatcher keeps ``scaled_dot_product_attention(is_causal=True)`` off that kernel
     for such shapes because its own mask is aligned top-left, hence the direct call.
-    Elsewhere: float32 arithmetic with that mask (the reference the tests use).
+    Elsewhere (CPU, or a float32 model on CUDA): float32 arithmetic with that mask, all
+    ``(Hq, S, P + S)`` scores at once (the reference the tests use; slow for long
+    prefixes). The direct call and its bottom-right alignment were checked on torch 2.11
+    (tests/test_suffix_forward.py on the H200).
 
     Args:
         query: ``(1, Hq, S, D)``.
@@ -104,7 +108,8 @@ def causal_flash_attention(module, query, key, value, attention_mask, scaling=No
         ``((1, S, Hq, D), None)`` in ``query``'s dtype.
 
     Raises:
-        ValueError: batch other than 1, or a cache shorter than the query.
+        ValueError: batch other than 1, a cache shorter than the query, or query heads
+            that are not a multiple of the KV heads.
     """
     _check_shapes("causal_flash_attention", query, key)
     _, hq, s, d = query.shape

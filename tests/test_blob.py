@@ -219,8 +219,12 @@ def test_join_bytes_large_parts_from_threads() -> None:
         assert type(got) is bytes and got == want and hash(got) == hash(want)
     small = [b"a", memoryview(b"bc")]
     assert join_bytes(small) == b"abc"
-    with pytest.raises(BufferError):  # a strided view has no single run of bytes to copy
-        join_bytes([memoryview(big)[::2]])
+    words = np.arange(JOIN_UNLOCKED_MIN, dtype=np.int16)  # any item size: its bytes
+    assert join_bytes([b"x", words]) == b"x" + words.tobytes()
+    for strided in (memoryview(big)[::2], big[::2]):  # no single run of bytes to copy
+        with pytest.raises(BufferError):
+            join_bytes([strided])
+    assert join_bytes([]) == b"" and join_bytes([b"", memoryview(b"")]) == b""
 
 
 def test_empty_payload() -> None:

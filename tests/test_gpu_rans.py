@@ -33,7 +33,7 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from kvtc_store.codec.gpu.codec_gpu import GpuCodec
+from kvtc_store.codec.gpu.codec_gpu import GpuCodec, _step_parts
 from kvtc_store.codec.gpu.rans_triton import (
     DeviceTables,
     RansDecode,
@@ -166,7 +166,8 @@ def test_decoder_in_ranges_of_steps_equals_one_launch():
     col0 = np.concatenate([[0], np.cumsum(counts)[:-1]])
     meta = torch.as_tensor(np.stack([base, end, lanes, col0]).astype(np.int64), device=DEV)
     outs = []
-    for bounds in ([0, tables.n_steps], [0, 5, 5, 12, tables.n_steps]):
+    n = tables.n_steps
+    for bounds in ([0, n], [0, 5, 5, 12, n, n]):  # empty ranges inside and at the end
         out = torch.full(q.shape, 0x7F7F7F7F, dtype=torch.int32, device=DEV)
         run = RansDecode(words, *meta, int(lanes.max()), tables, out)
         for a, b in itertools.pairwise(bounds):
@@ -178,6 +179,23 @@ def test_decoder_in_ranges_of_steps_equals_one_launch():
     with pytest.raises(ValueError, match="steps"):
         run = RansDecode(words, *meta, int(lanes.max()), tables, out)
         run.launch(3, 5)
+
+
+def test_step_parts_cover_each_group_once():
+    """The decoder's step ranges and the projections each one completes: group-major
+    plans cut into ranges (a group shared by two ranges accumulates in the second), a
+    group no range codes projected once (zeros) so that its features are written, bounds
+    on multiples of 8 components, and None for a plan that interleaves a group's rows."""
+    # K rows 0-5 and V rows 8-13 coded (6, 7, 14, 15 uncoded), 4 lanes a token, 3 steps
+    parts = _step_parts(list(range(6)) + list(range(8, 14)), [0, 8, 16], 4, 3, 4)
+    assert parts == [(0, 2, [(0, 0, 6, False), (1, 0, 2, False)]), (2, 3, [(1, 2, 6, True)])]
+    parts = _step_parts(list(range(16)), [0, 8, 16, 20], 4, 4, 4)  # group 2 codes nothing
+    assert parts[0][2][0] == (2, 0, 4, False)
+    assert [(a, b) for a, b, _ in parts] == [(0, 2), (2, 4)]
+    assert _step_parts([0, 9, 1, 10, 2, 11, 3, 12], [0, 8, 16], 1, 8, 4) is not None
+    shuffled = [0, 2, 4, 6, 8, 9, 10, 11, 1, 3, 5, 7, 12, 13, 14, 15]  # K: 0-6, then 1-7
+    assert _step_parts(shuffled, [0, 8, 16], 1, 16, 2) is None
+    assert _step_parts([], [0, 8], 4, 0, 4) is None
 
 
 # -- real SmolLM2 KV and the whole codec ---------------------------------------------------
@@ -257,6 +275,7 @@ def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
             err_c = ((ref.keys.float() - keys[b].float()) ** 2).sum().item()
             err_g = ((cpu.decode(blob_g[b]).keys.float() - keys[b].float()) ** 2).sum().item()
             assert err_g < 1.05 * err_c + 1e-6
+        assert len(gpu._parts) > 1  # these plans list each group's components in order
         for ranges in (False, True):  # the decoder in one launch, then in step ranges
             gpu.decode_ranges_min_tokens = 0 if ranges else 1 << 40
             for blobs in (blob_c, blob_g):
@@ -274,6 +293,7 @@ def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts, range
     for art, keys, values, firsts in cases:
         gpu = GpuCodec(art, device=DEV)
         gpu.decode_ranges_min_tokens = 0 if ranges else 1 << 40
+        assert len(gpu._parts) > 1
         blobs = gpu.encode_batch(keys.to(DEV), values.to(DEV), firsts, [0, 9])
         for dtype in (torch.bfloat16, torch.float32):
             out = tuple(torch.full(keys.shape, float("nan"), dtype=dtype, device=DEV)

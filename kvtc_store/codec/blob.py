@@ -142,14 +142,14 @@ JOIN_UNLOCKED_MIN = 1 << 20  # joins of at least this many bytes copy without th
 
 def _uninitialised_bytes():
     """CPython's ``PyBytes_FromStringAndSize(NULL, n)`` (a new ``bytes`` of ``n`` bytes,
-    contents undefined) through ctypes, or None where there is no such C API."""
+    contents undefined) through a private ctypes prototype (the shared
+    ``ctypes.pythonapi`` attribute's ``restype`` is left to whoever else uses it), or
+    None where there is no such C API."""
     try:
-        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
-    except AttributeError:
+        proto = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_char_p, ctypes.c_ssize_t)
+        return proto(("PyBytes_FromStringAndSize", ctypes.pythonapi))
+    except (AttributeError, TypeError):
         return None
-    fn.restype = ctypes.py_object
-    fn.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-    return fn
 
 
 _new_bytes = _uninitialised_bytes()
@@ -165,7 +165,9 @@ def join_bytes(parts: Sequence[bytes | memoryview]) -> bytes:
     holding it. Here the new object comes uninitialised from CPython's C API
     (``PyBytes_FromStringAndSize(NULL, n)``, meant for callers that fill the object
     before anyone else sees it, as this function does) and each part is copied into it
-    with ``ctypes.memmove``, a foreign call that releases the GIL.
+    with ``ctypes.memmove``, a foreign call that releases the GIL. As with any copy made
+    without the GIL, a mutable part (a bytearray, a writable array) must not be written
+    by another thread meanwhile.
 
     Args:
         parts: C-contiguous bytes-like objects (``bytes``, ``memoryview``, numpy arrays).
@@ -180,16 +182,18 @@ def join_bytes(parts: Sequence[bytes | memoryview]) -> bytes:
     Source: Python/C API reference, "Bytes Objects" (``PyBytes_FromStringAndSize``);
     ``ctypes`` documentation (foreign functions release the GIL while they run).
     """
-    arrays = [np.frombuffer(p, dtype=np.uint8) for p in parts]
-    total = sum(a.size for a in arrays)
+    views = [memoryview(p) for p in parts]
+    if not all(v.c_contiguous for v in views):
+        raise BufferError("join_bytes: a part is not C-contiguous")
+    total = sum(v.nbytes for v in views)
     if _new_bytes is None or total < JOIN_UNLOCKED_MIN:
-        return b"".join(parts)
+        return b"".join(views)
     out = _new_bytes(None, total)
     at = np.frombuffer(out, dtype=np.uint8).ctypes.data
-    for a in arrays:
-        if a.size:
-            ctypes.memmove(at, a.ctypes.data, a.size)
-            at += a.size
+    for v in views:
+        if v.nbytes:
+            ctypes.memmove(at, np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes)
+            at += v.nbytes
     return out
 
 

@@ -24,7 +24,9 @@ buffer, sent to the device in one pass; checksums verified by those threads mean
 ``deflate64k`` (and older ``deflate``) payloads verified first, then inflated on the
 device by one nvCOMP call, every 64 KiB piece of every blob a stream of its own]→
 streams →[rANS decoder, dequantising on the fly]→
-``C (R, N)`` fp16 →[cuBLAS per group: ``Cᵀ @ basisᵀ``]→ ``Fᵀ (N, p)`` fp16 →
+``C (R, N)`` fp16 →[cuBLAS per group: ``Cᵀ @ basisᵀ``]→ ``Fᵀ (N, p)`` fp16 (for large
+batches of few chunks, the decoder runs in ranges of steps and each range's rows are
+projected on a side stream while the next range decodes: ``decode_ranges_min_tokens``) →
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
 caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
 
@@ -43,6 +45,7 @@ Sources: KVTC (Staniszewski & Łańcucki, arXiv 2511.01815, §3); RoPE in Huggin
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -224,13 +227,30 @@ class DecodedBatch:
     error: BlobError | None
 
 
+def _on_own_device(method):
+    """Run a :class:`GpuCodec` method with the codec's CUDA device current (Triton
+    launches on the current device's stream, which the side stream's waits refer to)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if not self._cuda:
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 _MIXED_GEMM = [True]  # torch.mm(..., out_dtype=) works here (checked at first use)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate=False) -> None:
     """``out = a @ b`` (``out += a @ b`` with ``accumulate``) through cuBLAS; fp16/bf16
     operands accumulate in float32 and, when ``out`` is float32, are written in float32
-    (``torch.mm(..., out_dtype=)``; where that is missing, the GEMM runs in float32)."""
+    (``torch.mm(..., out_dtype=)``; where that is missing, the GEMM runs in float32).
+    With ``accumulate`` into an fp16 ``out`` (a group's projection split over decoder
+    ranges) the partial sum is rounded to fp16 in between: values within fp16 rounding
+    (2**-11 relative) of one GEMM's."""
     if out.dtype == a.dtype:
         if accumulate:
             out.addmm_(a, b)
@@ -271,10 +291,12 @@ class GpuCodec:
     Attributes:
         decode_ranges_min_tokens: batches of at least this many tokens whose chunks
             leave half the multiprocessors or more idle in the rANS decoder (one program
-            a chunk) are decoded in :data:`DECODE_PARTS` ranges of steps, each range's
-            projections on a side stream behind it (on the H200, 32 chunks of the
-            Llama-3.1-8B shape: 17.2 ms against 21.5 in one range); smaller batches gain
-            nothing from it (default 4096 tokens).
+            a chunk) are decoded in up to :data:`DECODE_PARTS` ranges of steps, each
+            range's projections on a side stream behind it (on the H200, the TTFT's
+            decode of 32 chunks of the Llama-3.1-8B shape, upload included: 17.6 ms
+            against 21.5 in one launch); smaller batches gain nothing from it (default
+            4096 tokens). An artifact whose plan does not list each group's components
+            in order decodes in one launch (:func:`_step_parts`).
 
     Raises:
         ArtifactError: not a ``rans`` artifact, or tables that do not match its plan.
@@ -389,6 +411,7 @@ class GpuCodec:
     # -- encode ---------------------------------------------------------------------------
 
     @torch.no_grad()
+    @_on_own_device
     def encode_batch(
         self,
         keys: torch.Tensor,
@@ -522,6 +545,7 @@ class GpuCodec:
     # -- decode ---------------------------------------------------------------------------
 
     @torch.no_grad()
+    @_on_own_device
     def decode_batch(
         self,
         blobs: list[bytes],
@@ -625,16 +649,19 @@ class GpuCodec:
         ranged = len(coded) * 2 <= self._sms and n >= self.decode_ranges_min_tokens
         parts = self._parts if ranged else self._whole
         side = torch.cuda.Stream(self.device) if self._cuda and len(parts) > 1 else None
-        for step0, step1, jobs in parts:
-            with self._stage(timer, "rans_dequantise"):
-                rans.launch(step0, step1)
-            with self._stage(timer, "projection"), self._behind(side):
-                for g, a, b, accumulate in jobs:
-                    kind, sl = self._slices[g]
-                    rows = coeffs[self._offsets[g] + a : self._offsets[g] + b]
-                    _mm_into(feats[kind][:, sl], rows.T, self._bases[g][:, a:b].T, accumulate)
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        try:
+            for step0, step1, jobs in parts:
+                with self._stage(timer, "rans_dequantise"):
+                    rans.launch(step0, step1)
+                with self._stage(timer, "projection"), self._behind(side):
+                    for g, a, b, accumulate in jobs:
+                        kind, sl = self._slices[g]
+                        rows = coeffs[self._offsets[g] + a : self._offsets[g] + b]
+                        basis = self._bases[g][:, a:b]
+                        _mm_into(feats[kind][:, sl], rows.T, basis.T, accumulate)
+        finally:  # coeffs and feats go back to the allocator only after the side's GEMMs
+            if side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(side)
         status = rans.status
         del coeffs
         with self._stage(timer, "rope_write"):

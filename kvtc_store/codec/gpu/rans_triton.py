@@ -306,7 +306,7 @@ def _get_bits(x, active, bits, words_ptr, cursor, end):
     return value, x, cursor, bad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step0", "step1"])  # one compile for every range
 def _decode_kernel(
     words_ptr,  # int16 (total,): all streams back to back
     base_ptr,  # int64 (n_chunks,): first uint16 of each stream
@@ -666,8 +666,8 @@ class RansDecode:
         tables, out, colmap, steps, bias: as for :func:`decode_words_gpu`.
 
     Attributes:
-        status: int32 device ``(n_chunks,)``: after the range that ends at
-            ``tables.n_steps``, 0 where the chunk's stream decoded cleanly.
+        status: int32 device ``(n_chunks,)``: once ranges up to ``tables.n_steps`` are
+            queued, 0 where the chunk's stream decoded cleanly.
 
     Raises:
         ValueError: more than 32768 lanes in a chunk.
@@ -715,8 +715,8 @@ class RansDecode:
         if step0 != self._next or not step0 <= step1 <= n_steps:
             raise ValueError(f"steps [{step0}, {step1}) after {self._next} of {n_steps}")
         self._next = step1
-        if self.n_chunks == 0 or (step0 == step1 and 0 < step0 < n_steps):
-            return
+        if self.n_chunks == 0 or (step0 == step1 and n_steps > 0):
+            return  # an empty range has nothing to decode (a batch of none, only one)
         first, last = step0 == 0, step1 == n_steps
         if self._state is None and not (first and last):
             dev = self.status.device
