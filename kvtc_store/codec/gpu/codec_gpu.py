@@ -326,7 +326,7 @@ class GpuCodec:
             torch.cuda.get_device_properties(self.device).multi_processor_count
             if self.device.type == "cuda"
             else 4
-        )  # sizes the elementwise kernels' grids
+        )  # sizes the elementwise kernels' grids; decides when the decoder runs in ranges
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
         self._download = HostDownload(self.device)  # and one for the encoder's streams
         _, heads, dim = artifact.kv_shape
