@@ -6,8 +6,8 @@ and on the host pool), the joins alone (one allocation and one copy per blob), a
 plain copy into memory that is already mapped, so that the share of first-touch page
 faults in the joins shows; and what the encoder does now: each blob checksummed and
 joined by a pool thread with :func:`~kvtc_store.codec.blob.join_bytes`, whose copies (and
-so the page faults) run without the GIL (``join_bytes_pool``; ``join_bytes_serial``: the
-same on one thread). Run it under different malloc settings (for example
+so the page faults) run without the GIL (``checksum_and_join_bytes_pool``;
+``join_bytes_serial``: the joins alone on one thread). Run it under different malloc settings (for example
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which asks for transparent huge pages on
 large allocations, glibc >= 2.35) to compare.
 

@@ -1,6 +1,7 @@
 #!/bin/bash
-# H200 call (issue 6): the GPU tests and the full benchmark, as recorded in
-# benchmarks/results/gpu_codec.md and gpu_codec_tests.md. A first call carries .dev-w and
+# H200 call (issue 6): the GPU tests (with the suffix forward's CUDA test), the full
+# benchmark and benchmarks/blob_assembly.py, as recorded in benchmarks/results/
+# gpu_codec.md, gpu_codec_tests.md and blob_assembly_h200.md. A first call carries .dev-w and
 # .dev-n (py3.12 wheels the GPU image lacks; nvidia-nvcomp-cu13 6.0.0.12 and its library)
 # and installs them: `python3 -m pip install --no-index --no-deps --target /tmp/site
 # .dev-w/*.whl .dev-n/*.whl`; this one carries .gpu-rans8 (the SmolLM2 int8 rans artifact
