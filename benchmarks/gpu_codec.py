@@ -62,7 +62,14 @@ import torch
 from kvtc_store.backends import DiskBackend, MemoryBackend
 from kvtc_store.codec import CodecArtifact, PlanRange, RopeParams
 from kvtc_store.codec.blob import unpack_blob
-from kvtc_store.codec.entropy import PIECE_SIZE, piece_raw_sizes
+from kvtc_store.codec.entropy import (
+    PIECE_SIZE,
+    STORED_BLOCK_MAX,
+    deflate_stored,
+    pack_pieces,
+    piece_raw_sizes,
+    read_piece_table,
+)
 from kvtc_store.codec.features import default_groups
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
 from kvtc_store.codec.gpu.nvcomp_coder import NvcompCoder
@@ -318,7 +325,28 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
     assert all(torch.equal(dst[s : s + n], src[s : s + n]) for s, n in zip(starts, sizes))
     out["nvcomp_deflate_compress_gbps"] = sum(sizes) / t_c / 1e9
     out["nvcomp_deflate_decompress_gbps"] = sum(sizes) / t_d / 1e9
-    del src, dst, comp
+    out["nvcomp_deflate_pieces_shorter_than_stored"] = float(
+        np.mean(np.asarray(comp_len) < lens + 5 * -(-lens // STORED_BLOCK_MAX))
+    )
+    # the same pieces as stored blocks (what zlib and ISA-L write for bytes they cannot
+    # shrink, and GpuCodec where nvCOMP's piece is not shorter), inflated by nvCOMP
+    stored = [
+        pack_pieces([deflate_stored(p[s : s + PIECE_SIZE]) for s in range(0, len(p), PIECE_SIZE)])
+        for p in payloads
+    ]
+    st_dev, st_at = deflate.to_device_packed(stored)
+    st_off = np.concatenate(
+        [a + read_piece_table(c, n)[0] for a, c, n in zip(st_at, stored, sizes)]
+    )
+    st_len = np.concatenate([read_piece_table(c, n)[1] for c, n in zip(stored, sizes)])
+    dst.zero_()
+    t_s = cuda_time(
+        lambda c=st_dev, d=dst: deflate.decompress_spans(c, st_off, st_len, d, offs, lens),
+        reps=reps,
+    )
+    assert all(torch.equal(dst[s : s + n], src[s : s + n]) for s, n in zip(starts, sizes))
+    out["nvcomp_deflate_stored_decompress_gbps"] = sum(sizes) / t_s / 1e9
+    del src, dst, comp, st_dev
     for name, coder in coders.items():
         dev = coder.to_device(payloads)
         comp = coder.compress(dev)
@@ -332,6 +360,12 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
     codec = GpuCodec(art, DEV, coder="deflate", nvcomp=True)
     blobs = codec.encode_batch(k, v, firsts)
     out["deflate_coder"] = unpack_blob(blobs[0])[0].coder  # what "deflate" writes
+    first = []  # each piece's first byte: BTYPE 00 (bits 1-2) is a stored block
+    for b in blobs:
+        header, payload = unpack_blob(b)
+        at, _ = read_piece_table(payload, sum(header.sections.values()))
+        first.extend(payload[a] for a in at.tolist())
+    out["deflate_pieces_stored"] = float(np.mean([(f >> 1) & 3 == 0 for f in first]))
     dest = (torch.empty_like(k), torch.empty_like(v))
     dec = codec.decode_batch(blobs, out=dest)
     assert dec.count == batch and dec.error is None, dec.error
@@ -341,6 +375,14 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
     t_d = cuda_time(lambda: codec.decode_batch(blobs, out=dest), reps=max(3, reps))
     out["encode_gbps_deflate"] = kv_bytes / t_e / 1e9
     out["decode_gbps_deflate"] = kv_bytes / t_d / 1e9
+    # the same blobs read from a pinned CPU tier, as decode_gbps_pinned for coder none
+    tier = MemoryBackend(1 << 42, pinned=True)
+    names = [chunk_key("deflate", i) for i in range(len(blobs))]
+    tier.put(list(zip(names, blobs)))
+    views = tier.get(names)
+    t_p = cuda_time(lambda w=views: codec.decode_batch(w, out=dest), reps=max(3, reps))
+    out["decode_gbps_deflate_pinned"] = kv_bytes / t_p / 1e9
+    del tier, views
     tm = StageTimer()
     codec.decode_batch(blobs, out=dest, timer=tm)
     out["decode_deflate_stages_ms"] = {s: round(1e3 * t, 3) for s, t in tm.times.items()}
@@ -1081,6 +1123,7 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
         "decode_gbps_ans_pinned": default[0].get("decode_gbps_pinned") if default else None,
         "decode_gbps_deflate": nvc.get("decode_gbps_deflate"),
         "decode_gbps_deflate_note": deflate_note,
+        "decode_gbps_deflate_pinned": nvc.get("decode_gbps_deflate_pinned"),
         "encode_gbps_deflate": nvc.get("encode_gbps_deflate"),
         "entropy_coder": "rANS (Triton), not nvCOMP ANS: the codec's own stream format",
         "nvcomp": nvc,
@@ -1105,8 +1148,12 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
         "rANS stream and exact bf16 tokens, on the device; one nvCOMP call per batch; GB/s",
         "of those payload bytes): `nvcomp_deflate_*` over the 64 KiB pieces of `deflate64k`",
         "(every piece a stream), `nvcomp_deflate_stream_*` over one stream a payload (the",
-        "older `deflate` layout), `nvcomp_ans_*` over whole payloads; and the codec with",
-        "coder `deflate`, written as `deflate64k` (nvCOMP both ways, GB/s of bf16 KV):",
+        "older `deflate` layout), `nvcomp_ans_*` over whole payloads;",
+        "`nvcomp_deflate_stored_decompress_gbps`: the same pieces written as stored blocks",
+        "(as zlib and ISA-L write bytes they cannot shrink), inflated by nvCOMP; and the",
+        "codec with coder `deflate`, written as `deflate64k` (nvCOMP both ways; a piece",
+        "nvCOMP does not shrink is stored, `deflate_pieces_stored` the share; GB/s of bf16",
+        "KV; `decode_gbps_deflate_pinned` from a pinned CPU tier):",
         "",
         *(f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in nvc.items()),
         "",

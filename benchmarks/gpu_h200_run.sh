@@ -1,7 +1,8 @@
 #!/bin/bash
 # H200 call (issue 6): the GPU tests (with the suffix forward's CUDA test), the full
-# benchmark and benchmarks/blob_assembly.py, as recorded in benchmarks/results/
-# gpu_codec.md, gpu_codec_tests.md and blob_assembly_h200.md. A first call carries .dev-w and
+# benchmark, benchmarks/blob_assembly.py and benchmarks/disk_read.py, as recorded in
+# benchmarks/results/ gpu_codec.md, gpu_codec_tests.md, blob_assembly_h200.md and
+# disk_read_h200.json. A first call carries .dev-w and
 # .dev-n (py3.12 wheels the GPU image lacks; nvidia-nvcomp-cu13 6.0.0.12 and its library)
 # and installs them: `python3 -m pip install --no-index --no-deps --target /tmp/site
 # .dev-w/*.whl .dev-n/*.whl`; this one carries .gpu-rans8 (the SmolLM2 int8 rans artifact
@@ -18,3 +19,4 @@ timeout 330 python3 benchmarks/gpu_codec.py --smollm2-artifact $DATA/artifact --
 grep -E "gbps|ttft_speedup|honest" $OUT/res/gpu_codec.md | head -30
 echo "total $(( $(date +%s) - T0 )) s"
 timeout 60 python3 benchmarks/blob_assembly.py > $OUT/res/blob_assembly.txt 2>&1; echo "blob_assembly rc=$?"; cat $OUT/res/blob_assembly.txt
+timeout 90 python3 benchmarks/disk_read.py --out $OUT/res/disk_read.json > $OUT/res/disk_read.txt 2>&1; echo "disk_read rc=$?"; tail -4 $OUT/res/disk_read.txt

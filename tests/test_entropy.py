@@ -16,10 +16,14 @@ from hypothesis import strategies as st
 from kvtc_store.codec.entropy import (
     PIECE_ALIGN,
     PIECE_SIZE,
+    STORED_BLOCK_MAX,
+    deflate_stored,
     get_coder,
     pack_pieces,
     piece_count,
     read_piece_table,
+    stored_parts,
+    stored_size,
     writer_coder,
 )
 from kvtc_store.errors import BlobCorruptError, BlobFormatError
@@ -117,6 +121,31 @@ def test_single_stream_deflate_still_decodes() -> None:
     data = _data(150_000, 7)
     c = zlib.compressobj(6, zlib.DEFLATED, -15)
     assert get_coder("deflate").decode(c.compress(data) + c.flush(), len(data)) == data
+
+
+@pytest.mark.parametrize("n", [0, 1, 65535, 65536, 2 * 65535 + 1, 200_000])
+def test_stored_blocks_inflate_with_zlib(n) -> None:
+    """RFC 1951 stored blocks: zlib inflates them to the bytes, each block header byte
+    BTYPE 00 (BFINAL on the last only), LEN / NLEN, :func:`stored_size` bytes in all; the
+    CPU coder reads a payload of stored pieces."""
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    out = deflate_stored(data)
+    assert len(out) == stored_size(n) == n + 5 * max(1, -(-n // STORED_BLOCK_MAX))
+    assert zlib.decompress(out, -15) == data
+    at, blocks = 0, []
+    while at < len(out):
+        flags, size, nsize = struct.unpack_from("<BHH", out, at)
+        assert size ^ nsize == 0xFFFF
+        blocks.append((flags, size))
+        at += 5 + size
+    assert [f for f, _ in blocks] == [0] * (len(blocks) - 1) + [1]
+    assert sum(k for _, k in blocks) == n
+    pieces = [deflate_stored(data[s : s + PIECE_SIZE]) for s in range(0, n, PIECE_SIZE)]
+    payload = pack_pieces(pieces)
+    assert get_coder("deflate64k").decode(payload, n) == data
+    # the same payload from the parts (headers and views of ``data``, as GpuCodec packs)
+    parts = [stored_parts(data[s : s + PIECE_SIZE]) for s in range(0, n, PIECE_SIZE)]
+    assert pack_pieces(parts) == payload
 
 
 def test_deflate_requests_write_deflate64k() -> None:

@@ -160,6 +160,45 @@ def test_gpu_pieces_decode_on_the_cpu_with_an_empty_payload(deflate):
     assert sum(map(len, coded)) < sum(sizes)
 
 
+def _first_bytes(payload, raw_size: int) -> list[int]:
+    """The first byte of each piece of a ``deflate64k`` payload (BTYPE in bits 1-2)."""
+    starts, _ = read_piece_table(payload, raw_size)
+    return [payload[s] for s in starts.tolist()]
+
+
+def test_gpu_pieces_nvcomp_cannot_shrink_are_stored(deflate):
+    """Random bytes (like a rANS stream): every piece GpuCodec writes is stored blocks
+    (BTYPE 00), no longer than :func:`entropy.stored_size`; compressible bytes stay
+    Huffman-coded; both read by zlib and inflated by one nvCOMP call on the device."""
+    gpu = object.__new__(GpuCodec)
+    gpu._deflater = deflate
+    rng = np.random.default_rng(7)
+    n = 5 * PIECE_SIZE + 123
+    data = [rng.integers(0, 256, n, dtype=np.uint8).tobytes(), _payload(n, 8)]
+    noise, smooth = gpu._deflate_pieces(data)
+    assert all((b >> 1) & 3 == 0 for b in _first_bytes(noise, n))
+    sizes = read_piece_table(noise, n)[1]
+    raw = entropy.piece_raw_sizes(n)
+    assert sizes.tolist() == [entropy.stored_size(r) for r in raw.tolist()]
+    # every full piece shrinks; the last, 123 bytes, may not (then it is stored too)
+    assert all((b >> 1) & 3 != 0 for b in _first_bytes(smooth, n)[:-1])
+    assert len(smooth) < 0.9 * n
+    for c, d in zip((noise, smooth), data):
+        assert _zlib_inflate64k(c, n) == d
+    src, at = deflate.to_device_packed([noise, smooth])
+    dst = torch.full((2 * n + 16,), 0xA5, dtype=torch.uint8, device="cuda")
+    out_at = [0, -(-n // 16) * 16]
+    tables = [[], [], [], []]
+    for a, c, o in zip(at, (noise, smooth), out_at):
+        starts, lens = read_piece_table(c, n)
+        for t, part in zip(tables, (a + starts, lens, o + PIECE_SIZE * np.arange(len(raw)), raw)):
+            t.append(part)
+    so, ss, do, ds = (np.concatenate(t) for t in tables)
+    deflate.decompress_spans(src, so, ss, dst, do, ds)
+    host = dst.cpu().numpy()
+    assert [host[o : o + n].tobytes() for o in out_at] == data
+
+
 @pytest.mark.parametrize("writer", ["isal", "zlib-6"])
 def test_cpu_pieces_inflate_on_the_gpu_in_one_call(deflate, writer):
     """CPU-written ``deflate64k`` payloads (ISA-L, or zlib piece by piece), staged as

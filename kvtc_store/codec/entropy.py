@@ -73,7 +73,36 @@ class DeflateCoder:
 
 PIECE_SIZE = 1 << 16  # raw bytes per piece of ``deflate64k`` (nvCOMP's usual chunk size)
 PIECE_ALIGN = 16  # coded pieces start at multiples of this from the payload's start
+STORED_BLOCK_MAX = 65535  # raw bytes a stored DEFLATE block holds at most (RFC 1951 §3.2.4)
 _COUNT = struct.Struct("<I")
+_STORED = struct.Struct("<BHH")  # BFINAL | BTYPE 00 << 1, then LEN and NLEN
+
+
+def stored_size(n: int) -> int:
+    """Bytes of ``n`` raw bytes written as stored DEFLATE blocks (:func:`deflate_stored`):
+    five header bytes per block of up to :data:`STORED_BLOCK_MAX` bytes, one block at least."""
+    return n + _STORED.size * max(1, -(-n // STORED_BLOCK_MAX))
+
+
+def deflate_stored(data) -> bytes:
+    """``data`` (bytes-like) as a raw DEFLATE stream of stored blocks (RFC 1951 §3.2.4:
+    each block a header byte with BFINAL and BTYPE 00, LEN, NLEN, then LEN bytes as they
+    are): what zlib and ISA-L write for bytes they cannot shrink, and what the GPU writer
+    uses where nvCOMP's coded piece would be longer. ``zlib.decompress(out, -15)`` gives
+    ``data`` back; :func:`stored_size` bytes."""
+    return b"".join(stored_parts(data))
+
+
+def stored_parts(data) -> list:
+    """:func:`deflate_stored`'s stream as its parts, in order: each block's five header
+    bytes and a memoryview of ``data`` (no copy of the bytes)."""
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    parts = []
+    for s in range(0, max(n, 1), STORED_BLOCK_MAX):
+        k = min(STORED_BLOCK_MAX, n - s)
+        parts += [_STORED.pack(int(s + k >= n), k, k ^ 0xFFFF), mv[s : s + k]]
+    return parts
 
 
 def piece_count(raw_size: int) -> int:
@@ -108,14 +137,19 @@ def piece_offsets(sizes: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def pack_pieces(coded: list) -> bytes:
-    """A ``deflate64k`` payload of these coded pieces (bytes-like, in order)."""
-    sizes = np.array([memoryview(c).nbytes for c in coded], dtype=np.int64)
+    """A ``deflate64k`` payload of these coded pieces, in order: each bytes-like, or a list
+    of bytes-like parts laid end to end (as :func:`stored_parts` gives)."""
+    coded = [c if isinstance(c, list) else [c] for c in coded]
+    sizes = np.array([sum(memoryview(p).nbytes for p in c) for c in coded], dtype=np.int64)
     starts, total = piece_offsets(sizes)
     out = bytearray(total)
     out[: _COUNT.size] = _COUNT.pack(len(coded))
     out[_COUNT.size : _COUNT.size * (1 + len(coded))] = sizes.astype("<u4").tobytes()
-    for s, n, c in zip(starts.tolist(), sizes.tolist(), coded):
-        out[s : s + n] = memoryview(c).cast("B")
+    for s, c in zip(starts.tolist(), coded):
+        for part in c:
+            mv = memoryview(part).cast("B")
+            out[s : s + len(mv)] = mv
+            s += len(mv)
     return bytes(out)
 
 

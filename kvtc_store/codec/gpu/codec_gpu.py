@@ -73,6 +73,8 @@ from ..entropy import (
     pack_pieces,
     piece_raw_sizes,
     read_piece_table,
+    stored_parts,
+    stored_size,
     writer_coder,
 )
 from ..features import group_slices
@@ -525,7 +527,12 @@ class GpuCodec:
 
     def _deflate_pieces(self, payloads: list[bytes]) -> list[bytes]:
         """``deflate64k`` payloads: all pieces of all payloads deflated in one nvCOMP call
-        (each payload copied to the device at an aligned offset, so its pieces are too)."""
+        (each payload copied to the device at an aligned offset, so its pieces are too).
+        A piece that nvCOMP does not shrink below its stored size is written as stored
+        blocks instead (:func:`~kvtc_store.codec.entropy.stored_parts`), as zlib and
+        ISA-L do: nvCOMP codes every block with Huffman tables, and on the rANS streams,
+        entropy-coded already, that saves nothing and makes inflating several times slower
+        (benchmarks/results/gpu_codec.md)."""
         dev, starts = self._deflater.to_device_packed(payloads)
         raws = [piece_raw_sizes(len(p)) for p in payloads]
         offsets = [s + PIECE_SIZE * np.arange(len(r)) for s, r in zip(starts, raws)]
@@ -535,11 +542,17 @@ class GpuCodec:
         )  # fmt: skip
         host = out.cpu().numpy()
         coded, j = [], 0
-        for r in raws:
-            k = len(r)
-            pieces = [host[o : o + n] for o, n in zip(out_offsets[j : j + k], comp[j : j + k])]
+        for payload, r in zip(payloads, raws):
+            raw = memoryview(payload).cast("B")
+            pieces = []
+            for k, n in enumerate(r.tolist()):
+                o, c = out_offsets[j + k], comp[j + k]
+                if c < stored_size(n):
+                    pieces.append(host[o : o + c])
+                else:
+                    pieces.append(stored_parts(raw[k * PIECE_SIZE : k * PIECE_SIZE + n]))
             coded.append(pack_pieces(pieces))
-            j += k
+            j += len(r)
         return coded
 
     # -- decode ---------------------------------------------------------------------------
