@@ -64,11 +64,11 @@ from kvtc_store.codec import CodecArtifact, PlanRange, RopeParams
 from kvtc_store.codec.blob import unpack_blob
 from kvtc_store.codec.entropy import (
     PIECE_SIZE,
-    STORED_BLOCK_MAX,
     deflate_stored,
     pack_pieces,
     piece_raw_sizes,
     read_piece_table,
+    stored_size,
 )
 from kvtc_store.codec.features import default_groups
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
@@ -326,7 +326,7 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
     out["nvcomp_deflate_compress_gbps"] = sum(sizes) / t_c / 1e9
     out["nvcomp_deflate_decompress_gbps"] = sum(sizes) / t_d / 1e9
     out["nvcomp_deflate_pieces_shorter_than_stored"] = float(
-        np.mean(np.asarray(comp_len) < lens + 5 * -(-lens // STORED_BLOCK_MAX))
+        np.mean([c < stored_size(n) for c, n in zip(comp_len, lens.tolist())])
     )
     # the same pieces as stored blocks (what zlib and ISA-L write for bytes they cannot
     # shrink, and GpuCodec where nvCOMP's piece is not shorter), inflated by nvCOMP
@@ -1097,6 +1097,13 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def fmt_value(v) -> str:
+    """Two decimals for figures, four significant digits for shares below one."""
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"
+
+
 def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     big = [c for c in configs if c["batch"] == max(c2["batch"] for c2 in configs)]
@@ -1155,7 +1162,7 @@ def write(out: Path, info, ceil, configs, ttfts, kv_source, nvc: dict) -> None:
         "nvCOMP does not shrink is stored, `deflate_pieces_stored` the share; GB/s of bf16",
         "KV; `decode_gbps_deflate_pinned` from a pinned CPU tier):",
         "",
-        *(f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in nvc.items()),
+        *(f"- {k}: {fmt_value(v)}" for k, v in nvc.items()),
         "",
         "## Throughput (GB/s of bf16 KV), 256-token chunks",
         "",

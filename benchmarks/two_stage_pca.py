@@ -10,7 +10,10 @@ truncation drops, and the reverse water-filling distortion and rate (Cover & Tho
 §10.3.3: ``D = sum min(lambda_i, theta)``, ``R = sum max(0, log2(lambda_i / theta) / 2)``
 bits) of the plain all-layer spectrum against the two-stage one (eigenvalues of
 ``B^T C B``, ``B`` the block-diagonal per-layer bases) plus the dropped energy, at the
-same water level ``theta``. Distortion as a share of the total variance; CPU, seconds.
+same rate: the all-layer spectrum at water level ``theta = level * 100 * mean
+eigenvalue``, the two-stage one at the level that spends the same bits (bisection).
+Distortion as a share of the total variance; CPU, seconds. Only as good as the fit's
+spectrum: SmolLM2's here (the 8B benchmark codec has random bases, nothing to measure).
 
     python3 benchmarks/two_stage_pca.py FIT [FIT ...]
 
@@ -35,8 +38,18 @@ def water_fill(ev: torch.Tensor, theta: float) -> tuple[float, float, int]:
     return dist, rate, int((ev > theta).sum())
 
 
+def at_rate(ev: torch.Tensor, bits: float) -> tuple[float, float, int]:
+    """:func:`water_fill` at the water level that spends ``bits`` (bisection in log)."""
+    lo, hi = 1e-12 * ev.max().item(), ev.max().item()
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if water_fill(ev, mid)[1] > bits else (lo, mid)
+    return water_fill(ev, hi)
+
+
 def compare(comp: torch.Tensor, lam: torch.Tensor, layers: int, shares=(1.0, 0.75, 0.5)):
-    """Rows of (k1 share, dropped energy share, theta, all-layer D/R/r, two-stage D/R/r)."""
+    """Rows of (k1 share, dropped energy share, level, all-layer D/R/r, two-stage D/R/r at
+    the all-layer row's rate)."""
     lam = lam.double().clamp(min=0)
     cov = (comp.double() * lam) @ comp.double().T
     total = lam.sum().item()
@@ -54,7 +67,7 @@ def compare(comp: torch.Tensor, lam: torch.Tensor, layers: int, shares=(1.0, 0.7
         for level in (3e-3, 1e-3, 3e-4):
             theta = level * total / len(lam) * 100
             da, ra, na = water_fill(lam, theta)
-            d2, r2, n2 = water_fill(ev, theta)
+            d2, r2, n2 = at_rate(ev, ra)
             rows.append((share, dropped / total, level, da / total, ra, na,
                          (d2 + dropped) / total, r2, n2))  # fmt: skip
     return rows
@@ -69,7 +82,7 @@ def main() -> None:
             meta = json.loads(f.metadata()["fit"])
             layers = meta["kv_shape"][0]
             print(f"# {path}: kv_shape {meta['kv_shape']}, {meta['count']} tokens")
-            print("| kind | k1/d | dropped | theta | all-layer D | R | r | two-stage D | R | r |")
+            print("| kind | k1/d | dropped | level | all-layer D | R | r | two-stage D | R | r |")
             print("|---|---|---|---|---|---|---|---|---|---|")
             for g, group in enumerate(meta["groups"]):
                 if (group["layer_start"], group["layer_end"]) != (0, layers):

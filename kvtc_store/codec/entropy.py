@@ -79,8 +79,9 @@ _STORED = struct.Struct("<BHH")  # BFINAL | BTYPE 00 << 1, then LEN and NLEN
 
 
 def stored_size(n: int) -> int:
-    """Bytes of ``n`` raw bytes written as stored DEFLATE blocks (:func:`deflate_stored`):
-    five header bytes per block of up to :data:`STORED_BLOCK_MAX` bytes, one block at least."""
+    """Bytes of ``n`` (>= 0) raw bytes written as stored DEFLATE blocks
+    (:func:`deflate_stored`): five header bytes per block of up to :data:`STORED_BLOCK_MAX`
+    bytes, one block at least."""
     return n + _STORED.size * max(1, -(-n // STORED_BLOCK_MAX))
 
 
@@ -88,14 +89,16 @@ def deflate_stored(data) -> bytes:
     """``data`` (bytes-like) as a raw DEFLATE stream of stored blocks (RFC 1951 §3.2.4:
     each block a header byte with BFINAL and BTYPE 00, LEN, NLEN, then LEN bytes as they
     are): what zlib and ISA-L write for bytes they cannot shrink, and what the GPU writer
-    uses where nvCOMP's coded piece would be longer. ``zlib.decompress(out, -15)`` gives
+    uses where nvCOMP's coded piece is not shorter. ``zlib.decompress(out, -15)`` gives
     ``data`` back; :func:`stored_size` bytes."""
     return b"".join(stored_parts(data))
 
 
 def stored_parts(data) -> list:
     """:func:`deflate_stored`'s stream as its parts, in order: each block's five header
-    bytes and a memoryview of ``data`` (no copy of the bytes)."""
+    bytes and a memoryview of ``data`` (no copy of the bytes; ``data`` must be
+    C-contiguous, and stays exported, so a bytearray cannot be resized, while the parts
+    live)."""
     mv = memoryview(data).cast("B")
     n = len(mv)
     parts = []
@@ -138,8 +141,8 @@ def piece_offsets(sizes: np.ndarray) -> tuple[np.ndarray, int]:
 
 def pack_pieces(coded: list) -> bytes:
     """A ``deflate64k`` payload of these coded pieces, in order: each bytes-like, or a list
-    of bytes-like parts laid end to end (as :func:`stored_parts` gives)."""
-    coded = [c if isinstance(c, list) else [c] for c in coded]
+    or tuple of bytes-like parts laid end to end (as :func:`stored_parts` gives)."""
+    coded = [c if isinstance(c, (list, tuple)) else [c] for c in coded]
     sizes = np.array([sum(memoryview(p).nbytes for p in c) for c in coded], dtype=np.int64)
     starts, total = piece_offsets(sizes)
     out = bytearray(total)
