@@ -276,6 +276,17 @@ def make_batch(keys, values, batch: int, first=None):
     return k, v, firsts
 
 
+def decode_from_pinned_tier(codec: GpuCodec, blobs: list[bytes], out, reps: int) -> float:
+    """Median seconds of ``codec.decode_batch`` on ``blobs`` read from a pinned CPU tier
+    (``MemoryBackend(pinned=True)``: ``get`` returns page-locked views, copied by DMA),
+    into ``out``; the tier goes with the call."""
+    tier = MemoryBackend(1 << 42, pinned=True)
+    names = [chunk_key("pinned", i) for i in range(len(blobs))]
+    tier.put(list(zip(names, blobs)))
+    views = tier.get(names)
+    return cuda_time(lambda: codec.decode_batch(views, out=out), reps=reps)
+
+
 def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict:
     """nvCOMP on ``batch`` chunks cut from ``keys/values``.
 
@@ -335,10 +346,9 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
         for p in payloads
     ]
     st_dev, st_at = deflate.to_device_packed(stored)
-    st_off = np.concatenate(
-        [a + read_piece_table(c, n)[0] for a, c, n in zip(st_at, stored, sizes)]
-    )
-    st_len = np.concatenate([read_piece_table(c, n)[1] for c, n in zip(stored, sizes)])
+    tables = [read_piece_table(c, n) for c, n in zip(stored, sizes)]  # (starts, lengths)
+    st_off = np.concatenate([a + starts for a, (starts, _) in zip(st_at, tables)])
+    st_len = np.concatenate([lengths for _, lengths in tables])
     dst.zero_()
     t_s = cuda_time(
         lambda c=st_dev, d=dst: deflate.decompress_spans(c, st_off, st_len, d, offs, lens),
@@ -376,13 +386,8 @@ def nvcomp_runs(art: CodecArtifact, keys, values, batch: int, reps: int) -> dict
     out["encode_gbps_deflate"] = kv_bytes / t_e / 1e9
     out["decode_gbps_deflate"] = kv_bytes / t_d / 1e9
     # the same blobs read from a pinned CPU tier, as decode_gbps_pinned for coder none
-    tier = MemoryBackend(1 << 42, pinned=True)
-    names = [chunk_key("deflate", i) for i in range(len(blobs))]
-    tier.put(list(zip(names, blobs)))
-    views = tier.get(names)
-    t_p = cuda_time(lambda w=views: codec.decode_batch(w, out=dest), reps=max(3, reps))
+    t_p = decode_from_pinned_tier(codec, blobs, dest, max(3, reps))
     out["decode_gbps_deflate_pinned"] = kv_bytes / t_p / 1e9
-    del tier, views
     tm = StageTimer()
     codec.decode_batch(blobs, out=dest, timer=tm)
     out["decode_deflate_stages_ms"] = {s: round(1e3 * t, 3) for s, t in tm.times.items()}
@@ -421,13 +426,9 @@ def run_config(
     res["encode_gbps"] = kv_bytes / t_enc / 1e9
     res["decode_gbps"] = kv_bytes / t_dec / 1e9
     if CUDA:  # the same blobs read from a pinned CPU tier: the payloads go by DMA
-        tier = MemoryBackend(1 << 42, pinned=True)
-        names = [chunk_key("pinned", i) for i in range(len(blobs))]
-        tier.put(list(zip(names, blobs)))
-        views = tier.get(names)
-        t = cuda_time(lambda: codec.decode_batch(views, out=out), reps=reps)
-        res["decode_gbps_pinned"] = kv_bytes / t / 1e9
-        del tier, views
+        res["decode_gbps_pinned"] = (
+            kv_bytes / decode_from_pinned_tier(codec, blobs, out, reps) / 1e9
+        )
     res["encode_ms"] = 1e3 * t_enc
     res["decode_ms"] = 1e3 * t_dec
     for kind, fn in (
