@@ -162,7 +162,7 @@ def test_layout_and_msgpack_header() -> None:
     payload = bytes(range(16))
     b = pack_blob(_header(), payload)
     magic, version, hlen, hsum = struct.unpack_from("<4sHIQ", b, 0)
-    assert (magic, version) == (b"KVTC", 1) and MAGIC == b"KVTC" and FORMAT_VERSION == 1
+    assert (magic, version) == (b"KVTC", 2) and MAGIC == b"KVTC" and FORMAT_VERSION == 2
     hb = b[PREFIX : PREFIX + hlen]
     assert hsum == xxhash.xxh64_intdigest(hb)
     assert b[PREFIX + hlen :] == payload
@@ -171,7 +171,7 @@ def test_layout_and_msgpack_header() -> None:
     assert fields["shape"] == [L, H, D, 8] and fields["dtype"] == "bfloat16"
     assert fields["first_position"] == 12 and fields["coder"] == "none"
     assert fields["model"] == FP and fields["artifact_id"] == "a" * 16
-    assert fields["artifact_version"] == 3
+    assert fields["artifact_version"] == 3 and fields["step_exp"] == 0
     assert fields["sections"] == {"scales": 4, "codes": 5, "exact": 7}
     assert fields["payload_len"] == 16 and fields["payload_xxh64"] == xxhash.xxh64_intdigest(
         payload
@@ -333,7 +333,7 @@ def test_prefixes_of_a_blob_are_truncated(data) -> None:
         unpack_blob(data)
 
 
-@pytest.mark.parametrize("version", [0, 2, 7, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 3, 7, 0xFFFF])
 def test_unknown_format_version(version) -> None:
     b = _raw_blob(dataclasses.asdict(_header()), b"", version=version)
     with pytest.raises(BlobFormatError):

@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic b"KVTC"
-    4       2     format version (uint16), currently 1
+    4       2     format version (uint16), currently 2 (1 is still read)
     6       4     header length H (uint32)
     10      8     xxh64 of the header bytes (uint64)
     18      H     header: a msgpack map (never pickle), see :class:`BlobHeader`
@@ -27,9 +27,12 @@ import numpy as np
 import xxhash
 
 from ..errors import BlobCorruptError, BlobFormatError, BlobTruncatedError
+from .exact import EXACT_DTYPES
+from .rate import STEP_EXP_MAX, STEP_EXP_MIN
 
 MAGIC = b"KVTC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 2 added step_exp and float8 exact tokens
 _PREFIX = struct.Struct("<4sHIQ")
 PAYLOAD_CHECKSUM_MISMATCH = "blob payload checksum mismatch"
 
@@ -47,12 +50,16 @@ class BlobHeader:
         first_position: absolute position of the chunk's first token.
         n_sink: tokens at positions below this are stored exactly.
         exact_tail: the chunk's last ``exact_tail`` tokens are stored exactly.
-        exact_dtype: dtype of the exactly stored tokens (``bfloat16``).
+        exact_dtype: encoding of the exactly stored tokens, ``bfloat16`` or
+            ``float8_e4m3fn`` (:mod:`~kvtc_store.codec.exact`).
         coder: entropy coder name (``deflate``, ``none``, ...).
         sections: raw byte length of each section, in payload order
             (``scales``, ``codes``, ``exact``).
         payload_len: bytes of the coded payload.
         payload_xxh64: checksum of the coded payload.
+        step_exp: the chunk's rate-control step exponent: every coded component's step
+            is the calibrated one times ``2 ** (step_exp / 8)``
+            (:mod:`~kvtc_store.codec.rate`); 0 in blobs of format version 1.
     """
 
     artifact_id: str
@@ -68,6 +75,7 @@ class BlobHeader:
     sections: dict[str, int] = field(default_factory=dict)
     payload_len: int = 0
     payload_xxh64: int = 0
+    step_exp: int = 0
 
 
 _FIELD_TYPES = {
@@ -84,6 +92,7 @@ _FIELD_TYPES = {
     "sections": dict,
     "payload_len": int,
     "payload_xxh64": int,
+    "step_exp": int,
 }
 
 
@@ -100,6 +109,10 @@ def _check_types(header: BlobHeader) -> None:
         raise BlobCorruptError(f"blob header shape {header.shape!r} is malformed")
     if not all(isinstance(k, str) and isinstance(v, int) for k, v in header.sections.items()):
         raise BlobCorruptError("blob header sections are malformed")
+    if not STEP_EXP_MIN <= header.step_exp <= STEP_EXP_MAX:
+        raise BlobCorruptError(f"blob header step_exp {header.step_exp} is out of range")
+    if header.exact_dtype not in EXACT_DTYPES:
+        raise BlobCorruptError(f"blob header exact_dtype {header.exact_dtype!r} is unknown")
 
 
 def pack_blob(header: BlobHeader, payload: bytes) -> bytes:
@@ -207,8 +220,10 @@ def _read_header(mv: memoryview) -> tuple[BlobHeader, int]:
     if len(mv) < _PREFIX.size:
         raise BlobTruncatedError(f"blob of {len(mv)} bytes ends inside the prefix")
     _, version, hlen, hsum = _PREFIX.unpack_from(mv, 0)
-    if version != FORMAT_VERSION:
-        raise BlobFormatError(f"blob format version {version} is not supported (have 1)")
+    if version not in READ_VERSIONS:
+        raise BlobFormatError(
+            f"blob format version {version} is not supported (reads {READ_VERSIONS})"
+        )
     end = _PREFIX.size + hlen
     if len(mv) < end:
         raise BlobTruncatedError(f"blob of {len(mv)} bytes ends inside its {hlen}-byte header")

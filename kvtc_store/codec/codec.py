@@ -4,7 +4,10 @@ Encode: undo RoPE on keys → per feature group subtract the mean and project on
 principal components → quantise each planned range per token → bit-pack → entropy-code
 → blob. Tokens at absolute positions below ``n_sink`` (attention sinks) and the last
 ``exact_tail`` tokens of the chunk (the recent window of the stored sequence) skip the
-transform and are stored in bfloat16. Decode is the reverse, ending with RoPE redone.
+transform and are stored in bfloat16 or float8 (:mod:`~.exact`). With the ``rans``
+quantiser every chunk's steps are scaled by one factor chosen so that its blob lands on
+the artifact's target ratio (rate control, :mod:`~.rate`). Decode is the reverse, ending
+with RoPE redone.
 
 This is the reference path in torch; it runs on CPU and, given ``device="cuda"``, on the
 GPU with the same blob format.
@@ -22,6 +25,7 @@ from ..errors import ArtifactError, BlobCorruptError, BlobError, CodecMismatchEr
 from .artifact import CodecArtifact
 from .blob import BlobHeader, pack_blob, unpack_blob, unpack_blob_header
 from .entropy import get_coder, writer_coder
+from .exact import EXACT_DTYPES, exact_nbytes, pack_exact, unpack_exact
 from .features import from_token_major, group_slices, to_token_major
 from .quant import (
     dequantize_range,
@@ -32,6 +36,7 @@ from .quant import (
     unpack_bits,
 )
 from .rans import RansTables
+from .rate import RateModel, step_multiplier
 from .rope import apply_rope, undo_rope
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,16 @@ class KVTCCodec:
             on CUDA when the artifact is ``rans``, its head dim a power of two, and triton
             imports; otherwise the per-chunk torch path.
             Blobs are the same format either way and decode on either.
+        exact_dtype: how new blobs store their exact tokens (sinks, recent window):
+            ``"bfloat16"`` (default, as cached) or ``"float8_e4m3fn"`` (half the bytes,
+            a scale per vector; :mod:`~.exact`). Blobs of either decode.
+        rate_control: ``rans`` artifacts only: scale each chunk's steps so that its blob
+            lands on the artifact's target ratio (default True; :mod:`~.rate`). False
+            codes at the calibrated steps (the ratio then follows the content).
+
+    Raises:
+        ArtifactError: malformed rANS tables or groups.
+        ValueError: an unknown ``exact_dtype``.
 
     Blob size: ``bits_per_token / 8`` bytes per compressed token before entropy coding,
     plus ``2 * L * H * D * 2`` bytes per exact token, plus a header of ~300 bytes.
@@ -103,7 +118,12 @@ class KVTCCodec:
         coder: str | None = None,
         device: str = "cpu",
         gpu_kernels: bool | None = None,
+        exact_dtype: str = "bfloat16",
+        rate_control: bool = True,
     ):
+        if exact_dtype not in EXACT_DTYPES:
+            raise ValueError(f"exact_dtype {exact_dtype!r} is not one of {EXACT_DTYPES}")
+        self.exact_dtype = exact_dtype
         self.artifact = artifact
         if coder is None:  # rANS streams are entropy-coded already; bit-packed codes are not
             coder = "none" if artifact.quantizer == "rans" else "deflate"
@@ -137,6 +157,9 @@ class KVTCCodec:
                 [torch.full((r.end - r.start,), float(r.step)) for r in artifact.plan]
                 or [torch.zeros(0)]
             ).to(self.device)
+        self.rate = None
+        if self._rans is not None and rate_control:
+            self.rate = RateModel(self._rans, self._steps, artifact.quant_rounding, self.device)
         for kind in ("k", "v"):
             spans = [(sl.start, sl.stop) for kd, sl in self._slices if kd == kind]
             ends = [0] + [e for _, e in spans]
@@ -173,7 +196,13 @@ class KVTCCodec:
                 raise ValueError(f"gpu_kernels: cannot batch on {self.device}: {why}")
             log.info("codec on %s without batched kernels: %s", self.device, why)
             return None
-        return GpuCodec(art, self.device, coder=self.coder.name)
+        return GpuCodec(
+            art,
+            self.device,
+            coder=self.coder.name,
+            exact_dtype=self.exact_dtype,
+            rate_control=self.rate is not None,
+        )
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -206,19 +235,48 @@ class KVTCCodec:
         b = max(a, tokens - max(0, exact_tail))
         return a, b
 
-    def _section_sizes(self, n_comp: int, n_exact: int, stream: int = 0) -> dict[str, int]:
+    def _section_sizes(
+        self, n_comp: int, n_exact: int, stream: int = 0, exact_dtype: str = "bfloat16"
+    ) -> dict[str, int]:
         layers, heads, dim = self.artifact.kv_shape
         plan = self.artifact.plan
+        exact = exact_nbytes(layers, heads, n_exact, dim, exact_dtype)
         if self._rans is not None:
-            return {
-                "stream": stream if n_comp else 0,
-                "exact": 2 * layers * heads * n_exact * dim * 2,
-            }
+            return {"stream": stream if n_comp else 0, "exact": exact}
         return {
             "scales": n_comp * len(plan) * 4,
             "codes": sum(((r.end - r.start) * n_comp * r.bits + 7) // 8 for r in plan),
-            "exact": 2 * layers * heads * n_exact * dim * 2,
+            "exact": exact,
         }
+
+    def header_bytes(self) -> int:
+        """Bytes of a typical blob prefix and header of this codec's artifact (what rate
+        control counts against a chunk's budget; the same whatever the coder, so that
+        coders over the payload never change the symbols)."""
+        if not hasattr(self, "_header_bytes"):
+            h = self.blob_header(256, torch.bfloat16, 1 << 20, 0, "deflate64k",
+                                 {"stream": 1 << 24, "exact": 0}, step_exp=-32)  # fmt: skip
+            self._header_bytes = len(pack_blob(h, b"")) + 16  # + the payload's length, checksum
+        return self._header_bytes
+
+    def choose_step_exps(self, coded: torch.Tensor) -> torch.Tensor:
+        """Rate control: each chunk's step exponent (:class:`~.rate.RateModel`).
+
+        Args:
+            coded: float32 ``(B, T, n)``: the coded coefficients (plan order) of ``B``
+                chunks of ``T`` compressed tokens each.
+
+        Returns:
+            int64 ``(B,)``; zeros without rate control.
+        """
+        batch, tokens = coded.shape[:2]
+        if self.rate is None or tokens == 0:
+            return torch.zeros(batch, dtype=torch.int64)
+        art = self.artifact
+        budget = self.rate.budget_bits(
+            tokens, art.features_per_token(), art.target_ratio, self.header_bytes()
+        )
+        return self.rate.choose(coded, torch.full((batch,), budget, dtype=torch.float64)).cpu()
 
     # -- encode ---------------------------------------------------------------------------
 
@@ -256,6 +314,7 @@ class KVTCCodec:
 
         scale_parts: list[torch.Tensor] = []
         code_parts: list[bytes] = []
+        step_exp = 0
         if b > a:
             k = keys[:, :, a:b].to(self.device, torch.float32)
             v = values[:, :, a:b].to(self.device, torch.float32)
@@ -270,6 +329,9 @@ class KVTCCodec:
             ]
             if self._rans is not None:
                 coded = torch.cat([coeffs[r.group][:, r.start : r.end] for r in art.plan], dim=1)
+                step_exp = int(self.choose_step_exps(coded[None])[0])
+                if step_exp:
+                    coded = coded * (1.0 / step_multiplier(step_exp))
                 q = quantize_step(coded, self._steps, art.quant_rounding).T.cpu().numpy()
                 code_parts.append(self._rans.encode(q, [b - a])[0])
             else:
@@ -281,15 +343,15 @@ class KVTCCodec:
         codes_b = b"".join(code_parts)
         exact_b = b""
         if a > 0 or b < tokens:
-            ek = torch.cat([keys[:, :, :a], keys[:, :, b:]], dim=2).to(EXACT_DTYPE)
-            ev = torch.cat([values[:, :, :a], values[:, :, b:]], dim=2).to(EXACT_DTYPE)
-            exact_b = _tobytes(ek) + _tobytes(ev)
+            ek = torch.cat([keys[:, :, :a], keys[:, :, b:]], dim=2)
+            ev = torch.cat([values[:, :, :a], values[:, :, b:]], dim=2)
+            exact_b = pack_exact(ek, ev, self.exact_dtype).cpu().numpy().tobytes()
         if self._rans is not None:
             sections = {"stream": len(codes_b), "exact": len(exact_b)}
         else:
             sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
         header = self.blob_header(
-            tokens, keys.dtype, first_position, exact_tail, self.coder.name, sections
+            tokens, keys.dtype, first_position, exact_tail, self.coder.name, sections, step_exp
         )
         return pack_blob(header, self.coder.encode(scales_b + codes_b + exact_b))
 
@@ -301,10 +363,12 @@ class KVTCCodec:
         exact_tail: int,
         coder: str,
         sections: dict[str, int],
+        step_exp: int = 0,
     ) -> BlobHeader:
         """The header of a blob this codec writes for a chunk of ``tokens`` tokens whose
         input had ``dtype``; ``sections`` are the raw section lengths in bytes (the
-        payload length and checksum are filled by :func:`pack_blob`)."""
+        payload length and checksum are filled by :func:`pack_blob`); ``step_exp`` the
+        chunk's rate-control exponent."""
         art = self.artifact
         layers, heads, dim = art.kv_shape
         return BlobHeader(
@@ -316,9 +380,10 @@ class KVTCCodec:
             first_position=int(first_position),
             n_sink=art.n_sink,
             exact_tail=int(exact_tail),
-            exact_dtype="bfloat16",
+            exact_dtype=self.exact_dtype,
             coder=coder,
             sections=sections,
+            step_exp=int(step_exp),
         )
 
     def encode_sequence(
@@ -560,6 +625,8 @@ class KVTCCodec:
             torch.from_numpy(q.T.copy()).to(self.device), self._steps, self.artifact.quant_bias
         )
         for p, part in zip(todo, coded.split(counts)):
+            if p.header.step_exp:
+                part = part * step_multiplier(p.header.step_exp)
             off = 0
             for r in self.artifact.plan:
                 n = r.end - r.start
@@ -574,7 +641,11 @@ class KVTCCodec:
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
         a, b = self.compressed_span(tokens, header.first_position, header.exact_tail)
         n_comp, n_exact = b - a, tokens - (b - a)
-        want = self._section_sizes(n_comp, n_exact, header.sections.get("stream", 0))
+        want = self._section_sizes(
+            n_comp, n_exact, header.sections.get("stream", 0), header.exact_dtype
+        )
+        if header.step_exp and self._rans is None:
+            raise BlobCorruptError("blob names a step exponent, its artifact's quantiser none")
         if n_comp == 0 and self._rans is None:
             want["scales"] = want["codes"] = 0
         if header.sections != want:
@@ -583,9 +654,7 @@ class KVTCCodec:
         coeffs = [torch.zeros(n_comp, basis.shape[1], device=self.device) for basis in self._bases]
         if self._rans is not None:
             o_exact = want["stream"]
-            exact_k, exact_v = self._exact(
-                raw[o_exact:], want["exact"], layers, heads, n_exact, dim
-            )
+            exact_k, exact_v = self._exact(raw[o_exact:], header, layers, heads, n_exact, dim)
             return _Parsed(header, a, b, coeffs, exact_k, exact_v, bytes(raw[:o_exact]))
         o_codes = want["scales"]
         o_exact = o_codes + want["codes"]
@@ -601,20 +670,18 @@ class KVTCCodec:
                 codes = unpack_bits(packed, r.bits, n).view(n_comp, r.end - r.start)
                 coeffs[r.group][:, r.start : r.end] = dequantize_range(codes, scales[:, i])
                 off += nbytes
-        exact_k, exact_v = self._exact(raw[o_exact:], want["exact"], layers, heads, n_exact, dim)
+        exact_k, exact_v = self._exact(raw[o_exact:], header, layers, heads, n_exact, dim)
         return _Parsed(header, a, b, coeffs, exact_k, exact_v)
 
     @staticmethod
-    def _exact(raw, nbytes: int, layers: int, heads: int, n_exact: int, dim: int):
-        """The exactly stored tokens' keys and values ``(L, H, n_exact, D)`` bf16, or Nones."""
+    def _exact(raw, header: BlobHeader, layers: int, heads: int, n_exact: int, dim: int):
+        """The exactly stored tokens' keys and values ``(L, H, n_exact, D)`` (bf16 or
+        float32, on the CPU), or Nones."""
         if not n_exact:
             return None, None
-        half = nbytes // 2
-        shape = (layers, heads, n_exact, dim)
-        return (
-            _frombytes(raw[:half], EXACT_DTYPE, shape, "cpu"),
-            _frombytes(raw[half:nbytes], EXACT_DTYPE, shape, "cpu"),
-        )
+        nbytes = exact_nbytes(layers, heads, n_exact, dim, header.exact_dtype)
+        section = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, count=nbytes).copy())
+        return unpack_exact(section, layers, heads, n_exact, dim, header.exact_dtype)
 
     def _reconstruct(self, parsed: list[_Parsed], device, dtype) -> list[DecodedChunk]:
         """Project every parsed chunk's coefficients back at once, redo RoPE, assemble."""

@@ -66,7 +66,7 @@ from ..blob import (
     unpack_blob_header,
     verify_payload,
 )
-from ..codec import EXACT_DTYPE, KVTCCodec
+from ..codec import KVTCCodec
 from ..entropy import (
     PIECE_SIZE,
     get_coder,
@@ -77,7 +77,9 @@ from ..entropy import (
     stored_size,
     writer_coder,
 )
+from ..exact import exact_nbytes, pack_exact, unpack_exact
 from ..features import group_slices
+from ..rate import RateModel, step_multiplier
 from .nvcomp_coder import NvcompCoder, aligned
 from .rans_triton import DeviceTables, RansDecode, encode_gpu_device
 from .staging import HostDownload, HostStaging, host_pool
@@ -158,6 +160,7 @@ def _finish_kernel(
     cos_ptr,
     sin_ptr,
     span_ptr,  # int32 (B, 2): each chunk's transform-coded tokens [a, b)
+    mult_ptr,  # float32 (B,): each chunk's rate-control step multiplier
     out_ptr,  # (B, L, H, T, D), any strides
     so_b,
     so_l,
@@ -175,14 +178,16 @@ def _finish_kernel(
     BT: tl.constexpr,
 ):
     """``BT`` tokens of one chunk, for ``heads_per_program`` (layer, head) pairs in turn:
-    ``apply_rope(mean + f * scale)``, written for the chunk's coded tokens only. The
-    tokens' cos and sin are loaded once."""
+    ``apply_rope(mean + f * mult * scale)``, written for the chunk's coded tokens only
+    (``mult``: the chunk's rate-control step multiplier). The tokens' cos and sin are
+    loaded once."""
     n_blocks = tl.cdiv(T, BT)
     b = tl.program_id(0) // n_blocks
     t = (tl.program_id(0) % n_blocks) * BT + tl.arange(0, BT)[:, None]
     d = tl.arange(0, D)[None, :]
     lo = tl.load(span_ptr + 2 * b)
     hi = tl.load(span_ptr + 2 * b + 1)
+    mult = tl.load(mult_ptr + b)
     m = (t >= lo) & (t < hi)
     n = b.to(tl.int64) * T + t
     if ROPE:
@@ -196,11 +201,11 @@ def _finish_kernel(
     lh0 = tl.program_id(1) * heads_per_program
     for lh in range(lh0, tl.minimum(lh0 + heads_per_program, L * H)):
         f = lh * D + d
-        v = tl.load(row + f, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(row + f, mask=m, other=0.0).to(tl.float32) * mult
         v = tl.load(mean_ptr + f) + v * tl.load(scale_ptr + f)
         if ROPE:
             pf = lh * D + partner
-            vp = tl.load(row + pf, mask=m & rot, other=0.0).to(tl.float32)
+            vp = tl.load(row + pf, mask=m & rot, other=0.0).to(tl.float32) * mult
             vp = tl.load(mean_ptr + pf) + vp * tl.load(scale_ptr + pf)
             v = tl.where(rot, v * cs + vp * sn, v)
         ptr = chunk + (lh // H) * so_l + (lh % H) * so_h
@@ -289,6 +294,9 @@ class GpuCodec:
             ``deflate64k``; blobs that name ``deflate64k`` or ``deflate``): None (default)
             where nvCOMP is importable and the device is CUDA, False never (ISA-L or zlib
             on the host), True always.
+        exact_dtype, rate_control: as for :class:`~kvtc_store.codec.KVTCCodec` (the
+            exact tokens' encoding in new blobs; per-chunk step scaling to the target
+            ratio, estimated on the device over every coded token, as on the CPU).
 
     Attributes:
         decode_ranges_min_tokens: batches of at least this many tokens whose chunks
@@ -315,6 +323,8 @@ class GpuCodec:
         gemm_dtype: torch.dtype = torch.float16,
         coder: str = "none",
         nvcomp: bool | None = None,
+        exact_dtype: str = "bfloat16",
+        rate_control: bool = True,
     ):
         if artifact.quantizer != "rans":
             raise ArtifactError(f"GpuCodec needs a rans artifact, not {artifact.quantizer!r}")
@@ -323,7 +333,9 @@ class GpuCodec:
         self.gemm_dtype = gemm_dtype
         self.coder = writer_coder(coder)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
-        self._ref = KVTCCodec(artifact)  # header checks and token spans, as on the CPU
+        # header checks, token spans and blob headers, as on the CPU
+        self._ref = KVTCCodec(artifact, exact_dtype=exact_dtype, rate_control=rate_control)
+        self.exact_dtype = exact_dtype
         self._sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
             if self.device.type == "cuda"
@@ -353,6 +365,11 @@ class GpuCodec:
         self._uncoded = torch.tensor(uncoded, dtype=torch.int64, device=dev)
         self._rounding = float(getattr(artifact, "quant_rounding", 0.5))
         self._bias = float(getattr(artifact, "quant_bias", 0.0))
+        self._rate = (
+            RateModel(self._ref.rans_tables, self._steps, self._rounding, dev)
+            if rate_control
+            else None
+        )
         rope = artifact.rope
         self._rot = int(rope.head_dim * rope.partial_rotary_factor) if artifact.undo_rope else 0
         self._inv_freq = rope.inv_freq().to(dev) if self._rot else None
@@ -465,6 +482,8 @@ class GpuCodec:
                 o0, o1 = self._offsets[g], self._offsets[g + 1]
                 _mm_into(coeffs[o0:o1], self._bases[g].T, feats[kind][:, sl].T)
             del feats
+        with self._stage(timer, "rate_control"):
+            exps = self._step_exps(coeffs, spans, tokens)
         with self._stage(timer, "quantise_rans"):
             coded = [(b, a, e) for b, (a, e) in enumerate(spans) if e > a]
             streams = encode_gpu_device(
@@ -483,23 +502,56 @@ class GpuCodec:
                     if a > 0 or e < tokens:
                         ek = torch.cat([keys[b, :, :, :a], keys[b, :, :, e:]], dim=2)
                         ev = torch.cat([values[b, :, :, :a], values[b, :, :, e:]], dim=2)
-                        exact = _bf16_bytes(ek) + _bf16_bytes(ev)
+                        exact = pack_exact(ek, ev, self.exact_dtype).cpu().numpy().tobytes()
                     o, n = (0, 0) if b not in where else streams.span(where[b])
                     parts.append((mv[o : o + n], exact))
             with self._stage(timer, "blobs"):
-                blobs = self._blobs(tokens, keys.dtype, first_positions, tails, parts)
+                blobs = self._blobs(tokens, keys.dtype, first_positions, tails, parts, exps)
         return blobs
 
-    def _blobs(self, tokens, dtype, first_positions, tails, parts) -> list[bytes]:
+    def _step_exps(self, coeffs: torch.Tensor, spans, tokens: int) -> list[int]:
+        """Rate control: each chunk's step exponent, chosen on its coded tokens (chunks of
+        one coded span together, a few at a time), and ``coeffs`` ``(R, B * T)`` divided
+        by each chunk's multiplier in place, so that the encoder's calibrated steps
+        quantise at the chosen ones (the same float32 product as the CPU codec's)."""
+        exps = [0] * len(spans)
+        if self._rate is None:
+            return exps
+        by_span: dict[tuple[int, int], list[int]] = {}
+        for b, (a, e) in enumerate(spans):
+            if e > a:
+                by_span.setdefault((a, e), []).append(b)
+        per = max(1, (256 << 20) // max(1, 4 * tokens * self._colmap.numel()))
+        for (a, e), chunks in by_span.items():
+            for i in range(0, len(chunks), per):
+                idx = chunks[i : i + per]
+                cols = torch.tensor(
+                    [b * tokens + t for b in idx for t in range(a, e)], device=coeffs.device
+                )
+                coded = coeffs[:, cols][self._colmap].T.reshape(len(idx), e - a, -1)
+                for b, x in zip(idx, self._ref.choose_step_exps(coded).tolist()):
+                    exps[b] = int(x)
+        for b, x in enumerate(exps):
+            if x:
+                coeffs[:, b * tokens : (b + 1) * tokens] *= 1.0 / step_multiplier(x)
+        return exps
+
+    def _blobs(self, tokens, dtype, first_positions, tails, parts, exps) -> list[bytes]:
         """One blob per chunk from its ``(stream, exact)`` byte parts, each checksummed
         and built by a host thread (:func:`~kvtc_store.codec.blob.pack_blob_parts`: xxh64
         and the copies release the GIL); with a general-purpose coder, payloads coded
         first."""
         headers = [
             self._ref.blob_header(
-                tokens, dtype, first, tail, self.coder.name, {"stream": len(st), "exact": len(ex)}
+                tokens,
+                dtype,
+                first,
+                tail,
+                self.coder.name,
+                {"stream": len(st), "exact": len(ex)},
+                step_exp,
             )
-            for first, tail, (st, ex) in zip(first_positions, tails, parts)
+            for first, tail, (st, ex), step_exp in zip(first_positions, tails, parts, exps)
         ]
         if self.coder.name != "none":
             payloads = self._entropy_code([bytes(stream) + exact for stream, exact in parts])
@@ -679,10 +731,13 @@ class GpuCodec:
         del coeffs
         with self._stage(timer, "rope_write"):
             cos, sin = self._cos_sin(first, tokens)
+            mults = [step_multiplier(q.header.step_exp) for q in parsed]
+            mult = torch.tensor(mults + [1.0] * (batch - len(parsed)), dtype=torch.float32)
+            mult = mult.to(self.device, non_blocking=True)
             for kind, dst in (("k", keys), ("v", values)):
                 self._launch_elementwise(
                     _finish_kernel, batch, tokens, feats[kind], p,
-                    self._means[kind], self._scales[kind], cos, sin, spans,
+                    self._means[kind], self._scales[kind], cos, sin, spans, mult,
                     dst, *dst.stride(), rope=kind == "k",
                 )  # fmt: skip
         with self._stage(timer, "exact"):
@@ -691,8 +746,10 @@ class GpuCodec:
                 if not n_exact:
                     continue
                 o = layout.exact_at[i]
-                kv = dev[o : o + p.exact_len].view(EXACT_DTYPE)
-                ek, ev = kv.view(2, layers, heads, n_exact, dim).to(dtype)
+                ek, ev = unpack_exact(
+                    dev[o : o + p.exact_len], layers, heads, n_exact, dim, p.header.exact_dtype
+                )
+                ek, ev = ek.to(dtype), ev.to(dtype)
                 for dst, src in ((keys, ek), (values, ev)):
                     dst[i, :, :, : p.a] = src[:, :, : p.a]
                     dst[i, :, :, p.b :] = src[:, :, p.a :]
@@ -842,7 +899,7 @@ class GpuCodec:
         n_exact = tokens - (b - a)
         want = {
             "stream": header.sections.get("stream", 0) if b > a else 0,
-            "exact": 2 * layers * heads * n_exact * dim * 2,
+            "exact": exact_nbytes(layers, heads, n_exact, dim, header.exact_dtype),
         }
         if header.sections != want:
             raise BlobCorruptError(f"blob sections {header.sections} do not match {want}")
@@ -954,8 +1011,3 @@ def _device_deflater(device: torch.device, wanted: bool | None) -> NvcompCoder |
         if wanted:
             raise
         return None
-
-
-def _bf16_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian bfloat16 bytes of ``t`` (the blob's exact section)."""
-    return t.to(EXACT_DTYPE).contiguous().cpu().view(torch.int16).numpy().tobytes()
