@@ -20,14 +20,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from .codec import CalibrationStats, CodecArtifact, PCAFit, default_groups, fit_artifacts
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
+from .samples import model_samples
 from .sensitivity import measure_sensitivity
-from .texts import numpy_docs, shakespeare_plays
+from .texts import CORPORA, numpy_docs, python_docs, shakespeare_plays
 
 log = logging.getLogger(__name__)
 
@@ -147,42 +149,81 @@ def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -
     return settings_dir(info, settings) / name
 
 
-def calibration_token_ids(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
+_TEXT_SOURCES = {
+    "shakespeare": shakespeare_plays,
+    "numpy": numpy_docs,
+    "python-docs": python_docs,
+}
+SAMPLE_SEED = 0  # the calibration's sampling seed (held-out samples use others)
+
+
+def calibration_token_ids(
+    tokenizer, settings: CalibrationSettings, model=None, cache: Path | None = None
+) -> torch.Tensor:
     """Token ids of the calibration corpus, ``(n,)`` int64, at least
-    ``(windows + 1) * window_tokens`` long.
+    ``(windows + 1) * window_tokens`` long: windows taken in turn from each source of
+    :data:`CORPORA` (the last, held out, from the source whose turn it is).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        settings: ``corpus``, ``windows`` and ``window_tokens`` matter.
+        model: needed by corpora with the ``samples`` source, unless ``cache`` holds them.
+        cache: a folder where the model's samples are kept (``samples-<seed>-<n>.npy``),
+            so a later calibration of the same model and settings skips the sampling.
 
     Raises:
-        CalibrationError: the corpus is too short or unknown.
+        CalibrationError: an unknown corpus, a source too short, or samples needed with
+            neither a model nor a cached copy.
     """
-    sources = {
-        "shakespeare": [shakespeare_plays],
-        "shakespeare+numpy": [shakespeare_plays, numpy_docs],
-    }
-    if settings.corpus not in sources:
+    if settings.corpus not in CORPORA:
         raise CalibrationError(
-            f"unknown calibration corpus {settings.corpus!r} (known: {', '.join(sources)})"
+            f"unknown calibration corpus {settings.corpus!r} (known: {', '.join(CORPORA)})"
         )
     n_windows, w = settings.windows + 1, settings.window_tokens
-    texts = sources[settings.corpus]
-    # windows taken in turn from each text (the last, held out, from the last in turn)
-    want = [len(range(i, n_windows, len(texts))) * w for i in range(len(texts))]
-    streams = []
-    for source, need in zip(texts, want):
-        ids: list[int] = []
-        for _, text in source():
-            ids += tokenizer(text).input_ids
-            if len(ids) >= need:
-                break
-        if len(ids) < need:
-            raise CalibrationError(
-                f"{source.__name__} has {len(ids)} tokens, calibration needs {need}"
-            )
-        streams.append(ids[:need])
+    sources = CORPORA[settings.corpus]
+    # windows taken in turn from each source (the last, held out, from the last in turn)
+    want = [len(range(i, n_windows, len(sources))) * w for i in range(len(sources))]
+    streams = [
+        _source_ids(name, need, tokenizer, model, cache) for name, need in zip(sources, want)
+    ]
     out = [
-        streams[i % len(texts)][(i // len(texts)) * w : (i // len(texts) + 1) * w]
+        streams[i % len(sources)][(i // len(sources)) * w : (i // len(sources) + 1) * w]
         for i in range(n_windows)
     ]
     return torch.tensor([t for window in out for t in window])
+
+
+def _source_ids(name: str, need: int, tokenizer, model, cache: Path | None) -> list[int]:
+    """The first ``need`` token ids of one calibration source."""
+    if need == 0:
+        return []
+    if name == "samples":
+        return _sample_ids(need, tokenizer, model, cache)
+    ids: list[int] = []
+    for _, text in _TEXT_SOURCES[name]():
+        ids += tokenizer(text).input_ids
+        if len(ids) >= need:
+            return ids[:need]
+    raise CalibrationError(f"calibration source {name!r} has {len(ids)} tokens, needs {need}")
+
+
+def _sample_ids(need: int, tokenizer, model, cache: Path | None) -> list[int]:
+    """The model's samples (:func:`~kvtc_store.samples.model_samples`), cached in ``cache``."""
+    path = None if cache is None else cache / f"samples-{SAMPLE_SEED}-{need}.npy"
+    if path is not None and path.is_file():
+        return np.load(path).astype(np.int64).tolist()
+    if model is None:
+        raise CalibrationError(
+            "the calibration corpus samples the model: pass the model "
+            f"(no cached samples{'' if path is None else f' in {path}'})"
+        )
+    ids = model_samples(model, tokenizer, need, seed=SAMPLE_SEED)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, np.asarray(ids, dtype=np.int32))
+        os.replace(tmp, path)
+    return ids
 
 
 @torch.no_grad()
@@ -217,8 +258,8 @@ def calibrate(
     settings = settings or CalibrationSettings()
     say = progress or (lambda done, total, stage: None)
     t0 = time.time()
-    ids = calibration_token_ids(tokenizer, settings)
     folder = settings_dir(info, settings)
+    ids = calibration_token_ids(tokenizer, settings, model, folder)
     fit, holdout = _load_fit(folder)
     steps = (0 if fit else settings.windows + 2) + len(ratios)
     done = 0

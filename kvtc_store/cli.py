@@ -12,6 +12,8 @@ import argparse
 import logging
 import sys
 
+from .texts import CORPORA
+
 
 def _progress_bar():
     """A tqdm-backed ``progress(done, total, stage)`` callback."""
@@ -223,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument(
         "--corpus",
-        choices=["shakespeare", "shakespeare+numpy"],
+        choices=sorted(CORPORA),
         default=None,
-        help="calibration text (default shakespeare+numpy)",
+        help="calibration text (default shakespeare+numpy; see docs/config.md)",
     )
     c.add_argument(
         "--max-artifact-share",

@@ -263,9 +263,10 @@ class CodecConfig(_Model):
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(24, ge=1)
-    calibration_corpus: Literal["shakespeare+numpy", "shakespeare"] = "shakespeare+numpy"
+    calibration_corpus: Literal["shakespeare+numpy", "shakespeare", "broad"] = "shakespeare+numpy"
     """Calibration text: Shakespeare's comedies and histories in turn with NumPy's
-    docstrings (default), or the plays only (see docs/config.md)."""
+    docstrings (default), the plays only, or ``broad`` (the plays, NumPy's docstrings,
+    Python's reference docs and the model's own samples in turn; see docs/config.md)."""
     max_artifact_share: float | None = Field(0.15, gt=0, le=1)
     """Cap on the artifact's stored parameters as a share of the model's, at target ratios
     of 16 and more (null: no cap)."""
@@ -276,6 +277,12 @@ class CodecConfig(_Model):
     ``deflate`` writes ``deflate64k`` (DEFLATE in 64 KiB pieces; older single-stream
     ``deflate`` blobs still decode)."""
     device: str = Field("cpu", min_length=1)
+    exact_dtype: Literal["bfloat16", "float8_e4m3fn"] = "bfloat16"
+    """How new blobs store their exact tokens (sinks, recent window): ``bfloat16`` as
+    cached, or ``float8_e4m3fn`` (half the bytes, a float16 scale per vector)."""
+    rate_control: StrictBool = True
+    """Scale each chunk's quantisation steps so that its blob lands on the target ratio
+    (``rans`` only); false: the calibrated steps, the ratio following the content."""
 
     @model_validator(mode="after")
     def _artifact_or_calibration(self) -> CodecConfig:
@@ -672,6 +679,12 @@ def codec_from_config(
                 "to calibrate one, run `kvtc-store calibrate`, or set codec.artifact"
             )
     try:
-        return KVTCCodec(art, coder=c.coder, device=c.device)
+        return KVTCCodec(
+            art,
+            coder=c.coder,
+            device=c.device,
+            exact_dtype=c.exact_dtype,
+            rate_control=c.rate_control,
+        )
     except (RuntimeError, AssertionError) as exc:  # torch: bad device string, no CUDA
         raise ConfigError(f"codec.device: cannot use device {c.device!r}: {exc}") from exc

@@ -6,7 +6,9 @@
 - Python's reference documentation, ``pydoc_data.topics`` (part of the standard
   library): used for the demo's long document and for evaluation, never calibration.
 - NumPy's docstrings (:func:`numpy_docs`): technical English with code and numbers, for
-  the ``shakespeare+numpy`` calibration corpus; never used for evaluation.
+  the ``shakespeare+numpy`` and ``broad`` calibration corpora; never used for evaluation.
+- Python's reference documentation also feeds the ``broad`` corpus (its first part; the
+  evaluation genres of ``benchmarks/rd/genres.py`` are other texts).
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ import importlib.util
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+
+CORPORA = {
+    "shakespeare": ("shakespeare",),
+    "shakespeare+numpy": ("shakespeare", "numpy"),
+    "broad": ("shakespeare", "numpy", "python-docs", "samples"),
+}
+"""Calibration corpora: the sources whose windows they take in turn.
+
+Sources: ``shakespeare`` (comedies and histories, :func:`shakespeare_plays`),
+``numpy`` (NumPy's docstrings, :func:`numpy_docs`), ``python-docs``
+(the first part of Python's reference documentation, :func:`python_docs`;
+the evaluation never reads it) and ``samples`` (the model's own answers to a fixed list
+of prompts in its chat template, :func:`~kvtc_store.samples.model_samples`)."""
 
 CALIBRATION_GENRES = ("comedies", "histories")
 HELDOUT_GENRES = ("tragedies",)

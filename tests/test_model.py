@@ -124,6 +124,32 @@ def test_calibration_corpus_mix_takes_windows_in_turn(smollm2):
         calibration_token_ids(tok, dataclasses.replace(plain, corpus="wiki"))
 
 
+def test_broad_corpus_takes_four_sources_in_turn_and_caches_the_samples(smollm2, tmp_path):
+    """``broad``: windows in turn from Shakespeare, NumPy's docstrings, Python's reference
+    docs and the model's own samples (in its chat template); the samples are kept in the
+    cache folder, so a later run needs no model, and without both it is a named error."""
+    import dataclasses
+
+    from kvtc_store.calibration import CalibrationSettings, calibration_token_ids
+    from kvtc_store.errors import CalibrationError
+    from kvtc_store.texts import python_docs
+
+    model, tok, _info = smollm2
+    broad = CalibrationSettings(windows=3, window_tokens=128, corpus="broad")
+    plain = dataclasses.replace(broad, corpus="shakespeare")
+    with pytest.raises(CalibrationError, match="samples the model"):
+        calibration_token_ids(tok, broad, None, tmp_path)
+    ids = calibration_token_ids(tok, broad, model, tmp_path)
+    assert ids.shape == (4 * 128,)
+    w = ids.view(4, 128)
+    assert torch.equal(w[0], calibration_token_ids(tok, plain)[:128])
+    assert w[2].tolist() == tok(python_docs()[0][1]).input_ids[:128]
+    sample = tok.decode(w[3])
+    assert "<|im_start|>user" in sample and "<|im_start|>assistant" in sample, sample[:200]
+    assert list(tmp_path.glob("samples-*.npy"))  # cached, and used without the model
+    assert torch.equal(calibration_token_ids(tok, broad, None, tmp_path), ids)
+
+
 def test_capped_ratio_from_the_cached_fit_needs_no_model(smollm2, test_settings):
     """The artifact cap (default: 15% of the model's parameters from target 16 up) is
     applied from the cached fit too: the fit's folder keeps the model's parameter count.
