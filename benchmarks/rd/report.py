@@ -103,14 +103,15 @@ QUALITY_HEAD = (
 def _results_table(rows: list[dict], with_genre: bool) -> list[str]:
     g_head, g_rule = ("genre | ", "---|") if with_genre else ("", "")
     lines = [
-        f"| method | target | {g_head}{QUALITY_HEAD} | greedy agreement | run |",
-        f"|---|---|{g_rule}" + "---|" * 9,
+        f"| method | target | {g_head}{QUALITY_HEAD} | greedy agreement | greedy prefix | run |",
+        f"|---|---|{g_rule}" + "---|" * 10,
     ]
     for r in rows:
         g = f"| {r.get('genre')} " if with_genre else ""
         lines.append(
             f"| {r['method']} | {_f(r.get('target_ratio'), 'g')} {g}{_quality_cells(r)}"
-            f"| {_f(r.get('greedy_agreement'), '.3f')} | {r.get('run', '?')} |"
+            f"| {_f(r.get('greedy_agreement'), '.3f')} | {_f(r.get('greedy_prefix_mean'), '.1f')} "
+            f"| {r.get('run', '?')} |"
         )
     return lines + [""]
 
