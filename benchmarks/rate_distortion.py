@@ -1,12 +1,22 @@
-"""Rate-distortion of KV compression methods on SmolLM2-135M-Instruct (issue 3).
+"""Rate-distortion of KV compression methods on SmolLM2-135M-Instruct (issues 3 and 17).
 
 Every method round-trips the same exact KV (compress -> stored bytes -> decompress, as
-256-token chunks) and the model continues from it, in one run:
+256-token chunks) and the model continues from it, in one run, on every genre of the
+evaluation suite (``benchmarks/rd/genres.py``: encyclopedic, literary, technical, code,
+chat, French, German, from packages ``make corpora`` fetches):
 
-- (a) continuation quality on held-out windows (KL, top-1 agreement, perplexity change);
-- (b) RULER-style passkey and multi-key retrieval from real-text haystacks, at the lengths
-  where the uncompressed model scores >= 80% (measured first, reported);
+- (a) continuation quality on ``--windows`` windows per genre (KL, top-1 agreement,
+  perplexity change);
+- (b) RULER-style passkey and multi-key retrieval from haystacks of three genres
+  (``--retrieval-genres``), at the lengths where the uncompressed model scores >= 80%
+  (measured first, per genre, reported);
 - (c) greedy agreement of 64-token continuations.
+
+Rows are per method, ratio and genre, with the pooled genres (``all``) and the worst genre
+(``worst``) derived from them; the targets of issue 17 gate on the worst genre.
+``--texts validation`` runs the same suite on held-out parts of the calibration's own
+sources instead (``benchmarks/rd/validation.py``), for tuning calibration without looking
+at the evaluation genres.
 
 Methods (``--methods``): ours (``kvtc`` at ``--ratios``), its ablations, and baselines
 (bf16, fp8, int8, int4-g64, KIVI-2); see ``benchmarks/rd/``. Rows merge into
@@ -17,11 +27,14 @@ Usage::
 
     python benchmarks/rate_distortion.py --device cuda           # the full suite
     python benchmarks/rate_distortion.py --quick                 # CPU smoke run, minutes
+    python benchmarks/rate_distortion.py --genres code chat --windows 8   # some genres
+    python benchmarks/rate_distortion.py --texts validation      # calibration's held-out
     python benchmarks/rate_distortion.py --methods fp8 kivi-2    # some methods, merged
     python benchmarks/rate_distortion.py --plot-only             # MD + plots from JSON
     python benchmarks/rate_distortion.py --merge a.json b.json --plot-only  # other runs' rows
 
-Cost, measured on an H200 (float32 model, 10 prompts per group, 8 windows): a kvtc row
+Cost before issue 17 (two texts), measured on an H200 (float32 model, 10 prompts per
+group, 8 windows; the genres multiply windows by 7/2 and retrieval groups by 3): a kvtc row
 takes 3-4 s per 10 retrieval prompts at 2k tokens and 4-10 s at 4k (the codec's GPU path
 spends ~40 ms per 256-token chunk), so with the defaults (32 windows, 40 prompts, 4
 qualifying groups) a kvtc row takes about 45-150 s (low ratios are slower), a baseline
@@ -50,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks.rd import methods as M
 from benchmarks.rd import plots, report, rows, targets
 from benchmarks.rd.base import KVMethod
-from benchmarks.rd.continuation import ContinuationResult, ContinuationSuite
-from benchmarks.rd.data import CTX, windows
+from benchmarks.rd.continuation import ContinuationSuite, Tally
+from benchmarks.rd.data import CTX, RETRIEVAL_SETS, TEXT_SETS, windows
 from benchmarks.rd.engine import Runner
 from benchmarks.rd.kvtc import KVTC
 from benchmarks.rd.retrieval import TASKS, GroupResult, RetrievalGroup
@@ -59,6 +72,7 @@ from benchmarks.rd.retrieval import TASKS, GroupResult, RetrievalGroup
 log = logging.getLogger("rate_distortion")
 RESULTS = Path(__file__).parent / "results"
 QUICK_METHODS = ["kvtc", "fp8", "int4-g64", "kivi-2"]
+QUICK_GENRES = {"evaluation": ["encyclopedic", "chat"], "validation": ["val-tragedies"]}
 
 
 def parse(argv) -> argparse.Namespace:
@@ -93,7 +107,30 @@ def parse(argv) -> argparse.Namespace:
         default=None,
         help=f"ablation ratios (default {' '.join(map(str, M.DEFAULT_ABLATION_RATIOS))})",
     )
-    p.add_argument("--windows", type=int, default=None, help="continuation windows (32)")
+    p.add_argument(
+        "--texts",
+        choices=sorted(TEXT_SETS),
+        default="evaluation",
+        help="evaluation: the genres of benchmarks/rd/genres.py (make corpora); validation: "
+        "held-out parts of the calibration's sources (benchmarks/rd/validation.py)",
+    )
+    known = [g for names in TEXT_SETS.values() for g in names]
+    p.add_argument(
+        "--genres",
+        nargs="+",
+        choices=known,
+        default=None,
+        help="genres of the continuation windows (default: all of --texts; --quick: 2)",
+    )
+    p.add_argument(
+        "--retrieval-genres",
+        nargs="*",
+        choices=known,
+        default=None,
+        help="haystack genres, among --genres (default: "
+        f"{' '.join(RETRIEVAL_SETS['evaluation'])} of those; validation: both)",
+    )
+    p.add_argument("--windows", type=int, default=None, help="continuation windows per genre (32)")
     p.add_argument("--greedy-tokens", type=int, default=None, help="64 (--quick: 32)")
     p.add_argument("--retrieval-tasks", nargs="*", choices=TASKS, default=list(TASKS))
     p.add_argument(
@@ -147,8 +184,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CPU smoke run: 2 windows, kvtc 8 16, fp8, int4-g64, kivi-2, 1,024-token "
-        "haystacks, 2 prompts each, 32 greedy tokens",
+        help="CPU smoke run: 2 genres (encyclopedic, chat), 2 windows each, kvtc 8 16, fp8, "
+        "int4-g64, kivi-2, 1,024-token haystacks, 2 prompts each, 32 greedy tokens",
     )
     p.add_argument(
         "--merge",
@@ -184,6 +221,12 @@ def parse(argv) -> argparse.Namespace:
         [8.0] if q else [float(r) for r in M.DEFAULT_ABLATION_RATIOS]
     )
     a.windows = a.windows or (2 if q else 32)
+    a.genres = a.genres or list(QUICK_GENRES[a.texts] if q else TEXT_SETS[a.texts])
+    if a.retrieval_genres is None:
+        a.retrieval_genres = [g for g in RETRIEVAL_SETS[a.texts] if g in a.genres]
+    outside = sorted(set(a.retrieval_genres) - set(a.genres))
+    if outside:
+        p.error(f"--retrieval-genres {' '.join(outside)} not among --genres")
     a.greedy_tokens = a.greedy_tokens or (32 if q else 64)
     a.retrieval_lengths = (
         a.retrieval_lengths
@@ -211,41 +254,65 @@ def deflate_impl() -> str:
     return "python-isal" if entropy._isal is not None else "zlib"
 
 
-def method_row(
+def genre_row(
     m: KVMethod,
-    cont: ContinuationResult,
+    genre: str,
+    tally: Tally | None,
     ret: dict[str, GroupResult],
     exact_ret: dict[str, GroupResult],
     extra: dict,
 ) -> dict:
-    """One row of quality.json for method ``m``."""
-    s = cont.scores
-    row = {
-        "method": m.name,
-        "target_ratio": m.target_ratio,
-        "kind": m.kind,
-        "honest_ratio": _r(cont.bytes.chunk_ratio, 3),
-        "context_ratio": _r(cont.bytes.context_ratio, 3),
-        "ppl_change_pct": round(s.ppl_change_pct, 3),
-        "kl": round(s.kl, 5),
-        "top1_agreement": round(s.top1_agreement, 4),
-        "greedy_agreement": round(cont.greedy_agreement, 4),
-        "greedy_prefix_mean": round(cont.greedy_prefix_mean, 2),
-        "per_text": {
-            n: {
-                "kl": round(t.kl, 5),
-                "top1_agreement": round(t.top1_agreement, 4),
-                "ppl_change_pct": round(t.ppl_change_pct, 3),
-            }
-            for n, t in cont.per_text.items()
-        },
+    """One row of quality.json: method ``m`` on ``genre`` (its windows' sums, for the
+    pooled rows :func:`benchmarks.rd.rows.derive` adds, and its retrieval groups)."""
+    row = {"method": m.name, "target_ratio": m.target_ratio, "kind": m.kind, "genre": genre}
+    if tally is not None:
+        s, b = tally.scores, tally.bytes
+        row |= {
+            "windows": tally.windows,
+            "honest_ratio": _r(b.chunk_ratio, 3),
+            "context_ratio": _r(b.context_ratio, 3),
+            "ppl_change_pct": round(s.ppl_change_pct, 3),
+            "kl": round(s.kl, 5),
+            "top1_agreement": round(s.top1_agreement, 4),
+            "greedy_agreement": round(tally.greedy_agreement, 4),
+            "greedy_prefix_mean": round(tally.greedy_prefix_mean, 2),
+            "scores": dataclasses.asdict(s),
+            "bytes": dataclasses.asdict(b),
+            "greedy": {
+                "same": tally.greedy_same,
+                "total": tally.greedy_total,
+                "prefix_sum": tally.greedy_prefix_sum,
+            },
+        }
+    row |= {
         **retrieval_fields(ret, exact_ret),
-        "seconds": round(cont.seconds + sum(g.seconds for g in ret.values()), 1),
+        "seconds": round(sum(g.seconds for g in ret.values()), 1),
         **extra,
     }
     if isinstance(m, KVTC):
         row.update(m.facts())
     return row
+
+
+def exact_row(genre: str, exact: dict[str, GroupResult], min_accuracy: float, extra: dict):
+    """The uncompressed model's row of ``genre``: its retrieval per group and the groups
+    that qualify (accuracy >= ``min_accuracy``)."""
+    qualifying = sorted(k for k, g in exact.items() if g.accuracy >= min_accuracy)
+    total = sum(exact[k].total for k in qualifying)
+    return {
+        "method": "exact",
+        "target_ratio": None,
+        "kind": "reference",
+        "genre": genre,
+        "retrieval": {k: round(g.accuracy, 4) for k, g in exact.items()},
+        "retrieval_wrong": {k: sorted(g.wrong) for k, g in exact.items()},
+        "retrieval_counts": {k: [g.correct, g.total] for k, g in exact.items()},
+        "retrieval_groups": qualifying,
+        "retrieval_accuracy": (
+            round(sum(exact[k].correct for k in qualifying) / total, 4) if total else None
+        ),
+        **extra,
+    }
 
 
 def _r(x, n):
@@ -269,6 +336,7 @@ def retrieval_fields(ret: dict[str, GroupResult], exact_ret: dict[str, GroupResu
         "retrieval": {k: round(g.accuracy, 4) for k, g in ret.items()},
         "retrieval_wrong": {k: sorted(g.wrong) for k, g in ret.items()},
         "retrieval_groups": sorted(ret),
+        "retrieval_counts": {k: [g.correct, g.total] for k, g in ret.items()},
         "retrieval_context_ratio": ratio,
     }
 
@@ -279,7 +347,7 @@ def finish(doc: dict, out: Path, skipped: list[str] | None) -> None:
     for path in plots.draw(doc["rows"], out):
         log.info("wrote %s", path)
     print(text.split(report.LOG_MARKER)[0])
-    print("Issue 3 targets:")
+    print("Issue 17 targets (worst genre):")
     for t in targets.check(doc["rows"]):
         print("  " + t.line())
 
@@ -314,6 +382,8 @@ def main(argv=None) -> int:
     # Calibration runs on the CPU in float32 (kvtc_store.calibration feeds CPU tensors), so
     # artifacts are the same ones this machine and the store would calibrate and cache.
     model, tok, info = load_model()
+    # The windows first: a genre not fetched (`make corpora`) fails before any work.
+    all_windows = windows(tok, args.windows, args.genres)
     settings = CalibrationSettings(windows=args.calibration_windows, corpus=args.corpus)
     if args.scale_exponent is not None:
         settings = dataclasses.replace(settings, scale_exponent=args.scale_exponent)
@@ -342,85 +412,76 @@ def main(argv=None) -> int:
         "model on %s in %s; %d methods; %.0f s", device, args.dtype, len(methods), time.time() - t0
     )
 
-    # (b) retrieval first: the uncompressed model decides which groups count.
-    exact_ret: dict[str, GroupResult] = {}
-    ret: dict[str, dict[str, GroupResult]] = {id(m): {} for m in methods}
-    for task in args.retrieval_tasks:
-        for length in args.retrieval_lengths:
-            group = RetrievalGroup(
-                runner,
-                tok,
-                task,
-                length,
-                args.retrieval_samples,
-                args.batch,
-                args.workers,
-                first=args.retrieval_first,
-            )
-            exact_ret[group.key] = e = group.run(None)
-            ok = e.accuracy >= args.retrieval_min_accuracy
-            log.info(
-                "retrieval %s: uncompressed %.1f%% (%s)",
-                group.key,
-                100 * e.accuracy,
-                "qualifies" if ok else "below threshold, methods skip it",
-            )
-            if ok:
-                for m in methods:
-                    ret[id(m)][group.key] = g = group.run(m)
-                    log.info(
-                        "  %s %s: %.1f%% (%.1f s)",
-                        m.name,
-                        _g(m.target_ratio),
-                        100 * g.accuracy,
-                        g.seconds,
-                    )
-            del group
-    qualifying = sorted(
-        k for k, g in exact_ret.items() if g.accuracy >= args.retrieval_min_accuracy
-    )
+    # (b) retrieval first, per haystack genre: the uncompressed model decides which groups
+    # count.
+    exact_ret: dict[str, dict[str, GroupResult]] = {g: {} for g in args.genres}
+    ret: dict[int, dict[str, dict[str, GroupResult]]] = {
+        id(m): {g: {} for g in args.genres} for m in methods
+    }
+    for genre in args.retrieval_genres:
+        for task in args.retrieval_tasks:
+            for length in args.retrieval_lengths:
+                group = RetrievalGroup(
+                    runner,
+                    tok,
+                    task,
+                    length,
+                    args.retrieval_samples,
+                    args.batch,
+                    args.workers,
+                    first=args.retrieval_first,
+                    genre=genre,
+                )
+                exact_ret[genre][group.key] = e = group.run(None)
+                ok = e.accuracy >= args.retrieval_min_accuracy
+                log.info(
+                    "retrieval %s %s: uncompressed %.1f%% (%s)",
+                    genre,
+                    group.key,
+                    100 * e.accuracy,
+                    "qualifies" if ok else "below threshold, methods skip it",
+                )
+                if ok:
+                    for m in methods:
+                        ret[id(m)][genre][group.key] = g = group.run(m)
+                        log.info(
+                            "  %s %s: %.1f%% (%.1f s)",
+                            m.name,
+                            _g(m.target_ratio),
+                            100 * g.accuracy,
+                            g.seconds,
+                        )
+                del group
 
-    # (a) + (c) continuation quality and greedy agreement.
-    wins = windows(tok, args.windows)
-    suite = ContinuationSuite(runner, wins, CTX, args.batch, args.greedy_tokens, args.workers)
-    log.info("continuation references ready (%d windows), %.0f s", len(wins), time.time() - t0)
+    # (a) + (c) continuation quality and greedy agreement, one genre at a time (the exact
+    # KV and reference logits of one genre's windows are held at once).
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     extra = {"device": device, "date": date, "model_params": model_params}
-    new_rows = [
-        {
-            "method": "exact",
-            "target_ratio": None,
-            "kind": "reference",
-            "retrieval": {k: round(g.accuracy, 4) for k, g in exact_ret.items()},
-            "retrieval_wrong": {k: sorted(g.wrong) for k, g in exact_ret.items()},
-            "retrieval_groups": qualifying,
-            "retrieval_accuracy": (
-                round(
-                    sum(exact_ret[k].correct for k in qualifying)
-                    / sum(exact_ret[k].total for k in qualifying),
-                    4,
-                )
-                if qualifying
-                else None
-            ),
-            **extra,
-        }
-    ]
-    for m in methods:
-        cont = suite.run(m)
-        row = method_row(m, cont, ret[id(m)], exact_ret, extra)
-        new_rows.append(row)
-        log.info(
-            "%s %s: ratio %s, KL %.4f, ppl %+.2f%%, top-1 %.3f, greedy %.2f (%.0f s)",
-            m.name,
-            _g(m.target_ratio),
-            row["honest_ratio"],
-            row["kl"],
-            row["ppl_change_pct"],
-            row["top1_agreement"],
-            row["greedy_agreement"],
-            row["seconds"],
-        )
+    new_rows = [exact_row(g, exact_ret[g], args.retrieval_min_accuracy, extra) for g in args.genres]
+    for genre in args.genres:
+        wins = [w for w in all_windows if w[0] == genre]
+        suite = ContinuationSuite(runner, wins, CTX, args.batch, args.greedy_tokens, args.workers)
+        log.info("%s: references ready (%d windows), %.0f s", genre, len(wins), time.time() - t0)
+        for m in methods:
+            cont = suite.run(m)
+            row = genre_row(m, genre, cont, ret[id(m)][genre], exact_ret[genre], extra)
+            row["seconds"] = round(row["seconds"] + cont.seconds, 1)
+            new_rows.append(row)
+            log.info(
+                "%s %s %s: ratio %s (whole context %s), KL %.4f, ppl %+.2f%%, top-1 %.3f, "
+                "greedy %.2f (%.0f s)",
+                genre,
+                m.name,
+                _g(m.target_ratio),
+                row["honest_ratio"],
+                row["context_ratio"],
+                row["kl"],
+                row["ppl_change_pct"],
+                row["top1_agreement"],
+                row["greedy_agreement"],
+                row["seconds"],
+            )
+        del suite
 
     import transformers
 
@@ -435,7 +496,11 @@ def main(argv=None) -> int:
         "model_dtype": args.dtype,
         "date": date,
         "seconds": round(time.time() - t0, 1),
-        "windows": len(wins),
+        "windows": len(all_windows),
+        "windows_per_genre": args.windows,
+        "texts": args.texts,
+        "genres": args.genres,
+        "retrieval_genres": args.retrieval_genres,
         "context_tokens": CTX,
         "greedy_tokens": args.greedy_tokens,
         "retrieval_tasks": args.retrieval_tasks,

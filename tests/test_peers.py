@@ -64,8 +64,10 @@ def test_merge_keeps_other_rows_and_replaces_own(tmp_path):
     }
     rows = {(r["method"], r["target_ratio"]): r for r in doc["rows"]}
     assert len(doc["rows"]) == 4  # the stale snapkv 2.0 row replaced, not kept beside
-    assert rows[("cachegen", None)] == {**new[0], "run": "peers-1"}
-    assert rows[("kvpress-snapkv", 2.0)] == {**new[1], "run": "peers-1"}
+    # the peers' rows are of the two-text windows of the suite before issue 17
+    v1 = {"run": "peers-1", "genre": "suite-v1"}
+    assert rows[("cachegen", None)] == {**new[0], **v1}
+    assert rows[("kvpress-snapkv", 2.0)] == {**new[1], **v1}
     for key, kl in ((("kvtc", 8), 0.007), (("kvpress-snapkv", 16.0), 0.5)):
         assert rows[key]["kl"] == kl and rows[key]["run"] == "legacy"  # others' rows kept
     # a second run of the same rows replaces them, and the unused run goes away

@@ -223,6 +223,9 @@ def _row(method, ratio, run, kl=0.01, kind="ours", honest=None):
     }
 
 
+V1 = rows.LEGACY_GENRE  # rows without a genre: the suite before issue 17
+
+
 def test_rows_merge_keeps_other_runs(tmp_path):
     path = tmp_path / "quality.json"
     first = rows.merge(
@@ -241,29 +244,33 @@ def test_rows_merge_keeps_other_runs(tmp_path):
     )
     keys = {rows.row_key(r): r for r in doc["rows"]}
     assert set(keys) == {
-        ("kvtc", 4.0),
-        ("kvtc", 8.0),
-        ("kivi-2", None),
-        ("cachegen", None),
-        ("fp8", None),
+        ("kvtc", 4.0, V1),
+        ("kvtc", 8.0, V1),
+        ("kivi-2", None, V1),
+        ("cachegen", None, V1),
+        ("fp8", None, V1),
     }
-    assert keys["kvtc", 8.0]["kl"] == 0.005 and keys["kvtc", 8.0]["run"] == "b"
-    assert keys["cachegen", None]["run"] == "p"
+    assert keys["kvtc", 8.0, V1]["kl"] == 0.005 and keys["kvtc", 8.0, V1]["run"] == "b"
+    assert keys["cachegen", None, V1]["run"] == "p"
     assert set(doc["runs"]) == {"a", "p", "b"}
     # a run whose rows were all replaced is dropped
     doc = rows.merge(doc, [_row("cachegen", None, "q", kind="baseline")], "q", {"date": "4"})
     assert "p" not in doc["runs"] and "q" in doc["runs"]
     # ours sort before baselines, by ratio
     order = [rows.row_key(r) for r in doc["rows"]]
-    assert order.index(("kvtc", 4.0)) < order.index(("kvtc", 8.0)) < order.index(("fp8", None))
+    assert (
+        order.index(("kvtc", 4.0, V1))
+        < order.index(("kvtc", 8.0, V1))
+        < order.index(("fp8", None, V1))
+    )
     # a whole other results file (say, another GPU's) merges row by row, runs kept
     other = rows.merge(
         {"rows": [], "runs": {}}, [_row("kvtc", 64, "g1"), _row("kvtc", 4, "g1", kl=0.5)], "g1", {}
     )
     both = rows.merge_docs(doc, other)
     keys = {rows.row_key(r): r for r in both["rows"]}
-    assert keys["kvtc", 64.0]["run"] == "g1" and keys["kvtc", 4.0]["kl"] == 0.5
-    assert keys["kvtc", 8.0]["run"] == "b" and {"a", "b", "g1"} <= set(both["runs"])
+    assert keys["kvtc", 64.0, V1]["run"] == "g1" and keys["kvtc", 4.0, V1]["kl"] == 0.5
+    assert keys["kvtc", 8.0, V1]["run"] == "b" and {"a", "b", "g1"} <= set(both["runs"])
 
 
 def test_rows_load_legacy_single_run_file(tmp_path):
@@ -280,42 +287,24 @@ def test_rows_load_legacy_single_run_file(tmp_path):
     doc = rows.load(path)
     assert doc["runs"]["legacy"]["command"] == "python benchmarks/quality.py"
     assert doc["rows"][0]["run"] == "legacy" and doc["rows"][0]["kind"] == "ours"
+    assert doc["rows"][0]["genre"] == V1  # readable, and never pooled with the genres
+    assert not any(r.get("derived") for r in doc["rows"])
 
 
-def test_targets_and_report(tmp_path):
+def test_report_keeps_log_and_shows_earlier_suite(tmp_path):
+    """Rows of the suite before issue 17 stay readable in their own table."""
     data = [
         {**_row("kvtc", 12, "r", kl=0.009, honest=12.5), "ppl_change_pct": 0.8},
-        {
-            **_row("kvtc", 16, "r", kl=0.015, honest=16.7),
-            "retrieval_delta_pts": -2.5,
-            "artifact_params": 10,
-            "model_params": 100,
-            "retrieval_groups": ["passkey@2048"],
-        },
-        {**_row("kvtc", 32, "r", kl=0.04, honest=33.0), "artifact_params": 20, "model_params": 100},
-        _row("kivi-2", None, "r", kl=0.02, kind="baseline", honest=6.0),
         _row("fp8", None, "r", kl=0.0001, kind="baseline", honest=2.4),
-        _row("fp8-token", None, "r", kl=0.0001, kind="baseline", honest=2.3),
     ]
-    got = {t.text: t for t in targets.check(data)}
-    assert got["honest chunk ratio >= 12 at mean KL <= 0.010 and perplexity change <= 1%"].met
-    assert got["honest chunk ratio >= 20 at mean KL <= 0.020"].met is False
-    assert got["lower KL than kivi-2 at its ratio (6.00x)"].met is True
-    assert got["lower KL than fp8 at its ratio (2.40x)"].met is False
-    assert not got["lower KL than fp8 at its ratio (2.40x)"].info
-    assert got["lower KL than fp8-token at its ratio (2.30x)"].info  # not an issue target
-    assert got["lower KL than cachegen at its ratio"].met is None  # no peers' rows yet
-    assert got["KIVI-2's KL at >= 5x its ratio"].met is False
-    r16 = "retrieval within 1 point of uncompressed at ratio 16 (qualifying lengths)"
-    assert got[r16].met is False and "-2.5" in got[r16].detail
-    art = "codec artifact at ratios >= 16 at most 15% of the model's parameters"
-    assert got[art].met is False  # 20% at ratio 32
-    # the report keeps an experiment log written below its marker
     md = tmp_path / "rate_distortion.md"
     md.write_text("old\n" + report.LOG_MARKER + "\n## Experiment log\n| my row |\n")
-    text = report.write({"rows": data, "runs": {"r": {"date": "d", "command": "c"}}}, md)
+    doc = rows.merge({"rows": [], "runs": {}}, data, "r", {"date": "d", "command": "c"})
+    text = report.write(doc, md)
     assert text.endswith("## Experiment log\n| my row |\n")
-    assert "| kvtc | 12 | 12.50 |" in text and "[NOT MET]" in text
+    earlier = text.split("## Earlier suite (`suite-v1`)")[1]
+    assert "| kvtc | 12 | 12.50 |" in earlier
+    assert "[NOT MEASURED] worst genre at target 16" in text  # old rows gate nothing
 
 
 def test_roundtrip_counted_counts_and_passes_exact_through():
@@ -333,9 +322,11 @@ def test_roundtrip_dataclass_sums_bytes():
 
 
 def _ret_row(method, ratio, run, wrong):
-    """A row whose retrieval missed the prompts in ``wrong`` ({group: [prompt index]})."""
+    """A row of genre technical whose retrieval missed the prompts in ``wrong`` ({group:
+    [prompt index]})."""
     return {
         **_row(method, ratio, run),
+        "genre": "technical",
         "retrieval": {g: 0.0 for g in wrong},
         "retrieval_wrong": wrong,
         "retrieval_groups": sorted(wrong),
@@ -370,7 +361,7 @@ def test_pool_retrieval_sums_answers_over_prompt_slices():
     s1 = slice_doc("b", 10, {g2: [], g4: [11, 12]}, {g2: [14], g4: [11]})
     s2 = slice_doc("c", 20, {g2: [], g4: [21, 22, 23, 24]}, {g2: [], g4: [21, 22, 23, 24, 25]})
     pooled = rows.pool_retrieval(doc, [s1, s2], min_accuracy=0.8)
-    r16 = next(r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 16.0))
+    r16 = next(r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 16.0, "technical"))
     p = r16["retrieval_pooled"]
     assert p["n"] == {g2: 30, g4: 30}
     assert p["exact_correct"] == {g2: 29, g4: 22} and p["correct"] == {g2: 28, g4: 21}
@@ -378,10 +369,13 @@ def test_pool_retrieval_sums_answers_over_prompt_slices():
     assert p["prompts"] == 30 and p["delta_pts"] == pytest.approx(-100 / 30, abs=0.01)
     assert [q["first"] for q in p["parts"]] == [0, 10, 20]
     assert "retrieval_pooled" not in next(
-        r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 8.0)
+        r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 8.0, "technical")
     )  # no slice measured it
-    got = {t.text: t for t in targets.check(pooled["rows"])}
-    r16_line = got["retrieval within 1 point of uncompressed at ratio 16 (qualifying lengths)"]
+    # the pooled genre row ("all") reads the pooled prompts, and the target reads it
+    r16_all = next(r for r in pooled["rows"] if rows.row_key(r) == ("kvtc", 16.0, "all"))
+    assert r16_all["retrieval_prompts"] == 30 and r16_all["retrieval_groups"] == [f"technical:{g2}"]
+    got = {t.text.split(",")[0]: t for t in targets.check(pooled["rows"])}
+    r16_line = got["retrieval within 1 point of uncompressed at target 16"]
     assert r16_line.met is False and "over 30 prompts" in r16_line.detail
     # the same prompts twice are refused
     with pytest.raises(ValueError, match="pooled twice"):

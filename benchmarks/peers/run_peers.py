@@ -52,8 +52,8 @@ from protocol import (
     score_record,
 )
 
-try:  # the rate-distortion harness (branch rd) moved windows() to benchmarks/rd/data.py
-    from rd.data import windows
+try:  # the rate-distortion harness: the two-text windows of its suite before issue 17
+    from rd.data import suite_v1_windows as windows
 except ImportError:
     from quality import windows
 

@@ -35,6 +35,13 @@ class ByteCount:
         self.ctx_raw += bf16_bytes(layers, heads, sum(rt.chunk_tokens), dim)
         self.ctx_stored += rt.stored_bytes
 
+    def add_count(self, other: ByteCount) -> None:
+        """Add another count's sums (a genre's into the pooled count)."""
+        self.chunk_raw += other.chunk_raw
+        self.chunk_stored += other.chunk_stored
+        self.ctx_raw += other.ctx_raw
+        self.ctx_stored += other.ctx_stored
+
     @property
     def chunk_ratio(self) -> float | None:
         """bf16 bytes / stored bytes of the middle chunks (None when there were none)."""

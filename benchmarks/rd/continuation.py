@@ -4,6 +4,9 @@ Each window is 1,536 context + 256 continuation tokens (:func:`.data.windows`). 
 context's exact KV is computed once; each method round-trips it (compress -> bytes ->
 decompress) and the model continues from the result:
 
+Windows are grouped by genre (batches never mix genres) and every measure is kept per
+genre as well as pooled.
+
 - (a) over the 256 continuation tokens: mean KL of next-token distributions against the
   exact run, top-1 agreement, perplexity change (:func:`kvtc_store.evaluate.compare_logits`);
 - (c) from the same decoded KV, fed the first continuation token, 64 greedy tokens: the
@@ -26,16 +29,15 @@ from .engine import KV, Runner
 
 
 @dataclass
-class ContinuationResult:
-    """One method's pooled measures over all windows."""
+class Tally:
+    """Sums of one method's measures over some windows (all, or one genre's)."""
 
     scores: ContinuationScores = field(default_factory=ContinuationScores)
-    per_text: dict[str, ContinuationScores] = field(default_factory=dict)
     bytes: ByteCount = field(default_factory=ByteCount)
+    windows: int = 0
     greedy_same: int = 0
     greedy_total: int = 0
     greedy_prefix_sum: int = 0
-    seconds: float = 0.0
 
     @property
     def greedy_agreement(self) -> float:
@@ -46,6 +48,14 @@ class ContinuationResult:
     def greedy_prefix_mean(self) -> float:
         """Mean number of leading greedy tokens equal to the exact run's."""
         return self.greedy_prefix_sum / max(self.greedy_total, 1)
+
+
+@dataclass
+class ContinuationResult(Tally):
+    """One method's measures pooled over all windows, and per genre (``per_text``)."""
+
+    per_text: dict[str, Tally] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class ContinuationSuite:
@@ -84,9 +94,15 @@ class ContinuationSuite:
                 runner.greedy(kvs, self.ids[rows, ctx : ctx + 1], greedy_tokens)
             )
 
-    def _batches(self):
-        n = self.ids.shape[0]
-        return [list(range(s, min(s + self.batch, n))) for s in range(0, n, self.batch)]
+    def _batches(self) -> list[list[int]]:
+        """Rows in batches of at most ``batch``, each of one genre (bytes count per genre)."""
+        by_name: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            by_name.setdefault(name, []).append(i)
+        out = []
+        for rows in by_name.values():
+            out += [rows[j : j + self.batch] for j in range(0, len(rows), self.batch)]
+        return out
 
     def run(self, method: KVMethod | None) -> ContinuationResult:
         """Measure ``method`` (None: the exact KV itself, a sanity check that scores 0)."""
@@ -95,16 +111,21 @@ class ContinuationSuite:
         ctx = self.ctx
         for rows in self._batches():
             kvs = [self.exact[r] for r in rows]
-            kvs = roundtrip_counted(method, kvs, res.bytes, self.workers)
+            part = res.per_text.setdefault(self.names[rows[0]], Tally())
+            count = ByteCount()
+            kvs = roundtrip_counted(method, kvs, count, self.workers)
+            part.bytes.add_count(count)
+            res.bytes.add_count(count)
             logits = self.runner.logits(kvs, self.ids[rows, ctx:])
             greedy = self.runner.greedy(kvs, self.ids[rows, ctx : ctx + 1], self.greedy_tokens)
             for j, r in enumerate(rows):
                 s = compare_logits(self.ref_logits[r], logits[j], self.ids[r, ctx:])
-                res.scores.add(s)
-                res.per_text.setdefault(self.names[r], ContinuationScores()).add(s)
                 same = (greedy[j] == self.ref_greedy[r]).long()
-                res.greedy_same += int(same.all())
-                res.greedy_prefix_sum += int(same.cumprod(0).sum())
-                res.greedy_total += 1
+                for t in (res, part):
+                    t.scores.add(s)
+                    t.windows += 1
+                    t.greedy_same += int(same.all())
+                    t.greedy_prefix_sum += int(same.cumprod(0).sum())
+                    t.greedy_total += 1
         res.seconds = time.time() - t0
         return res

@@ -18,9 +18,16 @@ PLOTS = {
 }
 
 
+def plot_rows(rows: list[dict]) -> list[dict]:
+    """The rows a plot draws: the pooled genre rows (``all``), or the earlier suite's
+    (``suite-v1``) when there are none (one point per method and ratio, never mixed)."""
+    pooled = [r for r in rows if r.get("genre") == "all"]
+    return pooled or [r for r in rows if r.get("genre", "suite-v1") == "suite-v1"]
+
+
 def _series(rows: list[dict], field: str) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
+    for r in plot_rows(rows):
         x, y = r.get("honest_ratio"), r.get(field)
         if r.get("method") == "exact" or x is None or y is None:
             continue
@@ -41,7 +48,7 @@ def draw(rows: list[dict], out_dir: Path) -> list[Path]:
     except ImportError:
         log.warning("matplotlib is not installed: no plots (install the `bench` extra)")
         return []
-    exact = next((r for r in rows if r.get("method") == "exact"), None)
+    exact = next((r for r in plot_rows(rows) if r.get("method") == "exact"), None)
     written = []
     for name, (field, label, log_y) in PLOTS.items():
         series = _series(rows, field)

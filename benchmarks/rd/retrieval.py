@@ -13,14 +13,14 @@ the needle depth swept:
   at 50%/40%/30% at 2k/4k/8k tokens on the H200 (20 prompts each); this wording and size
   scored 90%/95%/45%, so 2k and 4k can qualify.
 
-The haystack is held-out real text (Python's reference docs or Shakespeare's tragedies,
-alternating). A prompt of nominal length ``N`` is built at the token level in the model's
+The haystack is held-out real text of one genre (the filler genre is a dimension: each
+(genre, task, length) is a group of its own; :mod:`.genres`). A prompt of nominal length ``N`` is built at the token level in the model's
 chat format: the *stored* part (chat header, instruction, haystack with needles) is exactly
 ``N - 256`` tokens, a whole number of 256-token chunks, and is what each method
 round-trips; the question and the start of the answer follow (under 256 tokens) and are
 prefilled on top of the decoded KV, as a store would serve a cached document and a new
 question. Up to 12 tokens are decoded greedily; a sample is correct when the first number
-in them is the needle's value. Seeds are fixed per (task, length, sample).
+in them is the needle's value. Seeds are fixed per (genre, task, length, sample).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from .accounting import ByteCount, roundtrip_counted
 from .base import CHUNK_TOKENS, KVMethod
-from .data import TEXTS, token_ids
+from .data import token_ids
 from .engine import Runner
 
 TASKS = ("passkey", "multikey")
@@ -112,7 +112,7 @@ class Sample:
     length: int
     index: int
     depth: float
-    text: str
+    genre: str
     stored: torch.Tensor
     suffix: torch.Tensor
     answer: str
@@ -138,18 +138,18 @@ def _snap(tok, filler: list[int], pos: int) -> int:
     return pos
 
 
-def build_sample(tok, task: str, length: int, index: int) -> Sample:
+def build_sample(tok, task: str, length: int, index: int, genre: str) -> Sample:
     """The ``index``-th sample of a task at nominal length ``length`` (a multiple of 256,
-    at least 512). Deterministic: seeded by ``(task, length, index)``.
+    at least 512) with a haystack of ``genre``'s text. Deterministic: seeded by
+    ``(genre, task, length, index)``.
 
     Raises:
         ValueError: unknown task, or a length too short for the prompt.
     """
     if task not in TASKS:
         raise ValueError(f"unknown retrieval task {task!r}; known: {TASKS}")
-    rng = random.Random(f"{task}-{length}-{index}")
+    rng = random.Random(f"{genre}-{task}-{length}-{index}")
     depth = DEPTHS[index % len(DEPTHS)]
-    text = TEXTS[(index // len(DEPTHS)) % len(TEXTS)]
     head, tail = _chat_parts(tok)
     words = [w for w in WORDS if len(tok(" " + w).input_ids) == 1]
     if task == "passkey":
@@ -175,7 +175,7 @@ def build_sample(tok, task: str, length: int, index: int) -> Sample:
     n_filler = stored_len - len(prefix) - sum(len(ids) for _, ids in needle_ids)
     if n_filler < 64:
         raise ValueError(f"length {length} is too short for a {task} prompt")
-    source = token_ids(tok, text)
+    source = token_ids(tok, genre)
     start = rng.randrange(0, source.numel() - n_filler)
     filler = source[start : start + n_filler].tolist()
     body, cut = [], 0
@@ -187,7 +187,7 @@ def build_sample(tok, task: str, length: int, index: int) -> Sample:
     stored = torch.tensor(prefix + body)
     suffix = torch.tensor(tok("\n\n" + question + tail + answer_prefix).input_ids)
     assert stored.numel() == stored_len, (stored.numel(), stored_len)
-    return Sample(task, length, index, depth, text, stored, suffix, value)
+    return Sample(task, length, index, depth, genre, stored, suffix, value)
 
 
 def is_correct(tok, tokens: list[int], answer: str) -> bool:
@@ -219,8 +219,8 @@ class RetrievalGroup:
     Args:
         runner: the model.
         tok: its tokenizer.
-        task, length: see :func:`build_sample`.
-        samples: how many (depths cycle through :data:`DEPTHS`, texts alternate per sweep).
+        task, length, genre: see :func:`build_sample`.
+        samples: how many (depths cycle through :data:`DEPTHS`).
         batch: prompts per forward.
         workers: prompts round-tripped at once (threads; see :func:`.base.roundtrip_many`).
         first: index of the first sample (samples ``first .. first + samples - 1``).
@@ -236,16 +236,20 @@ class RetrievalGroup:
         batch: int,
         workers: int = 1,
         first: int = 0,
+        genre: str = "encyclopedic",
     ):
         self.runner, self.tok, self.batch, self.workers = runner, tok, batch, workers
-        self.task, self.length = task, length
-        self.samples = [build_sample(tok, task, length, i) for i in range(first, first + samples)]
+        self.task, self.length, self.genre = task, length, genre
+        self.samples = [
+            build_sample(tok, task, length, i, genre) for i in range(first, first + samples)
+        ]
         self.exact = []
         for rows in self._batches(by_suffix=False):
             self.exact += runner.prefill(torch.stack([self.samples[i].stored for i in rows]))
 
     @property
     def key(self) -> str:
+        """``task@length`` (the genre is the row's)."""
         return f"{self.task}@{self.length}"
 
     def _batches(self, by_suffix: bool = True) -> list[list[int]]:
