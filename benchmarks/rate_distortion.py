@@ -77,6 +77,7 @@ QUICK_GENRES = {"evaluation": ["encyclopedic", "chat"], "validation": ["val-trag
 
 def parse(argv) -> argparse.Namespace:
     from kvtc_store.calibration import CalibrationSettings
+    from kvtc_store.texts import CORPORA
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +131,23 @@ def parse(argv) -> argparse.Namespace:
         help="haystack genres, among --genres (default: "
         f"{' '.join(RETRIEVAL_SETS['evaluation'])} of those; validation: both)",
     )
+    p.add_argument(
+        "--exact-dtype",
+        choices=["bfloat16", "float8_e4m3fn"],
+        default="bfloat16",
+        help="how ours stores its exact tokens (sinks, recent window)",
+    )
+    p.add_argument(
+        "--exact-window",
+        type=int,
+        default=None,
+        help="recent-window tokens ours keeps exact (default: the artifact's, 128)",
+    )
+    p.add_argument(
+        "--no-rate-control",
+        action="store_true",
+        help="ours codes at the calibrated steps (the ratio follows the content)",
+    )
     p.add_argument("--windows", type=int, default=None, help="continuation windows per genre (32)")
     p.add_argument("--greedy-tokens", type=int, default=None, help="64 (--quick: 32)")
     p.add_argument("--retrieval-tasks", nargs="*", choices=TASKS, default=list(TASKS))
@@ -163,7 +181,7 @@ def parse(argv) -> argparse.Namespace:
     )
     p.add_argument(
         "--corpus",
-        choices=["shakespeare", "shakespeare+numpy"],
+        choices=sorted(CORPORA),
         default=CalibrationSettings.corpus,
         help=f"calibration corpus of ours and the ablations (default {CalibrationSettings.corpus})",
     )
@@ -402,6 +420,8 @@ def main(argv=None) -> int:
         calibrate,
         args.device,
         gpu_kernels=False if args.codec_kernels == "off" else None,
+        codec_options={"exact_dtype": args.exact_dtype, "rate_control": not args.no_rate_control},
+        exact_window=args.exact_window,
     )
     model_params = sum(p.numel() for p in model.parameters())
     dtype = getattr(torch, args.dtype)

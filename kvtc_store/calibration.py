@@ -11,6 +11,7 @@ fingerprint and the settings match.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -207,6 +208,15 @@ def _source_ids(name: str, need: int, tokenizer, model, cache: Path | None) -> l
     raise CalibrationError(f"calibration source {name!r} has {len(ids)} tokens, needs {need}")
 
 
+def _sampler(model):
+    """The model to sample from: a CUDA copy of a small CPU model where CUDA is available
+    (sampling is sequential, minutes on a few cores), else the model where it is."""
+    small = sum(p.numel() for p in model.parameters()) < 2e9
+    if next(model.parameters()).is_cuda or not (small and torch.cuda.is_available()):
+        return model
+    return copy.deepcopy(model).cuda()
+
+
 def _sample_ids(need: int, tokenizer, model, cache: Path | None) -> list[int]:
     """The model's samples (:func:`~kvtc_store.samples.model_samples`), cached in ``cache``."""
     path = None if cache is None else cache / f"samples-{SAMPLE_SEED}-{need}.npy"
@@ -217,7 +227,7 @@ def _sample_ids(need: int, tokenizer, model, cache: Path | None) -> list[int]:
             "the calibration corpus samples the model: pass the model "
             f"(no cached samples{'' if path is None else f' in {path}'})"
         )
-    ids = model_samples(model, tokenizer, need, seed=SAMPLE_SEED)
+    ids = model_samples(_sampler(model), tokenizer, need, seed=SAMPLE_SEED)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")

@@ -34,14 +34,15 @@ class KVTC(KVMethod):
     codec: KVTCCodec | None = field(default=None, repr=False)
     kind: str = "ours"
     parallel: bool = False
+    exact_window: int | None = None  # tokens kept exact at the end (None: the artifact's)
 
     def window(self) -> int:
-        return self.codec.artifact.window
+        return self.codec.artifact.window if self.exact_window is None else self.exact_window
 
     @torch.no_grad()
     def roundtrip(self, keys, values, first_position=0) -> Roundtrip:
         blobs = self.codec.encode_sequence(
-            keys, values, first_position, chunk_tokens=self.chunk_tokens
+            keys, values, first_position, chunk_tokens=self.chunk_tokens, window=self.window()
         )
         chunks, error = self.codec.decode_prefix(blobs, device=keys.device, dtype=keys.dtype)
         if error is not None:
@@ -65,6 +66,11 @@ class KVTC(KVMethod):
             "artifact_id": art.artifact_id,
             "bits_per_token": art.plan_bits_per_token(),
             "artifact_params": art.stored_params(),
+            "exact_dtype": self.codec.exact_dtype,
+            "exact_window": self.window(),
+            "rate_control": self.codec.rate is not None,
+            "corpus": art.calibration.get("corpus"),
+            "calibration_windows": (art.calibration.get("settings") or {}).get("windows"),
         }
 
 

@@ -15,7 +15,13 @@
   KL sensitivity), ``kvtc-nocap`` (``max_artifact_share=None``: no cap on the artifact's
   size, which by default holds 15% of the model's parameters from target 16 up),
   ``kvtc-shakespeare`` (``corpus="shakespeare"``: calibration windows from Shakespeare's
-  plays only, without NumPy's docstrings).
+  plays only, without NumPy's docstrings), ``kvtc-broad`` (``corpus="broad"``), and
+  ``kvtc-s+n`` (``corpus="shakespeare+numpy"``). Codec ablations use ours' artifacts with
+  other :class:`~kvtc_store.codec.KVTCCodec` options (:data:`CODEC_ABLATIONS`):
+  ``kvtc-norate`` (no rate control: the calibrated steps), ``kvtc-fp8exact`` (exact
+  tokens in float8 instead of bfloat16), ``kvtc-fp8exact-w64`` / ``-w32`` (float8 and a
+  recent window of 64 / 32 tokens instead of the artifact's), ``kvtc-bf16exact``
+  (bfloat16 exact tokens, where ours stores them otherwise).
   Rows kept in results/quality.json from before the defaults changed carry their own
   names (``kvtc-shakespeare-nocap``, ``kvtc-cal8``, ``kvtc-cap15-cal8``; see the
   experiment log of results/rate_distortion.md).
@@ -61,8 +67,18 @@ SETTINGS_ABLATIONS: dict[str, tuple[str, object]] = {
     "kvtc-variance": ("weighting", "variance"),
     "kvtc-nocap": ("max_artifact_share", None),
     "kvtc-shakespeare": ("corpus", "shakespeare"),
+    "kvtc-broad": ("corpus", "broad"),
+    "kvtc-s+n": ("corpus", "shakespeare+numpy"),
 }
-ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS)
+# ablation name -> KVTCCodec options and exact window (None: the artifact's), ours' artifacts
+CODEC_ABLATIONS: dict[str, tuple[dict, int | None]] = {
+    "kvtc-norate": ({"rate_control": False}, None),
+    "kvtc-fp8exact": ({"exact_dtype": "float8_e4m3fn"}, None),
+    "kvtc-fp8exact-w64": ({"exact_dtype": "float8_e4m3fn"}, 64),
+    "kvtc-fp8exact-w32": ({"exact_dtype": "float8_e4m3fn"}, 32),
+    "kvtc-bf16exact": ({"exact_dtype": "bfloat16"}, None),
+}
+ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS, *CODEC_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
 DEFAULT_RATIOS = (4, 6, 8, 12, 16, 20, 24, 32, 48, 64)
 DEFAULT_ABLATION_RATIOS = (12, 20)  # where issue 3's two quality targets sit
@@ -92,6 +108,8 @@ def build_methods(
     calibrate: Calibrator,
     device: str,
     gpu_kernels: bool | None = None,
+    codec_options: dict | None = None,
+    exact_window: int | None = None,
 ) -> tuple[list[KVMethod], list[str]]:
     """The methods to run, in report order, and messages for those skipped.
 
@@ -104,6 +122,9 @@ def build_methods(
         device: where the codecs run (``"cpu"`` or ``"cuda"``).
         gpu_kernels: ``KVTCCodec``'s choice of the batched GPU codec (None: where it runs;
             False: the float32 torch reference on ``device`` too).
+        codec_options: ``KVTCCodec`` options of ours and every ablation (``exact_dtype``,
+            ``rate_control``); a codec ablation overrides its own.
+        exact_window: recent-window tokens ours keeps exact (None: the artifact's).
 
     Raises:
         ValueError: an unknown method name.
@@ -114,10 +135,16 @@ def build_methods(
     out: list[KVMethod] = []
     skipped: list[str] = []
 
-    def kvtc_rows(name, kind, arts, rs, coder="deflate", cls=KVTC):
+    base_options = dict(codec_options or {})
+
+    def kvtc_rows(name, kind, arts, rs, coder="deflate", cls=KVTC, options=None, window=None):
+        opts = {**base_options, **(options or {})}
+        window = exact_window if window is None else window
         for r, a in zip(rs, arts):
-            codec = KVTCCodec(a, coder=coder, device=device, gpu_kernels=gpu_kernels)
-            out.append(cls(name=name, target_ratio=float(r), kind=kind, codec=codec))
+            codec = KVTCCodec(a, coder=coder, device=device, gpu_kernels=gpu_kernels, **opts)
+            out.append(
+                cls(name=name, target_ratio=float(r), kind=kind, codec=codec, exact_window=window)
+            )
 
     if "kvtc" in names:
         kvtc_rows("kvtc", "ours", calibrate(settings, list(ratios)), ratios)
@@ -134,6 +161,10 @@ def build_methods(
             skipped.append(s)
             continue
         kvtc_rows(name, "ablation", calibrate(s, list(ablation_ratios)), ablation_ratios)
+    for name, (options, window) in CODEC_ABLATIONS.items():
+        if name in names:
+            arts = calibrate(settings, list(ablation_ratios))
+            kvtc_rows(name, "ablation", arts, ablation_ratios, options=options, window=window)
     for name, make in BASELINES.items():
         if name in names:
             out.append(make())

