@@ -91,7 +91,7 @@ if [ "$STAGE" = final ]; then
   source /tmp/rd/winner.env  # CORPUS CWIN EXACT_DTYPE EXACT_WINDOW
   rm -rf /tmp/rd/f* /tmp/rd/merged
   OURS="--corpus $CORPUS --calibration-windows $CWIN --exact-dtype $EXACT_DTYPE --exact-window $EXACT_WINDOW"
-  F="timeout 565 $RD --texts evaluation --windows 32 $OURS"
+  F="timeout 530 $RD --texts evaluation --windows 32 $OURS"
   G1="encyclopedic literary technical"; G2="code chat french german"
   RET="--retrieval-tasks passkey multikey --retrieval-lengths 2048 4096 --retrieval-samples 40"
   i=0
