@@ -442,7 +442,9 @@ def test_decode_to_cuda(arts) -> None:
     gpu = KVTCCodec(arts["all", 8.0], device="cuda")  # the transform itself on the GPU
     out = gpu.decode(blob)
     assert out.keys.device.type == "cuda" and out.keys.dtype == torch.float32
-    torch.testing.assert_close(out.keys.cpu(), codec.decode(blob).keys, atol=1e-3, rtol=1e-4)
+    # the batched GPU codec projects in float16 (2**-11 relative to the features' scale)
+    atol = 1e-3 * keys.abs().max().item()
+    torch.testing.assert_close(out.keys.cpu(), codec.decode(blob).keys, atol=atol, rtol=1e-4)
 
 
 def test_decoded_keys_have_rope_reapplied(arts) -> None:

@@ -259,24 +259,26 @@ class KVTCCodec:
             self._header_bytes = len(pack_blob(h, b"")) + 16  # + the payload's length, checksum
         return self._header_bytes
 
-    def choose_step_exps(self, coded: torch.Tensor) -> torch.Tensor:
+    def choose_step_exps(self, coded: torch.Tensor, rate: RateModel | None = None) -> torch.Tensor:
         """Rate control: each chunk's step exponent (:class:`~.rate.RateModel`).
 
         Args:
             coded: float32 ``(B, T, n)``: the coded coefficients (plan order) of ``B``
                 chunks of ``T`` compressed tokens each.
+            rate: the rate model to use (one on ``coded``'s device; default this codec's).
 
         Returns:
-            int64 ``(B,)``; zeros without rate control.
+            int64 ``(B,)`` on the CPU; zeros without rate control.
         """
+        rate = rate or self.rate
         batch, tokens = coded.shape[:2]
-        if self.rate is None or tokens == 0:
+        if rate is None or tokens == 0:
             return torch.zeros(batch, dtype=torch.int64)
         art = self.artifact
-        budget = self.rate.budget_bits(
+        budget = rate.budget_bits(
             tokens, art.features_per_token(), art.target_ratio, self.header_bytes()
         )
-        return self.rate.choose(coded, torch.full((batch,), budget, dtype=torch.float64)).cpu()
+        return rate.choose(coded, torch.full((batch,), budget, dtype=torch.float64)).cpu()
 
     # -- encode ---------------------------------------------------------------------------
 

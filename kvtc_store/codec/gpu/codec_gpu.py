@@ -529,7 +529,7 @@ class GpuCodec:
                     [b * tokens + t for b in idx for t in range(a, e)], device=coeffs.device
                 )
                 coded = coeffs[:, cols][self._colmap].T.reshape(len(idx), e - a, -1)
-                for b, x in zip(idx, self._ref.choose_step_exps(coded).tolist()):
+                for b, x in zip(idx, self._ref.choose_step_exps(coded, self._rate).tolist()):
                     exps[b] = int(x)
         for b, x in enumerate(exps):
             if x:
