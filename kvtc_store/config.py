@@ -67,6 +67,7 @@ __all__ = [
     "S3TierConfig",
     "StoreConfig",
     "TierConfig",
+    "artifact_from_config",
     "build_tier",
     "build_tiers",
     "codec_from_config",
@@ -751,6 +752,36 @@ def open_config_registry(c: CodecConfig):
         read_timeout=r.read_timeout,
         max_attempts=r.max_attempts,
     )
+
+
+def artifact_from_config(c: CodecConfig):
+    """The codec artifact a config names without calibrating: ``codec.artifact``, or the
+    current artifact of ``codec.profile`` in ``codec.registry`` (for ``codec.model``,
+    default the registry's only model), fetched and checked. What a serving engine,
+    which knows its model's shape but not its fingerprint, identifies the model by.
+
+    Raises:
+        ConfigError: neither ``codec.artifact`` nor ``codec.registry`` is set.
+        ArtifactError: the artifact is missing, malformed or corrupt.
+        RegistryError: the profile has no current artifact, the registry holds several
+            models and ``codec.model`` is unset, or it cannot be reached.
+    """
+    from .codec import CodecArtifact
+    from .errors import RegistryError
+
+    if c.artifact is not None:
+        return CodecArtifact.load(c.artifact)
+    if c.registry is None:
+        raise ConfigError("codec: set artifact or registry (a serving engine cannot calibrate)")
+    reg = open_config_registry(c)
+    model = c.model or reg.only_model()
+    move = reg.current(model, c.profile)
+    if move is None:
+        raise RegistryError(
+            f"registry {reg.url}: profile {c.profile} of model {model[:12]} has no current "
+            "artifact (promote one)"
+        )
+    return reg.verify(model, move.artifact_id)
 
 
 def _versioned_codec(c: CodecConfig, model_info: ModelInfo | None):
