@@ -255,42 +255,50 @@ def test_an_unreachable_registry_is_a_named_error(tmp_path, aws_credentials) -> 
 # --- real processes -------------------------------------------------------------------------
 
 
-def _promoter(url: str, ids: list[str], moves: int, start, out) -> None:
-    """Child process: ``moves`` promotions, alternating over ``ids``, retrying conflicts."""
+def _publish_and_promote(url: str, bits: list[int], moves: int, barrier, out) -> None:
+    """Child process: publish the artifacts (all children at once), then ``moves``
+    promotions alternating over them (all children at once), retrying conflicts."""
     reg = _open(url)
-    start.wait(30)
+    arts = [tiny_artifact(bits=b) for b in bits]
+    barrier.wait(120)
+    created = {a.artifact_id: reg.publish(a)[1] for a in arts}
+    barrier.wait(120)
     done = conflicts = 0
     while done < moves:
         try:
-            reg.promote(FP, ids[done % len(ids)], "race", by=f"pid{os.getpid()}")
+            reg.promote(FP, arts[done % len(arts)].artifact_id, "race", by=f"pid{os.getpid()}")
             done += 1
         except RegistryConflictError:
             conflicts += 1
-    out.put((done, conflicts))
+    out.put((created, done, conflicts))
 
 
-def test_processes_promoting_at_once_lose_no_update(reg: CodecRegistry, url: str) -> None:
-    arts = [tiny_artifact(bits=b) for b in (3, 4, 5)]
-    for a in arts:
-        reg.publish(a)
-    ids = [a.artifact_id for a in arts]
+def test_processes_publishing_and_promoting_at_once_lose_nothing(reg, url) -> None:
+    """Three processes publish the same artifacts at once (each is created by exactly one,
+    a no-op for the others), then promote at once; no move is lost."""
+    bits = [3, 4, 5]
     ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
     n, moves = 3, 6
+    barrier, out = ctx.Barrier(n), ctx.Queue()
     procs = [
-        ctx.Process(target=_promoter, args=(url, ids[i:] + ids[:i], moves, start, out))
+        ctx.Process(
+            target=_publish_and_promote, args=(url, bits[i:] + bits[:i], moves, barrier, out)
+        )
         for i in range(n)
     ]
     for p in procs:
         p.start()
-    time.sleep(1.0)  # let them import
-    start.set()
     results = [out.get(timeout=240) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    ids = [tiny_artifact(bits=b).artifact_id for b in bits]
+    for aid in ids:
+        assert sum(created[aid] for created, _, _ in results) == 1
+        reg.verify(FP, aid)  # complete and intact
+    assert reg.artifact_ids(FP) == sorted(ids)
     hist = reg.history(FP, "race")
-    assert len(hist) == n * moves == sum(d for d, _ in results)
+    assert len(hist) == n * moves == sum(d for _, d, _ in results)
     assert [m.seq for m in hist] == list(range(1, n * moves + 1))
     for prev, m in itertools.pairwise(hist):
         assert m.previous == prev.artifact_id  # every move saw the one before it

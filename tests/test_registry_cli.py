@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kvtc_store.cli import main
+from kvtc_store.registry import open_registry
 from kvtc_store.store import TieredStore
 from tests.tiny_codec import CHUNK, FINGERPRINT, tiny_artifact, tiny_info, tiny_sequence
 
@@ -101,3 +102,45 @@ def test_stats_reports_chunks_and_bytes_per_artifact(capsys, tmp_path) -> None:
     }
     assert main(["stats", "--disk", str(tmp_path / "disk")]) == 0
     assert f"artifact {V2.artifact_id}: 2 chunks" in capsys.readouterr().out
+
+
+def test_stats_per_artifact_on_an_s3_tier(capsys, tmp_path, s3_endpoint, bucket) -> None:
+    reg = ["--registry", str(tmp_path / "registry")]
+    run(capsys, "publish", str(V1.save(tmp_path / "v1")), "--profile", "p", *reg)
+    cfg = {
+        "chunk_tokens": CHUNK,
+        "tiers": [
+            {"kind": "memory", "capacity": "1MiB"},
+            {"kind": "s3", "bucket": bucket, "endpoint_url": s3_endpoint},
+        ],
+        "codec": {"registry": reg[1], "profile": "p", "refresh_seconds": 0,
+                  "cache_dir": str(tmp_path / "cache")},
+    }  # fmt: skip
+    config = tmp_path / "store.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with TieredStore.from_config(config, tiny_info()) as store:
+        tokens, keys, values = tiny_sequence(4, seed=3)
+        nbytes = store.put(tokens, keys, values).blob_bytes
+    assert main(["stats", "--config", str(config), "--json"]) == 0
+    s3 = json.loads(capsys.readouterr().out)["tiers"][1]
+    assert s3["by_artifact"] == {V1.artifact_id: {"chunks": 4, "bytes": nbytes}}
+
+
+@pytest.mark.model
+def test_calibrate_publishes_what_it_calibrates(smollm2, test_settings, capsys, tmp_path):
+    """`kvtc-store calibrate --publish REGISTRY --profile P`: the artifact it calibrated is
+    in the registry, checks out, and P points at it."""
+    registry = tmp_path / "registry"
+    windows = ["--windows", str(test_settings.windows)]
+    args = ["calibrate", "--ratio", "8", *windows, "--publish", str(registry), "--profile", "r8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    reg = open_registry(registry)
+    (model,) = reg.models()
+    assert model == smollm2[2].fingerprint
+    move = reg.current(model, "r8")
+    assert move is not None and f"published {move.artifact_id}" in out
+    art = reg.verify(model, move.artifact_id)
+    assert art.target_ratio == 8 and move.reason == "calibrated"
+    assert main(args) == 0  # again: cached, already published, promoted once more
+    assert "(already there)" in capsys.readouterr().out
