@@ -279,6 +279,17 @@ def _move_dict(m) -> dict:
     return d
 
 
+def _current_or_none(reg, model: str, profile: str):
+    """The profile's pointer, or None when it is garbage (logged: a listing goes on)."""
+    from .errors import RegistryPointerError
+
+    try:
+        return reg.current(model, profile)
+    except RegistryPointerError as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+        return None
+
+
 def _model_of(reg, args, artifact_id: str | None = None) -> str:
     if args.model:
         return args.model
@@ -305,7 +316,7 @@ def cmd_codec(args) -> int:
     elif args.action == "list":
         rows = []
         for model in [args.model] if args.model else reg.models():
-            current = {p: reg.current(model, p) for p in reg.profiles(model)}
+            current = {p: _current_or_none(reg, model, p) for p in reg.profiles(model)}
             for aid in reg.artifact_ids(model):
                 man = reg.manifest(model, aid)
                 rows.append(

@@ -133,6 +133,7 @@ class VersionMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.codec
+        hits_by_id, unknown, refresh_failures = c.counters()
         info = GaugeMetricFamily(
             "kvtc_codec_current_info",
             "The artifact new chunks are encoded with (value 1).",
@@ -142,19 +143,19 @@ class VersionMetrics(Collector):
         hits = CounterMetricFamily(
             "kvtc_codec_artifact_hits", "Chunks decoded, by codec artifact.", labels=["artifact_id"]
         )
-        for aid, n in sorted(dict(c.hits).items()):
+        for aid, n in sorted(hits_by_id.items()):
             hits.add_metric([aid], n)
         yield info
         yield hits
         yield CounterMetricFamily(
             "kvtc_codec_unknown_artifact_misses",
             "Blobs whose codec artifact the registry does not hold (kept, served as misses).",
-            value=c.unknown_misses,
+            value=unknown,
         )
         yield CounterMetricFamily(
             "kvtc_codec_refresh_failures",
             "Reads of the profile's pointer that failed (registry unreachable or garbage).",
-            value=c.refresh_failures,
+            value=refresh_failures,
         )
         yield GaugeMetricFamily(
             "kvtc_codec_cached_artifacts",

@@ -37,10 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 def url(request, tmp_path) -> str:
     """A fresh registry: a folder, or a prefix in a fresh bucket of the moto server."""
     if request.param == "folder":
+        request.getfixturevalue("monkeypatch").delenv("KVTC_TEST_REGISTRY_ENDPOINT", False)
         return str(tmp_path / "registry")
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = request.getfixturevalue("bucket")
-    os.environ["KVTC_TEST_REGISTRY_ENDPOINT"] = endpoint
+    # for _open, here and in the child processes (they inherit the environment)
+    request.getfixturevalue("monkeypatch").setenv("KVTC_TEST_REGISTRY_ENDPOINT", endpoint)
     return f"s3://{bucket}/codecs"
 
 

@@ -72,6 +72,15 @@ def test_operator_workflow(capsys, tmp_path, where) -> None:
     # named errors reach the operator as one line and exit code 2
     rc, text = run(capsys, "promote", "0123456789abcdef", "--profile", "p", *where)
     assert rc == 2 and "ArtifactNotFoundError" in text
+    reg = open_registry(where[1], endpoint_url=where[3] if len(where) > 2 else None)
+    reg.storage.write(f"{FINGERPRINT}/profiles/ratio16/current.json", b"edited by hand")
+    rc, rows = run(capsys, "list", *where, "--json")  # a listing goes on
+    assert rc == 0 and all(r["profiles"] in ([], ["canary"]) for r in rows)
+    rc, text = run(capsys, "promote", V2.artifact_id, "--profile", "ratio16", *where)
+    assert rc == 2 and "RegistryPointerError" in text
+    rc, move = run(capsys, "promote", V2.artifact_id, "--profile", "ratio16", "--force", *where,
+                   "--json")  # fmt: skip
+    assert (rc, move["artifact_id"], move["seq"]) == (0, V2.artifact_id, 4)
 
 
 def test_stats_reports_chunks_and_bytes_per_artifact(capsys, tmp_path) -> None:

@@ -148,6 +148,12 @@ class VersionedCodec:
         """The current codec's payload coder."""
         return self._current.coder
 
+    def counters(self) -> tuple[dict[str, int], int, int]:
+        """A consistent snapshot of ``(hits by artifact id, unknown_misses,
+        refresh_failures)``."""
+        with self._lock:
+            return dict(self.hits), self.unknown_misses, self.refresh_failures
+
     def cached_ids(self) -> list[str]:
         """Ids of the artifacts held in memory, least recently used first."""
         with self._lock:
