@@ -211,8 +211,8 @@ def cmd_stats(args) -> int:
             print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
             return 2
         u = DiskBackend(args.disk, capacity_bytes=args.capacity).usage()
-        print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB")
-        _print_by_artifact(_by_artifact(_disk_heads(args.disk)))
+        by = _format_by_artifact(_by_artifact(_disk_heads(args.disk)))
+        print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB{by}")
         return 0
     from .config import load_config
 
@@ -237,14 +237,17 @@ def cmd_stats(args) -> int:
         else:
             cap = r["capacity_bytes"]
             of = f" of {cap / 1e6:.2f} MB ({100 * r['used_bytes'] / cap:.1f}%)" if cap else ""
-            print(f"{head}: {r['chunks']} chunks, {r['used_bytes'] / 1e6:.2f} MB{of}")
-            _print_by_artifact(r.get("by_artifact", {}))
+            by = _format_by_artifact(r.get("by_artifact", {}))
+            print(f"{head}: {r['chunks']} chunks, {r['used_bytes'] / 1e6:.2f} MB{of}{by}")
     return rc
 
 
-def _print_by_artifact(rows: dict) -> None:
-    for aid, r in sorted(rows.items()):
-        print(f"      artifact {aid}: {r['chunks']} chunks, {r['bytes'] / 1e6:.2f} MB")
+def _format_by_artifact(rows: dict) -> str:
+    """``"; by artifact: ID 3 chunks 0.01 MB, ..."`` (one line per tier stays one line)."""
+    if not rows:
+        return ""
+    parts = [f"{a} {r['chunks']} chunks {r['bytes'] / 1e6:.2f} MB" for a, r in sorted(rows.items())]
+    return "; by artifact: " + ", ".join(parts)
 
 
 # --- codec registry -----------------------------------------------------------------------

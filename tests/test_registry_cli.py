@@ -110,7 +110,7 @@ def test_stats_reports_chunks_and_bytes_per_artifact(capsys, tmp_path) -> None:
         V2.artifact_id: {"chunks": 2, "bytes": sizes[V2.artifact_id]},
     }
     assert main(["stats", "--disk", str(tmp_path / "disk")]) == 0
-    assert f"artifact {V2.artifact_id}: 2 chunks" in capsys.readouterr().out
+    assert f"{V2.artifact_id} 2 chunks" in capsys.readouterr().out
 
 
 def test_stats_per_artifact_on_an_s3_tier(capsys, tmp_path, s3_endpoint, bucket) -> None:
