@@ -61,7 +61,7 @@ from kvtc_store.errors import CapacityError, ConfigError, StoreError
 
 from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
 
-__all__ = ["S3Backend"]
+__all__ = ["S3Backend", "make_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,34 @@ _STREAM_ERRORS = (IncompleteReadError, ReadTimeoutError, ResponseStreamingError)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+
+
+def make_client(
+    endpoint_url: str | None = None,
+    region_name: str | None = None,
+    *,
+    connect_timeout: float = 2.0,
+    read_timeout: float = 10.0,
+    max_attempts: int = 3,
+    max_pool_connections: int = 16,
+) -> Any:
+    """A boto3 S3 client as every kvtc-store S3 user builds it (the S3 tier and the codec
+    registry): path-style addressing, botocore's ``standard`` retries with
+    ``max_attempts`` attempts in all (first try included), and deadlines of
+    ``connect_timeout`` and ``read_timeout`` seconds per attempt. Credentials come from
+    boto3's usual chain. Nothing is sent to the endpoint here.
+    """
+    config = botocore.config.Config(
+        s3={"addressing_style": "path"},
+        # total_max_attempts counts the first try; "max_attempts" would not
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_pool_connections=max_pool_connections,
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+    )
 
 
 def _is_not_found(exc: BaseException, codes: frozenset[str] = _NOT_FOUND_CODES) -> bool:
@@ -177,17 +205,14 @@ class S3Backend(Backend):
         self.capacity_bytes = None if capacity_bytes is None else check_capacity(capacity_bytes)
         self.max_concurrency = max_concurrency
         if client is None:
-            config = botocore.config.Config(
-                s3={"addressing_style": "path"},
-                # total_max_attempts counts the first try; "max_attempts" would not
-                retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            client = make_client(
+                endpoint_url,
+                region_name,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
+                max_attempts=max_attempts,
                 # batch workers plus the part workers of one multipart transfer
                 max_pool_connections=2 * max_concurrency,
-            )
-            client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
             )
         self._client = client
         self._transfer = TransferConfig(

@@ -2,7 +2,9 @@
 engine's model, with engine-neutral chunk keys.
 
 Engines never run our calibration, so their store config must name a saved codec
-artifact (``codec.artifact``; make one with ``kvtc-store calibrate``). The artifact says
+artifact (``codec.artifact``; make one with ``kvtc-store calibrate``) or a codec registry
+(``codec.registry`` and ``codec.profile``: the store then encodes with the profile's
+current artifact and decodes every version the registry holds). The artifact says
 which model it was calibrated for; the engine's transformers config must have the same
 KV shape and RoPE, or :class:`~kvtc_store.errors.ArtifactModelMismatchError` is raised.
 
@@ -16,12 +18,11 @@ the same keys for the same tokens and share every chunk (``tests/test_engine_key
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
 from ..codec.artifact import CodecArtifact
-from ..config import load_config
+from ..config import artifact_from_config, load_config
 from ..errors import ArtifactModelMismatchError, ConfigError
 from ..model import ModelInfo, kv_geometry
 from ..store import TieredStore
@@ -79,8 +80,8 @@ def open_engine_store(
     """Open the store a connector's config names, for the engine's model.
 
     Args:
-        config_path: the store's YAML config (docs/config.md); ``codec.artifact`` is
-            required.
+        config_path: the store's YAML config (docs/config.md); ``codec.artifact`` or
+            ``codec.registry`` is required.
         hf_config: the engine's transformers config of the served model.
         dtype: the KV dtype the engine serves (``"bfloat16"``, ``"float16"``); part of
             the chunk-key namespace.
@@ -90,7 +91,10 @@ def open_engine_store(
             on) instead of the config's ``codec.device``.
 
     Raises:
-        ConfigError: malformed config, no ``codec.artifact``, or ``tp_size > 1``.
+        ConfigError: malformed config, neither ``codec.artifact`` nor ``codec.registry``,
+            or ``tp_size > 1``.
+        RegistryError: the registry's profile has no current artifact, or it cannot be
+            reached (and nothing is cached).
         ArtifactError: the artifact is missing or malformed;
             ArtifactModelMismatchError: it is for another model.
     """
@@ -100,12 +104,13 @@ def open_engine_store(
             "codec is calibrated on all KV heads of a layer"
         )
     cfg = load_config(config_path)
-    if cfg.codec.artifact is None:
+    if cfg.codec.artifact is None and cfg.codec.registry is None:
         raise ConfigError(
             f"{config_path}: codec.artifact: a serving engine needs a saved codec artifact "
-            "(make one with `kvtc-store calibrate`, then name its folder here)"
+            "(make one with `kvtc-store calibrate`, then name its folder here) or a "
+            "codec.registry with a profile"
         )
-    info = engine_model_info(hf_config, CodecArtifact.load(Path(cfg.codec.artifact)))
+    info = engine_model_info(hf_config, artifact_from_config(cfg.codec))
     return TieredStore.from_config(
         config_path, info, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size, codec_device=codec_device
     )

@@ -10,6 +10,7 @@ so an adapter spec selects it with::
 
     "serde": {"type": "kvtc", "artifact": "/path/to/codec-artifact"}
     "serde": {"type": "kvtc", "config": "/path/to/store.yaml"}   # its codec.artifact
+                                                                  # or codec.registry
 
 optionally with ``"device": "cuda"`` (where the transform runs; default the config's
 ``codec.device``, else ``cpu``), ``"max_workers"`` (serde threads, default 1),
@@ -56,8 +57,9 @@ from lmcache.v1.memory_management import MemoryObj
 
 from ..codec import CodecArtifact, KVTCCodec, estimate_first_position
 from ..codec.blob import blob_size
-from ..config import load_config
+from ..config import artifact_from_config, codec_from_config, load_config
 from ..errors import ChunkLayoutError, ConfigError
+from ..model import ModelInfo
 
 __all__ = ["SERDE_NAME", "KVTCDeserializer", "KVTCSerializer", "codec_for_serde", "create_serde"]
 
@@ -175,7 +177,9 @@ def codec_for_serde(kwargs: dict[str, object]) -> KVTCCodec:
 
     Args:
         kwargs: the spec without ``type``: ``artifact`` (a codec artifact folder) or
-            ``config`` (a store YAML whose ``codec.artifact`` is used), optional
+            ``config`` (a store YAML whose ``codec.artifact`` is used, or whose
+            ``codec.registry`` profile: a :class:`~kvtc_store.registry.VersionedCodec`
+            that encodes with the current artifact and decodes every version), optional
             ``device``; the other keys are read by :func:`create_serde`.
 
     Raises:
@@ -196,11 +200,16 @@ def codec_for_serde(kwargs: dict[str, object]) -> KVTCCodec:
         )
     if config is not None:
         cfg = load_config(str(config))
-        if cfg.codec.artifact is None:
+        if cfg.codec.artifact is None and cfg.codec.registry is None:
             raise ConfigError(
-                f"{config}: codec.artifact: the LMCache serde needs a saved codec artifact"
+                f"{config}: codec.artifact: the LMCache serde needs a saved codec artifact "
+                "or a codec.registry"
             )
         device = str(kwargs.get("device", cfg.codec.device))
+        if cfg.codec.registry is not None:  # every version the registry holds decodes
+            art = artifact_from_config(cfg.codec)
+            info = ModelInfo(art.model_name, art.model_fingerprint, art.kv_shape, art.rope)
+            return codec_from_config(cfg.codec.model_copy(update={"device": device}), info)
         return KVTCCodec(CodecArtifact.load(cfg.codec.artifact), cfg.codec.coder, device)
     path = Path(os.path.expanduser(str(artifact)))
     return KVTCCodec(CodecArtifact.load(path), device=str(kwargs.get("device", "cpu")))

@@ -146,7 +146,8 @@ class SGLangOptions:
     """The kvtc-store keys of ``--hicache-storage-backend-extra-config``.
 
     Attributes:
-        config: the store's YAML config (docs/config.md); must name ``codec.artifact``.
+        config: the store's YAML config (docs/config.md); must name ``codec.artifact``
+            or ``codec.registry`` (docs/registry.md).
         model: where transformers finds the served model's config (a local folder or
             hub id; default: SGLang's ``model_name``, the served model path).
         trust_remote_code: passed to ``AutoConfig.from_pretrained``.

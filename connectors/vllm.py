@@ -151,8 +151,8 @@ class KVTCConnector(KVConnectorBase_V1):
 
     Raises:
         ConfigError: no ``config`` in the extra config, tensor or pipeline parallel
-            size above 1, a store config without ``codec.artifact`` (or one for another
-            model), or a chunk size that is not a multiple of vLLM's block size.
+            size above 1, a store config without ``codec.artifact`` or
+            ``codec.registry`` (or one for another model), or a chunk size that is not a multiple of vLLM's block size.
         KVLayoutError: a KV cache the connector cannot read (hybrid or MLA models, a
             quantised KV cache, an unknown attention backend).
     """

@@ -4,6 +4,7 @@ kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 24]
 kvtc-store calibrate --ratio 8 16 [--windows 24] [--layers-per-group N]
 kvtc-store inspect BLOB_FILE
 kvtc-store stats --config store.yaml [--json] | --disk DIR
+kvtc-store codec {publish,list,show,promote,rollback,history,pull} --registry PATH|s3://B/P
 """
 
 from __future__ import annotations
@@ -70,13 +71,24 @@ def cmd_calibrate(args) -> int:
         **({"corpus": args.corpus} if args.corpus else {}),
         **(args.max_artifact_share or {}),
     )
+    if args.profile and not args.publish:
+        raise SystemExit("kvtc-store calibrate: --profile needs --publish REGISTRY")
+    if args.profile and len(args.ratio) != 1:
+        raise SystemExit("kvtc-store calibrate: --profile promotes one artifact: give one --ratio")
     arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar())
+    reg = _registry(args, create=True) if args.publish else None
     for r, a in zip(args.ratio, arts):
         q = a.quality
         print(
             f"ratio {r:g}: {artifact_dir(info, settings, r)}  measured honest ratio "
             f"{q.get('honest_ratio', 0):.2f}, relative error {q.get('measured_nmse', 0):.4f}"
         )
+        if reg is not None:
+            aid, created = reg.publish(a)
+            print(f"  published {aid} to {reg.url}" + ("" if created else " (already there)"))
+            if args.profile:
+                move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
+                print(f"  profile {args.profile}: {move.previous} -> {aid}")
     return 0
 
 
@@ -111,6 +123,49 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+HEADER_BYTES = 4096
+"""Bytes read from the start of each blob to learn its artifact (a header is ~300)."""
+
+
+def _by_artifact(heads) -> dict:
+    """``{artifact id: {"chunks": n, "bytes": b}}`` from ``(first bytes, size)`` pairs;
+    blobs whose header does not parse count under ``"unreadable"``."""
+    from .codec.blob import _read_header
+    from .errors import BlobError
+
+    out: dict = {}
+    for head, size in heads:
+        try:
+            aid = _read_header(memoryview(head))[0].artifact_id
+        except BlobError:
+            aid = "unreadable"
+        row = out.setdefault(aid, {"chunks": 0, "bytes": 0})
+        row["chunks"] += 1
+        row["bytes"] += size
+    return out
+
+
+def _disk_heads(root):
+    """``(first bytes, size)`` of every chunk file under a disk tier's folder."""
+    from pathlib import Path
+
+    for path in sorted(Path(root).glob("*/*.kvtc")):
+        try:
+            with open(path, "rb") as f:
+                yield f.read(HEADER_BYTES), path.stat().st_size
+        except OSError:
+            continue  # evicted meanwhile
+
+
+def _s3_heads(backend, sizes: dict):
+    """``(first bytes, size)`` of every chunk of an S3 tier (one ranged GET each)."""
+    for key, size in sorted(sizes.items()):
+        resp = backend._client.get_object(
+            Bucket=backend.bucket, Key=backend.object_key(key), Range=f"bytes=0-{HEADER_BYTES - 1}"
+        )
+        yield resp["Body"].read(), size
+
+
 def _tier_usage(tier) -> dict:
     """Chunks and bytes of one configured tier, read from where it keeps them.
 
@@ -135,11 +190,13 @@ def _tier_usage(tier) -> dict:
         out["where"] = f"s3://{tier.bucket}/{backend.prefix}"
         try:
             u = backend.list_chunks()
+            out.update(chunks=len(u), used_bytes=sum(u.values()))
+            out["by_artifact"] = _by_artifact(_s3_heads(backend, u))
         finally:
             backend.close()
-        out.update(chunks=len(u), used_bytes=sum(u.values()))
         return out
     out.update(chunks=u.n_items, used_bytes=u.used_bytes)
+    out["by_artifact"] = _by_artifact(_disk_heads(tier.path))
     return out
 
 
@@ -156,7 +213,8 @@ def cmd_stats(args) -> int:
             print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
             return 2
         u = DiskBackend(args.disk, capacity_bytes=args.capacity).usage()
-        print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB")
+        by = _format_by_artifact(_by_artifact(_disk_heads(args.disk)))
+        print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB{by}")
         return 0
     from .config import load_config
 
@@ -181,8 +239,186 @@ def cmd_stats(args) -> int:
         else:
             cap = r["capacity_bytes"]
             of = f" of {cap / 1e6:.2f} MB ({100 * r['used_bytes'] / cap:.1f}%)" if cap else ""
-            print(f"{head}: {r['chunks']} chunks, {r['used_bytes'] / 1e6:.2f} MB{of}")
+            by = _format_by_artifact(r.get("by_artifact", {}))
+            print(f"{head}: {r['chunks']} chunks, {r['used_bytes'] / 1e6:.2f} MB{of}{by}")
     return rc
+
+
+def _format_by_artifact(rows: dict) -> str:
+    """``"; by artifact: ID 3 chunks 0.01 MB, ..."`` (one line per tier stays one line)."""
+    if not rows:
+        return ""
+    parts = [f"{a} {r['chunks']} chunks {r['bytes'] / 1e6:.2f} MB" for a, r in sorted(rows.items())]
+    return "; by artifact: " + ", ".join(parts)
+
+
+# --- codec registry -----------------------------------------------------------------------
+
+
+def _registry(args, create: bool = False):
+    from .registry import open_registry
+
+    url = getattr(args, "publish", None) or args.registry
+    return open_registry(
+        url,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        max_attempts=args.max_attempts,
+        create=create,
+    )
+
+
+def _emit(args, obj, text: str) -> None:
+    import json
+
+    print(json.dumps(obj, indent=1) if args.json else text)
+
+
+def _move_dict(m) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(m)
+    d.pop("etag")
+    return d
+
+
+def _current_or_none(reg, model: str, profile: str):
+    """The profile's pointer, or None when it is garbage (logged: a listing goes on)."""
+    from .errors import RegistryPointerError
+
+    try:
+        return reg.current(model, profile)
+    except RegistryPointerError as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+        return None
+
+
+def _model_of(reg, args, artifact_id: str | None = None) -> str:
+    if args.model:
+        return args.model
+    if artifact_id is not None:
+        return reg.find_model(artifact_id)
+    return reg.only_model()
+
+
+def cmd_codec(args) -> int:
+    """``kvtc-store codec ...``: the registry's operator commands (docs/registry.md)."""
+    from .codec import CodecArtifact
+
+    reg = _registry(args, create=args.action == "publish")
+    if args.action == "publish":
+        art = CodecArtifact.load(args.dir)
+        aid, created = reg.publish(art)
+        out = {"artifact_id": aid, "model": art.model_fingerprint, "created": created}
+        text = f"published {aid}" + ("" if created else " (already there)")
+        if args.profile:
+            m = reg.promote(art.model_fingerprint, aid, args.profile, reason=args.reason)
+            out["move"] = _move_dict(m)
+            text += f"; profile {args.profile}: {m.previous} -> {aid}"
+        _emit(args, out, text)
+    elif args.action == "list":
+        rows = []
+        for model in [args.model] if args.model else reg.models():
+            current = {p: _current_or_none(reg, model, p) for p in reg.profiles(model)}
+            for aid in reg.artifact_ids(model):
+                man = reg.manifest(model, aid)
+                rows.append(
+                    {
+                        "artifact_id": aid,
+                        "model": model,
+                        "model_name": man.get("model_name"),
+                        "target_ratio": man.get("target_ratio"),
+                        "quantizer": man.get("quantizer"),
+                        "published": man.get("published"),
+                        "profiles": sorted(
+                            p for p, m in current.items() if m and m.artifact_id == aid
+                        ),
+                    }
+                )
+        lines = [
+            f"{r['artifact_id']}  {r['model_name']} ({r['model'][:12]})  ratio "
+            f"{r['target_ratio']:g}  {','.join(r['profiles']) or '-'}"
+            for r in rows
+        ]
+        _emit(args, rows, "\n".join(lines) or "(no artifacts)")
+    elif args.action == "show":
+        model = _model_of(reg, args, args.id)
+        man = reg.manifest(model, args.id)
+        _emit(args, man, "\n".join(f"{k}: {v}" for k, v in man.items()))
+    elif args.action == "pull":
+        model = _model_of(reg, args, args.id)
+        dest = args.dest or args.id
+        reg.pull(model, args.id, dest)
+        _emit(args, {"artifact_id": args.id, "path": str(dest)}, f"pulled {args.id} to {dest}")
+    elif args.action in ("promote", "rollback"):
+        model = _model_of(reg, args, getattr(args, "id", None))
+        if args.action == "promote":
+            m = reg.promote(
+                model, args.id, args.profile, expect=args.expect, reason=args.reason,
+                force=args.force,
+            )  # fmt: skip
+        else:
+            m = reg.rollback(model, args.profile, reason=args.reason)
+        _emit(args, _move_dict(m), f"profile {args.profile}: {m.previous} -> {m.artifact_id}")
+    elif args.action == "history":
+        moves = []
+        for model in [args.model] if args.model else reg.models():
+            moves += reg.history(model, args.profile)
+        lines = [
+            f"{m.at}  {m.profile:<12} #{m.seq:<4} {m.action:<8} {m.previous} -> "
+            f"{m.artifact_id}  by {m.by}" + (f"  ({m.reason})" if m.reason else "")
+            for m in moves
+        ]
+        _emit(args, [_move_dict(m) for m in moves], "\n".join(lines) or "(no moves)")
+    return 0
+
+
+def _registry_options(p, required: bool = True) -> None:
+    """The registry's location and S3 settings (as the S3 tier's)."""
+    if required:
+        p.add_argument("--registry", required=True, help="a folder, or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint URL")
+    p.add_argument("--region", default=None, help="S3 region")
+    p.add_argument("--connect-timeout", type=float, default=2.0, help="seconds (default 2)")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--max-attempts", type=int, default=3, help="per request (default 3)")
+
+
+def _codec_parser(sub) -> None:
+    co = sub.add_parser("codec", help="the codec registry: publish, promote, roll back")
+    acts = co.add_subparsers(dest="action", required=True)
+
+    def action(name: str, help: str):
+        a = acts.add_parser(name, help=help)
+        _registry_options(a)
+        a.add_argument("--model", default=None, help="model fingerprint (default: found)")
+        a.add_argument("--json", action="store_true", help="print JSON")
+        a.set_defaults(fn=cmd_codec)
+        return a
+
+    a = action("publish", "publish an artifact folder (content-addressed; idempotent)")
+    a.add_argument("dir", help="artifact folder (manifest.json + tensors.safetensors)")
+    a.add_argument("--profile", default=None, help="also promote it to this profile")
+    a.add_argument("--reason", default="", help="recorded with the move")
+    action("list", "artifacts and the profiles pointing at them")
+    a = action("show", "an artifact's manifest")
+    a.add_argument("id")
+    a = action("pull", "download and check an artifact")
+    a.add_argument("id")
+    a.add_argument("--dest", default=None, help="folder to write (default: ./ID)")
+    a = action("promote", "point a profile at an artifact (compare-and-swap)")
+    a.add_argument("id")
+    a.add_argument("--profile", required=True)
+    a.add_argument("--expect", default=None, help="only if the profile names this id now")
+    a.add_argument("--reason", default="", help="recorded with the move")
+    a.add_argument("--force", action="store_true", help="overwrite a garbage pointer")
+    a = action("rollback", "point a profile back at its previous artifact")
+    a.add_argument("--profile", required=True)
+    a.add_argument("--reason", default="", help="recorded with the move")
+    a = action("history", "pointer moves, oldest first")
+    a.add_argument("--profile", default=None, help="one profile (default: all)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,11 +472,22 @@ def main(argv: list[str] | None = None) -> int:
         help="cap on the artifact's stored parameters as a share of the model's, applied "
         "from target ratio 16 up (default 0.15; 'none': no cap)",
     )
+    c.add_argument(
+        "--publish",
+        default=None,
+        metavar="REGISTRY",
+        help="publish the artifacts to this registry (folder or s3://bucket/prefix)",
+    )
+    c.add_argument("--profile", default=None, help="with --publish: also promote to it")
+    c.add_argument("--reason", default="calibrated", help="recorded with the move")
+    _registry_options(c, required=False)
     c.set_defaults(fn=cmd_calibrate)
     i = sub.add_parser("inspect", help="print a blob's header")
     i.add_argument("blob")
     i.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("stats", help="chunks and bytes of a store's disk and S3 tiers")
+    s = sub.add_parser(
+        "stats", help="chunks and bytes of a store's disk and S3 tiers, per codec artifact"
+    )
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="a store's YAML config: every tier it names")
     where.add_argument("--disk", help="one disk tier's folder")
@@ -252,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         help="byte cap to open the tier with (default 1 TiB: evicts nothing)",
     )
     s.set_defaults(fn=cmd_stats)
+    _codec_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:

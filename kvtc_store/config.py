@@ -63,13 +63,16 @@ __all__ = [
     "GPUTierConfig",
     "MemoryTierConfig",
     "MetricsConfig",
+    "RegistryConfig",
     "S3TierConfig",
     "StoreConfig",
     "TierConfig",
+    "artifact_from_config",
     "build_tier",
     "build_tiers",
     "codec_from_config",
     "load_config",
+    "open_config_registry",
     "parse_byte_size",
 ]
 
@@ -252,14 +255,49 @@ _CALIBRATION_FIELDS = (
 )
 
 
-class CodecConfig(_Model):
-    """The KVTC codec: a saved artifact, or calibration settings for calibrate-on-demand.
+class RegistryConfig(_Model):
+    """Where a codec registry lives (docs/registry.md). In YAML either a mapping or just
+    the URL: ``registry: s3://bucket/prefix`` is ``registry: {url: s3://bucket/prefix}``."""
 
-    Give ``artifact`` or the calibration fields, not both.
+    url: str = Field(min_length=1)
+    """A folder (relative paths are relative to the config file) or ``s3://bucket/prefix``."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (``http://127.0.0.1:9000``); None for AWS S3."""
+    region: str | None = None
+    connect_timeout: StrictFloat = Field(2.0, gt=0)
+    read_timeout: StrictFloat = Field(10.0, gt=0)
+    max_attempts: StrictInt = Field(3, ge=1)
+
+
+def _registry_shorthand(value: object) -> object:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class CodecConfig(_Model):
+    """The KVTC codec: a saved artifact, a registry profile, or calibration settings for
+    calibrate-on-demand.
+
+    Give one of ``artifact``, ``registry`` or the calibration fields.
     """
 
     artifact: UserPath | None = None
     """Folder of a saved codec artifact (``manifest.json`` + ``tensors.safetensors``)."""
+    registry: Annotated[RegistryConfig | None, BeforeValidator(_registry_shorthand)] = None
+    """A codec registry: encode with ``profile``'s current artifact, decode every artifact
+    the registry holds (docs/registry.md)."""
+    profile: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """With ``registry``: the profile whose ``current`` artifact encodes."""
+    model: str | None = Field(None, min_length=1)
+    """With ``registry``: the model fingerprint in the registry; default: the served
+    model's (engines: the registry's only model)."""
+    refresh_seconds: StrictFloat = Field(60.0, ge=0)
+    """With ``registry``: re-read the profile's pointer this often (0: only on demand,
+    ``store.codec.refresh()``)."""
+    cache_artifacts: StrictInt = Field(4, ge=1)
+    """With ``registry``: artifacts kept in memory and in ``cache_dir``."""
+    cache_dir: UserPath | None = None
+    """With ``registry``: local folder of fetched artifacts; default
+    ``$KVTC_STORE_HOME/registry-cache``."""
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(24, ge=1)
@@ -287,10 +325,13 @@ class CodecConfig(_Model):
     @model_validator(mode="after")
     def _artifact_or_calibration(self) -> CodecConfig:
         both = [f for f in _CALIBRATION_FIELDS if f in self.model_fields_set]
-        if self.artifact is not None and both:
+        if self.artifact is not None and self.registry is not None:
+            raise ValueError("give either artifact or registry, not both")
+        source = "artifact" if self.artifact is not None else "registry"
+        if (self.artifact is not None or self.registry is not None) and both:
             raise ValueError(
-                f"give either artifact or calibration settings, not both "
-                f"(artifact is set, and so is {', '.join(both)})"
+                f"give either {source} or calibration settings, not both "
+                f"({source} is set, and so is {', '.join(both)})"
             )
         return self
 
@@ -391,7 +432,14 @@ def _anchor_paths(data: dict, base: Path) -> None:
     tiers = data.get("tiers")
     for tier in tiers if isinstance(tiers, list) else []:
         anchor(tier, "path")
-    anchor(data.get("codec"), "artifact")
+    codec = data.get("codec")
+    anchor(codec, "artifact")
+    anchor(codec, "cache_dir")
+    registry = codec.get("registry") if isinstance(codec, dict) else None
+    if isinstance(registry, str) and not registry.startswith("s3://"):
+        anchor(codec, "registry")
+    elif isinstance(registry, dict) and not str(registry.get("url", "")).startswith("s3://"):
+        anchor(registry, "url")
 
 
 def _apply_env(data: dict, env: Mapping[str, str], src: str) -> dict[tuple, str]:
@@ -438,7 +486,7 @@ def _apply_env(data: dict, env: Mapping[str, str], src: str) -> dict[tuple, str]
     return origins
 
 
-_SECTIONS = {(0, "codec"): dict, (0, "metrics"): dict, (0, "tiers"): list}
+_SECTIONS = {(0, "codec"): dict, (0, "metrics"): dict, (0, "tiers"): list, (1, "registry"): dict}
 """Containers an override may create when the file leaves them out: (depth, key) -> type."""
 
 
@@ -450,6 +498,8 @@ def _field_model(data: dict, path: tuple) -> type[BaseModel] | None:
         return CodecConfig
     if len(path) == 2 and path[0] == "metrics":
         return MetricsConfig
+    if len(path) == 3 and path[:2] == ("codec", "registry"):
+        return RegistryConfig
     if len(path) == 3 and path[0] == "tiers" and isinstance(path[1], int):
         tiers = data.get("tiers")
         if isinstance(tiers, list) and path[1] < len(tiers) and isinstance(tiers[path[1]], dict):
@@ -481,7 +531,7 @@ def _dotted(path: tuple) -> str:
 _ALL_FIELDS = sorted(
     {
         f
-        for m in (StoreConfig, CodecConfig, MetricsConfig, *_TIER_MODELS.values())
+        for m in (StoreConfig, CodecConfig, MetricsConfig, RegistryConfig, *_TIER_MODELS.values())
         for f in m.model_fields
     }
 )
@@ -622,6 +672,8 @@ def codec_from_config(
     """The codec a config asks for.
 
     - ``codec.artifact`` set: load that artifact (checked against ``model_info`` if given).
+    - ``codec.registry`` set: a :class:`~kvtc_store.registry.VersionedCodec` following
+      ``codec.profile`` for ``codec.model`` (default: ``model_info``'s fingerprint).
     - otherwise calibrate-on-demand for ``model_info`` at ``target_ratio`` with
       ``calibration_windows``, ``calibration_corpus``, ``max_artifact_share`` and
       ``layers_per_group``: the artifact cached by an earlier
@@ -638,6 +690,8 @@ def codec_from_config(
     Raises:
         ArtifactError: the artifact is missing or malformed;
             ArtifactModelMismatchError if it was calibrated for another model.
+        RegistryError: the registry holds no current artifact for the profile, or
+            (RegistryUnavailableError) cannot be reached and nothing is cached.
         ConfigError: no artifact, and neither a cached one nor a model to calibrate; or
             ``codec.device`` cannot be used.
         CalibrationError: calibration cannot run.
@@ -645,6 +699,8 @@ def codec_from_config(
     from .codec import CodecArtifact, KVTCCodec
 
     c = cfg.codec if isinstance(cfg, StoreConfig) else cfg
+    if c.registry is not None:
+        return _versioned_codec(c, model_info)
     if c.artifact is not None:
         art = CodecArtifact.load(c.artifact)
         if model_info is not None:
@@ -685,6 +741,85 @@ def codec_from_config(
             device=c.device,
             exact_dtype=c.exact_dtype,
             rate_control=c.rate_control,
+        )
+    except (RuntimeError, AssertionError) as exc:  # torch: bad device string, no CUDA
+        raise ConfigError(f"codec.device: cannot use device {c.device!r}: {exc}") from exc
+
+
+def open_config_registry(c: CodecConfig):
+    """The :class:`~kvtc_store.registry.CodecRegistry` ``codec.registry`` names.
+
+    Raises:
+        ConfigError: ``codec.registry`` is not set.
+    """
+    from .registry import open_registry
+
+    r = c.registry
+    if r is None:
+        raise ConfigError("codec.registry: not set")
+    return open_registry(
+        r.url,
+        endpoint_url=r.endpoint_url,
+        region=r.region,
+        connect_timeout=r.connect_timeout,
+        read_timeout=r.read_timeout,
+        max_attempts=r.max_attempts,
+    )
+
+
+def artifact_from_config(c: CodecConfig):
+    """The codec artifact a config names without calibrating: ``codec.artifact``, or the
+    current artifact of ``codec.profile`` in ``codec.registry`` (for ``codec.model``,
+    default the registry's only model), fetched and checked. What a serving engine,
+    which knows its model's shape but not its fingerprint, identifies the model by.
+
+    Raises:
+        ConfigError: neither ``codec.artifact`` nor ``codec.registry`` is set.
+        ArtifactError: the artifact is missing, malformed or corrupt.
+        RegistryError: the profile has no current artifact, the registry holds several
+            models and ``codec.model`` is unset, or it cannot be reached.
+    """
+    from .codec import CodecArtifact
+    from .errors import RegistryError
+
+    if c.artifact is not None:
+        return CodecArtifact.load(c.artifact)
+    if c.registry is None:
+        raise ConfigError("codec: set artifact or registry (a serving engine cannot calibrate)")
+    reg = open_config_registry(c)
+    model = c.model or reg.only_model()
+    move = reg.current(model, c.profile)
+    if move is None:
+        raise RegistryError(
+            f"registry {reg.url}: profile {c.profile} of model {model[:12]} has no current "
+            "artifact (promote one)"
+        )
+    return reg.verify(model, move.artifact_id)
+
+
+def _versioned_codec(c: CodecConfig, model_info: ModelInfo | None):
+    """The versioned codec of ``codec.registry`` (see :func:`codec_from_config`)."""
+    from .registry import VersionedCodec
+
+    if model_info is None:
+        raise ConfigError("codec.registry: pass model_info (the served model's KV shape)")
+    model = c.model or model_info.fingerprint
+    if model != model_info.fingerprint:
+        raise ConfigError(
+            f"codec.model: {model[:12]} is not the served model {model_info.name} "
+            f"({model_info.fingerprint[:12]})"
+        )
+    try:
+        return VersionedCodec(
+            open_config_registry(c),
+            model,
+            model_info.kv_shape,
+            c.profile,
+            coder=c.coder,
+            device=c.device,
+            cache_dir=c.cache_dir,
+            max_artifacts=c.cache_artifacts,
+            refresh_seconds=c.refresh_seconds,
         )
     except (RuntimeError, AssertionError) as exc:  # torch: bad device string, no CUDA
         raise ConfigError(f"codec.device: cannot use device {c.device!r}: {exc}") from exc

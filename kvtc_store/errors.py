@@ -90,3 +90,40 @@ class KVLayoutError(KVTCError):
     """A serving engine's paged KV cache is laid out in a way the connector cannot read
     (an attention backend, dtype or cache shape it does not know); the message says which
     and what is supported."""
+
+
+# --- codec registry --------------------------------------------------------------------
+
+
+class RegistryError(KVTCError):
+    """The codec registry (a folder or an S3 prefix of codec versions) refused or failed
+    a request; the message names the registry and the key."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry cannot be reached (S3 endpoint down or timing out, folder missing or
+    unreadable). A store keeps serving with the artifacts it has cached."""
+
+
+class RegistryConflictError(RegistryError):
+    """A compare-and-swap lost: another writer moved the pointer (or took the lock) first.
+    Nothing was changed; read the pointer again and retry."""
+
+
+class RegistryPointerError(RegistryError):
+    """A profile's ``current`` pointer or a history record is not what the registry
+    writes (edited by hand into garbage, or another format)."""
+
+
+class ArtifactNotFoundError(RegistryError):
+    """The registry holds no published artifact with that id (for that model)."""
+
+
+class ArtifactChecksumError(ArtifactError):
+    """A codec artifact's files do not match the checksums in its manifest (corrupt or
+    truncated in storage or in transfer)."""
+
+
+class UnknownArtifactError(CodecMismatchError):
+    """A blob names a codec artifact the registry does not hold: a counted miss (the
+    blob is kept), never a decode with another codec."""

@@ -26,6 +26,19 @@ Per store: ``kvtc_encode_seconds`` and ``kvtc_decode_seconds`` (histograms, one
 observation per ``put`` encode and per ``get`` decode), ``kvtc_encode_chunks_total``,
 ``kvtc_store_chunks_served_total`` (label ``source``: a tier, ``write-queue`` or
 ``prefetch``), ``kvtc_store_corrupt_chunks_total``.
+
+With a codec that follows a registry profile (``codec.registry``;
+:class:`~kvtc_store.registry.VersionedCodec`), :class:`VersionMetrics` adds:
+
+========================================  ===================================================
+``kvtc_codec_current_info``               1, labels ``profile`` and ``artifact_id``: what
+                                          new chunks are encoded with
+``kvtc_codec_artifact_hits_total``        chunks decoded, by ``artifact_id``
+``kvtc_codec_unknown_artifact_misses``    blobs whose artifact the registry does not hold
+``_total``                                (kept, served as misses)
+``kvtc_codec_refresh_failures_total``     pointer reads that failed (registry unreachable)
+``kvtc_codec_cached_artifacts``           artifacts held in memory
+========================================  ===================================================
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ from .tierstack import TierStack
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StoreMetrics"]
+__all__ = ["StoreMetrics", "VersionMetrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 """Seconds: from a GPU encode of one chunk (about 1 ms) to a CPU decode of a long prefix."""
@@ -109,6 +122,46 @@ class _TierCollector(Collector):
         yield failed_calls
         yield depth
         yield failed_chunks
+
+
+class VersionMetrics(Collector):
+    """The codec-version metrics of a :class:`~kvtc_store.registry.VersionedCodec`, read
+    from its counters at scrape time (see the module docstring)."""
+
+    def __init__(self, codec) -> None:
+        self.codec = codec
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.codec
+        hits_by_id, unknown, refresh_failures = c.counters()
+        info = GaugeMetricFamily(
+            "kvtc_codec_current_info",
+            "The artifact new chunks are encoded with (value 1).",
+            labels=["profile", "artifact_id"],
+        )
+        info.add_metric([c.profile, c.current_id], 1)
+        hits = CounterMetricFamily(
+            "kvtc_codec_artifact_hits", "Chunks decoded, by codec artifact.", labels=["artifact_id"]
+        )
+        for aid, n in sorted(hits_by_id.items()):
+            hits.add_metric([aid], n)
+        yield info
+        yield hits
+        yield CounterMetricFamily(
+            "kvtc_codec_unknown_artifact_misses",
+            "Blobs whose codec artifact the registry does not hold (kept, served as misses).",
+            value=unknown,
+        )
+        yield CounterMetricFamily(
+            "kvtc_codec_refresh_failures",
+            "Reads of the profile's pointer that failed (registry unreachable or garbage).",
+            value=refresh_failures,
+        )
+        yield GaugeMetricFamily(
+            "kvtc_codec_cached_artifacts",
+            "Codec artifacts held in memory.",
+            value=len(c.cached_ids()),
+        )
 
 
 class StoreMetrics:

@@ -88,7 +88,10 @@ class TieredStore:
 
     Args:
         tiers: backends from the top (fastest) to the bottom; at least one.
-        codec: the KVTC codec (its artifact must match the model whose KV is stored).
+        codec: the KVTC codec (its artifact must match the model whose KV is stored), or
+            a :class:`~kvtc_store.registry.VersionedCodec` following a registry profile
+            (encodes with the current artifact, decodes every artifact the registry
+            holds; its metrics join the store's, and :meth:`close` stops it).
         namespace: model fingerprint, KV layout and tenant salt for the chunk keys.
         chunk_tokens: tokens per chunk (256, LMCache's default).
         write_mode: ``"write-through"`` (default: every new chunk is queued for every
@@ -129,6 +132,8 @@ class TieredStore:
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.metrics = StoreMetrics(self._stack, metrics_registry)
+        if hasattr(codec, "register_metrics"):  # a codec following a registry profile
+            codec.register_metrics(self.metrics.registry)
         self._stats = StoreStats()
         self._lock = threading.Lock()  # stats and the prefetch state
         self._prefetch_pool: ThreadPoolExecutor | None = None
@@ -521,6 +526,8 @@ class TieredStore:
         if pool is not None:
             pool.shutdown(wait=True)
         self._finalizer.detach()
+        if hasattr(self.codec, "close"):  # stops a versioned codec's refresh thread
+            self.codec.close()
         return _release(self._stack, self.metrics, timeout)
 
     def __enter__(self) -> Self:

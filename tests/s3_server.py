@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -108,6 +109,14 @@ def s3_endpoint(aws_credentials: None) -> Iterator[str]:
         wait_until_serving(external)
         yield external
         return
+    with own_moto_server() as endpoint:
+        yield endpoint
+
+
+@contextmanager
+def own_moto_server() -> Iterator[str]:
+    """A ``ThreadedMotoServer`` on a free port of 127.0.0.1 for the ``with`` block (its
+    endpoint URL); stopped at the end, so a test can take an endpoint down for real."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -51,8 +51,10 @@ LAYOUT = MemoryLayoutDesc(shapes=[SHAPE], dtypes=[torch.bfloat16])
 DISK_CAP = 64 << 20
 
 
-def tiny_artifact_dir(folder: Path) -> Path:
-    """A saved artifact for the test shape: 16 of 64 components per group at 4 bits."""
+def tiny_artifact_dir(folder: Path, bits: int = 4) -> Path:
+    """A saved artifact for the test shape: 16 of 64 components per group at ``bits`` bits
+    (4; another ``bits`` is another codec version), in ``folder/artifact`` (at 4 bits) or
+    ``folder/artifact-<bits>``."""
     groups = default_groups(LAYERS)
     p = LAYERS * HEADS * DIM
     g = torch.Generator().manual_seed(1)
@@ -65,10 +67,10 @@ def tiny_artifact_dir(folder: Path) -> Path:
         groups=groups,
         means=[torch.zeros(p) for _ in groups],
         bases=bases,
-        plan=[PlanRange(i, 0, 16, 4) for i in range(len(groups))],
+        plan=[PlanRange(i, 0, 16, bits) for i in range(len(groups))],
         target_ratio=8.0,
     )
-    return art.save(folder / "artifact")
+    return art.save(folder / ("artifact" if bits == 4 else f"artifact-{bits}"))
 
 
 @pytest.fixture
@@ -221,6 +223,52 @@ def test_store_then_retrieve_through_lmcache(setup: dict) -> None:
         assert len(blob) < kv.numel() * 2 / 2  # at least 2x smaller than the bf16 chunk
     assert sorted(p.name for p in setup["disk"].rglob("*.kvtc")) == sorted(
         f"{h}.kvtc" for h in hexkeys
+    )
+
+
+def test_two_codec_versions_in_one_shared_tier_are_both_read(tmp_path: Path) -> None:
+    """Through the registry config (``codec.registry``, serde ``config``): chunks stored
+    while version 1 is current, then (a restarted server) after version 2 was promoted,
+    share the disk tier; the second server reads both, each as its own version's round
+    trip."""
+    from kvtc_store.registry import open_registry
+
+    dirs = [tiny_artifact_dir(tmp_path, bits) for bits in (4, 6)]
+    registry = open_registry(tmp_path / "registry", create=True)
+    ids = [registry.publish(d)[0] for d in dirs]
+    registry.promote("a" * 64, ids[0], "default")
+    config = tmp_path / "store.yaml"
+    config.write_text(
+        "tiers:\n"
+        "  - {kind: memory, capacity: 1MiB}\n"
+        f"  - {{kind: disk, path: {tmp_path / 'disk'}, capacity: {DISK_CAP}}}\n"
+        f"codec: {{registry: {tmp_path / 'registry'}, profile: default, refresh_seconds: 0, "
+        f"cache_dir: {tmp_path / 'cache'}}}\n"
+    )
+    spec = adapter_spec(str(config), {"type": "kvtc", "config": str(config)})
+    keys, kvs = object_keys(4), chunks(4)
+    sm = storage_manager(spec)
+    try:
+        store(sm, keys[:2], kvs[:2])  # version 1
+    finally:
+        sm.close()
+    registry.promote("a" * 64, ids[1], "default")
+    sm = storage_manager(spec)
+    try:
+        store(sm, keys[2:], kvs[2:])  # version 2
+        sm.clear(force=True)
+        got = prefetch(sm, keys)
+        assert got is not None, "LMCache did not load both versions back"
+        hexkeys = our_adapter(sm)._hex(keys)
+    finally:
+        sm.close()
+    disk = DiskBackend(tmp_path / "disk", DISK_CAP)
+    written = [unpack_blob(b)[0].artifact_id for b in disk.get(hexkeys)]
+    assert written == [ids[0], ids[0], ids[1], ids[1]]
+    for kv, out, d in zip(kvs, got, [dirs[0]] * 2 + [dirs[1]] * 2, strict=True):
+        assert torch.equal(out, codec_round_trip(d, kv)[0])
+    assert not torch.equal(
+        codec_round_trip(dirs[0], kvs[0])[0], codec_round_trip(dirs[1], kvs[0])[0]
     )
 
 

@@ -44,6 +44,8 @@ from .tiny_llama import (
     DIM,
     HEADS,
     LAYERS,
+    promote,
+    publish_two_versions,
     round_trip,
     tiny_llama_config,
     write_store_config,
@@ -345,6 +347,47 @@ def test_sglang_pages_and_a_direct_engine_store_share_chunks(model_dir, store_ya
         want = round_trip(keys, values, dtype=torch.bfloat16)
         assert torch.equal(k, want[0]) and torch.equal(v, want[1])
     backend.close()
+
+
+def test_two_codec_versions_in_one_shared_tier_are_both_read(model_dir, tmp_path):
+    """Through the registry config (``codec.registry``): pages saved before a promotion
+    (version 1) and after it (version 2) share one disk tier; another backend (a replica
+    with its own memory tier) reads both, each as its own version's round trip."""
+    registry, shared = tmp_path / "registry", tmp_path / "shared"
+    v1, v2 = publish_two_versions(registry)
+    store_yaml = write_store_config(tmp_path / "kvtc", disk=shared, registry=registry)
+    n_pages = 2 * CHUNK // P
+    seqs = [sequence(n_pages * P, seed) for seed in (1, 2)]
+    slots = [[P * j for j in range(n_pages)], [P * (n_pages + j) for j in range(n_pages)]]
+    pool = HostPool("page_first", 2 * n_pages)
+    for (_, keys, values), s in zip(seqs, slots):
+        fill(pool, keys, values, s)
+    writer = make_backend(model_dir, store_yaml, pool)
+    hashes = [page_hashes(tokens) for tokens, _, _ in seqs]
+    assert writer.store.codec.current_id == v1.artifact_id
+    assert writer.batch_set(hashes[0], [pool.get_data_page(s) for s in slots[0]])
+    promote(registry, v2)
+    assert writer.store.codec.refresh() == v2.artifact_id  # no restart
+    assert writer.batch_set(hashes[1], [pool.get_data_page(s) for s in slots[1]])
+    assert writer.store.flush(timeout=30)
+    writer.close()
+
+    store_yaml = write_store_config(tmp_path / "replica", disk=shared, registry=registry)
+    reader_pool = HostPool("page_first", 2 * n_pages)
+    reader = make_backend(model_dir, store_yaml, reader_pool)
+    for (tokens, keys, values), h, s, art in zip(seqs, hashes, slots, (v1, v2)):
+        dst = [reader_pool.get_dummy_flat_data_page() for _ in h]
+        pages = reader.batch_get(h, dst)
+        assert all(page is not None for page in pages)
+        for slot, page in zip(s, pages):
+            reader_pool.set_from_flat_data_page(slot, page)
+        got_k, got_v = read(reader_pool, s)
+        want_k, want_v = round_trip(keys, values, dtype=torch.bfloat16, artifact=art)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    _, k0, v0 = seqs[0]
+    assert not torch.equal(round_trip(k0, v0, artifact=v1)[0], round_trip(k0, v0, artifact=v2)[0])
+    assert set(reader.store.codec.hits) == {v1.artifact_id, v2.artifact_id}
+    reader.close()
 
 
 def test_bad_settings_are_config_errors(model_dir, store_yaml):

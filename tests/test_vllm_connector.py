@@ -60,6 +60,7 @@ from kvtc_store.codec import (
     RopeParams,
     default_groups,
 )
+from kvtc_store.codec.blob import unpack_blob
 from kvtc_store.connectors.vllm import (
     KVTCConnector,
     KVTCConnectorMetadata,
@@ -91,8 +92,9 @@ def tiny_llama() -> LlamaConfig:
     )
 
 
-def tiny_artifact() -> CodecArtifact:
-    """48 of the 128 components of all layers, at 8 bits; sinks and 16 tail tokens exact."""
+def tiny_artifact(bits: int = 8) -> CodecArtifact:
+    """48 of the 128 components of all layers, at 8 bits (another ``bits``: another codec
+    version); sinks and 16 tail tokens exact."""
     groups = default_groups(LAYERS)
     p = LAYERS * HEADS * DIM
     g = torch.Generator().manual_seed(7)
@@ -105,7 +107,7 @@ def tiny_artifact() -> CodecArtifact:
         groups=groups,
         means=[torch.zeros(p) for _ in groups],
         bases=bases,
-        plan=[PlanRange(i, 0, 48, 8) for i in range(len(groups))],
+        plan=[PlanRange(i, 0, 48, bits) for i in range(len(groups))],
         target_ratio=4.0,
         window=16,
     )
@@ -262,9 +264,10 @@ def source_kv(tokens) -> tuple[torch.Tensor, torch.Tensor]:
     return (_BASE_K[:, :, :n] + emb).to(DTYPE), (_BASE_V[:, :, :n] - emb).to(DTYPE)
 
 
-def round_trip(keys, values) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the codec gives back for a sequence put in one go (an independent codec)."""
-    codec = KVTCCodec(tiny_artifact())
+def round_trip(keys, values, artifact=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the codec gives back for a sequence put in one go (an independent codec of
+    ``artifact``, default :func:`tiny_artifact`)."""
+    codec = KVTCCodec(artifact or tiny_artifact())
     blobs = codec.encode_sequence(keys, values, chunk_tokens=CHUNK)
     chunks, error = codec.decode_prefix(blobs)
     assert error is None
@@ -340,6 +343,63 @@ def test_worker_saves_then_loads_into_other_blocks(
     # the source blocks were read, not changed
     src_k, _ = read_tokens(kv, backend, src_blocks, 0, len(tokens), block)
     assert torch.equal(src_k, keys)
+
+
+def test_two_codec_versions_in_one_shared_tier_are_both_read(model_config, tmp_path):
+    """Through the registry config (``codec.registry``): a prompt saved before a promotion
+    (version 1) and one saved after it (version 2) share one disk tier; another worker
+    loads both, each as its own version's round trip."""
+    from kvtc_store.registry import open_registry
+
+    v1, v2 = tiny_artifact(bits=8), tiny_artifact(bits=6)
+    registry = open_registry(tmp_path / "registry", create=True)
+    for art in (v1, v2):
+        registry.publish(art)
+    registry.promote(v1.model_fingerprint, v1.artifact_id, "default")
+    store_yaml = tmp_path / "store.yaml"
+    store_yaml.write_text(
+        f"chunk_tokens: {CHUNK}\n"
+        "tiers:\n  - kind: memory\n    capacity: 64MiB\n"
+        f"  - kind: disk\n    path: {tmp_path / 'shared'}\n    capacity: 64MiB\n"
+        f"codec:\n  registry: {tmp_path / 'registry'}\n  profile: default\n"
+        f"  refresh_seconds: 0\n  cache_dir: {tmp_path / 'cache'}\n"
+    )
+    block, backend, layout = 32, CPUAttentionBackend, KVCacheLayout.LBHNC
+    config = make_vllm_config(model_config, store_yaml, block)
+    writer, kv = make_worker(config, make_kv_cache_config(block, 24, layout), backend, layout)
+    prompts = [torch.randint(0, 1000, (4 * CHUNK,), generator=_G).tolist() for _ in range(2)]
+    for i, (tokens, blocks) in enumerate(zip(prompts, ([3, 17, 5, 0], [9, 11, 2, 6]))):
+        if i == 1:
+            registry.promote(v2.model_fingerprint, v2.artifact_id, "default")
+            assert writer._store.codec.refresh() == v2.artifact_id  # no restart
+        keys, values = source_kv(tokens)
+        write_tokens(kv, backend, blocks, 0, keys, values, block)
+        plan = RequestPlan(f"w{i}", tokens, blocks, save_end=4 * CHUNK)
+        writer.bind_connector_metadata(KVTCConnectorMetadata([plan]))
+        writer.start_load_kv(None)
+        writer.wait_for_save()
+        writer.clear_connector_metadata()
+    assert writer._store.flush(timeout=30)
+    ids = {unpack_blob(b)[0].artifact_id for b in writer._store.tiers[-1].get(
+        writer._store.keys_for(prompts[0]) + writer._store.keys_for(prompts[1]))}  # fmt: skip
+    assert ids == {v1.artifact_id, v2.artifact_id}  # both versions in the shared tier
+
+    reader, kv2 = make_worker(config, make_kv_cache_config(block, 24, layout), backend, layout)
+    for i, (tokens, art, dst) in enumerate(
+        zip(prompts, (v1, v2), ([20, 1, 12, 7], [4, 8, 10, 13]))
+    ):
+        plan = RequestPlan(f"r{i}", tokens, dst, load_start=0, load_end=4 * CHUNK)
+        reader.bind_connector_metadata(KVTCConnectorMetadata([plan]))
+        reader.start_load_kv(None)
+        reader.wait_for_save()
+        reader.clear_connector_metadata()
+        assert reader.get_block_ids_with_load_errors() == set()
+        got_k, got_v = read_tokens(kv2, backend, dst, 0, 4 * CHUNK, block)
+        want_k, want_v = round_trip(*source_kv(tokens), artifact=art)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    other = round_trip(*source_kv(prompts[0]), artifact=v2)[0]
+    assert not torch.equal(other, round_trip(*source_kv(prompts[0]), artifact=v1)[0])
+    assert {v1.artifact_id, v2.artifact_id} <= set(reader._store.codec.hits)
 
 
 def test_suffix_saves_and_loads_without_the_chunks_before(model_config, store_yaml):

@@ -18,8 +18,9 @@ CHUNK = 16
 """Tokens per chunk in the fast store tests (the smallest the config allows)."""
 
 
-def tiny_artifact(fingerprint: str = FINGERPRINT) -> CodecArtifact:
-    """An artifact for a 1-layer, 1-head, 16-channel model: 4 of 16 components at 4 bits."""
+def tiny_artifact(fingerprint: str = FINGERPRINT, bits: int = 4) -> CodecArtifact:
+    """An artifact for a 1-layer, 1-head, 16-channel model: 4 of 16 components at ``bits``
+    bits (another ``bits`` is another artifact id: a second codec version)."""
     groups = default_groups(1)
     return CodecArtifact(
         model_fingerprint=fingerprint,
@@ -29,7 +30,7 @@ def tiny_artifact(fingerprint: str = FINGERPRINT) -> CodecArtifact:
         groups=groups,
         means=[torch.zeros(16) for _ in groups],
         bases=[torch.eye(16)[:, :4] for _ in groups],
-        plan=[PlanRange(g, 0, 4, 4) for g in range(len(groups))],
+        plan=[PlanRange(g, 0, 4, bits) for g in range(len(groups))],
         target_ratio=8.0,
     )
 
