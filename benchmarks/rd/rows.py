@@ -97,8 +97,20 @@ def load(path: Path) -> dict:
     return derive({"rows": rows, "runs": runs})
 
 
+# the uncompressed model's retrieval on a genre (prompts are seeded by genre, task, length
+# and index, so every run that measured it measured the same answers)
+_EXACT_RETRIEVAL_FIELDS = (
+    "retrieval",
+    "retrieval_wrong",
+    "retrieval_counts",
+    "retrieval_groups",
+    "retrieval_accuracy",
+)
+
+
 def merge(doc: dict, rows: list[dict], run_id: str, run_meta: dict) -> dict:
-    """``doc`` with ``rows`` (all from run ``run_id``) replacing rows of the same key.
+    """``doc`` with ``rows`` (all from run ``run_id``) replacing rows of the same key; an
+    ``exact`` row measured without retrieval keeps the retrieval of the row it replaces.
 
     Runs that no row references any more are dropped; derived rows are rebuilt
     (:func:`derive`).
@@ -108,6 +120,11 @@ def merge(doc: dict, rows: list[dict], run_id: str, run_meta: dict) -> dict:
         for r in rows
         if not r.get("derived")
     }
+    old = {row_key(r): r for r in doc["rows"] if not r.get("derived")}
+    for key, r in new.items():  # a run without retrieval keeps the reference's retrieval
+        o = old.get(key)
+        if r.get("method") == "exact" and not r.get("retrieval_counts") and o:
+            r |= {f: o[f] for f in _EXACT_RETRIEVAL_FIELDS if o.get(f)}
     kept = [r for r in doc["rows"] if row_key(r) not in new and not r.get("derived")]
     merged = sorted(kept + list(new.values()), key=_sort_key)
     runs = {**doc["runs"], run_id: run_meta}

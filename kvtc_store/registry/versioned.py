@@ -64,7 +64,8 @@ class VersionedCodec:
         kv_shape: ``(layers, kv_heads, head_dim)`` of the model; artifacts of another
             shape are refused.
         profile: the profile whose ``current`` artifact encodes.
-        coder, device, gpu_kernels: as for :class:`~kvtc_store.codec.KVTCCodec`.
+        coder, device, gpu_kernels, exact_dtype, rate_control: as for
+            :class:`~kvtc_store.codec.KVTCCodec` (every version's codec takes them).
         cache_dir: local folder for fetched artifacts (and the last pointer seen);
             default ``$KVTC_STORE_HOME/registry-cache``.
         max_artifacts: artifacts kept (codecs in memory, folders in ``cache_dir``); the
@@ -94,6 +95,8 @@ class VersionedCodec:
         coder: str | None = None,
         device: str = "cpu",
         gpu_kernels: bool | None = None,
+        exact_dtype: str = "bfloat16",
+        rate_control: bool = True,
         cache_dir: str | os.PathLike | None = None,
         max_artifacts: int = 4,
         refresh_seconds: float = 60.0,
@@ -107,6 +110,7 @@ class VersionedCodec:
         self.kv_shape = tuple(kv_shape)
         self.profile = profile
         self._coder, self._device, self._gpu_kernels = coder, device, gpu_kernels
+        self._options = {"exact_dtype": exact_dtype, "rate_control": rate_control}
         self.cache_dir = Path(cache_dir or cache_home() / "registry-cache") / model
         self.max_artifacts = max_artifacts
         self._lock = threading.RLock()
@@ -225,7 +229,7 @@ class VersionedCodec:
 
     def _remember(self, aid: str, art: CodecArtifact) -> KVTCCodec:
         codec = KVTCCodec(art, coder=self._coder, device=self._device,
-                          gpu_kernels=self._gpu_kernels)  # fmt: skip
+                          gpu_kernels=self._gpu_kernels, **self._options)  # fmt: skip
         with self._lock:
             self._codecs[aid] = codec
             self._codecs.move_to_end(aid)
