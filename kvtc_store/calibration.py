@@ -154,7 +154,7 @@ def artifact_dir(info: ModelInfo, settings: CalibrationSettings, ratio: float) -
 _TEXT_SOURCES = {
     "shakespeare": shakespeare_plays,
     "numpy": numpy_docs,
-    "python-docs": python_docs,
+    "python-docs": lambda: python_docs("first"),
 }
 SAMPLE_SEED = 0  # the calibration's sampling seed (held-out samples use others)
 

@@ -7,8 +7,9 @@
   library): used for the demo's long document and for evaluation, never calibration.
 - NumPy's docstrings (:func:`numpy_docs`): technical English with code and numbers, for
   the ``shakespeare+numpy`` and ``broad`` calibration corpora; never used for evaluation.
-- Python's reference documentation also feeds the ``broad`` corpus (its first part; the
-  evaluation genres of ``benchmarks/rd/genres.py`` are other texts).
+- Python's reference documentation also feeds the ``broad`` corpus (the topics before
+  the middle, :func:`python_docs` ``part="first"``); the demo's document comes from the
+  rest, which no calibration reads.
 """
 
 from __future__ import annotations
@@ -52,11 +53,25 @@ def shakespeare_plays(genres=CALIBRATION_GENRES) -> list[tuple[str, str]]:
     return out
 
 
-def python_docs() -> list[tuple[str, str]]:
-    """``[(topic, text), ...]`` of Python's reference documentation, in a fixed order."""
+def python_docs(part: str = "all") -> list[tuple[str, str]]:
+    """``[(topic, text), ...]`` of Python's reference documentation, topics sorted.
+
+    Args:
+        part: ``"all"``; ``"first"``, the topics before the middle (what the ``broad``
+            calibration corpus reads); ``"second"``, the rest, never calibrated on (the
+            demo's document and the ``val-pydoc`` validation text).
+
+    Raises:
+        ValueError: an unknown part.
+    """
     from pydoc_data.topics import topics
 
-    return [(k, topics[k]) for k in sorted(topics)]
+    names = sorted(topics)
+    half = len(names) // 2
+    picked = {"all": names, "first": names[:half], "second": names[half:]}
+    if part not in picked:
+        raise ValueError(f"unknown part {part!r} of Python's docs (all, first, second)")
+    return [(k, topics[k]) for k in picked[part]]
 
 
 def numpy_docs() -> list[tuple[str, str]]:

@@ -143,7 +143,9 @@ def test_broad_corpus_takes_four_sources_in_turn_and_caches_the_samples(smollm2,
     assert ids.shape == (4 * 128,)
     w = ids.view(4, 128)
     assert torch.equal(w[0], calibration_token_ids(tok, plain)[:128])
-    assert w[2].tolist() == tok(python_docs()[0][1]).input_ids[:128]
+    assert w[2].tolist() == tok(python_docs("first")[0][1]).input_ids[:128]
+    assert python_docs("first")[0] == python_docs()[0]  # the calibration's part starts it
+    assert not {k for k, _ in python_docs("first")} & {k for k, _ in python_docs("second")}
     sample = tok.decode(w[3])
     assert "<|im_start|>user" in sample and "<|im_start|>assistant" in sample, sample[:200]
     assert list(tmp_path.glob("samples-*.npy"))  # cached, and used without the model

@@ -30,10 +30,9 @@ VALIDATION_GENRES = ("val-tragedies", "val-pydoc", "val-gcide", "val-manpages-es
 
 def pydoc_second_half() -> list[tuple[str, str]]:
     """``[(topic, text), ...]`` of the second half of ``pydoc_data.topics`` (sorted topics)."""
-    from pydoc_data.topics import topics
+    from kvtc_store.texts import python_docs
 
-    names = sorted(topics)
-    return [(k, topics[k]) for k in names[len(names) // 2 :]]
+    return python_docs("second")
 
 
 @functools.lru_cache(maxsize=4)
