@@ -72,7 +72,8 @@ def test_example_loads_with_the_right_types() -> None:
     assert (mem.eviction, mem.label, disk.label) == ("lru", "memory", "disk")
     assert (cfg.chunk_tokens, cfg.tenant, cfg.write_mode) == (256, "", "write-through")
     assert (cfg.write_queue_chunks, cfg.prefetch_buffer, cfg.metrics.port) == (256, 256 * MiB, None)
-    assert cfg.codec == CodecConfig(target_ratio=16, calibration_windows=24)
+    assert cfg.codec == CodecConfig(target_ratio=16, calibration_windows=48)
+    assert cfg.codec.rate_control is True and cfg.codec.exact_dtype == "bfloat16"
     assert cfg.codec.artifact is None and type(cfg.codec.target_ratio) is float
 
 
@@ -502,7 +503,7 @@ def test_codec_calibration_corpus_and_artifact_cap_name_the_cached_artifact(
     monkeypatch.setenv("KVTC_STORE_HOME", str(tmp_path / "home"))
     info = tiny_info()
     default = CalibrationSettings(windows=2)
-    assert default.corpus == "shakespeare+numpy" and default.max_artifact_share == 0.15
+    assert default.corpus == "broad" and default.max_artifact_share == 0.15
     assert artifact_dir(info, default, 8.0).name == "rans-b0.1-int8-cr8"
     assert artifact_dir(info, default, 16.0).name == "rans-b0.1-int8-p0.15-cr16"
     uncapped = CalibrationSettings(windows=2, max_artifact_share=None)
