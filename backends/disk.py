@@ -134,6 +134,7 @@ class DiskBackend(Backend):
     """
 
     name = "disk"
+    deadline_s = 5.0
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import boto3
@@ -57,7 +58,7 @@ from botocore.exceptions import (
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.manager import TransferManager
 
-from kvtc_store.errors import CapacityError, ConfigError, StoreError
+from kvtc_store.errors import BucketNotFoundError, CapacityError, ConfigError, StoreError
 
 from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
 
@@ -83,11 +84,19 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def _is_not_found(exc: BaseException, codes: frozenset[str] = _NOT_FOUND_CODES) -> bool:
-    """True when ``exc`` is an S3 answer saying the object (or bucket) does not exist."""
+    """True when ``exc`` is an S3 answer saying the object (or, with
+    ``_BUCKET_MISSING_CODES``, the bucket) does not exist. A missing bucket is never a
+    missing object: ``NoSuchBucket`` on an object request is a failure, not a miss."""
     if not isinstance(exc, ClientError):
         return False
-    code = str(exc.response.get("Error", {}).get("Code", ""))
+    code = _error_code(exc)
+    if code == "NoSuchBucket" and codes is _NOT_FOUND_CODES:
+        return False
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in codes or status == 404
 
@@ -131,6 +140,11 @@ class S3Backend(Backend):
         max_concurrency: Requests in flight at once per batch, and parts in
             flight at once per multipart transfer.
         create_bucket: Create ``bucket`` at construction if it does not exist.
+        check_bucket: Ask the endpoint at construction whether ``bucket`` exists
+            (``HeadBucket``, waited for at most ``deadline_s`` seconds): a missing or
+            misspelt bucket is then :class:`~kvtc_store.errors.BucketNotFoundError`; an
+            endpoint that fails or does not answer is logged (naming the bucket) and
+            the backend opens (its calls fail, counted, until it answers).
         connect_timeout: Seconds to wait for a TCP connection, per attempt.
         read_timeout: Seconds to wait for a response to a request, per attempt.
         max_attempts: Attempts per request (first try included), botocore's
@@ -138,11 +152,14 @@ class S3Backend(Backend):
 
     Raises:
         ConfigError: an argument is invalid.
+        BucketNotFoundError: ``check_bucket`` and the endpoint says there is no such
+            bucket.
         StoreError: ``create_bucket`` was asked and the bucket cannot be created.
     """
 
     name = "s3"
     remote = True
+    deadline_s = 5.0
 
     def __init__(
         self,
@@ -158,6 +175,7 @@ class S3Backend(Backend):
         connect_timeout: float = 2.0,
         read_timeout: float = 10.0,
         max_attempts: int = 3,
+        check_bucket: bool = False,
     ) -> None:
         if not isinstance(bucket, str) or not bucket:
             raise ConfigError(f"bucket must be a non-empty str, got {bucket!r}")
@@ -212,6 +230,8 @@ class S3Backend(Backend):
         self._listed = (0, 0)  # (used_bytes, n_items) of the last successful listing
         if create_bucket:
             self._create_bucket(region_name)
+        elif check_bucket:
+            self.check_bucket()
 
     # --- public API ------------------------------------------------------------------
 
@@ -384,6 +404,37 @@ class S3Backend(Backend):
         close = getattr(self._client, "close", None)
         if close is not None:
             close()
+
+    def check_bucket(self, timeout: float | None = None) -> bool:
+        """Whether the bucket exists, asked with one ``HeadBucket`` waited for at most
+        ``timeout`` seconds (default: :attr:`deadline_s`).
+
+        Returns:
+            True if it exists; False if the endpoint failed or did not answer in time
+            (logged with the bucket's name, counted in ``errors``).
+
+        Raises:
+            BucketNotFoundError: the endpoint says there is no such bucket (404).
+        """
+        timeout = self.deadline_s if timeout is None else timeout
+        job = self._executor().submit(self._client.head_bucket, Bucket=self.bucket)
+        try:
+            job.result(timeout=timeout)
+            return True
+        except ClientError as e:
+            if _is_not_found(e, _BUCKET_MISSING_CODES):
+                raise BucketNotFoundError(
+                    f"{self.name} tier: bucket {self.bucket!r} does not exist at "
+                    f"{self._client.meta.endpoint_url} (missing or misspelt)"
+                ) from e
+            problem: BaseException = e
+        except FutureTimeout:
+            problem = TimeoutError(f"no answer within {timeout:g} s")
+        except _FAILURES as e:
+            problem = e
+        self._count_errors(1)
+        logger.warning("%s tier: cannot check bucket %r: %s", self.name, self.bucket, problem)
+        return False
 
     # --- requests (one key each; run on the pool) ------------------------------------
 

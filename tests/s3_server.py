@@ -216,3 +216,42 @@ class SlowProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: an S3
+    endpoint gone silent (a hung load balancer, a stopped process whose socket is still
+    open). Real sockets, no mocks. ``connections`` counts what it accepted; ``url`` is
+    its endpoint. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._open = True
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while self._open:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # the timeout (checks _open again) or closed
+                continue
+            self.connections += 1
+            self._held.append(conn)  # kept open, never read, never answered
+
+    def close(self) -> None:
+        self._open = False
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -18,6 +18,7 @@ each section and the xxh64 of the payload. See docs/blob-format.md.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from ..errors import BlobCorruptError, BlobFormatError, BlobTruncatedError
+from ..errors import BlobCorruptError, BlobFormatError, BlobMisfiledError, BlobTruncatedError
 
 MAGIC = b"KVTC"
 FORMAT_VERSION = 1
@@ -53,6 +54,10 @@ class BlobHeader:
             (``scales``, ``codes``, ``exact``).
         payload_len: bytes of the coded payload.
         payload_xxh64: checksum of the coded payload.
+        key_digest: :func:`chunk_digest` of the chunk key the blob was written for
+            (32 hex digits), binding it to its chunk; ``""`` in blobs written before the
+            field existed (those are bound by ``first_position`` and token count only,
+            see :func:`check_binding`).
     """
 
     artifact_id: str
@@ -68,6 +73,7 @@ class BlobHeader:
     sections: dict[str, int] = field(default_factory=dict)
     payload_len: int = 0
     payload_xxh64: int = 0
+    key_digest: str = ""
 
 
 _FIELD_TYPES = {
@@ -84,6 +90,7 @@ _FIELD_TYPES = {
     "sections": dict,
     "payload_len": int,
     "payload_xxh64": int,
+    "key_digest": str,
 }
 
 
@@ -100,6 +107,52 @@ def _check_types(header: BlobHeader) -> None:
         raise BlobCorruptError(f"blob header shape {header.shape!r} is malformed")
     if not all(isinstance(k, str) and isinstance(v, int) for k, v in header.sections.items()):
         raise BlobCorruptError("blob header sections are malformed")
+
+
+def chunk_digest(key: str) -> str:
+    """The digest of a chunk key a blob header carries (``key_digest``): BLAKE2b of the
+    key's UTF-8 bytes, 16 bytes, as 32 hex digits. Keys are content addresses already;
+    the digest only has to tell one key from another, not resist a forger who can write
+    the store's folder (such a writer can write any bytes)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChunkBinding:
+    """What a reader expects of the blob it fetched for a chunk.
+
+    Attributes:
+        key: the chunk key the blob was fetched under.
+        first_position: absolute position of the chunk's token 0.
+        tokens: tokens in the chunk.
+    """
+
+    key: str
+    first_position: int
+    tokens: int
+
+
+def check_binding(header: BlobHeader, want: ChunkBinding) -> None:
+    """Check that a blob's header was written for the chunk ``want`` names.
+
+    The first position and token count are always compared; the key digest when the blob
+    has one (a blob written before ``key_digest`` existed is accepted on position and
+    length alone, as a re-encode job rewrites it with the digest).
+
+    Raises:
+        BlobMisfiledError: the blob belongs to another chunk (copied or misfiled under
+            this key), or to another position or length.
+    """
+    if header.first_position != want.first_position or header.shape[3] != want.tokens:
+        raise BlobMisfiledError(
+            f"blob under key {want.key[:12]} holds tokens at {header.first_position} "
+            f"(+{header.shape[3]}), expected {want.first_position} (+{want.tokens})"
+        )
+    if header.key_digest and header.key_digest != chunk_digest(want.key):
+        raise BlobMisfiledError(
+            f"blob under key {want.key[:12]} was written for another chunk "
+            f"(key digest {header.key_digest[:12]})"
+        )
 
 
 def pack_blob(header: BlobHeader, payload: bytes) -> bytes:

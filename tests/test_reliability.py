@@ -1,0 +1,216 @@
+"""Reliability: a store is never wrong, never stuck, never silent (issue 20).
+
+Each test reproduces one defect of the fault review with real parts: the tiny real KVTC
+codec (tests/tiny_codec.py), real disk folders, moto's S3 server on loopback and a real
+silent TCP endpoint. A mock appears only for a fault that cannot be caused here, and says
+so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kvtc_store.backends import Backend, DiskBackend, MemoryBackend, S3Backend
+from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec.blob import ChunkBinding, unpack_blob_header
+from kvtc_store.config import build_tiers, load_config
+from kvtc_store.errors import BlobMisfiledError, BucketNotFoundError, ConfigError
+from kvtc_store.guard import BreakerSettings, CircuitBreaker
+from kvtc_store.store import TieredStore
+from tests.s3_server import SilentServer
+from tests.tiny_codec import CHUNK, tiny_artifact, tiny_codec, tiny_namespace, tiny_sequence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def store_of(tiers: list[Backend], codec: KVTCCodec | None = None, **kw) -> TieredStore:
+    codec = codec if codec is not None else tiny_codec()
+    return TieredStore(tiers, codec, tiny_namespace(), chunk_tokens=CHUNK, **kw)
+
+
+def chunk_file(root: Path, key: str) -> Path:
+    return next(root.rglob(f"{key}.kvtc"))
+
+
+# --- 1. a blob is bound to its chunk --------------------------------------------------------
+
+
+def test_a_blob_copied_under_another_key_is_a_counted_miss_and_removed(tmp_path: Path) -> None:
+    tokens, keys, values = tiny_sequence(4, seed=1)
+    other, okeys, ovalues = tiny_sequence(4, seed=2)
+    with store_of([DiskBackend(tmp_path, 1 << 20)]) as writer:
+        writer.put(tokens, keys, values)
+        writer.put(other, okeys, ovalues)
+        ck, ok = writer.keys_for(tokens), writer.keys_for(other)
+    # chunk 1 of another prompt (same position, same length: only the key digest differs)
+    shutil.copyfile(chunk_file(tmp_path, ok[1]), chunk_file(tmp_path, ck[1]))
+    # chunk 0 copied over chunk 3 (another position)
+    shutil.copyfile(chunk_file(tmp_path, ck[0]), chunk_file(tmp_path, ck[3]))
+    with store_of([MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20)]) as reader:
+        k, _ = reader.get(tokens)
+        assert k.shape[2] == CHUNK  # ends before the misfiled chunk 1, never serves it
+        assert reader.stats.misfiled_dropped == 1
+        assert not list(tmp_path.rglob(f"{ck[1]}.kvtc"))  # removed
+        assert reader.lookup(tokens) == CHUNK
+        assert reader.get(tokens, start=3 * CHUNK) is None  # chunk 3 holds position 0
+        assert reader.stats.misfiled_dropped == 2
+        assert "kvtc_store_misfiled_chunks_total 2.0" in reader.metrics.text()
+
+
+def test_decode_checks_position_and_length_and_old_blobs_without_digest() -> None:
+    codec = tiny_codec()
+    _, keys, values = tiny_sequence(2, seed=3)
+    bound = codec.encode_sequence(keys, values, 0, CHUNK, chunk_keys=["a" * 64, "b" * 64])
+    old = codec.encode_sequence(keys, values, 0, CHUNK)  # written before key_digest existed
+    assert unpack_blob_header(bound[0])[0].key_digest
+    assert unpack_blob_header(old[0])[0].key_digest == ""
+    want = [ChunkBinding("a" * 64, 0, CHUNK), ChunkBinding("b" * 64, CHUNK, CHUNK)]
+    chunks, error = codec.decode_prefix(bound, expect=want)
+    assert len(chunks) == 2 and error is None
+    chunks, error = codec.decode_prefix(bound[::-1], expect=want)
+    assert chunks == [] and isinstance(error, BlobMisfiledError)
+    # an old blob is accepted under any key at its own position and length only
+    chunks, error = codec.decode_prefix(old, expect=[ChunkBinding("c" * 64, 0, CHUNK)] * 2)
+    assert len(chunks) == 1 and isinstance(error, BlobMisfiledError)
+    chunks, error = codec.decode_prefix(old[:1], expect=[ChunkBinding("c" * 64, 0, 2 * CHUNK)])
+    assert chunks == [] and isinstance(error, BlobMisfiledError)
+
+
+# --- 2. an undecodable chunk blocks nothing -------------------------------------------------
+
+
+def other_codec() -> KVTCCodec:
+    """A codec of the same model with another artifact (a codec change)."""
+    art = tiny_artifact()
+    other = dataclasses.replace(art, artifact_id="", version=2, target_ratio=4.0)
+    other.bases = [torch.eye(16)[:, :8] for _ in other.groups]
+    other.artifact_id = other._content_id()
+    assert other.artifact_id != art.artifact_id
+    return KVTCCodec(other)
+
+
+def test_a_chunk_no_codec_here_decodes_stops_counting_and_a_put_replaces_it(
+    tmp_path: Path,
+) -> None:
+    tokens, keys, values = tiny_sequence(3, seed=4)
+    with store_of([DiskBackend(tmp_path, 1 << 20)], codec=other_codec()) as old:
+        old.put(tokens, keys, values)
+    with store_of([MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20)]) as new:
+        assert new.lookup(tokens) == 3 * CHUNK  # the blobs are there
+        assert new.get(tokens) is None  # but this codec cannot read them
+        assert new.stats.undecodable_dropped == 3
+        assert "kvtc_store_undecodable_chunks_total 3.0" in new.metrics.text()
+        assert new.lookup(tokens) == 0  # they no longer count as present
+        assert new.put(tokens, keys, values).chunks_written == 3  # and a put replaces them
+        assert new.flush(timeout=30)
+        k, _ = new.get(tokens)
+        assert k.shape[2] == 3 * CHUNK
+    with store_of([DiskBackend(tmp_path, 1 << 20)]) as again:
+        assert again.get(tokens)[0].shape[2] == 3 * CHUNK  # replaced on disk too
+
+
+# --- 3. deadlines and circuit breakers ------------------------------------------------------
+
+
+def test_a_silent_s3_never_stalls_lookup_get_flush_or_close(
+    tmp_path: Path, aws_credentials: None
+) -> None:
+    """S3 accepts connections and never answers. Reads answer from memory and disk within
+    the deadline (plus 10%); once the breaker opens, S3 is skipped at no cost, then probed
+    again after the back-off; flush and close with a timeout return on time."""
+    tokens, keys, values = tiny_sequence(3, seed=5)
+    deadline = 0.5
+    with SilentServer() as silent:
+        s3 = S3Backend("kvtc-silent", endpoint_url=silent.url, region_name="us-east-1")
+        s3.deadline_s = deadline
+        breaker = BreakerSettings(failures=2, backoff_s=1.0, max_backoff_s=4.0)
+        store = store_of(
+            [MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20), s3], breaker=breaker
+        )
+        store.put(tokens, keys, values)
+        unknown, *_ = tiny_sequence(2, seed=6)
+
+        def timed(fn, *args):
+            t0 = time.monotonic()
+            out = fn(*args)
+            return out, time.monotonic() - t0
+
+        n, dt = timed(store.lookup, unknown)  # memory and disk miss, S3 is asked
+        assert n == 0 and dt < deadline * 1.1 + 0.2
+        got, dt = timed(store.get, unknown)
+        assert got is None and dt < deadline * 1.1 + 0.2
+        assert store._stack.breaker_states()["s3"] == "open"  # two timeouts
+        got, dt = timed(store.get, unknown)  # skipped: no wait at all
+        assert got is None and dt < 0.1
+        assert store._stack.failures()[("s3", "skipped")] >= 1
+        k, _ = store.get(tokens)  # the local tiers serve
+        assert k.shape[2] == 3 * CHUNK
+        time.sleep(1.1)  # past the back-off: half-open, one probe goes out
+        asked = silent.connections
+        assert store._stack.breaker_states()["s3"] == "half-open"
+        _, dt = timed(store.lookup, unknown)
+        assert dt < deadline * 1.1 + 0.2
+        assert silent.connections > asked
+        assert store._stack.breaker_states()["s3"] == "open"  # back-off now 2 s
+        t0 = time.monotonic()
+        flushed = store.flush(timeout=1.0)
+        assert time.monotonic() - t0 < 1.1 + 0.2
+        assert not flushed
+        t0 = time.monotonic()
+        store.close(timeout=1.0)
+        assert time.monotonic() - t0 < 1.1 + 0.5
+
+
+def test_breaker_closes_after_a_good_probe() -> None:
+    clock = [0.0]
+    b = CircuitBreaker(
+        BreakerSettings(failures=2, backoff_s=1.0, max_backoff_s=3.0), lambda: clock[0]
+    )
+    assert b.allow()
+    b.failed()
+    assert b.state == "closed"
+    b.failed()
+    assert b.state == "open" and not b.allow()
+    clock[0] = 1.0
+    assert b.allow() and not b.allow()  # one probe at a time
+    b.failed()  # the probe failed: open for 2 s
+    clock[0] = 2.5
+    assert not b.allow()
+    clock[0] = 3.0
+    assert b.allow()
+    b.succeeded()
+    assert b.state == "closed" and b.allow()
+    with pytest.raises(ConfigError):
+        BreakerSettings(failures=0)
+
+
+# --- 4. a missing bucket is named, never a silent miss ---------------------------------------
+
+
+def test_a_misspelt_bucket_is_a_named_error_at_open_and_counted_on_calls(
+    s3_endpoint: str, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tmp_path / "store.yaml"
+    tier = {"kind": "s3", "bucket": bucket + "-typo", "endpoint_url": s3_endpoint}
+    cfg.write_text(yaml.safe_dump({"tiers": [tier], "codec": {"artifact": "unused"}}))
+    with pytest.raises(BucketNotFoundError, match=f"tiers.0.bucket: .*{bucket}-typo"):
+        build_tiers(load_config(cfg))
+    tier["check_bucket"] = False  # opened without the check: every call is a counted error
+    cfg.write_text(yaml.safe_dump({"tiers": [tier], "codec": {"artifact": "unused"}}))
+    (s3,) = build_tiers(load_config(cfg))
+    tokens, *_ = tiny_sequence(2, seed=7)
+    with store_of([MemoryBackend(1 << 20), s3]) as store:
+        assert store.get(tokens) is None
+        assert store._stack.failures()[("s3", "get")] == 1
+        assert s3.usage().errors >= 1
+        assert any(f"{bucket}-typo" in r.getMessage() for r in caplog.records)
+    good = S3Backend(bucket, endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert good.check_bucket()
+    good.close()
