@@ -9,7 +9,12 @@ so.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import torch
 import yaml
 
 from kvtc_store.backends import Backend, DiskBackend, MemoryBackend, S3Backend
+from kvtc_store.backends import disk as disk_module
 from kvtc_store.codec import KVTCCodec
 from kvtc_store.codec.blob import ChunkBinding, unpack_blob_header
 from kvtc_store.config import build_tiers, load_config
@@ -214,3 +220,97 @@ def test_a_misspelt_bucket_is_a_named_error_at_open_and_counted_on_calls(
     good = S3Backend(bucket, endpoint_url=s3_endpoint, region_name="us-east-1")
     assert good.check_bucket()
     good.close()
+
+
+# --- 5. the disk cap holds across processes, in allocated bytes ------------------------------
+
+_WRITER = """
+import hashlib, os, random, sys
+from kvtc_store.backends import DiskBackend
+root, cap, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tier = DiskBackend(root, cap)
+rng = random.Random(seed)
+for b in range(50):
+    tier.put([
+        (hashlib.sha256(f"{seed}-{b}-{i}".encode()).hexdigest(), os.urandom(rng.randint(1000, 9000)))
+        for i in range(4)
+    ])
+tier.close()
+"""
+
+
+def allocated_bytes(root: Path) -> int:
+    """What the chunk files under ``root`` take on the file system (st_blocks * 512)."""
+    total = 0
+    for p in root.rglob("*.kvtc"):
+        try:
+            total += p.stat().st_blocks * 512
+        except FileNotFoundError:  # evicted meanwhile
+            pass
+    return total
+
+
+def test_two_processes_sharing_a_folder_hold_its_cap_in_allocated_bytes(tmp_path: Path) -> None:
+    cap = 200_000
+    batch_max = 4 * 12_288  # 4 chunks of at most 9000 B: 3 blocks of 4 KiB each
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(cap), str(seed)])
+        for seed in (1, 2)
+    ]
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, allocated_bytes(tmp_path))
+        time.sleep(0.005)
+    assert [p.returncode for p in procs] == [0, 0]
+    final = allocated_bytes(tmp_path)
+    assert final <= cap  # never left over it
+    assert peak <= cap + batch_max  # at most one batch over, while it is written
+    assert len(list(tmp_path.rglob("*.kvtc"))) > 10  # and it holds chunks of both
+    # a third process opening the folder sees the shared count within one block per file
+    tier = DiskBackend(tmp_path, cap)
+    assert tier.usage().used_bytes == final
+    tier.close()
+
+
+# --- 6. a full file system makes room -------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real 256 KiB tmpfs where this process may mount one (root); elsewhere a mock
+    of that fault (it cannot be caused without root): ``os.write`` of the disk tier
+    raises ENOSPC once the folder's files would pass 256 KiB."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        real_write = disk_module.os.write
+
+        def write(fd: int, data) -> int:
+            used = sum(p.stat().st_size for p in mnt.rglob("*") if p.is_file())
+            if used + len(data) > 256 * 1024:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(disk_module.os, "write", write)
+    yield mnt
+    if mounted:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_file_system_evicts_and_retries_before_failing(small_fs: Path) -> None:
+    tier = DiskBackend(small_fs, 10 << 20)  # a cap far above what the file system holds
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
+    for key in keys:  # 40 x 20 KB = 800 KB into 256 KiB: each put must make room
+        tier.put([(key, key.encode() * 312)])
+    assert tier.get(keys[-3:]) == [k.encode() * 312 for k in keys[-3:]]
+    assert tier.get(keys[:1]) == [None]  # the oldest made room
+    assert tier.usage().evictions > 0
+    tier.close()
