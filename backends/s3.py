@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import boto3
@@ -435,6 +436,49 @@ class S3Backend(Backend):
         self._count_errors(1)
         logger.warning("%s tier: cannot check bucket %r: %s", self.name, self.bucket, problem)
         return False
+
+    def abort_stale_uploads(self, older_than_s: float = 86_400.0) -> int:
+        """Abort the multipart uploads under this tier's prefix begun more than
+        ``older_than_s`` seconds ago (a writer that crashed mid-upload leaves its parts
+        stored, and billed, until the upload is aborted). A failed upload of this
+        process is aborted by boto3's transfer layer already; this cleans up after the
+        ones that died. The bucket lifecycle rule ``AbortIncompleteMultipartUpload``
+        does the same server-side (docs/config.md).
+
+        Returns:
+            How many uploads were aborted.
+
+        Raises:
+            StoreError: listing the uploads failed (counted in ``errors``); an abort that
+                fails is logged and counted, and the others go on.
+        """
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
+        stale = []
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                stale += [u for u in page.get("Uploads", []) if u["Initiated"] <= cutoff]
+        except _FAILURES as e:
+            self._count_errors(1)
+            raise StoreError(
+                f"{self.name} tier: listing multipart uploads of "
+                f"s3://{self.bucket}/{self.prefix} failed: {e}"
+            ) from e
+        aborted = 0
+        for u in stale:
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]
+                )
+                aborted += 1
+            except _FAILURES as e:
+                self._count_errors(1)
+                logger.warning("%s tier: cannot abort upload of %s: %s", self.name, u["Key"], e)
+        if aborted:
+            logger.info("%s tier: aborted %d stale multipart uploads", self.name, aborted)
+        return aborted
 
     # --- requests (one key each; run on the pool) ------------------------------------
 

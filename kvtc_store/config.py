@@ -49,7 +49,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .errors import BucketNotFoundError, ConfigError
+from .errors import BucketNotFoundError, ConfigError, StoreError
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -231,6 +231,10 @@ class S3TierConfig(_TierBase):
     connect_timeout: StrictFloat = Field(2.0, gt=0)
     read_timeout: StrictFloat = Field(10.0, gt=0)
     max_attempts: StrictInt = Field(3, ge=1)
+    abort_uploads_after: StrictFloat | None = Field(86_400.0, gt=0)
+    """At open, abort this tier's multipart uploads (under ``prefix``) begun more than
+    this many seconds ago: parts a crashed writer left; null: leave them (a bucket
+    lifecycle rule ``AbortIncompleteMultipartUpload`` does it server-side)."""
     check_bucket: StrictBool = True
     """Ask the endpoint whether the bucket exists when the tier opens (within the tier's
     deadline): a missing or misspelt bucket is a ``BucketNotFoundError`` then, not a
@@ -632,8 +636,10 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
                 read_timeout=tier.read_timeout,
                 max_attempts=tier.max_attempts,
             )
-            if tier.check_bucket:
-                backend.check_bucket(tier.deadline)
+            if (not tier.check_bucket or backend.check_bucket(tier.deadline)) and (
+                tier.abort_uploads_after is not None
+            ):
+                _abort_stale_uploads(backend, tier.abort_uploads_after)
         except BucketNotFoundError as exc:
             backend.close()
             raise BucketNotFoundError(f"tiers.{i}.bucket: {exc}") from exc
@@ -641,6 +647,15 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
             raise ConfigError(f"tiers.{i}: {exc}") from exc
         return backend
     raise ConfigError(f"tiers.{i}: unknown tier kind {type(tier).__name__}")  # pragma: no cover
+
+
+def _abort_stale_uploads(backend, older_than_s: float) -> None:
+    """Abort an S3 tier's stale multipart uploads at open; a failure is logged (the tier
+    still opens)."""
+    try:
+        backend.abort_stale_uploads(older_than_s)
+    except StoreError as exc:
+        log.warning("tier %s: stale multipart uploads not cleaned: %s", backend.name, exc)
 
 
 def codec_from_config(

@@ -375,6 +375,7 @@ def test_build_tiers_passes_s3_settings(tmp_path: Path, monkeypatch) -> None:
                 "max_concurrency": 16,
                 "read_timeout": 1.5,
                 "check_bucket": False,
+                "abort_uploads_after": None,
             },
         ]
     )

@@ -30,7 +30,7 @@ from kvtc_store.config import build_tiers, load_config
 from kvtc_store.errors import BlobMisfiledError, BucketNotFoundError, ConfigError
 from kvtc_store.guard import BreakerSettings, CircuitBreaker
 from kvtc_store.store import TieredStore
-from tests.s3_server import SilentServer
+from tests.s3_server import SilentServer, raw_client
 from tests.tiny_codec import CHUNK, tiny_artifact, tiny_codec, tiny_namespace, tiny_sequence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -314,3 +314,31 @@ def test_a_full_file_system_evicts_and_retries_before_failing(small_fs: Path) ->
     assert tier.get(keys[:1]) == [None]  # the oldest made room
     assert tier.usage().evictions > 0
     tier.close()
+
+
+# --- 8. multipart uploads a crashed writer left are aborted ----------------------------------
+
+
+def test_stale_multipart_uploads_under_the_prefix_are_aborted_at_open(
+    s3_endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    client = raw_client(s3_endpoint)
+    ours = client.create_multipart_upload(Bucket=bucket, Key="kvtc/ab/ab00.kvtc")
+    client.upload_part(
+        Bucket=bucket, Key="kvtc/ab/ab00.kvtc", UploadId=ours["UploadId"], PartNumber=1, Body=b"x"
+    )
+    client.create_multipart_upload(Bucket=bucket, Key="other/ab00.kvtc")  # not this tier's
+    # moto's server reports every upload as begun on 2010-11-10, so both are "stale"
+    cfg = tmp_path / "store.yaml"
+    tier = {"kind": "s3", "bucket": bucket, "endpoint_url": s3_endpoint}
+    cfg.write_text(yaml.safe_dump({"tiers": [{**tier, "abort_uploads_after": None}]}))
+    (s3,) = build_tiers(load_config(cfg))  # cleanup off: both kept
+    left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert sorted(u["Key"] for u in left) == ["kvtc/ab/ab00.kvtc", "other/ab00.kvtc"]
+    s3.close()
+    cfg.write_text(yaml.safe_dump({"tiers": [tier]}))  # default: older than a day
+    (s3,) = build_tiers(load_config(cfg))
+    left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["other/ab00.kvtc"]  # only this tier's prefix
+    assert s3.abort_stale_uploads(0) == 0
+    s3.close()
