@@ -24,6 +24,7 @@ import yaml
 
 from kvtc_store.backends import Backend, DiskBackend, MemoryBackend, S3Backend
 from kvtc_store.backends import disk as disk_module
+from kvtc_store.cli import main
 from kvtc_store.codec import KVTCCodec
 from kvtc_store.codec.blob import ChunkBinding, unpack_blob_header
 from kvtc_store.config import build_tiers, load_config
@@ -342,3 +343,36 @@ def test_stale_multipart_uploads_under_the_prefix_are_aborted_at_open(
     assert [u["Key"] for u in left] == ["other/ab00.kvtc"]  # only this tier's prefix
     assert s3.abort_stale_uploads(0) == 0
     s3.close()
+
+
+# --- 10. reports change nothing; the demo checks its arguments first -------------------------
+
+
+def test_stats_never_changes_a_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(15)]
+    tier = DiskBackend(tmp_path / "disk", 1 << 20)
+    tier.put([(k, os.urandom(5000)) for k in keys])
+    tier.close()
+    before = sorted(p.name for p in (tmp_path / "disk").rglob("*.kvtc"))
+    assert len(before) == 15
+    assert main(["stats", "--disk", str(tmp_path / "disk"), "--capacity", "1000"]) == 0
+    assert "15 chunks" in capsys.readouterr().out
+    cfg = tmp_path / "store.yaml"
+    disk = {"kind": "disk", "path": str(tmp_path / "disk"), "capacity": 1000}
+    cfg.write_text(yaml.safe_dump({"tiers": [disk]}))
+    assert main(["stats", "--config", str(cfg), "--json"]) == 0
+    assert '"chunks": 15' in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "disk").rglob("*.kvtc")) == before
+
+
+def test_demo_refuses_bad_arguments_before_touching_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("KVTC_STORE_HOME", str(tmp_path))
+    kept = tmp_path / "demo-store" / "ab" / "kept.kvtc"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"a chunk of an earlier demo")
+    for argv in (["--doc-tokens", "100"], ["--doc-tokens", "100000"], ["--ratio", "0.5"]):
+        assert main(["demo", *argv]) == 2
+        assert "ConfigError" in capsys.readouterr().err
+    assert kept.read_bytes() == b"a chunk of an earlier demo"
