@@ -221,11 +221,14 @@ class TieredStore:
 
     # --- keys and lookup -----------------------------------------------------------------
 
-    def keys_for(self, tokens) -> list[str]:
-        """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D)."""
-        return chunk_keys(tokens, self.namespace, self.chunk_tokens)
+    def keys_for(self, tokens, salt: str = "") -> list[str]:
+        """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D), in the store's
+        namespace with ``salt`` (per-request isolation: an engine's cache salt or LoRA
+        adapter; requests of different salts never share a chunk)."""
+        ns = self.namespace if not salt else replace(self.namespace, salt=salt)
+        return chunk_keys(tokens, ns, self.chunk_tokens)
 
-    def lookup(self, tokens, start: int = 0) -> int:
+    def lookup(self, tokens, start: int = 0, salt: str = "") -> int:
         """Length in tokens of the longest cached prefix of ``tokens``.
 
         One batched ``exists`` per tier, asked only for chunks no tier above holds;
@@ -239,9 +242,10 @@ class TieredStore:
                 chunk), for an engine that holds the KV before it: the result is then
                 the end of the cached run of chunks that begins there (``start``
                 rounded down when that chunk is missing).
+            salt: the request's isolation salt (:meth:`keys_for`).
         """
         first = self._first_chunk(start)
-        ckeys = self.keys_for(tokens)[first:]
+        ckeys = self.keys_for(tokens, salt)[first:]
         return (first + self._cached_chunks(ckeys)) * self.chunk_tokens
 
     def _first_chunk(self, start: int) -> int:
@@ -277,7 +281,9 @@ class TieredStore:
     # --- put -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def put(self, tokens, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> PutResult:
+    def put(
+        self, tokens, keys: torch.Tensor, values: torch.Tensor, start: int = 0, salt: str = ""
+    ) -> PutResult:
         """Store the KV of every full chunk of ``tokens`` not yet stored.
 
         Args:
@@ -288,6 +294,7 @@ class TieredStore:
             start: first token the KV holds, a multiple of ``chunk_tokens``: only the
                 chunks from there on are stored (an engine that holds the KV of a
                 suffix); the chunks before it are neither written nor needed.
+            salt: the request's isolation salt (:meth:`keys_for`).
 
         The stored sequence is the full chunks of ``tokens``; its last ``window`` tokens
         are stored exactly. The prefix already cached in a local tier (or queued) is
@@ -310,7 +317,7 @@ class TieredStore:
         if start % self.chunk_tokens:
             raise ValueError(f"start {start} is not a multiple of {self.chunk_tokens}")
         first = self._first_chunk(start)
-        ckeys = self.keys_for(tokens)
+        ckeys = self.keys_for(tokens, salt)
         stored = len(ckeys) * self.chunk_tokens
         if start + keys.shape[2] < stored:
             raise ValueError(
@@ -381,6 +388,7 @@ class TieredStore:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         start: int = 0,
+        salt: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """KV of the longest cached prefix of ``tokens`` (up to ``n_tokens``).
 
@@ -394,6 +402,7 @@ class TieredStore:
             device, dtype: of the returned tensors (default: codec device, stored dtype).
             start: fetch from this token on (rounded down to a chunk), for an engine
                 that holds the KV before it; the chunks before it are not fetched.
+            salt: the request's isolation salt (:meth:`keys_for`).
 
         Returns:
             ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
@@ -402,7 +411,7 @@ class TieredStore:
             there. A chunk that is missing, corrupt or undecodable ends the run there
             (corrupt blobs are deleted from every tier).
         """
-        ckeys = self.keys_for(tokens)
+        ckeys = self.keys_for(tokens, salt)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
         first = self._first_chunk(start)
@@ -489,7 +498,7 @@ class TieredStore:
             pass
         return True
 
-    def prefetch(self, tokens, n_tokens: int | None = None) -> Future:
+    def prefetch(self, tokens, n_tokens: int | None = None, salt: str = "") -> Future:
         """Start fetching the cached prefix of ``tokens`` in the background.
 
         The blobs of the chunks not in the top tier are fetched (one batched call per
@@ -500,6 +509,7 @@ class TieredStore:
         Args:
             tokens: token ids ``(T,)``.
             n_tokens: prefetch at most this many tokens (whole chunks).
+            salt: the request's isolation salt (:meth:`keys_for`).
 
         Returns:
             A future of the cached prefix length in tokens once the fetch is done (a
@@ -509,7 +519,7 @@ class TieredStore:
         Raises:
             StoreError: the store is closed.
         """
-        ckeys = self.keys_for(tokens)
+        ckeys = self.keys_for(tokens, salt)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
         with self._lock:

@@ -30,6 +30,7 @@ from kvtc_store.codec.blob import ChunkBinding, unpack_blob_header
 from kvtc_store.config import build_tiers, load_config
 from kvtc_store.errors import BlobMisfiledError, BucketNotFoundError, ConfigError
 from kvtc_store.guard import BreakerSettings, CircuitBreaker
+from kvtc_store.keys import chunk_keys
 from kvtc_store.store import TieredStore
 from tests.s3_server import SilentServer, raw_client
 from tests.tiny_codec import CHUNK, tiny_artifact, tiny_codec, tiny_namespace, tiny_sequence
@@ -376,3 +377,22 @@ def test_demo_refuses_bad_arguments_before_touching_the_store(
         assert main(["demo", *argv]) == 2
         assert "ConfigError" in capsys.readouterr().err
     assert kept.read_bytes() == b"a chunk of an earlier demo"
+
+
+# --- 9. per-request salts (engine cache salts, LoRA adapters) --------------------------------
+
+
+def test_requests_of_different_salts_never_share_a_chunk(tmp_path: Path) -> None:
+    tokens, keys, values = tiny_sequence(3, seed=9)
+    with store_of([MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20)]) as store:
+        plain = store.keys_for(tokens)
+        assert plain == chunk_keys(tokens, tiny_namespace(), CHUNK)  # unsalted: keys as before
+        a, b = store.keys_for(tokens, "tenant-a"), store.keys_for(tokens, "tenant-b")
+        assert len({*plain, *a, *b}) == 9
+        assert store.put(tokens, keys, values, salt="tenant-a").chunks_written == 3
+        assert store.lookup(tokens, salt="tenant-a") == 3 * CHUNK
+        assert store.lookup(tokens) == 0 and store.lookup(tokens, salt="tenant-b") == 0
+        assert store.get(tokens, salt="tenant-b") is None and store.get(tokens) is None
+        k, _ = store.get(tokens, salt="tenant-a")
+        assert k.shape[2] == 3 * CHUNK
+        assert store.prefetch(tokens, salt="tenant-a").result(timeout=10) == 3 * CHUNK
