@@ -174,7 +174,8 @@ def test_s3_lower_tier_shared_and_dead_s3_degrades_to_misses(
     c = TieredStore([MemoryBackend(64 << 20), dead], codec, ns)
     assert c.lookup(ids) == 0 and c.get(ids) is None
     assert c.put(ids, keys, values).chunks_written == 4  # the CPU tier takes it
-    assert c.flush(timeout=60)  # the write-down to S3 fails: counted, never raised
+    flushed = c.flush(timeout=60)  # the write-down to S3 fails: counted, never raised,
+    assert flushed.complete and flushed.failed_chunks == {"s3": 4}  # and reported
     assert c.stats.lower_tier_put_errors == 1
     assert c.lookup(ids) == 1024 and c.get(ids) is not None
     assert dead.usage().errors > 0
