@@ -158,6 +158,10 @@ class Backend(abc.ABC):
     remote: bool = False
     """True for a tier reached over the network (S3): the store never waits on it
     where a local answer will do (the check for chunks already stored, in ``put``)."""
+    deadline_s: float | None = None
+    """Most seconds the tier stack waits for one call to this tier
+    (:mod:`kvtc_store.guard`); None: called directly (in-process memory tiers, which
+    never wait on I/O). Set per instance from the config's ``deadline``."""
     _eviction_listener: EvictionListener | None = None
 
     @abc.abstractmethod

@@ -16,12 +16,24 @@ chunk; a crash leaves at most a temp file, which the chunk scan never matches
 Recency is the file's mtime: it is stamped on write and on every ``get``
 (``os.utime``), so LRU order survives a restart and is shared by every process
 that opens the directory.
+
+The cap counts *allocated* bytes (``st_blocks * 512``: what the file system gives a
+file, whole blocks), not file lengths, and holds across every process sharing the
+folder: ``root/.kvtc-lock`` holds the folder's allocated bytes (8 bytes,
+little-endian), read and written only under an exclusive ``fcntl.flock`` of that file.
+A put reserves its batch there before writing; when the folder would go over the cap,
+the process holding the lock lists the folder (which also corrects the count) and
+evicts the least recently used chunks, whoever wrote them, to 95% of the cap. Chunks a
+process writes at the moment another one lists the folder are not seen by that listing,
+so the folder may go over the cap by at most those batches, until the next put.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -51,6 +63,49 @@ _FANOUT_RE = re.compile(r"[0-9a-f]{2}")
 _CHUNK_RE = re.compile(r"([0-9a-f]{2,128})\.kvtc")
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{2,128}-([0-9a-f]{12})-([0-9]+)-[0-9a-f]+\.part")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+LEDGER_NAME = ".kvtc-lock"
+"""The file whose flock guards a folder's shared accounting and which holds it."""
+LOW_WATER = 0.95
+"""A shared eviction frees the folder down to this share of the cap (fewer listings)."""
+
+
+class _Ledger:
+    """The shared accounting of a disk-tier folder: ``root/.kvtc-lock`` holds, as JSON,
+    ``total`` (allocated bytes of the chunk files plus the writes in flight) and
+    ``inflight`` (bytes reserved by each writer, ``"<host tag>-<pid>"``, whose files are
+    not visible yet), read and written only under ``flock(LOCK_EX)`` of that file. One
+    per backend instance (flock locks belong to an open file, so two instances in one
+    process exclude each other too)."""
+
+    def __init__(self, root: Path) -> None:
+        self._fd = os.open(root / LEDGER_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def lock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def read(self) -> dict | None:
+        """The recorded state, None when never written or unreadable (then the caller
+        lists the folder). Caller holds the lock."""
+        raw = os.pread(self._fd, 1 << 20, 0)
+        try:
+            state = json.loads(raw)
+            total, inflight = int(state["total"]), dict(state["inflight"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return {"total": total, "inflight": {str(k): int(v) for k, v in inflight.items()}}
+
+    def write(self, state: dict) -> None:
+        data = json.dumps(state, separators=(",", ":")).encode()
+        os.pwrite(self._fd, data, 0)
+        os.ftruncate(self._fd, len(data))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _host_tag() -> str:
@@ -81,6 +136,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_alive(writer: str, host: str) -> bool:
+    """Whether a writer ``"<host tag>-<pid>"`` of the shared count may still be writing:
+    one of this host whose process is gone is not; one of another host is assumed alive
+    (not ours to judge)."""
+    tag, _, pid = writer.rpartition("-")
+    return tag != host or not pid.isdigit() or _pid_alive(int(pid))
+
+
 def _fsync_dir(path: Path) -> None:
     """fsync a directory so that a rename or create inside it is durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -109,9 +172,13 @@ class DiskBackend(Backend):
       :class:`~kvtc_store.errors.CapacityError` after the temp file is removed;
       chunks already stored are untouched.
 
-    The cap is enforced over the chunks this instance knows of: several live
-    instances sharing one directory each keep their own view, so the directory
-    can briefly hold more than one cap until they next meet each other's chunks.
+    - The cap counts allocated bytes (whole file-system blocks) and holds across
+      every process sharing ``root`` (a shared count under a file lock; see the
+      module docstring): at most the batches being written when another process
+      lists the folder go over it, until the next put.
+    - A full file system (``ENOSPC``) on a write evicts the least recently used
+      chunks (twice the failed bytes) and retries the failed chunks once before
+      :class:`~kvtc_store.errors.CapacityError`.
 
     Thread-safe. One lock guards the index and the counters; file I/O runs outside
     it, so reads are not held up by writes. A batch's files are written (and read)
@@ -127,6 +194,12 @@ class DiskBackend(Backend):
             removed on open, whoever wrote it. A temp file whose writer ran on
             this host (same PID namespace) and is dead is removed at once.
         io_threads: Files of one batch written or read at once (≥ 1).
+        read_only: Open for reading only (reports: ``kvtc-store stats``): nothing is
+            evicted, written, deleted or removed, not even on open; ``put`` and
+            ``delete`` raise :class:`~kvtc_store.errors.StoreError`.
+        block_bytes: The allocation unit sizes are counted in; default None: the file
+            system's (what it allocates: ``st_blocks * 512`` of each file). ``1``
+            counts file lengths instead (tests that reason about exact byte counts).
 
     Raises:
         ConfigError: ``capacity_bytes`` is not a non-negative int, or ``root``
@@ -134,6 +207,7 @@ class DiskBackend(Backend):
     """
 
     name = "disk"
+    deadline_s = 5.0
 
     def __init__(
         self,
@@ -142,6 +216,8 @@ class DiskBackend(Backend):
         *,
         stale_temp_seconds: float = 3600.0,
         io_threads: int = 8,
+        read_only: bool = False,
+        block_bytes: int | None = None,
     ) -> None:
         self.capacity_bytes = check_capacity(capacity_bytes)
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
@@ -155,6 +231,14 @@ class DiskBackend(Backend):
             raise ConfigError(f"disk tier root {self.root} cannot be created: {e}") from e
         if not self.root.is_dir():
             raise ConfigError(f"disk tier root {self.root} is not a directory")
+        self.read_only = read_only
+        if block_bytes is not None and (isinstance(block_bytes, bool) or block_bytes < 1):
+            raise ConfigError(f"block_bytes must be an int >= 1, got {block_bytes!r}")
+        self._logical = block_bytes == 1
+        self._unit = block_bytes or os.statvfs(self.root).f_frsize or 4096
+        self._ledger = None if read_only else _Ledger(self.root)
+        self._host = _host_tag()
+        self._me = f"{self._host}-{os.getpid()}"  # this writer, in the shared count
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified when reserved space frees
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, LRU first
@@ -162,7 +246,6 @@ class DiskBackend(Backend):
         self._reserved = 0  # bytes of files being written outside the lock
         self._pool: ThreadPoolExecutor | None = None
         self._last_stamp_ns = 0
-        self._host = _host_tag()
         self._hits = 0
         self._misses = 0
         self._evictions = 0
@@ -170,7 +253,8 @@ class DiskBackend(Backend):
         self._bytes_read = 0
         with self._lock:
             self._scan()
-            self._evict_until_fits(0)
+            if not read_only:
+                self._shared_reserve(0, None)  # corrects the shared count, evicts if over
 
     # --- public API ------------------------------------------------------------------
 
@@ -208,12 +292,10 @@ class DiskBackend(Backend):
                 self._bytes_read += len(value)
                 touch.append((self._path(k), self._stamp()))
                 if k in self._index:
-                    self._used += len(value) - self._index[k]
-                    self._index[k] = len(value)
                     self._index.move_to_end(k)
-                elif self._file_size(self._path(k)) is not None:  # not evicted since the read
-                    self._adopt(k, len(value))
-        for path, stamp in touch:
+                elif (size := self._file_size(self._path(k))) is not None:  # still there
+                    self._adopt(k, size)
+        for path, stamp in touch if not self.read_only else []:
             self._touch(path, stamp)
         return values
 
@@ -233,8 +315,9 @@ class DiskBackend(Backend):
             StoreError: another OS error while writing (temp file removed).
         """
         items = validate_items(items)
+        self._writable()
         for key, value in items:
-            if len(value) > self.capacity_bytes:
+            if self._alloc(len(value)) > self.capacity_bytes:
                 raise CapacityError(
                     f"{self.name} tier: chunk {key} is {len(value)} B, "
                     f"larger than the tier's capacity of {self.capacity_bytes} B"
@@ -253,22 +336,37 @@ class DiskBackend(Backend):
                     if key not in plan:
                         self._forget(key)  # indexed but removed by another process
                         plan[key] = (path, value, 0)
-                total = sum(len(v) for _, v, _ in plan.values())
+                total = sum(self._alloc(len(v)) for _, v, _ in plan.values())
                 if total > self.capacity_bytes:  # the batch evicts itself: one by one
                     for key, (path, value, _) in plan.items():
-                        self._make_room(len(value), evicted)
-                        self._write(path, value, self._stamp())
-                        self._commit(key, len(value))
+                        need = self._alloc(len(value))
+                        self._make_room(need, evicted)
+                        self._shared_reserve(need, evicted)
+                        try:
+                            self._write(path, value, self._stamp())
+                        except BaseException:
+                            self._shared_settle(-need, need)
+                            raise
+                        self._shared_settle(self._commit(key, path) - need, need)
                     return
                 self._make_room(total, evicted)
+                self._shared_reserve(total, evicted)
                 self._reserved += total
                 plan = {k: (p, v, self._stamp()) for k, (p, v, _) in plan.items()}
             failures = self._each(self._write_or_error, list(plan.values()))
+            full = [j for j, e in zip(plan.values(), failures) if isinstance(e, CapacityError)]
+            if full:  # ENOSPC: make room on the file system, then try those once more
+                with self._lock:
+                    self._evict_for_full_disk(2 * sum(len(v) for _, v, _ in full), evicted)
+                again = iter(self._each(self._write_or_error, full))
+                failures = [next(again) if isinstance(e, CapacityError) else e for e in failures]
             with self._lock:
                 self._reserved -= total
-                for key, (_, value, _), error in zip(plan, plan.values(), failures):
+                settle = -total
+                for key, (path, _, _), error in zip(plan, plan.values(), failures):
                     if error is None:
-                        self._commit(key, len(value))
+                        settle += self._commit(key, path)
+                self._shared_settle(settle, total)
                 self._room.notify_all()
             error = next((e for e in failures if e is not None), None)
             if error is not None:
@@ -286,15 +384,18 @@ class DiskBackend(Backend):
             StoreError: a file exists but cannot be removed.
         """
         keys = validate_keys(keys)
+        self._writable()
         with self._lock:
-            for k in keys:
-                self._forget(k)
-                try:
-                    self._path(k).unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise StoreError(f"{self.name} tier: cannot delete chunk {k}: {e}") from e
+            freed = 0
+            try:
+                for k in keys:
+                    self._forget(k)
+                    try:
+                        freed += self._remove(self._path(k))
+                    except OSError as e:
+                        raise StoreError(f"{self.name} tier: cannot delete chunk {k}: {e}") from e
+            finally:
+                self._shared_settle(-freed)
 
     def close(self, wait: bool = True) -> None:
         """Stop the I/O threads (the chunk files stay); ``wait=False``: without joining
@@ -302,11 +403,15 @@ class DiskBackend(Backend):
         own)."""
         with self._lock:
             pool, self._pool = self._pool, None
+            ledger, self._ledger = self._ledger, None
         if pool is not None:
             pool.shutdown(wait=wait)
+        if ledger is not None:
+            ledger.close()
 
     def usage(self) -> TierUsage:
-        """Return occupancy (bytes of chunk files known to this instance) and counters."""
+        """Return occupancy (allocated bytes of the chunk files known to this instance)
+        and counters."""
         with self._lock:
             return TierUsage(
                 used_bytes=self._used,
@@ -324,13 +429,150 @@ class DiskBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{CHUNK_SUFFIX}"
 
-    @staticmethod
-    def _file_size(path: Path) -> int | None:
+    def _file_size(self, path: Path) -> int | None:
+        """Allocated bytes of a chunk file (its length with ``block_bytes=1``), None if
+        there is none."""
         try:
             st = path.stat()
         except OSError:
             return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
+        return self._allocated(st) if stat.S_ISREG(st.st_mode) else None
+
+    def _allocated(self, st: os.stat_result) -> int:
+        return st.st_size if self._logical else st.st_blocks * 512
+
+    def _alloc(self, nbytes: int) -> int:
+        """Bytes a file of ``nbytes`` takes: whole allocation units (an estimate before
+        it is written; :meth:`_commit` counts what it took)."""
+        return -(-nbytes // self._unit) * self._unit
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.name} tier at {self.root} is open read-only")
+
+    def _remove(self, path: Path) -> int:
+        """Unlink a chunk file; the allocated bytes freed (0 if it was gone)."""
+        try:
+            size = self._file_size(path) or 0
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    # --- the folder's shared count (caller holds the thread lock) ---------------------
+
+    def _shared_reserve(self, need: int, evicted: list | None) -> None:
+        """Reserve ``need`` bytes in the folder's shared count for a write; first, if the
+        folder would pass the cap, list it (correcting the count) and evict its least
+        recently used chunks, whoever wrote them, to :data:`LOW_WATER` of the cap."""
+        if self._ledger is None:
+            return
+        self._ledger.lock()
+        try:
+            state = self._ledger.read()
+            if state is None or state["total"] + need > self.capacity_bytes:
+                low = int(self.capacity_bytes * LOW_WATER)
+                state = self._evict_folder(
+                    max(0, min(low, self.capacity_bytes - need)), state, evicted
+                )
+            state["total"] += need
+            state["inflight"][self._me] = state["inflight"].get(self._me, 0) + need
+            self._ledger.write(state)
+        finally:
+            self._ledger.unlock()
+
+    def _shared_settle(self, delta: int, release: int = 0) -> None:
+        """Add ``delta`` bytes to the folder's shared count (a reservation corrected to
+        what the files took, or bytes freed) and end ``release`` bytes of this
+        instance's reservation (its files are visible now, or failed)."""
+        if self._ledger is None or not (delta or release):
+            return
+        self._ledger.lock()
+        try:
+            state = self._ledger.read() or {"total": 0, "inflight": {}}
+            state["total"] = max(0, state["total"] + delta)
+            left = state["inflight"].pop(self._me, 0) - release
+            if left > 0:
+                state["inflight"][self._me] = left
+            self._ledger.write(state)
+        finally:
+            self._ledger.unlock()
+
+    def _evict_for_full_disk(self, nbytes: int, evicted: list | None) -> None:
+        """The file system is full: evict the folder's LRU chunks worth ``nbytes``."""
+        if self._ledger is None:
+            return
+        self._ledger.lock()
+        try:
+            state = self._ledger.read()
+            total = state["total"] if state is not None else 0
+            self._ledger.write(self._evict_folder(max(0, total - nbytes), state, evicted))
+        finally:
+            self._ledger.unlock()
+        logger.warning("%s tier: file system full; evicted to free %d B", self.name, nbytes)
+
+    def _evict_folder(self, target: int, state: dict | None, evicted: list | None) -> dict:
+        """List the folder and remove its LRU chunk files until its allocated bytes plus
+        the writes in flight (of live writers: a dead local writer's reservation is
+        dropped) are at most ``target``; the corrected state. Caller holds the thread
+        lock and the ledger's lock."""
+        inflight = {
+            w: n
+            for w, n in (state["inflight"] if state is not None else {}).items()
+            if n > 0 and _writer_alive(w, self._host)
+        }
+        found = sorted(self._list_chunks())
+        total = sum(size for _, _, size in found) + sum(inflight.values())
+        keep = evicted is not None and self._eviction_listener is not None
+        for _, key, _ in found:
+            if total <= target:
+                break
+            path = self._path(key)
+            data = None
+            if keep:
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    data = None
+            freed = self._remove(path)
+            total -= freed
+            self._forget(key)
+            if freed:
+                self._evictions += 1
+                if data is not None:
+                    evicted.append((key, data))
+        return {"total": total, "inflight": inflight}
+
+    def _list_chunks(self, temps: list | None = None) -> list[tuple[int, str, int]]:
+        """``(mtime_ns, key, allocated bytes)`` of every chunk file under ``root``;
+        temp files' entries go to ``temps`` when given."""
+        found = []
+        with os.scandir(self.root) as top:
+            fanouts = [
+                e.path
+                for e in top
+                if _FANOUT_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+            ]
+        for fanout in fanouts:
+            prefix = os.path.basename(fanout)
+            try:
+                entries = list(os.scandir(fanout))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if temps is not None and entry.name.startswith(TEMP_PREFIX):
+                    temps.append(entry)
+                    continue
+                m = _CHUNK_RE.fullmatch(entry.name)
+                if m is None or m.group(1)[:2] != prefix:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((st.st_mtime_ns, m.group(1), self._allocated(st)))
+        return found
 
     def _stamp(self) -> int:
         """A strictly increasing mtime in ns, so LRU order is exact within a process."""
@@ -353,13 +595,15 @@ class DiskBackend(Backend):
             pool = self._pool
         return list(pool.map(fn, args))
 
-    def _commit(self, key: str, size: int) -> None:
-        """Index a chunk file just written (caller holds the lock)."""
+    def _commit(self, key: str, path: Path) -> int:
+        """Index a chunk file just written (caller holds the lock); the bytes it took."""
         if key in self._index:  # written meanwhile by a concurrent put of the same key
-            return
+            return 0  # one file, counted by that put
+        size = self._file_size(path) or 0
         self._index[key] = size
         self._used += size
         self._bytes_written += size
+        return size
 
     def _forget(self, key: str) -> None:
         size = self._index.pop(key, None)
@@ -467,6 +711,7 @@ class DiskBackend(Backend):
         before it is removed and ``(key, bytes)`` is appended (for write-back).
         """
         keep = evicted is not None and self._eviction_listener is not None
+        freed = 0
         while self._index and self._used + self._reserved + nbytes > self.capacity_bytes:
             key, size = self._index.popitem(last=False)
             self._used -= size
@@ -477,40 +722,23 @@ class DiskBackend(Backend):
                 except OSError as e:  # gone already: nothing to hand down
                     logger.debug("%s tier: evicted %s unread: %s", self.name, key, e)
             try:
-                self._path(key).unlink()
-            except FileNotFoundError:
-                pass
+                freed += self._remove(self._path(key))
             except OSError as e:
                 logger.warning("%s tier: cannot evict chunk %s: %s", self.name, key, e)
             logger.debug("%s tier: evicted %s (%d B)", self.name, key, size)
+        self._shared_settle(-freed)
 
     def _scan(self) -> None:
-        """Rebuild the index from ``root`` in mtime order; remove stale temp files."""
-        found: list[tuple[int, str, int]] = []  # (mtime_ns, key, size)
+        """Rebuild the index from ``root`` in mtime order; remove stale temp files
+        (unless read-only)."""
+        temps: list[os.DirEntry[str]] = []
+        found = self._list_chunks(temps)
         now_ns = time.time_ns()
-        with os.scandir(self.root) as top:
-            fanouts = [
-                e.path
-                for e in top
-                if _FANOUT_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
-            ]
-        for fanout in fanouts:
-            prefix = os.path.basename(fanout)
-            with os.scandir(fanout) as entries:
-                for entry in entries:
-                    try:
-                        if entry.name.startswith(TEMP_PREFIX):
-                            self._maybe_remove_temp(entry, now_ns)
-                            continue
-                        m = _CHUNK_RE.fullmatch(entry.name)
-                        if m is None or m.group(1)[:2] != prefix:
-                            continue
-                        if not entry.is_file(follow_symlinks=False):
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:  # removed while we scanned
-                        continue
-                    found.append((st.st_mtime_ns, m.group(1), st.st_size))
+        for entry in temps if not self.read_only else []:
+            try:
+                self._maybe_remove_temp(entry, now_ns)
+            except FileNotFoundError:  # removed while we scanned
+                continue
         found.sort()
         for _, key, size in found:
             self._index[key] = size

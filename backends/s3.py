@@ -41,6 +41,8 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import boto3
@@ -57,7 +59,7 @@ from botocore.exceptions import (
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.manager import TransferManager
 
-from kvtc_store.errors import CapacityError, ConfigError, StoreError
+from kvtc_store.errors import BucketNotFoundError, CapacityError, ConfigError, StoreError
 
 from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
 
@@ -111,11 +113,19 @@ def make_client(
     )
 
 
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def _is_not_found(exc: BaseException, codes: frozenset[str] = _NOT_FOUND_CODES) -> bool:
-    """True when ``exc`` is an S3 answer saying the object (or bucket) does not exist."""
+    """True when ``exc`` is an S3 answer saying the object (or, with
+    ``_BUCKET_MISSING_CODES``, the bucket) does not exist. A missing bucket is never a
+    missing object: ``NoSuchBucket`` on an object request is a failure, not a miss."""
     if not isinstance(exc, ClientError):
         return False
-    code = str(exc.response.get("Error", {}).get("Code", ""))
+    code = _error_code(exc)
+    if code == "NoSuchBucket" and codes is _NOT_FOUND_CODES:
+        return False
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in codes or status == 404
 
@@ -159,6 +169,11 @@ class S3Backend(Backend):
         max_concurrency: Requests in flight at once per batch, and parts in
             flight at once per multipart transfer.
         create_bucket: Create ``bucket`` at construction if it does not exist.
+        check_bucket: Ask the endpoint at construction whether ``bucket`` exists
+            (``HeadBucket``, waited for at most ``deadline_s`` seconds): a missing or
+            misspelt bucket is then :class:`~kvtc_store.errors.BucketNotFoundError`; an
+            endpoint that fails or does not answer is logged (naming the bucket) and
+            the backend opens (its calls fail, counted, until it answers).
         connect_timeout: Seconds to wait for a TCP connection, per attempt.
         read_timeout: Seconds to wait for a response to a request, per attempt.
         max_attempts: Attempts per request (first try included), botocore's
@@ -166,11 +181,14 @@ class S3Backend(Backend):
 
     Raises:
         ConfigError: an argument is invalid.
+        BucketNotFoundError: ``check_bucket`` and the endpoint says there is no such
+            bucket.
         StoreError: ``create_bucket`` was asked and the bucket cannot be created.
     """
 
     name = "s3"
     remote = True
+    deadline_s = 5.0
 
     def __init__(
         self,
@@ -186,6 +204,7 @@ class S3Backend(Backend):
         connect_timeout: float = 2.0,
         read_timeout: float = 10.0,
         max_attempts: int = 3,
+        check_bucket: bool = False,
     ) -> None:
         if not isinstance(bucket, str) or not bucket:
             raise ConfigError(f"bucket must be a non-empty str, got {bucket!r}")
@@ -237,6 +256,8 @@ class S3Backend(Backend):
         self._listed = (0, 0)  # (used_bytes, n_items) of the last successful listing
         if create_bucket:
             self._create_bucket(region_name)
+        elif check_bucket:
+            self.check_bucket()
 
     # --- public API ------------------------------------------------------------------
 
@@ -409,6 +430,80 @@ class S3Backend(Backend):
         close = getattr(self._client, "close", None)
         if close is not None:
             close()
+
+    def check_bucket(self, timeout: float | None = None) -> bool:
+        """Whether the bucket exists, asked with one ``HeadBucket`` waited for at most
+        ``timeout`` seconds (default: :attr:`deadline_s`).
+
+        Returns:
+            True if it exists; False if the endpoint failed or did not answer in time
+            (logged with the bucket's name, counted in ``errors``).
+
+        Raises:
+            BucketNotFoundError: the endpoint says there is no such bucket (404).
+        """
+        timeout = self.deadline_s if timeout is None else timeout
+        job = self._executor().submit(self._client.head_bucket, Bucket=self.bucket)
+        try:
+            job.result(timeout=timeout)
+            return True
+        except ClientError as e:
+            if _is_not_found(e, _BUCKET_MISSING_CODES):
+                raise BucketNotFoundError(
+                    f"{self.name} tier: bucket {self.bucket!r} does not exist at "
+                    f"{self._client.meta.endpoint_url} (missing or misspelt)"
+                ) from e
+            problem: BaseException = e
+        except FutureTimeout:
+            problem = TimeoutError(f"no answer within {timeout:g} s")
+        except _FAILURES as e:
+            problem = e
+        self._count_errors(1)
+        logger.warning("%s tier: cannot check bucket %r: %s", self.name, self.bucket, problem)
+        return False
+
+    def abort_stale_uploads(self, older_than_s: float = 86_400.0) -> int:
+        """Abort the multipart uploads under this tier's prefix begun more than
+        ``older_than_s`` seconds ago (a writer that crashed mid-upload leaves its parts
+        stored, and billed, until the upload is aborted). A failed upload of this
+        process is aborted by boto3's transfer layer already; this cleans up after the
+        ones that died. The bucket lifecycle rule ``AbortIncompleteMultipartUpload``
+        does the same server-side (docs/config.md).
+
+        Returns:
+            How many uploads were aborted.
+
+        Raises:
+            StoreError: listing the uploads failed (counted in ``errors``); an abort that
+                fails is logged and counted, and the others go on.
+        """
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
+        stale = []
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                stale += [u for u in page.get("Uploads", []) if u["Initiated"] <= cutoff]
+        except _FAILURES as e:
+            self._count_errors(1)
+            raise StoreError(
+                f"{self.name} tier: listing multipart uploads of "
+                f"s3://{self.bucket}/{self.prefix} failed: {e}"
+            ) from e
+        aborted = 0
+        for u in stale:
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]
+                )
+                aborted += 1
+            except _FAILURES as e:
+                self._count_errors(1)
+                logger.warning("%s tier: cannot abort upload of %s: %s", self.name, u["Key"], e)
+        if aborted:
+            logger.info("%s tier: aborted %d stale multipart uploads", self.name, aborted)
+        return aborted
 
     # --- requests (one key each; run on the pool) ------------------------------------
 

@@ -33,6 +33,7 @@ one model with one config share every chunk.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -111,6 +112,8 @@ class RequestPlan:
             ``[save_start, save_end)`` are gathered and put (``save_end == 0``: nothing
             to save); both multiples of the chunk size. The chunks before ``save_start``
             are in the store already (saved in an earlier step, or loaded).
+        salt: the request's chunk-key salt (:func:`_request_salt`: its cache salt and
+            LoRA adapter; ``""``: none).
     """
 
     req_id: str
@@ -120,6 +123,7 @@ class RequestPlan:
     load_end: int = 0
     save_end: int = 0
     save_start: int = 0
+    salt: str = ""
 
 
 @dataclass
@@ -136,6 +140,7 @@ class _Tracked:
 
     token_ids: list[int]
     block_ids: list[int]
+    salt: str = ""  # the request's chunk-key salt (cache salt, LoRA adapter)
     saved_end: int = 0  # tokens of full chunks already in the store (saved or loaded)
     saved_once: bool = False  # a save planned: later ones start at saved_end
 
@@ -188,6 +193,7 @@ class KVTCConnector(KVConnectorBase_V1):
         self._loads: dict[str, tuple[int, int]] = {}  # req_id -> tokens to load next step
         self._tracked: dict[str, _Tracked] = {}
         self._uncacheable: set[str] = set()  # requests the chunk keys cannot name
+        self._salts: dict[str, str] = {}  # req_id -> its chunk-key salt
         # worker side
         self._layout: PagedKVLayout | None = None
         self._load_errors: set[int] = set()
@@ -224,8 +230,10 @@ class KVTCConnector(KVConnectorBase_V1):
         """Prompt tokens the store holds beyond the ``num_computed_tokens`` vLLM has.
 
         Whole chunks only, and never the whole prompt (vLLM computes at least its last
-        token). Side-effect free on the store; requests the keys cannot name (LoRA,
-        multimodal inputs, prompt embeddings, a cache salt) get 0.
+        token). Side-effect free on the store; requests the keys cannot name (multimodal
+        inputs, prompt embeddings) get 0. A request with a cache salt or a LoRA adapter
+        is looked up (and later saved) under its own salt (:func:`_request_salt`), so
+        it shares chunks only with requests of the same salt and adapter.
 
         Returns:
             ``(tokens, False)``: the load is synchronous (done before the step's forward).
@@ -236,12 +244,13 @@ class KVTCConnector(KVConnectorBase_V1):
             self._uncacheable.add(request.request_id)
             return 0, False
         self._uncacheable.discard(request.request_id)
+        salt = self._salts[request.request_id] = _request_salt(request)
         limit = (len(tokens) - 1) // self._chunk * self._chunk
         if limit <= num_computed_tokens:
             return 0, False
         # only from the chunk of vLLM's computed prefix on: the chunks before it need
         # not be in the store
-        hit = self._store.lookup(tokens[:limit], start=num_computed_tokens)
+        hit = self._store.lookup(tokens[:limit], start=num_computed_tokens, salt=salt)
         if hit <= num_computed_tokens:
             return 0, False
         self._matched[request.request_id] = num_computed_tokens
@@ -269,7 +278,8 @@ class KVTCConnector(KVConnectorBase_V1):
             if new.prompt_token_ids is None or new.req_id in self._uncacheable:
                 self._loads.pop(new.req_id, None)
                 continue
-            state = _Tracked(list(new.prompt_token_ids), list(new.block_ids[0]))
+            salt = self._salts.get(new.req_id, "")
+            state = _Tracked(list(new.prompt_token_ids), list(new.block_ids[0]), salt)
             self._tracked[new.req_id] = state
             self._plan(meta, new.req_id, state, new.num_computed_tokens, scheduled[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
@@ -322,6 +332,7 @@ class KVTCConnector(KVConnectorBase_V1):
                 min(load_end, end),
                 save_end,
                 save_start,
+                state.salt,
             )
         )
 
@@ -338,6 +349,7 @@ class KVTCConnector(KVConnectorBase_V1):
         self._loads.pop(req_id, None)
         self._matched.pop(req_id, None)
         self._uncacheable.discard(req_id)
+        self._salts.pop(req_id, None)
 
     # ---- worker side --------------------------------------------------------------------
 
@@ -390,7 +402,11 @@ class KVTCConnector(KVConnectorBase_V1):
         first = plan.load_start // self._chunk * self._chunk  # the KV fetched starts here
         try:
             got = self._store.get(
-                plan.token_ids, n_tokens=want, device=layout.device, start=plan.load_start
+                plan.token_ids,
+                n_tokens=want,
+                device=layout.device,
+                start=plan.load_start,
+                salt=plan.salt,
             )
         except Exception as exc:  # noqa: BLE001 - a failed load is a recompute, not a crash
             log.warning("request %s: loading KV failed: %s", plan.req_id, exc)
@@ -446,7 +462,7 @@ class KVTCConnector(KVConnectorBase_V1):
             try:
                 keys, values = self._layout.gather(blocks)
                 tokens = torch.tensor(plan.token_ids[: plan.save_end])
-                self._store.put(tokens, keys, values, start=plan.save_start)
+                self._store.put(tokens, keys, values, start=plan.save_start, salt=plan.salt)
             except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
                 log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
 
@@ -487,15 +503,22 @@ def _attention_spec(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
 
 
 def _cacheable_prompt(request: Request) -> list[int] | None:
-    """The prompt's token ids if the store's keys name its KV, else None (LoRA adapters,
-    multimodal inputs and prompt embeddings change the KV; a cache salt asks for
-    isolation the keys do not give)."""
-    if (
-        request.prompt_token_ids is None
-        or request.prompt_embeds is not None
-        or request.mm_features
-        or request.lora_request is not None
-        or getattr(request, "cache_salt", None)
-    ):
+    """The prompt's token ids if the store's keys name its KV, else None (multimodal
+    inputs and prompt embeddings change the KV in ways token ids do not tell; a cache
+    salt or a LoRA adapter goes into the key's salt, :func:`_request_salt`)."""
+    if request.prompt_token_ids is None or request.prompt_embeds is not None or request.mm_features:
         return None
     return list(request.prompt_token_ids)
+
+
+def _request_salt(request: Request) -> str:
+    """The chunk-key salt of a request: its ``cache_salt`` and its LoRA adapter's
+    identity (``lora_name`` and ``lora_int_id``, what vLLM's own prefix-cache block
+    hashes take from a LoRA request), as JSON; ``""`` for a plain request, whose keys
+    stay those of every other plain request."""
+    cache_salt = getattr(request, "cache_salt", None) or ""
+    lora = request.lora_request
+    if not cache_salt and lora is None:
+        return ""
+    adapter = None if lora is None else [lora.lora_name, lora.lora_int_id]
+    return json.dumps({"cache_salt": cache_salt, "lora": adapter}, sort_keys=True)

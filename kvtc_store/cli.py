@@ -44,8 +44,9 @@ def _quiet_transformers() -> None:
 
 def cmd_demo(args) -> int:
     from .calibration import CalibrationSettings
-    from .demo import format_report, run_demo
+    from .demo import check_demo_args, format_report, run_demo
 
+    check_demo_args(args.ratio, args.doc_tokens, args.windows)  # before touching anything
     _quiet_transformers()
 
     report = run_demo(
@@ -169,7 +170,9 @@ def _s3_heads(backend, sizes: dict):
 def _tier_usage(tier) -> dict:
     """Chunks and bytes of one configured tier, read from where it keeps them.
 
-    Memory and GPU tiers live inside a serving process: there is nothing to read.
+    Memory and GPU tiers live inside a serving process: there is nothing to read. A
+    report never changes a store: the disk tier is opened read-only (nothing evicted or
+    cleaned) and the S3 tier without its open-time cleanup of stale uploads.
     """
     from .backends import DiskBackend
 
@@ -182,11 +185,13 @@ def _tier_usage(tier) -> dict:
         if not tier.path.is_dir():
             out["note"] = "absent (no such directory)"
             return out
-        u = DiskBackend(tier.path, capacity_bytes=sys.maxsize).usage()  # evicts nothing
+        disk = DiskBackend(tier.path, tier.capacity, read_only=True)
+        u = disk.usage()
+        disk.close()
     else:
         from .config import build_tier
 
-        backend = build_tier(tier)
+        backend = build_tier(tier.model_copy(update={"abort_uploads_after": None}))
         out["where"] = f"s3://{tier.bucket}/{backend.prefix}"
         try:
             u = backend.list_chunks()
@@ -212,9 +217,13 @@ def cmd_stats(args) -> int:
         if not Path(args.disk).is_dir():
             print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
             return 2
-        u = DiskBackend(args.disk, capacity_bytes=args.capacity).usage()
+        disk = DiskBackend(args.disk, capacity_bytes=args.capacity, read_only=True)
+        u = disk.usage()
+        disk.close()
         by = _format_by_artifact(_by_artifact(_disk_heads(args.disk)))
-        print(f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB{by}")
+        print(
+            f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB allocated{by}"
+        )
         return 0
     from .config import load_config
 
@@ -496,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "--capacity",
         type=int,
         default=1 << 40,
-        help="byte cap to open the tier with (default 1 TiB: evicts nothing)",
+        help="byte cap to report against (the tier is opened read-only: nothing is evicted)",
     )
     s.set_defaults(fn=cmd_stats)
     _codec_parser(sub)

@@ -49,7 +49,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
+from .errors import BucketNotFoundError, ConfigError, StoreError
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -173,6 +173,10 @@ class _TierBase(_Model):
     """Name in logs, stats and ``usage()``; default: the kind. Unique within a store."""
     eviction: Literal["lru"] = "lru"
     """Eviction policy; ``"s3fifo"`` is offered by memory and gpu tiers only."""
+    deadline: StrictFloat | None = Field(None, gt=0)
+    """Most seconds the store waits for one call to this tier before it counts as failed
+    (a miss for reads); default: 5 for disk and s3 tiers, none for the in-process gpu and
+    memory tiers (they never wait on I/O)."""
 
     @property
     def label(self) -> str:
@@ -230,6 +234,14 @@ class S3TierConfig(_TierBase):
     connect_timeout: StrictFloat = Field(2.0, gt=0)
     read_timeout: StrictFloat = Field(10.0, gt=0)
     max_attempts: StrictInt = Field(3, ge=1)
+    abort_uploads_after: StrictFloat | None = Field(86_400.0, gt=0)
+    """At open, abort this tier's multipart uploads (under ``prefix``) begun more than
+    this many seconds ago: parts a crashed writer left; null: leave them (a bucket
+    lifecycle rule ``AbortIncompleteMultipartUpload`` does it server-side)."""
+    check_bucket: StrictBool = True
+    """Ask the endpoint whether the bucket exists when the tier opens (within the tier's
+    deadline): a missing or misspelt bucket is a ``BucketNotFoundError`` then, not a
+    silent miss later; an endpoint that does not answer is logged and the tier opens."""
 
 
 TierConfig = Annotated[
@@ -346,6 +358,28 @@ class MetricsConfig(_Model):
     """Address the server listens on."""
 
 
+class BreakerConfig(_Model):
+    """Circuit breaker of every tier (:mod:`kvtc_store.guard`): after ``failures``
+    consecutive failed or timed-out calls a tier is skipped for ``backoff`` seconds, then
+    probed with one call; each failed probe doubles the back-off, up to ``max_backoff``."""
+
+    failures: StrictInt = Field(3, ge=1)
+    backoff: StrictFloat = Field(1.0, gt=0)
+    max_backoff: StrictFloat = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BreakerConfig:
+        if self.max_backoff < self.backoff:
+            raise ValueError(f"max_backoff {self.max_backoff} is below backoff {self.backoff}")
+        return self
+
+    def settings(self):
+        """The :class:`~kvtc_store.guard.BreakerSettings` this config names."""
+        from .guard import BreakerSettings
+
+        return BreakerSettings(self.failures, self.backoff, self.max_backoff)
+
+
 class StoreConfig(_Model):
     """One tiered store: tiers from the top (fastest) down, chunking, tenant, write-down,
     prefetch, metrics, codec."""
@@ -358,6 +392,7 @@ class StoreConfig(_Model):
     prefetch_buffer: ByteCount = 256 * 2**20
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     @field_validator("chunk_tokens")
     @classmethod
@@ -597,6 +632,8 @@ def build_tiers(cfg: StoreConfig) -> list[Backend]:
                 log.warning("optional tier %s left out: %s", tier.label, exc)
                 continue
             backend.name = tier.label
+            if tier.deadline is not None:
+                backend.deadline_s = tier.deadline
             built.append(backend)
     except BaseException:
         for backend in built:
@@ -645,7 +682,7 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
                 ) from exc
             raise ConfigError(f"tiers.{i}: the s3 backend cannot be imported: {exc}") from exc
         try:
-            return S3Backend(
+            backend = S3Backend(
                 tier.bucket,
                 prefix=tier.prefix,
                 endpoint_url=tier.endpoint_url,
@@ -656,9 +693,26 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
                 read_timeout=tier.read_timeout,
                 max_attempts=tier.max_attempts,
             )
+            if (not tier.check_bucket or backend.check_bucket(tier.deadline)) and (
+                tier.abort_uploads_after is not None
+            ):
+                _abort_stale_uploads(backend, tier.abort_uploads_after)
+        except BucketNotFoundError as exc:
+            backend.close()
+            raise BucketNotFoundError(f"tiers.{i}.bucket: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"tiers.{i}: {exc}") from exc
+        return backend
     raise ConfigError(f"tiers.{i}: unknown tier kind {type(tier).__name__}")  # pragma: no cover
+
+
+def _abort_stale_uploads(backend, older_than_s: float) -> None:
+    """Abort an S3 tier's stale multipart uploads at open; a failure is logged (the tier
+    still opens)."""
+    try:
+        backend.abort_stale_uploads(older_than_s)
+    except StoreError as exc:
+        log.warning("tier %s: stale multipart uploads not cleaned: %s", backend.name, exc)
 
 
 def codec_from_config(

@@ -27,6 +27,7 @@ import torch
 from .backends import DiskBackend, MemoryBackend
 from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate, settings_dir
 from .codec import KVTCCodec
+from .errors import ConfigError
 from .evaluate import compare_logits, continuation_logits
 from .keys import ChunkNamespace
 from .model import cache_home, kv_from_cache, load_model
@@ -79,6 +80,30 @@ def document_ids(tokenizer, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:n_tokens], ids[n_tokens : n_tokens + 256]
 
 
+MIN_DOC_TOKENS = 512
+"""Shortest demo document: two 256-token chunks (one reused beyond the exact window)."""
+MAX_DOC_TOKENS = 8000
+"""Longest: SmolLM2's context (8,192 tokens) less the question and the answer."""
+
+
+def check_demo_args(target_ratio: float, doc_tokens: int, windows: int = 24) -> None:
+    """Refuse demo arguments the demo cannot run with, before it touches anything.
+
+    Raises:
+        ConfigError: ``doc_tokens`` outside [512, 8000], ``target_ratio`` not above 1, or
+            ``windows`` below 1; the message names the argument.
+    """
+    if not MIN_DOC_TOKENS <= doc_tokens <= MAX_DOC_TOKENS:
+        raise ConfigError(
+            f"--doc-tokens must be in [{MIN_DOC_TOKENS}, {MAX_DOC_TOKENS}] (two 256-token "
+            f"chunks at least, within SmolLM2's context), got {doc_tokens}"
+        )
+    if not target_ratio > 1:
+        raise ConfigError(f"--ratio must be above 1, got {target_ratio:g}")
+    if windows < 1:
+        raise ConfigError(f"--windows must be at least 1, got {windows}")
+
+
 def run_demo(
     target_ratio: float = 16.0,
     doc_tokens: int = 4000,
@@ -98,8 +123,14 @@ def run_demo(
         settings: calibration settings.
         progress: calibration progress callback ``(done, total, stage)``.
         log: one-line status messages.
+
+    Raises:
+        ConfigError: arguments out of range (:func:`check_demo_args`), before anything
+            is loaded or the store folder emptied.
     """
     from kvtc_store.connectors.transformers import PrefixCachingLM, greedy_continue
+
+    check_demo_args(target_ratio, doc_tokens, settings.windows if settings else 24)
 
     log("loading SmolLM2-135M-Instruct")
     model, tok, info = load_model()

@@ -31,6 +31,12 @@ class BlobFormatError(BlobError):
     """The bytes are not a kvtc blob (wrong magic) or use an unknown format version or coder."""
 
 
+class BlobMisfiledError(BlobError):
+    """The blob is intact but was written for another chunk: its header's key digest,
+    first position or token count is not the one of the key it was fetched under (a blob
+    copied or misfiled under another chunk's name)."""
+
+
 class CodecMismatchError(BlobError):
     """The blob was written by another codec artifact or for another model than the decoder's."""
 
@@ -72,6 +78,11 @@ class CapacityError(StoreError):
 
 class ConfigError(KVTCError):
     """A configuration value is invalid; the message names the field."""
+
+
+class BucketNotFoundError(ConfigError):
+    """The S3 tier's bucket does not exist at its endpoint (missing or misspelt); the
+    message names the bucket."""
 
 
 # --- GPU -----------------------------------------------------------------------------------

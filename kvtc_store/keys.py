@@ -52,6 +52,9 @@ class ChunkNamespace:
             rank and size, dtype); layouts never share chunks.
         tenant: Tenant salt; ``""`` is the shared namespace. Different tenants
             never see each other's chunks.
+        salt: Per-request isolation within the tenant (a serving engine's cache salt,
+            a LoRA adapter's identity): requests of different salts never share a
+            chunk. ``""`` (none) leaves the key encoding as it was before the field.
 
     Raises:
         TypeError: a field is not a ``str``.
@@ -60,9 +63,10 @@ class ChunkNamespace:
     model_fingerprint: str
     kv_layout: str
     tenant: str = ""
+    salt: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("model_fingerprint", "kv_layout", "tenant"):
+        for field in ("model_fingerprint", "kv_layout", "tenant", "salt"):
             value = getattr(self, field)
             if not isinstance(value, str):
                 raise TypeError(f"ChunkNamespace.{field} must be a str, got {type(value).__name__}")
@@ -74,12 +78,15 @@ class ChunkNamespace:
         its UTF-8 bytes, in field order. Length prefixes make the encoding
         self-delimiting: ``("ab", "c")`` and ``("a", "bc")`` differ, and the
         token bytes that follow in the chain cannot be confused with a field.
+        A non-empty ``salt`` follows as ``b"salt"`` and a fourth such field (so every
+        key without one is what it was; a salted link hashes more bytes, so it never
+        equals an unsalted one).
         """
         parts = [_NAMESPACE_TAG]
-        for value in (self.model_fingerprint, self.kv_layout, self.tenant):
+        fields = [(b"", self.model_fingerprint), (b"", self.kv_layout), (b"", self.tenant)]
+        for tag, value in fields + ([(b"salt", self.salt)] if self.salt else []):
             raw = value.encode("utf-8")
-            parts.append(struct.pack("<I", len(raw)))
-            parts.append(raw)
+            parts += [tag, struct.pack("<I", len(raw)), raw]
         return b"".join(parts)
 
 

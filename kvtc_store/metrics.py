@@ -25,12 +25,6 @@ Per tier (label ``tier``), read from the tiers at scrape time (no double bookkee
 Per store: ``kvtc_encode_seconds`` and ``kvtc_decode_seconds`` (histograms, one
 observation per ``put`` encode and per ``get`` decode), ``kvtc_encode_chunks_total``,
 ``kvtc_store_chunks_served_total`` (label ``source``: a tier, ``write-queue`` or
-``prefetch``), ``kvtc_store_corrupt_chunks_total``.
-
-With a codec that follows a registry profile (``codec.registry``;
-:class:`~kvtc_store.registry.VersionedCodec`), :class:`VersionMetrics` adds:
-
-========================================  ===================================================
 ``kvtc_codec_current_info``               1, labels ``profile`` and ``artifact_id``: what
                                           new chunks are encoded with
 ``kvtc_codec_artifact_hits_total``        chunks decoded, by ``artifact_id``
@@ -39,7 +33,14 @@ With a codec that follows a registry profile (``codec.registry``;
 ``kvtc_codec_refresh_failures_total``     pointer reads that failed (registry unreachable)
 ``kvtc_codec_cached_artifacts``           artifacts held in memory
 ========================================  ===================================================
-"""
+=======
+``prefetch``), ``kvtc_store_corrupt_chunks_total``, ``kvtc_store_misfiled_chunks_total``,
+``kvtc_store_undecodable_chunks_total``.
+
+With a codec that follows a registry profile (``codec.registry``;
+:class:`~kvtc_store.registry.VersionedCodec`), :class:`VersionMetrics` adds:
+
+========================================  ============================================"""
 
 from __future__ import annotations
 
@@ -177,6 +178,9 @@ class StoreMetrics:
         chunks_encoded: counter of chunks encoded by ``put``.
         chunks_served: counter of chunks ``get`` returned, by ``source``.
         corrupt_chunks: counter of blobs dropped because they did not decode.
+        misfiled_chunks: counter of intact blobs dropped because they were written for
+            another chunk than the key they were fetched under.
+        undecodable_chunks: counter of blobs dropped because no codec here decodes them.
     """
 
     def __init__(self, stack: TierStack, registry: CollectorRegistry | None = None) -> None:
@@ -204,6 +208,17 @@ class StoreMetrics:
         self.corrupt_chunks = Counter(
             "kvtc_store_corrupt_chunks",
             "Blobs that failed their checksum or did not decode (deleted, served as misses).",
+            registry=r,
+        )
+        self.misfiled_chunks = Counter(
+            "kvtc_store_misfiled_chunks",
+            "Intact blobs written for another chunk than the key they were under (deleted, "
+            "served as misses).",
+            registry=r,
+        )
+        self.undecodable_chunks = Counter(
+            "kvtc_store_undecodable_chunks",
+            "Blobs written by a codec this store cannot decode (deleted, served as misses).",
             registry=r,
         )
         r.register(_TierCollector(stack))

@@ -10,8 +10,10 @@ queues with back-pressure). A get fetches the longest cached prefix with one bat
 call per tier, each chunk from the highest tier holding it, promotes hits, and decodes
 the prefix in one batch. :meth:`TieredStore.prefetch` starts that fetch ahead of need.
 
-A blob that fails its checksum or does not decode is deleted from every tier and
-counted as a miss: a damaged or failed tier never yields wrong KV.
+A blob that fails its checksum, does not decode, or was written for another chunk (its
+header binds it to its key, first position and length) is deleted and counted as a
+miss: a damaged, misfiled or failed tier never yields wrong KV. A blob written by a codec
+this store cannot decode is deleted too, so it never blocks its prefix.
 """
 
 from __future__ import annotations
@@ -30,15 +32,26 @@ from typing_extensions import Self
 
 from .backends import Backend
 from .codec import KVTCCodec
-from .errors import CodecMismatchError, ConfigError, StoreError
+from .codec.blob import ChunkBinding
+from .errors import (
+    BlobError,
+    BlobMisfiledError,
+    CodecMismatchError,
+    ConfigError,
+    StoreError,
+    UnknownArtifactError,
+)
+from .guard import BreakerSettings
 from .keys import ChunkNamespace, chunk_keys
 from .metrics import StoreMetrics
 from .model import ModelInfo
 from .tierstack import TierStack, WriteMode
+from .writedown import FlushResult
 
 log = logging.getLogger(__name__)
 
 PREFETCHED = "prefetch"
+UNREADABLE_KEYS = 65536  # keys of blobs of unknown artifacts remembered (not counted present)
 """Source name of a chunk a get took from what :meth:`TieredStore.prefetch` fetched."""
 
 
@@ -47,8 +60,12 @@ class StoreStats:
     """Counters of one store instance (chunks, bytes, seconds).
 
     ``chunks_hit`` counts chunks served by source: a tier's name, ``"write-queue"`` (a
-    chunk still on its way down) or ``"prefetch"``. ``lower_tier_put_errors`` counts
-    failed write-down batches (each one ``put`` call on a lower tier).
+    chunk still on its way down) or ``"prefetch"``. Blobs dropped by ``get``:
+    ``corrupt_dropped`` (damaged), ``misfiled_dropped`` (an intact blob of another chunk
+    under this key), ``undecodable_dropped`` (written by a codec this store cannot
+    decode; deleted so that it no longer blocks its prefix). ``lower_tier_put_errors`` counts
+    failed write-down batches (each one ``put`` call on a lower tier);
+    ``writedown_failed_chunks`` the chunks in them.
     """
 
     chunks_put: int = 0
@@ -58,7 +75,10 @@ class StoreStats:
     chunks_hit: dict[str, int] = field(default_factory=dict)
     chunks_missed: int = 0
     corrupt_dropped: int = 0
+    misfiled_dropped: int = 0
+    undecodable_dropped: int = 0
     lower_tier_put_errors: int = 0
+    writedown_failed_chunks: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -103,6 +123,8 @@ class TieredStore:
             (they are also promoted into the top tier).
         metrics_registry: Prometheus registry for :attr:`metrics`; default: the
             store's own.
+        breaker: circuit-breaker settings of every tier (:mod:`kvtc_store.guard`;
+            each tier's deadline is its ``deadline_s``).
 
     Attributes:
         tiers: the backends, top first.
@@ -123,10 +145,11 @@ class TieredStore:
         write_queue_chunks: int = 256,
         prefetch_buffer_bytes: int = 256 << 20,
         metrics_registry=None,
+        breaker: BreakerSettings | None = None,
     ):
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
-        self._stack = TierStack(tiers, write_mode, queue_chunks=write_queue_chunks)
+        self._stack = TierStack(tiers, write_mode, queue_chunks=write_queue_chunks, breaker=breaker)
         self.tiers = self._stack.tiers
         self.codec = codec
         self.namespace = namespace
@@ -139,6 +162,7 @@ class TieredStore:
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._inflight: dict[str, Future] = {}  # key -> its prefetch job
         self._prefetched: OrderedDict[str, bytes] = OrderedDict()
+        self._unreadable: OrderedDict[str, None] = OrderedDict()  # kept, not counted present
         self._prefetch_source: dict[str, str] = {}  # key -> tier a prefetched blob came from
         self._prefetched_bytes = 0
         self.prefetch_buffer_bytes = prefetch_buffer_bytes
@@ -202,6 +226,7 @@ class TieredStore:
             write_mode=cfg.write_mode,
             write_queue_chunks=cfg.write_queue_chunks,
             prefetch_buffer_bytes=cfg.prefetch_buffer,
+            breaker=cfg.breaker.settings(),
         )
         if cfg.metrics.port is not None:
             port = store.metrics.serve(cfg.metrics.port, cfg.metrics.addr)
@@ -210,11 +235,14 @@ class TieredStore:
 
     # --- keys and lookup -----------------------------------------------------------------
 
-    def keys_for(self, tokens) -> list[str]:
-        """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D)."""
-        return chunk_keys(tokens, self.namespace, self.chunk_tokens)
+    def keys_for(self, tokens, salt: str = "") -> list[str]:
+        """Chunk keys of every full chunk of ``tokens`` (token ids, 1-D), in the store's
+        namespace with ``salt`` (per-request isolation: an engine's cache salt or LoRA
+        adapter; requests of different salts never share a chunk)."""
+        ns = self.namespace if not salt else replace(self.namespace, salt=salt)
+        return chunk_keys(tokens, ns, self.chunk_tokens)
 
-    def lookup(self, tokens, start: int = 0) -> int:
+    def lookup(self, tokens, start: int = 0, salt: str = "") -> int:
         """Length in tokens of the longest cached prefix of ``tokens``.
 
         One batched ``exists`` per tier, asked only for chunks no tier above holds;
@@ -228,9 +256,10 @@ class TieredStore:
                 chunk), for an engine that holds the KV before it: the result is then
                 the end of the cached run of chunks that begins there (``start``
                 rounded down when that chunk is missing).
+            salt: the request's isolation salt (:meth:`keys_for`).
         """
         first = self._first_chunk(start)
-        ckeys = self.keys_for(tokens)[first:]
+        ckeys = self.keys_for(tokens, salt)[first:]
         return (first + self._cached_chunks(ckeys)) * self.chunk_tokens
 
     def _first_chunk(self, start: int) -> int:
@@ -250,9 +279,10 @@ class TieredStore:
             self._wait_for_prefetches(keys)
         with self._lock:
             ready = [k in self._prefetched for k in keys]
+            unreadable = [k in self._unreadable for k in keys]
         present = ready if all(ready) else self._stack.exists(keys, local_only)
         n = 0
-        while n < len(keys) and (present[n] or ready[n]):
+        while n < len(keys) and (present[n] or ready[n]) and not unreadable[n]:
             n += 1
         return n
 
@@ -266,7 +296,9 @@ class TieredStore:
     # --- put -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def put(self, tokens, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> PutResult:
+    def put(
+        self, tokens, keys: torch.Tensor, values: torch.Tensor, start: int = 0, salt: str = ""
+    ) -> PutResult:
         """Store the KV of every full chunk of ``tokens`` not yet stored.
 
         Args:
@@ -277,6 +309,7 @@ class TieredStore:
             start: first token the KV holds, a multiple of ``chunk_tokens``: only the
                 chunks from there on are stored (an engine that holds the KV of a
                 suffix); the chunks before it are neither written nor needed.
+            salt: the request's isolation salt (:meth:`keys_for`).
 
         The stored sequence is the full chunks of ``tokens``; its last ``window`` tokens
         are stored exactly. The prefix already cached in a local tier (or queued) is
@@ -299,7 +332,7 @@ class TieredStore:
         if start % self.chunk_tokens:
             raise ValueError(f"start {start} is not a multiple of {self.chunk_tokens}")
         first = self._first_chunk(start)
-        ckeys = self.keys_for(tokens)
+        ckeys = self.keys_for(tokens, salt)
         stored = len(ckeys) * self.chunk_tokens
         if start + keys.shape[2] < stored:
             raise ValueError(
@@ -319,10 +352,15 @@ class TieredStore:
             values[:, :, s - start : stored - start],
             first_position=s,
             chunk_tokens=self.chunk_tokens,
+            chunk_keys=[ckeys[i] for i in todo],
         )
         dt = time.perf_counter() - t0
         self.metrics.encode_seconds.observe(dt)
         self.metrics.chunks_encoded.inc(len(blobs))
+        with self._lock:  # blobs of artifacts the codec lacks, replaced by this put
+            stale = [ckeys[i] for i in todo if self._unreadable.pop(ckeys[i], 0) is None]
+        if stale:
+            self._stack.delete(stale)
         self._stack.put([(ckeys[i], b) for i, b in zip(todo, blobs)])
         nbytes = sum(len(b) for b in blobs)
         raw = len(todo) * self.chunk_tokens * keys.shape[0] * keys.shape[1] * keys.shape[3] * 4
@@ -369,6 +407,7 @@ class TieredStore:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         start: int = 0,
+        salt: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """KV of the longest cached prefix of ``tokens`` (up to ``n_tokens``).
 
@@ -382,6 +421,7 @@ class TieredStore:
             device, dtype: of the returned tensors (default: codec device, stored dtype).
             start: fetch from this token on (rounded down to a chunk), for an engine
                 that holds the KV before it; the chunks before it are not fetched.
+            salt: the request's isolation salt (:meth:`keys_for`).
 
         Returns:
             ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
@@ -390,16 +430,21 @@ class TieredStore:
             there. A chunk that is missing, corrupt or undecodable ends the run there
             (corrupt blobs are deleted from every tier).
         """
-        ckeys = self.keys_for(tokens)
+        ckeys = self.keys_for(tokens, salt)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
-        ckeys = ckeys[self._first_chunk(start) :]
+        first = self._first_chunk(start)
+        ckeys = ckeys[first:]
         blobs, sources, origins = self._fetch(ckeys)
         present = 0
         while present < len(blobs) and blobs[present] is not None:
             present += 1
+        ct = self.chunk_tokens
+        expect = [ChunkBinding(k, (first + i) * ct, ct) for i, k in enumerate(ckeys[:present])]
         t0 = time.perf_counter()
-        chunks, error = self.codec.decode_prefix(blobs[:present], device=device, dtype=dtype)
+        chunks, error = self.codec.decode_prefix(
+            blobs[:present], device=device, dtype=dtype, expect=expect
+        )
         dt = time.perf_counter() - t0
         self.metrics.decode_seconds.observe(dt)
         for src in sources[: len(chunks)]:
@@ -409,22 +454,11 @@ class TieredStore:
             st.decode_seconds += dt
             for src in sources[: len(chunks)]:
                 st.chunks_hit[src] = st.chunks_hit.get(src, 0) + 1
-            if present < len(blobs):
-                st.chunks_missed += 1
-        if isinstance(error, CodecMismatchError):
-            # Written by another codec version: valid data this codec cannot read. Keep
-            # it (a re-encode job migrates it); serve a miss from there on.
-            log.info("chunk %s needs another codec: %s", ckeys[len(chunks)][:12], error)
-            with self._lock:
-                self._stats.chunks_missed += 1
-        elif error is not None:
-            key, origin = ckeys[len(chunks)], origins[len(chunks)]
-            log.warning("dropping undecodable chunk %s (from %s): %s", key[:12], origin, error)
-            self.metrics.corrupt_chunks.inc()
-            with self._lock:
-                self._stats.corrupt_dropped += 1
-            # from the tier that served it and the tiers it was promoted into
-            self._stack.delete([key], through=origin)
+            if present < len(blobs) or error is not None:
+                st.chunks_missed += 1  # the prefix ends at a missing or undecodable chunk
+        if error is not None:
+            i = len(chunks)
+            self._drop_bad_chunk(ckeys[i], origins[i], error, list(zip(ckeys, blobs))[i + 1 :])
         if not chunks:
             return None
         return (
@@ -432,7 +466,72 @@ class TieredStore:
             torch.cat([c.values for c in chunks], dim=2),
         )
 
-    def prefetch(self, tokens, n_tokens: int | None = None) -> Future:
+    def _drop_bad_chunk(
+        self,
+        key: str,
+        origin: str | None,
+        error: Exception,
+        rest: list[tuple[str, bytes | None]],
+    ) -> None:
+        """Count and delete a fetched blob that did not decode as the chunk ``key``.
+
+        - :class:`~kvtc_store.errors.UnknownArtifactError` (a registry's store meets a blob
+          of an artifact the registry does not hold, perhaps not yet): kept, but no
+          longer counted present by ``lookup`` (in this process, for the last
+          :data:`UNREADABLE_KEYS` such keys), so the next put writes it again.
+        - :class:`CodecMismatchError` (written by a codec this store cannot decode): it
+          would block its prefix for ever (counted present by ``lookup``, skipped by
+          ``put``), so it is deleted from every tier, with the blobs of ``rest`` (the
+          chunks fetched after it) that this codec cannot decode either; the next put of
+          that prefix writes them again with this store's codec.
+        - :class:`BlobMisfiledError` (an intact blob of another chunk) and a damaged blob:
+          deleted from the tier that served it and the tiers it was promoted into (the
+          copies below may be good).
+        """
+        if isinstance(error, UnknownArtifactError):
+            # another version's chunk, maybe one the registry will hold (a replica running
+            # a newer codec): kept, a counted miss (the codec counts it), no longer counted
+            # present by lookup, and overwritten by the next put of its prefix
+            log.info("chunk %s (from %s): %s", key[:12], origin, error)
+            with self._lock:
+                self._unreadable[key] = None
+                while len(self._unreadable) > UNREADABLE_KEYS:
+                    self._unreadable.popitem(last=False)
+            return
+        if isinstance(error, CodecMismatchError):
+            log.warning(
+                "dropping chunk %s (from %s) no codec here decodes: %s", key[:12], origin, error
+            )
+            foreign = [key] + [k for k, b in rest if b is not None and not self._decodable(b)]
+            self.metrics.undecodable_chunks.inc(len(foreign))
+            with self._lock:
+                self._stats.undecodable_dropped += len(foreign)
+            self._stack.delete(foreign)
+            return
+        if isinstance(error, BlobMisfiledError):
+            log.warning("dropping misfiled blob under %s (from %s): %s", key[:12], origin, error)
+            self.metrics.misfiled_chunks.inc()
+            through, counter = origin, "misfiled_dropped"
+        else:
+            log.warning("dropping undecodable chunk %s (from %s): %s", key[:12], origin, error)
+            self.metrics.corrupt_chunks.inc()
+            through, counter = origin, "corrupt_dropped"
+        with self._lock:
+            setattr(self._stats, counter, getattr(self._stats, counter) + 1)
+        self._stack.delete([key], through=through)
+
+    def _decodable(self, blob: bytes) -> bool:
+        """Whether this store's codec can decode ``blob`` (its header, checked; a damaged
+        blob counts as decodable here: the get that meets it drops it as corrupt)."""
+        try:
+            self.codec.read_header(blob)
+        except CodecMismatchError:
+            return False
+        except BlobError:
+            pass
+        return True
+
+    def prefetch(self, tokens, n_tokens: int | None = None, salt: str = "") -> Future:
         """Start fetching the cached prefix of ``tokens`` in the background.
 
         The blobs of the chunks not in the top tier are fetched (one batched call per
@@ -443,6 +542,7 @@ class TieredStore:
         Args:
             tokens: token ids ``(T,)``.
             n_tokens: prefetch at most this many tokens (whole chunks).
+            salt: the request's isolation salt (:meth:`keys_for`).
 
         Returns:
             A future of the cached prefix length in tokens once the fetch is done (a
@@ -452,7 +552,7 @@ class TieredStore:
         Raises:
             StoreError: the store is closed.
         """
-        ckeys = self.keys_for(tokens)
+        ckeys = self.keys_for(tokens, salt)
         if n_tokens is not None:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
         with self._lock:
@@ -505,22 +605,25 @@ class TieredStore:
 
     # --- life cycle ----------------------------------------------------------------------
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None) -> FlushResult:
         """Wait until the lower tiers have every chunk put so far.
 
         Returns:
-            True when every queued write is done (written, or failed and counted);
-            False if ``timeout`` seconds passed first.
+            :class:`~kvtc_store.writedown.FlushResult`: ``complete`` (False if
+            ``timeout`` seconds passed first) and, per tier, the chunks whose write-down
+            failed since the previous flush (counts and keys). Truthy only when complete
+            and nothing failed.
         """
         return self._stack.flush(timeout)
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None) -> FlushResult:
         """Flush (up to ``timeout`` seconds), stop the writer and prefetch threads, stop
-        the metrics server and close the tiers. Returns whether the flush finished.
-        Idempotent; the store must not be used afterwards."""
+        the metrics server and close the tiers. Returns the flush's
+        :class:`~kvtc_store.writedown.FlushResult`; past ``timeout`` no tier is waited
+        for. Idempotent; the store must not be used afterwards."""
         with self._lock:
             if self._closed:
-                return True
+                return FlushResult(True)
             self._closed = True
             pool, self._prefetch_pool = self._prefetch_pool, None
         if pool is not None:
@@ -545,6 +648,8 @@ class TieredStore:
         with self._lock:
             snap = replace(self._stats, chunks_hit=dict(self._stats.chunks_hit))
         snap.lower_tier_put_errors = sum(n for (_, op), n in failures.items() if op == "write-down")
+        wd = self._stack.write_down
+        snap.writedown_failed_chunks = sum(wd.failed(t) for t in range(1, len(self.tiers)))
         return snap
 
     def queue_depths(self) -> dict[str, int]:
@@ -565,11 +670,15 @@ class TieredStore:
 
 def _release(
     stack: TierStack, metrics: StoreMetrics, timeout: float | None = 60.0, wait: bool = True
-) -> bool:
+) -> FlushResult:
     """Flush and close a store's tiers and metrics server (also its finalizer, with
     ``wait=False``: no thread joined)."""
     metrics.close()
     flushed = stack.close(timeout, wait=wait)
-    if not flushed:
+    if not flushed.complete:
         log.warning("store closed with chunks still queued for the lower tiers")
+    if flushed.failed_chunks:
+        log.warning(
+            "store closed; write-downs failed since the last flush: %s", flushed.failed_chunks
+        )
     return flushed

@@ -15,6 +15,11 @@ DESIGN.md, "The tiered store". The stack knows keys and bytes only; the tiered s
 - **faults**: a tier that raises on a read counts as a miss for that call, is logged and
   counted (:meth:`TierStack.failures`); a failed write-down is counted likewise. Nothing
   is ever served but the bytes a tier returned for the key asked.
+- **deadlines and breakers** (:mod:`kvtc_store.guard`): every call to a tier goes through
+  its :class:`~kvtc_store.guard.TierGuard`: a tier with a deadline (``Backend.deadline_s``:
+  disk and S3 by default) is waited for at most that long, and a tier that keeps failing
+  is skipped for a back-off, then probed again. A silent tier is then a miss within its
+  deadline, and a skipped one costs nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Literal
 
 from .backends import Backend
 from .errors import ConfigError, KVTCError, StoreError
-from .writedown import WriteDown
+from .guard import BreakerSettings, TierGuard, TierUnavailableError
+from .writedown import FlushResult, WriteDown
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,9 @@ class TierStack:
         queue_chunks: capacity of each lower tier's queue, in chunks; a put blocks
             while a queue it needs is full (back-pressure).
         batch_chunks: most chunks one write-down ``put`` carries.
+        breaker: circuit-breaker settings of every tier (default
+            :class:`~kvtc_store.guard.BreakerSettings`); each tier's deadline is its
+            ``deadline_s`` attribute.
 
     Raises:
         ConfigError: no tiers, duplicate tier names, an unknown write mode, or a queue
@@ -80,6 +89,7 @@ class TierStack:
         write_mode: WriteMode = "write-through",
         queue_chunks: int = 256,
         batch_chunks: int = 32,
+        breaker: BreakerSettings | None = None,
     ) -> None:
         if not tiers:
             raise ConfigError("a tier stack needs at least one tier")
@@ -98,12 +108,14 @@ class TierStack:
         self.write_mode = write_mode
         self._lock = threading.Lock()
         self._failures: dict[tuple[str, str], int] = {}
+        self.guards = [TierGuard(t.name, getattr(t, "deadline_s", None), breaker) for t in tiers]
         self.write_down = WriteDown(
             self.tiers,
             queue_chunks=queue_chunks,
             batch_chunks=batch_chunks,
             skip_present=write_mode == "write-back",
             on_failure=lambda t, n, exc: self._count_failure(self.tiers[t], "write-down"),
+            call=self.call,
         )
         if write_mode == "write-back":
             for t, tier in enumerate(self.tiers[:-1]):
@@ -123,7 +135,7 @@ class TierStack:
         """
         if not items:
             return
-        self.tiers[0].put(items)
+        self.call(0, "put", self.tiers[0].put, items)
         if self.write_mode == "write-through":
             self.write_down.submit_all(items)
 
@@ -136,9 +148,9 @@ class TierStack:
         last = len(self.tiers) if through not in names else names.index(through) + 1
         if through == QUEUED:
             last = 1
-        for tier in self.tiers[:last]:
+        for t, tier in enumerate(self.tiers[:last]):
             try:
-                tier.delete(keys)
+                self.call(t, "delete", tier.delete, keys)
             except KVTCError as exc:
                 log.warning("tier %s failed on delete: %s", tier.name, exc)
                 self._count_failure(tier, "delete")
@@ -193,7 +205,10 @@ class TierStack:
             if local_only and tier.remote:
                 continue
             try:
-                answers = getattr(tier, op)([keys[i] for i in missing])
+                answers = self.call(t, op, getattr(tier, op), [keys[i] for i in missing])
+            except TierUnavailableError:  # its breaker is open: skipped, a miss
+                self._count_failure(tier, "skipped")
+                continue
             except KVTCError as exc:  # a failed tier is a miss, never an error
                 log.warning("tier %s failed on %s: %s", tier.name, op, exc)
                 self._count_failure(tier, op)
@@ -211,7 +226,7 @@ class TierStack:
             if not items:
                 continue
             try:
-                self.tiers[0].put(items)
+                self.call(0, "promote", self.tiers[0].put, items)
             except StoreError as exc:
                 log.warning("promotion into %s failed: %s", self.tiers[0].name, exc)
                 self._count_failure(self.tiers[0], "promote")
@@ -219,7 +234,16 @@ class TierStack:
                 for u in range(1, t):
                     self.write_down.submit(u, items, block=False)
 
+    def call(self, t: int, op: str, fn, *args):
+        """``fn(*args)``, a call to tier ``t``, under its deadline and breaker
+        (:meth:`TierGuard.call`; raises its named errors)."""
+        return self.guards[t].call(op, fn, *args)
+
     # --- state -----------------------------------------------------------------------------
+
+    def breaker_states(self) -> dict[str, str]:
+        """Each tier's circuit-breaker state (``closed``, ``open``, ``half-open``)."""
+        return {tier.name: g.breaker.state for tier, g in zip(self.tiers, self.guards)}
 
     def _count_failure(self, tier: Backend, op: str) -> None:
         with self._lock:
@@ -227,7 +251,8 @@ class TierStack:
 
     def failures(self) -> dict[tuple[str, str], int]:
         """Failed calls so far by ``(tier name, operation)``; operations: ``get``,
-        ``exists``, ``delete``, ``promote`` and ``write-down`` (one per failed batch)."""
+        ``exists``, ``delete``, ``promote``, ``write-down`` (one per failed batch) and
+        ``skipped`` (a read not sent: the tier's breaker was open)."""
         with self._lock:
             return dict(self._failures)
 
@@ -235,22 +260,26 @@ class TierStack:
         """Chunks queued or in flight for each lower tier, by tier name."""
         return {tier.name: self.write_down.depth(t) for t, tier in enumerate(self.tiers) if t}
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the lower tiers have every chunk queued so far (see
-        :meth:`WriteDown.flush`); False if ``timeout`` seconds passed first."""
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Wait until the lower tiers have every chunk queued so far; what failed since
+        the previous flush (:meth:`WriteDown.flush`)."""
         return self.write_down.flush(timeout)
 
-    def close(self, timeout: float | None = None, wait: bool = True) -> bool:
-        """Flush, stop the writers and close every tier. Returns whether the flush
-        finished in time. ``wait=False``: join no thread (a garbage-collection
+    def close(self, timeout: float | None = None, wait: bool = True) -> FlushResult:
+        """Flush, stop the writers and close every tier. Returns the flush's
+        :class:`FlushResult`; past ``timeout`` no tier is waited for. ``wait=False``: join no thread (a garbage-collection
         finalizer, see :meth:`~kvtc_store.backends.Backend.close`). The stack must not be
         used afterwards."""
         flushed = self.write_down.close(timeout, wait=wait)
-        for tier in self.tiers:
+        # chunks still queued past the timeout: a tier stuck on them must not hold the
+        # close either (its requests end on the client's own timeouts, in the background)
+        for tier, guard in zip(self.tiers, self.guards):
             tier.set_eviction_listener(None)
+            join = wait and flushed.complete and not guard.busy
+            guard.close(wait=join)
             try:
                 # plain close() when waiting: a backend written before `wait` still closes
-                tier.close() if wait else tier.close(wait=False)
+                tier.close() if join else tier.close(wait=False)
             except Exception as exc:  # noqa: BLE001 - close the others regardless
                 log.warning("closing tier %s failed: %s", tier.name, exc)
         return flushed

@@ -25,13 +25,41 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from .backends import Backend
 from .errors import KVTCError, StoreError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WriteDown"]
+__all__ = ["FlushResult", "WriteDown"]
+
+FAILED_KEYS_KEPT = 1000
+"""Most failed keys per tier a :class:`FlushResult` lists (all are counted)."""
+
+
+@dataclass
+class FlushResult:
+    """What a flush saw: whether it finished, and the write-downs that failed since the
+    previous flush.
+
+    Truthy only when everything queued was written: it finished in time and nothing
+    failed (``assert store.flush()`` checks both).
+
+    Attributes:
+        complete: every queue drained before the timeout.
+        failed_chunks: tier name -> chunks whose write-down failed since the previous
+            flush (each chunk counted once per failed attempt).
+        failed_keys: tier name -> the first :data:`FAILED_KEYS_KEPT` of those keys.
+    """
+
+    complete: bool
+    failed_chunks: dict[str, int] = field(default_factory=dict)
+    failed_keys: dict[str, list[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.complete and not self.failed_chunks
+
 
 Items = list[tuple[str, bytes]]
 FailureHook = Callable[[int, int, BaseException], None]
@@ -129,6 +157,8 @@ class WriteDown:
         skip_present: ask the tier which chunks it has first and write only the others
             (write-back: an evicted chunk is often stored below already).
         on_failure: called after a failed batch, in the writer thread.
+        call: ``call(t, op, fn, *args)`` runs ``fn(*args)``, a call to tier ``t`` (the
+            tier stack passes its deadline and breaker guard); default: ``fn(*args)``.
 
     Raises:
         ValueError: ``queue_chunks`` or ``batch_chunks`` below 1.
@@ -141,6 +171,7 @@ class WriteDown:
         batch_chunks: int = 32,
         skip_present: bool = False,
         on_failure: FailureHook | None = None,
+        call: Callable[..., object] | None = None,
     ) -> None:
         if queue_chunks < 1 or batch_chunks < 1:
             raise ValueError(
@@ -150,11 +181,13 @@ class WriteDown:
         self.batch_chunks = batch_chunks
         self.skip_present = skip_present
         self._on_failure = on_failure
+        self._call = call if call is not None else (lambda t, op, fn, *args: fn(*args))
         self._queues = {t: _ChunkQueue(queue_chunks) for t in range(1, len(self.tiers))}
         self._pending: dict[str, list] = {}  # key -> [bytes, submissions not yet done]
         self._lock = threading.Lock()
         self._failed = [0] * len(self.tiers)  # chunks whose write failed, per tier
         self._written = [0] * len(self.tiers)  # chunks handed to the tier successfully
+        self._failed_since: dict[int, list] = {}  # tier -> [chunks, keys] since last flush
         self._closed = False
         self._threads = [
             threading.Thread(
@@ -217,17 +250,30 @@ class WriteDown:
         with self._lock:
             return self._written[t]
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None) -> FlushResult:
         """Wait until every lower tier has every chunk submitted so far.
 
         Repeats until all queues are empty at once (a write may queue more: write-back
         of a chunk that the write evicted from the tier below).
 
         Returns:
-            True when everything is written (or failed and counted); False when
-            ``timeout`` seconds passed first.
+            :class:`FlushResult`: ``complete`` False when ``timeout`` seconds passed
+            first; the chunks whose write failed since the previous flush (reported
+            once). Truthy only when complete and nothing failed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        complete = self._drain(deadline)
+        with self._lock:
+            since, self._failed_since = self._failed_since, {}
+        names = [t.name for t in self.tiers]
+        return FlushResult(
+            complete,
+            {names[t]: n for t, (n, _) in since.items()},
+            {names[t]: keys for t, (_, keys) in since.items()},
+        )
+
+    def _drain(self, deadline: float | None) -> bool:
+        """Wait until all queues are empty at once; False if ``deadline`` passed first."""
         while True:
             for q in self._queues.values():
                 if not q.wait_empty(deadline):
@@ -235,23 +281,24 @@ class WriteDown:
             if all(q.depth == 0 for q in self._queues.values()):
                 return True
 
-    def close(self, timeout: float | None = None, wait: bool = True) -> bool:
+    def close(self, timeout: float | None = None, wait: bool = True) -> FlushResult:
         """Flush (up to ``timeout``), then stop the writers; later submits raise.
         ``wait=False``: do not join the writer threads (they exit once their queues are
         empty; see :meth:`~kvtc_store.backends.Backend.close` for why a finalizer
         must not join).
 
         Returns:
-            Whether everything queued was written before the writers stopped. Chunks
-            still queued when the timeout passes are written by the writers before
-            they exit, if the process lives that long.
+            The last :class:`FlushResult`: whether everything queued was written before
+            the writers stopped, and what failed. Chunks still queued when the timeout
+            passes are written by the writers before they exit, if the process lives
+            that long.
         """
         flushed = self.flush(timeout)
         with self._lock:
             self._closed = True
         for q in self._queues.values():
             q.close()
-        if flushed and wait:
+        if flushed.complete and wait:
             for th in self._threads:
                 th.join()
         return flushed
@@ -289,17 +336,21 @@ class WriteDown:
                 todo = list(dict(batch).items())  # one write per key
                 if self.skip_present:
                     try:
-                        there = tier.exists([k for k, _ in todo])
+                        there = self._call(t, "exists", tier.exists, [k for k, _ in todo])
                         todo = [kv for kv, present in zip(todo, there) if not present]
                     except KVTCError:
                         pass  # cannot tell: write them all (a re-put is a no-op)
                 if todo:
-                    tier.put(todo)
+                    self._call(t, "write-down", tier.put, todo)
                 with self._lock:
                     self._written[t] += len(batch)
             except Exception as exc:  # a writer must outlive any failure
                 with self._lock:
                     self._failed[t] += len(batch)
+                    since = self._failed_since.setdefault(t, [0, []])
+                    since[0] += len(batch)
+                    room = FAILED_KEYS_KEPT - len(since[1])
+                    since[1].extend(k for k, _ in batch[: max(room, 0)])
                 if isinstance(exc, KVTCError):
                     log.warning(
                         "write-down to %s failed (%d chunks): %s", tier.name, len(batch), exc

@@ -142,7 +142,7 @@ class SlowProxy:
     the sockets' lifetime: :meth:`close` shuts them all.
     """
 
-    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+    def __init__(self, upstream: str, delay: float = 0.0, port: int = 0) -> None:
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.delay = delay
@@ -151,7 +151,7 @@ class SlowProxy:
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))  # port 0: a free one
         self._listener.settimeout(0.2)
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -225,3 +225,42 @@ class SlowProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: an S3
+    endpoint gone silent (a hung load balancer, a stopped process whose socket is still
+    open). Real sockets, no mocks. ``connections`` counts what it accepted; ``url`` is
+    its endpoint. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._open = True
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while self._open:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # the timeout (checks _open again) or closed
+                continue
+            self.connections += 1
+            self._held.append(conn)  # kept open, never read, never answered
+
+    def close(self) -> None:
+        self._open = False
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -43,7 +43,8 @@ def test_stats_counts_chunks_of_a_disk_tier(tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert "2 chunks" in out and "0.00 MB" in out
+    allocated = sum(p.stat().st_blocks * 512 for p in tmp_path.rglob("*.kvtc"))
+    assert f"2 chunks, {allocated / 1e6:.2f} MB allocated" in out  # the cap's measure
 
 
 def test_stats_of_a_config_reads_its_disk_and_s3_tiers(tmp_path, s3_endpoint):
@@ -80,12 +81,14 @@ def test_stats_of_a_config_reads_its_disk_and_s3_tiers(tmp_path, s3_endpoint):
     lines = out.stdout.splitlines()
     assert "tenant 'acme'" in lines[0]
     assert "held by each serving process" in lines[1]
-    assert "2 chunks, 0.00 MB of 1.00 MB (0.2%)" in lines[2] and str(tmp_path / "disk") in lines[2]
+    allocated = sum(p.stat().st_blocks * 512 for p in (tmp_path / "disk").rglob("*.kvtc"))
+    share = f"{allocated / 1e6:.2f} MB of 1.00 MB ({100 * allocated / 1e6:.1f}%)"
+    assert f"2 chunks, {share}" in lines[2] and str(tmp_path / "disk") in lines[2]
     assert f"s3://{bucket}/kvtc/: 3 chunks, 0.00 MB" in lines[3]
     report = json.loads(stats("--json").stdout)
     assert [(t["tier"], t.get("chunks"), t.get("used_bytes")) for t in report["tiers"]] == [
         ("memory", None, None),
-        ("disk", 2, 2001),
+        ("disk", 2, allocated),
         ("s3", 3, 3000),
     ]
     dead = f"http://127.0.0.1:{closed_port()}"

@@ -214,7 +214,10 @@ def _real():
 def test_real_chunk_streams_byte_identical():
     real = _real()
     if real is None:
-        pytest.skip("KVTC_GPU_RANS_DATA not set")
+        pytest.skip(
+            "needs a CUDA GPU run with real SmolLM2 data: KVTC_GPU_RANS_DATA names the folder "
+            "benchmarks/gpu_h200_run.sh writes (artifact/ and chunk.safetensors)"
+        )
     art, k, v, first = real
     cpu = KVTCCodec(art)
     blobs = [cpu.encode(k, v, first), cpu.encode(k[:, :, :200], v[:, :, :200], first + 56)]

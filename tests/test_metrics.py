@@ -15,6 +15,7 @@ from tests.s3_server import closed_port
 from tests.tiny_codec import (
     CHUNK,
     tiny_artifact,
+    tiny_blobs,
     tiny_codec,
     tiny_info,
     tiny_namespace,
@@ -37,7 +38,7 @@ def store_of(tiers) -> TieredStore:
 
 def test_per_tier_and_codec_metrics(tmp_path: Path) -> None:
     tokens, keys, values = tiny_sequence(4)
-    blob = max(map(len, tiny_codec().encode_sequence(keys, values, chunk_tokens=CHUNK)))
+    blob = max(map(len, tiny_blobs(tokens, keys, values)))
     with store_of([MemoryBackend(2 * blob + 10), DiskBackend(tmp_path, 1 << 20)]) as store:
         store.put(tokens, keys, values)  # 4 chunks: 2 evicted from memory
         assert store.flush(timeout=30)
@@ -78,7 +79,7 @@ def test_failures_and_errors_of_a_dead_tier(aws_credentials) -> None:
     tokens, keys, values = tiny_sequence(3)
     with store_of([MemoryBackend(1 << 20), dead]) as store:
         store.put(tokens, keys, values)
-        assert store.flush(timeout=30)
+        assert store.flush(timeout=30).failed_chunks == {"s3": 3}
         store.lookup(tiny_sequence(1, seed=5)[0])
         m = samples(store.metrics.text())
     s3 = (("tier", "s3"),)

@@ -124,3 +124,12 @@ def test_malformed_tables_are_rejected() -> None:
         RansTables(TABLES, shift, cls + TABLES.shape[1])
     with pytest.raises(ValueError):
         RansTables(TABLES, shift[:2], cls)
+
+
+def test_no_coded_tokens_decode_to_nothing_and_stray_bytes_are_corrupt() -> None:
+    """Found by benchmarks/reliability.py's fuzzer: a chunk of 0 coded tokens with stream
+    bytes raised numpy's ValueError instead of a named error."""
+    coder = _coder(_laplace(12, 40))
+    assert coder.decode([b""], [0]).shape == (12, 0)
+    with pytest.raises(BlobCorruptError):
+        coder.decode([b"\x00" * 16], [0])

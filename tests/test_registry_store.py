@@ -129,6 +129,12 @@ def test_a_blob_of_an_artifact_the_registry_lacks_is_a_counted_miss(tmp_path, fo
         assert store.codec.unknown_misses == 1
         assert store.tiers[0].get([ckey]) == [foreign]  # kept, not deleted
         assert "kvtc_codec_unknown_artifact_misses_total 1.0" in store.metrics.text()
+        # it blocks nothing: lookup stops before it, and the next put writes it again
+        assert store.lookup(tokens) == CHUNK
+        assert store.put(tokens, keys, values).chunks_written == 2
+        assert store.lookup(tokens) == 3 * CHUNK
+        got = store.get(tokens)
+        assert got is not None and got[0].shape[2] == 3 * CHUNK
 
 
 def test_a_replica_sees_a_promotion_made_by_another_process(tmp_path, folder_registry):

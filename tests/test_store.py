@@ -92,7 +92,7 @@ def test_corrupt_chunk_on_disk_is_dropped_and_missed(artifact8, doc_kv, tmp_path
     assert fresh.lookup(ids) == 512
 
 
-def test_blob_of_another_codec_is_a_miss_and_kept(artifact8, doc_kv, tmp_path):
+def test_blob_of_another_codec_is_a_miss_dropped_and_replaced(artifact8, doc_kv, tmp_path):
     import dataclasses
 
     ids, keys, values = doc_kv
@@ -107,7 +107,13 @@ def test_blob_of_another_codec_is_a_miss_and_kept(artifact8, doc_kv, tmp_path):
     store = _store(other, tmp_path)
     assert store.lookup(ids) == 1024
     assert store.get(ids) is None
-    assert len(list(tmp_path.rglob("*.kvtc"))) == 4  # nothing deleted
+    # no codec here reads them: deleted, so they no longer block the prefix (issue 20)
+    assert store.stats.undecodable_dropped == 4
+    assert store.lookup(ids) == 0
+    assert store.put(ids, keys, values).chunks_written == 4
+    assert store.flush(timeout=60)
+    assert len(list(tmp_path.rglob("*.kvtc"))) == 4
+    assert store.get(ids)[0].shape[2] == 1024
 
 
 def test_disk_chunks_found_by_a_new_process(artifact8, doc_kv, tmp_path):
@@ -168,7 +174,8 @@ def test_s3_lower_tier_shared_and_dead_s3_degrades_to_misses(
     c = TieredStore([MemoryBackend(64 << 20), dead], codec, ns)
     assert c.lookup(ids) == 0 and c.get(ids) is None
     assert c.put(ids, keys, values).chunks_written == 4  # the CPU tier takes it
-    assert c.flush(timeout=60)  # the write-down to S3 fails: counted, never raised
+    flushed = c.flush(timeout=60)  # the write-down to S3 fails: counted, never raised,
+    assert flushed.complete and flushed.failed_chunks == {"s3": 4}  # and reported
     assert c.stats.lower_tier_put_errors == 1
     assert c.lookup(ids) == 1024 and c.get(ids) is not None
     assert dead.usage().errors > 0

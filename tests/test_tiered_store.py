@@ -22,7 +22,14 @@ from kvtc_store.backends import disk as disk_module
 from kvtc_store.errors import CapacityError, ConfigError, StoreError
 from kvtc_store.store import TieredStore
 from tests.s3_server import SlowProxy, closed_port, raw_client
-from tests.tiny_codec import CHUNK, tiny_codec, tiny_info, tiny_namespace, tiny_sequence
+from tests.tiny_codec import (
+    CHUNK,
+    tiny_blobs,
+    tiny_codec,
+    tiny_info,
+    tiny_namespace,
+    tiny_sequence,
+)
 
 
 def s3_tier(endpoint: str, bucket: str, **kw) -> S3Backend:
@@ -81,7 +88,7 @@ def test_put_returns_while_s3_stalls_and_queued_chunks_are_served(
     tokens, keys, values = tiny_sequence(8, seed=2)
     with SlowProxy(s3_endpoint) as proxy:
         s3 = s3_tier(proxy.url, bucket, read_timeout=30)
-        blob_size = max(map(len, tiny_codec().encode_sequence(keys, values, chunk_tokens=CHUNK)))
+        blob_size = max(map(len, tiny_blobs(tokens, keys, values)))
         store = store_of([MemoryBackend(3 * blob_size + 100), s3])  # holds 3 of 8
         proxy.hold()
         assert store.put(tokens, keys, values).chunks_written == 8
@@ -135,7 +142,7 @@ def test_a_full_queue_blocks_put_until_the_tier_drains(
 
 def test_write_back_writes_a_chunk_down_when_it_is_evicted(tmp_path: Path) -> None:
     tokens, keys, values = tiny_sequence(6, seed=4)
-    blob_size = max(map(len, tiny_codec().encode_sequence(keys, values, chunk_tokens=CHUNK)))
+    blob_size = max(map(len, tiny_blobs(tokens, keys, values)))
     disk = DiskBackend(tmp_path, 1 << 20)
     with store_of([MemoryBackend(2 * blob_size + 50), disk], write_mode="write-back") as store:
         store.put(tokens[: 2 * CHUNK], keys, values)
@@ -158,8 +165,13 @@ def test_write_down_failure_is_counted_never_raised(aws_credentials) -> None:
     dead = S3Backend("kvtc-dead", endpoint_url=f"http://127.0.0.1:{closed_port()}", max_attempts=1)
     with store_of([MemoryBackend(1 << 20), dead]) as store:
         assert store.put(tokens, keys, values).chunks_written == 4
-        assert store.flush(timeout=30)
+        flushed = store.flush(timeout=30)  # finished, and says what failed (issue 20)
+        assert flushed.complete and not flushed
+        assert flushed.failed_chunks == {"s3": 4}
+        assert sorted(flushed.failed_keys["s3"]) == sorted(store.keys_for(tokens))
+        assert store.flush(timeout=30)  # reported once
         assert store.stats.lower_tier_put_errors == 1  # one failed batch of 4
+        assert store.stats.writedown_failed_chunks == 4
         assert store._stack.write_down.failed(1) == 4
         k, _ = store.get(tokens)  # the CPU tier keeps serving
         assert k.shape[2] == 4 * CHUNK and store.stats.chunks_hit == {"memory": 4}
@@ -185,7 +197,8 @@ def test_a_slow_s3_is_a_miss_while_the_upper_tiers_serve(
             assert store.get(tokens)[0].shape[2] == 3 * CHUNK  # memory serves
             assert store.stats.chunks_hit == {"memory": 3}
             assert slow.usage().errors >= 1
-            assert store.flush(timeout=30)  # the write-down times out too: counted
+            flushed = store.flush(timeout=30)  # the write-down times out too: counted
+            assert flushed.complete and flushed.failed_chunks == {"s3": 3}
             assert store.stats.lower_tier_put_errors >= 1
 
 
@@ -472,7 +485,7 @@ def test_full_disk_is_an_error_on_put_at_the_top_and_counted_below(
         assert top.lookup(tokens) == 0
     with store_of([MemoryBackend(1 << 20), DiskBackend(tmp_path / "low", 1 << 20)]) as store:
         assert store.put(tokens, keys, values).chunks_written == 2
-        assert store.flush(timeout=30)
+        assert store.flush(timeout=30).failed_chunks == {"disk": 2}
         assert store.stats.lower_tier_put_errors == 1
         assert store.get(tokens)[0].shape[2] == 2 * CHUNK
     assert not list((tmp_path / "low").rglob("*.kvtc"))

@@ -65,6 +65,7 @@ from kvtc_store.connectors.vllm import (
     KVTCConnector,
     KVTCConnectorMetadata,
     RequestPlan,
+    _request_salt,
 )
 from kvtc_store.errors import ConfigError, KVLayoutError
 
@@ -646,20 +647,42 @@ def test_chunked_prefill_saves_each_chunk_as_it_completes(model_config, store_ya
     assert torch.equal(got[0][:, :, :4].to(DTYPE), want[0][:, :, :4])  # exact sinks
 
 
-def test_requests_the_keys_cannot_name_are_neither_loaded_nor_saved(model_config, store_yaml):
+def test_salted_and_lora_requests_are_cached_each_only_for_itself(model_config, store_yaml):
+    """Issue 20: a request's cache salt and LoRA adapter (name and id) go into its chunk
+    keys' salt: such requests are stored and served, and the same tokens under another
+    salt, another adapter or none never share a chunk."""
+    from vllm.lora.request import LoRARequest
+
     engine = Engine(model_config, store_yaml)
     connector, store = engine.scheduler.connector, engine.worker._store
     prompt = torch.randint(0, 1000, (70,), generator=_G).tolist()
     engine.add("plain", prompt)
     engine.step()
     assert store.lookup(prompt) == 64
-    salted = Request("salted", prompt, SamplingParams(max_tokens=1), None, cache_salt="tenant-b")
-    assert connector.get_num_new_matched_tokens(salted, 0) == (0, False)
-    other = torch.randint(0, 1000, (70,), generator=_G).tolist()
-    engine.add("salted-2", other, cache_salt="tenant-b")
-    _, meta, _ = engine.step()
-    assert [p.req_id for p in meta.requests] == []
-    assert store.lookup(other) == 0
+
+    def ask(req_id, **kwargs):
+        req = Request(req_id, prompt, SamplingParams(max_tokens=1), None, **kwargs)
+        return connector.get_num_new_matched_tokens(req, 0), _request_salt(req)
+
+    (matched, salt_b) = ask("probe-b", cache_salt="tenant-b")
+    assert matched == (0, False)  # the plain request's chunks are not tenant-b's
+    engine.add("salted", prompt, cache_salt="tenant-b")
+    _, meta, _ = engine.step()  # stored under tenant-b's salt
+    assert [p.salt for p in meta.requests] == [salt_b]
+    assert store.lookup(prompt, salt=salt_b) == 64
+    assert set(store.keys_for(prompt, salt_b)).isdisjoint(store.keys_for(prompt))
+    assert ask("again-b", cache_salt="tenant-b")[0] == (64, False)  # served to tenant-b
+    assert ask("probe-c", cache_salt="tenant-c")[0] == (0, False)  # never to tenant-c
+
+    adapter_a = LoRARequest("adapter-a", 1, "/nonexistent/adapter-a")
+    adapter_b = LoRARequest("adapter-b", 2, "/nonexistent/adapter-b")
+    salt_a = ask("probe-a", lora_request=adapter_a)[1]
+    assert salt_a not in ("", salt_b) and salt_a != ask("probe-b2", lora_request=adapter_b)[1]
+    keys, values = source_kv(prompt[:64])
+    store.put(torch.tensor(prompt[:64]), keys, values, salt=salt_a)  # as a LoRA save does
+    assert ask("lora-a", lora_request=adapter_a)[0] == (64, False)
+    assert ask("lora-b", lora_request=adapter_b)[0] == (0, False)
+    assert set(store.keys_for(prompt, salt_a)).isdisjoint(store.keys_for(prompt, salt_b))
 
 
 def test_a_preempted_request_resumes_from_the_store(model_config, store_yaml):

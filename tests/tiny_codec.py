@@ -57,3 +57,12 @@ def tiny_sequence(n_chunks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     keys = torch.randn(1, 1, n, 16, generator=g)
     values = torch.randn(1, 1, n, 16, generator=g)
     return tokens, keys, values
+
+
+def tiny_blobs(tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
+    """The blobs a tiny store (tenant ``t``) writes for this sequence, each bound to its
+    chunk key (their sizes are what the tiers hold)."""
+    from kvtc_store.keys import chunk_keys
+
+    names = chunk_keys(tokens, tiny_namespace(), CHUNK)
+    return tiny_codec().encode_sequence(keys, values, chunk_tokens=CHUNK, chunk_keys=names)

@@ -18,6 +18,7 @@ each section and the xxh64 of the payload. See docs/blob-format.md.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from ..errors import BlobCorruptError, BlobFormatError, BlobTruncatedError
+from ..errors import BlobCorruptError, BlobFormatError, BlobMisfiledError, BlobTruncatedError
 from .exact import EXACT_DTYPES
 from .rate import STEP_EXP_MAX, STEP_EXP_MIN
 
@@ -60,6 +61,10 @@ class BlobHeader:
         step_exp: the chunk's rate-control step exponent: every coded component's step
             is the calibrated one times ``2 ** (step_exp / 8)``
             (:mod:`~kvtc_store.codec.rate`); 0 in blobs of format version 1.
+        key_digest: :func:`chunk_digest` of the chunk key the blob was written for
+            (32 hex digits), binding it to its chunk; ``""`` in blobs written before the
+            field existed (those are bound by ``first_position`` and token count only,
+            see :func:`check_binding`).
     """
 
     artifact_id: str
@@ -76,6 +81,7 @@ class BlobHeader:
     payload_len: int = 0
     payload_xxh64: int = 0
     step_exp: int = 0
+    key_digest: str = ""
 
 
 _FIELD_TYPES = {
@@ -93,6 +99,7 @@ _FIELD_TYPES = {
     "payload_len": int,
     "payload_xxh64": int,
     "step_exp": int,
+    "key_digest": str,
 }
 
 
@@ -113,6 +120,52 @@ def _check_types(header: BlobHeader) -> None:
         raise BlobCorruptError(f"blob header step_exp {header.step_exp} is out of range")
     if header.exact_dtype not in EXACT_DTYPES:
         raise BlobCorruptError(f"blob header exact_dtype {header.exact_dtype!r} is unknown")
+
+
+def chunk_digest(key: str) -> str:
+    """The digest of a chunk key a blob header carries (``key_digest``): BLAKE2b of the
+    key's UTF-8 bytes, 16 bytes, as 32 hex digits. Keys are content addresses already;
+    the digest only has to tell one key from another, not resist a forger who can write
+    the store's folder (such a writer can write any bytes)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChunkBinding:
+    """What a reader expects of the blob it fetched for a chunk.
+
+    Attributes:
+        key: the chunk key the blob was fetched under.
+        first_position: absolute position of the chunk's token 0.
+        tokens: tokens in the chunk.
+    """
+
+    key: str
+    first_position: int
+    tokens: int
+
+
+def check_binding(header: BlobHeader, want: ChunkBinding) -> None:
+    """Check that a blob's header was written for the chunk ``want`` names.
+
+    The first position and token count are always compared; the key digest when the blob
+    has one (a blob written before ``key_digest`` existed is accepted on position and
+    length alone, as a re-encode job rewrites it with the digest).
+
+    Raises:
+        BlobMisfiledError: the blob belongs to another chunk (copied or misfiled under
+            this key), or to another position or length.
+    """
+    if header.first_position != want.first_position or header.shape[3] != want.tokens:
+        raise BlobMisfiledError(
+            f"blob under key {want.key[:12]} holds tokens at {header.first_position} "
+            f"(+{header.shape[3]}), expected {want.first_position} (+{want.tokens})"
+        )
+    if header.key_digest and header.key_digest != chunk_digest(want.key):
+        raise BlobMisfiledError(
+            f"blob under key {want.key[:12]} was written for another chunk "
+            f"(key digest {header.key_digest[:12]})"
+        )
 
 
 def pack_blob(header: BlobHeader, payload: bytes) -> bytes:

@@ -16,14 +16,29 @@ GPU with the same blob format.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, BlobCorruptError, BlobError, CodecMismatchError
+from ..errors import (
+    ArtifactError,
+    BlobCorruptError,
+    BlobError,
+    BlobMisfiledError,
+    CodecMismatchError,
+)
 from .artifact import CodecArtifact
-from .blob import BlobHeader, pack_blob, unpack_blob, unpack_blob_header
+from .blob import (
+    BlobHeader,
+    ChunkBinding,
+    check_binding,
+    chunk_digest,
+    pack_blob,
+    unpack_blob,
+    unpack_blob_header,
+)
 from .entropy import get_coder, writer_coder
 from .exact import EXACT_DTYPES, exact_nbytes, pack_exact, unpack_exact
 from .features import from_token_major, group_slices, to_token_major
@@ -289,6 +304,7 @@ class KVTCCodec:
         values: torch.Tensor,
         first_position: int = 0,
         exact_tail: int = 0,
+        chunk_key: str | None = None,
     ) -> bytes:
         """Compress one chunk.
 
@@ -298,6 +314,8 @@ class KVTCCodec:
             first_position: absolute position of token 0 (for RoPE and sink tokens).
             exact_tail: store this many trailing tokens exactly (the end of a stored
                 sequence's recent window; see :meth:`encode_sequence`).
+            chunk_key: the key the blob will be stored under; its digest goes in the
+                header (``key_digest``) so a reader can tell a misfiled blob.
 
         Returns:
             The blob (bytes).
@@ -353,7 +371,14 @@ class KVTCCodec:
         else:
             sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
         header = self.blob_header(
-            tokens, keys.dtype, first_position, exact_tail, self.coder.name, sections, step_exp
+            tokens,
+            keys.dtype,
+            first_position,
+            exact_tail,
+            self.coder.name,
+            sections,
+            step_exp,
+            chunk_key,
         )
         return pack_blob(header, self.coder.encode(scales_b + codes_b + exact_b))
 
@@ -366,11 +391,13 @@ class KVTCCodec:
         coder: str,
         sections: dict[str, int],
         step_exp: int = 0,
+        chunk_key: str | None = None,
     ) -> BlobHeader:
         """The header of a blob this codec writes for a chunk of ``tokens`` tokens whose
         input had ``dtype``; ``sections`` are the raw section lengths in bytes (the
         payload length and checksum are filled by :func:`pack_blob`); ``step_exp`` the
-        chunk's rate-control exponent."""
+        chunk's rate-control exponent; ``chunk_key``, the key it is stored under, goes in
+        as its digest (none: an unbound blob)."""
         art = self.artifact
         layers, heads, dim = art.kv_shape
         return BlobHeader(
@@ -386,6 +413,7 @@ class KVTCCodec:
             coder=coder,
             sections=sections,
             step_exp=int(step_exp),
+            key_digest="" if chunk_key is None else chunk_digest(chunk_key),
         )
 
     def encode_sequence(
@@ -395,6 +423,7 @@ class KVTCCodec:
         first_position: int = 0,
         chunk_tokens: int = 256,
         window: int | None = None,
+        chunk_keys: Sequence[str] | None = None,
     ) -> list[bytes]:
         """Compress a stored sequence as chunks of ``chunk_tokens`` tokens.
 
@@ -405,9 +434,15 @@ class KVTCCodec:
             keys, values: ``(L, H, T, D)``; ``T`` need not be a multiple of the chunk size
                 (the last chunk is then shorter).
             first_position: absolute position of token 0.
+            chunk_keys: the key each chunk will be stored under (one per chunk), bound
+                into its blob's header (see :meth:`encode`).
 
         Returns:
             One blob per chunk, in order.
+
+        Raises:
+            ValueError: shapes differ from the artifact's model, or ``chunk_keys`` does
+                not have one key per chunk.
         """
         window = self.artifact.window if window is None else window
         total = keys.shape[2]
@@ -415,10 +450,13 @@ class KVTCCodec:
         for s in range(0, total, chunk_tokens):
             e = min(s + chunk_tokens, total)
             spans.append((s, e, max(0, min(e - s, window - (total - e)))))
+        if chunk_keys is not None and len(chunk_keys) != len(spans):
+            raise ValueError(f"{len(chunk_keys)} chunk keys for {len(spans)} chunks")
+        names = list(chunk_keys) if chunk_keys is not None else [None] * len(spans)
         if self._gpu is None or keys.device.type != self.device.type:
             return [
-                self.encode(keys[:, :, s:e], values[:, :, s:e], first_position + s, tail)
-                for s, e, tail in spans
+                self.encode(keys[:, :, s:e], values[:, :, s:e], first_position + s, tail, name)
+                for (s, e, tail), name in zip(spans, names)
             ]
         # Batched: the full chunks in one call (strided views, no copy), the short last one
         # in another.
@@ -436,10 +474,15 @@ class KVTCCodec:
                 as_batch(values),
                 [first_position + s for s, _, _ in spans[:full]],
                 [tail for _, _, tail in spans[:full]],
+                chunk_keys=names[:full],
             )
-        for s, e, tail in spans[full:]:
+        for (s, e, tail), name in zip(spans[full:], names[full:]):
             blobs += self._gpu.encode_batch(
-                keys[None, :, :, s:e], values[None, :, :, s:e], [first_position + s], [tail]
+                keys[None, :, :, s:e],
+                values[None, :, :, s:e],
+                [first_position + s],
+                [tail],
+                chunk_keys=[name],
             )
         return blobs
 
@@ -530,6 +573,7 @@ class KVTCCodec:
         blobs: list[bytes],
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        expect: Sequence[ChunkBinding] | None = None,
     ) -> tuple[list[DecodedChunk], BlobError | None]:
         """Decompress consecutive chunks in one batch, up to the first that fails.
 
@@ -539,12 +583,20 @@ class KVTCCodec:
         Args:
             blobs: blobs of consecutive chunks (any positions; each names its own).
             device, dtype: as for :meth:`decode`.
+            expect: what each blob was fetched as (key, first position, tokens; one per
+                blob): a blob whose header names another chunk ends the prefix with
+                :class:`BlobMisfiledError` (see :func:`~.blob.check_binding`).
 
         Returns:
             ``(chunks, error)``: the decoded chunks before the first blob that does not
             decode, and that blob's error (a :class:`BlobError` subclass, including
-            :class:`CodecMismatchError`) or None when all decoded.
+            :class:`CodecMismatchError` and :class:`BlobMisfiledError`) or None when all
+            decoded.
         """
+        if expect is not None:
+            n, misfiled = _bound_prefix(blobs, expect)
+            chunks, error = self.decode_prefix(blobs[:n], device, dtype)
+            return chunks, error if error is not None or misfiled is None else misfiled
         if self._gpu is not None:
             return self._decode_prefix_batched(blobs, device, dtype)
         parsed: list[_Parsed] = []
@@ -738,3 +790,24 @@ class _Parsed:
     exact_k: torch.Tensor | None
     exact_v: torch.Tensor | None
     stream: bytes = b""  # rANS stream, decoded in a batch (quantiser "rans")
+
+
+def _bound_prefix(
+    blobs: Sequence[bytes], expect: Sequence[ChunkBinding]
+) -> tuple[int, BlobMisfiledError | None]:
+    """How many leading ``blobs`` are bound to the chunks ``expect`` names, and the
+    error of the first that is not. Only headers are read (msgpack, checksummed); a blob
+    whose header does not parse ends the scan without an error here: decoding reports
+    it, in the order the decoder checks."""
+    if len(expect) != len(blobs):
+        raise ValueError(f"{len(expect)} chunk bindings for {len(blobs)} blobs")
+    for i, (blob, want) in enumerate(zip(blobs, expect)):
+        try:
+            header, _ = unpack_blob_header(blob)
+        except BlobError:
+            return i + 1, None
+        try:
+            check_binding(header, want)
+        except BlobMisfiledError as exc:
+            return i, exc
+    return len(blobs), None

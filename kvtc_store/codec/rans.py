@@ -248,11 +248,18 @@ class RansTables:
         Raises:
             BlobCorruptError: a stream is too short, too long, or does not end in the
                 coder's initial state (the data were altered).
+            ValueError: a negative token count.
         """
         g = self.interleave
         counts_tok = np.asarray(tokens_per_chunk, dtype=np.int64)
         n_chunks = counts_tok.size
         n_tok = int(counts_tok.sum())
+        if (counts_tok < 0).any():
+            raise ValueError(f"token counts must be >= 0, got {tokens_per_chunk}")
+        if n_tok == 0:  # nothing coded: a stream of any byte is altered data
+            if any(len(s) for s in streams):
+                raise BlobCorruptError("rANS stream bytes for a chunk with no coded tokens")
+            return np.zeros((self.n_components, 0), dtype=np.int32)
         n_lanes = n_tok * g
         lane_chunk = np.repeat(np.arange(n_chunks), counts_tok * g)
         states, words, bases = [], [], [0]

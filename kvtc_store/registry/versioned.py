@@ -331,9 +331,11 @@ class VersionedCodec:
             raise error
         return chunks[0]
 
-    def decode_prefix(self, blobs: list[bytes], device=None, dtype=None):
+    def decode_prefix(self, blobs: list[bytes], device=None, dtype=None, expect=None):
         """Decode consecutive blobs, each with the artifact its header names, up to the
-        first that fails; one batch per run of blobs of one artifact.
+        first that fails; one batch per run of blobs of one artifact. ``expect``: the
+        chunk each blob must be bound to, as for :meth:`KVTCCodec.decode_prefix
+        <kvtc_store.codec.KVTCCodec.decode_prefix>`.
 
         Returns:
             ``(chunks, error)`` as :meth:`KVTCCodec.decode_prefix
@@ -360,7 +362,8 @@ class VersionedCodec:
                 except BlobError:
                     break  # that blob's codec call reports it
                 j += 1
-            chunks, error = codec.decode_prefix(blobs[i:j], device, dtype)
+            part = None if expect is None else list(expect[i:j])
+            chunks, error = codec.decode_prefix(blobs[i:j], device, dtype, expect=part)
             with self._lock:
                 self.hits[header.artifact_id] = self.hits.get(header.artifact_id, 0) + len(chunks)
             out += chunks

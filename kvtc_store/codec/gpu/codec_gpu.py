@@ -438,6 +438,7 @@ class GpuCodec:
         first_positions: list[int],
         exact_tails: list[int] | None = None,
         timer=None,
+        chunk_keys: list[str | None] | None = None,
     ) -> list[bytes]:
         """Compress ``B`` chunks of ``T`` tokens.
 
@@ -447,6 +448,8 @@ class GpuCodec:
             first_positions: absolute position of each chunk's token 0.
             exact_tails: trailing tokens of each chunk stored exactly (default none).
             timer: optional ``timer(stage) -> context manager`` (benchmarks).
+            chunk_keys: the key each chunk will be stored under, bound into its blob's
+                header (:meth:`KVTCCodec.encode`); default: unbound blobs.
 
         Returns:
             One blob per chunk, readable by :meth:`KVTCCodec.decode` on any host.
@@ -506,7 +509,8 @@ class GpuCodec:
                     o, n = (0, 0) if b not in where else streams.span(where[b])
                     parts.append((mv[o : o + n], exact))
             with self._stage(timer, "blobs"):
-                blobs = self._blobs(tokens, keys.dtype, first_positions, tails, parts, exps)
+                names = list(chunk_keys) if chunk_keys is not None else [None] * batch
+                blobs = self._blobs(tokens, keys.dtype, first_positions, tails, parts, exps, names)
         return blobs
 
     def _step_exps(self, coeffs: torch.Tensor, spans, tokens: int) -> list[int]:
@@ -536,22 +540,17 @@ class GpuCodec:
                 coeffs[:, b * tokens : (b + 1) * tokens] *= 1.0 / step_multiplier(x)
         return exps
 
-    def _blobs(self, tokens, dtype, first_positions, tails, parts, exps) -> list[bytes]:
+    def _blobs(self, tokens, dtype, first_positions, tails, parts, exps, names) -> list[bytes]:
         """One blob per chunk from its ``(stream, exact)`` byte parts, each checksummed
         and built by a host thread (:func:`~kvtc_store.codec.blob.pack_blob_parts`: xxh64
         and the copies release the GIL); with a general-purpose coder, payloads coded
         first."""
+        coder = self.coder.name
         headers = [
             self._ref.blob_header(
-                tokens,
-                dtype,
-                first,
-                tail,
-                self.coder.name,
-                {"stream": len(st), "exact": len(ex)},
-                step_exp,
+                tokens, dtype, f, e, coder, {"stream": len(st), "exact": len(ex)}, x, k
             )
-            for first, tail, (st, ex), step_exp in zip(first_positions, tails, parts, exps)
+            for f, e, (st, ex), x, k in zip(first_positions, tails, parts, exps, names)
         ]
         if self.coder.name != "none":
             payloads = self._entropy_code([bytes(stream) + exact for stream, exact in parts])

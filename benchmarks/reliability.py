@@ -1,0 +1,579 @@
+"""Reliability benchmark (issue 20): a mutation fuzzer and a fault soak.
+
+Fuzz (``--fuzz-seconds``, split evenly over the targets; a direct mutation fuzzer, not
+coverage-guided): every input must return, raise one of the named errors
+(:class:`~kvtc_store.errors.KVTCError`, or ``ValueError``/``TypeError`` for a malformed
+argument to an engine-facing call) or be a counted miss. Anything else is a crash; an
+input that takes longer than ``--hang-seconds`` is a hang. Targets:
+
+- ``blob``: blobs of the tiny real codec (tests/tiny_codec.py), with bytes flipped,
+  inserted, cut, or header fields replaced under a valid header checksum; decoded with
+  ``decode_prefix(expect=...)``.
+- ``rans``: the rANS decoder (:class:`~kvtc_store.codec.rans.RansTables`) on corrupt
+  streams (flipped, cut, extended, random).
+- ``config``: the YAML config loader on mutated config text.
+- ``engine``: a store's ``lookup``/``get``/``put``/``prefetch`` with malformed arguments
+  (wrong types, shapes, negative or huge starts).
+
+Soak (``--soak-seconds``): 8 threads put, get, lookup and prefetch over overlapping
+prefixes on a store of memory + disk + S3 (moto's server on loopback behind a TCP proxy
+this benchmark controls), through phases that inject: an S3 pause, an S3 kill (the proxy
+closed and reopened on its port), a silent S3 (the proxy holds every request), a
+corrupted S3 object, a misfiled disk blob, a full disk (a small tmpfs under the disk tier
+where this process may mount one; otherwise the phase is skipped and the JSON says so),
+and a second process writing to the disk folder. Every chunk served is compared with the
+reference KV of its tokens (a wrong chunk differs by ~100% and a right one by the codec's
+error); chunks S3 acknowledged (flush reported no failure) must still be there at the end
+unless the benchmark itself damaged them (lost chunks). The disk folder's allocated bytes
+are sampled for the cap; every call's latency is checked against its deadline budget.
+
+Results: ``--out`` JSON (keys: fuzz_inputs, fuzz_crashes, fuzz_hangs, fuzz_inputs_per_s,
+soak_seconds, soak_wrong_chunks, soak_lost_chunks, deadline_s,
+soak_max_block_over_deadline_s, disk_cap_max_overshoot_bytes, p50_ms, p99_ms, ...).
+
+    python benchmarks/reliability.py --fuzz-seconds 600 --soak-seconds 600 \\
+        --out benchmarks/results/reliability.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import msgpack
+import numpy as np
+import torch
+import xxhash
+
+from kvtc_store.backends import DiskBackend, MemoryBackend, S3Backend
+from kvtc_store.codec import apply_rope
+from kvtc_store.codec.blob import _PREFIX, FORMAT_VERSION, MAGIC, ChunkBinding
+from kvtc_store.codec.rans import RansTables, laplace_tables
+from kvtc_store.config import load_config
+from kvtc_store.errors import KVTCError
+from kvtc_store.guard import BreakerSettings
+from kvtc_store.store import TieredStore
+from tests.s3_server import SlowProxy
+from tests.tiny_codec import CHUNK, tiny_artifact, tiny_codec, tiny_namespace
+
+ENGINE_ERRORS = (KVTCError, ValueError, TypeError, IndexError)
+"""What a malformed argument to an engine-facing call may raise (named, not a crash)."""
+
+
+class Hang(Exception):
+    """An input ran past the hang limit (raised by SIGALRM in the fuzzing thread)."""
+
+
+# --- fuzz ------------------------------------------------------------------------------------
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    """One random mutation: flips, a cut, an insertion, a splice of random bytes."""
+    b = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0 and b:
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        del b[rng.randrange(len(b) + 1) :]
+    elif kind == 2:
+        at = rng.randrange(len(b) + 1)
+        b[at:at] = os.urandom(rng.randint(1, 16))
+    elif kind == 3 and b:
+        at = rng.randrange(len(b))
+        b[at : at + 8] = os.urandom(8)
+    else:
+        b = bytearray(os.urandom(rng.randint(0, 64))) if rng.random() < 0.1 else b
+    return bytes(b)
+
+
+def _relabel(blob: bytes, rng: random.Random) -> bytes:
+    """The blob with one header field replaced by a random value of a random type, the
+    header checksum recomputed (so the parse gets past it)."""
+    hlen = _PREFIX.unpack_from(blob, 0)[2]
+    header = msgpack.unpackb(blob[_PREFIX.size : _PREFIX.size + hlen], raw=False)
+    field = rng.choice(sorted(header))
+    header[field] = rng.choice(
+        [-1, 0, 2**40, rng.randint(-5, 300), "x", "", [1, 2], [], {}, None, 1.5, [1, 1, 1, 1]]
+    )
+    if rng.random() < 0.3:
+        header[rng.choice(["shape", "sections"])] = rng.choice([[1, 1, 16, 0], {"stream": -1}])
+    hb = msgpack.packb(header, use_bin_type=True)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb), xxhash.xxh64_intdigest(hb))
+    return prefix + hb + blob[_PREFIX.size + hlen :]
+
+
+def _repay(blob: bytes, rng: random.Random) -> bytes:
+    """The blob with its payload mutated and the payload checksum recomputed (reaches the
+    coder and the section parsers)."""
+    hlen = _PREFIX.unpack_from(blob, 0)[2]
+    header = msgpack.unpackb(blob[_PREFIX.size : _PREFIX.size + hlen], raw=False)
+    payload = _mutate(blob[_PREFIX.size + hlen :], rng)
+    header["payload_len"], header["payload_xxh64"] = len(payload), xxhash.xxh64_intdigest(payload)
+    hb = msgpack.packb(header, use_bin_type=True)
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb), xxhash.xxh64_intdigest(hb)) + hb + payload
+
+
+def _fuzz_targets(rng: random.Random):
+    """``{name: one_input()}``: each call runs one fuzz input and raises only on a crash."""
+    codec = tiny_codec()
+    keys = [f"{i:064x}" for i in range(3)]
+    kv = [torch.randn(1, 1, 3 * CHUNK, 16) for _ in range(2)]
+    blobs = codec.encode_sequence(*kv, 0, CHUNK, chunk_keys=keys)
+    expect = [ChunkBinding(k, i * CHUNK, CHUNK) for i, k in enumerate(keys)]
+
+    def blob_input() -> None:
+        i = rng.randrange(len(blobs))
+        how = rng.randrange(3)
+        bad = (_mutate, _relabel, _repay)[how](blobs[i], rng)
+        _, error = codec.decode_prefix([bad], expect=[expect[i]])
+        assert error is None or isinstance(error, KVTCError)
+
+    q = np.clip(np.round(np.random.default_rng(0).laplace(0, 3, (12, 40))), -300, 300)
+    coder = RansTables(laplace_tables(), np.zeros(12, np.int64), np.zeros(12, np.int64), 4)
+    (stream,) = coder.encode(q.astype(np.int32), [40])
+
+    def rans_input() -> None:
+        bad = _mutate(stream, rng) if rng.random() < 0.95 else os.urandom(rng.randint(0, 512))
+        try:
+            coder.decode([bad], [rng.choice([40, 40, 40, 1, 0, 41])])
+        except KVTCError:
+            pass
+
+    base_cfg = (
+        b"chunk_tokens: 32\ntenant: acme\nwrite_mode: write-through\n"
+        b"tiers:\n  - {kind: memory, capacity: 1MiB}\n"
+        b"  - {kind: disk, path: /tmp/kvtc-fuzz-never-opened, capacity: 2GiB, deadline: 2}\n"
+        b"  - {kind: s3, bucket: b, endpoint_url: 'http://127.0.0.1:9', check_bucket: false}\n"
+        b"breaker: {failures: 3, backoff: 1.0}\ncodec: {target_ratio: 16}\n"
+    )
+    cfg_dir = Path(tempfile.mkdtemp(prefix="kvtc-fuzz-cfg-"))
+
+    def config_input() -> None:
+        path = cfg_dir / "store.yaml"
+        path.write_bytes(_mutate(base_cfg, rng))
+        try:
+            load_config(path, env={})
+        except KVTCError:
+            pass
+
+    store = TieredStore([MemoryBackend(1 << 20)], codec, tiny_namespace(), chunk_tokens=CHUNK)
+    tokens = torch.arange(3 * CHUNK)
+    store.put(tokens, *kv)
+    odd = [
+        None, "text", 3.5, -1, 2**63, [], [1, "a"], torch.zeros(0), torch.zeros(2, 2),
+        torch.full((CHUNK,), -5), torch.arange(5 * CHUNK), np.arange(CHUNK), tokens.float(),
+    ]  # fmt: skip
+
+    def engine_input() -> None:
+        op = rng.randrange(4)
+        t = rng.choice(odd + [tokens])
+        try:
+            if op == 0:
+                store.lookup(t, start=rng.choice([0, -1, 7, 10**9]))
+            elif op == 1:
+                store.get(t, n_tokens=rng.choice([None, -1, 0, 10**9]), start=rng.choice([0, -3]))
+            elif op == 2:
+                shape = rng.choice([(1, 1, CHUNK, 16), (1, 1, 1, 16), (2, 2), (1, 1, CHUNK, 15)])
+                store.put(t, torch.randn(shape), torch.randn(shape), start=rng.choice([0, 5, -16]))
+            else:
+                store.prefetch(t, n_tokens=rng.choice([None, -1])).result(timeout=10)
+        except ENGINE_ERRORS:
+            pass
+
+    return {
+        "blob": blob_input,
+        "rans": rans_input,
+        "config": config_input,
+        "engine": engine_input,
+    }
+
+
+def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0) -> dict:
+    """Run every target for ``seconds / targets`` (and at least ``min_inputs`` inputs
+    each); counts of inputs, crashes (first few kept) and hangs per target."""
+    rng = random.Random(seed)
+    targets = _fuzz_targets(rng)
+    logging.disable(logging.WARNING)  # a corrupt blob logs; a million of them flood
+
+    def on_alarm(*_):
+        raise Hang()
+
+    use_alarm = threading.current_thread() is threading.main_thread()
+    if use_alarm:
+        old = signal.signal(signal.SIGALRM, on_alarm)
+    out: dict = {"targets": {}, "crash_examples": []}
+    try:
+        for name, one in targets.items():
+            n = crashes = hangs = 0
+            t0 = time.perf_counter()
+            end = t0 + seconds / len(targets)
+            while time.perf_counter() < end or n < min_inputs:
+                if use_alarm:
+                    signal.setitimer(signal.ITIMER_REAL, hang_s)
+                started = time.perf_counter()
+                try:
+                    one()
+                except Hang:
+                    hangs += 1
+                except Exception as exc:  # noqa: BLE001 - a crash: counted and kept
+                    crashes += 1
+                    if len(out["crash_examples"]) < 10:
+                        out["crash_examples"].append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+                finally:
+                    if use_alarm:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                if not use_alarm and time.perf_counter() - started > hang_s:
+                    hangs += 1
+                n += 1
+            dt = time.perf_counter() - t0
+            out["targets"][name] = {
+                "inputs": n,
+                "crashes": crashes,
+                "hangs": hangs,
+                "seconds": round(dt, 2),
+                "inputs_per_s": round(n / dt, 1),
+            }
+    finally:
+        if use_alarm:
+            signal.signal(signal.SIGALRM, old)
+        logging.disable(logging.NOTSET)
+    t = out["targets"].values()
+    out["fuzz_inputs"] = sum(x["inputs"] for x in t)
+    out["fuzz_crashes"] = sum(x["crashes"] for x in t)
+    out["fuzz_hangs"] = sum(x["hangs"] for x in t)
+    out["fuzz_inputs_per_s"] = round(out["fuzz_inputs"] / max(sum(x["seconds"] for x in t), 1e-9))
+    return out
+
+
+# --- soak ------------------------------------------------------------------------------------
+
+DIM, N_KEEP = 16, 4  # the tiny codec keeps 4 of 16 channels: KV in that subspace decodes well
+
+
+def reference_kv(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic KV ``(1, 1, T, 16)`` of a prompt, in the subspace the tiny codec keeps
+    (keys with RoPE applied at each position): equal prefixes give equal KV, a chunk of
+    other tokens differs by ~100%."""
+    g = torch.Generator().manual_seed(12345)
+    table = torch.randn(50_000, 2, N_KEEP, generator=g)
+    rows = table[tokens % 50_000]  # (T, 2, 4)
+    k = torch.zeros(len(tokens), DIM)
+    v = torch.zeros(len(tokens), DIM)
+    k[:, :N_KEEP], v[:, :N_KEEP] = rows[:, 0], rows[:, 1]
+    pos = torch.arange(len(tokens))
+    k = apply_rope(k[None, None], pos, tiny_artifact().rope)
+    return k, v[None, None]
+
+
+_SECOND_WRITER = """
+import hashlib, os, sys, time
+from kvtc_store.backends import DiskBackend
+tier = DiskBackend(sys.argv[1], int(sys.argv[2]))
+end = time.monotonic() + float(sys.argv[3])
+i = 0
+while time.monotonic() < end:
+    tier.put([(hashlib.sha256(f"other-{i}-{j}".encode()).hexdigest(), os.urandom(3000)) for j in range(4)])
+    i += 1
+tier.close()
+"""
+
+
+def _chunk(object_key: str) -> str:
+    """The chunk key of an S3 object key (``<prefix><xx>/<key>.kvtc``)."""
+    return object_key.rsplit("/", 1)[-1].removesuffix(".kvtc")
+
+
+class _Soak:
+    """The soak's store, workload, fault phases and measurements."""
+
+    PHASES = (
+        "normal", "s3_pause", "s3_kill", "s3_silent", "corrupt_object", "misfiled_blob",
+        "full_disk", "second_process",
+    )  # fmt: skip
+
+    def __init__(self, work: Path, s3_url: str, seconds: float, threads: int, seed: int):
+        self.work, self.seconds, self.threads = work, seconds, threads
+        self.rng = random.Random(seed)
+        self.s3_url = s3_url
+        self.bucket = f"kvtc-soak-{seed}"
+        self.proxy = SlowProxy(s3_url)
+        self.deadlines = {"disk": 2.0, "s3": 1.0}
+        self.disk_cap = 4 << 20
+        self.disk_dir = work / "disk"
+        self.disk_dir.mkdir(parents=True, exist_ok=True)
+        self.mounted = self._mount_small_fs(work / "fullfs")
+        self.lock = threading.Lock()
+        self.latencies: dict[tuple[str, str], list[float]] = {}
+        self.over_deadline = 0.0
+        self.wrong = self.served = 0
+        self.acked: set[str] = set()
+        self.damaged: set[str] = set()
+        self.phase = "normal"
+        self.cap_peak = 0
+        self.notes: list[str] = []
+        # overlapping prefixes: sequences are paths through a small tree of chunk blocks
+        self.blocks = [torch.randint(0, 50_000, (CHUNK,), generator=torch.Generator().manual_seed(b)) for b in range(64)]  # fmt: skip
+
+    # - faults
+
+    def _mount_small_fs(self, where: Path) -> bool:
+        where.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)],
+            capture_output=True,
+            check=False,
+        )
+        return r.returncode == 0
+
+    def _raw(self):
+        import boto3
+        import botocore.config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            region_name="us-east-1",
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
+        )
+
+    def _store(self, disk_dir: Path) -> TieredStore:
+        s3 = S3Backend(
+            self.bucket, endpoint_url=self.proxy.url, region_name="us-east-1", read_timeout=2,
+            max_attempts=1, connect_timeout=1,
+        )  # fmt: skip
+        s3.deadline_s = self.deadlines["s3"]
+        disk = DiskBackend(disk_dir, self.disk_cap)
+        disk.deadline_s = self.deadlines["disk"]
+        return TieredStore(
+            [MemoryBackend(1 << 20), disk, s3], tiny_codec(), tiny_namespace(), chunk_tokens=CHUNK,
+            breaker=BreakerSettings(failures=3, backoff_s=0.5, max_backoff_s=4.0),
+        )  # fmt: skip
+
+    # - workload
+
+    def _sequence(self, rng: random.Random) -> torch.Tensor:
+        n = rng.randint(1, 6)
+        path = [rng.randrange(4)] + [rng.randrange(64) for _ in range(n - 1)]
+        return torch.cat([self.blocks[b] for b in path])
+
+    def _record(self, op: str, dt: float, budget: float) -> None:
+        with self.lock:
+            self.latencies.setdefault((op, self.phase), []).append(dt)
+            self.over_deadline = max(self.over_deadline, dt - budget * 1.1)
+
+    def _check(self, tokens: torch.Tensor, got) -> None:
+        if got is None:
+            return
+        k, v = got
+        n = k.shape[2]
+        rk, rv = reference_kv(tokens[:n])
+        for c in range(n // CHUNK):
+            s = slice(c * CHUNK, (c + 1) * CHUNK)
+            err = (v[:, :, s] - rv[:, :, s]).norm() / rv[:, :, s].norm()
+            kerr = (k[:, :, s] - rk[:, :, s]).norm() / rk[:, :, s].norm()
+            with self.lock:
+                self.served += 1
+                if max(err, kerr) > 0.5:
+                    self.wrong += 1
+
+    def _worker(self, store: TieredStore, i: int, end: float) -> None:
+        rng = random.Random(i)
+        read_budget = sum(self.deadlines.values())  # a read may wait on disk, then S3
+        while time.monotonic() < end:
+            tokens = self._sequence(rng)
+            op = rng.choice(["put", "get", "get", "lookup", "prefetch"])
+            t0 = time.monotonic()
+            try:
+                if op == "put":
+                    store.put(tokens, *reference_kv(tokens))
+                elif op == "get":
+                    self._check(tokens, store.get(tokens))
+                elif op == "lookup":
+                    store.lookup(tokens)
+                else:
+                    store.prefetch(tokens).result()
+            except KVTCError as exc:  # a put whose top tier failed: named, counted
+                with self.lock:
+                    self.notes.append(f"{op}: {type(exc).__name__}")
+            # put waits on back-pressure: its budget is a write-down batch's deadline
+            self._record(op, time.monotonic() - t0, read_budget)
+
+    def _sampler(self, end: float) -> None:
+        while time.monotonic() < end:
+            total = 0
+            for p in self.disk_dir.rglob("*.kvtc"):
+                try:
+                    total += p.stat().st_blocks * 512
+                except FileNotFoundError:
+                    pass
+            self.cap_peak = max(self.cap_peak, total)
+            time.sleep(0.05)
+
+    # - phases
+
+    def _inject(self, phase: str, store: TieredStore, length: float) -> None:
+        self.phase = phase
+        raw = self._raw()
+        for page in raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            self.acked |= {_chunk(o["Key"]) for o in page.get("Contents", [])}
+        if phase in ("s3_pause", "s3_silent"):
+            self.proxy.hold()
+            time.sleep(length * (0.5 if phase == "s3_pause" else 0.9))
+            self.proxy.release()
+        elif phase == "s3_kill":
+            port = int(self.proxy.url.rsplit(":", 1)[1])
+            self.proxy.close()
+            time.sleep(length / 2)
+            self.proxy = SlowProxy(self.s3_url, port=port)
+        elif phase == "corrupt_object":
+            listed = raw.list_objects_v2(Bucket=self.bucket).get("Contents", [])
+            for obj in self.rng.sample(listed, min(3, len(listed))):
+                data = bytearray(raw.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read())
+                data[len(data) // 2] ^= 0xFF
+                raw.put_object(Bucket=self.bucket, Key=obj["Key"], Body=bytes(data))
+                self.damaged.add(_chunk(obj["Key"]))
+        elif phase == "misfiled_blob":
+            files = sorted(self.disk_dir.rglob("*.kvtc"))
+            if len(files) >= 2:
+                a, b = self.rng.sample(files, 2)
+                try:
+                    shutil.copyfile(a, b)
+                except FileNotFoundError:
+                    pass
+        elif phase == "full_disk":
+            if not self.mounted:
+                self.notes.append("full_disk skipped: cannot mount a tmpfs here")
+            else:
+                full = self._store(self.work / "fullfs")
+                seq = self._sequence(self.rng)
+                for _ in range(40):  # 512 KiB fills in a few puts: ENOSPC evicts and retries
+                    tokens = torch.cat([seq, torch.randint(0, 50_000, (8 * CHUNK,))])
+                    full.put(tokens, *reference_kv(tokens))
+                full.close(timeout=5)
+        elif phase == "second_process":
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _SECOND_WRITER, str(self.disk_dir), str(self.disk_cap), str(length * 0.8)],
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+            proc.wait(timeout=length * 3 + 30)
+        time.sleep(max(0.0, length * 0.1))
+
+    def run(self) -> dict:
+        raw = self._raw()
+        raw.create_bucket(Bucket=self.bucket)
+        store = self._store(self.disk_dir)
+        end = time.monotonic() + self.seconds
+        workers = [
+            threading.Thread(target=self._worker, args=(store, i, end)) for i in range(self.threads)
+        ] + [threading.Thread(target=self._sampler, args=(end,))]
+        for w in workers:
+            w.start()
+        length = self.seconds / len(self.PHASES)
+        while time.monotonic() < end - length / 2:
+            for phase in self.PHASES:
+                if time.monotonic() >= end - length / 2:
+                    break
+                t0 = time.monotonic()
+                self._inject(phase, store, length)
+                time.sleep(max(0.0, length - (time.monotonic() - t0)))
+        for w in workers:
+            w.join()
+        self.phase = "final"
+        flushed = store.flush(timeout=60)
+        store.close(timeout=10)
+        self.proxy.close()
+        listed = set()
+        for page in raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            listed |= {_chunk(o["Key"]) for o in page.get("Contents", [])}
+        s3_written = store.tiers[2].snapshot().bytes_written
+        lost = {k for k in self.acked - self.damaged if k not in listed}
+        if self.mounted:
+            subprocess.run(["umount", str(self.work / "fullfs")], check=False)
+        lat = {f"{op}/{ph}": v for (op, ph), v in self.latencies.items()}
+        every = [x for v in lat.values() for x in v]
+        pct = {k: {"n": len(v), "p50_ms": round(1e3 * float(np.percentile(v, 50)), 2),
+                   "p99_ms": round(1e3 * float(np.percentile(v, 99)), 2)} for k, v in sorted(lat.items())}  # fmt: skip
+        return {
+            "soak_seconds": round(self.seconds, 1),
+            "soak_threads": self.threads,
+            "soak_chunks_served": self.served,
+            "soak_wrong_chunks": self.wrong,
+            "soak_lost_chunks": len(lost),
+            "soak_s3_bytes_written": s3_written,
+            "soak_s3_objects_at_end": len(listed),
+            "deadline_s": max(self.deadlines.values()),
+            "soak_max_block_over_deadline_s": round(max(0.0, self.over_deadline), 3),
+            "disk_cap_bytes": self.disk_cap,
+            "disk_cap_max_overshoot_bytes": max(0, self.cap_peak - self.disk_cap),
+            "p50_ms": round(1e3 * float(np.percentile(every, 50)), 2) if every else None,
+            "p99_ms": round(1e3 * float(np.percentile(every, 99)), 2) if every else None,
+            "latency_by_op_and_phase": pct,
+            "store_stats": {k: v for k, v in vars(store.stats).items() if k != "chunks_hit"},
+            "soak_final_flush": {"complete": flushed.complete, "failed": flushed.failed_chunks},
+            "notes": sorted(set(self.notes)),
+        }
+
+
+def soak(seconds: float, threads: int = 8, seed: int = 0) -> dict:
+    """The fault soak on a fresh moto server (in this process) and a temp folder."""
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}.items():
+        os.environ.setdefault(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    work = Path(tempfile.mkdtemp(prefix="kvtc-soak-"))
+    logging.disable(logging.WARNING)
+    try:
+        return _Soak(work, f"http://{host}:{port}", seconds, threads, seed).run()
+    finally:
+        logging.disable(logging.NOTSET)
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fuzz-seconds", type=float, default=600.0)
+    p.add_argument("--soak-seconds", type=float, default=600.0)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--hang-seconds", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    t0 = time.time()
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    result.update(fuzz(a.fuzz_seconds, a.hang_seconds, a.seed))
+    result.update(soak(a.soak_seconds, a.threads, a.seed))
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out is not None:
+        a.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
