@@ -80,6 +80,11 @@ def cmd_calibrate(args) -> int:
     if out is not None and out.exists() and not out.is_dir():
         print(f"kvtc-store: --out {out} is a file, not a folder", file=sys.stderr)
         return 2
+    for r in args.ratio if out is not None else []:
+        dest = out / f"cr{r:g}"
+        if dest.exists() and not (dest / "manifest.json").is_file():  # never replace it
+            print(f"kvtc-store: --out: {dest} exists and is not an artifact", file=sys.stderr)
+            return 2
     _quiet_transformers()
     model, tok, info = load_model(args.model)
     settings = CalibrationSettings(

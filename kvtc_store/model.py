@@ -200,15 +200,17 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         ModelNotFoundError: the folder, file, cached hub id or package is missing.
         UnsupportedModelError: the model's KV cache is of a kind the codec cannot code
             (checked on the config before the weights load, see :func:`check_supported`,
-            and on a 4-token forward pass after).
+            a GGUF's after its one-time conversion, and on a 4-token forward pass).
     """
     source = resolve_model(path)
+    converted = _converted_dir(source)
+    if converted is not None and not (converted / "config.json").is_file():
+        # reading a GGUF's metadata costs about as much as converting it (40 s for
+        # SmolLM2's, mostly the vocabulary), so a GGUF is checked once converted
+        _convert_gguf(Path(source.where), converted, dtype)
     check_supported(load_model_config(source))
     from transformers import AutoModelForCausalLM
 
-    converted = _converted_dir(source)
-    if converted is not None and not (converted / "config.json").is_file():
-        _convert_gguf(Path(source.where), converted, dtype)
     where = str(converted) if converted is not None else source.where
     kw = {"local_files_only": True} if source.kind == "hub" else {}
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)

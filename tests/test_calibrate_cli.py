@@ -123,6 +123,8 @@ def test_bad_arguments_are_one_line_errors_before_any_model_loads(
 
     ids = tmp_path / "ids.jsonl"
     ids.write_text(json.dumps(list(range(100))) + "\n")
+    (tmp_path / "cr16").mkdir()  # the user's folder, where --out would write ratio 16
+    (tmp_path / "cr16" / "notes.txt").write_text("mine")
     with monkeypatch.context() as m:
         m.setattr(model_mod, "load_model", no_load)
         for args, words in [
@@ -131,10 +133,13 @@ def test_bad_arguments_are_one_line_errors_before_any_model_loads(
             (["--model", str(tmp_path / "nowhere"), "--data", str(ids)], "ModelNotFoundError"),
             (["--model", str(ids), "--data", str(ids)], "not a GGUF model"),
             (["--data", str(ids), "--corpus", "shakespeare"], "exclude each other"),
+            (["--data", str(ids), "--out", str(ids)], "is a file, not a folder"),
+            (["--data", str(ids), "--out", str(tmp_path)], "exists and is not an artifact"),
         ]:
             assert main(["calibrate", *args]) == 2
             err = capsys.readouterr().err
             assert words in err and err.count("\n") == 1, err
+        assert (tmp_path / "cr16" / "notes.txt").read_text() == "mine"
         for bad in (["--ratio", "1"], ["--ratio", "0.5"], ["--windows", "0"]):
             with pytest.raises(SystemExit):
                 main(["calibrate", "--data", str(ids), *bad])
@@ -212,3 +217,17 @@ def test_model_without_tokenizer_or_rope(tmp_path, capsys) -> None:
     assert "needs the model's tokenizer" in capsys.readouterr().err
     assert main(args) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_model_specs_resolve_without_loading(tiny_model, tmp_path) -> None:
+    """A folder, a .gguf file (not read here) and a hub id's spelling each name their
+    kind of source; the names become cache-folder names without '/'."""
+    from kvtc_store.model import resolve_model
+
+    gguf = tmp_path / "My-Model.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = resolve_model(tiny_model)
+    assert (folder.kind, folder.name) == ("folder", "tiny-qwen2")
+    assert (resolve_model(gguf).kind, resolve_model(gguf).name) == ("gguf", "My-Model.Q4")
+    hub = resolve_model("meta-llama/Llama-3.2-1B")
+    assert (hub.kind, hub.name) == ("hub", "meta-llama--Llama-3.2-1B")
