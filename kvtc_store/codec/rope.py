@@ -4,7 +4,10 @@ Keys in a KV cache carry RoPE: each pair of channels is rotated by an angle that
 with the token's absolute position, which spreads one key direction over many PCA
 components. KVTC removes the rotation before calibration and encoding (paper §3.1) and
 re-applies it after decoding. The convention is Hugging Face's ``rotate_half`` (Llama,
-Qwen, Mistral): channel ``i`` pairs with channel ``i + head_dim/2``.
+Qwen, Mistral): channel ``i`` pairs with channel ``i + head_dim/2``. Scaled RoPE
+(Llama-3's ``llama3``, ``linear``, ``yarn``) changes only the frequencies and, for YaRN,
+multiplies cos and sin by an attention factor; both are stored in :class:`RopeParams`, so
+decoding needs no model.
 """
 
 from __future__ import annotations
@@ -12,6 +15,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ..errors import UnsupportedModelError
+
+SCALED_ROPE_TYPES = ("linear", "llama3", "yarn")
+"""Scaled RoPE types the codec undoes exactly: their frequencies depend on the model's
+config only, so they are computed once (by transformers' own ``ROPE_INIT_FUNCTIONS``, see
+:func:`kvtc_store.model.kv_geometry`) and stored in :attr:`RopeParams.inv_freqs`."""
+
+NO_ROPE = "none"
+"""``rope_type`` of a model without rotary embeddings (learned or ALiBi positions): its
+cached keys carry no rotation, so nothing is undone."""
 
 
 @dataclass(frozen=True)
@@ -21,34 +35,76 @@ class RopeParams:
     Attributes:
         head_dim: channels per head (D).
         theta: the base (``rope_theta``), e.g. 1e5 for SmolLM2.
-        rope_type: only ``"default"`` (plain RoPE, no scaling) is supported for now.
+        rope_type: ``"default"`` (plain RoPE), one of :data:`SCALED_ROPE_TYPES`
+            (``inv_freqs`` then holds the frequencies), :data:`NO_ROPE`, or another type
+            a model declares (kept for identification; :meth:`inv_freq` refuses it).
         partial_rotary_factor: share of the head's channels that are rotated (1.0 = all).
+        inv_freqs: for a scaled type, the model's inverse frequencies (radians per
+            position), ``rot_dim // 2`` of them, as transformers computes them
+            (float32 values); empty otherwise.
+        attention_scaling: factor transformers multiplies cos and sin by (YaRN's
+            ``mscale``, 1.0 for the others): cached keys are ``attention_scaling`` times
+            the rotated ``k_proj`` output.
     """
 
     head_dim: int
     theta: float
     rope_type: str = "default"
     partial_rotary_factor: float = 1.0
+    inv_freqs: tuple[float, ...] = ()
+    attention_scaling: float = 1.0
 
     def to_dict(self) -> dict:
-        """Plain-dict form, for the artifact manifest."""
-        return asdict(self)
+        """Plain-dict form, for the artifact manifest and the model fingerprint (the
+        scaled-RoPE fields only when set, so plain RoPE keeps its earlier form)."""
+        d = asdict(self)
+        if not self.inv_freqs:
+            d.pop("inv_freqs")
+        else:
+            d["inv_freqs"] = list(self.inv_freqs)
+        if self.attention_scaling == 1.0:
+            d.pop("attention_scaling")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RopeParams:
         """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["inv_freqs"] = tuple(float(f) for f in d.get("inv_freqs", ()))
         return cls(**d)
 
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of a head that are rotated (0 for :data:`NO_ROPE`)."""
+        if self.rope_type == NO_ROPE:
+            return 0
+        return int(self.head_dim * self.partial_rotary_factor)
+
     def inv_freq(self) -> torch.Tensor:
-        """Inverse frequencies, float64, shape ``(rot_dim // 2,)``.
+        """Inverse frequencies, float64, shape ``(rotary_dim // 2,)``.
 
         Raises:
-            NotImplementedError: for a scaled RoPE type (llama3, yarn, ...).
+            UnsupportedModelError: a RoPE type whose frequencies are not a function of the
+                position alone (``dynamic``, ``longrope``: see
+                :func:`kvtc_store.model.check_supported`), or a scaled type without its
+                frequencies.
         """
-        if self.rope_type != "default":
-            raise NotImplementedError(f"RoPE type {self.rope_type!r} is not supported yet")
-        rot = int(self.head_dim * self.partial_rotary_factor)
-        return 1.0 / (self.theta ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+        rot = self.rotary_dim
+        if self.rope_type == "default":
+            return 1.0 / (self.theta ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+        if self.rope_type == NO_ROPE:
+            return torch.zeros(0, dtype=torch.float64)
+        if self.rope_type in SCALED_ROPE_TYPES and len(self.inv_freqs) == rot // 2:
+            return torch.tensor(self.inv_freqs, dtype=torch.float64)
+        raise UnsupportedModelError(
+            f"RoPE type {self.rope_type!r} cannot be undone per position"
+            + (
+                ""
+                if self.rope_type not in SCALED_ROPE_TYPES
+                else f" without its {rot // 2} frequencies (build RopeParams with "
+                "kvtc_store.model.kv_geometry)"
+            )
+        )
 
 
 def _cos_sin(params: RopeParams, positions: torch.Tensor, device, dtype):
@@ -67,12 +123,18 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, params: RopeParams, sign: 
     cos, sin = _cos_sin(params, positions, x.device, x.dtype)
     rot = cos.shape[-1]
     xr, xp = x[..., :rot], x[..., rot:]
+    if not rot:
+        return x.clone()
+    scale = params.attention_scaling if sign > 0 else 1.0 / params.attention_scaling
     out = xr * cos + sign * _rotate_half(xr) * sin
+    if scale != 1.0:
+        out = out * scale
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, params: RopeParams) -> torch.Tensor:
-    """Rotate keys to their positions.
+    """Rotate keys to their positions (and multiply the rotated channels by
+    ``params.attention_scaling``, as transformers does).
 
     Args:
         x: keys, shape ``(..., T, D)``, float dtype; not modified.
@@ -86,7 +148,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, params: RopeParams) -> 
 
 
 def undo_rope(x: torch.Tensor, positions: torch.Tensor, params: RopeParams) -> torch.Tensor:
-    """Inverse of :func:`apply_rope`: rotate keys back by their positions' angles.
+    """Inverse of :func:`apply_rope`: rotate keys back by their positions' angles (and
+    divide the rotated channels by ``params.attention_scaling``).
 
     Args:
         x: RoPE'd keys as cached, shape ``(..., T, D)``, float dtype.

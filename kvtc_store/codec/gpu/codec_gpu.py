@@ -371,8 +371,9 @@ class GpuCodec:
             else None
         )
         rope = artifact.rope
-        self._rot = int(rope.head_dim * rope.partial_rotary_factor) if artifact.undo_rope else 0
+        self._rot = rope.rotary_dim if artifact.undo_rope else 0
         self._inv_freq = rope.inv_freq().to(dev) if self._rot else None
+        self._attn_scale = float(rope.attention_scaling)
         self._cuda = self.device.type == "cuda"
         n_steps = self.tables.n_steps
         self._whole = [(0, n_steps, [(g, 0, w, False) for g, w in enumerate(widths)])]
@@ -396,16 +397,18 @@ class GpuCodec:
         parts = [v for v, (kd, _) in zip(per_group, self._slices) if kd == kind]
         return torch.cat(parts).to(self.device, torch.float32).contiguous()
 
-    def _cos_sin(self, first: torch.Tensor, tokens: int):
+    def _cos_sin(self, first: torch.Tensor, tokens: int, undo: bool):
         """float32 ``(B * T, rot / 2)`` cos and sin of every token's angles (computed in
-        float64, as :mod:`~kvtc_store.codec.rope` does); ``first``: each chunk's first
-        position, ``(B,)`` on the device."""
+        float64, as :mod:`~kvtc_store.codec.rope` does), times the RoPE's attention
+        scaling (YaRN's mscale) to redo it, divided by it to undo it (``undo``); ``first``:
+        each chunk's first position, ``(B,)`` on the device."""
         if not self._rot:
             z = torch.zeros(1, device=self.device)
             return z, z
         pos = (first.double()[:, None] + torch.arange(tokens, device=self.device)).reshape(-1)
         ang = pos[:, None] * self._inv_freq[None, :]
-        return ang.cos().float().contiguous(), ang.sin().float().contiguous()
+        s = 1.0 / self._attn_scale if undo else self._attn_scale
+        return (ang.cos() * s).float().contiguous(), (ang.sin() * s).float().contiguous()
 
     @staticmethod
     def _stage(timer, name: str):
@@ -469,7 +472,7 @@ class GpuCodec:
         n = batch * tokens
         with self._stage(timer, "rope_mean"):
             first = torch.tensor(list(first_positions), dtype=torch.int64, device=keys.device)
-            cos, sin = self._cos_sin(first, tokens)
+            cos, sin = self._cos_sin(first, tokens, undo=True)
             feats = {}
             p = layers * heads * dim
             for kind, x in (("k", keys), ("v", values)):
@@ -729,7 +732,7 @@ class GpuCodec:
         status = rans.status
         del coeffs
         with self._stage(timer, "rope_write"):
-            cos, sin = self._cos_sin(first, tokens)
+            cos, sin = self._cos_sin(first, tokens, undo=False)
             mults = [step_multiplier(q.header.step_exp) for q in parsed]
             mult = torch.tensor(mults + [1.0] * (batch - len(parsed)), dtype=torch.float32)
             mult = mult.to(self.device, non_blocking=True)
