@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/kvtc-store demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check .

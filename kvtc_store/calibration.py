@@ -163,7 +163,11 @@ SAMPLE_SEED = 0  # the calibration's sampling seed (held-out samples use others)
 
 
 def calibration_token_ids(
-    tokenizer, settings: CalibrationSettings, model=None, cache: Path | None = None
+    tokenizer,
+    settings: CalibrationSettings,
+    model=None,
+    cache: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """Token ids of the calibration corpus, ``(n,)`` int64, at least
     ``(windows + 1) * window_tokens`` long: windows taken in turn from each source of
@@ -175,6 +179,7 @@ def calibration_token_ids(
         model: needed by corpora with the ``samples`` source, unless ``cache`` holds them.
         cache: a folder where the model's samples are kept (``samples-<seed>-<n>.npy``),
             so a later calibration of the same model and settings skips the sampling.
+        progress: ``progress(message)`` while the model is sampled (minutes on a CPU).
 
     Raises:
         CalibrationError: an unknown corpus, a source too short, or samples needed with
@@ -189,7 +194,8 @@ def calibration_token_ids(
     # windows taken in turn from each source (the last, held out, from the last in turn)
     want = [len(range(i, n_windows, len(sources))) * w for i in range(len(sources))]
     streams = [
-        _source_ids(name, need, tokenizer, model, cache) for name, need in zip(sources, want)
+        _source_ids(name, need, tokenizer, model, cache, progress)
+        for name, need in zip(sources, want)
     ]
     out = [
         streams[i % len(sources)][(i // len(sources)) * w : (i // len(sources) + 1) * w]
@@ -198,12 +204,12 @@ def calibration_token_ids(
     return torch.tensor([t for window in out for t in window])
 
 
-def _source_ids(name: str, need: int, tokenizer, model, cache: Path | None) -> list[int]:
+def _source_ids(name: str, need: int, tokenizer, model, cache: Path | None, progress) -> list[int]:
     """The first ``need`` token ids of one calibration source."""
     if need == 0:
         return []
     if name == "samples":
-        return _sample_ids(need, tokenizer, model, cache)
+        return _sample_ids(need, tokenizer, model, cache, progress)
     ids: list[int] = []
     for _, text in _TEXT_SOURCES[name]():
         ids += tokenizer(text).input_ids
@@ -221,7 +227,7 @@ def _sampler(model):
     return copy.deepcopy(model).cuda()
 
 
-def _sample_ids(need: int, tokenizer, model, cache: Path | None) -> list[int]:
+def _sample_ids(need: int, tokenizer, model, cache: Path | None, progress=None) -> list[int]:
     """The model's samples (:func:`~kvtc_store.samples.model_samples`), cached in ``cache``."""
     path = None if cache is None else cache / f"samples-{SAMPLE_SEED}-{need}.npy"
     if path is not None and path.is_file():
@@ -231,7 +237,15 @@ def _sample_ids(need: int, tokenizer, model, cache: Path | None) -> list[int]:
             "the calibration corpus samples the model: pass the model "
             f"(no cached samples{'' if path is None else f' in {path}'})"
         )
-    ids = model_samples(_sampler(model), tokenizer, need, seed=SAMPLE_SEED)
+    say = progress or (lambda msg: None)
+    say(f"sampling the model for {need:,} calibration tokens")
+    ids = model_samples(
+        _sampler(model),
+        tokenizer,
+        need,
+        seed=SAMPLE_SEED,
+        progress=lambda done, total: say(f"sampled {done:,}/{total:,} tokens of the model's"),
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
@@ -279,15 +293,17 @@ def calibrate(
     say = progress or (lambda done, total, stage: None)
     t0 = time.time()
     folder = settings_dir(info, settings)
-    if token_ids is not None:
-        ids = cut_windows(token_ids, settings.windows, settings.window_tokens)
-    else:
-        ids = calibration_token_ids(tokenizer, settings, model, folder)
     fit, holdout = _load_fit(folder)
     steps = (0 if fit else settings.windows + 2) + len(ratios)
     done = 0
     if fit is None and model is None:
         raise CalibrationError(f"no cached PCA fit in {folder}: pass the model to calibrate")
+    if token_ids is not None:
+        ids = cut_windows(token_ids, settings.windows, settings.window_tokens)
+    else:
+        ids = calibration_token_ids(
+            tokenizer, settings, model, folder, progress=lambda msg: say(0, steps, msg)
+        )
     if fit is None:
         stats = CalibrationStats(
             info.kv_shape,

@@ -103,7 +103,7 @@ def test_calibrate_takes_the_corpus_and_the_artifact_cap(smollm2, test_settings,
     """`kvtc-store calibrate`: the cap applies by default from target 16 up (its share
     names the artifact's folder), `--max-artifact-share none` turns it off, a share
     outside (0, 1] is refused while parsing (exit 2)."""
-    windows = ["--windows", str(test_settings.windows)]
+    windows = ["--windows", str(test_settings.windows), "--corpus", test_settings.corpus]
     assert main(["calibrate", "--ratio", "8", "16", *windows]) == 0
     out = capsys.readouterr().out
     assert "int8-cr8 " in out and "int8-p0.15-cr16 " in out

@@ -140,7 +140,7 @@ def test_calibrate_publishes_what_it_calibrates(smollm2, test_settings, capsys, 
     """`kvtc-store calibrate --publish REGISTRY --profile P`: the artifact it calibrated is
     in the registry, checks out, and P points at it."""
     registry = tmp_path / "registry"
-    windows = ["--windows", str(test_settings.windows)]
+    windows = ["--windows", str(test_settings.windows), "--corpus", test_settings.corpus]
     args = ["calibrate", "--ratio", "8", *windows, "--publish", str(registry), "--profile", "r8"]
     assert main(args) == 0
     out = capsys.readouterr().out
