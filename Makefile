@@ -75,7 +75,7 @@ $(CORPORA_STAMP): | $(VENV)/.installed
 	touch $@
 
 # Only the files the genre loaders read, for a machine that cannot fetch them (the lent GPU:
-# benchmarks/rd_genres_gpu.sh unpacks it and sets KVTC_CORPORA).
+# benchmarks/gpu_issue17.sh unpacks it and sets KVTC_CORPORA).
 corpora-pack: corpora
 	cd $(CORPORA) && tar czf pack.tgz root/usr/share/dictd root/usr/share/debian-reference/ch*.html \
 		py/rich py/chatterbot_corpus val root/usr/share/man/es

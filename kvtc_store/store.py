@@ -358,7 +358,9 @@ class TieredStore:
         self.metrics.encode_seconds.observe(dt)
         self.metrics.chunks_encoded.inc(len(blobs))
         with self._lock:  # blobs of artifacts the codec lacks, replaced by this put
-            stale = [ckeys[i] for i in todo if self._unreadable.pop(ckeys[i], 0) is None]
+            stale = [ckeys[i] for i in todo if ckeys[i] in self._unreadable]
+            for k in stale:
+                del self._unreadable[k]
         if stale:
             self._stack.delete(stale)
         self._stack.put([(ckeys[i], b) for i, b in zip(todo, blobs)])
