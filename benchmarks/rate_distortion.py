@@ -186,6 +186,15 @@ def parse(argv) -> argparse.Namespace:
         help=f"calibration corpus of ours and the ablations (default {CalibrationSettings.corpus})",
     )
     p.add_argument(
+        "--calibration-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="diagnostics only: calibrate ours on these files (text or token ids, as "
+        "`kvtc-store calibrate --data`) instead of --corpus; calibrating on the evaluated "
+        "genre's own text bounds what any calibration mix can reach (never a default)",
+    )
+    p.add_argument(
         "--scale-exponent",
         type=float,
         default=None,
@@ -406,10 +415,22 @@ def main(argv=None) -> int:
     if args.scale_exponent is not None:
         settings = dataclasses.replace(settings, scale_exponent=args.scale_exponent)
 
+    data_ids = None
+    if args.calibration_data:
+        from kvtc_store.calibration_data import read_token_ids
+
+        data_ids = read_token_ids(args.calibration_data, tok)
+
     def calibrate(s, ratios):
         log.info("codec artifacts for ratios %s (settings %s)", ratios, s.key())
         return load_or_calibrate(
-            model, tok, info, ratios, s, lambda d, n, stage: log.info("  %d/%d %s", d, n, stage)
+            model,
+            tok,
+            info,
+            ratios,
+            s,
+            lambda d, n, stage: log.info("  %d/%d %s", d, n, stage),
+            token_ids=data_ids,
         )
 
     methods, skipped = M.build_methods(

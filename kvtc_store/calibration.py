@@ -31,7 +31,7 @@ from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .samples import model_samples
 from .sensitivity import measure_sensitivity
-from .texts import CORPORA, numpy_docs, python_docs, shakespeare_plays
+from .texts import CORPORA, manpages_multilingual, numpy_docs, python_docs, shakespeare_plays
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ _TEXT_SOURCES = {
     "shakespeare": shakespeare_plays,
     "numpy": numpy_docs,
     "python-docs": lambda: python_docs("first"),
+    "manpages": manpages_multilingual,
 }
 SAMPLE_SEED = 0  # the calibration's sampling seed (held-out samples use others)
 
@@ -191,16 +192,14 @@ def calibration_token_ids(
         )
     n_windows, w = settings.windows + 1, settings.window_tokens
     sources = CORPORA[settings.corpus]
-    # windows taken in turn from each source (the last, held out, from the last in turn)
-    want = [len(range(i, n_windows, len(sources))) * w for i in range(len(sources))]
-    streams = [
-        _source_ids(name, need, tokenizer, model, cache, progress)
-        for name, need in zip(sources, want)
-    ]
-    out = [
-        streams[i % len(sources)][(i // len(sources)) * w : (i // len(sources) + 1) * w]
-        for i in range(n_windows)
-    ]
+    # windows taken in turn from each source (the last, held out, from the last in turn);
+    # a source named twice gives twice the windows, never the same ones
+    turn = [sources[i % len(sources)] for i in range(n_windows)]
+    streams = {
+        name: _source_ids(name, turn.count(name) * w, tokenizer, model, cache, progress)
+        for name in dict.fromkeys(sources)
+    }
+    out = [streams[name][turn[:i].count(name) * w :][:w] for i, name in enumerate(turn)]
     return torch.tensor([t for window in out for t in window])
 
 

@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import os
+import re
 from pathlib import Path
 
 from .errors import ModelNotFoundError
@@ -23,8 +26,17 @@ CORPORA = {
     "shakespeare": ("shakespeare",),
     "shakespeare+numpy": ("shakespeare", "numpy"),
     "broad": ("shakespeare", "numpy", "python-docs", "samples"),
+    "broad-ml": ("shakespeare", "numpy", "python-docs", "samples", "manpages"),
 }
 """Calibration corpora: the sources whose windows they take in turn.
+
+``broad-ml`` adds one window in five of Debian's man pages in seven languages
+(``manpages``, :func:`manpages_multilingual`; fetched by ``make calibration-texts``). It
+lost to ``broad`` on the validation texts (worst genre's KL at target 16 0.0221 against
+0.0207; Spanish man pages 0.0106 against 0.0148) and is kept for multilingual traffic;
+a corpus with twice the share (``shakespeare, manpages, numpy, samples, python-docs,
+manpages``) raised every English text's KL (worst 0.0266). See
+benchmarks/results/rate_distortion.md, issue 17's log.
 
 Sources: ``shakespeare`` (comedies and histories, :func:`shakespeare_plays`),
 ``numpy`` (NumPy's docstrings, :func:`numpy_docs`), ``python-docs``
@@ -89,3 +101,82 @@ def numpy_docs() -> list[tuple[str, str]]:
             if doc and len(doc) > 200:
                 out.append((name, doc))
     return out
+
+
+MANPAGE_LANGUAGES = ("de", "fr", "it", "pt_BR", "nl", "pl", "ru")
+"""Languages of the ``manpages`` calibration source: Debian's ``manpages-<lang>``
+packages (translations of the Linux man pages). Spanish (``manpages-es``) is a
+validation text and German/French prose of the Debian Reference is evaluated, so neither
+is read here."""
+
+MANPAGE_DEBS = tuple(f"manpages-{lang.lower().replace('_', '-')}" for lang in MANPAGE_LANGUAGES)
+
+
+def calibration_texts_dir() -> Path:
+    """``$KVTC_TEXTS``, else ``$KVTC_STORE_HOME/texts``: where ``make calibration-texts``
+    unpacks the Debian packages of :data:`MANPAGE_DEBS` (``usr/share/man/<lang>/``)."""
+    env = os.environ.get("KVTC_TEXTS")
+    if env:
+        return Path(env)
+    from .model import cache_home
+
+    return cache_home() / "texts"
+
+
+def manpages_multilingual(piece_chars: int = 6000) -> list[tuple[str, str]]:
+    """``[(language, text piece), ...]``: the man pages of :data:`MANPAGE_LANGUAGES`,
+    groff stripped (:func:`strip_groff`), pages (not their links) in sorted order per
+    language, cut into pieces of about ``piece_chars`` characters taken in turn from each
+    language, so a calibration window of 2,048 tokens holds one or two languages and
+    consecutive windows cycle through them.
+
+    Raises:
+        ModelNotFoundError: the packages are not unpacked under
+            :func:`calibration_texts_dir` (run ``make calibration-texts``).
+    """
+    root = calibration_texts_dir() / "usr" / "share" / "man"
+    per_lang = []
+    for lang in MANPAGE_LANGUAGES:
+        # links are other names of a page: read each page once
+        pages = sorted(p for p in (root / lang).glob("man*/*.gz") if not p.is_symlink())
+        if not pages:
+            raise ModelNotFoundError(
+                f"multilingual calibration text missing: no man pages under {root / lang} "
+                "(run `make calibration-texts`, or set KVTC_TEXTS)"
+            )
+        text = "\n\n".join(strip_groff(p) for p in pages)
+        per_lang.append(
+            [(lang, text[i : i + piece_chars]) for i in range(0, len(text), piece_chars)]
+        )
+    out = []
+    for i in range(max(len(pieces) for pieces in per_lang)):
+        out += [pieces[i] for pieces in per_lang if i < len(pieces)]
+    return out
+
+
+_GROFF_FONT = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)")  # \fB, \fP, \f(CW, \f[I]
+_GROFF_ESCAPE = re.compile(r"\\(?:\(..|\[[^\]]*\]|[-&/,|^e .])")
+_GROFF_KEEP = ("SH", "SS", "B", "I", "BI", "BR", "IR", "RB", "RI", "IP", "TP")
+
+
+def strip_groff(path) -> str:
+    r"""The text of a gzipped man page: comment and request lines dropped (their arguments
+    kept for headings: ``.SH``, ``.SS``, ``.TP`` items, ``.B``/``.I``), font changes and
+    common escapes removed (``\-`` becomes ``-``)."""
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith("."):
+            req, _, rest = line[1:].partition(" ")
+            if req not in _GROFF_KEEP:
+                continue
+            line = rest.strip('"')
+        line = _GROFF_FONT.sub("", line)
+        line = line.replace("\\-", "-").replace("\\(em", "—")
+        line = _GROFF_ESCAPE.sub(lambda m: "-" if m.group(0) == "\\-" else "", line)
+        if line.strip():
+            out.append(line)
+    return "\n".join(out)

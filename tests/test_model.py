@@ -152,6 +152,34 @@ def test_broad_corpus_takes_four_sources_in_turn_and_caches_the_samples(smollm2,
     assert torch.equal(calibration_token_ids(tok, broad, None, tmp_path), ids)
 
 
+def test_multilingual_corpus_reads_the_man_pages_in_turn(smollm2, tmp_path, monkeypatch):
+    """``broad-ml``: its fifth window is Debian's man pages (German first, groff stripped,
+    links skipped); a source named twice takes new windows each time; without the
+    unpacked packages the error names ``make calibration-texts``."""
+    import dataclasses
+
+    from kvtc_store import texts
+    from kvtc_store.calibration import CalibrationSettings, calibration_token_ids
+    from kvtc_store.errors import ModelNotFoundError
+
+    if not (texts.calibration_texts_dir() / "usr" / "share" / "man" / "de").is_dir():
+        pytest.skip("needs `make calibration-texts` (.ci/run fetches them)")
+    _model, tok, _info = smollm2
+    pieces = texts.manpages_multilingual()
+    langs = [lang for lang, _ in pieces[: len(texts.MANPAGE_LANGUAGES)]]
+    assert langs == list(texts.MANPAGE_LANGUAGES)
+    assert all(".TH" not in t and "\\f" not in t for _, t in pieces[:20])
+    twice = dataclasses.replace(CalibrationSettings(windows=3, window_tokens=128), corpus="twice")
+    monkeypatch.setitem(texts.CORPORA, "twice", ("manpages", "numpy", "manpages"))
+    w = calibration_token_ids(tok, twice).view(4, 128)
+    first = tok(pieces[0][1]).input_ids
+    assert w[0].tolist() == first[:128] and w[2].tolist() == first[128:256]
+    assert w[3].tolist() == first[256:384]  # the fourth window: the source's third turn
+    monkeypatch.setenv("KVTC_TEXTS", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="make calibration-texts"):
+        texts.manpages_multilingual()
+
+
 def test_capped_ratio_from_the_cached_fit_needs_no_model(smollm2, test_settings):
     """The artifact cap (default: 15% of the model's parameters from target 16 up) is
     applied from the cached fit too: the fit's folder keeps the model's parameter count.

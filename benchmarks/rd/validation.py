@@ -22,8 +22,8 @@ the last two come with ``make corpora``. None of them is an evaluation text.
 from __future__ import annotations
 
 import functools
-import gzip
-import re
+
+from kvtc_store.texts import strip_groff
 
 VALIDATION_GENRES = ("val-tragedies", "val-pydoc", "val-gcide", "val-manpages-es")
 
@@ -61,30 +61,3 @@ def validation_text(name: str) -> str:
         root = _need(corpora_dir() / "root" / "usr" / "share" / "man" / "es")
         return "\n\n".join(strip_groff(p) for p in sorted(root.glob("man*/*.gz")))
     raise ValueError(f"unknown validation text {name!r}; known: {', '.join(VALIDATION_GENRES)}")
-
-
-_GROFF_FONT = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)")  # \fB, \fP, \f(CW, \f[I]
-_GROFF_ESCAPE = re.compile(r"\\(?:\(..|\[[^\]]*\]|[-&/,|^e .])")
-
-
-def strip_groff(path) -> str:
-    r"""The text of a gzipped man page: comment and request lines dropped (their arguments
-    kept for headings: ``.SH``, ``.SS``, ``.TP`` items, ``.B``/``.I``), font changes and
-    common escapes removed (``\-`` becomes ``-``)."""
-    out = []
-    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        if line.startswith(('.\\"', "'\\\"")):
-            continue
-        if line.startswith("."):
-            req, _, rest = line[1:].partition(" ")
-            if req not in ("SH", "SS", "B", "I", "BI", "BR", "IR", "RB", "RI", "IP", "TP"):
-                continue
-            line = rest.strip('"')
-        line = _GROFF_FONT.sub("", line)
-        line = line.replace("\\-", "-").replace("\\(em", "—")
-        line = _GROFF_ESCAPE.sub(lambda m: "-" if m.group(0) == "\\-" else "", line)
-        if line.strip():
-            out.append(line)
-    return "\n".join(out)
