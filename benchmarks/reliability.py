@@ -29,10 +29,11 @@ are sampled for the cap; every call's latency is checked against its deadline bu
 
 Results: ``--out`` JSON (keys: fuzz_inputs, fuzz_crashes, fuzz_hangs, fuzz_inputs_per_s,
 soak_seconds, soak_wrong_chunks, soak_lost_chunks, deadline_s,
-soak_max_block_over_deadline_s, disk_cap_max_overshoot_bytes, p50_ms, p99_ms, ...).
+soak_max_block_over_deadline_s, disk_cap_max_overshoot_bytes, p50_ms, p99_ms, and per
+phase the process's open file descriptors and threads, start and peak, ...).
 
-    python benchmarks/reliability.py --fuzz-seconds 600 --soak-seconds 600 \\
-        --out benchmarks/results/reliability.json
+    python benchmarks/reliability.py --fuzz-seconds 280 --fuzz-inputs 1000000 \\
+        --soak-seconds 600 --out benchmarks/results/reliability.json
 """
 
 from __future__ import annotations
@@ -205,9 +206,38 @@ def _fuzz_targets(rng: random.Random):
     }
 
 
-def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0) -> dict:
+def fuzz(
+    seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0, min_total: int = 0
+) -> dict:
     """Run every target for ``seconds / targets`` (and at least ``min_inputs`` inputs
-    each); counts of inputs, crashes (first few kept) and hangs per target."""
+    each), then more rounds of the same split until ``min_total`` inputs in all ran;
+    counts of inputs, crashes (first few kept) and hangs per target."""
+    out = _fuzz_round(seconds, hang_s, seed, min_inputs)
+    while out["fuzz_inputs"] < min_total:
+        more = (min_total - out["fuzz_inputs"]) / max(out["fuzz_inputs_per_s"], 1) * 1.1 + 1
+        extra = _fuzz_round(more, hang_s, seed + len(out["rounds"]), 0)
+        for name, t in extra["targets"].items():
+            mine = out["targets"][name]
+            for k in ("inputs", "crashes", "hangs", "seconds"):
+                mine[k] = round(mine[k] + t[k], 2)
+            mine["inputs_per_s"] = round(mine["inputs"] / mine["seconds"], 1)
+        out["crash_examples"] = (out["crash_examples"] + extra["crash_examples"])[:10]
+        out["rounds"].append(round(more, 1))
+        _fuzz_totals(out)
+    return out
+
+
+def _fuzz_totals(out: dict) -> None:
+    t = out["targets"].values()
+    out["fuzz_inputs"] = sum(x["inputs"] for x in t)
+    out["fuzz_crashes"] = sum(x["crashes"] for x in t)
+    out["fuzz_hangs"] = sum(x["hangs"] for x in t)
+    out["fuzz_seconds"] = round(sum(x["seconds"] for x in t), 1)
+    out["fuzz_inputs_per_s"] = round(out["fuzz_inputs"] / max(out["fuzz_seconds"], 1e-9))
+
+
+def _fuzz_round(seconds: float, hang_s: float, seed: int, min_inputs: int) -> dict:
+    """One round of :func:`fuzz` (fresh targets seeded by ``seed``)."""
     rng = random.Random(seed)
     targets = _fuzz_targets(rng)
     logging.disable(logging.WARNING)  # a corrupt blob logs; a million of them flood
@@ -218,7 +248,7 @@ def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0
     use_alarm = threading.current_thread() is threading.main_thread()
     if use_alarm:
         old = signal.signal(signal.SIGALRM, on_alarm)
-    out: dict = {"targets": {}, "crash_examples": []}
+    out: dict = {"targets": {}, "crash_examples": [], "rounds": [round(seconds, 1)]}
     try:
         for name, one in targets.items():
             n = crashes = hangs = 0
@@ -254,11 +284,7 @@ def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0
         if use_alarm:
             signal.signal(signal.SIGALRM, old)
         logging.disable(logging.NOTSET)
-    t = out["targets"].values()
-    out["fuzz_inputs"] = sum(x["inputs"] for x in t)
-    out["fuzz_crashes"] = sum(x["crashes"] for x in t)
-    out["fuzz_hangs"] = sum(x["hangs"] for x in t)
-    out["fuzz_inputs_per_s"] = round(out["fuzz_inputs"] / max(sum(x["seconds"] for x in t), 1e-9))
+    _fuzz_totals(out)
     return out
 
 
@@ -295,6 +321,53 @@ tier.close()
 """
 
 
+def _tcp_ports() -> dict[str, tuple[int, int]]:
+    """``{socket inode: (local port, remote port)}`` of this host's TCP sockets (Linux)."""
+    out = {}
+    for name in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            out[f[9]] = (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16))
+    return out
+
+
+def open_fds(ports: dict[str, int] | None = None) -> dict[str, int]:
+    """This process's open file descriptors by kind (Linux ``/proc/self/fd``): ``total``,
+    ``file``, ``pipe``, ``anon`` and ``socket``; with ``ports`` (``{label: port}``) TCP
+    sockets whose local or remote port is a labelled one are also counted as
+    ``tcp:<label>:in`` (accepted there) or ``tcp:<label>:out`` (connected to it)."""
+    kinds: dict[str, int] = {"total": 0}
+    tcp = _tcp_ports() if ports else {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        kinds["total"] += 1
+        kind = target.split(":", 1)[0] if ":" in target else "file"
+        kind = {"anon_inode": "anon"}.get(kind, kind)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "socket" and ports:
+            local, remote = tcp.get(target[8:-1], (-1, -1))
+            for label, port in ports.items():
+                side = "in" if local == port else "out" if remote == port else None
+                if side:
+                    kinds[f"tcp:{label}:{side}"] = kinds.get(f"tcp:{label}:{side}", 0) + 1
+    return kinds
+
+
+def os_threads() -> int:
+    """This process's OS threads (``Threads:`` of ``/proc/self/status``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return -1
+
+
 def _chunk(object_key: str) -> str:
     """The chunk key of an S3 object key (``<prefix><xx>/<key>.kvtc``)."""
     return object_key.rsplit("/", 1)[-1].removesuffix(".kvtc")
@@ -328,6 +401,9 @@ class _Soak:
         self.phase = "normal"
         self.cap_peak = 0
         self.notes: list[str] = []
+        self.resources: list[dict] = []  # per phase: open fds and threads, start and peak
+        self._raw_client = None
+        self.file_peak = 0  # the largest chunk file's allocated bytes seen
         # overlapping prefixes: sequences are paths through a small tree of chunk blocks
         self.blocks = [torch.randint(0, 50_000, (CHUNK,), generator=torch.Generator().manual_seed(b)) for b in range(64)]  # fmt: skip
 
@@ -343,15 +419,18 @@ class _Soak:
         return r.returncode == 0
 
     def _raw(self):
-        import boto3
-        import botocore.config
+        """The benchmark's own S3 client (straight to moto), made once."""
+        if self._raw_client is None:
+            import boto3
+            import botocore.config
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_url,
-            region_name="us-east-1",
-            config=botocore.config.Config(s3={"addressing_style": "path"}),
-        )
+            self._raw_client = boto3.client(
+                "s3",
+                endpoint_url=self.s3_url,
+                region_name="us-east-1",
+                config=botocore.config.Config(s3={"addressing_style": "path"}),
+            )
+        return self._raw_client
 
     def _store(self, disk_dir: Path) -> TieredStore:
         s3 = S3Backend(
@@ -415,21 +494,53 @@ class _Soak:
             # put waits on back-pressure: its budget is a write-down batch's deadline
             self._record(op, time.monotonic() - t0, read_budget)
 
+    def _ports(self) -> dict[str, int]:
+        return {"proxy": int(self.proxy.url.rsplit(":", 1)[1]), "moto": int(self.s3_url.rsplit(":", 1)[1])}  # fmt: skip
+
+    def _resources_sample(self) -> None:
+        """Fold the open fds and threads now into the current phase's record."""
+        fds, threads = open_fds(self._ports()), os_threads()
+        with self.lock:
+            rec = self.resources[-1] if self.resources else None
+            if rec is None:
+                return
+            if fds["total"] > rec["fds_peak"]:
+                rec["fds_peak"], rec["fds_peak_kinds"] = fds["total"], fds
+            rec["threads_peak"] = max(rec["threads_peak"], threads)
+
+    def _phase_start(self, phase: str) -> None:
+        fds, threads = open_fds(self._ports()), os_threads()
+        with self.lock:
+            if self.resources:  # progress, one line per phase (the JSON has them all)
+                print(json.dumps(self.resources[-1]), file=sys.stderr, flush=True)
+            self.phase = phase
+            self.resources.append({
+                "phase": phase, "t_s": round(time.monotonic() - self.t_start, 1),
+                "fds_start": fds["total"], "threads_start": threads,
+                "fds_peak": fds["total"], "fds_peak_kinds": fds, "threads_peak": threads,
+            })  # fmt: skip
+
     def _sampler(self, end: float) -> None:
+        last = 0.0
         while time.monotonic() < end:
+            if time.monotonic() - last > 0.5:
+                self._resources_sample()
+                last = time.monotonic()
             total = 0
             for p in self.disk_dir.rglob("*.kvtc"):
                 try:
-                    total += p.stat().st_blocks * 512
+                    size = p.stat().st_blocks * 512
                 except FileNotFoundError:
-                    pass
+                    continue
+                total += size
+                self.file_peak = max(self.file_peak, size)
             self.cap_peak = max(self.cap_peak, total)
             time.sleep(0.05)
 
     # - phases
 
     def _inject(self, phase: str, store: TieredStore, length: float) -> None:
-        self.phase = phase
+        self._phase_start(phase)
         raw = self._raw()
         for page in raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             self.acked |= {_chunk(o["Key"]) for o in page.get("Contents", [])}
@@ -479,7 +590,8 @@ class _Soak:
         raw = self._raw()
         raw.create_bucket(Bucket=self.bucket)
         store = self._store(self.disk_dir)
-        end = time.monotonic() + self.seconds
+        self.t_start = time.monotonic()
+        end = self.t_start + self.seconds
         workers = [
             threading.Thread(target=self._worker, args=(store, i, end)) for i in range(self.threads)
         ] + [threading.Thread(target=self._sampler, args=(end,))]
@@ -495,15 +607,18 @@ class _Soak:
                 time.sleep(max(0.0, length - (time.monotonic() - t0)))
         for w in workers:
             w.join()
-        self.phase = "final"
+        self._phase_start("final")
         flushed = store.flush(timeout=60)
         store.close(timeout=10)
         self.proxy.close()
+        self._phase_start("closed")
         listed = set()
         for page in raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             listed |= {_chunk(o["Key"]) for o in page.get("Contents", [])}
         s3_written = store.tiers[2].snapshot().bytes_written
+        batch_chunks = store._stack.write_down.batch_chunks
         lost = {k for k in self.acked - self.damaged if k not in listed}
+        raw.close()
         if self.mounted:
             subprocess.run(["umount", str(self.work / "fullfs")], check=False)
         lat = {f"{op}/{ph}": v for (op, ph), v in self.latencies.items()}
@@ -522,12 +637,17 @@ class _Soak:
             "soak_max_block_over_deadline_s": round(max(0.0, self.over_deadline), 3),
             "disk_cap_bytes": self.disk_cap,
             "disk_cap_max_overshoot_bytes": max(0, self.cap_peak - self.disk_cap),
+            # one write-down batch: its chunks times the largest chunk file seen
+            "disk_one_batch_bytes": batch_chunks * self.file_peak,
             "p50_ms": round(1e3 * float(np.percentile(every, 50)), 2) if every else None,
             "p99_ms": round(1e3 * float(np.percentile(every, 99)), 2) if every else None,
             "latency_by_op_and_phase": pct,
             "store_stats": {k: v for k, v in vars(store.stats).items() if k != "chunks_hit"},
             "soak_final_flush": {"complete": flushed.complete, "failed": flushed.failed_chunks},
             "notes": sorted(set(self.notes)),
+            "resources_by_phase": self.resources,
+            "fds_max": max(r["fds_peak"] for r in self.resources),
+            "threads_max": max(r["threads_peak"] for r in self.resources),
         }
 
 
@@ -553,6 +673,7 @@ def soak(seconds: float, threads: int = 8, seed: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fuzz-seconds", type=float, default=600.0)
+    p.add_argument("--fuzz-inputs", type=int, default=0, help="run on until this many in all")
     p.add_argument("--soak-seconds", type=float, default=600.0)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--hang-seconds", type=float, default=5.0)
@@ -565,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    result.update(fuzz(a.fuzz_seconds, a.hang_seconds, a.seed))
+    result.update(fuzz(a.fuzz_seconds, a.hang_seconds, a.seed, min_total=a.fuzz_inputs))
     result.update(soak(a.soak_seconds, a.threads, a.seed))
     result["wall_seconds"] = round(time.time() - t0, 1)
     text = json.dumps(result, indent=2)
