@@ -24,15 +24,20 @@ where this process may mount one; otherwise the phase is skipped and the JSON sa
 and a second process writing to the disk folder. Every chunk served is compared with the
 reference KV of its tokens (a wrong chunk differs by ~100% and a right one by the codec's
 error); chunks S3 acknowledged (flush reported no failure) must still be there at the end
-unless the benchmark itself damaged them (lost chunks). The disk folder's allocated bytes
-are sampled for the cap; every call's latency is checked against its deadline budget.
+unless the benchmark itself damaged them (lost chunks). Right after damaging a chunk (a
+corrupted S3 object, a misfiled disk blob) the benchmark reads it through a fresh replica
+of that tier alone (an empty memory tier in front), so the damaged copy itself is what
+is read. The disk folder's allocated bytes are sampled for the cap; every call's latency
+is checked against its deadline budget (the worst call is kept); the process's open file
+descriptors (by kind) and threads are sampled per phase.
 
 Results: ``--out`` JSON (keys: fuzz_inputs, fuzz_crashes, fuzz_hangs, fuzz_inputs_per_s,
 soak_seconds, soak_wrong_chunks, soak_lost_chunks, deadline_s,
 soak_max_block_over_deadline_s, disk_cap_max_overshoot_bytes, p50_ms, p99_ms, and per
-phase the process's open file descriptors and threads, start and peak, ...).
+phase the process's open file descriptors and threads, start and peak, ...) and a
+Markdown summary beside it (``.md``).
 
-    python benchmarks/reliability.py --fuzz-seconds 280 --fuzz-inputs 1000000 \\
+    python benchmarks/reliability.py --fuzz-seconds 230 --fuzz-inputs 1000000 \\
         --soak-seconds 600 --out benchmarks/results/reliability.json
 """
 
@@ -395,6 +400,10 @@ class _Soak:
         self.lock = threading.Lock()
         self.latencies: dict[tuple[str, str], list[float]] = {}
         self.over_deadline = 0.0
+        self.worst: dict = {}  # the call furthest beyond its budget (or nearest to it)
+        self.tokens_of: dict[str, torch.Tensor] = {}  # chunk key -> the tokens through it
+        self.damaged_reads = 0
+        self.damaged_dropped = 0  # damaged copies the replicas dropped as misses
         self.wrong = self.served = 0
         self.acked: set[str] = set()
         self.damaged: set[str] = set()
@@ -432,16 +441,31 @@ class _Soak:
             )
         return self._raw_client
 
-    def _store(self, disk_dir: Path) -> TieredStore:
+    def _replica(self, kind: str) -> TieredStore:
+        """A fresh replica over one shared tier (``disk`` or ``s3``) behind an empty
+        memory tier: what it serves comes from that tier's copy."""
+        tier = self._disk(self.disk_dir) if kind == "disk" else self._s3()
+        return TieredStore(
+            [MemoryBackend(1 << 20), tier], tiny_codec(), tiny_namespace(), chunk_tokens=CHUNK
+        )
+
+    def _s3(self) -> S3Backend:
         s3 = S3Backend(
             self.bucket, endpoint_url=self.proxy.url, region_name="us-east-1", read_timeout=2,
             max_attempts=1, connect_timeout=1,
         )  # fmt: skip
         s3.deadline_s = self.deadlines["s3"]
+        return s3
+
+    def _disk(self, disk_dir: Path) -> DiskBackend:
         disk = DiskBackend(disk_dir, self.disk_cap)
         disk.deadline_s = self.deadlines["disk"]
+        return disk
+
+    def _store(self, disk_dir: Path) -> TieredStore:
         return TieredStore(
-            [MemoryBackend(1 << 20), disk, s3], tiny_codec(), tiny_namespace(), chunk_tokens=CHUNK,
+            [MemoryBackend(1 << 20), self._disk(disk_dir), self._s3()], tiny_codec(),
+            tiny_namespace(), chunk_tokens=CHUNK,
             breaker=BreakerSettings(failures=3, backoff_s=0.5, max_backoff_s=4.0),
         )  # fmt: skip
 
@@ -452,10 +476,16 @@ class _Soak:
         path = [rng.randrange(4)] + [rng.randrange(64) for _ in range(n - 1)]
         return torch.cat([self.blocks[b] for b in path])
 
-    def _record(self, op: str, dt: float, budget: float) -> None:
+    def _record(self, op: str, dt: float, budget: float, cpu: float) -> None:
+        """One call's wall time ``dt`` (s) against ``budget`` (s); ``cpu``: the calling
+        thread's own CPU seconds in it (decoding; a starved host stretches it)."""
         with self.lock:
             self.latencies.setdefault((op, self.phase), []).append(dt)
-            self.over_deadline = max(self.over_deadline, dt - budget * 1.1)
+            over = dt - budget * 1.1
+            if not self.worst or over > self.worst["wall_s"] - self.worst["budget_s"] * 1.1:
+                self.worst = {"op": op, "phase": self.phase, "wall_s": round(dt, 3),
+                              "budget_s": budget, "thread_cpu_s": round(cpu, 3)}  # fmt: skip
+            self.over_deadline = max(self.over_deadline, over)
 
     def _check(self, tokens: torch.Tensor, got) -> None:
         if got is None:
@@ -478,10 +508,16 @@ class _Soak:
         while time.monotonic() < end:
             tokens = self._sequence(rng)
             op = rng.choice(["put", "get", "get", "lookup", "prefetch"])
-            t0 = time.monotonic()
+            if op == "put":
+                kv = reference_kv(tokens)
+                keys = store.keys_for(tokens)
+                with self.lock:
+                    for c, key in enumerate(keys):
+                        self.tokens_of.setdefault(key, tokens[: (c + 1) * CHUNK])
+            t0, c0 = time.monotonic(), time.thread_time()
             try:
                 if op == "put":
-                    store.put(tokens, *reference_kv(tokens))
+                    store.put(tokens, *kv)
                 elif op == "get":
                     self._check(tokens, store.get(tokens))
                 elif op == "lookup":
@@ -492,7 +528,7 @@ class _Soak:
                 with self.lock:
                     self.notes.append(f"{op}: {type(exc).__name__}")
             # put waits on back-pressure: its budget is a write-down batch's deadline
-            self._record(op, time.monotonic() - t0, read_budget)
+            self._record(op, time.monotonic() - t0, read_budget, time.thread_time() - c0)
 
     def _ports(self) -> dict[str, int]:
         return {"proxy": int(self.proxy.url.rsplit(":", 1)[1]), "moto": int(self.s3_url.rsplit(":", 1)[1])}  # fmt: skip
@@ -555,19 +591,26 @@ class _Soak:
             self.proxy = SlowProxy(self.s3_url, port=port)
         elif phase == "corrupt_object":
             listed = raw.list_objects_v2(Bucket=self.bucket).get("Contents", [])
-            for obj in self.rng.sample(listed, min(3, len(listed))):
+            with self.lock:  # chunks whose tokens this run knows: they can be read back
+                listed = [o for o in listed if _chunk(o["Key"]) in self.tokens_of]
+            listed = self.rng.sample(listed, min(3, len(listed)))
+            for obj in listed:
                 data = bytearray(raw.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read())
                 data[len(data) // 2] ^= 0xFF
                 raw.put_object(Bucket=self.bucket, Key=obj["Key"], Body=bytes(data))
                 self.damaged.add(_chunk(obj["Key"]))
+            self._read_damaged("s3", [_chunk(o["Key"]) for o in listed])
         elif phase == "misfiled_blob":
             files = sorted(self.disk_dir.rglob("*.kvtc"))
+            with self.lock:
+                files = [f for f in files if f.name.removesuffix(".kvtc") in self.tokens_of]
             if len(files) >= 2:
                 a, b = self.rng.sample(files, 2)
                 try:
                     shutil.copyfile(a, b)
                 except FileNotFoundError:
                     pass
+                self._read_damaged("disk", [b.name.removesuffix(".kvtc")])
         elif phase == "full_disk":
             if not self.mounted:
                 self.notes.append("full_disk skipped: cannot mount a tmpfs here")
@@ -585,6 +628,22 @@ class _Soak:
             )  # fmt: skip
             proc.wait(timeout=length * 3 + 30)
         time.sleep(max(0.0, length * 0.1))
+
+    def _read_damaged(self, kind: str, keys: list[str]) -> None:
+        """Read the chunks just damaged in tier ``kind`` through a fresh replica of that
+        tier, checked like every read: a damaged copy must be a counted miss (dropped),
+        never served."""
+        with self.lock:
+            seqs = [self.tokens_of[k] for k in keys if k in self.tokens_of]
+        replica = self._replica(kind)
+        try:
+            for tokens in seqs[:8]:
+                self._check(tokens, replica.get(tokens))
+                self.damaged_reads += 1
+            st = replica.stats
+            self.damaged_dropped += st.corrupt_dropped + st.misfiled_dropped
+        finally:
+            replica.close(timeout=5)
 
     def run(self) -> dict:
         raw = self._raw()
@@ -635,6 +694,9 @@ class _Soak:
             "soak_s3_objects_at_end": len(listed),
             "deadline_s": max(self.deadlines.values()),
             "soak_max_block_over_deadline_s": round(max(0.0, self.over_deadline), 3),
+            "soak_worst_call": self.worst,
+            "soak_damaged_chunks_read": self.damaged_reads,
+            "soak_damaged_chunks_dropped": self.damaged_dropped,
             "disk_cap_bytes": self.disk_cap,
             "disk_cap_max_overshoot_bytes": max(0, self.cap_peak - self.disk_cap),
             # one write-down batch: its chunks times the largest chunk file seen
@@ -670,6 +732,65 @@ def soak(seconds: float, threads: int = 8, seed: int = 0) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def render_md(r: dict) -> str:
+    """The results as Markdown: targets against the figures, fuzz per target, latency
+    and open descriptors/threads per phase (``--out x.json`` writes it to ``x.md``)."""
+    over = r["soak_max_block_over_deadline_s"]
+    cap_over, batch = r["disk_cap_max_overshoot_bytes"], r.get("disk_one_batch_bytes")
+    rows = [
+        ("fuzz inputs (>= 1,000,000)", f"{r['fuzz_inputs']:,} at {r['fuzz_inputs_per_s']:,}/s"),
+        ("fuzz crashes / hangs (0 / 0)", f"{r['fuzz_crashes']} / {r['fuzz_hangs']}"),
+        ("soak (8 threads, >= 600 s)", f"{r['soak_threads']} threads, {r['soak_seconds']} s"),
+        ("wrong chunks (0)", f"{r['soak_wrong_chunks']} of {r['soak_chunks_served']:,} served"),
+        ("lost acknowledged chunks (0)", str(r["soak_lost_chunks"])),
+        ("worst call beyond its deadline + 10% (0 s)", f"{over} s (longest deadline {r['deadline_s']} s)"),
+        ("disk cap overshoot (<= one batch)", f"{cap_over:,} B (one batch: {batch:,} B; cap {r['disk_cap_bytes']:,} B)"),
+        ("p50 / p99 latency, all calls", f"{r['p50_ms']} ms / {r['p99_ms']} ms"),
+        ("open fds / threads, peak", f"{r['fds_max']} / {r['threads_max']}"),
+    ]  # fmt: skip
+    out = [
+        "# Reliability benchmark (issue 20)",
+        "",
+        f"`{r['command']}` on {r['machine']}, {r['date']} ({r['wall_seconds']} s wall).",
+        "",
+        "| target | measured |",
+        "|---|---|",
+        *[f"| {a} | {b} |" for a, b in rows],
+        "",
+        "## Fuzz, per target",
+        "",
+        "| target | inputs | inputs/s | crashes | hangs |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {n} | {t['inputs']:,} | {t['inputs_per_s']:,} | {t['crashes']} | {t['hangs']} |"
+            for n, t in r["targets"].items()
+        ],
+        "",
+        "## Soak latency per operation and phase (ms)",
+        "",
+        "| op/phase | calls | p50 | p99 |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {v['n']:,} | {v['p50_ms']} | {v['p99_ms']} |"
+            for k, v in r["latency_by_op_and_phase"].items()
+        ],
+        "",
+        "## Open file descriptors and threads per phase (start, peak)",
+        "",
+        "| phase | at s | fds | threads | sockets at the peak |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {x['phase']} | {x['t_s']} | {x['fds_start']}, {x['fds_peak']} | "
+            f"{x['threads_start']}, {x['threads_peak']} | {x['fds_peak_kinds'].get('socket', 0)} |"
+            for x in r["resources_by_phase"]
+        ],
+        "",
+        f"Final flush: {r['soak_final_flush']}. Notes: {r['notes'] or 'none'}.",
+        "",
+    ]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fuzz-seconds", type=float, default=600.0)
@@ -693,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if a.out is not None:
         a.out.write_text(text + "\n")
+        a.out.with_suffix(".md").write_text(render_md(result))
     return 0
 
 
