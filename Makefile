@@ -6,7 +6,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint corpora corpora-pack bench-rd bench-rd-quick bench-extra peers-env test-peers bench-peers \
-	calibration-texts test-engines test-engines-vllm test-engines-sglang test-engines-cross test-lmcache clean
+	calibration-texts test-engines test-engines-vllm test-engines-sglang test-engines-cross \
+	test-lmcache test-triton-cpu clean
 
 install: $(VENV)/.installed
 
@@ -144,7 +145,8 @@ bench-peers: install peers-env
 # engine's package is installed --no-deps with only what its connector-facing modules import;
 # torch==2.13.0 (CPU) is named in every install line. `make test-engines` runs the engine
 # tests (each skips without its engine, so the default `make test` passes without them).
-test-engines: test-engines-vllm test-engines-sglang test-engines-cross test-lmcache
+test-engines: test-engines-vllm test-engines-sglang test-engines-cross test-lmcache \
+	test-triton-cpu
 
 # vLLM 0.33 (--no-deps) beside torch 2.13 (CPU) with only the modules its KV-connector
 # interface and v1 scheduler import; transformers at our pin. SGLang 0.5.23 (--no-deps, with
@@ -192,6 +194,12 @@ test-engines-cross: .venv-vllm/.installed
 
 test-engines-sglang: .venv-sglang/.installed
 	.venv-sglang/bin/python -m pytest -q tests/test_sglang_storage.py tests/test_engine_keys.py
+
+# The GPU codec's deflate flow without a GPU (tests/test_gpu_deflate_flow.py): Triton's CPU
+# interpreter, in .venv-sglang, which has Triton beside the CPU torch.
+test-triton-cpu: .venv-sglang/.installed
+	KVTC_GPU_TEST_DEVICE=cpu TRITON_INTERPRET=1 \
+		.venv-sglang/bin/python -m pytest -q tests/test_gpu_deflate_flow.py
 
 clean:
 	rm -rf $(VENV) .venv-lmcache .venv-kvpress .venv-vllm .venv-sglang .pytest_cache

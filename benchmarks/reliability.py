@@ -24,15 +24,21 @@ where this process may mount one; otherwise the phase is skipped and the JSON sa
 and a second process writing to the disk folder. Every chunk served is compared with the
 reference KV of its tokens (a wrong chunk differs by ~100% and a right one by the codec's
 error); chunks S3 acknowledged (flush reported no failure) must still be there at the end
-unless the benchmark itself damaged them (lost chunks). The disk folder's allocated bytes
-are sampled for the cap; every call's latency is checked against its deadline budget.
+unless the benchmark itself damaged them (lost chunks). Right after damaging a chunk (a
+corrupted S3 object, a misfiled disk blob) the benchmark reads it through a fresh replica
+of that tier alone (an empty memory tier in front), so the damaged copy itself is what
+is read. The disk folder's allocated bytes are sampled for the cap; every call's latency
+is checked against its deadline budget (the worst call is kept); the process's open file
+descriptors (by kind) and threads are sampled per phase.
 
 Results: ``--out`` JSON (keys: fuzz_inputs, fuzz_crashes, fuzz_hangs, fuzz_inputs_per_s,
 soak_seconds, soak_wrong_chunks, soak_lost_chunks, deadline_s,
-soak_max_block_over_deadline_s, disk_cap_max_overshoot_bytes, p50_ms, p99_ms, ...).
+soak_max_block_over_deadline_s, disk_cap_max_overshoot_bytes, p50_ms, p99_ms, and per
+phase the process's open file descriptors and threads, start and peak, ...) and a
+Markdown summary beside it (``.md``).
 
-    python benchmarks/reliability.py --fuzz-seconds 600 --soak-seconds 600 \\
-        --out benchmarks/results/reliability.json
+    python benchmarks/reliability.py --fuzz-seconds 230 --fuzz-inputs 1000000 \\
+        --soak-seconds 600 --out benchmarks/results/reliability.json
 """
 
 from __future__ import annotations
@@ -205,9 +211,38 @@ def _fuzz_targets(rng: random.Random):
     }
 
 
-def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0) -> dict:
+def fuzz(
+    seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0, min_total: int = 0
+) -> dict:
     """Run every target for ``seconds / targets`` (and at least ``min_inputs`` inputs
-    each); counts of inputs, crashes (first few kept) and hangs per target."""
+    each), then more rounds of the same split until ``min_total`` inputs in all ran;
+    counts of inputs, crashes (first few kept) and hangs per target."""
+    out = _fuzz_round(seconds, hang_s, seed, min_inputs)
+    while out["fuzz_inputs"] < min_total:
+        more = (min_total - out["fuzz_inputs"]) / max(out["fuzz_inputs_per_s"], 1) * 1.1 + 1
+        extra = _fuzz_round(more, hang_s, seed + len(out["rounds"]), 0)
+        for name, t in extra["targets"].items():
+            mine = out["targets"][name]
+            for k in ("inputs", "crashes", "hangs", "seconds"):
+                mine[k] = round(mine[k] + t[k], 2)
+            mine["inputs_per_s"] = round(mine["inputs"] / mine["seconds"], 1)
+        out["crash_examples"] = (out["crash_examples"] + extra["crash_examples"])[:10]
+        out["rounds"].append(round(more, 1))
+        _fuzz_totals(out)
+    return out
+
+
+def _fuzz_totals(out: dict) -> None:
+    t = out["targets"].values()
+    out["fuzz_inputs"] = sum(x["inputs"] for x in t)
+    out["fuzz_crashes"] = sum(x["crashes"] for x in t)
+    out["fuzz_hangs"] = sum(x["hangs"] for x in t)
+    out["fuzz_seconds"] = round(sum(x["seconds"] for x in t), 1)
+    out["fuzz_inputs_per_s"] = round(out["fuzz_inputs"] / max(out["fuzz_seconds"], 1e-9))
+
+
+def _fuzz_round(seconds: float, hang_s: float, seed: int, min_inputs: int) -> dict:
+    """One round of :func:`fuzz` (fresh targets seeded by ``seed``)."""
     rng = random.Random(seed)
     targets = _fuzz_targets(rng)
     logging.disable(logging.WARNING)  # a corrupt blob logs; a million of them flood
@@ -218,7 +253,7 @@ def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0
     use_alarm = threading.current_thread() is threading.main_thread()
     if use_alarm:
         old = signal.signal(signal.SIGALRM, on_alarm)
-    out: dict = {"targets": {}, "crash_examples": []}
+    out: dict = {"targets": {}, "crash_examples": [], "rounds": [round(seconds, 1)]}
     try:
         for name, one in targets.items():
             n = crashes = hangs = 0
@@ -254,11 +289,7 @@ def fuzz(seconds: float, hang_s: float = 5.0, seed: int = 0, min_inputs: int = 0
         if use_alarm:
             signal.signal(signal.SIGALRM, old)
         logging.disable(logging.NOTSET)
-    t = out["targets"].values()
-    out["fuzz_inputs"] = sum(x["inputs"] for x in t)
-    out["fuzz_crashes"] = sum(x["crashes"] for x in t)
-    out["fuzz_hangs"] = sum(x["hangs"] for x in t)
-    out["fuzz_inputs_per_s"] = round(out["fuzz_inputs"] / max(sum(x["seconds"] for x in t), 1e-9))
+    _fuzz_totals(out)
     return out
 
 
@@ -295,6 +326,53 @@ tier.close()
 """
 
 
+def _tcp_ports() -> dict[str, tuple[int, int]]:
+    """``{socket inode: (local port, remote port)}`` of this host's TCP sockets (Linux)."""
+    out = {}
+    for name in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            out[f[9]] = (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16))
+    return out
+
+
+def open_fds(ports: dict[str, int] | None = None) -> dict[str, int]:
+    """This process's open file descriptors by kind (Linux ``/proc/self/fd``): ``total``,
+    ``file``, ``pipe``, ``anon`` and ``socket``; with ``ports`` (``{label: port}``) TCP
+    sockets whose local or remote port is a labelled one are also counted as
+    ``tcp:<label>:in`` (accepted there) or ``tcp:<label>:out`` (connected to it)."""
+    kinds: dict[str, int] = {"total": 0}
+    tcp = _tcp_ports() if ports else {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        kinds["total"] += 1
+        kind = target.split(":", 1)[0] if ":" in target else "file"
+        kind = {"anon_inode": "anon"}.get(kind, kind)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "socket" and ports:
+            local, remote = tcp.get(target[8:-1], (-1, -1))
+            for label, port in ports.items():
+                side = "in" if local == port else "out" if remote == port else None
+                if side:
+                    kinds[f"tcp:{label}:{side}"] = kinds.get(f"tcp:{label}:{side}", 0) + 1
+    return kinds
+
+
+def os_threads() -> int:
+    """This process's OS threads (``Threads:`` of ``/proc/self/status``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return -1
+
+
 def _chunk(object_key: str) -> str:
     """The chunk key of an S3 object key (``<prefix><xx>/<key>.kvtc``)."""
     return object_key.rsplit("/", 1)[-1].removesuffix(".kvtc")
@@ -322,12 +400,19 @@ class _Soak:
         self.lock = threading.Lock()
         self.latencies: dict[tuple[str, str], list[float]] = {}
         self.over_deadline = 0.0
+        self.worst: dict = {}  # the call furthest beyond its budget (or nearest to it)
+        self.tokens_of: dict[str, torch.Tensor] = {}  # chunk key -> the tokens through it
+        self.damaged_reads = 0
+        self.damaged_dropped = 0  # damaged copies the replicas dropped as misses
         self.wrong = self.served = 0
         self.acked: set[str] = set()
         self.damaged: set[str] = set()
         self.phase = "normal"
         self.cap_peak = 0
         self.notes: list[str] = []
+        self.resources: list[dict] = []  # per phase: open fds and threads, start and peak
+        self._raw_client = None
+        self.file_peak = 0  # the largest chunk file's allocated bytes seen
         # overlapping prefixes: sequences are paths through a small tree of chunk blocks
         self.blocks = [torch.randint(0, 50_000, (CHUNK,), generator=torch.Generator().manual_seed(b)) for b in range(64)]  # fmt: skip
 
@@ -343,26 +428,44 @@ class _Soak:
         return r.returncode == 0
 
     def _raw(self):
-        import boto3
-        import botocore.config
+        """The benchmark's own S3 client (straight to moto), made once."""
+        if self._raw_client is None:
+            import boto3
+            import botocore.config
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_url,
-            region_name="us-east-1",
-            config=botocore.config.Config(s3={"addressing_style": "path"}),
+            self._raw_client = boto3.client(
+                "s3",
+                endpoint_url=self.s3_url,
+                region_name="us-east-1",
+                config=botocore.config.Config(s3={"addressing_style": "path"}),
+            )
+        return self._raw_client
+
+    def _replica(self, kind: str) -> TieredStore:
+        """A fresh replica over one shared tier (``disk`` or ``s3``) behind an empty
+        memory tier: what it serves comes from that tier's copy."""
+        tier = self._disk(self.disk_dir) if kind == "disk" else self._s3()
+        return TieredStore(
+            [MemoryBackend(1 << 20), tier], tiny_codec(), tiny_namespace(), chunk_tokens=CHUNK
         )
 
-    def _store(self, disk_dir: Path) -> TieredStore:
+    def _s3(self) -> S3Backend:
         s3 = S3Backend(
             self.bucket, endpoint_url=self.proxy.url, region_name="us-east-1", read_timeout=2,
             max_attempts=1, connect_timeout=1,
         )  # fmt: skip
         s3.deadline_s = self.deadlines["s3"]
+        return s3
+
+    def _disk(self, disk_dir: Path) -> DiskBackend:
         disk = DiskBackend(disk_dir, self.disk_cap)
         disk.deadline_s = self.deadlines["disk"]
+        return disk
+
+    def _store(self, disk_dir: Path) -> TieredStore:
         return TieredStore(
-            [MemoryBackend(1 << 20), disk, s3], tiny_codec(), tiny_namespace(), chunk_tokens=CHUNK,
+            [MemoryBackend(1 << 20), self._disk(disk_dir), self._s3()], tiny_codec(),
+            tiny_namespace(), chunk_tokens=CHUNK,
             breaker=BreakerSettings(failures=3, backoff_s=0.5, max_backoff_s=4.0),
         )  # fmt: skip
 
@@ -373,10 +476,16 @@ class _Soak:
         path = [rng.randrange(4)] + [rng.randrange(64) for _ in range(n - 1)]
         return torch.cat([self.blocks[b] for b in path])
 
-    def _record(self, op: str, dt: float, budget: float) -> None:
+    def _record(self, op: str, dt: float, budget: float, cpu: float) -> None:
+        """One call's wall time ``dt`` (s) against ``budget`` (s); ``cpu``: the calling
+        thread's own CPU seconds in it (decoding; a starved host stretches it)."""
         with self.lock:
             self.latencies.setdefault((op, self.phase), []).append(dt)
-            self.over_deadline = max(self.over_deadline, dt - budget * 1.1)
+            over = dt - budget * 1.1
+            if not self.worst or over > self.worst["wall_s"] - self.worst["budget_s"] * 1.1:
+                self.worst = {"op": op, "phase": self.phase, "wall_s": round(dt, 3),
+                              "budget_s": budget, "thread_cpu_s": round(cpu, 3)}  # fmt: skip
+            self.over_deadline = max(self.over_deadline, over)
 
     def _check(self, tokens: torch.Tensor, got) -> None:
         if got is None:
@@ -399,10 +508,16 @@ class _Soak:
         while time.monotonic() < end:
             tokens = self._sequence(rng)
             op = rng.choice(["put", "get", "get", "lookup", "prefetch"])
-            t0 = time.monotonic()
+            if op == "put":
+                kv = reference_kv(tokens)
+                keys = store.keys_for(tokens)
+                with self.lock:
+                    for c, key in enumerate(keys):
+                        self.tokens_of.setdefault(key, tokens[: (c + 1) * CHUNK])
+            t0, c0 = time.monotonic(), time.thread_time()
             try:
                 if op == "put":
-                    store.put(tokens, *reference_kv(tokens))
+                    store.put(tokens, *kv)
                 elif op == "get":
                     self._check(tokens, store.get(tokens))
                 elif op == "lookup":
@@ -413,23 +528,55 @@ class _Soak:
                 with self.lock:
                     self.notes.append(f"{op}: {type(exc).__name__}")
             # put waits on back-pressure: its budget is a write-down batch's deadline
-            self._record(op, time.monotonic() - t0, read_budget)
+            self._record(op, time.monotonic() - t0, read_budget, time.thread_time() - c0)
+
+    def _ports(self) -> dict[str, int]:
+        return {"proxy": int(self.proxy.url.rsplit(":", 1)[1]), "moto": int(self.s3_url.rsplit(":", 1)[1])}  # fmt: skip
+
+    def _resources_sample(self) -> None:
+        """Fold the open fds and threads now into the current phase's record."""
+        fds, threads = open_fds(self._ports()), os_threads()
+        with self.lock:
+            rec = self.resources[-1] if self.resources else None
+            if rec is None:
+                return
+            if fds["total"] > rec["fds_peak"]:
+                rec["fds_peak"], rec["fds_peak_kinds"] = fds["total"], fds
+            rec["threads_peak"] = max(rec["threads_peak"], threads)
+
+    def _phase_start(self, phase: str) -> None:
+        fds, threads = open_fds(self._ports()), os_threads()
+        with self.lock:
+            if self.resources:  # progress, one line per phase (the JSON has them all)
+                print(json.dumps(self.resources[-1]), file=sys.stderr, flush=True)
+            self.phase = phase
+            self.resources.append({
+                "phase": phase, "t_s": round(time.monotonic() - self.t_start, 1),
+                "fds_start": fds["total"], "threads_start": threads,
+                "fds_peak": fds["total"], "fds_peak_kinds": fds, "threads_peak": threads,
+            })  # fmt: skip
 
     def _sampler(self, end: float) -> None:
+        last = 0.0
         while time.monotonic() < end:
+            if time.monotonic() - last > 0.5:
+                self._resources_sample()
+                last = time.monotonic()
             total = 0
             for p in self.disk_dir.rglob("*.kvtc"):
                 try:
-                    total += p.stat().st_blocks * 512
+                    size = p.stat().st_blocks * 512
                 except FileNotFoundError:
-                    pass
+                    continue
+                total += size
+                self.file_peak = max(self.file_peak, size)
             self.cap_peak = max(self.cap_peak, total)
             time.sleep(0.05)
 
     # - phases
 
     def _inject(self, phase: str, store: TieredStore, length: float) -> None:
-        self.phase = phase
+        self._phase_start(phase)
         raw = self._raw()
         for page in raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             self.acked |= {_chunk(o["Key"]) for o in page.get("Contents", [])}
@@ -444,19 +591,26 @@ class _Soak:
             self.proxy = SlowProxy(self.s3_url, port=port)
         elif phase == "corrupt_object":
             listed = raw.list_objects_v2(Bucket=self.bucket).get("Contents", [])
-            for obj in self.rng.sample(listed, min(3, len(listed))):
+            with self.lock:  # chunks whose tokens this run knows: they can be read back
+                listed = [o for o in listed if _chunk(o["Key"]) in self.tokens_of]
+            listed = self.rng.sample(listed, min(3, len(listed)))
+            for obj in listed:
                 data = bytearray(raw.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read())
                 data[len(data) // 2] ^= 0xFF
                 raw.put_object(Bucket=self.bucket, Key=obj["Key"], Body=bytes(data))
                 self.damaged.add(_chunk(obj["Key"]))
+            self._read_damaged("s3", [_chunk(o["Key"]) for o in listed])
         elif phase == "misfiled_blob":
             files = sorted(self.disk_dir.rglob("*.kvtc"))
+            with self.lock:
+                files = [f for f in files if f.name.removesuffix(".kvtc") in self.tokens_of]
             if len(files) >= 2:
                 a, b = self.rng.sample(files, 2)
                 try:
                     shutil.copyfile(a, b)
                 except FileNotFoundError:
                     pass
+                self._read_damaged("disk", [b.name.removesuffix(".kvtc")])
         elif phase == "full_disk":
             if not self.mounted:
                 self.notes.append("full_disk skipped: cannot mount a tmpfs here")
@@ -475,11 +629,28 @@ class _Soak:
             proc.wait(timeout=length * 3 + 30)
         time.sleep(max(0.0, length * 0.1))
 
+    def _read_damaged(self, kind: str, keys: list[str]) -> None:
+        """Read the chunks just damaged in tier ``kind`` through a fresh replica of that
+        tier, checked like every read: a damaged copy must be a counted miss (dropped),
+        never served."""
+        with self.lock:
+            seqs = [self.tokens_of[k] for k in keys if k in self.tokens_of]
+        replica = self._replica(kind)
+        try:
+            for tokens in seqs[:8]:
+                self._check(tokens, replica.get(tokens))
+                self.damaged_reads += 1
+            st = replica.stats
+            self.damaged_dropped += st.corrupt_dropped + st.misfiled_dropped
+        finally:
+            replica.close(timeout=5)
+
     def run(self) -> dict:
         raw = self._raw()
         raw.create_bucket(Bucket=self.bucket)
         store = self._store(self.disk_dir)
-        end = time.monotonic() + self.seconds
+        self.t_start = time.monotonic()
+        end = self.t_start + self.seconds
         workers = [
             threading.Thread(target=self._worker, args=(store, i, end)) for i in range(self.threads)
         ] + [threading.Thread(target=self._sampler, args=(end,))]
@@ -495,15 +666,18 @@ class _Soak:
                 time.sleep(max(0.0, length - (time.monotonic() - t0)))
         for w in workers:
             w.join()
-        self.phase = "final"
+        self._phase_start("final")
         flushed = store.flush(timeout=60)
         store.close(timeout=10)
         self.proxy.close()
+        self._phase_start("closed")
         listed = set()
         for page in raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             listed |= {_chunk(o["Key"]) for o in page.get("Contents", [])}
         s3_written = store.tiers[2].snapshot().bytes_written
+        batch_chunks = store._stack.write_down.batch_chunks
         lost = {k for k in self.acked - self.damaged if k not in listed}
+        raw.close()
         if self.mounted:
             subprocess.run(["umount", str(self.work / "fullfs")], check=False)
         lat = {f"{op}/{ph}": v for (op, ph), v in self.latencies.items()}
@@ -520,14 +694,22 @@ class _Soak:
             "soak_s3_objects_at_end": len(listed),
             "deadline_s": max(self.deadlines.values()),
             "soak_max_block_over_deadline_s": round(max(0.0, self.over_deadline), 3),
+            "soak_worst_call": self.worst,
+            "soak_damaged_chunks_read": self.damaged_reads,
+            "soak_damaged_chunks_dropped": self.damaged_dropped,
             "disk_cap_bytes": self.disk_cap,
             "disk_cap_max_overshoot_bytes": max(0, self.cap_peak - self.disk_cap),
+            # one write-down batch: its chunks times the largest chunk file seen
+            "disk_one_batch_bytes": batch_chunks * self.file_peak,
             "p50_ms": round(1e3 * float(np.percentile(every, 50)), 2) if every else None,
             "p99_ms": round(1e3 * float(np.percentile(every, 99)), 2) if every else None,
             "latency_by_op_and_phase": pct,
             "store_stats": {k: v for k, v in vars(store.stats).items() if k != "chunks_hit"},
             "soak_final_flush": {"complete": flushed.complete, "failed": flushed.failed_chunks},
             "notes": sorted(set(self.notes)),
+            "resources_by_phase": self.resources,
+            "fds_max": max(r["fds_peak"] for r in self.resources),
+            "threads_max": max(r["threads_peak"] for r in self.resources),
         }
 
 
@@ -550,9 +732,69 @@ def soak(seconds: float, threads: int = 8, seed: int = 0) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def render_md(r: dict) -> str:
+    """The results as Markdown: targets against the figures, fuzz per target, latency
+    and open descriptors/threads per phase (``--out x.json`` writes it to ``x.md``)."""
+    over = r["soak_max_block_over_deadline_s"]
+    cap_over, batch = r["disk_cap_max_overshoot_bytes"], r.get("disk_one_batch_bytes")
+    rows = [
+        ("fuzz inputs (>= 1,000,000)", f"{r['fuzz_inputs']:,} at {r['fuzz_inputs_per_s']:,}/s"),
+        ("fuzz crashes / hangs (0 / 0)", f"{r['fuzz_crashes']} / {r['fuzz_hangs']}"),
+        ("soak (8 threads, >= 600 s)", f"{r['soak_threads']} threads, {r['soak_seconds']} s"),
+        ("wrong chunks (0)", f"{r['soak_wrong_chunks']} of {r['soak_chunks_served']:,} served"),
+        ("lost acknowledged chunks (0)", str(r["soak_lost_chunks"])),
+        ("worst call beyond its deadline + 10% (0 s)", f"{over} s (longest deadline {r['deadline_s']} s)"),
+        ("disk cap overshoot (<= one batch)", f"{cap_over:,} B (one batch: {batch:,} B; cap {r['disk_cap_bytes']:,} B)"),
+        ("p50 / p99 latency, all calls", f"{r['p50_ms']} ms / {r['p99_ms']} ms"),
+        ("open fds / threads, peak", f"{r['fds_max']} / {r['threads_max']}"),
+    ]  # fmt: skip
+    out = [
+        "# Reliability benchmark (issue 20)",
+        "",
+        f"`{r['command']}` on {r['machine']}, {r['date']} ({r['wall_seconds']} s wall).",
+        "",
+        "| target | measured |",
+        "|---|---|",
+        *[f"| {a} | {b} |" for a, b in rows],
+        "",
+        "## Fuzz, per target",
+        "",
+        "| target | inputs | inputs/s | crashes | hangs |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {n} | {t['inputs']:,} | {t['inputs_per_s']:,} | {t['crashes']} | {t['hangs']} |"
+            for n, t in r["targets"].items()
+        ],
+        "",
+        "## Soak latency per operation and phase (ms)",
+        "",
+        "| op/phase | calls | p50 | p99 |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {v['n']:,} | {v['p50_ms']} | {v['p99_ms']} |"
+            for k, v in r["latency_by_op_and_phase"].items()
+        ],
+        "",
+        "## Open file descriptors and threads per phase (start, peak)",
+        "",
+        "| phase | at s | fds | threads | sockets at the peak |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {x['phase']} | {x['t_s']} | {x['fds_start']}, {x['fds_peak']} | "
+            f"{x['threads_start']}, {x['threads_peak']} | {x['fds_peak_kinds'].get('socket', 0)} |"
+            for x in r["resources_by_phase"]
+        ],
+        "",
+        f"Final flush: {r['soak_final_flush']}. Notes: {r['notes'] or 'none'}.",
+        "",
+    ]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fuzz-seconds", type=float, default=600.0)
+    p.add_argument("--fuzz-inputs", type=int, default=0, help="run on until this many in all")
     p.add_argument("--soak-seconds", type=float, default=600.0)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--hang-seconds", type=float, default=5.0)
@@ -565,13 +807,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    result.update(fuzz(a.fuzz_seconds, a.hang_seconds, a.seed))
+    result.update(fuzz(a.fuzz_seconds, a.hang_seconds, a.seed, min_total=a.fuzz_inputs))
     result.update(soak(a.soak_seconds, a.threads, a.seed))
     result["wall_seconds"] = round(time.time() - t0, 1)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out is not None:
         a.out.write_text(text + "\n")
+        a.out.with_suffix(".md").write_text(render_md(result))
     return 0
 
 

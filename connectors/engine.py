@@ -17,6 +17,7 @@ the same keys for the same tokens and share every chunk (``tests/test_engine_key
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -27,7 +28,7 @@ from ..errors import ArtifactModelMismatchError, ConfigError
 from ..model import ModelInfo, kv_geometry
 from ..store import TieredStore
 
-__all__ = ["KV_DTYPE_NAMES", "engine_model_info", "open_engine_store"]
+__all__ = ["KV_DTYPE_NAMES", "engine_model_info", "open_engine_store", "request_salt"]
 
 KV_DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
@@ -37,6 +38,25 @@ KV_DTYPE_NAMES: dict[torch.dtype, str] = {
 """KV cache dtypes the connectors serve, and the name each takes in the chunk-key
 namespace. One table for every engine, so a vLLM and an SGLang replica serving the same
 dtype name it the same way and share chunks."""
+
+
+def request_salt(cache_salt: str | None = None, lora: list | None = None) -> str:
+    """The chunk-key salt of an engine request (:meth:`TieredStore.keys_for`): requests
+    share chunks only when their salts are equal.
+
+    Args:
+        cache_salt: the request's cache salt (vLLM and SGLang both take one per request;
+            the same salt names the same namespace in either engine).
+        lora: vLLM's LoRA adapter identity ``[lora_name, lora_int_id]``, or None.
+            (SGLang's ``extra_key``, its LoRA id among others, gets a salt of its own:
+            :func:`~kvtc_store.connectors.sglang_pages.namespace_salt`.)
+
+    Returns:
+        ``""`` for a request with neither (the plain namespace), else their JSON text.
+    """
+    if not cache_salt and lora is None:
+        return ""
+    return json.dumps({"cache_salt": cache_salt or "", "lora": lora}, sort_keys=True)
 
 
 def engine_model_info(hf_config, artifact: CodecArtifact) -> ModelInfo:

@@ -304,7 +304,7 @@ class KVTCHiCacheStorage(HiCacheStorage):
         chain = self._chain(keys)
         if chain is None:
             return 0
-        end = store.lookup(chain.tokens, start=chain.starts[chain.first])
+        end = store.lookup(chain.tokens, start=chain.starts[chain.first], salt=chain.salt)
         n = 0
         while n < len(keys) and self._within(chain, chain.first + n, layout, end):
             n += 1
@@ -325,7 +325,7 @@ class KVTCHiCacheStorage(HiCacheStorage):
             return out
         base = chain.starts[chain.first]
         base -= base % store.chunk_tokens
-        kv = store.get(chain.tokens, start=base, device="cpu", dtype=layout.dtype)
+        kv = store.get(chain.tokens, start=base, device="cpu", dtype=layout.dtype, salt=chain.salt)
         if kv is None:
             return out
         both = torch.stack(kv)  # (2, L, H, n, D)
@@ -371,7 +371,7 @@ class KVTCHiCacheStorage(HiCacheStorage):
             kv = torch.stack(pages[:n_full]).permute(1, 2, 4, 0, 3, 5)  # (2, L, H, n, P, D)
             kv = kv.reshape(2, layout.layers, layout.heads, n_full * p, layout.head_dim)
             try:
-                store.put(chain.tokens[:full_end], kv[0], kv[1], start=start)
+                store.put(chain.tokens[:full_end], kv[0], kv[1], start=start, salt=chain.salt)
             except KVTCError as exc:
                 log.warning("kvtc-store: SGLang pages not stored: %s", exc)
                 return False

@@ -26,10 +26,14 @@ for any continuation: attention is causal, so the KV of a page depends only on t
 tokens up to its end, which every continuation shares. What the map cannot answer is
 a miss, never wrong data:
 
-- chains SGLang seeds with a namespace (requests with a LoRA ``extra_key`` or a
-  ``cache_salt``: their first page's prior hash is a seed, not a page) never reach a
-  root, so they are neither stored nor served (a LoRA changes the KV; a salt separates
-  tenants, which kvtc-store does with its ``tenant`` setting instead);
+- a chain SGLang seeds with a namespace (a request with an ``extra_key``, which holds
+  its LoRA id, or a ``cache_salt``: its first page's prior hash is
+  ``storage_namespace_seed(extra_key, cache_salt)``, not a page) is answered only when
+  the tap saw that seed computed: the tap wraps ``storage_namespace_seed`` too and
+  records each seed with the namespace's chunk-key salt (:func:`namespace_salt`), so such a chain's chunks are
+  stored and served under that salt, shared only with requests of the same
+  ``extra_key`` and ``cache_salt`` (a LoRA changes the KV; a salt separates tenants).
+  A chain whose seed was not seen is a miss;
 - bigram keys (EAGLE) and token ids outside ``[0, 2**32)`` are not recorded;
 - the map holds at most ``capacity`` pages, least recently used dropped first; a page
   whose record (or an ancestor's) was dropped is a miss until SGLang hashes it again.
@@ -37,6 +41,7 @@ a miss, never wrong data:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -44,9 +49,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .engine import request_salt
+
 log = logging.getLogger(__name__)
 
-__all__ = ["PAGE_TOKENS", "PageChain", "PageTokenMap", "install_hash_tap"]
+__all__ = ["PAGE_TOKENS", "PageChain", "PageTokenMap", "install_hash_tap", "namespace_salt"]
 
 _MAX_TOKEN_ID = 2**32 - 1
 
@@ -63,12 +70,15 @@ class PageChain:
             of the continuation included.
         starts: first token of each page in ``hashes`` (same length).
         first: index in ``hashes`` of the first page asked about.
+        salt: the chunk-key salt of the chain's namespace (``""``: SGLang did not seed
+            it; see :meth:`PageTokenMap.add_seed`).
     """
 
     tokens: np.ndarray
     hashes: list[str]
     starts: list[int]
     first: int
+    salt: str = ""
 
     def end(self, i: int) -> int:
         """One past the last token of chain page ``i``."""
@@ -89,6 +99,7 @@ class PageTokenMap:
         self.capacity = capacity
         # hash -> [parent hash, token bytes, latest continuation hash]
         self._pages: OrderedDict[str, list] = OrderedDict()
+        self._seeds: OrderedDict[str, str] = OrderedDict()  # namespace seed -> salt
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -107,6 +118,16 @@ class PageTokenMap:
             while len(self._pages) > self.capacity:
                 self._pages.popitem(last=False)
 
+    def add_seed(self, seed: str, salt: str) -> None:
+        """Record a namespace seed (the prior hash SGLang starts a namespaced chain
+        from) and the chunk-key salt of that namespace; at most ``capacity`` seeds are
+        held, least recently used dropped first."""
+        with self._lock:
+            self._seeds[seed] = salt
+            self._seeds.move_to_end(seed)
+            while len(self._seeds) > self.capacity:
+                self._seeds.popitem(last=False)
+
     def chain(self, keys: list[str], complete_to: int = 1) -> PageChain | None:
         """The token prefix behind ``keys``, consecutive page hashes of one sequence.
 
@@ -117,18 +138,24 @@ class PageTokenMap:
 
         Returns:
             A :class:`PageChain`, or None when a page of the chain back to the first
-            page is unknown, or ``keys`` are not consecutive pages of one chain.
+            page (or the namespace seed before it) is unknown, or ``keys`` are not
+            consecutive pages of one chain.
         """
         if not keys:
             return None
         hashes: list[str] = []
         parts: list[bytes] = []
+        salt = ""
         with self._lock:
             h: str | None = keys[-1]
             while h is not None:
                 rec = self._pages.get(h)
                 if rec is None:
-                    return None
+                    if not hashes or h not in self._seeds:
+                        return None
+                    salt = self._seeds[h]  # a namespaced chain's first page
+                    self._seeds.move_to_end(h)
+                    break
                 self._pages.move_to_end(h)
                 hashes.append(h)
                 parts.append(rec[1])
@@ -151,7 +178,7 @@ class PageTokenMap:
             starts.append(pos)
             pos += len(p) // 4
         tokens = np.frombuffer(b"".join(parts), dtype="<u4")
-        return PageChain(tokens, hashes, starts, first)
+        return PageChain(tokens, hashes, starts, first, salt)
 
 
 PAGE_TOKENS = PageTokenMap()
@@ -173,7 +200,8 @@ def _plain_token_ids(key) -> np.ndarray | None:
     return arr.astype("<u4")
 
 
-def _record(key, prior_hash: str | None, page_size: int | None, result) -> None:
+def _record_page(result, key, prior_hash: str | None = None, page_size: int | None = None) -> None:
+    """Record what ``get_hash_str(key, prior_hash, page_size)`` returned (``result``)."""
     tokens = _plain_token_ids(key)
     if tokens is None:
         return
@@ -185,10 +213,59 @@ def _record(key, prior_hash: str | None, page_size: int | None, result) -> None:
         parent = h
 
 
+def namespace_salt(extra_key: str | None, cache_salt: str | None) -> str:
+    """The chunk-key salt of SGLang's request namespace ``(extra_key, cache_salt)``
+    (what ``storage_namespace_seed`` seeds its page-hash chains with):
+    :func:`~kvtc_store.connectors.engine.request_salt`. ``""`` only for the plain
+    namespace (both None); a cache salt alone gives vLLM's salt for that cache salt,
+    anything else its own JSON text (``None`` and ``""`` kept apart, as SGLang does)."""
+    if extra_key is None and cache_salt is None:
+        return ""
+    if extra_key is None and cache_salt:
+        return request_salt(cache_salt)
+    return json.dumps({"cache_salt": cache_salt, "extra_key": extra_key}, sort_keys=True)
+
+
+def _record_seed(seed, extra_key, cache_salt) -> None:
+    """Record what ``storage_namespace_seed(extra_key, cache_salt)`` returned."""
+    if seed is not None:
+        PAGE_TOKENS.add_seed(seed, namespace_salt(extra_key, cache_salt))
+
+
+def _wrap(utils, name: str, record) -> None:
+    """Replace SGLang's ``utils.<name>`` (and the name in every SGLang module loaded so
+    far that imported it) by a wrapper that returns what the original returns and then
+    calls ``record(result, *args, **kwargs)``; a failure to record is logged, never
+    raised.
+    Idempotent."""
+    import sys
+
+    original = getattr(utils, name)
+    if getattr(original, "_kvtc_tap", False):
+        return
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        try:
+            record(result, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - never break SGLang's hashing
+            log.warning("kvtc-store: could not record what SGLang's %s gave: %s", name, exc)
+        return result
+
+    wrapper._kvtc_tap = True  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    wrapper.__doc__, wrapper.__name__ = original.__doc__, name
+    for mod_name, module in list(sys.modules.items()):
+        if mod_name.startswith("sglang") and getattr(module, name, None) is original:
+            setattr(module, name, wrapper)
+
+
 def install_hash_tap(capacity: int | None = None) -> None:
     """Wrap ``sglang.srt.mem_cache.utils.get_hash_str`` so every page hash SGLang
-    computes is recorded in :data:`PAGE_TOKENS` (idempotent; SGLang's result is
-    returned unchanged, and a failure to record is logged, never raised).
+    computes is recorded in :data:`PAGE_TOKENS`, and ``storage_namespace_seed`` so every
+    namespace seed is recorded with its salt (:func:`namespace_salt`). Idempotent;
+    SGLang's results are returned unchanged, and a failure to record is logged, never
+    raised.
 
     Args:
         capacity: raise :data:`PAGE_TOKENS`' capacity to at least this many pages.
@@ -200,20 +277,6 @@ def install_hash_tap(capacity: int | None = None) -> None:
 
     if capacity is not None:
         PAGE_TOKENS.capacity = max(PAGE_TOKENS.capacity, capacity)
-    original = utils.get_hash_str
-    if getattr(original, "_kvtc_tap", False):
-        return
-
-    def get_hash_str(token_ids, prior_hash=None, page_size=None):
-        result = original(token_ids, prior_hash, page_size)
-        try:
-            _record(token_ids, prior_hash, page_size, result)
-        except Exception as exc:  # noqa: BLE001 - never break SGLang's hashing
-            log.warning("kvtc-store: could not record SGLang page tokens: %s", exc)
-        return result
-
-    get_hash_str._kvtc_tap = True  # type: ignore[attr-defined]
-    get_hash_str.__wrapped__ = original  # type: ignore[attr-defined]
-    get_hash_str.__doc__ = original.__doc__
-    utils.get_hash_str = get_hash_str
+    _wrap(utils, "storage_namespace_seed", _record_seed)
+    _wrap(utils, "get_hash_str", _record_page)
     log.info("kvtc-store: recording token ids behind SGLang page hashes")

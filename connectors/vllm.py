@@ -33,7 +33,6 @@ one model with one config share every chunk.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -52,7 +51,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import ConfigError, KVLayoutError
 from ..store import TieredStore
-from .engine import KV_DTYPE_NAMES, open_engine_store
+from .engine import KV_DTYPE_NAMES, open_engine_store, request_salt
 from .vllm_layout import PagedKVLayout
 
 if TYPE_CHECKING:
@@ -516,9 +515,6 @@ def _request_salt(request: Request) -> str:
     identity (``lora_name`` and ``lora_int_id``, what vLLM's own prefix-cache block
     hashes take from a LoRA request), as JSON; ``""`` for a plain request, whose keys
     stay those of every other plain request."""
-    cache_salt = getattr(request, "cache_salt", None) or ""
     lora = request.lora_request
-    if not cache_salt and lora is None:
-        return ""
     adapter = None if lora is None else [lora.lora_name, lora.lora_int_id]
-    return json.dumps({"cache_salt": cache_salt, "lora": adapter}, sort_keys=True)
+    return request_salt(getattr(request, "cache_salt", None), adapter)

@@ -82,6 +82,30 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def open_fds() -> int:
+    """How many file descriptors this process has open (Linux ``/proc/self/fd``)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def sockets_to(port: int) -> int:
+    """How many of this process's open descriptors are TCP sockets connected to ``port``
+    on loopback (the client side of connections to it; Linux ``/proc``)."""
+    inodes = set()
+    for name in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(name) as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") in {f"socket:[{i}]" for i in inodes}
+        except OSError:
+            pass
+    return n
+
+
 @pytest.fixture(scope="session")
 def aws_credentials() -> Iterator[None]:
     """Dummy AWS credentials and region in the environment for the whole session."""
@@ -199,14 +223,18 @@ class SlowProxy:
                 continue
             client.settimeout(None)  # blocking: a stalled exchange stalls, never times out
             server.settimeout(None)
+            pair = [client, server, 2]  # the two sockets and the pumps still running
             with self._lock:
                 self._sockets += [client, server]
+                self._threads = [th for th in self._threads if th.is_alive()]
             for src, dst, gated in ((client, server, True), (server, client, False)):
-                th = threading.Thread(target=self._pump, args=(src, dst, gated), daemon=True)
+                th = threading.Thread(target=self._pump, args=(src, dst, gated, pair), daemon=True)
                 self._threads.append(th)
                 th.start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool, pair: list) -> None:
+        """Copy ``src`` to ``dst`` until either end closes; then shut both, and the
+        pair's last pump closes them (a connection's descriptors last as long as it)."""
         try:
             while not self._closed.is_set():
                 data = src.recv(65536)
@@ -225,6 +253,14 @@ class SlowProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            with self._lock:
+                pair[2] -= 1
+                last = pair[2] == 0
+                if last:
+                    self._sockets = [s for s in self._sockets if s not in pair[:2]]
+            if last:
+                for s in pair[:2]:
+                    s.close()
 
 
 class SilentServer:

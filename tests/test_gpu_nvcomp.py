@@ -23,14 +23,14 @@ from kvtc_store.codec import KVTCCodec, entropy
 from kvtc_store.codec.blob import PAYLOAD_CHECKSUM_MISMATCH, pack_blob, unpack_blob
 from kvtc_store.codec.entropy import PIECE_SIZE, DeflateCoder, get_coder, read_piece_table
 from kvtc_store.errors import BlobCorruptError
-from tests.test_codec import arts, make_chunk  # noqa: F401 - synthetic artifact fixture
+from tests.test_codec import RANS_ONLY, arts, make_chunk  # noqa: F401 - synthetic artifact fixture
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-triton = pytest.importorskip("triton")
-nvcomp = pytest.importorskip("nvidia.nvcomp")
+triton = pytest.importorskip("triton", reason="needs CUDA (Triton comes with the CUDA torch)")
+nvcomp = pytest.importorskip("nvidia.nvcomp", reason="needs CUDA and nvCOMP (nvidia-nvcomp-cu12)")
 
 from kvtc_store.codec.gpu import codec_gpu
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec
@@ -268,6 +268,7 @@ def _spy_inflate(gpu: GpuCodec) -> list[bool]:
 
 
 @pytest.mark.parametrize("piece", [PIECE_SIZE, 1024])
+@RANS_ONLY
 def test_deflate_blobs_cross_devices(arts, caplog, monkeypatch, piece):  # noqa: F811
     """GPU-deflated blobs (nvCOMP, ``deflate64k``) decode with the CPU codec, their
     inflated payloads equal the host-deflated ones; CPU-deflated blobs, and older
@@ -277,8 +278,7 @@ def test_deflate_blobs_cross_devices(arts, caplog, monkeypatch, piece):  # noqa:
     monkeypatch.setattr(entropy, "PIECE_SIZE", piece)
     monkeypatch.setattr(codec_gpu, "PIECE_SIZE", piece)
     cases = _codec_cases(arts)
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     caplog.set_level(logging.WARNING, logger="kvtc_store.codec.gpu")
     for art, keys, values, firsts in cases:
         cpu = KVTCCodec(art, coder="deflate")
@@ -316,16 +316,16 @@ def test_deflate_blobs_cross_devices(arts, caplog, monkeypatch, piece):  # noqa:
 
 def _deflate_pair(arts):  # noqa: F811
     """The first synthetic rans case: ``(cpu, gpu, keys, [two deflate64k blobs])``, the
-    codecs writing ``deflate`` (the GPU one through nvCOMP); skips for minmax artifacts."""
+    codecs writing ``deflate`` (the GPU one through nvCOMP); runs on rans artifacts only (:data:`RANS_ONLY`)."""
     cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     art, keys, values, firsts = cases[0]
     cpu = KVTCCodec(art, coder="deflate")
     gpu = GpuCodec(art, coder="deflate", nvcomp=True)
     return cpu, gpu, keys, [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]
 
 
+@RANS_ONLY
 def test_host_fallback_when_nvcomp_fails(arts, monkeypatch, caplog):  # noqa: F811
     """nvCOMP raising mid-batch: the batch is inflated on the host instead, same values."""
     cpu, gpu, keys, blobs = _deflate_pair(arts)
@@ -357,6 +357,7 @@ def _altered(blob: bytes, how: str) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["checksum", "truncated", "flipped", "garbage"])
+@RANS_ONLY
 def test_a_corrupt_deflate_payload_raises_never_garbage(arts, how):  # noqa: F811
     """A payload altered with its checksum left (the checksum error, before nvCOMP sees
     it) or recomputed (the stream's own error, as the CPU decoder reports it): the prefix

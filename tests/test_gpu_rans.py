@@ -24,14 +24,14 @@ from kvtc_store.codec.blob import pack_blob, unpack_blob
 from kvtc_store.codec.entropy import get_coder, writer_coder
 from kvtc_store.codec.rans import MAX_SHIFT, RansTables, laplace_tables
 from kvtc_store.errors import BlobCorruptError
-from tests.test_codec import arts, make_chunk  # noqa: F401 - synthetic artifact fixture
+from tests.test_codec import RANS_ONLY, arts, make_chunk  # noqa: F401 - synthetic artifact fixture
 
 DEV = os.environ.get("KVTC_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", reason="needs CUDA (Triton comes with the CUDA torch)")
 
 from kvtc_store.codec.gpu.codec_gpu import GpuCodec, _step_parts
 from kvtc_store.codec.gpu.rans_triton import (
@@ -259,13 +259,13 @@ def _assert_batch_decodes_as_on_cpu(gpu, cpu, blobs, scale) -> None:
 
 
 @pytest.mark.parametrize("gemm_dtype", [torch.float16, torch.float32])
+@RANS_ONLY
 def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
     """GPU blobs decode on the CPU and CPU blobs on the GPU, with exact tails and sinks;
     the same blob decodes to the same values on both (float tolerance), and GPU-written
     blobs reconstruct the chunks as well as CPU-written ones."""
     cases = _codec_cases(arts)
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     for art, keys, values, firsts in cases:
         cpu, gpu = KVTCCodec(art), GpuCodec(art, device=DEV, gemm_dtype=gemm_dtype)
         tails = [0, 17]
@@ -286,13 +286,13 @@ def test_codec_blobs_cross_devices(arts, gemm_dtype):  # noqa: F811
 
 
 @pytest.mark.parametrize("ranges", [False, True])
+@RANS_ONLY
 def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts, ranges):  # noqa: F811
     """Poisoned outputs all written, exact tails in place, a bad stream ending the
     prefix; with the decoder in one launch and in ranges of steps (the projections of
     each range on a side stream behind it)."""
     cases = _codec_cases(arts)
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     for art, keys, values, firsts in cases:
         gpu = GpuCodec(art, device=DEV)
         gpu.decode_ranges_min_tokens = 0 if ranges else 1 << 40
@@ -313,14 +313,14 @@ def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts, range
 
 
 @pytest.mark.parametrize("coder", ["none", "deflate"])
+@RANS_ONLY
 def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: F811
     """``KVTCCodec(..., gpu_kernels=True)`` (default on CUDA) encodes a stored sequence in
     batches (full chunks, then the short last one) and decodes a prefix batch by batch:
     blobs that the per-chunk CPU codec reads, values within float tolerance of its decode,
     and a bad blob ending the prefix there."""
     cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     art = cases[0][0]
     keys, values = make_chunk(600, 0, seed=31)  # 2 full 256-token chunks + 88 tokens
     cpu = KVTCCodec(art, coder=coder)
@@ -354,6 +354,7 @@ def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: 
     assert len(chunks) == len(want) == 1 and str(error) == str(want_err)
 
 
+@RANS_ONLY
 def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
     """The batched decoder verifies payload checksums after queueing the device work; the
     prefix it returns and the error that ends it are still the CPU decoder's: an altered
@@ -362,8 +363,7 @@ def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
     bad first blob decodes nothing (``out`` untouched), and the pinned staging buffer is
     reused, not regrown, by a second call of the same size."""
     cases = [c for c in _codec_cases(arts) if any(c[0] is a for a in arts.values())]
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     art, keys, values, firsts = cases[0]
     other = next(a for a in arts.values() if a.artifact_id != art.artifact_id)
     cpu, gpu = KVTCCodec(art), GpuCodec(art, device=DEV)
@@ -408,6 +408,7 @@ def test_codec_prefix_and_errors_match_the_cpu_decoder(arts):  # noqa: F811
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="page-locked host memory needs CUDA")
+@RANS_ONLY
 def test_pinned_memory_tier_is_read_by_dma(arts, monkeypatch):  # noqa: F811
     """A pinned CPU tier keeps blobs page-locked and returns read-only views of them; the
     GPU decoder copies those to the device directly (its staging buffer takes only the
@@ -416,8 +417,7 @@ def test_pinned_memory_tier_is_read_by_dma(arts, monkeypatch):  # noqa: F811
     from kvtc_store.backends import MemoryBackend
 
     cases = _codec_cases(arts)
-    if not cases:
-        pytest.skip("minmax artifacts")
+    assert cases
     art, keys, values, firsts = cases[0]
     cpu = KVTCCodec(art)
     blobs = [cpu.encode(keys[i], values[i], firsts[i]) for i in range(2)]

@@ -121,7 +121,7 @@ def test_continue_and_greedy_matches_the_evaluate_path(smollm2, doc_kv, one_thre
 @pytest.mark.model
 @pytest.mark.skipif(
     not LMCACHE_PY.exists(),
-    reason="needs .venv-lmcache (`make test-peers` builds it; CI does not run it)",
+    reason="needs .venv-lmcache (`make test-peers` builds it; CI runs it)",
 )
 def test_cachegen_serde_round_trips_a_real_chunk(smollm2, doc_kv, tmp_path):
     """A real 256-token SmolLM2 chunk through LMCache's CacheGen serde: shape kept, every
@@ -161,7 +161,7 @@ def test_cachegen_serde_round_trips_a_real_chunk(smollm2, doc_kv, tmp_path):
 @pytest.mark.model
 @pytest.mark.skipif(
     not KVPRESS_PY.exists(),
-    reason="needs .venv-kvpress (`make test-peers` builds it; CI does not run it)",
+    reason="needs .venv-kvpress (`make test-peers` builds it; CI runs it)",
 )
 def test_kvpress_replay_equals_pressed_prefill(smollm2, tmp_path):
     """The one-prefill replay of each press gives the cache a prefill under that press

@@ -32,7 +32,7 @@ from kvtc_store.errors import BlobMisfiledError, BucketNotFoundError, ConfigErro
 from kvtc_store.guard import BreakerSettings, CircuitBreaker
 from kvtc_store.keys import chunk_keys
 from kvtc_store.store import TieredStore
-from tests.s3_server import SilentServer, raw_client
+from tests.s3_server import SilentServer, SlowProxy, open_fds, raw_client, sockets_to
 from tests.tiny_codec import CHUNK, tiny_artifact, tiny_codec, tiny_namespace, tiny_sequence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -275,6 +275,91 @@ def test_two_processes_sharing_a_folder_hold_its_cap_in_allocated_bytes(tmp_path
 
 
 # --- 6. a full file system makes room -------------------------------------------------------
+
+
+def settle(check, seconds: float = 5.0) -> bool:
+    """Poll ``check()`` until it is true or ``seconds`` pass (threads finishing)."""
+    end = time.monotonic() + seconds
+    while not check() and time.monotonic() < end:
+        time.sleep(0.05)
+    return check()
+
+
+def test_the_soak_proxy_closes_each_connection_it_forwarded(s3_endpoint: str) -> None:
+    """The descriptor leak of the 10-minute soak (issue 20): moto answers each request on
+    a connection of its own (HTTP/1.0), and the fault proxy shut each finished
+    connection's two sockets but closed them only at its own close: 160 connections a
+    second left 20,000 descriptors open in 2 minutes. Each must close when it ends."""
+    with SlowProxy(s3_endpoint) as proxy:
+        client = raw_client(proxy.url)
+        client.list_buckets()
+        before = open_fds()
+        for _ in range(150):
+            client.list_buckets()
+        assert settle(lambda: open_fds() <= before + 10), (before, open_fds())
+        client.close()
+
+
+def test_silent_s3_deadline_expiries_leave_no_connection_or_thread_behind(
+    aws_credentials: None, s3_endpoint: str
+) -> None:
+    """Calls to a silent S3 that the guard gives up on at their deadline finish in the
+    background (the client's read timeout): after 25 of them no connection to the
+    endpoint is left open, and no thread but those of the fixed pools."""
+    import threading
+
+    tokens, *_ = tiny_sequence(1, seed=8)
+    with SlowProxy(s3_endpoint) as proxy:
+        port = int(proxy.url.rsplit(":", 1)[1])
+        s3 = S3Backend(
+            "kvtc-leak",
+            endpoint_url=proxy.url,
+            region_name="us-east-1",
+            create_bucket=True,
+            read_timeout=0.5,
+            connect_timeout=0.5,
+            max_attempts=1,
+        )
+        s3.deadline_s = 0.2
+        store = store_of([MemoryBackend(1 << 20), s3], breaker=BreakerSettings(failures=10**6))
+        assert store.get(tokens) is None  # a plain miss: connection pool warm
+
+        def ours() -> int:  # the store's threads (the proxy's and moto's are the fault's)
+            return sum(t.name.startswith("kvtc") for t in threading.enumerate())
+
+        threads = ours()
+        proxy.hold()
+        for _ in range(25):
+            assert store.get(tokens) is None  # the deadline passes: a counted failure
+        assert store._stack.guards[1].timeouts >= 25
+        assert settle(lambda: sockets_to(port) <= 2), sockets_to(port)  # read timeouts
+        # bounded by the fixed pools (the guard's 8 workers, the tier's own), however
+        # many calls expired
+        assert ours() <= threads + 8 + s3.max_concurrency
+        proxy.release()
+        store.close(timeout=2.0)
+        assert settle(lambda: sockets_to(port) == 0), sockets_to(port)
+
+
+def test_evictions_and_full_disk_retries_leave_no_descriptor_open(small_fs: Path) -> None:
+    """Hundreds of LRU evictions (folder listings) and ENOSPC retries: the tier holds
+    its ledger's one descriptor, nothing more."""
+    tier = DiskBackend(small_fs, 10 << 20)
+    keys = [hashlib.sha256(f"leak-{i}".encode()).hexdigest() for i in range(120)]
+    tier.put([(keys[0], b"x" * 20_000)])
+    before = open_fds()
+    for key in keys[1:]:  # 20 KB each into 256 KiB: evicts on every few puts
+        tier.put([(key, key.encode() * 312)])
+        tier.get([key])
+    assert tier.usage().evictions > 50
+    assert open_fds() <= before + 2, (before, open_fds())
+    tier.close()
+    small = DiskBackend(small_fs / "capped", 60_000)
+    before = open_fds()
+    for key in keys:
+        small.put([(key, key.encode() * 100)])
+    assert small.usage().evictions > 50 and open_fds() <= before + 2
+    small.close()
 
 
 @pytest.fixture

@@ -34,9 +34,9 @@ hicache = pytest.importorskip(
 from sglang.srt.mem_cache import utils as sglang_utils
 from sglang.srt.mem_cache.storage import StorageBackendFactory
 
-from kvtc_store.connectors.engine import open_engine_store
+from kvtc_store.connectors.engine import open_engine_store, request_salt
 from kvtc_store.connectors.sglang import KVTCHiCacheStorage
-from kvtc_store.connectors.sglang_pages import PAGE_TOKENS
+from kvtc_store.connectors.sglang_pages import PAGE_TOKENS, namespace_salt
 from kvtc_store.errors import ConfigError
 
 from .tiny_llama import (
@@ -316,8 +316,9 @@ def test_without_staging_the_split_chunk_is_lost_and_the_next_still_stored(model
 def test_pages_whose_tokens_are_unknown_are_misses(model_dir, store_yaml):
     c = prepared(model_dir, store_yaml, "layer_first", 4)
     backend, tokens, pages = c.backend, c.tokens, c.pages
-    # A LoRA / cache-salt request: SGLang seeds its chain with a namespace, not a page.
-    seed = sglang_utils.storage_namespace_seed("lora-a", None)
+    # A chain seeded by a namespace the tap never saw computed (SGLang's own function,
+    # unwrapped): its first page's prior hash is neither a page nor a known seed.
+    seed = sglang_utils.storage_namespace_seed.__wrapped__("lora-unseen", None)
     salted = sglang_utils.get_storage_hash_str(tokens, seed, page_size=P)
     assert backend.batch_set(salted, pages) is False
     assert backend.batch_exists(salted) == 0
@@ -418,9 +419,9 @@ class Key:
     is not importable here (torchvision, as for the host pool); this has the attributes
     SGLang's hashing reads (``mem_cache/cpp_utils/native_hash.py``, ``utils.py``)."""
 
-    def __init__(self, ids: list[int], extra_key=None, is_bigram: bool = False):
+    def __init__(self, ids: list[int], extra_key=None, is_bigram: bool = False, cache_salt=None):
         self.token_ids = array("q", ids)
-        self.extra_key, self.cache_salt, self.is_bigram = extra_key, None, is_bigram
+        self.extra_key, self.cache_salt, self.is_bigram = extra_key, cache_salt, is_bigram
 
     def raw_token_ids(self) -> array:
         return self.token_ids
@@ -430,13 +431,68 @@ class Key:
         return max(0, n - 1) if self.is_bigram else n
 
 
-def test_radix_keys_are_mapped_like_token_lists_and_namespaced_ones_are_not(model_dir, store_yaml):
+def test_radix_keys_are_mapped_like_token_lists_namespaced_ones_with_their_salt(
+    model_dir, store_yaml
+):
     make_backend(model_dir, store_yaml, HostPool("layer_first", 4)).close()  # installs the tap
     ids = list(range(100, 100 + 4 * P))
     plain = sglang_utils.get_storage_hash_str(Key(ids), None, page_size=P)
     assert plain == page_hashes(ids)
-    assert PAGE_TOKENS.chain(plain).tokens.tolist() == ids
+    assert PAGE_TOKENS.chain(plain).tokens.tolist() == ids and PAGE_TOKENS.chain(plain).salt == ""
     lora = sglang_utils.get_storage_hash_str(Key(ids, extra_key="lora-a"), None, page_size=P)
-    assert lora != plain and PAGE_TOKENS.chain(lora) is None
+    assert lora != plain and PAGE_TOKENS.chain(lora).tokens.tolist() == ids
+    assert PAGE_TOKENS.chain(lora).salt == namespace_salt("lora-a", None) != ""
+    assert PAGE_TOKENS.chain(lora[2:]).first == 2  # from a later page: walks to the seed
     bigram = sglang_utils.get_storage_hash_str(Key([*ids, 7], is_bigram=True), None, page_size=P)
     assert len(bigram) == 4 and PAGE_TOKENS.chain(bigram) is None
+
+
+def test_each_sglang_namespace_shares_chunks_only_with_itself(model_dir, store_yaml):
+    """Issue 20: SGLang seeds the page-hash chain of a request with an ``extra_key``
+    (its LoRA id) or a ``cache_salt`` by ``storage_namespace_seed``; the same tokens
+    under another namespace, or none, never share a chunk, and the same namespace on
+    another replica is served."""
+    c = prepared(model_dir, store_yaml, "layer_first", 2 * CHUNK // P)  # two chunks
+    backend, tokens = c.backend, c.tokens
+
+    def chain(extra_key=None, cache_salt=None) -> list[str]:  # as SGLang's radix tree hashes
+        key = Key(tokens, extra_key=extra_key, cache_salt=cache_salt)
+        return sglang_utils.get_storage_hash_str(key, None, page_size=P)
+
+    lora_a, lora_b, salted, plain = chain("lora-a"), chain("lora-b"), chain(None, "t1"), c.hashes
+    n = len(plain)
+    assert len({lora_a[0], lora_b[0], salted[0], plain[0]}) == 4
+    assert backend.batch_set(lora_a, c.pages) is True
+    assert backend.store.flush(timeout=30)
+    assert backend.batch_exists(lora_a) == n
+    for other in (lora_b, salted, plain):
+        assert backend.batch_exists(other) == 0
+        assert backend.batch_get(other) == [None] * n
+    salt = namespace_salt("lora-a", None)
+    assert (
+        backend.store.lookup(tokens, salt=salt) == 2 * CHUNK and backend.store.lookup(tokens) == 0
+    )
+    assert not set(backend.store.keys_for(tokens, salt)) & set(backend.store.keys_for(tokens))
+
+    # Another replica (its own memory tier, the shared disk) serves that namespace.
+    pool = HostPool("layer_first", n)
+    replica = make_backend(model_dir, store_yaml, pool)
+    assert replica.batch_exists(lora_a) == n and replica.batch_exists(lora_b) == 0
+    got = replica.batch_get(lora_a, [pool.get_dummy_flat_data_page() for _ in lora_a])
+    for j, page in enumerate(got):
+        assert page is not None
+        pool.set_from_flat_data_page(j * P, page)
+    want = round_trip(c.keys, c.values, dtype=torch.bfloat16)
+    k, v = read(pool, [j * P for j in range(n)])
+    assert torch.equal(k, want[0]) and torch.equal(v, want[1])
+
+    # Plain pages stored next: still nothing for lora-b or the salted namespace.
+    assert backend.batch_set(plain, c.pages) is True
+    assert backend.batch_exists(plain) == n and backend.batch_exists(lora_b) == 0
+    assert backend.batch_exists(salted) == 0
+    # A cache salt alone is the salt vLLM's connector gives that cache salt; absent and
+    # empty parts stay apart, as in SGLang's seed.
+    assert namespace_salt(None, "t1") == request_salt("t1")
+    assert len({namespace_salt(None, ""), namespace_salt("", None), ""}) == 3
+    replica.close()
+    backend.close()
