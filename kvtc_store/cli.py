@@ -363,10 +363,10 @@ def _codec_parser(sub) -> None:
     a.add_argument("--profile", default=None, help="one profile (default: all)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kvtc-store`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvtc-store`` argument parser (every subcommand; tests check the documented
+    command lines against it)."""
     from .cli_admin import register as register_admin
-    from .errors import KVTCError
 
     p = argparse.ArgumentParser(
         prog="kvtc-store",
@@ -469,7 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=cmd_inspect)
     register_admin(sub)
     _codec_parser(sub)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kvtc-store`` console script."""
+    from .errors import KVTCError
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.fn(args)
