@@ -140,13 +140,40 @@ def cmd_stats(args) -> int:
     return rc
 
 
-def _selection(args) -> Selection:
+def prefix_keys(path: str, fingerprint: str, kv_layout: str, tenant: str, chunk_tokens: int):
+    """The chunk keys of the prefixes in ``path`` (JSON lines: a list of token ids, or
+    ``{"input_ids": [...]}``), in the namespace ``(fingerprint, kv_layout, tenant)``.
+
+    Raises:
+        CalibrationDataError: a line that is not such a list (the message names the line).
+        ValueError: a token id outside ``[0, 2**32)``.
+    """
+    from .calibration_data import jsonl_token_ids
+    from .keys import ChunkNamespace, chunk_keys
+
+    ns = ChunkNamespace(fingerprint, kv_layout, tenant)
+    return [k for ids in jsonl_token_ids(path) for k in chunk_keys(ids, ns, chunk_tokens)]
+
+
+def _selection(args, cfg=None) -> Selection:
     keys = None
     if args.keys:
         from .backends.base import validate_keys
 
         with open(args.keys) as f:
             keys = frozenset(validate_keys([line.strip() for line in f if line.strip()]))
+    if getattr(args, "prefixes", None):
+        from .errors import ConfigError
+
+        if cfg is None or not (args.model_fingerprint and args.kv_layout):
+            raise ConfigError("--prefixes needs --config, --model-fingerprint and --kv-layout")
+        try:
+            more = prefix_keys(
+                args.prefixes, args.model_fingerprint, args.kv_layout, cfg.tenant, cfg.chunk_tokens
+            )
+        except ValueError as exc:  # a token id out of range
+            raise ConfigError(f"--prefixes {args.prefixes}: {exc}") from None
+        keys = (keys or frozenset()) | frozenset(more)
     return Selection(
         tenants=tuple(args.tenant) if args.tenant is not None else None,
         artifacts=tuple(args.artifact) if args.artifact is not None else None,
@@ -196,10 +223,11 @@ def cmd_admin(args) -> int:
         return 1 if any(r["bad"] and not args.remove for r in rows) else 0
     # warm
     args.tier = [args.source, args.dest]
-    views, _, _ = _views(args, writable=not args.dry_run)
+    views, _, cfg = _views(args, writable=not args.dry_run)
     try:
         by = {v.label: v for v in views}
-        row = inventory.warm(by[args.source], by[args.dest], _selection(args), not args.dry_run)
+        sel = _selection(args, cfg)
+        row = inventory.warm(by[args.source], by[args.dest], sel, not args.dry_run)
     finally:
         _close(views)
     verb = "would copy (dry run)" if args.dry_run else "copied"
@@ -310,6 +338,22 @@ def register(sub) -> None:
     w.add_argument("--from", dest="source", required=True, help="the tier to read")
     w.add_argument("--to", dest="dest", required=True, help="the tier to fill")
     _selectors(w)
+    w.add_argument(
+        "--prefixes",
+        default=None,
+        metavar="FILE",
+        help='prompts to warm: JSON lines of token ids (a list, or {"input_ids": [...]}), '
+        "keyed in the config's tenant; needs --model-fingerprint and --kv-layout",
+    )
+    w.add_argument(
+        "--model-fingerprint", default=None, help="the served model's (kvtc-store inspect shows it)"
+    )
+    w.add_argument(
+        "--kv-layout",
+        default=None,
+        help="the serving engine's KV layout, e.g. L30-H3-D64-bfloat16-tp0of1 "
+        "(ModelInfo.kv_layout(dtype, tp_rank, tp_size))",
+    )
     w.add_argument("--dry-run", action="store_true", help="count only")
 
     h = sub.add_parser("health", help="can the store's tiers be reached (exit 0) or not (1)")

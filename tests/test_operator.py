@@ -270,6 +270,32 @@ def test_warm_copies_a_key_list_from_s3_into_an_empty_disk(populated, capsys) ->
         disk.close()
 
 
+def test_warm_a_list_of_prompts_by_their_tokens(populated, capsys) -> None:
+    config, keys = populated
+    from tests.tiny_codec import FINGERPRINT
+
+    disk = config.parent / "disk"
+    for f in disk.rglob("*.kvtc"):
+        f.unlink()
+    tokens, _, _ = tiny_sequence(3, seed=1)  # tenant acme's prompt
+    prompts = config.parent / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps(tokens[: 2 * CHUNK + 5].tolist())  # its first two chunks and a bit
+        + "\n"
+        + json.dumps({"input_ids": list(range(CHUNK))})  # a prompt nobody stored
+        + "\n"
+    )
+    argv = ["admin", "warm", "--config", str(config), "--from", "s3", "--to", "disk"]
+    ns = ["--model-fingerprint", FINGERPRINT, "--kv-layout", "tiny"]
+    rc, out, _ = run(capsys, *argv, "--prefixes", str(prompts), *ns, "--json")
+    row = json.loads(out)
+    assert rc == 0 and row["copied"] == 2 and len(row["missing"]) == 1
+    got = sorted(p.stem for p in disk.rglob("*.kvtc"))
+    assert got == sorted(keys["acme"][:2])
+    rc, _, err = run(capsys, *argv, "--prefixes", str(prompts))
+    assert rc == 2 and "needs --config, --model-fingerprint and --kv-layout" in err
+
+
 # --- health -----------------------------------------------------------------------------------
 
 
