@@ -54,8 +54,9 @@ def _rows(rows: dict) -> str:
     return ", ".join(f"{k} {r['chunks']} chunks {_mb(r['bytes'])}" for k, r in sorted(rows.items()))
 
 
-def _views(args, writable: bool = False):
-    """The tiers an operator command works on: ``(views, skipped labels, config)``."""
+def _views(args, writable: bool = False, failed: list | None = None):
+    """The tiers an operator command works on: ``(views, skipped labels, config)``;
+    ``failed`` as :func:`~kvtc_store.inventory.open_views` takes it."""
     if args.disk is not None:
         from pathlib import Path
 
@@ -71,7 +72,7 @@ def _views(args, writable: bool = False):
     from .inventory import open_views
 
     cfg = load_config(args.config)
-    views, skipped = open_views(cfg, getattr(args, "tier", None), writable)
+    views, skipped = open_views(cfg, getattr(args, "tier", None), writable, failed)
     return views, skipped, cfg
 
 
@@ -85,10 +86,12 @@ def cmd_stats(args) -> int:
     from .errors import KVTCError
     from .inventory import summarize, tenant_names
 
-    views, skipped, cfg = _views(args)
+    failed: list = []
+    views, skipped, cfg = _views(args, failed=failed)
     known = list(args.tenant or []) + ([cfg.tenant] if cfg is not None else [])
     names = tenant_names(known)
-    rows, rc = [], 0
+    rows = [{"tier": t.label, "kind": t.kind, "error": str(e)} for t, e in failed]
+    rc = 1 if failed else 0
     try:
         for v in views:
             try:
@@ -98,12 +101,11 @@ def cmd_stats(args) -> int:
                 rc = 1
     finally:
         _close(views)
-    rows += [
-        {"tier": s, "note": "held by each serving process; nothing stored to read"} for s in skipped
-    ]
     if cfg is not None:  # the config's order, top tier first
-        order = [t.label for t in cfg.tiers]
-        rows.sort(key=lambda r: order.index(r["tier"]))
+        kinds = {t.label: t.kind for t in cfg.tiers}
+        note = "held by each serving process; nothing stored to read"
+        rows += [{"tier": s, "kind": kinds[s], "note": note} for s in skipped]
+        rows.sort(key=lambda r: list(kinds).index(r["tier"]))
     over = [r for r in rows if r.get("over_cap")]
     for r in over:
         print(
@@ -133,7 +135,8 @@ def cmd_stats(args) -> int:
             continue
         cap = r["capacity_bytes"]
         of = f" of {_mb(cap)} ({100 * r['use']:.1f}%)" if cap else ""
-        print(f"{head}: {r['chunks']} chunks, {_mb(r['used_bytes'])}{of}")
+        absent = f" ({r['note']})" if "note" in r else ""
+        print(f"{head}: {r['chunks']} chunks, {_mb(r['used_bytes'])}{of}{absent}")
         if r["chunks"]:
             print(f"      by tenant: {_rows(r['by_tenant'])}")
             print(f"      by artifact: {_rows(r['by_artifact'])}")

@@ -65,11 +65,11 @@ def config_health(cfg) -> dict:
         ``{"ok", "tiers": [{"tier", "kind", "reachable", "detail", "used_bytes",
         "capacity_bytes", "use"}]}``.
     """
-    rows = [_probe(t) for t in cfg.tiers]
+    rows = [_probe(t, i) for i, t in enumerate(cfg.tiers)]
     return {"ok": all(r["reachable"] or r.get("optional") for r in rows), "tiers": rows}
 
 
-def _probe(tier) -> dict:
+def _probe(tier, i: int) -> dict:
     from .errors import KVTCError
 
     row: dict = {"tier": tier.label, "kind": tier.kind, "reachable": False, "detail": ""}
@@ -82,7 +82,7 @@ def _probe(tier) -> dict:
         elif tier.kind == "disk":
             _probe_disk(tier, row)
         else:
-            _probe_s3(tier, row)
+            _probe_s3(tier, i, row)
     except KVTCError as exc:
         row["detail"] = f"{type(exc).__name__}: {exc}"
     if row["used_bytes"] is not None and tier.capacity:
@@ -122,12 +122,11 @@ def _probe_disk(tier, row: dict) -> None:
         disk.close()
 
 
-def _probe_s3(tier, row: dict) -> None:
+def _probe_s3(tier, i: int, row: dict) -> None:
     from .config import build_tier
 
-    backend = build_tier(
-        tier.model_copy(update={"abort_uploads_after": None, "check_bucket": False})
-    )
+    update = {"abort_uploads_after": None, "check_bucket": False}
+    backend = build_tier(tier.model_copy(update=update), i)
     try:
         deadline = tier.deadline or DEFAULT_DEADLINE_S
         where = f"s3://{tier.bucket}/{backend.prefix}"

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import BlobError, StoreError
+from .errors import BlobError, KVTCError, StoreError
 from .keys import key_tenant_tag, tenant_tag
 
 HEADER_BYTES = 4096
@@ -54,13 +54,14 @@ class TierView:
     Args:
         tier: a disk or S3 tier config (:mod:`kvtc_store.config`).
         writable: open for ``delete``/``put`` (``kvtc-store admin ... --yes``).
+        index: the tier's place in its config, for error messages (``tiers.<index>``).
 
     Raises:
         ConfigError: the tier cannot be opened (a disk tier whose folder is absent is
             opened as empty instead; see :attr:`absent`).
     """
 
-    def __init__(self, tier, writable: bool = False) -> None:
+    def __init__(self, tier, writable: bool = False, index: int = 0) -> None:
         from .backends import DiskBackend
 
         self.label: str = tier.label
@@ -78,7 +79,8 @@ class TierView:
         else:
             from .config import build_tier
 
-            self.backend = build_tier(tier.model_copy(update={"abort_uploads_after": None}))
+            update = {"abort_uploads_after": None}
+            self.backend = build_tier(tier.model_copy(update=update), index)
             self.backend.name = tier.label
             self.where = f"s3://{tier.bucket}/{self.backend.prefix}"
 
@@ -115,14 +117,20 @@ def _by_key(c: Chunk) -> str:
     return c.key
 
 
-def open_views(cfg, names: Sequence[str] | None = None, writable: bool = False):
+def open_views(
+    cfg, names: Sequence[str] | None = None, writable: bool = False, failed: list | None = None
+):
     """``(views, skipped)``: a :class:`TierView` of each disk and S3 tier of the store
     config ``cfg`` (only those named in ``names`` if given), and the labels of its memory
     and GPU tiers, which hold nothing outside a serving process.
 
+    Args:
+        failed: where given, a tier that cannot be opened is appended to it as ``(tier
+            config, error)`` and the others still open (a report goes on).
+
     Raises:
-        ConfigError: a name that no tier has, or a tier that cannot be opened (the views
-            opened before it are closed).
+        ConfigError: a name that no tier has, or (without ``failed``) a tier that cannot
+            be opened (the views opened before it are closed).
     """
     from .errors import ConfigError
 
@@ -133,13 +141,18 @@ def open_views(cfg, names: Sequence[str] | None = None, writable: bool = False):
     views: list[TierView] = []
     skipped = []
     try:
-        for t in cfg.tiers:
+        for i, t in enumerate(cfg.tiers):
             if names and t.label not in names:
                 continue
             if t.kind in ("memory", "gpu"):
                 skipped.append(t.label)
                 continue
-            views.append(TierView(t, writable))
+            try:
+                views.append(TierView(t, writable, i))
+            except KVTCError as exc:
+                if failed is None:
+                    raise
+                failed.append((t, exc))
     except BaseException:
         for v in views:
             v.close()
@@ -188,7 +201,7 @@ def summarize(view: TierView, names: dict[str, str]) -> dict:
     out: dict = {"tier": view.label, "kind": view.kind, "where": view.where}
     out["capacity_bytes"] = view.capacity
     if view.absent:
-        out["note"] = "absent (no such directory)"
+        out["note"] = "absent: no such directory"
     chunks = view.chunks()
     used = sum(c.size for c in chunks)
     out.update(chunks=len(chunks), used_bytes=used)

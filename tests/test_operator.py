@@ -153,6 +153,13 @@ def test_stats_reports_per_tenant_and_artifact_on_disk_and_s3(populated, capsys)
     rc, out, _ = run(capsys, "stats", "--config", str(config))  # beta not named: its tag
     assert f"#{tenant_tag('beta')} 2 chunks" in out and "acme 3 chunks" in out
     assert "counts cover every tenant" in out
+    data = yaml.safe_load(config.read_text())
+    data["tiers"][2]["bucket"] += "-misspelt"
+    config.write_text(yaml.safe_dump(data))
+    rc, out, _ = run(capsys, "stats", "--config", str(config))  # the other tiers still report
+    lines = out.splitlines()
+    assert rc == 1 and "disk" in lines[2] and "6 chunks" in lines[2]
+    assert "unreachable: tiers.2.bucket:" in lines[-1] and "misspelt" in lines[-1]
 
 
 def test_stats_of_a_folder_honours_json_byte_units_and_warns_over_cap(populated, capsys) -> None:
