@@ -49,7 +49,7 @@ from pathlib import Path
 
 from kvtc_store.errors import CapacityError, ConfigError, StoreError
 
-from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
+from .base import Backend, TierUsage, check_capacity, validate_items, validate_key, validate_keys
 
 __all__ = ["DiskBackend"]
 
@@ -423,6 +423,27 @@ class DiskBackend(Backend):
                 bytes_written=self._bytes_written,
                 bytes_read=self._bytes_read,
             )
+
+    def inventory(self) -> list[tuple[str, int, float]]:
+        """Every chunk file under ``root``, whichever process wrote it: ``(key, allocated
+        bytes, last use)``, the last use in seconds since the epoch (the file's mtime,
+        which reads and writes stamp for LRU order). A scan of the folder; nothing is
+        touched, so a read-only instance serves operators' reports."""
+        return [(key, size, ns / 1e9) for ns, key, size in self._list_chunks()]
+
+    def read_head(self, key: str, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` bytes of chunk ``key``'s file (a blob's header without its
+        payload), or None when there is none. Not counted as a hit; recency untouched.
+
+        Raises:
+            ValueError: a malformed key.
+        """
+        validate_key(key)
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read(nbytes)
+        except OSError:
+            return None
 
     # --- internals (caller holds the lock) -------------------------------------------
 

@@ -61,7 +61,7 @@ from s3transfer.manager import TransferManager
 
 from kvtc_store.errors import BucketNotFoundError, CapacityError, ConfigError, StoreError
 
-from .base import Backend, TierUsage, check_capacity, validate_items, validate_keys
+from .base import Backend, TierUsage, check_capacity, validate_items, validate_key, validate_keys
 
 __all__ = ["S3Backend", "make_client"]
 
@@ -397,6 +397,40 @@ class S3Backend(Backend):
             self._listed = (sum(stored.values()), len(stored))
         return stored
 
+    def inventory(self) -> list[tuple[str, int, float]]:
+        """Every chunk under the prefix: ``(key, bytes, last write)``, the last write in
+        seconds since the epoch (the object's ``LastModified``). One paginated listing.
+
+        Raises:
+            StoreError: the listing failed (counted in ``errors``).
+        """
+        times: dict[str, float] = {}
+        stored = self._list("inventory", times)
+        return [(k, n, times[k]) for k, n in stored.items()]
+
+    def read_head(self, key: str, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` bytes of chunk ``key`` (one ranged GET: a blob's header
+        without its payload), or None when there is no such chunk.
+
+        Raises:
+            ValueError: a malformed key.
+            StoreError: the request failed (counted in ``errors``).
+        """
+        validate_key(key)
+        try:
+            resp = self._client.get_object(
+                Bucket=self.bucket, Key=self.object_key(key), Range=f"bytes=0-{nbytes - 1}"
+            )
+            return resp["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            self._count_errors(1)
+            raise StoreError(f"{self.name} tier: head of {key}: {e}") from e
+        except _FAILURES as e:
+            self._count_errors(1)
+            raise StoreError(f"{self.name} tier: head of {key}: {e}") from e
+
     def snapshot(self) -> TierUsage:
         """The counters and the occupancy of the last listing, with no request sent."""
         with self._lock:
@@ -605,8 +639,10 @@ class S3Backend(Backend):
         with self._lock:
             self._errors += n
 
-    def _list(self, op: str) -> dict[str, int]:
-        """Every chunk under the prefix: key -> size in bytes. Non-chunk objects are skipped."""
+    def _list(self, op: str, times: dict[str, float] | None = None) -> dict[str, int]:
+        """Every chunk under the prefix: key -> size in bytes. Non-chunk objects are skipped;
+        ``times``, when given, receives each chunk's ``LastModified`` (seconds since the
+        epoch)."""
         found: dict[str, int] = {}
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
@@ -617,6 +653,8 @@ class S3Backend(Backend):
                     m = self._chunk_re.fullmatch(obj["Key"])
                     if m is not None and m.group(2)[:2] == m.group(1):
                         found[m.group(2)] = int(obj["Size"])
+                        if times is not None:
+                            times[m.group(2)] = obj["LastModified"].timestamp()
         except _FAILURES as e:
             self._count_errors(1)
             raise StoreError(

@@ -133,7 +133,14 @@ def _read_npy(f: Path) -> np.ndarray:
     return arr.reshape(-1).astype(np.int64)
 
 
-def _read_jsonl(f: Path) -> np.ndarray:
+def jsonl_token_ids(f: str | os.PathLike) -> list[list[int]]:
+    """The documents of a JSON-lines file of token ids, one a line: a list of ints, or
+    ``{"input_ids": [...]}``; blank lines skipped.
+
+    Raises:
+        CalibrationDataError: a line that is not JSON or not such a list (named by its
+            number).
+    """
     docs: list[list[int]] = []
     with open(f, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -151,7 +158,11 @@ def _read_jsonl(f: Path) -> np.ndarray:
                     f'{f} line {n}: expected {{"input_ids": [int, ...]}} or a list of ints'
                 )
             docs.append(ids)
-    return np.asarray([t for d in docs for t in d], dtype=np.int64)
+    return docs
+
+
+def _read_jsonl(f: Path) -> np.ndarray:
+    return np.asarray([t for d in jsonl_token_ids(f) for t in d], dtype=np.int64)
 
 
 def cut_windows(ids: torch.Tensor, windows: int, window_tokens: int) -> torch.Tensor:

@@ -3,8 +3,9 @@
 kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 24]
 kvtc-store calibrate [--model PATH|HUB-ID|GGUF] [--data PATH ...] --ratio 8 16 [--out DIR]
                      [--windows 24] [--window-tokens 2048] [--layers-per-group N]
-kvtc-store inspect BLOB_FILE
-kvtc-store stats --config store.yaml [--json] | --disk DIR
+kvtc-store inspect BLOB_FILE [--json]
+kvtc-store stats --config store.yaml | --disk DIR [--capacity SIZE] [--json]
+kvtc-store admin {evict,verify,warm} ...; kvtc-store health --config store.yaml
 kvtc-store codec {publish,list,show,promote,rollback,history,pull} --registry PATH|s3://B/P
 """
 
@@ -170,9 +171,11 @@ def _cap_setting(text: str) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from dataclasses import asdict
+    """Print a blob's labelled header and honest ratio; exit 2 when it is damaged, after
+    printing what can still be read."""
+    import json
 
-    from .codec.blob import unpack_blob
+    from .inventory import describe_blob
 
     try:
         with open(args.blob, "rb") as f:
@@ -180,147 +183,15 @@ def cmd_inspect(args) -> int:
     except OSError as exc:
         print(f"kvtc-store: cannot read {args.blob}: {exc.strerror}", file=sys.stderr)
         return 2
-    header, _ = unpack_blob(data)
-    for k, v in asdict(header).items():
-        print(f"{k}: {v}")
-    return 0
-
-
-HEADER_BYTES = 4096
-"""Bytes read from the start of each blob to learn its artifact (a header is ~300)."""
-
-
-def _by_artifact(heads) -> dict:
-    """``{artifact id: {"chunks": n, "bytes": b}}`` from ``(first bytes, size)`` pairs;
-    blobs whose header does not parse count under ``"unreadable"``."""
-    from .codec.blob import _read_header
-    from .errors import BlobError
-
-    out: dict = {}
-    for head, size in heads:
-        try:
-            aid = _read_header(memoryview(head))[0].artifact_id
-        except BlobError:
-            aid = "unreadable"
-        row = out.setdefault(aid, {"chunks": 0, "bytes": 0})
-        row["chunks"] += 1
-        row["bytes"] += size
-    return out
-
-
-def _disk_heads(root):
-    """``(first bytes, size)`` of every chunk file under a disk tier's folder."""
-    from pathlib import Path
-
-    for path in sorted(Path(root).glob("*/*.kvtc")):
-        try:
-            with open(path, "rb") as f:
-                yield f.read(HEADER_BYTES), path.stat().st_size
-        except OSError:
-            continue  # evicted meanwhile
-
-
-def _s3_heads(backend, sizes: dict):
-    """``(first bytes, size)`` of every chunk of an S3 tier (one ranged GET each)."""
-    for key, size in sorted(sizes.items()):
-        resp = backend._client.get_object(
-            Bucket=backend.bucket, Key=backend.object_key(key), Range=f"bytes=0-{HEADER_BYTES - 1}"
-        )
-        yield resp["Body"].read(), size
-
-
-def _tier_usage(tier) -> dict:
-    """Chunks and bytes of one configured tier, read from where it keeps them.
-
-    Memory and GPU tiers live inside a serving process: there is nothing to read. A
-    report never changes a store: the disk tier is opened read-only (nothing evicted or
-    cleaned) and the S3 tier without its open-time cleanup of stale uploads.
-    """
-    from .backends import DiskBackend
-
-    out: dict = {"tier": tier.label, "kind": tier.kind, "capacity_bytes": tier.capacity}
-    if tier.kind in ("memory", "gpu"):
-        out["note"] = "held by each serving process; nothing stored to read"
-        return out
-    if tier.kind == "disk":
-        out["where"] = str(tier.path)
-        if not tier.path.is_dir():
-            out["note"] = "absent (no such directory)"
-            return out
-        disk = DiskBackend(tier.path, tier.capacity, read_only=True)
-        u = disk.usage()
-        disk.close()
-    else:
-        from .config import build_tier
-
-        backend = build_tier(tier.model_copy(update={"abort_uploads_after": None}))
-        out["where"] = f"s3://{tier.bucket}/{backend.prefix}"
-        try:
-            u = backend.list_chunks()
-            out.update(chunks=len(u), used_bytes=sum(u.values()))
-            out["by_artifact"] = _by_artifact(_s3_heads(backend, u))
-        finally:
-            backend.close()
-        return out
-    out.update(chunks=u.n_items, used_bytes=u.used_bytes)
-    out["by_artifact"] = _by_artifact(_disk_heads(tier.path))
-    return out
-
-
-def cmd_stats(args) -> int:
-    import json
-    from pathlib import Path
-
-    from .errors import KVTCError
-
-    if args.config is None:
-        from .backends import DiskBackend
-
-        if not Path(args.disk).is_dir():
-            print(f"kvtc-store: no disk tier at {args.disk} (not a directory)", file=sys.stderr)
-            return 2
-        disk = DiskBackend(args.disk, capacity_bytes=args.capacity, read_only=True)
-        u = disk.usage()
-        disk.close()
-        by = _format_by_artifact(_by_artifact(_disk_heads(args.disk)))
-        print(
-            f"disk tier {args.disk}: {u.n_items} chunks, {u.used_bytes / 1e6:.2f} MB allocated{by}"
-        )
-        return 0
-    from .config import load_config
-
-    cfg = load_config(args.config)
-    rows, rc = [], 0
-    for tier in cfg.tiers:
-        try:
-            rows.append(_tier_usage(tier))
-        except KVTCError as exc:
-            rows.append({"tier": tier.label, "kind": tier.kind, "error": str(exc)})
-            rc = 1
+    fields, problems = describe_blob(data)
     if args.json:
-        print(json.dumps({"config": str(args.config), "tenant": cfg.tenant, "tiers": rows}))
-        return rc
-    print(f"store {args.config} (tenant {cfg.tenant!r}, {cfg.chunk_tokens}-token chunks)")
-    for r in rows:
-        head = f"  {r['tier']:<10} {r['kind']:<6} {r.get('where', '')}"
-        if "error" in r:
-            print(f"{head}: unreachable: {r['error']}")
-        elif "note" in r:
-            print(f"{head}: {r['note']}")
-        else:
-            cap = r["capacity_bytes"]
-            of = f" of {cap / 1e6:.2f} MB ({100 * r['used_bytes'] / cap:.1f}%)" if cap else ""
-            by = _format_by_artifact(r.get("by_artifact", {}))
-            print(f"{head}: {r['chunks']} chunks, {r['used_bytes'] / 1e6:.2f} MB{of}{by}")
-    return rc
-
-
-def _format_by_artifact(rows: dict) -> str:
-    """``"; by artifact: ID 3 chunks 0.01 MB, ..."`` (one line per tier stays one line)."""
-    if not rows:
-        return ""
-    parts = [f"{a} {r['chunks']} chunks {r['bytes'] / 1e6:.2f} MB" for a, r in sorted(rows.items())]
-    return "; by artifact: " + ", ".join(parts)
+        print(json.dumps({"fields": fields, "problems": problems}))
+    else:
+        for k, v in fields.items():
+            print(f"{k + ':':<28} {f'{v:.2f}x' if k == 'honest ratio' else v}")
+    for p in problems:
+        print(f"kvtc-store: {p}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 # --- codec registry -----------------------------------------------------------------------
@@ -492,9 +363,10 @@ def _codec_parser(sub) -> None:
     a.add_argument("--profile", default=None, help="one profile (default: all)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kvtc-store`` console script."""
-    from .errors import KVTCError
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvtc-store`` argument parser (every subcommand; tests check the documented
+    command lines against it)."""
+    from .cli_admin import register as register_admin
 
     p = argparse.ArgumentParser(
         prog="kvtc-store",
@@ -591,25 +463,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--reason", default="calibrated", help="recorded with the move")
     _registry_options(c, required=False)
     c.set_defaults(fn=cmd_calibrate)
-    i = sub.add_parser("inspect", help="print a blob's header")
+    i = sub.add_parser("inspect", help="print a blob's header and honest ratio")
     i.add_argument("blob")
+    i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser(
-        "stats", help="chunks and bytes of a store's disk and S3 tiers, per codec artifact"
-    )
-    where = s.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", help="a store's YAML config: every tier it names")
-    where.add_argument("--disk", help="one disk tier's folder")
-    s.add_argument("--json", action="store_true", help="with --config: print JSON")
-    s.add_argument(
-        "--capacity",
-        type=int,
-        default=1 << 40,
-        help="byte cap to report against (the tier is opened read-only: nothing is evicted)",
-    )
-    s.set_defaults(fn=cmd_stats)
+    register_admin(sub)
     _codec_parser(sub)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kvtc-store`` console script."""
+    from .errors import KVTCError
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.fn(args)

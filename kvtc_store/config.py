@@ -656,7 +656,13 @@ def build_tier(tier: _TierBase, i: int = 0) -> Backend:
         try:
             return GPUBackend(tier.capacity, device=tier.device, policy=tier.eviction)
         except ConfigError as exc:
-            raise ConfigError(f"tiers.{i}: {exc}") from exc
+            advice = (
+                ""
+                if tier.optional
+                else "; remove the tier, set `optional: true` on it (left out with a warning "
+                "where there is no CUDA), or run on a machine with a GPU"
+            )
+            raise ConfigError(f"tiers.{i}: {exc}{advice}") from exc
     if isinstance(tier, MemoryTierConfig):
         if tier.pinned:
             from .backends.pinned import check_pinning

@@ -255,6 +255,6 @@ def format_report(r: DemoReport) -> str:
     w = max(len(a) for a, _ in rows)
     line = "-" * (w + 50)
     out = [line] + [f"{a:<{w}}  {b}" for a, b in rows] + [line]
-    out.append(f"answer with reuse : {r.answer_reuse.strip()!r}")
-    out.append(f"answer recomputed : {r.answer_exact.strip()!r}")
+    out.append(f"answer with reuse : {r.answer_reuse!r}")  # as decoded: no strip()
+    out.append(f"answer recomputed : {r.answer_exact!r}")
     return "\n".join(out)

@@ -14,6 +14,12 @@ coordination, and one changed token changes its chunk's key and every later
 one. The namespace (model fingerprint, KV layout, tenant salt) enters every
 link, so different models, layouts or tenants never share a chunk. The codec
 version is in the blob, not the key, so a new codec does not empty the cache.
+
+A tenant's keys end in its tag (:func:`tenant_tag`, 8 hex digits) after the 64-digit
+link digest, so an operator can count, evict or clear one tenant's chunks in a shared
+tier (``kvtc-store stats``, ``kvtc-store admin``) without an index beside the chunks;
+the shared namespace (tenant ``""``) has plain 64-digit keys. The tag is a label, not
+the isolation: tenants are kept apart by the namespace inside every link.
 """
 
 from __future__ import annotations
@@ -29,13 +35,37 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ROOT_KEY", "ChunkNamespace", "TokenIds", "chunk_keys"]
+__all__ = ["ROOT_KEY", "ChunkNamespace", "TokenIds", "chunk_keys", "key_tenant_tag", "tenant_tag"]
 
 ROOT_KEY: bytes = hashlib.sha256(b"kvtc-store/v1").digest()
 """The chain's fixed starting point (32 raw bytes)."""
 
 _NAMESPACE_TAG = b"kvtc-ns/v1"
 _MAX_TOKEN_ID = 2**32 - 1
+
+TENANT_TAG_DIGITS = 8
+"""Hex digits of a tenant's tag at the end of its chunk keys."""
+
+
+def tenant_tag(tenant: str) -> str:
+    """The tag that ends every chunk key of ``tenant``: BLAKE2b of its UTF-8 bytes,
+    4 bytes, as 8 lowercase hex digits; ``""`` for the shared namespace (tenant ``""``).
+
+    Raises:
+        TypeError: ``tenant`` is not a ``str``.
+    """
+    if not isinstance(tenant, str):
+        raise TypeError(f"tenant must be a str, got {type(tenant).__name__}")
+    if not tenant:
+        return ""
+    return hashlib.blake2b(tenant.encode("utf-8"), digest_size=TENANT_TAG_DIGITS // 2).hexdigest()
+
+
+def key_tenant_tag(key: str) -> str:
+    """The tenant tag a chunk key ends with (:func:`tenant_tag`), ``""`` for a key of the
+    shared namespace (64 hex digits) or a key the store did not make (another length)."""
+    return key[64:] if len(key) == 64 + TENANT_TAG_DIGITS else ""
+
 
 TokenIds = Union[Sequence[int], np.ndarray, "torch.Tensor"]
 """Token ids: a sequence of ints, a 1-D integer numpy array or a 1-D integer tensor."""
@@ -136,7 +166,8 @@ def chunk_keys(
 
     Returns:
         One 64-character lowercase hex digest per chunk (``len // chunk_tokens``
-        of them, plus one if ``include_partial`` and a remainder exists).
+        of them, plus one if ``include_partial`` and a remainder exists), followed by
+        the namespace's :func:`tenant_tag` (8 more hex digits) for a non-empty tenant.
 
     Raises:
         ValueError: bad token ids (not 1-D integers in ``[0, 2**32)``), or
@@ -155,11 +186,12 @@ def chunk_keys(
         n_chunks += 1
     step = 4 * chunk_tokens
     prev = ROOT_KEY
+    tag = tenant_tag(namespace.tenant)
     keys: list[str] = []
     for i in range(n_chunks):
         h = hashlib.sha256(prev)
         h.update(ns)
         h.update(data[i * step : (i + 1) * step])
         prev = h.digest()
-        keys.append(h.hexdigest())
+        keys.append(h.hexdigest() + tag)
     return keys

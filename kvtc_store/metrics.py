@@ -222,6 +222,7 @@ class StoreMetrics:
             registry=r,
         )
         r.register(_TierCollector(stack))
+        self.stack = stack
         self._server = None
         self._thread: threading.Thread | None = None
 
@@ -230,15 +231,18 @@ class StoreMetrics:
         return generate_latest(self.registry).decode()
 
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
-        """Expose the metrics over HTTP at ``http://addr:port/metrics``; return the port.
+        """Expose the metrics over HTTP at ``http://addr:port/metrics`` and the store's
+        health at ``/healthz``; return the port.
 
-        ``port=0`` picks a free port. One server per store; a second call returns the
-        first server's port. Stopped by :meth:`close` (and the store's ``close``).
+        ``/healthz`` answers JSON (:func:`kvtc_store.health.stack_health`: per tier its
+        circuit state, queue depth and capacity use), status 200 when every tier is
+        reachable and 503 when a breaker is open: a Kubernetes probe's answer
+        (docs/operations.md). ``port=0`` picks a free port. One server per store; a
+        second call returns the first server's port. Stopped by :meth:`close` (and the
+        store's ``close``).
         """
         if self._server is None:
-            from prometheus_client import start_http_server
-
-            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+            self._server, self._thread = _serve(self, port, addr)
         return self._server.server_address[1]
 
     def close(self) -> None:
@@ -247,3 +251,38 @@ class StoreMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def _serve(metrics: StoreMetrics, port: int, addr: str):
+    """A threaded WSGI server of prometheus_client's metrics app plus ``/healthz``, on a
+    daemon thread: ``(server, thread)``."""
+    import json
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    from .health import stack_health
+
+    prometheus = make_wsgi_app(metrics.registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/healthz":
+            report = stack_health(metrics.stack)
+            body = json.dumps(report).encode()
+            status = "200 OK" if report["ok"] else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [body]
+        return prometheus(environ, start_response)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+    server = make_server(addr, port, app, Server, handler_class=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="kvtc-metrics", daemon=True)
+    thread.start()
+    return server, thread

@@ -68,7 +68,9 @@ def test_example_loads_with_the_right_types() -> None:
     assert isinstance(mem, MemoryTierConfig) and mem.capacity == 256 * MiB
     assert isinstance(disk, DiskTierConfig) and disk.capacity == 8 * GiB
     assert type(disk.capacity) is int
-    assert disk.path == EXAMPLE.parent / "kvtc-cache"  # relative to the file, made absolute
+    # outside the repository (a store run from the example leaves nothing in the clone)
+    assert disk.path == Path("~/.cache/kvtc-store/example-disk-tier").expanduser()
+    assert not disk.path.resolve().is_relative_to(EXAMPLE.parent.parent.resolve())
     assert (mem.eviction, mem.label, disk.label) == ("lru", "memory", "disk")
     assert (cfg.chunk_tokens, cfg.tenant, cfg.write_mode) == (256, "", "write-through")
     assert (cfg.write_queue_chunks, cfg.prefetch_buffer, cfg.metrics.port) == (256, 256 * MiB, None)

@@ -32,15 +32,16 @@ def test_chain_matches_the_design_formula() -> None:
 
 
 def test_keys_are_frozen_across_versions() -> None:
-    """A pinned vector: changing it silently empties every deployed cache."""
+    """A pinned vector: changing it silently empties every deployed cache (issue 22
+    appended the tenant tag to tenants' keys, on purpose: their caches were emptied once)."""
     ns = ChunkNamespace("model", "layout", "tenant")
     assert ns.to_bytes() == (
         b"kvtc-ns/v1\x05\x00\x00\x00model\x06\x00\x00\x00layout\x06\x00\x00\x00tenant"
     )
     keys = chunk_keys(range(512), ns)
     assert keys == [
-        "5f0b62358896eface4261134a8ea78950182df04714a8f0ea1a55bf8f465dbe5",
-        "571d39d082621f9a6af4e411330a322801e2e9c774a01205b07480470db6c4a7",
+        "5f0b62358896eface4261134a8ea78950182df04714a8f0ea1a55bf8f465dbe5c0b48860",
+        "571d39d082621f9a6af4e411330a322801e2e9c774a01205b07480470db6c4a7c0b48860",
     ]
 
 
