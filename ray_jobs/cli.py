@@ -1,0 +1,119 @@
+"""``kvtc-store fleet ...``: the Ray jobs' command line (registered by
+:mod:`kvtc_store.cli`; Ray is imported only when a job runs).
+
+::
+
+    kvtc-store fleet calibrate --model PATH|HUB-ID|GGUF --address auto|local|ray://... \\
+        --workers N --ratio 16 [--corpus C | --data PATH ...] [--out DIR] \\
+        [--publish REGISTRY [--profile P [--force]]] [--report FILE]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kvtc_store import cli as base
+from kvtc_store.texts import CORPORA
+
+
+def add_parser(sub) -> None:
+    """Add ``fleet`` and its jobs to the ``kvtc-store`` subparsers ``sub``."""
+    f = sub.add_parser("fleet", help="fleet jobs on Ray: calibrate (docs/fleet.md)")
+    jobs = f.add_subparsers(dest="job", required=True)
+    c = jobs.add_parser(
+        "calibrate",
+        help="calibrate codec artifacts on Ray workers, gate and publish them",
+        description="Collect calibration statistics on N Ray workers (one model each), "
+        "merge and fit on the driver; the artifacts equal single-process calibration's "
+        "on the same windows.",
+    )
+    c.add_argument("--model", default=None, help="as `kvtc-store calibrate --model`")
+    c.add_argument(
+        "--address",
+        default="local",
+        help="Ray cluster: local (started here, stopped after), auto, host:port or "
+        "ray://host:10001 (default local)",
+    )
+    c.add_argument("--workers", type=base._at_least(1), default=1, help="actors (default 1)")
+    c.add_argument("--ratio", "--ratios", dest="ratio", type=base._ratio, nargs="+", default=[16.0])
+    c.add_argument("--corpus", choices=sorted(CORPORA), default=None, help="built-in corpus")
+    base._data_option(c, "; also .parquet files with an input_ids column (Ray Data)")
+    c.add_argument("--windows", type=base._at_least(1), default=48)
+    c.add_argument("--window-tokens", type=base._at_least(64), default=2048)
+    c.add_argument("--layers-per-group", type=int, default=None)
+    c.add_argument("--max-artifact-share", type=base._cap_setting, default=None)
+    c.add_argument(
+        "--shard-windows", type=base._at_least(1), default=4, help="windows per shard (4)"
+    )
+    c.add_argument("--out", default=None, metavar="DIR", help="write DIR/cr<ratio>")
+    c.add_argument("--report", default=None, metavar="FILE", help="write the job report (JSON)")
+    c.add_argument("--publish", default=None, metavar="REGISTRY", help="publish the artifacts")
+    c.add_argument("--profile", default=None, help="with --publish: promote (one --ratio)")
+    c.add_argument("--reason", default="fleet calibration", help="recorded with the move")
+    base._registry_options(c, required=False)
+    c.set_defaults(fn=cmd_fleet_calibrate)
+
+
+def cmd_fleet_calibrate(args) -> int:
+    """Run :func:`kvtc_store.ray_jobs.calibrate.calibrate_fleet` for the arguments."""
+    from kvtc_store.calibration import CalibrationSettings
+    from kvtc_store.calibration_data import data_files
+    from kvtc_store.model import resolve_model
+
+    from .calibrate import calibrate_fleet
+
+    base._check_publish_args(args, "kvtc-store fleet calibrate")
+    parquet = [p for p in args.data if p.endswith(".parquet") or p.startswith("s3://")]
+    if args.data and len(parquet) < len(args.data):
+        data_files([p for p in args.data if p not in parquet])
+    resolve_model(args.model)
+    settings = CalibrationSettings(
+        windows=args.windows,
+        window_tokens=args.window_tokens,
+        layers_per_group=args.layers_per_group,
+        **({"corpus": args.corpus} if args.corpus else {}),
+        **(args.max_artifact_share or {}),
+    )
+    arts, report = calibrate_fleet(
+        args.model,
+        args.ratio,
+        settings,
+        address=args.address,
+        workers=args.workers,
+        data=args.data or None,
+        shard_windows=args.shard_windows,
+        progress=_shard_bar(),
+    )
+    reg = base._registry(args, create=True) if args.publish else None
+    for r, a, row in zip(args.ratio, arts, report.artifacts):
+        if args.out:
+            row["path"] = str(a.save(Path(args.out) / f"cr{r:g}"))
+        if reg is not None:
+            aid, created = reg.publish(a)
+            row["id"] = aid
+            print(f"ratio {r:g}: published {aid} to {reg.url}" + ("" if created else " (there)"))
+            if args.profile:
+                move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
+                print(f"  profile {args.profile}: {move.previous} -> {aid}")
+    if args.report:
+        Path(args.report).write_text(report.to_json())
+    print(report.to_markdown())
+    return 0
+
+
+def _shard_bar():
+    """A tqdm ``progress(done, total)`` over shards."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="fleet calibration", unit="shard", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return progress
