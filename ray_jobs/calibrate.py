@@ -53,7 +53,7 @@ from kvtc_store.calibration_data import cut_windows
 from kvtc_store.codec import CodecArtifact
 from kvtc_store.codec.rope import RopeParams
 from kvtc_store.codec.stats import ShardStats
-from kvtc_store.errors import CalibrationDataError, CalibrationError
+from kvtc_store.errors import CalibrationDataError, FleetError, GateRefusedError
 from kvtc_store.model import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,6 @@ KILL_ENV = "KVTC_FLEET_KILL_ONCE"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 """Object store of a local cluster (``--address local``): 200 MB, enough for the
 statistics of SmolLM2-sized models; a real cluster sizes its own."""
-
-
-class FleetError(CalibrationError):
-    """A fleet job could not run: Ray is missing or unreachable, or a worker kept failing
-    past its retries."""
 
 
 @dataclass
@@ -91,7 +86,8 @@ class FleetCalibrationReport:
     started, models loaded), ``ids_s`` (token ids), ``collect_s`` (first shard sent to
     last statistics merged, merging included), ``merge_s`` (of which: merging),
     ``fit_s`` (PCA, step tables, DP, held-out measurement), ``total_s``.
-    ``object_store_bytes`` sums the statistics each worker (by pid) returned;
+    ``gate_s`` (quality gate and publishing, after ``total_s`` was first taken; then
+    ``total_s`` includes it). ``object_store_bytes`` sums the statistics each worker (by pid) returned;
     ``peak_gpu_bytes`` is each worker's peak CUDA memory (0 on the CPU). ``restarts``
     counts worker processes that died and were replaced (distinct pids beyond
     ``workers``).
@@ -114,6 +110,8 @@ class FleetCalibrationReport:
     peak_gpu_bytes: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
     artifacts: list[dict] = field(default_factory=list)
+    gate_s: float = 0.0
+    gate: dict | None = None
 
     def to_json(self) -> str:
         """The report as JSON (every field)."""
@@ -245,6 +243,15 @@ class CalibrationWorker:
         vocab = self.model.get_input_embeddings().num_embeddings
         return read_token_ids(paths, self.tokenizer, vocab).numpy()
 
+    def score(self, windows: list[np.ndarray], artifacts: list[dict]) -> list[dict]:
+        """Quality-gate scores (:func:`kvtc_store.quality_gate.score_artifact`) of each
+        artifact (as :func:`artifact_files`) on the token-id ``windows``."""
+        from kvtc_store.quality_gate import score_artifact
+
+        wins = [torch.from_numpy(np.array(w, dtype=np.int64)) for w in windows]
+        arts = [artifact_from_files(f) for f in artifacts]
+        return [asdict(score_artifact(self.model, a, wins)) for a in arts]
+
     def collect(self, ids: np.ndarray, units: list[dict], settings: dict) -> dict:
         """Statistics of one shard: ``{"state": ShardStats.state(), "seconds", "pid",
         "node", "peak_gpu_bytes"}``."""
@@ -271,6 +278,120 @@ class CalibrationWorker:
             "node": ray.get_runtime_context().get_node_id()[:12],
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         }
+
+
+@dataclass
+class PublishPlan:
+    """Where and how a fleet job publishes.
+
+    Attributes:
+        registry: a :class:`~kvtc_store.registry.CodecRegistry`.
+        profile: promote the (one) artifact to this profile after the quality gate;
+            None: publish every artifact, no gate, no promotion.
+        force: publish and promote even when the gate refuses (the report says so).
+        gate_data: held-out files for the gate (as ``--data``), never calibrated on;
+            the calibration's held-out window is always used too.
+        gate_windows: windows cut from ``gate_data`` (of the calibration's window length).
+        threshold: KL increase the gate allows at the same honest ratio (0.10 = +10%).
+        reason: recorded with the promotion.
+    """
+
+    registry: object
+    profile: str | None = None
+    force: bool = False
+    gate_data: list[str] | None = None
+    gate_windows: int = 4
+    threshold: float = 0.10
+    reason: str = "fleet calibration"
+
+
+def artifact_files(art: CodecArtifact) -> dict[str, bytes]:
+    """An artifact's files (``manifest.json``, ``tensors.safetensors``) as bytes, to
+    ship through the object store without pickling it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kvtc-art-") as tmp:
+        folder = art.save(Path(tmp) / "a")
+        return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+
+
+def artifact_from_files(files: dict[str, bytes]) -> CodecArtifact:
+    """The artifact of :func:`artifact_files` (checked as :meth:`CodecArtifact.load`)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kvtc-art-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / Path(name).name).write_bytes(data)
+        return CodecArtifact.load(tmp)
+
+
+def _gate_windows(ray, actor, plan: PublishPlan, ids: torch.Tensor, settings) -> list:
+    """The gate's windows: the calibration's held-out window, then up to
+    ``plan.gate_windows`` windows of ``plan.gate_data``."""
+    w = settings.window_tokens
+    out = [ids[settings.windows * w : (settings.windows + 1) * w]]
+    if plan.gate_data:
+        extra = torch.from_numpy(np.array(_get(ray, [actor.data_ids.remote(plan.gate_data)])[0]))
+        n = min(plan.gate_windows, extra.numel() // w)
+        if n < 1:
+            raise CalibrationDataError(
+                f"the gate data hold {extra.numel():,} tokens, less than one window of {w:,}"
+            )
+        out += [extra[i * w : (i + 1) * w] for i in range(n)]
+    return out
+
+
+def _gate_and_publish(ray, actor, plan: PublishPlan, arts, report, ids, settings) -> None:
+    """Gate (with a profile), publish, store the gate's report beside the candidate,
+    promote; see :func:`calibrate_fleet`."""
+    import tempfile
+    from datetime import datetime, timezone
+
+    from kvtc_store.quality_gate import GateScores, gate_report
+
+    reg = plan.registry
+    if plan.profile is None:
+        for a, row in zip(arts, report.artifacts):
+            row["id"], _ = reg.publish(a)
+        return
+    if len(arts) != 1:
+        raise FleetError("a profile is promoted to one artifact: calibrate one ratio")
+    cand = arts[0]
+    model = cand.model_fingerprint
+    cur_move = reg.current(model, plan.profile)
+    shipped = [artifact_files(cand)]
+    if cur_move is not None:
+        with tempfile.TemporaryDirectory(prefix="kvtc-current-") as tmp:
+            shipped.append(artifact_files(reg.pull(model, cur_move.artifact_id, Path(tmp) / "a")))
+    windows = _gate_windows(ray, actor, plan, ids, settings)
+    scored = _get(ray, [actor.score.remote([w.numpy() for w in windows], shipped)])[0]
+    scores = [GateScores(**s) for s in scored]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        gate = gate_report(
+            plan.profile,
+            scores[0],
+            scores[1] if len(scores) > 1 else None,
+            windows,
+            threshold=plan.threshold,
+            force=plan.force,
+        )
+    except GateRefusedError as exc:
+        report.gate = json.loads(exc.report.to_json())
+        _store_gate(reg, model, cand.artifact_id, stamp, exc.report)
+        exc.job_report = report
+        raise
+    report.gate = json.loads(gate.to_json())
+    aid, _ = reg.publish(cand)
+    report.artifacts[0]["id"] = aid
+    _store_gate(reg, model, aid, stamp, gate)
+    reg.promote(model, aid, plan.profile, reason=f"{plan.reason} (gate: {gate.verdict})")
+
+
+def _store_gate(reg, model: str, artifact_id: str, stamp: str, gate) -> None:
+    """The gate's report, JSON and Markdown, beside the artifact in the registry."""
+    reg.write_report(model, artifact_id, f"gate-{stamp}.json", gate.to_json().encode())
+    reg.write_report(model, artifact_id, f"gate-{stamp}.md", gate.to_markdown().encode())
 
 
 def shard_units(units: list[CalibrationUnit], per_shard: int) -> list[list[CalibrationUnit]]:
@@ -339,6 +460,7 @@ def calibrate_fleet(
     shard_windows: int = 4,
     max_retries: int = 3,
     progress: Callable[[int, int], None] | None = None,
+    publish: PublishPlan | None = None,
 ) -> tuple[list[CodecArtifact], FleetCalibrationReport]:
     """Calibrate artifacts for ``ratios`` on Ray workers.
 
@@ -355,12 +477,16 @@ def calibrate_fleet(
         shard_windows: calibration windows per shard.
         max_retries: restarts of a dead worker, and retries of its shard in flight.
         progress: ``progress(shards_done, shards)`` after each shard.
+        publish: publish the artifacts to a registry; with a profile, after the quality
+            gate (:mod:`kvtc_store.quality_gate`), and promote.
 
     Returns:
         ``(artifacts in ratio order (not saved), report)``.
 
     Raises:
         FleetError: Ray is missing or unreachable, or a shard failed past its retries.
+        GateRefusedError: the gate refused the candidate (its report is stored beside
+            it in the registry; nothing published or promoted).
         CalibrationDataError, CalibrationError: as single-process calibration.
     """
     ray = _ray()
@@ -427,6 +553,11 @@ def calibrate_fleet(
                     "measured_nmse": a.quality.get("measured_nmse", 0.0),
                 }
             )
+        if publish is not None:
+            t3 = time.perf_counter()
+            _gate_and_publish(ray, actors[0], publish, arts, report, ids, settings)
+            report.gate_s = time.perf_counter() - t3
+            report.total_s = time.perf_counter() - t0
         return arts, report
     finally:
         if started:

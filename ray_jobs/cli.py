@@ -49,7 +49,28 @@ def add_parser(sub) -> None:
     c.add_argument("--out", default=None, metavar="DIR", help="write DIR/cr<ratio>")
     c.add_argument("--report", default=None, metavar="FILE", help="write the job report (JSON)")
     c.add_argument("--publish", default=None, metavar="REGISTRY", help="publish the artifacts")
-    c.add_argument("--profile", default=None, help="with --publish: promote (one --ratio)")
+    c.add_argument(
+        "--profile",
+        default=None,
+        help="with --publish: gate against the profile's current artifact, then promote "
+        "(one --ratio)",
+    )
+    c.add_argument("--force", action="store_true", help="publish even if the gate refuses")
+    c.add_argument(
+        "--gate-data",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="held-out files for the gate (as --data; never calibrated on); the "
+        "calibration's held-out window is always used",
+    )
+    c.add_argument("--gate-windows", type=base._at_least(1), default=4, help="(default 4)")
+    c.add_argument(
+        "--gate-threshold",
+        type=float,
+        default=0.10,
+        help="KL increase allowed at the same honest ratio (default 0.10: +10%%)",
+    )
     c.add_argument("--reason", default="fleet calibration", help="recorded with the move")
     base._registry_options(c, required=False)
     c.set_defaults(fn=cmd_fleet_calibrate)
@@ -59,9 +80,10 @@ def cmd_fleet_calibrate(args) -> int:
     """Run :func:`kvtc_store.ray_jobs.calibrate.calibrate_fleet` for the arguments."""
     from kvtc_store.calibration import CalibrationSettings
     from kvtc_store.calibration_data import data_files
+    from kvtc_store.errors import GateRefusedError
     from kvtc_store.model import resolve_model
 
-    from .calibrate import calibrate_fleet
+    from .calibrate import PublishPlan, calibrate_fleet
 
     base._check_publish_args(args, "kvtc-store fleet calibrate")
     parquet = [p for p in args.data if p.endswith(".parquet") or p.startswith("s3://")]
@@ -75,27 +97,42 @@ def cmd_fleet_calibrate(args) -> int:
         **({"corpus": args.corpus} if args.corpus else {}),
         **(args.max_artifact_share or {}),
     )
-    arts, report = calibrate_fleet(
-        args.model,
-        args.ratio,
-        settings,
-        address=args.address,
-        workers=args.workers,
-        data=args.data or None,
-        shard_windows=args.shard_windows,
-        progress=_shard_bar(),
-    )
-    reg = base._registry(args, create=True) if args.publish else None
+    publish = None
+    if args.publish:
+        publish = PublishPlan(
+            base._registry(args, create=True),
+            profile=args.profile,
+            force=args.force,
+            gate_data=args.gate_data,
+            gate_windows=args.gate_windows,
+            threshold=args.gate_threshold,
+            reason=args.reason,
+        )
+    try:
+        arts, report = calibrate_fleet(
+            args.model,
+            args.ratio,
+            settings,
+            address=args.address,
+            workers=args.workers,
+            data=args.data or None,
+            shard_windows=args.shard_windows,
+            progress=_shard_bar(),
+            publish=publish,
+        )
+    except GateRefusedError as exc:
+        print(exc.report.to_markdown())
+        if args.report and getattr(exc, "job_report", None) is not None:
+            Path(args.report).write_text(exc.job_report.to_json())
+        raise
     for r, a, row in zip(args.ratio, arts, report.artifacts):
         if args.out:
             row["path"] = str(a.save(Path(args.out) / f"cr{r:g}"))
-        if reg is not None:
-            aid, created = reg.publish(a)
-            row["id"] = aid
-            print(f"ratio {r:g}: published {aid} to {reg.url}" + ("" if created else " (there)"))
-            if args.profile:
-                move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
-                print(f"  profile {args.profile}: {move.previous} -> {aid}")
+        if "id" in row:
+            print(f"ratio {r:g}: published {row['id']} to {publish.registry.url}")
+    if report.gate:
+        print(f"gate ({args.profile}): {report.gate['verdict']}: {report.gate['reason']}")
+        print(f"profile {args.profile} -> {report.artifacts[0]['id']}")
     if args.report:
         Path(args.report).write_text(report.to_json())
     print(report.to_markdown())

@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from kvtc_store.calibration import CalibrationSettings, calibrate
 from kvtc_store.cli import main
@@ -123,22 +122,51 @@ def test_parquet_token_ids_through_ray_data(cluster, tmp_path) -> None:
         read_parquet_ids([str(tmp_path / "c.parquet")])
 
 
-def test_cli_publishes_and_promotes(cluster, tiny_model, token_file, tmp_path, capsys) -> None:
-    reg_dir, report = tmp_path / "registry", tmp_path / "report.json"
-    args = ["fleet", "calibrate", "--model", str(tiny_model), "--address", cluster]
-    args += ["--workers", "2", "--data", str(token_file), "--windows", "5"]
-    args += ["--window-tokens", "64", "--ratio", "8", "--publish", str(reg_dir)]
-    args += ["--profile", "default", "--report", str(report), "--out", str(tmp_path / "out")]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "profile default: None ->" in out and "# Fleet calibration" in out
-    reg = open_registry(str(reg_dir))
-    model = reg.only_model()
-    art = CodecArtifact.load(tmp_path / "out" / "cr8")
-    assert reg.current(model, "default").artifact_id == art.artifact_id
+def _fleet_cli(model, data, gate, reg, windows: int, *extra, workers: int = 1) -> list[str]:
+    address = os.environ.get("KVTC_TEST_RAY_ADDRESS", "local")  # joins this process's Ray
+    args = ["fleet", "calibrate", "--model", str(model), "--address", address]
+    args += ["--workers", str(workers)]
+    args += ["--data", str(data), "--windows", str(windows), "--window-tokens", "256"]
+    args += ["--ratio", "8", "--publish", str(reg), "--profile", "default"]
+    return args + ["--gate-data", str(gate), *extra]
+
+
+def test_cli_gates_publishes_and_promotes(cluster, tiny_model, tmp_path, capsys) -> None:
+    """First publish passes (no current artifact); a candidate calibrated on one window
+    (KL +78% on the gate windows at the same honest ratio, measured) is refused with its
+    report stored beside it, nothing published or promoted; --force publishes it."""
     import json
 
+    token_file, gate = tmp_path / "ids.npy", tmp_path / "gate.npy"
+    np.save(token_file, np.random.default_rng(5).integers(0, VOCAB, 3000))
+    np.save(gate, np.random.default_rng(9).integers(0, VOCAB, 1100))
+    reg_dir, report = tmp_path / "registry", tmp_path / "report.json"
+    small = ["--report", str(report), "--out", str(tmp_path / "out")]
+    assert main(_fleet_cli(tiny_model, token_file, gate, reg_dir, 5, *small, workers=2)) == 0
+    out = capsys.readouterr().out
+    assert "gate (default): first" in out and "# Fleet calibration" in out
+    reg = open_registry(str(reg_dir))
+    model = reg.only_model()
+    first = CodecArtifact.load(tmp_path / "out" / "cr8")
+    assert reg.current(model, "default").artifact_id == first.artifact_id
     rep = json.loads(report.read_text())
-    assert rep["workers"] == 2 and rep["artifacts"][0]["id"] == art.artifact_id
-    assert {"collect_s", "merge_s", "fit_s", "total_s", "object_store_bytes"} <= set(rep)
-    assert torch.is_tensor(art.bases[0])
+    assert rep["workers"] == 2 and rep["artifacts"][0]["id"] == first.artifact_id
+    assert {"collect_s", "merge_s", "fit_s", "gate_s", "total_s", "object_store_bytes"} <= set(rep)
+    assert rep["gate"]["windows"] == 5  # the held-out window and 4 of the gate data
+    assert any(n.endswith(".md") for n in reg.reports(model, first.artifact_id))
+
+    assert main(_fleet_cli(tiny_model, token_file, gate, reg_dir, 1, "--report", str(report))) == 2
+    captured = capsys.readouterr()
+    assert "GateRefusedError" in captured.err and ": refused" in captured.out
+    rep = json.loads(report.read_text())
+    cand = rep["gate"]["candidate"]["artifact_id"]
+    assert rep["gate"]["verdict"] == "refused" and cand not in reg.artifact_ids(model)
+    assert reg.current(model, "default").artifact_id == first.artifact_id
+    stored = reg.reports(model, cand)
+    assert {n.rsplit(".", 1)[1] for n in stored} == {"json", "md"}
+    gate_json = json.loads(next(v for n, v in stored.items() if n.endswith(".json")))
+    assert gate_json["candidate"]["kl"] > 1.1 * gate_json["current"]["kl"]
+
+    assert main(_fleet_cli(tiny_model, token_file, gate, reg_dir, 1, "--force")) == 0
+    assert "gate (default): forced" in capsys.readouterr().out
+    assert reg.current(model, "default").artifact_id == cand

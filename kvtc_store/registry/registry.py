@@ -4,6 +4,7 @@ Layout under the registry's root (a folder or an S3 prefix; see docs/registry.md
 
     <model fingerprint>/artifacts/<artifact id>/tensors.safetensors
     <model fingerprint>/artifacts/<artifact id>/manifest.json      written last
+    <model fingerprint>/artifacts/<artifact id>/reports/<name>     gate reports (fleet jobs)
     <model fingerprint>/profiles/<profile>/current.json            the pointer
     <model fingerprint>/profiles/<profile>/history/<seq>.json      one record per move
 
@@ -285,6 +286,31 @@ class CodecRegistry:
             )
         created = self.storage.create(mkey, json.dumps(man, indent=1).encode())
         return aid, created
+
+    def write_report(self, model: str, artifact_id: str, name: str, data: bytes) -> str:
+        """Store a report (``name``, e.g. ``gate-<time>.json``) beside an artifact, under
+        ``<model>/artifacts/<id>/reports/``; the artifact need not be published (a
+        candidate the quality gate refused has its report there and no manifest).
+
+        Returns:
+            The report's key.
+
+        Raises:
+            RegistryError: a bad name, or the storage failed.
+        """
+        key = self._art_key(model, artifact_id, f"reports/{_check_name('report', name)}")
+        self.storage.write(key, data)
+        return key
+
+    def reports(self, model: str, artifact_id: str) -> dict[str, bytes]:
+        """The reports stored beside an artifact, by name."""
+        prefix = self._art_key(model, artifact_id, "reports/")
+        out = {}
+        for name in self.storage.children(prefix):
+            got = self.storage.read(prefix + name)
+            if got is not None:
+                out[name] = got[0]
+        return out
 
     def pull(self, model: str, artifact_id: str, dest: str | os.PathLike) -> CodecArtifact:
         """Download an artifact into the folder ``dest`` (made atomically: a temp folder
