@@ -6,6 +6,7 @@
     kvtc-store fleet calibrate --model PATH|HUB-ID|GGUF --address auto|local|ray://... \\
         --workers N --ratio 16 [--corpus C | --data PATH ...] [--out DIR] \\
         [--publish REGISTRY [--profile P [--force]]] [--report FILE]
+    kvtc-store fleet reencode --from ID --to ID|current --tiers store.yaml [--workers N]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kvtc_store.texts import CORPORA
 
 def add_parser(sub) -> None:
     """Add ``fleet`` and its jobs to the ``kvtc-store`` subparsers ``sub``."""
-    f = sub.add_parser("fleet", help="fleet jobs on Ray: calibrate (docs/fleet.md)")
+    f = sub.add_parser("fleet", help="fleet jobs on Ray: calibrate, reencode (docs/fleet.md)")
     jobs = f.add_subparsers(dest="job", required=True)
     c = jobs.add_parser(
         "calibrate",
@@ -74,6 +75,46 @@ def add_parser(sub) -> None:
     c.add_argument("--reason", default="fleet calibration", help="recorded with the move")
     base._registry_options(c, required=False)
     c.set_defaults(fn=cmd_fleet_calibrate)
+    r = jobs.add_parser(
+        "reencode",
+        help="re-encode a store's disk and S3 chunks from one artifact to another, in place",
+        description="Decode each chunk of artifact --from, encode it with --to, check it, "
+        "and replace it atomically under the same key (Ray Data over the tiers' keys). "
+        "Idempotent: rerun after a crash to finish.",
+    )
+    r.add_argument("--from", dest="from_id", required=True, metavar="ID", help="old artifact")
+    r.add_argument(
+        "--to", dest="to_id", default="current", metavar="ID", help="new artifact or current"
+    )
+    r.add_argument("--tiers", required=True, metavar="STORE.YAML", help="the store's config")
+    r.add_argument("--tier", nargs="+", default=None, help="only these tier labels")
+    r.add_argument("--address", default="local", help="Ray cluster (as fleet calibrate)")
+    r.add_argument("--workers", type=base._at_least(1), default=1, help="actors (default 1)")
+    r.add_argument("--batch-size", type=base._at_least(1), default=64, help="keys per batch")
+    r.add_argument("--report", default=None, metavar="FILE", help="write the report (JSON)")
+    r.set_defaults(fn=cmd_fleet_reencode)
+
+
+def cmd_fleet_reencode(args) -> int:
+    """Run :func:`kvtc_store.ray_jobs.reencode.reencode_fleet`; exit 1 when a chunk
+    failed (it keeps its old bytes: rerun, or see the report's errors)."""
+    from .reencode import reencode_fleet
+
+    report = reencode_fleet(
+        args.tiers,
+        args.from_id,
+        args.to_id,
+        tiers=args.tier,
+        address=args.address,
+        workers=args.workers,
+        batch_size=args.batch_size,
+    )
+    if args.report:
+        Path(args.report).write_text(report.to_json())
+    print(report.to_markdown())
+    for e in report.errors:
+        print(f"  {e['tier']} {e['key']}: {e['error']}", file=sys.stderr)
+    return 1 if any(t["error"] for t in report.tiers.values()) else 0
 
 
 def cmd_fleet_calibrate(args) -> int:

@@ -32,24 +32,6 @@ TOL = 1e-4  # as tests/test_fleet_stats.py
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A connection to the CI's Ray head, or a local 2-core Ray."""
-    address = os.environ.get("KVTC_TEST_RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=2,
-            object_store_memory=200 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-    yield address or "local"
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-qwen2"
     return save(qwen2_config(), folder, tokenizer=byte_tokenizer())
