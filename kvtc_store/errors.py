@@ -167,3 +167,8 @@ class GateRefusedError(KVTCError):
 class FleetError(CalibrationError):
     """A fleet job could not run: Ray is missing or unreachable, or a worker kept failing
     past its retries (``kvtc_store.ray_jobs``)."""
+
+
+class ArtifactInUseError(RegistryError):
+    """An artifact a profile's pointer names (its current one, or the one a rollback
+    returns to) cannot be deleted."""

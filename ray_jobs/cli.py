@@ -7,6 +7,7 @@
         --workers N --ratio 16 [--corpus C | --data PATH ...] [--out DIR] \\
         [--publish REGISTRY [--profile P [--force]]] [--report FILE]
     kvtc-store fleet reencode --from ID --to ID|current --tiers store.yaml [--workers N]
+    kvtc-store fleet gc --tiers store.yaml ... [--ttl disk=7d s3=30d] [--apply]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kvtc_store.texts import CORPORA
 
 def add_parser(sub) -> None:
     """Add ``fleet`` and its jobs to the ``kvtc-store`` subparsers ``sub``."""
-    f = sub.add_parser("fleet", help="fleet jobs on Ray: calibrate, reencode (docs/fleet.md)")
+    f = sub.add_parser("fleet", help="fleet jobs on Ray: calibrate, reencode, gc (docs/fleet.md)")
     jobs = f.add_subparsers(dest="job", required=True)
     c = jobs.add_parser(
         "calibrate",
@@ -93,6 +94,52 @@ def add_parser(sub) -> None:
     r.add_argument("--batch-size", type=base._at_least(1), default=64, help="keys per batch")
     r.add_argument("--report", default=None, metavar="FILE", help="write the report (JSON)")
     r.set_defaults(fn=cmd_fleet_reencode)
+    g = jobs.add_parser(
+        "gc",
+        help="drop chunks past a TTL or of unreachable artifacts, and unused artifacts",
+        description="Garbage collection over stores sharing a registry (docs/fleet.md). "
+        "A dry run by default: --apply deletes.",
+    )
+    g.add_argument(
+        "--tiers", nargs="+", required=True, metavar="STORE.YAML", help="every store's config"
+    )
+    g.add_argument(
+        "--ttl",
+        nargs="+",
+        default=[],
+        metavar="LABEL=AGE",
+        help="per tier: drop chunks older than AGE (90s, 15m, 12h, 7d) since last access "
+        "(disk) or write (S3)",
+    )
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", dest="apply", action="store_false", help="(default)")
+    mode.add_argument("--apply", dest="apply", action="store_true", help="delete")
+    g.add_argument("--address", default="local", help="Ray cluster (as fleet calibrate)")
+    g.add_argument("--workers", type=base._at_least(1), default=1, help="actors (default 1)")
+    g.add_argument("--report", default=None, metavar="FILE", help="write the report (JSON)")
+    g.set_defaults(fn=cmd_fleet_gc, apply=False)
+
+
+def cmd_fleet_gc(args) -> int:
+    """Run :func:`kvtc_store.ray_jobs.gc.gc_fleet`; exit 1 when a deletion failed."""
+    from kvtc_store.gc import parse_duration
+
+    from .gc import gc_fleet
+
+    ttl = {}
+    for item in args.ttl:
+        label, _, age = item.partition("=")
+        try:
+            ttl[label] = parse_duration(age)
+        except ValueError:
+            raise SystemExit(f"kvtc-store fleet gc: --ttl {item!r}: want LABEL=AGE (e.g. disk=7d)")
+    plan = gc_fleet(
+        args.tiers, ttl=ttl, apply=args.apply, address=args.address, workers=args.workers
+    )
+    if args.report:
+        Path(args.report).write_text(plan.to_json())
+    print(plan.to_markdown())
+    return 1 if plan.errors else 0
 
 
 def cmd_fleet_reencode(args) -> int:

@@ -40,6 +40,7 @@ from ..codec.artifact import CodecArtifact
 from ..errors import (
     ArtifactChecksumError,
     ArtifactError,
+    ArtifactInUseError,
     ArtifactModelMismatchError,
     ArtifactNotFoundError,
     RegistryConflictError,
@@ -311,6 +312,33 @@ class CodecRegistry:
             if got is not None:
                 out[name] = got[0]
         return out
+
+    def pinned(self, model: str) -> set[str]:
+        """Artifacts the pointers of ``model``'s profiles name: each profile's current
+        artifact and the one a rollback returns to (the current move's ``previous``)."""
+        out: set[str] = set()
+        for profile in self.profiles(model):
+            cur = self.current(model, profile)
+            if cur is not None:
+                out |= {cur.artifact_id} | ({cur.previous} if cur.previous else set())
+        return out
+
+    def delete_artifact(self, model: str, artifact_id: str) -> None:
+        """Delete a published artifact (garbage collection): the manifest first (the
+        artifact is gone from then on), then its tensors and reports.
+
+        Raises:
+            ArtifactInUseError: a pointer names it (:meth:`pinned`, read just before).
+            RegistryError: the storage failed (a manifest-less remainder is invisible).
+        """
+        if artifact_id in self.pinned(model):
+            raise ArtifactInUseError(
+                f"registry {self.url}: artifact {artifact_id} is named by a profile pointer"
+            )
+        self.storage.delete(self._art_key(model, artifact_id, MANIFEST))
+        self.storage.delete(self._art_key(model, artifact_id, TENSORS))
+        for name in self.reports(model, artifact_id):
+            self.storage.delete(self._art_key(model, artifact_id, f"reports/{name}"))
 
     def pull(self, model: str, artifact_id: str, dest: str | os.PathLike) -> CodecArtifact:
         """Download an artifact into the folder ``dest`` (made atomically: a temp folder
