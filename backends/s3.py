@@ -335,6 +335,34 @@ class S3Backend(Backend):
         with self._lock:
             self._bytes_written += sum(len(v) for _, v in unique)
 
+    def replace(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """Overwrite stored chunks with new bytes under the same keys (re-encode jobs),
+        each with one ``PutObject``: S3 makes it visible whole, so a reader gets the old
+        object or the new one. A key not stored (``HeadObject``) is left alone.
+
+        Returns:
+            For each item, whether it replaced a stored chunk.
+
+        Raises:
+            ValueError, TypeError: as :meth:`put`.
+            StoreError: a request failed (that chunk keeps its old bytes).
+        """
+        items = validate_items(items)
+        done = []
+        for key, value in items:
+            try:
+                if not self._head(key):
+                    done.append(False)
+                    continue
+                self._client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=value)
+            except _FAILURES as exc:
+                self._count_errors(1)
+                raise StoreError(f"{self.name} tier: cannot replace chunk {key}: {exc}") from exc
+            with self._lock:
+                self._bytes_written += len(value)
+            done.append(True)
+        return done
+
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the keys' objects (``DeleteObjects``, 1,000 keys per request).
 

@@ -3,7 +3,8 @@
 The codec package knows tensors only; this module drives a transformers model over a
 corpus (Shakespeare's comedies and histories in turn with NumPy's docstrings by default,
 see :mod:`kvtc_store.texts`), feeds the KV of each
-window to :class:`~kvtc_store.codec.CalibrationStats`, keeps the last window out as
+window (the *collect* half, :func:`collect`, over :func:`calibration_units`) to mergeable
+statistics (:class:`~kvtc_store.codec.stats.ShardStats`), keeps the last window out as
 held-out data, and fits one artifact per target ratio. Artifacts are cached under
 ``<cache home>/codecs/<model>/<settings>/cr<ratio>`` and reused when the model
 fingerprint and the settings match.
@@ -26,11 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .calibration_data import cut_windows, data_corpus_name
-from .codec import CalibrationStats, CodecArtifact, PCAFit, default_groups, fit_artifacts
+from .codec import CodecArtifact, PCAFit, default_groups, fit_artifacts
+from .codec.stats import ShardStats
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .samples import model_samples
-from .sensitivity import measure_sensitivity
+from .sensitivity import sensitivity_window
 from .texts import CORPORA, manpages_multilingual, numpy_docs, python_docs, shakespeare_plays
 
 log = logging.getLogger(__name__)
@@ -304,60 +306,18 @@ def calibrate(
             tokenizer, settings, model, folder, progress=lambda msg: say(0, steps, msg)
         )
     if fit is None:
-        stats = CalibrationStats(
-            info.kv_shape,
-            info.rope,
-            default_groups(info.kv_shape[0], settings.layers_per_group),
-            n_sink=settings.n_sink,
-            sample_tokens=settings.sample_tokens,
-            undo_rope=settings.undo_rope,
-        )
-        w = settings.window_tokens
-        for i in range(settings.windows + 1):
-            say(
-                done,
-                steps,
-                f"KV of calibration window {i + 1}/{settings.windows}"
-                if i < settings.windows
-                else "KV of the held-out window",
-            )
-            _, cache = lm_forward(model, ids[None, i * w : (i + 1) * w], last_only=True)
-            keys, values = kv_from_cache(cache)
-            if i < settings.windows:
-                stats.add(keys, values, 0)
-            else:  # held out: three chunks past the sinks (bf16, as cached)
-                c = min(256, w // 6)  # 256-token chunks at 256, 768, 1280 of 2,048
-                holdout = [
-                    (
-                        keys[:, :, s : s + c].to(torch.bfloat16).float(),
-                        values[:, :, s : s + c].to(torch.bfloat16).float(),
-                        s,
-                    )
-                    for s in (c, 3 * c, 5 * c)
-                ]
-            done += 1
-        weights = None
-        if settings.weighting == "sensitivity":
-            say(done, steps, "measuring layer sensitivity")
-            # 1,024 tokens cached and 128 continued; shorter windows scale both down
-            cont = 128 if w >= 1152 else w // 8
-            context = 1024 if w >= 1152 else w - cont
-            weights = measure_sensitivity(
-                model,
-                ids,
-                context=context,
-                continuation=cont,
-                n_sink=settings.n_sink,
-                window=min(settings.window, context // 2),
-                progress=lambda msg: say(done, steps, msg),
-            )
-            log.info("layer sensitivity (keys, values): %s", weights.tolist())
-        elif settings.weighting != "variance":
-            raise CalibrationError(f"unknown weighting {settings.weighting!r}")
+        say(done, steps, f"KV of calibration window 1/{settings.windows}")
+
+        def unit_done(unit: CalibrationUnit) -> None:
+            nonlocal done
+            done += unit.kind != "sensitivity"
+            say(done, steps, _next_message(unit, settings))
+
+        units = calibration_units(settings)
+        stats = collect(model, ids, units, info, settings, unit_done, lambda m: say(done, steps, m))
         say(done, steps, "fitting PCA (eigendecompositions)")
-        fit = PCAFit.from_stats(stats, settings.scale_exponent, layer_weights=weights)
+        fit, holdout = fit_stats(stats, settings, folder)
         del stats
-        _save_fit(folder, fit, holdout)
         _model_params(model, folder)
         done += 1
 
@@ -366,20 +326,255 @@ def calibrate(
         say(done, steps, msg)
         done += 1
 
-    data_hash = hashlib.sha256(ids.numpy().astype("<u4").tobytes()).hexdigest()[:16]
-    by_cap: dict[float | None, list[float]] = {}
-    for r in ratios:
-        by_cap.setdefault(_artifact_cap_share(settings, r), []).append(r)
-    n_params = _model_params(model, folder) if set(by_cap) - {None} else 0
-    fitted: dict[float, CodecArtifact] = {}
-    for share, rs in by_cap.items():
-        arts = _fit(fit, rs, info, holdout, settings, data_hash, fit_progress, share, n_params)
-        fitted.update(zip(rs, arts))
-    arts = [fitted[r] for r in ratios]
+    data_hash = ids_hash(ids)
+    caps = {_artifact_cap_share(settings, r) for r in ratios} - {None}
+    n_params = _model_params(model, folder) if caps else 0
+    arts = fit_artifacts_for(
+        fit, holdout, info, ratios, settings, data_hash, n_params, fit_progress
+    )
     say(steps, steps, "done")
     for a in arts:
         a.calibration["seconds"] = round(time.time() - t0, 1)
     return arts
+
+
+@dataclass(frozen=True)
+class CalibrationUnit:
+    """One piece of collect work over the calibration token ids (see :func:`collect`).
+
+    Attributes:
+        kind: ``"kv"`` (a calibration window: its KV feeds the sums and the sample),
+            ``"holdout"`` (the held-out window: three chunks kept for the measured
+            quality) or ``"sensitivity"`` (one window of the layer-sensitivity
+            measurement, :func:`~kvtc_store.sensitivity.sensitivity_window`).
+        index: the window's number among units of its kind (``holdout``: ``windows``).
+        start, end: the token ids it reads, ``ids[start:end]``.
+    """
+
+    kind: str
+    index: int
+    start: int
+    end: int
+
+    @property
+    def name(self) -> str:
+        """``"<kind>:<index>"``, as :class:`~kvtc_store.codec.stats.ShardStats` counts it."""
+        return f"{self.kind}:{self.index}"
+
+
+SENSITIVITY_WINDOWS = 2
+"""Windows the layer sensitivity is averaged over (each ``2 * L`` perturbed runs)."""
+
+
+def _sensitivity_span(window_tokens: int) -> tuple[int, int]:
+    """``(context, continuation)`` of a sensitivity window: 1,024 tokens cached and 128
+    continued; windows shorter than 1,152 tokens scale both down."""
+    cont = 128 if window_tokens >= 1152 else window_tokens // 8
+    return (1024 if window_tokens >= 1152 else window_tokens - cont), cont
+
+
+def calibration_units(settings: CalibrationSettings) -> list[CalibrationUnit]:
+    """The work of collecting statistics for ``settings`` over the token ids of
+    :func:`calibration_token_ids` (or :func:`~kvtc_store.calibration_data.cut_windows`):
+    ``windows`` KV units, one held-out unit (the last window) and, with the
+    ``sensitivity`` weighting, :data:`SENSITIVITY_WINDOWS` sensitivity units over the
+    first ``2 * (context + continuation)`` ids.
+
+    Raises:
+        CalibrationError: an unknown weighting.
+    """
+    w = settings.window_tokens
+    units = [CalibrationUnit("kv", i, i * w, (i + 1) * w) for i in range(settings.windows)]
+    units.append(
+        CalibrationUnit(
+            "holdout", settings.windows, settings.windows * w, (settings.windows + 1) * w
+        )
+    )
+    if settings.weighting == "sensitivity":
+        span = sum(_sensitivity_span(w))
+        units += [
+            CalibrationUnit("sensitivity", j, j * span, (j + 1) * span)
+            for j in range(SENSITIVITY_WINDOWS)
+        ]
+    elif settings.weighting != "variance":
+        raise CalibrationError(f"unknown weighting {settings.weighting!r}")
+    return units
+
+
+def new_stats(info: ModelInfo, settings: CalibrationSettings) -> ShardStats:
+    """Empty mergeable statistics for ``info``'s model and ``settings``."""
+    return ShardStats(
+        info.kv_shape,
+        info.rope,
+        default_groups(info.kv_shape[0], settings.layers_per_group),
+        n_sink=settings.n_sink,
+        sample_tokens=settings.sample_tokens,
+        seed=SAMPLE_SEED,
+        undo_rope=settings.undo_rope,
+    )
+
+
+@torch.no_grad()
+def collect(
+    model,
+    ids: torch.Tensor,
+    units: list[CalibrationUnit],
+    info: ModelInfo,
+    settings: CalibrationSettings,
+    unit_done: Callable[[CalibrationUnit], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ShardStats:
+    """Run the model over ``units`` of the token ids: the *collect* half of calibration.
+
+    Args:
+        model: the transformers model (any device; statistics are kept on the CPU).
+        ids: int64 ``(n,)``: the job's calibration token ids (every unit's ``end <= n``).
+        units: the units of this shard (any subset of :func:`calibration_units`).
+        info, settings: the model's geometry and the calibration settings.
+        unit_done: called after each unit.
+        progress: ``progress(message)`` during sensitivity runs.
+
+    Returns:
+        The shard's statistics, with the model's parameter count (each tensor once).
+
+    Raises:
+        CalibrationError: an unknown unit kind, or a unit twice.
+    """
+    stats = new_stats(info, settings)
+    context, _ = _sensitivity_span(settings.window_tokens)
+    for u in units:
+        seq = ids[u.start : u.end]
+        if u.kind == "sensitivity":
+            say = None
+            if progress:
+
+                def say(done: int, runs: int, u: CalibrationUnit = u) -> None:
+                    progress(f"layer sensitivity: window {u.index + 1}, run {done}/{runs}")
+
+            m = sensitivity_window(
+                model,
+                seq,
+                context,
+                n_sink=settings.n_sink,
+                window=min(settings.window, context // 2),
+                seed=u.index,
+                progress=say,
+            )
+            stats.add_sensitivity(m, u.index)
+        elif u.kind in ("kv", "holdout"):
+            _, cache = lm_forward(model, seq[None], last_only=True)
+            keys, values = kv_from_cache(cache)
+            if u.kind == "kv":
+                stats.add_window(keys, values, u.index)
+            else:  # three chunks past the sinks (bf16, as cached)
+                c = min(256, seq.numel() // 6)  # 256-token chunks at 256, 768, 1280 of 2,048
+                stats.add_holdout(
+                    [
+                        (keys[:, :, s : s + c], values[:, :, s : s + c], s)
+                        for s in (c, 3 * c, 5 * c)
+                    ],
+                    u.index,
+                )
+        else:
+            raise CalibrationError(f"unknown calibration unit kind {u.kind!r}")
+        if unit_done:
+            unit_done(u)
+    stats.model_params = sum(p.numel() for p in model.parameters())
+    return stats
+
+
+def merge_stats(parts: list[ShardStats]) -> ShardStats:
+    """The statistics of all ``parts`` (any order; see
+    :meth:`~kvtc_store.codec.stats.ShardStats.merge`).
+
+    Raises:
+        CalibrationError: no parts, or parts that do not merge.
+    """
+    if not parts:
+        raise CalibrationError("no calibration statistics to merge")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out
+
+
+def fit_stats(
+    stats: ShardStats, settings: CalibrationSettings, folder: Path | None = None
+) -> tuple[PCAFit, list]:
+    """The ratio-independent half of *fit*: check that ``stats`` covers every unit of
+    ``settings``, weight layers by the measured sensitivity, fit PCA (eigendecompositions).
+
+    Args:
+        stats: merged statistics of all :func:`calibration_units`.
+        settings: the calibration settings.
+        folder: where to cache the fit and the held-out chunks (None: not cached).
+
+    Returns:
+        ``(fit, holdout chunks)``.
+
+    Raises:
+        CalibrationError: units are missing or foreign.
+    """
+    want = {u.name for u in calibration_units(settings)}
+    if stats.units != want:
+        missing, extra = sorted(want - stats.units), sorted(stats.units - want)
+        raise CalibrationError(
+            f"calibration statistics do not match the settings: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    weights = None
+    if settings.weighting == "sensitivity":
+        weights = stats.sensitivity()
+        log.info("layer sensitivity (keys, values): %s", weights.tolist())
+    fit = PCAFit.from_stats(stats, settings.scale_exponent, layer_weights=weights)
+    holdout = stats.holdout_chunks()
+    if folder is not None:
+        _save_fit(folder, fit, holdout)
+        if stats.model_params:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model-params.json").write_text(json.dumps({"params": stats.model_params}))
+    return fit, holdout
+
+
+def fit_artifacts_for(
+    fit: PCAFit,
+    holdout: list,
+    info: ModelInfo,
+    ratios: list[float],
+    settings: CalibrationSettings,
+    data_hash: str,
+    n_params: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[CodecArtifact]:
+    """The per-ratio half of *fit*: step tables and DP for each ratio (artifacts capped
+    at ``max_artifact_share`` of ``n_params``, the model's parameter count, where
+    :func:`_artifact_cap_share` says), measured on ``holdout``.
+
+    Returns:
+        One artifact per ratio, in order (not saved).
+    """
+    by_cap: dict[float | None, list[float]] = {}
+    for r in ratios:
+        by_cap.setdefault(_artifact_cap_share(settings, r), []).append(r)
+    fitted: dict[float, CodecArtifact] = {}
+    for share, rs in by_cap.items():
+        arts = _fit(fit, rs, info, holdout, settings, data_hash, progress, share, n_params)
+        fitted.update(zip(rs, arts))
+    return [fitted[r] for r in ratios]
+
+
+def ids_hash(ids: torch.Tensor) -> str:
+    """The calibration data's hash recorded in artifacts (16 hex digits)."""
+    return hashlib.sha256(ids.numpy().astype("<u4").tobytes()).hexdigest()[:16]
+
+
+def _next_message(unit: CalibrationUnit, settings: CalibrationSettings) -> str:
+    """Progress message after ``unit``, in single-process order."""
+    if unit.kind == "kv" and unit.index + 1 < settings.windows:
+        return f"KV of calibration window {unit.index + 2}/{settings.windows}"
+    if unit.kind == "kv":
+        return "KV of the held-out window"
+    return "measuring layer sensitivity"
 
 
 def settings_for_data(

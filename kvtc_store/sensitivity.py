@@ -38,7 +38,10 @@ def measure_sensitivity(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
-    """Per-layer KL sensitivity of keys and values.
+    """Per-layer KL sensitivity of keys and values: the mean of
+    :func:`sensitivity_window` over ``windows`` consecutive spans of ``ids`` (window
+    ``w`` seeded with ``seed + w``, so each window's measurement is the same wherever it
+    runs: fleet calibration measures windows on different workers and adds them up).
 
     Args:
         model: a transformers causal LM.
@@ -47,7 +50,7 @@ def measure_sensitivity(
         context, continuation: tokens cached, and tokens the model continues over.
         noise: injected noise variance relative to the layer's mean feature variance.
         n_sink, window: the exact tokens at the start and end of the context (no noise).
-        seed: noise seed.
+        seed: noise seed of the first window.
         progress: optional ``progress(message)`` after each perturbed run of the model
             (``2 * L`` runs per window).
 
@@ -62,29 +65,63 @@ def measure_sensitivity(
     span = context + continuation
     if ids.numel() < windows * span:
         raise ValueError(f"need {windows * span} token ids, got {ids.numel()}")
-    gen = torch.Generator().manual_seed(seed)
-    out = None
-    lossy = slice(n_sink, max(n_sink, context - window))
+    total = None
     for w in range(windows):
-        seq = ids[w * span : (w + 1) * span]
-        _, cache = lm_forward(model, seq[None, :context], last_only=True)
-        keys, values = (t.float().cpu() for t in kv_from_cache(cache))
-        cont = seq[context:]
-        lp = F.log_softmax(continuation_logits(model, keys, values, cont), dim=-1)
-        n_layers, heads, _, dim = keys.shape
-        if out is None:
-            out = torch.zeros(2, n_layers, dtype=torch.float64)
-        for row, base in enumerate((keys, values)):
-            for layer in range(n_layers):
-                x = base[layer, :, lossy]
-                var = float(x.var(dim=1).mean())
-                noisy = base.clone()
-                noisy[layer, :, lossy] += (noise * var) ** 0.5 * torch.randn(x.shape, generator=gen)
-                k, v = (noisy, values) if row == 0 else (keys, noisy)
-                lq = F.log_softmax(continuation_logits(model, k, v, cont), dim=-1)
-                kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
-                out[row, layer] += kl / (noise * var * heads * dim) / windows
-                if progress:
-                    done = (w * 2 + row) * n_layers + layer + 1
-                    progress(f"layer sensitivity: run {done}/{windows * 2 * n_layers}")
+        say = None
+        if progress:
+
+            def say(done: int, runs: int, w: int = w) -> None:
+                progress(f"layer sensitivity: run {w * runs + done}/{windows * runs}")
+
+        m = sensitivity_window(
+            model, ids[w * span : (w + 1) * span], context, noise, n_sink, window, seed + w, say
+        )
+        total = m if total is None else total + m
+    return total / windows
+
+
+@torch.no_grad()
+def sensitivity_window(
+    model,
+    seq: torch.Tensor,
+    context: int,
+    noise: float = 0.05,
+    n_sink: int = 4,
+    window: int = 128,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """One window's sensitivity measurement (see :func:`measure_sensitivity`).
+
+    Args:
+        model: a transformers causal LM.
+        seq: int64 ``(context + continuation,)`` token ids: the first ``context`` are
+            cached, the model continues over the rest.
+        context, noise, n_sink, window: as :func:`measure_sensitivity`.
+        seed: seed of this window's noise.
+        progress: optional ``progress(done, runs)`` after each of the ``2 * L`` runs.
+
+    Returns:
+        float64 ``(2, L)``, as :func:`measure_sensitivity` for one window.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lossy = slice(n_sink, max(n_sink, context - window))
+    _, cache = lm_forward(model, seq[None, :context], last_only=True)
+    keys, values = (t.float().cpu() for t in kv_from_cache(cache))
+    cont = seq[context:]
+    lp = F.log_softmax(continuation_logits(model, keys, values, cont), dim=-1)
+    n_layers, heads, _, dim = keys.shape
+    out = torch.zeros(2, n_layers, dtype=torch.float64)
+    for row, base in enumerate((keys, values)):
+        for layer in range(n_layers):
+            x = base[layer, :, lossy]
+            var = float(x.var(dim=1).mean())
+            noisy = base.clone()
+            noisy[layer, :, lossy] += (noise * var) ** 0.5 * torch.randn(x.shape, generator=gen)
+            k, v = (noisy, values) if row == 0 else (keys, noisy)
+            lq = F.log_softmax(continuation_logits(model, k, v, cont), dim=-1)
+            kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+            out[row, layer] = kl / (noise * var * heads * dim)
+            if progress:
+                progress(row * n_layers + layer + 1, 2 * n_layers)
     return out

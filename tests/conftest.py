@@ -14,6 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The Ray of the fleet tests (the CI's head, else a local one), for modules that ask.
+from tests.ray_cluster import cluster  # noqa: F401
+
 # The loopback S3 endpoint (moto) and a fresh bucket per test, for every module.
 from tests.s3_server import aws_credentials, bucket, s3_endpoint  # noqa: F401
 

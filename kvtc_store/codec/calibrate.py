@@ -50,6 +50,7 @@ class CalibrationStats:
         seed: seed of the sampler.
         undo_rope: de-rotate keys before fitting (False only for the ablation that keeps
             RoPE on keys).
+        lazy: allocate the sums and Gram matrices at the first :meth:`add` (None before).
 
     Memory: ``8 * p_g²`` bytes per group for the Gram matrix (265 MB for SmolLM2's
     all-layer groups, p_g = 5,760), plus ``4 * p * sample_tokens`` for the sample.
@@ -64,6 +65,7 @@ class CalibrationStats:
         sample_tokens: int = 2048,
         seed: int = 0,
         undo_rope: bool = True,
+        lazy: bool = False,
     ):
         self.kv_shape = tuple(kv_shape)
         self.rope = rope
@@ -71,15 +73,22 @@ class CalibrationStats:
         self.groups = groups
         self.n_sink = n_sink
         self.sample_tokens = sample_tokens
+        self.seed = seed
         _layers, heads, dim = self.kv_shape
         self.slices = group_slices(groups, heads, dim)
-        sizes = [sl.stop - sl.start for _, sl in self.slices]
         self.count = 0
-        self.sums = [torch.zeros(p, dtype=torch.float64) for p in sizes]
-        self.grams = [torch.zeros(p, p, dtype=torch.float64) for p in sizes]
+        self.sums: list[torch.Tensor] | None = None
+        self.grams: list[torch.Tensor] | None = None
+        if not lazy:
+            self._allocate()
         self._sample: list[torch.Tensor] = []  # token-major [k | v] rows
         self._seen = 0
         self._gen = torch.Generator().manual_seed(seed)
+
+    def _allocate(self) -> None:
+        sizes = [sl.stop - sl.start for _, sl in self.slices]
+        self.sums = [torch.zeros(p, dtype=torch.float64) for p in sizes]
+        self.grams = [torch.zeros(p, p, dtype=torch.float64) for p in sizes]
 
     def features(self, keys, values, first_position: int = 0, skip_sinks: bool = True):
         """Token-major K (RoPE undone) and V features, ``(T', L*H*D)`` each, float32."""
@@ -101,6 +110,8 @@ class CalibrationStats:
             first_position: absolute position of token 0.
         """
         kf, vf = self.features(keys.cpu(), values.cpu(), first_position)
+        if self.sums is None:
+            self._allocate()
         feats = {"k": kf, "v": vf}
         for g, (kind, sl) in enumerate(self.slices):
             x = feats[kind][:, sl]
@@ -185,12 +196,18 @@ def fit_pca(
         cov = cov / torch.outer(scale, scale)
         evals, evecs = torch.linalg.eigh(cov.float())
         order = torch.argsort(evals, descending=True)
-        out.append(
-            PCA(
-                mean.float(), scale.float(), evals[order].clamp_min(0), evecs[:, order].contiguous()
-            )
-        )
+        evecs = _canonical_signs(evecs[:, order])
+        out.append(PCA(mean.float(), scale.float(), evals[order].clamp_min(0), evecs))
     return out
+
+
+def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
+    """Columns of ``vecs`` with signs fixed (each column's largest-magnitude entry
+    positive): ``eigh`` may return either sign, and statistics merged in another order
+    must give the same basis."""
+    idx = vecs.abs().argmax(0)
+    sign = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
+    return (vecs * torch.where(sign == 0, 1.0, sign)).contiguous()
 
 
 @dataclass

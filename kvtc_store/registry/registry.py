@@ -4,6 +4,7 @@ Layout under the registry's root (a folder or an S3 prefix; see docs/registry.md
 
     <model fingerprint>/artifacts/<artifact id>/tensors.safetensors
     <model fingerprint>/artifacts/<artifact id>/manifest.json      written last
+    <model fingerprint>/artifacts/<artifact id>/reports/<name>     gate reports (fleet jobs)
     <model fingerprint>/profiles/<profile>/current.json            the pointer
     <model fingerprint>/profiles/<profile>/history/<seq>.json      one record per move
 
@@ -39,6 +40,7 @@ from ..codec.artifact import CodecArtifact
 from ..errors import (
     ArtifactChecksumError,
     ArtifactError,
+    ArtifactInUseError,
     ArtifactModelMismatchError,
     ArtifactNotFoundError,
     RegistryConflictError,
@@ -285,6 +287,58 @@ class CodecRegistry:
             )
         created = self.storage.create(mkey, json.dumps(man, indent=1).encode())
         return aid, created
+
+    def write_report(self, model: str, artifact_id: str, name: str, data: bytes) -> str:
+        """Store a report (``name``, e.g. ``gate-<time>.json``) beside an artifact, under
+        ``<model>/artifacts/<id>/reports/``; the artifact need not be published (a
+        candidate the quality gate refused has its report there and no manifest).
+
+        Returns:
+            The report's key.
+
+        Raises:
+            RegistryError: a bad name, or the storage failed.
+        """
+        key = self._art_key(model, artifact_id, f"reports/{_check_name('report', name)}")
+        self.storage.write(key, data)
+        return key
+
+    def reports(self, model: str, artifact_id: str) -> dict[str, bytes]:
+        """The reports stored beside an artifact, by name."""
+        prefix = self._art_key(model, artifact_id, "reports/")
+        out = {}
+        for name in self.storage.children(prefix):
+            got = self.storage.read(prefix + name)
+            if got is not None:
+                out[name] = got[0]
+        return out
+
+    def pinned(self, model: str) -> set[str]:
+        """Artifacts the pointers of ``model``'s profiles name: each profile's current
+        artifact and the one a rollback returns to (the current move's ``previous``)."""
+        out: set[str] = set()
+        for profile in self.profiles(model):
+            cur = self.current(model, profile)
+            if cur is not None:
+                out |= {cur.artifact_id} | ({cur.previous} if cur.previous else set())
+        return out
+
+    def delete_artifact(self, model: str, artifact_id: str) -> None:
+        """Delete a published artifact (garbage collection): the manifest first (the
+        artifact is gone from then on), then its tensors and reports.
+
+        Raises:
+            ArtifactInUseError: a pointer names it (:meth:`pinned`, read just before).
+            RegistryError: the storage failed (a manifest-less remainder is invisible).
+        """
+        if artifact_id in self.pinned(model):
+            raise ArtifactInUseError(
+                f"registry {self.url}: artifact {artifact_id} is named by a profile pointer"
+            )
+        self.storage.delete(self._art_key(model, artifact_id, MANIFEST))
+        self.storage.delete(self._art_key(model, artifact_id, TENSORS))
+        for name in self.reports(model, artifact_id):
+            self.storage.delete(self._art_key(model, artifact_id, f"reports/{name}"))
 
     def pull(self, model: str, artifact_id: str, dest: str | os.PathLike) -> CodecArtifact:
         """Download an artifact into the folder ``dest`` (made atomically: a temp folder

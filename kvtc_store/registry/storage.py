@@ -79,6 +79,14 @@ class Storage:
         folders alike; names starting with ``.`` (temp files, locks) are left out."""
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing there: no error). Only garbage collection deletes.
+
+        Raises:
+            RegistryError, RegistryUnavailableError: the storage failed.
+        """
+        raise NotImplementedError
+
 
 # --- folder ---------------------------------------------------------------------------------
 
@@ -212,6 +220,21 @@ class FolderStorage(Storage):
             raise RegistryUnavailableError(f"registry {self.url}: cannot list {prefix}: {exc}")
         return sorted(n for n in names if not n.startswith("."))
 
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise RegistryError(f"registry {self.url}: cannot delete {key}: {exc}") from exc
+        for folder in (path.parent, path.parent.parent):  # empty folders of the artifact
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        _fsync_dir(path.parent.parent)
+
 
 # --- S3 ---------------------------------------------------------------------------------------
 
@@ -316,6 +339,9 @@ class S3Storage(Storage):
 
     def replace(self, key: str, data: bytes, etag: str) -> None:
         self._call("put", key, self._client.put_object, Body=data, IfMatch=etag)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self._client.delete_object)
 
     def children(self, prefix: str) -> list[str]:
         from ..backends.s3 import _FAILURES

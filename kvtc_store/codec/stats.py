@@ -1,0 +1,299 @@
+"""Mergeable calibration statistics: what one shard of calibration windows contributes.
+
+Fleet calibration (issue 19) splits calibration into *collect* (the model over token
+windows, on any number of workers) and *fit* (merge, PCA, tables, DP). A
+:class:`ShardStats` holds everything the fit needs, and two of them merge into the
+statistics of the union of their windows:
+
+- per feature group: token count, sum ``(p_g,)`` and Gram matrix ``(p_g, p_g)``, float64
+  (as :class:`~kvtc_store.codec.calibrate.CalibrationStats`): merged by addition;
+- the token sample the rANS step tables and the bit allocation are computed from, after
+  projection on the fitted bases: a *bottom-k* sample. Every token gets a priority, a
+  hash of ``(seed, window id, position)`` (splitmix64), and the sample keeps the
+  ``sample_tokens`` tokens of smallest priority, as float16 rows (the precision
+  :class:`~kvtc_store.codec.calibrate.PCAFit` keeps anyway). The bottom-k of a union is
+  the bottom-k of the two bottom-k's, so merging is exact and the sample does not depend
+  on how windows were split into shards (a reservoir sample depends on their order).
+  Storing the raw rows instead of coefficients means the fit projects them itself: no
+  second pass over the shards.
+- per-layer sensitivity measurements (:mod:`kvtc_store.sensitivity`): a float64 sum of
+  ``(2, L)`` measurements and their count;
+- held-out chunks (bf16 as cached) for the artifact's measured quality;
+- the ids of the work units it covers (``"kv:3"``, ``"sensitivity:0"``, ...): merging two
+  statistics that share a unit raises, so no window is counted twice.
+
+Merging is commutative and associative up to float64 rounding of the sums (counts,
+samples, unit sets and held-out chunks exactly); the fit casts the covariance to float32
+before its eigendecomposition, so shards and one process give the same bases except in
+the rare element whose float64 sums round to neighbouring float32 values (tested to
+1e-4 relative, :mod:`tests.test_fleet_stats`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from ..errors import CalibrationError
+from .artifact import FeatureGroup
+from .calibrate import CalibrationStats
+from .rope import RopeParams
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser of uint64 ``x`` (Steele, Lea & Flood 2014), element-wise."""
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _M64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+        return z ^ (z >> np.uint64(31))
+
+
+def token_priorities(seed: int, window: int, positions: np.ndarray) -> np.ndarray:
+    """Sampling priorities of tokens: uint64 ``(n,)`` for int ``positions`` ``(n,)`` of
+    window ``window``; a function of ``(seed, window, position)`` only."""
+    base = _splitmix64(np.array([seed], dtype=np.uint64) ^ np.uint64(window << 1 | 1))
+    return _splitmix64(base ^ positions.astype(np.uint64))
+
+
+class ShardStats(CalibrationStats):
+    """Sufficient statistics of the calibration windows of one shard; see the module doc.
+
+    Args:
+        kv_shape, rope, groups, n_sink, sample_tokens, seed, undo_rope: as
+            :class:`~kvtc_store.codec.calibrate.CalibrationStats` (``seed`` seeds the
+            sample's priorities), positionally or by name.
+
+    The Gram matrices are allocated at the first :meth:`add` (a shard of sensitivity
+    runs only carries none): ``8 * p_g²`` bytes per group.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, lazy=True)
+        self.units: set[str] = set()
+        self.sample_keys = np.zeros((0, 2), dtype=np.int64)  # (window, position)
+        self.sample_prio = np.zeros(0, dtype=np.uint64)
+        self.sample_rows = torch.zeros(0, 2 * self._features, dtype=torch.float16)
+        self.sens_sum: torch.Tensor | None = None  # float64 (2, L)
+        self.sens_count = 0
+        self.holdout: list[
+            tuple[int, torch.Tensor, torch.Tensor, int]
+        ] = []  # (window, k, v, first)
+        self.model_params = 0
+
+    @property
+    def _features(self) -> int:
+        layers, heads, dim = self.kv_shape
+        return layers * heads * dim
+
+    def _claim(self, unit: str) -> None:
+        if unit in self.units:
+            raise CalibrationError(f"calibration unit {unit} is already in these statistics")
+        self.units.add(unit)
+
+    @torch.no_grad()
+    def add_window(
+        self, keys: torch.Tensor, values: torch.Tensor, window: int, first_position: int = 0
+    ) -> None:
+        """Add calibration window ``window`` (its id in the job: it seeds the sample's
+        priorities and names unit ``kv:<window>``).
+
+        Args:
+            keys, values: ``(L, H, T, D)`` as cached (RoPE applied on keys).
+            window: the window's id, unique in the job.
+            first_position: absolute position of token 0.
+
+        Raises:
+            CalibrationError: the window is already in these statistics.
+        """
+        self._claim(f"kv:{window}")
+        self._window, self._end = window, first_position + keys.shape[2]
+        super().add(keys, values, first_position)
+
+    def _reservoir(self, rows: torch.Tensor) -> None:
+        """Bottom-k sample over rows of the current window (``rows`` skip the sinks)."""
+        n = rows.shape[0]  # the window's last n positions (the sinks skipped)
+        pos = np.arange(self._end - n, self._end, dtype=np.int64)
+        keys = np.stack([np.full(n, self._window, dtype=np.int64), pos], axis=1)
+        self._keep_smallest(keys, token_priorities(self.seed, self._window, pos), rows.half())
+
+    def _keep_smallest(self, keys: np.ndarray, prio: np.ndarray, rows: torch.Tensor) -> None:
+        keys = np.concatenate([self.sample_keys, keys])
+        prio = np.concatenate([self.sample_prio, prio])
+        rows = torch.cat([self.sample_rows, rows])
+        # total order: priority, then (window, position); the kept rows sorted by key
+        order = np.lexsort((keys[:, 1], keys[:, 0], prio))[: self.sample_tokens]
+        order = order[np.lexsort((keys[order, 1], keys[order, 0]))]
+        self.sample_keys, self.sample_prio = keys[order], prio[order]
+        self.sample_rows = rows[torch.from_numpy(order)]
+
+    def add_sensitivity(self, measured: torch.Tensor, index: int) -> None:
+        """Add one window's sensitivity measurement, float64 ``(2, L)`` (unit
+        ``sensitivity:<index>``); see :func:`kvtc_store.sensitivity.sensitivity_window`."""
+        self._claim(f"sensitivity:{index}")
+        m = measured.double()
+        self.sens_sum = m.clone() if self.sens_sum is None else self.sens_sum + m
+        self.sens_count += 1
+
+    def add_holdout(
+        self, chunks: list[tuple[torch.Tensor, torch.Tensor, int]], window: int
+    ) -> None:
+        """Keep held-out chunks ``(keys, values, first_position)`` of window ``window``
+        (unit ``holdout:<window>``), as bf16; never added to the sums."""
+        self._claim(f"holdout:{window}")
+        for k, v, first in chunks:
+            self.holdout.append((window, k.to(torch.bfloat16), v.to(torch.bfloat16), first))
+
+    def sensitivity(self) -> torch.Tensor:
+        """Mean sensitivity measurement, float64 ``(2, L)``.
+
+        Raises:
+            CalibrationError: none was added.
+        """
+        if self.sens_sum is None:
+            raise CalibrationError("no sensitivity measurement in the calibration statistics")
+        return self.sens_sum / self.sens_count
+
+    def holdout_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Held-out chunks in window order, float32 ``(L, H, T, D)`` (from bf16)."""
+        return [(k.float(), v.float(), f) for _, k, v, f in sorted(self.holdout, key=_hold_key)]
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """The sampled tokens' features, sorted by (window, position): ``{"k": (N, L*H*D),
+        "v": (N, L*H*D)}`` float32 (from float16).
+
+        Raises:
+            CalibrationError: no calibration token was added.
+        """
+        if not len(self.sample_rows):
+            raise CalibrationError("no calibration tokens were added")
+        rows = self.sample_rows.float()
+        half = rows.shape[1] // 2
+        return {"k": rows[:, :half], "v": rows[:, half:]}
+
+    def _settings(self) -> dict:
+        return {
+            "kv_shape": list(self.kv_shape),
+            "rope": self.rope.to_dict(),
+            "groups": [asdict(g) for g in self.groups],
+            "n_sink": self.n_sink,
+            "sample_tokens": self.sample_tokens,
+            "seed": self.seed,
+            "undo_rope": self.undo_rope,
+        }
+
+    def merge(self, other: ShardStats) -> ShardStats:
+        """The statistics of both shards' units (neither is changed).
+
+        Raises:
+            CalibrationError: the two were collected with different settings (shape,
+                groups, RoPE, sample size or seed), for different models (parameter
+                counts), or share a unit.
+        """
+        if self._settings() != other._settings():
+            raise CalibrationError("calibration statistics of different settings do not merge")
+        if self.model_params and other.model_params and self.model_params != other.model_params:
+            raise CalibrationError("calibration statistics of different models do not merge")
+        shared = self.units & other.units
+        if shared:
+            raise CalibrationError(f"calibration units counted twice: {sorted(shared)[:5]}")
+        out = ShardStats.from_state(self.state())
+        out.units |= other.units
+        out.count += other.count
+        if other.sums is not None:
+            if out.sums is None:
+                out.sums = [s.clone() for s in other.sums]
+                out.grams = [g.clone() for g in other.grams]
+            else:
+                out.sums = [a + b for a, b in zip(out.sums, other.sums)]
+                out.grams = [a + b for a, b in zip(out.grams, other.grams)]
+        out._keep_smallest(other.sample_keys, other.sample_prio, other.sample_rows)
+        if other.sens_sum is not None:
+            out.sens_sum = (
+                other.sens_sum.clone() if out.sens_sum is None else out.sens_sum + other.sens_sum
+            )
+        out.sens_count += other.sens_count
+        out.holdout = sorted(out.holdout + other.holdout, key=_hold_key)
+        out.model_params = self.model_params or other.model_params
+        return out
+
+    def state(self) -> dict:
+        """Plain data for transport and storage (numpy arrays and one JSON string under
+        ``"meta"``; no pickled objects): the inverse of :meth:`from_state`."""
+        meta = {
+            **self._settings(),
+            "count": self.count,
+            "units": sorted(self.units),
+            "sens_count": self.sens_count,
+            "model_params": self.model_params,
+            "holdout": [[w, f] for w, _, _, f in self.holdout],
+            "has_sums": self.sums is not None,
+        }
+        out: dict = {"meta": json.dumps(meta)}
+        if self.sums is not None:
+            for g, (s, m) in enumerate(zip(self.sums, self.grams)):
+                out[f"sum{g}"], out[f"gram{g}"] = s.numpy(), m.numpy()
+        out["sample_keys"], out["sample_prio"] = self.sample_keys, self.sample_prio
+        out["sample_rows"] = self.sample_rows.numpy()
+        if self.sens_sum is not None:
+            out["sens_sum"] = self.sens_sum.numpy()
+        for i, (_, k, v, _) in enumerate(self.holdout):  # bf16 travels as its int16 bits
+            out[f"hold{i}.k"] = k.view(torch.int16).numpy()
+            out[f"hold{i}.v"] = v.view(torch.int16).numpy()
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict) -> ShardStats:
+        """Statistics from :meth:`state` (arrays are copied).
+
+        Raises:
+            CalibrationError: the state is malformed.
+        """
+        try:
+            meta = json.loads(state["meta"])
+            out = cls(
+                tuple(meta["kv_shape"]),
+                RopeParams.from_dict(meta["rope"]),
+                [FeatureGroup(**g) for g in meta["groups"]],
+                meta["n_sink"],
+                meta["sample_tokens"],
+                meta["seed"],
+                meta["undo_rope"],
+            )
+            out.count, out.units = meta["count"], set(meta["units"])
+            out.sens_count, out.model_params = meta["sens_count"], meta["model_params"]
+            if meta["has_sums"]:
+                n = len(out.slices)
+                out.sums = [torch.tensor(np.array(state[f"sum{g}"])) for g in range(n)]
+                out.grams = [torch.tensor(np.array(state[f"gram{g}"])) for g in range(n)]
+            out.sample_keys = np.array(state["sample_keys"], dtype=np.int64).reshape(-1, 2)
+            out.sample_prio = np.array(state["sample_prio"], dtype=np.uint64)
+            out.sample_rows = torch.tensor(np.array(state["sample_rows"]))
+            if "sens_sum" in state:
+                out.sens_sum = torch.tensor(np.array(state["sens_sum"]))
+            out.holdout = [
+                (
+                    w,
+                    torch.tensor(np.array(state[f"hold{i}.k"])).view(torch.bfloat16),
+                    torch.tensor(np.array(state[f"hold{i}.v"])).view(torch.bfloat16),
+                    f,
+                )
+                for i, (w, f) in enumerate(meta["holdout"])
+            ]
+            return out
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CalibrationError(f"malformed calibration statistics: {exc}") from exc
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays :meth:`state` carries (what a worker puts in the object
+        store)."""
+        return sum(v.nbytes for v in self.state().values() if isinstance(v, np.ndarray))
+
+
+def _hold_key(h) -> tuple[int, int]:
+    return (h[0], h[3])

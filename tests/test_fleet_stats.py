@@ -1,0 +1,141 @@
+"""Mergeable calibration statistics (issue 19): merging is commutative and associative,
+and N shards of the calibration units give the artifact one process gives on the same
+windows (same bit plan, bases and decoded chunks within 1e-4), on a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtc_store.calibration import (
+    CalibrationSettings,
+    calibration_units,
+    collect,
+    fit_artifacts_for,
+    fit_stats,
+    ids_hash,
+    merge_stats,
+    new_stats,
+)
+from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec.stats import ShardStats
+from kvtc_store.errors import CalibrationError
+from kvtc_store.model import kv_from_cache, lm_forward, model_info
+from tests.tiny_models import VOCAB, build, qwen2_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-4
+"""Stated tolerance of shards against one process: bases and decoded values, relative to
+their norm (float64 sums merged in another order; float32 eigendecompositions)."""
+
+SETTINGS = CalibrationSettings(
+    windows=6, window_tokens=64, sample_tokens=150, block=8, max_artifact_share=None
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build(qwen2_config())
+    info = model_info(model, "tiny-qwen2")
+    ids = torch.randint(0, VOCAB, (1024,), generator=torch.Generator().manual_seed(1))
+    return model, info, ids
+
+
+def _random_window_stats(info, windows: list[int], seed: int = 0) -> ShardStats:
+    """Statistics of synthetic KV windows (no model): window w's tensors depend on w only."""
+    stats = new_stats(info, SETTINGS)
+    layers, heads, dim = info.kv_shape
+    for w in windows:
+        g = torch.Generator().manual_seed(1000 + w)
+        k = torch.randn(layers, heads, 40, dim, generator=g)
+        v = torch.randn(layers, heads, 40, dim, generator=g) * 2 + 1
+        stats.add_window(k, v, w)
+    return stats
+
+
+def _assert_same(a: ShardStats, b: ShardStats) -> None:
+    assert a.units == b.units and a.count == b.count
+    np.testing.assert_array_equal(a.sample_keys, b.sample_keys)
+    assert torch.equal(a.sample_rows, b.sample_rows)
+    for x, y in zip(a.sums + a.grams, b.sums + b.grams):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    parts=st.lists(st.integers(0, 3), min_size=8, max_size=8),
+    order=st.permutations(range(4)),
+)
+def test_merge_is_commutative_and_associative(tiny, parts, order) -> None:
+    _, info, _ = tiny
+    whole = _random_window_stats(info, list(range(8)))
+    shards = [
+        _random_window_stats(info, [w for w, p in enumerate(parts) if p == s]) for s in range(4)
+    ]
+    left = merge_stats([shards[i] for i in order])  # ((a+b)+c)+d in a random order
+    right = shards[order[0]].merge(shards[order[1]].merge(shards[order[2]].merge(shards[order[3]])))
+    _assert_same(left, whole)
+    _assert_same(right, whole)
+    assert len(whole.sample_rows) == SETTINGS.sample_tokens  # 8 * (40 - 4 sinks) > 150
+
+
+def test_a_unit_counted_twice_or_other_settings_do_not_merge(tiny) -> None:
+    _, info, _ = tiny
+    a, b = _random_window_stats(info, [0, 1]), _random_window_stats(info, [1, 2])
+    with pytest.raises(CalibrationError, match="counted twice"):
+        a.merge(b)
+    with pytest.raises(CalibrationError, match="already in"):
+        a.add_window(torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16), 0)
+    other = new_stats(info, CalibrationSettings(sample_tokens=10))
+    with pytest.raises(CalibrationError, match="different settings"):
+        a.merge(other)
+
+
+def test_state_round_trips_without_pickle(tiny) -> None:
+    model, info, ids = tiny
+    units = calibration_units(SETTINGS)
+    stats = collect(model, ids, [units[0], units[-1], units[SETTINGS.windows]], info, SETTINGS)
+    state = stats.state()
+    assert all(isinstance(v, (np.ndarray, str)) for v in state.values())
+    back = ShardStats.from_state(state)
+    _assert_same(back, stats)
+    assert torch.equal(back.sensitivity(), stats.sensitivity())
+    assert [h[3] for h in back.holdout] == [h[3] for h in stats.holdout]
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(back.holdout, stats.holdout))
+    with pytest.raises(CalibrationError, match="malformed"):
+        ShardStats.from_state({"meta": "{}"})
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative difference of ``y`` from ``x`` (0 for empty tensors)."""
+    return float((x - y).norm() / x.norm().clamp_min(1e-30)) if x.numel() else 0.0
+
+
+def _artifacts(model, info, ids, shards: list[list]):
+    parts = [collect(model, ids, s, info, SETTINGS) for s in shards]
+    fit, holdout = fit_stats(merge_stats(parts[::-1]), SETTINGS)
+    return fit_artifacts_for(fit, holdout, info, [4.0, 8.0], SETTINGS, ids_hash(ids), 0)
+
+
+def test_shards_give_the_artifact_of_one_process(tiny) -> None:
+    model, info, ids = tiny
+    units = calibration_units(SETTINGS)
+    one = _artifacts(model, info, ids, [units])
+    # three shards, units interleaved, merged in reverse
+    three = _artifacts(model, info, ids, [units[0::3], units[1::3], units[2::3]])
+    with torch.no_grad():
+        keys, values = kv_from_cache(lm_forward(model, ids[None, 900:1000])[1])
+    for a, b in zip(one, three):
+        assert a.plan == b.plan and len(a.plan) > 1
+        for x, y in zip(a.bases, b.bases):
+            assert x.shape == y.shape and _rel(x, y) < TOL
+        got = [KVTCCodec(art).decode(KVTCCodec(art).encode(keys, values, 900)) for art in (a, b)]
+        for x, y in zip((got[0].keys, got[0].values), (got[1].keys, got[1].values)):
+            assert _rel(x.float(), y.float()) < TOL
+        assert a.quality["honest_ratio"] == pytest.approx(b.quality["honest_ratio"], rel=1e-3)
+    with pytest.raises(CalibrationError, match="missing"):
+        fit_stats(collect(model, ids, units[:2], info, SETTINGS), SETTINGS)
