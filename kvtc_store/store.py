@@ -31,8 +31,8 @@ import torch
 from typing_extensions import Self
 
 from .backends import Backend
-from .codec import KVTCCodec
-from .codec.blob import ChunkBinding
+from .codec import ChunkKV, Codec
+from .codec.format import ChunkBinding
 from .errors import (
     BlobError,
     BlobMisfiledError,
@@ -108,7 +108,9 @@ class TieredStore:
 
     Args:
         tiers: backends from the top (fastest) to the bottom; at least one.
-        codec: the KVTC codec (its artifact must match the model whose KV is stored), or
+        codec: a KVTC codec (:class:`~kvtc_store.codec.Codec`: the CPU reference or the
+            batched CUDA codec, :func:`~kvtc_store.codec.make_codec`; its artifact must
+            match the model whose KV is stored), or
             a :class:`~kvtc_store.registry.VersionedCodec` following a registry profile
             (encodes with the current artifact, decodes every artifact the registry
             holds; its metrics join the store's, and :meth:`close` stops it).
@@ -137,7 +139,7 @@ class TieredStore:
     def __init__(
         self,
         tiers: Sequence[Backend],
-        codec: KVTCCodec,
+        codec: Codec,
         namespace: ChunkNamespace,
         chunk_tokens: int = 256,
         *,
@@ -410,11 +412,15 @@ class TieredStore:
         dtype: torch.dtype | None = None,
         start: int = 0,
         salt: str = "",
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        out: ChunkKV | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | int | None:
         """KV of the longest cached prefix of ``tokens`` (up to ``n_tokens``).
 
         One batched ``get`` per tier for all the chunks (each from the highest tier
-        holding it; hits below the top are promoted), then one batched decode.
+        holding it; hits below the top are promoted), then one batched decode. With
+        ``out``, the decode writes each chunk straight into the caller's memory (an
+        engine's pages or a contiguous cache; :class:`~kvtc_store.codec.ChunkKV`):
+        no split, ``torch.cat`` or scatter copies.
 
         Args:
             tokens: token ids ``(T,)``.
@@ -424,9 +430,14 @@ class TieredStore:
             start: fetch from this token on (rounded down to a chunk), for an engine
                 that holds the KV before it; the chunks before it are not fetched.
             salt: the request's isolation salt (:meth:`keys_for`).
+            out: destination of the chunks from ``start`` on, chunk ``i`` of the fetch
+                into chunk ``i`` of ``out`` (it holds ``out.batch`` chunks of
+                ``chunk_tokens`` tokens; at most that many are fetched).
 
         Returns:
-            ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
+            With ``out``: the number of tokens written (a multiple of ``chunk_tokens``,
+            0 when nothing is cached there); chunks past it in ``out`` are untouched
+            or undefined. Without: ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
             ``chunk_tokens``: the KV of tokens ``[s, s + n)``, ``s`` = ``start`` rounded
             down to a chunk, keys with RoPE applied; or ``None`` when nothing is cached
             there. A chunk that is missing, corrupt or undecodable ends the run there
@@ -437,6 +448,11 @@ class TieredStore:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
         first = self._first_chunk(start)
         ckeys = ckeys[first:]
+        if out is not None:
+            if out.tokens != self.chunk_tokens:
+                raise ValueError(f"out holds chunks of {out.tokens} tokens, the store's are "
+                                 f"{self.chunk_tokens}")  # fmt: skip
+            ckeys = ckeys[: out.batch]
         blobs, sources, origins = self._fetch(ckeys)
         present = 0
         while present < len(blobs) and blobs[present] is not None:
@@ -444,9 +460,13 @@ class TieredStore:
         ct = self.chunk_tokens
         expect = [ChunkBinding(k, (first + i) * ct, ct) for i, k in enumerate(ckeys[:present])]
         t0 = time.perf_counter()
-        chunks, error = self.codec.decode_prefix(
-            blobs[:present], device=device, dtype=dtype, expect=expect
-        )
+        if out is not None:
+            got = self.codec.decode_batch(blobs[:present], out, expect=expect)
+            chunks, error = range(got.count), got.error
+        else:
+            chunks, error = self.codec.decode_prefix(
+                blobs[:present], device=device, dtype=dtype, expect=expect
+            )
         dt = time.perf_counter() - t0
         self.metrics.decode_seconds.observe(dt)
         for src in sources[: len(chunks)]:
@@ -461,6 +481,8 @@ class TieredStore:
         if error is not None:
             i = len(chunks)
             self._drop_bad_chunk(ckeys[i], origins[i], error, list(zip(ckeys, blobs))[i + 1 :])
+        if out is not None:
+            return len(chunks) * ct
         if not chunks:
             return None
         return (

@@ -1,0 +1,155 @@
+"""Decode into the caller's memory (issue 21), on the CPU reference codec: a batch decoded
+into an engine's pages equals the contiguous decode followed by a scatter; encoding reads
+the pages the same way; the store's get writes straight into pages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtc_store.backends import MemoryBackend
+from kvtc_store.codec import ChunkBatch, ChunkKV, Codec, KVTCCodec, default_groups, fit_artifacts
+from kvtc_store.codec.format import ChunkBinding, pack_blob, unpack_blob
+from kvtc_store.errors import BlobCorruptError, BlobMisfiledError
+from kvtc_store.keys import ChunkNamespace
+from kvtc_store.store import TieredStore
+from tests.test_codec import FP, HOLDOUT, WINDOW, D, H, L, _stats, make_chunk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+T = 32  # tokens per chunk
+S = 8  # token slots per page
+PAGES = 24
+
+
+@pytest.fixture(scope="module")
+def codec() -> KVTCCodec:
+    (art,) = fit_artifacts(_stats(default_groups(L)), [8.0], FP, "synthetic",
+                           holdout=[HOLDOUT], block=8, window=WINDOW,
+                           calibration={"data_hash": "abc"}, quantizer="rans")  # fmt: skip
+    return KVTCCodec(art)
+
+
+def _sequence(chunks: int, seed: int = 0):
+    k, v = make_chunk(chunks * T, 0, seed=seed)
+    return k.to(torch.bfloat16), v.to(torch.bfloat16)
+
+
+def _engine_pages(dtype=torch.bfloat16):
+    """vLLM-style per-layer caches ``(P, H, S, 2D)`` (K then V on the last dim; separate
+    allocations per layer), poisoned with NaN, and their K and V page views."""
+    caches = [torch.full((PAGES, H, S, 2 * D), float("nan"), dtype=dtype) for _ in range(L)]
+    return caches, [c[..., :D] for c in caches], [c[..., D:] for c in caches]
+
+
+def _scatter_reference(caches, page_ids, keys, values):
+    """The old path's scatter: contiguous ``(B, L, H, T, D)`` into the pages."""
+    for b in range(keys.shape[0]):
+        for t in range(T):
+            page, slot = int(page_ids[b, t // S]), t % S
+            for layer in range(L):
+                caches[layer][page, :, slot, :D] = keys[b, layer, :, t]
+                caches[layer][page, :, slot, D:] = values[b, layer, :, t]
+
+
+def test_the_reference_follows_the_protocol(codec) -> None:
+    assert isinstance(codec, Codec)
+
+
+def test_paged_decode_equals_contiguous_decode_then_scatter(codec) -> None:
+    k, v = _sequence(3)
+    blobs = codec.encode_sequence(k, v, chunk_tokens=T)
+    dense = codec.decode_batch(blobs)
+    assert dense.count == 3 and dense.error is None
+    page_ids = torch.randperm(PAGES, generator=torch.Generator().manual_seed(0))[:12]
+    page_ids = page_ids.reshape(3, T // S)
+    caches, kp, vp = _engine_pages()
+    got = codec.decode_batch(blobs, ChunkKV.paged(kp, vp, page_ids))
+    assert got.count == 3 and got.error is None and got.first_positions == [0, T, 2 * T]
+    want, _, _ = _engine_pages()
+    _scatter_reference(want, page_ids, dense.keys, dense.values)
+    for layer in range(L):  # equal where written, NaN (untouched) elsewhere
+        assert torch.equal(caches[layer].isnan(), want[layer].isnan())
+        assert torch.equal(caches[layer].nan_to_num(), want[layer].nan_to_num())
+    used = set(page_ids.flatten().tolist())
+    for layer in range(L):
+        assert not caches[layer][sorted(used)].isnan().any()  # every slot of every page
+        rest = sorted(set(range(PAGES)) - used)
+        assert caches[layer][rest].isnan().all()
+
+
+def test_encoding_reads_the_pages(codec) -> None:
+    """Blobs encoded from pages are the bytes encoded from the contiguous chunks."""
+    k, v = _sequence(2, seed=3)
+    batch_k = k.unflatten(2, (2, T)).movedim(2, 0)
+    batch_v = v.unflatten(2, (2, T)).movedim(2, 0)
+    page_ids = torch.tensor([[5, 1, 9, 2], [0, 7, 3, 11]])
+    caches, kp, vp = _engine_pages()
+    _scatter_reference(caches, page_ids, batch_k, batch_v)
+    firsts, tails = [0, T], [0, 12]
+    from_pages = codec.encode_batch(
+        ChunkBatch(ChunkKV.paged(kp, vp, page_ids), firsts, tails, ["a", "b"])
+    )
+    dense = codec.encode_batch(ChunkBatch.of(batch_k, batch_v, firsts, tails, ["a", "b"]))
+    assert from_pages == dense
+
+
+def test_a_bad_blob_ends_the_prefix_in_the_pages(codec) -> None:
+    """Chunks after a corrupt blob are not written; the error names it; a blob bound to
+    another chunk ends the prefix as misfiled."""
+    k, v = _sequence(3, seed=5)
+    blobs = codec.encode_sequence(k, v, chunk_tokens=T, chunk_keys=["k0", "k1", "k2"])
+    header, payload = unpack_blob(blobs[1])
+    bad = bytearray(payload)
+    bad[len(bad) // 2] ^= 0xFF
+    page_ids = torch.arange(12).reshape(3, T // S)
+    caches, kp, vp = _engine_pages()
+    damaged = pack_blob(header, bytes(payload))  # the header's checksum of the intact one
+    damaged = damaged[: len(damaged) - len(bad)] + bytes(bad)
+    got = codec.decode_batch([blobs[0], damaged, blobs[2]], ChunkKV.paged(kp, vp, page_ids))
+    assert got.count == 1 and isinstance(got.error, BlobCorruptError)
+    for layer in range(L):
+        assert not caches[layer][0:4].isnan().any()
+        assert caches[layer][4:].isnan().all()
+    expect = [ChunkBinding("k0", 0, T), ChunkBinding("kX", T, T), ChunkBinding("k2", 2 * T, T)]
+    _, kp2, vp2 = _engine_pages()
+    got = codec.decode_batch(blobs, ChunkKV.paged(kp2, vp2, page_ids), expect=expect)
+    assert got.count == 1 and isinstance(got.error, BlobMisfiledError)
+
+
+def test_a_destination_that_does_not_fit_is_refused(codec) -> None:
+    k, v = _sequence(2)
+    blobs = codec.encode_sequence(k, v, chunk_tokens=T)
+    _, kp, vp = _engine_pages()
+    with pytest.raises(ValueError, match="does not fit"):
+        codec.decode_batch(blobs, ChunkKV.paged(kp, vp, torch.arange(4).reshape(1, 4)))
+    with pytest.raises(ValueError, match="page ids outside"):
+        ChunkKV.paged(kp, vp, torch.tensor([[0, 1, 2, PAGES]]))
+
+
+def test_store_get_writes_into_pages(codec) -> None:
+    """``TieredStore.get(out=pages)`` writes the cached prefix straight into the pages,
+    equal to ``get()`` followed by a scatter, and reports the tokens written."""
+    k, v = _sequence(4, seed=7)
+    tokens = torch.randint(0, 50_000, (4 * T,), generator=torch.Generator().manual_seed(1))
+    ns = ChunkNamespace(codec.artifact.model_fingerprint, "layout", tenant="t")
+    with TieredStore([MemoryBackend(64 << 20)], codec, ns, chunk_tokens=T) as store:
+        store.put(tokens, k, v)
+        ref_k, ref_v = store.get(tokens)
+        page_ids = torch.randperm(PAGES, generator=torch.Generator().manual_seed(2))[:16]
+        page_ids = page_ids.reshape(4, T // S)
+        caches, kp, vp = _engine_pages()
+        n = store.get(tokens, out=ChunkKV.paged(kp, vp, page_ids))
+        assert n == 4 * T
+        want, _, _ = _engine_pages()
+        as_batch = [x.unflatten(2, (4, T)).movedim(2, 0) for x in (ref_k, ref_v)]
+        _scatter_reference(want, page_ids, *as_batch)
+        for layer in range(L):
+            assert torch.equal(caches[layer].nan_to_num(), want[layer].nan_to_num())
+        # from chunk 2 on, into a destination of 2 chunks: the chunks [2, 4)
+        _, kp2, vp2 = _engine_pages()
+        n = store.get(tokens, start=2 * T, out=ChunkKV.paged(kp2, vp2, page_ids[:2]))
+        assert n == 2 * T
+        assert torch.equal(kp2[0][page_ids[0, 0], :, 0], as_batch[0][2, 0, :, 0])
+        assert store.get(torch.zeros(4 * T, dtype=torch.long), out=ChunkKV.paged(
+            kp2, vp2, page_ids[:2])) == 0  # fmt: skip
