@@ -380,7 +380,7 @@ class TieredStore:
     # --- get and prefetch ----------------------------------------------------------------
 
     def _fetch(
-        self, keys: list[str]
+        self, keys: list[str], device_blobs: bool = False
     ) -> tuple[list[bytes | None], list[str | None], list[str | None]]:
         """Blobs for ``keys``, what served each (a tier, the write queue or
         ``prefetch``) and the tier each came from: what a prefetch fetched first
@@ -398,7 +398,7 @@ class TieredStore:
                     origins[i] = self._prefetch_source.pop(k, None)
         rest = [i for i, b in enumerate(blobs) if b is None]
         if rest:
-            got = self._stack.get([keys[i] for i in rest])
+            got = self._stack.get([keys[i] for i in rest], device_blobs)
             for i, blob, src in zip(rest, got.blobs, got.sources):
                 blobs[i], sources[i], origins[i] = blob, src, src
         return blobs, sources, origins
@@ -453,7 +453,10 @@ class TieredStore:
                 raise ValueError(f"out holds chunks of {out.tokens} tokens, the store's are "
                                  f"{self.chunk_tokens}")  # fmt: skip
             ckeys = ckeys[: out.batch]
-        blobs, sources, origins = self._fetch(ckeys)
+        # a GPU tier's hits stay on the device for a codec that decodes them there
+        blobs, sources, origins = self._fetch(
+            ckeys, getattr(self.codec, "takes_device_blobs", False)
+        )
         present = 0
         while present < len(blobs) and blobs[present] is not None:
             present += 1

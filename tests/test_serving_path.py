@@ -153,3 +153,42 @@ def test_store_get_writes_into_pages(codec) -> None:
         assert torch.equal(kp2[0][page_ids[0, 0], :, 0], as_batch[0][2, 0, :, 0])
         assert store.get(torch.zeros(4 * T, dtype=torch.long), out=ChunkKV.paged(
             kp2, vp2, page_ids[:2])) == 0  # fmt: skip
+
+
+class _DeviceBlobCodec(KVTCCodec):
+    """The reference codec asking for a GPU tier's blobs in device memory, as the GPU
+    codec does (on the CPU the "device" is host memory: the tier's tensors)."""
+
+    takes_device_blobs = True
+
+
+def test_a_gpu_tier_hands_out_device_blobs(codec) -> None:
+    """The GPU tier's ``get_device`` returns its own tensors with a host copy of the
+    head; a codec that takes device blobs gets them from ``get`` unchanged (the store
+    asks for them), and they decode to the same KV as the bytes."""
+    from kvtc_store.backends import DeviceBlob, GPUBackend
+    from kvtc_store.codec.format import is_device_blob, unpack_blob_header
+
+    k, v = _sequence(3, seed=11)
+    tokens = torch.randint(0, 50_000, (3 * T,), generator=torch.Generator().manual_seed(4))
+    ns = ChunkNamespace(codec.artifact.model_fingerprint, "layout", tenant="t")
+    dev_codec = _DeviceBlobCodec(codec.artifact)
+    tier = GPUBackend(64 << 20, device="cpu")
+    with TieredStore([tier, MemoryBackend(64 << 20)], dev_codec, ns, chunk_tokens=T) as store:
+        store.put(tokens, k, v)
+        keys = store.keys_for(tokens)
+        held = tier.get_device(keys)
+        assert all(isinstance(b, DeviceBlob) and is_device_blob(b) for b in held)
+        as_bytes = tier.get(keys)
+        assert [bytes(b) for b in held] == as_bytes
+        for b, raw in zip(held, as_bytes):
+            assert unpack_blob_header(b)[0] == unpack_blob_header(raw)[0]
+        short = DeviceBlob(held[0].data, held[0].head[:20])  # header read from the device
+        assert unpack_blob_header(short)[0] == unpack_blob_header(as_bytes[0])[0]
+        fetched, sources, _ = store._fetch(keys, device_blobs=True)
+        assert all(is_device_blob(b) for b in fetched) and set(sources) == {"gpu"}
+        _, kp, vp = _engine_pages()
+        page_ids = torch.arange(12).reshape(3, T // S)
+        assert store.get(tokens, out=ChunkKV.paged(kp, vp, page_ids)) == 3 * T
+        ref_k, _ = store.get(tokens)
+        assert torch.equal(kp[1][page_ids[2, 1], :, 3], ref_k[1, :, 2 * T + S + 3])

@@ -60,6 +60,8 @@ __all__ = [
     "check_header",
     "chunk_digest",
     "compressed_span",
+    "host_blob",
+    "is_device_blob",
     "join_bytes",
     "pack_blob",
     "pack_blob_parts",
@@ -368,7 +370,7 @@ def unpack_blob(blob: bytes) -> tuple[BlobHeader, memoryview]:
         BlobTruncatedError: fewer bytes than the prefix, header or payload need.
         BlobCorruptError: a checksum mismatch, a malformed header, or trailing bytes.
     """
-    header, payload = unpack_blob_header(blob)
+    header, payload = unpack_blob_header(host_blob(blob))
     verify_payload(header, payload)
     return header, payload
 
@@ -379,21 +381,61 @@ def unpack_blob_header(blob: bytes) -> tuple[BlobHeader, memoryview]:
     parallel, while the device works). Everything else is checked, in the same order.
 
     Returns:
-        ``(header, payload)``: the payload (a view of ``blob``) not yet verified.
+        ``(header, payload)``: the payload (a view of ``blob``; of a device blob,
+        :func:`is_device_blob`, a uint8 device tensor) not yet verified.
 
     Raises:
         As :func:`unpack_blob`, except the payload checksum.
     """
+    if is_device_blob(blob):
+        header, end = _device_header(blob)
+        return header, blob.data[end:]
     mv = memoryview(blob)
     header, end = _read_header(mv)
-    payload = mv[end:]
-    if len(payload) < header.payload_len:
+    _check_length(header, len(mv) - end)
+    return header, mv[end:]
+
+
+def _check_length(header: BlobHeader, payload_bytes: int) -> None:
+    if payload_bytes < header.payload_len:
         raise BlobTruncatedError(
-            f"payload is {len(payload)} bytes, header says {header.payload_len}"
+            f"payload is {payload_bytes} bytes, header says {header.payload_len}"
         )
-    if len(payload) > header.payload_len:
-        raise BlobCorruptError(f"{len(payload) - header.payload_len} trailing bytes after payload")
-    return header, payload
+    if payload_bytes > header.payload_len:
+        raise BlobCorruptError(f"{payload_bytes - header.payload_len} trailing bytes after payload")
+
+
+# -- blobs held in device memory ------------------------------------------------------------
+
+
+def is_device_blob(blob) -> bool:
+    """Whether ``blob`` is a blob in device memory: an object with ``data`` (a 1-D uint8
+    tensor, the whole blob) and ``head`` (bytes: a host copy of its first bytes, at least
+    the prefix and header when they fit), as a GPU tier hands them out
+    (:class:`kvtc_store.backends.DeviceBlob`). Such a blob reaches the GPU codec with no
+    host round trip; every other reader gets its bytes (:func:`host_blob`)."""
+    return isinstance(getattr(blob, "data", None), torch.Tensor) and hasattr(blob, "head")
+
+
+def host_blob(blob):
+    """``blob`` as bytes-like host memory (a device blob is copied to the host)."""
+    if is_device_blob(blob):
+        return memoryview(blob.data.cpu().numpy())
+    return blob
+
+
+def _device_header(blob) -> tuple[BlobHeader, int]:
+    """Header and payload offset of a device blob, read from its host ``head`` (the
+    whole blob copied to the host only where the head is too short for the header)."""
+    total = int(blob.data.numel())
+    try:
+        header, end = _read_header(memoryview(blob.head))
+    except BlobTruncatedError:
+        if len(blob.head) >= total:
+            raise
+        header, end = _read_header(memoryview(host_blob(blob)))
+    _check_length(header, total - end)
+    return header, end
 
 
 def payload_intact(header: BlobHeader, payload) -> bool:

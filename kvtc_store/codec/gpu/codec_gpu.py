@@ -282,6 +282,11 @@ class GpuCodec(CodecBase):
             ratio, estimated on the device over every coded token, as on the CPU).
 
     Attributes:
+        transfers: bytes the decoder moved so far: ``h2d_bytes`` (everything sent from
+            the host: blobs and offset tables), ``h2d_blob_bytes`` (blob payloads among
+            them), ``d2d_blob_bytes`` (payloads of device blobs copied on the device).
+        takes_device_blobs: True: blobs in device memory (a GPU tier's
+            :class:`~kvtc_store.backends.DeviceBlob`) decode with no host round trip.
         decode_ranges_min_tokens: batches of at least this many tokens whose chunks
             leave half the multiprocessors or more idle in the rANS decoder (one program
             a chunk) are decoded in up to :data:`DECODE_PARTS` ranges of steps, each
@@ -298,6 +303,7 @@ class GpuCodec(CodecBase):
     """
 
     decode_ranges_min_tokens = 4096
+    takes_device_blobs = True
 
     def __init__(
         self,
@@ -326,6 +332,7 @@ class GpuCodec(CodecBase):
             else 4
         )  # sizes the elementwise kernels' grids; decides when the decoder runs in ranges
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
+        self.transfers = {"h2d_bytes": 0, "h2d_blob_bytes": 0, "d2d_blob_bytes": 0}
         self._download = HostDownload(self.device)  # and one for the encoder's streams
         _, heads, dim = artifact.kv_shape
         if dim & (dim - 1):
@@ -825,9 +832,34 @@ class GpuCodec(CodecBase):
             meta[4 * nc + 2 * i : 4 * nc + 2 * i + 2] = (p.a, p.b)
             meta[4 * nc + 2 * batch + i] = p.header.first_position
         # chunks past the parsed ones: an empty span (nothing written), position 0
-        dev = self._staging.upload(parts, max(offset, 8))
+        dev = self._send(parts, max(offset, 8))
         max_lanes = int(meta[2 * nc : 3 * nc].max()) if nc else 0
         return dev, _Layout(meta_bytes, exact_at, max_lanes, coded, inflate)
+
+    def _send(self, parts: list[tuple[int, object]], nbytes: int) -> torch.Tensor:
+        """The device buffer of :meth:`_upload`: host parts through the pinned staging
+        buffer (counted in :attr:`transfers` ``h2d_bytes``, the blobs' share in
+        ``h2d_blob_bytes``), parts already on this device (a GPU tier's blobs) copied on
+        the device (``d2d_blob_bytes``). Where every blob is on the device, only the
+        offset table (part 0) crosses from the host."""
+        on_device = [(o, b) for o, b in parts if isinstance(b, torch.Tensor)]
+        host = [(o, b) for o, b in parts if not isinstance(b, torch.Tensor)]
+        blob_bytes = sum(memoryview(b).nbytes for _, b in host[1:])
+        t = self.transfers
+        if not on_device:
+            t["h2d_bytes"] += nbytes
+            t["h2d_blob_bytes"] += blob_bytes
+            return self._staging.upload(parts, nbytes)
+        end = max(o + memoryview(b).nbytes for o, b in host)  # host parts' span
+        staged = self._staging.upload(host, end)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dev[:end].copy_(staged)
+        for o, b in on_device:
+            dev[o : o + b.numel()].copy_(b)
+            t["d2d_blob_bytes"] += b.numel()
+        t["h2d_bytes"] += end
+        t["h2d_blob_bytes"] += blob_bytes
+        return dev
 
     def _inflate(self, dev: torch.Tensor, jobs: tuple[np.ndarray, ...]) -> bool:
         """Inflate the pieces that :meth:`_upload` put in ``dev`` (``jobs``: offsets,
@@ -891,7 +923,7 @@ class GpuCodec(CodecBase):
             try:
                 parsed.append(self._parse(header, payload))
             except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
-                if not payload_intact(header, payload):  # that check came first
+                if not isinstance(payload, torch.Tensor) and not payload_intact(header, payload):
                     return parsed, BlobCorruptError(PAYLOAD_CHECKSUM_MISMATCH)
                 if isinstance(exc, BlobError):
                     return parsed, exc
@@ -920,6 +952,14 @@ class GpuCodec(CodecBase):
             raise BlobCorruptError("rANS stream of odd length")
         if want["stream"] < 4 * (b - a) * self.tables.interleave:
             raise BlobCorruptError("rANS stream shorter than its lanes' states")
+        if isinstance(payload, torch.Tensor):  # a device blob (a GPU tier's)
+            if header.coder == "none" and payload.device == self.device:
+                if payload.numel() != sum(want.values()):
+                    raise BlobCorruptError(f"payload of {payload.numel()} bytes, sections {want}")
+                # stays on the device: no checksum on the host (the tier's copy of what
+                # was put; the rANS decoder's final-state check still catches a bad stream)
+                return _Blob(header, a, b, payload, want["stream"], want["exact"], None)
+            payload = memoryview(payload.cpu().numpy())  # inflated on the host, or moved
         if header.coder == "none":  # no copy: the payload goes straight to pinned memory
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
