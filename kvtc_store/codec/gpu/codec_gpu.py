@@ -510,6 +510,15 @@ class GpuCodec(CodecBase):
                 blobs = self._blobs(tokens, kv.dtype, first_positions, tails, parts, exps, names)
         return blobs
 
+    def _on_device(self, kv: ChunkKV) -> ChunkKV:
+        """``kv`` if it is on this codec's device, else its chunks gathered and moved
+        here in one copy (a dense batch)."""
+        if kv.device == self.device:
+            return kv
+        every = torch.arange(kv.tokens)
+        keys, values = (x.to(self.device) for x in kv.read(range(kv.batch), every))
+        return ChunkKV.dense(keys, values)
+
     def _step_exps(self, coeffs: torch.Tensor, spans, tokens: int) -> list[int]:
         """Rate control: each chunk's step exponent, chosen on its coded tokens (chunks of
         one coded span together, a few at a time), and ``coeffs`` ``(R, B * T)`` divided
