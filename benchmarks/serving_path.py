@@ -42,7 +42,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_codec import CHUNK, DEV, LLAMA, cuda_time, gaussian_kv, log, sync, synthetic_artifact
+from gpu_codec import (
+    CHUNK,
+    DEV,
+    LLAMA,
+    cuda_time,
+    empty_cache,
+    gaussian_kv,
+    log,
+    sync,
+    synthetic_artifact,
+)
 
 from kvtc_store.backends import GPUBackend, MemoryBackend
 from kvtc_store.codec import ChunkBatch, ChunkKV
@@ -79,8 +89,10 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=8192, help="tokens per request")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--layers", type=int, default=LLAMA["layers"], help="(a dry run: fewer)")
     args = ap.parse_args()
-    layers, heads, dim = LLAMA["layers"], LLAMA["heads"], LLAMA["dim"]
+    shape = {**LLAMA, "layers": args.layers}
+    layers, heads, dim = shape["layers"], shape["heads"], shape["dim"]
     per_req = args.prefix // CHUNK
     n_chunks = per_req * args.requests
     kv_bytes_per_token = 2 * layers * heads * dim * 2
@@ -88,10 +100,10 @@ def main() -> None:
     gb = kv_bytes / 1e9
     log(f"{args.requests} requests x {args.prefix} tokens = {n_chunks} chunks, {gb:.1f} GB bf16")
 
-    sample_k, sample_v = gaussian_kv(LLAMA, 4096)
-    art = synthetic_artifact(LLAMA, None, sample_k, sample_v, "serving")
+    sample_k, sample_v = gaussian_kv(shape, 4096)
+    art = synthetic_artifact(shape, None, sample_k, sample_v, "serving")
     codec = GpuCodec(art, DEV)
-    keys, values = gaussian_kv(LLAMA, args.prefix, seed=1)
+    keys, values = gaussian_kv(shape, args.prefix, seed=1)
     keys, values = keys.to(torch.bfloat16), values.to(torch.bfloat16)
     del sample_k, sample_v
 
@@ -110,7 +122,8 @@ def main() -> None:
     caches, kpages, vpages = paged_cache(layers, blocks, heads, dim)
     pages = ChunkKV.paged(kpages, vpages, block_ids)
 
-    pinned = MemoryBackend(1 << 42, pinned=True)
+    cuda = torch.device(DEV).type == "cuda"  # KVTC_BENCH_DEVICE=cpu: a dry run
+    pinned = MemoryBackend(1 << 42, pinned=cuda)
     names = [f"{i:064x}" for i in range(n_chunks)]
     pinned.put(list(zip(names, blobs)))
     views = pinned.get(names)
@@ -132,10 +145,10 @@ def main() -> None:
     # the pages hold what the contiguous decode holds (a sample of chunks)
     for c in (0, n_chunks // 2, n_chunks - 1):
         b = int(block_ids[c, 1])
-        assert torch.equal(caches[3][b, :, 5, :dim], dense[c, 3, :, BLOCK + 5])
-        assert torch.equal(caches[3][b, :, 5, dim:], out_dense[1][c, 3, :, BLOCK + 5])
+        assert torch.equal(caches[-1][b, :, 5, :dim], dense[c, -1, :, BLOCK + 5])
+        assert torch.equal(caches[-1][b, :, 5, dim:], out_dense[1][c, -1, :, BLOCK + 5])
     out_dense = dense = None  # back to the allocator
-    torch.cuda.empty_cache()
+    empty_cache()
 
     # the old path: per request, decode_prefix, cat, scatter
     def old_path() -> None:
@@ -154,7 +167,7 @@ def main() -> None:
     # the store's get into the pages: pinned CPU tier, GPU tier
     ns = ChunkNamespace(art.model_fingerprint, "bench", tenant="t")
     tokens = [torch.randint(0, 100_000, (args.prefix,), generator=g) for _ in range(args.requests)]
-    for name, tier in (("store_pinned", MemoryBackend(1 << 42, pinned=True)),
+    for name, tier in (("store_pinned", MemoryBackend(1 << 42, pinned=cuda)),
                        ("store_gpu_tier", GPUBackend(blob_bytes * 2, device=DEV))):  # fmt: skip
         with TieredStore([tier], codec, ns, chunk_tokens=CHUNK, write_mode="write-through") as st:
             for r in range(args.requests):
@@ -170,14 +183,14 @@ def main() -> None:
             moved = {k: (codec.transfers[k] - before[k]) // calls for k in before}
             row(name, t, **moved)
         del tier
-        torch.cuda.empty_cache()
+        empty_cache()
 
     sync()
     report = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if cuda else f"{DEV} (dry run)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "shape": LLAMA,
+        "shape": shape,
         "requests": args.requests,
         "prefix_tokens": args.prefix,
         "chunks": n_chunks,

@@ -17,6 +17,7 @@ from kvtc_store.codec import ChunkBatch, ChunkKV, KVTCCodec
 from kvtc_store.keys import ChunkNamespace
 from kvtc_store.store import TieredStore
 from tests.test_codec import D, H, L, arts, make_chunk  # noqa: F401 - artifact fixture
+from tests.test_serving_path import PAGES, S, T, _scatter_reference, decode_three_ways
 
 DEV = os.environ.get("KVTC_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -26,8 +27,6 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 
 from kvtc_store.codec.gpu import GpuCodec
-
-T, S, PAGES = 32, 8, 24
 
 
 def _art(arts):  # noqa: F811
@@ -51,26 +50,17 @@ def _sequence(chunks: int, seed: int = 0):
 
 def test_paged_decode_equals_contiguous_then_scatter(arts) -> None:  # noqa: F811
     gpu = GpuCodec(_art(arts), device=DEV)
-    k, v = _sequence(3)
-    blobs = gpu.encode_sequence(k, v, chunk_tokens=T)
-    dense = gpu.decode_batch(blobs)
-    assert dense.count == 3 and dense.error is None
-    page_ids = torch.randperm(PAGES, generator=torch.Generator().manual_seed(0))[:12]
-    page_ids = page_ids.reshape(3, T // S)
     caches, kp, vp = _pages()
-    got = gpu.decode_batch(blobs, ChunkKV.paged(kp, vp, page_ids))
-    assert got.count == 3 and got.error is None
+    blobs, dense, page_ids = decode_three_ways(gpu, *_sequence(3), (caches, kp, vp))
     used = page_ids.flatten().tolist()
     for layer in range(L):
         assert not caches[layer][used].isnan().any()  # every slot of every page written
         rest = sorted(set(range(PAGES)) - set(used))
         assert caches[layer][rest].isnan().all()  # and nothing else
-    for b in range(3):
-        for t in range(T):
-            page, slot = int(page_ids[b, t // S]), t % S
-            for layer in range(L):
-                assert torch.equal(caches[layer][page, :, slot, :D], dense.keys[b, layer, :, t])
-                assert torch.equal(caches[layer][page, :, slot, D:], dense.values[b, layer, :, t])
+    want, _, _ = _pages()
+    _scatter_reference(want, page_ids, dense.keys, dense.values)
+    for layer in range(L):
+        assert torch.equal(caches[layer][used], want[layer][used])
     # the CPU reference decodes the same blobs into host pages within float tolerance
     ref_caches = [c.cpu() for c in _pages()[0]]
     KVTCCodec(gpu.artifact).decode_batch(

@@ -56,16 +56,24 @@ def test_the_reference_follows_the_protocol(codec) -> None:
     assert isinstance(codec, Codec)
 
 
-def test_paged_decode_equals_contiguous_decode_then_scatter(codec) -> None:
-    k, v = _sequence(3)
-    blobs = codec.encode_sequence(k, v, chunk_tokens=T)
+def decode_three_ways(codec, keys, values, pages):
+    """Encode 3 chunks, decode them contiguously and into ``pages`` (``(caches, key
+    pages, value pages)``) at random pages; checks both decoded all. Returns the blobs,
+    the dense batch and the page ids."""
+    blobs = codec.encode_sequence(keys, values, chunk_tokens=T)
     dense = codec.decode_batch(blobs)
     assert dense.count == 3 and dense.error is None
     page_ids = torch.randperm(PAGES, generator=torch.Generator().manual_seed(0))[:12]
     page_ids = page_ids.reshape(3, T // S)
-    caches, kp, vp = _engine_pages()
+    _, kp, vp = pages
     got = codec.decode_batch(blobs, ChunkKV.paged(kp, vp, page_ids))
     assert got.count == 3 and got.error is None and got.first_positions == [0, T, 2 * T]
+    return blobs, dense, page_ids
+
+
+def test_paged_decode_equals_contiguous_decode_then_scatter(codec) -> None:
+    caches, kp, vp = _engine_pages()
+    _, dense, page_ids = decode_three_ways(codec, *_sequence(3), (caches, kp, vp))
     want, _, _ = _engine_pages()
     _scatter_reference(want, page_ids, dense.keys, dense.values)
     for layer in range(L):  # equal where written, NaN (untouched) elsewhere
