@@ -87,6 +87,25 @@ class StoreStats:
         return self.raw_bf16_bytes_put / self.bytes_put if self.bytes_put else 0.0
 
 
+@dataclass(frozen=True)
+class Load:
+    """One request's part of :meth:`TieredStore.get_batch`.
+
+    Attributes:
+        tokens: the request's token ids ``(T,)`` from position 0.
+        at: the destination chunk its first fetched chunk goes to.
+        n_tokens: fetch at most this many tokens (whole chunks; default every full one).
+        start: fetch from this token on (rounded down to a chunk).
+        salt: the request's isolation salt (:meth:`TieredStore.keys_for`).
+    """
+
+    tokens: object
+    at: int = 0
+    n_tokens: int | None = None
+    start: int = 0
+    salt: str = ""
+
+
 @dataclass
 class PutResult:
     """What :meth:`TieredStore.put` did: chunks encoded and written, chunks already
@@ -470,17 +489,8 @@ class TieredStore:
             chunks, error = self.codec.decode_prefix(
                 blobs[:present], device=device, dtype=dtype, expect=expect
             )
-        dt = time.perf_counter() - t0
-        self.metrics.decode_seconds.observe(dt)
-        for src in sources[: len(chunks)]:
-            self.metrics.chunks_served.labels(src).inc()
-        with self._lock:
-            st = self._stats
-            st.decode_seconds += dt
-            for src in sources[: len(chunks)]:
-                st.chunks_hit[src] = st.chunks_hit.get(src, 0) + 1
-            if present < len(blobs) or error is not None:
-                st.chunks_missed += 1  # the prefix ends at a missing or undecodable chunk
+        missed = int(present < len(blobs) or error is not None)
+        self._account(time.perf_counter() - t0, sources[: len(chunks)], missed)
         if error is not None:
             i = len(chunks)
             self._drop_bad_chunk(ckeys[i], origins[i], error, list(zip(ckeys, blobs))[i + 1 :])
@@ -492,6 +502,89 @@ class TieredStore:
             torch.cat([c.keys for c in chunks], dim=2),
             torch.cat([c.values for c in chunks], dim=2),
         )
+
+    def _account(self, seconds: float, served: Sequence[str | None], missed: int) -> None:
+        """Count a decode: its seconds, the chunks served by source, the prefixes that
+        ended at a missing or undecodable chunk."""
+        self.metrics.decode_seconds.observe(seconds)
+        for src in served:
+            self.metrics.chunks_served.labels(src).inc()
+        with self._lock:
+            st = self._stats
+            st.decode_seconds += seconds
+            for src in served:
+                st.chunks_hit[src] = st.chunks_hit.get(src, 0) + 1
+            st.chunks_missed += missed
+
+    @torch.no_grad()
+    def get_batch(self, loads: Sequence[Load], out: ChunkKV) -> list[int]:
+        """The cached prefixes of several requests, fetched together (one batched
+        ``get`` per tier for all their chunks) and decoded as one batch straight into
+        ``out`` (an engine's pages): what a serving engine's step loads.
+
+        Each request's chunks go to consecutive chunks of ``out`` from ``load.at``; a
+        chunk that is missing, corrupt or undecodable ends that request's run there
+        (the others go on; corrupt blobs are dropped as :meth:`get` drops them).
+
+        Args:
+            loads: the requests (:class:`Load`).
+            out: the destination, ``chunk_tokens`` tokens a chunk.
+
+        Returns:
+            Per load, the tokens written (a multiple of ``chunk_tokens``), from the
+            load's ``start`` rounded down to a chunk.
+
+        Raises:
+            ValueError: ``out``'s chunks are not ``chunk_tokens`` tokens, or a load's
+                chunks do not fit in ``out``.
+        """
+        ct = self.chunk_tokens
+        if out.tokens != ct:
+            raise ValueError(f"out holds chunks of {out.tokens} tokens, the store's are {ct}")
+        runs: list[tuple[int, list[str]]] = []  # per load: first chunk index, keys
+        for ld in loads:
+            ckeys = self.keys_for(ld.tokens, ld.salt)
+            if ld.n_tokens is not None:
+                ckeys = ckeys[: ld.n_tokens // ct]
+            first = self._first_chunk(ld.start)
+            ckeys = ckeys[first:]
+            if ld.at < 0 or ld.at + len(ckeys) > out.batch:
+                raise ValueError(f"{len(ckeys)} chunks at {ld.at} do not fit in {out.batch}")
+            runs.append((first, ckeys))
+        flat = [k for _, ckeys in runs for k in ckeys]
+        blobs, sources, origins = self._fetch(
+            flat, getattr(self.codec, "takes_device_blobs", False)
+        )
+        todo: list[tuple[int, int, int]] = []  # (load, chunk of the load, index in flat)
+        at, missed = 0, 0
+        for r, (_, ckeys) in enumerate(runs):
+            n = 0
+            while n < len(ckeys) and blobs[at + n] is not None:
+                todo.append((r, n, at + n))
+                n += 1
+            missed += n < len(ckeys)
+            at += len(ckeys)
+        done = [0] * len(loads)
+        served: list[str | None] = []
+        t0 = time.perf_counter()
+        while todo:
+            got = self.codec.decode_batch(
+                [blobs[j] for _, _, j in todo],
+                out.select([loads[r].at + i for r, i, _ in todo]),
+                expect=[ChunkBinding(flat[j], (runs[r][0] + i) * ct, ct) for r, i, j in todo],
+            )
+            for r, i, j in todo[: got.count]:
+                done[r] = i + 1
+                served.append(sources[j])
+            if got.error is None:
+                break
+            r, i, j = todo[got.count]
+            missed += 1
+            later = [(flat[x], blobs[x]) for rr, _, x in todo[got.count + 1 :] if rr == r]
+            self._drop_bad_chunk(flat[j], origins[j], got.error, later)
+            todo = [t for t in todo[got.count + 1 :] if t[0] != r]
+        self._account(time.perf_counter() - t0, served, missed)
+        return [n * ct for n in done]
 
     def _drop_bad_chunk(
         self,

@@ -200,3 +200,43 @@ def test_a_gpu_tier_hands_out_device_blobs(codec) -> None:
         assert store.get(tokens, out=ChunkKV.paged(kp, vp, page_ids)) == 3 * T
         ref_k, _ = store.get(tokens)
         assert torch.equal(kp[1][page_ids[2, 1], :, 3], ref_k[1, :, 2 * T + S + 3])
+
+
+def test_get_batch_loads_several_requests_in_one_decode(codec) -> None:
+    """``get_batch``: two requests' prefixes decoded together into their pages; a corrupt
+    chunk of one ends only that request's run (dropped from the tier, counted missed)."""
+    from kvtc_store.store import Load
+
+    k, v = _sequence(3, seed=13)
+    g = torch.Generator().manual_seed(6)
+    tok_a, tok_b = (torch.randint(0, 50_000, (3 * T,), generator=g) for _ in range(2))
+    ns = ChunkNamespace(codec.artifact.model_fingerprint, "layout", tenant="t")
+    tier = MemoryBackend(64 << 20)
+    with TieredStore([tier], codec, ns, chunk_tokens=T) as store:
+        store.put(tok_a, k, v)
+        store.put(tok_b, k, v)
+        ref_k, ref_v = store.get(tok_a)
+        key = store.keys_for(tok_b)[1]
+        blob = bytearray(tier.get([key])[0])
+        blob[-5] ^= 0xFF
+        tier.delete([key])
+        tier.put([(key, bytes(blob))])
+        caches, kp, vp = _engine_pages()
+        page_ids = torch.randperm(PAGES, generator=g)[:20].reshape(5, T // S)
+        dest = ChunkKV.paged(kp, vp, page_ids)
+        calls = []
+        decode = store.codec.decode_batch
+        store.codec.decode_batch = lambda *a, **kw: calls.append(1) or decode(*a, **kw)
+        try:
+            got = store.get_batch([Load(tok_b, at=0, n_tokens=2 * T), Load(tok_a, at=2)], dest)
+        finally:
+            del store.codec.decode_batch
+        assert got == [T, 3 * T]
+        assert len(calls) == 2  # one batch, and the rest of it after the corrupt chunk
+        assert store.stats.corrupt_dropped == 1 and tier.get([key]) == [None]
+        ref = ref_k.unflatten(2, (3, T)).movedim(2, 0)
+        for c, want in ((0, 0), (2, 0), (3, 1), (4, 2)):  # b's first chunk, a's three
+            for t in (0, T - 1):
+                page, slot = int(page_ids[c, t // S]), t % S
+                assert torch.equal(kp[1][page, :, slot], ref[want, 1, :, t])
+        assert kp[0][int(page_ids[1, 0])].isnan().all()  # b's chunk 1: not written
