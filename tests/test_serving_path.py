@@ -215,13 +215,13 @@ def test_get_batch_loads_several_requests_in_one_decode(codec) -> None:
     with TieredStore([tier], codec, ns, chunk_tokens=T) as store:
         store.put(tok_a, k, v)
         store.put(tok_b, k, v)
-        ref_k, ref_v = store.get(tok_a)
+        ref_k, _ = store.get(tok_a)
         key = store.keys_for(tok_b)[1]
         blob = bytearray(tier.get([key])[0])
         blob[-5] ^= 0xFF
         tier.delete([key])
         tier.put([(key, bytes(blob))])
-        caches, kp, vp = _engine_pages()
+        _, kp, vp = _engine_pages()
         page_ids = torch.randperm(PAGES, generator=g)[:20].reshape(5, T // S)
         dest = ChunkKV.paged(kp, vp, page_ids)
         calls = []
