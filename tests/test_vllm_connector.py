@@ -742,3 +742,59 @@ def test_a_preempted_request_resumes_from_the_store(model_config, store_yaml):
     got = read_tokens(engine.kv, CPUAttentionBackend, engine.blocks["b"], 0, 64, Engine.BLOCK)
     want = round_trip(*source_kv(prompt_b[:64]))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_step_loads_as_one_batch_and_a_failed_load_is_a_recompute(model_config, store_yaml):
+    """Two requests' loads in one step: one batched fetch and one decode into both
+    requests' blocks (counted on the real store and codec); a load that raises midway
+    (a fault injected: the tier cannot be made to raise for real here) reports every
+    block of its requests for recompute, with the requests finished, never a crash."""
+    block = 32
+    config = make_vllm_config(model_config, store_yaml, block)
+    kcc = make_kv_cache_config(block, 24, KVCacheLayout.LBHNC)
+    worker, kv = make_worker(config, kcc, CPUAttentionBackend, KVCacheLayout.LBHNC)
+    store = worker._store
+    prompts = [torch.randint(0, 1000, (2 * CHUNK,), generator=_G).tolist() for _ in range(2)]
+    for i, (tokens, blocks) in enumerate(zip(prompts, ([3, 17], [5, 0]))):
+        write_tokens(kv, CPUAttentionBackend, blocks, 0, *source_kv(tokens), block)
+        worker.bind_connector_metadata(
+            KVTCConnectorMetadata([RequestPlan(f"s{i}", tokens, blocks, save_end=2 * CHUNK)])
+        )
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+    finish(worker)
+    calls = {"get_batch": 0, "decode_batch": 0}
+
+    def counted(obj, name):
+        real = getattr(obj, name)
+
+        def call(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+
+        setattr(obj, name, call)
+
+    counted(store, "get_batch")
+    counted(store.codec, "decode_batch")
+    plans = [RequestPlan("x", prompts[0], [20, 1], load_start=0, load_end=2 * CHUNK),
+             RequestPlan("y", prompts[1], [12, 7], load_start=0, load_end=2 * CHUNK)]  # fmt: skip
+    worker.bind_connector_metadata(KVTCConnectorMetadata(plans))
+    worker.start_load_kv(None)
+    worker.clear_connector_metadata()
+    finish(worker, "x", "y")
+    assert calls == {"get_batch": 1, "decode_batch": 1}
+    assert worker.get_block_ids_with_load_errors() == set()
+    for tokens, dst in zip(prompts, ([20, 1], [12, 7])):
+        got_k, _ = read_tokens(kv, CPUAttentionBackend, dst, 0, 2 * CHUNK, block)
+        assert torch.equal(got_k, round_trip(*source_kv(tokens))[0])
+
+    def broken(*a, **kw):
+        raise OSError("tier read failed midway")
+
+    store.get_batch = broken
+    worker.bind_connector_metadata(KVTCConnectorMetadata(plans))
+    worker.start_load_kv(None)
+    worker.clear_connector_metadata()
+    finish(worker, "x", "y")
+    assert worker.get_block_ids_with_load_errors() == {20, 1, 12, 7}
+    del store.get_batch, store.codec.decode_batch
