@@ -63,7 +63,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import ConfigError, KVLayoutError
 from ..store import Load, TieredStore
-from .engine import KV_DTYPE_NAMES, open_engine_store
+from .engine import KV_DTYPE_NAMES, open_engine_store, warn_if_codec_on_cpu
 from .vllm_layout import PagedKVLayout
 
 if TYPE_CHECKING:
@@ -418,7 +418,9 @@ class KVTCConnector(KVConnectorBase_V1):
             head_size_v=spec.head_size_v,
             dtype=spec.dtype,
         )
-        self._open_store(str(self._layout.device))
+        store = self._open_store(str(self._layout.device))
+        if self._layout.device.type == "cuda":
+            warn_if_codec_on_cpu(store, "vLLM")
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Start every load of this step on the worker thread, as one batch (the module

@@ -240,3 +240,22 @@ def test_get_batch_loads_several_requests_in_one_decode(codec) -> None:
                 page, slot = int(page_ids[c, t // S]), t % S
                 assert torch.equal(kp[1][page, :, slot], ref[want, 1, :, t])
         assert kp[0][int(page_ids[1, 0])].isnan().all()  # b's chunk 1: not written
+
+
+def test_an_engine_is_told_once_when_its_codec_runs_on_the_cpu(codec, monkeypatch, caplog) -> None:
+    """With CUDA present and the CPU reference codec, the engine connectors' check logs
+    one line and sets ``kvtc_codec_on_cpu``; without CUDA it stays 0. (CUDA's presence
+    is faked: this machine has none.)"""
+    from kvtc_store.connectors.engine import warn_if_codec_on_cpu
+
+    ns = ChunkNamespace(codec.artifact.model_fingerprint, "layout", tenant="t")
+    with TieredStore([MemoryBackend(1 << 20)], codec, ns, chunk_tokens=T) as store:
+        gauge = store.metrics.registry.get_sample_value
+        assert warn_if_codec_on_cpu(store, "SGLang") is torch.cuda.is_available()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with caplog.at_level("WARNING"):
+            assert warn_if_codec_on_cpu(store, "SGLang")
+            assert warn_if_codec_on_cpu(store, "SGLang")
+        said = [r for r in caplog.records if "CPU reference codec" in r.getMessage()]
+        assert len(said) == 1 and "SGLang" in said[0].getMessage()
+        assert gauge("kvtc_codec_on_cpu") == 1.0
