@@ -226,12 +226,13 @@ class ChunkKV:
 
     def select(self, chunks: Sequence[int]) -> ChunkKV:
         """The chunks ``chunks`` (indices, in order) of this batch, at the same places."""
-        idx = torch.as_tensor(list(chunks), dtype=torch.int64)
+        chunks = list(chunks)
+        idx = torch.as_tensor(chunks, dtype=torch.int64)
+        a = chunks[0] if chunks else 0
+        run = chunks == list(range(a, a + len(chunks)))
 
         def kind(k: KindLayout) -> KindLayout:
-            dense = None
-            if k.dense is not None and list(chunks) == list(range(len(chunks))):
-                dense = k.dense[: len(chunks)]
+            dense = k.dense[a : a + len(chunks)] if k.dense is not None and run else None
             return KindLayout(
                 k.layers,
                 k.layer_offsets,
