@@ -168,7 +168,7 @@ def main() -> None:
     ns = ChunkNamespace(art.model_fingerprint, "bench", tenant="t")
     tokens = [torch.randint(0, 100_000, (args.prefix,), generator=g) for _ in range(args.requests)]
     for name, tier in (("store_pinned", MemoryBackend(1 << 42, pinned=cuda)),
-                       ("store_gpu_tier", GPUBackend(4 * blob_bytes, device=DEV))):  # fmt: skip
+                       ("store_gpu_tier", GPUBackend(1 << 40, device=DEV))):  # fmt: skip
         with TieredStore([tier], codec, ns, chunk_tokens=CHUNK, write_mode="write-through") as st:
             for r in range(args.requests):
                 st.put(tokens[r], keys, values)
