@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--layers", type=int, default=LLAMA["layers"], help="(a dry run: fewer)")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     shape = {**LLAMA, "layers": args.layers}
     layers, heads, dim = shape["layers"], shape["heads"], shape["dim"]
     per_req = args.prefix // CHUNK
@@ -212,7 +213,7 @@ def main() -> None:
         "",
         (
             f"`{report['command']}` on {report['device']}, {report['date']}. Llama-3.1-8B KV "
-            f"shape, {args.requests} requests x {args.prefix} tokens ({n_chunks} chunks, "
+            f"shape ({layers} layers), {args.requests} requests x {args.prefix} tokens ({n_chunks} chunks, "
             f"{gb:.1f} GB bf16), synthetic ratio-16 artifact; GB/s of bf16 KV written."
         ),
         "",
@@ -238,7 +239,7 @@ def main() -> None:
         "",
     ]
     (args.out / "serving_path.md").write_text("\n".join(lines))
-    log(f"wrote {args.out}/serving_path.{{json,md}} in {time.perf_counter():.0f} s")
+    log(f"wrote {args.out}/serving_path.{{json,md}} in {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
