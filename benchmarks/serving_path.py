@@ -17,10 +17,11 @@ Rows, all on one card in one call (``device`` names it):
 - ``old_path``: what the vLLM connector did before: per request ``decode_prefix`` (one
   tensor per chunk), ``torch.cat`` into ``(L, H, n, D)``, then the scatter into the
   blocks (two extra passes over the KV: ``copies_avoided_bytes``).
-- ``store_pinned`` / ``store_gpu_tier``: ``TieredStore.get(out=pages)`` per request from a
-  pinned CPU tier and from a GPU tier; ``gpu_tier_h2d_blob_bytes`` counts the blob bytes
-  the GPU tier's hits sent from the host (0: the blobs stay on the device), from the
-  codec's own counters.
+- ``store_pinned`` / ``store_gpu_tier``: ``TieredStore.get_batch(loads, pages)``, every
+  request's chunks in one batch (what the vLLM connector does each step), from a pinned
+  CPU tier and from a GPU tier; ``*_each``: ``TieredStore.get(out=pages)`` one request
+  at a time. ``gpu_tier_h2d_blob_bytes`` counts the blob bytes the GPU tier's hits sent
+  from the host (0: the blobs stay on the device), from the codec's own counters.
 
 GB/s are of bf16 KV written (``2 * L * H * D * 2`` bytes a token). Usage::
 
@@ -58,7 +59,7 @@ from kvtc_store.backends import GPUBackend, MemoryBackend
 from kvtc_store.codec import ChunkBatch, ChunkKV
 from kvtc_store.codec.gpu import GpuCodec
 from kvtc_store.keys import ChunkNamespace
-from kvtc_store.store import TieredStore
+from kvtc_store.store import Load, TieredStore
 
 BLOCK = 16  # vLLM's default block size
 
@@ -174,15 +175,21 @@ def main() -> None:
             for r in range(args.requests):
                 st.put(tokens[r], keys, values)
 
-            def get_all(st=st) -> None:
+            def get_each(st=st) -> None:  # one request at a time
                 for r in range(args.requests):
                     dest = pages.select(range(r * per_req, (r + 1) * per_req))
                     assert st.get(tokens[r], out=dest) == args.prefix
 
-            before = dict(codec.transfers)
-            t = cuda_time(get_all, reps=args.reps)
-            moved = {k: (codec.transfers[k] - before[k]) // calls for k in before}
-            row(name, t, **moved)
+            loads = [Load(tokens[r], at=r * per_req) for r in range(args.requests)]
+
+            def get_batch(st=st) -> None:  # the step's loads in one batch (the connector)
+                assert st.get_batch(loads, pages) == [args.prefix] * args.requests
+
+            for suffix, fn in (("", get_batch), ("_each", get_each)):
+                before = dict(codec.transfers)
+                t = cuda_time(fn, reps=args.reps)
+                moved = {k: (codec.transfers[k] - before[k]) // calls for k in before}
+                row(name + suffix, t, **moved)
         del tier
         empty_cache()
 
