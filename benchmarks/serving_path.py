@@ -180,9 +180,8 @@ def main() -> None:
                     dest = pages.select(range(r * per_req, (r + 1) * per_req))
                     assert st.get(tokens[r], out=dest) == args.prefix
 
-            loads = [Load(tokens[r], at=r * per_req) for r in range(args.requests)]
-
             def get_batch(st=st) -> None:  # the step's loads in one batch (the connector)
+                loads = [Load(tokens[r], at=r * per_req) for r in range(args.requests)]
                 assert st.get_batch(loads, pages) == [args.prefix] * args.requests
 
             for suffix, fn in (("", get_batch), ("_each", get_each)):
