@@ -30,6 +30,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tests/lint_imports.py
 
 # Rate-distortion suite of issue 3 (benchmarks/rate_distortion.py). The full run is meant
 # for a GPU (`make bench-rd RD_ARGS="--device cuda"`); on this CPU use bench-rd-quick.

@@ -8,7 +8,9 @@ come back as :class:`TierUsage`.
 Tiers here:
 
 - :class:`GPUBackend`: device memory (the GPU tier), the memory tier's policies
-  over ``uint8`` CUDA tensors; imported on first use (it needs torch).
+  over ``uint8`` CUDA tensors; imported on first use (it needs torch). Its
+  ``get_device`` hands hits out as :class:`DeviceBlob` (the device bytes), for a
+  decoder on that device.
 - :class:`MemoryBackend`: host memory (the CPU tier); LRU, or scan-resistant
   S3-FIFO with ``policy="s3fifo"`` (Yang et al., SOSP 2023).
 - :class:`DiskBackend`: one file per chunk, atomic writes (the disk tier).
@@ -26,12 +28,13 @@ from .disk import DiskBackend
 from .memory import EVICTION_POLICIES, MemoryBackend
 
 if TYPE_CHECKING:
-    from .gpu import GPUBackend
+    from .gpu import DeviceBlob, GPUBackend
     from .s3 import S3Backend
 
 __all__ = [
     "EVICTION_POLICIES",
     "Backend",
+    "DeviceBlob",
     "DiskBackend",
     "EvictionListener",
     "GPUBackend",
@@ -43,10 +46,10 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """Import :class:`GPUBackend` (torch) and :class:`S3Backend` (boto3) on first use."""
-    if name == "GPUBackend":
-        from .gpu import GPUBackend
+    if name in ("GPUBackend", "DeviceBlob"):
+        from . import gpu
 
-        return GPUBackend
+        return getattr(gpu, name)
     if name == "S3Backend":
         try:
             from .s3 import S3Backend

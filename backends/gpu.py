@@ -9,12 +9,16 @@ where a value lives).
 Transfers are batched: a ``put`` packs the batch into one (pinned, on CUDA) host buffer
 and copies it to the device in one transfer, then gives each chunk its own device
 tensor (so an evicted chunk's memory is freed on its own); a ``get`` gathers the hits
-on the device and copies them back in one transfer.
+on the device and copies them back in one transfer. :meth:`GPUBackend.get_device` hands
+the hits out where they are instead (:class:`DeviceBlob`: the device tensor, plus a host
+copy of its first bytes kept since the put), so that a codec on that device decodes
+them with no host round trip.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,9 +28,34 @@ from kvtc_store.errors import ConfigError
 
 from .memory import EvictionPolicy, MemoryBackend
 
-__all__ = ["GPUBackend"]
+__all__ = ["DeviceBlob", "GPUBackend"]
+
+HEAD_BYTES = 4096
+"""Bytes of each blob's start kept in host memory beside its device copy (a blob's prefix
+and header, which a decoder reads on the host, are a few hundred bytes)."""
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceBlob:
+    """A blob in device memory, as :meth:`GPUBackend.get_device` returns it.
+
+    Attributes:
+        data: the whole blob, 1-D ``torch.uint8`` on the tier's device (the tier's own
+            tensor: read it, never write it).
+        head: a host copy of its first :data:`HEAD_BYTES` bytes (all of a shorter blob).
+    """
+
+    data: torch.Tensor
+    head: bytes
+
+    def __len__(self) -> int:
+        return int(self.data.numel())
+
+    def __bytes__(self) -> bytes:
+        """The blob copied to the host."""
+        return self.data.cpu().numpy().tobytes()
 
 
 class GPUBackend(MemoryBackend):
@@ -82,19 +111,30 @@ class GPUBackend(MemoryBackend):
             offset += n
         staged = host.to(self.device)
         out, offset = [], 0
-        for n in sizes:
-            out.append(staged[offset : offset + n].clone())
+        for v, n in zip(values, sizes):
+            head = bytes(memoryview(v)[:HEAD_BYTES])
+            out.append(DeviceBlob(staged[offset : offset + n].clone(), head))
             offset += n
         return out
 
+    def get_device(self, keys) -> list[DeviceBlob | None]:
+        """As :meth:`get`, the hits handed out where they are (:class:`DeviceBlob`: no
+        device-to-host copy; counted and promoted as by :meth:`get`).
+
+        Raises:
+            ValueError: a key is malformed.
+        """
+        return self._get(keys, list)
+
     def _from_stored(self, stored: list[Any]) -> list[bytes]:
         """Gather on the device, one device-to-host copy, then split into bytes."""
-        gathered = stored[0] if len(stored) == 1 else torch.cat(stored)
+        tensors = [b.data for b in stored]
+        gathered = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
         host = torch.empty(gathered.numel(), dtype=torch.uint8, pin_memory=self._pin)
         host.copy_(gathered)
         view = memoryview(host.numpy())
         out, offset = [], 0
-        for t in stored:
+        for t in tensors:
             out.append(bytes(view[offset : offset + t.numel()]))
             offset += t.numel()
         return out

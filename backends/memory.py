@@ -261,6 +261,11 @@ class MemoryBackend(Backend):
         Raises:
             ValueError: a key is malformed.
         """
+        return self._get(keys, self._from_stored)
+
+    def _get(self, keys: Sequence[str], convert) -> list:
+        """Each key's stored value through ``convert`` (one call for all hits), or None;
+        hits promoted and counted."""
         keys = validate_keys(keys)
         found: list[Any] = []
         with self._lock:
@@ -273,7 +278,7 @@ class MemoryBackend(Backend):
                     self._bytes_read += len(value)
                 found.append(value)
         hits = [v for v in found if v is not None]
-        loaded = iter(self._from_stored(hits) if hits else [])
+        loaded = iter(convert(hits) if hits else [])
         return [None if v is None else next(loaded) for v in found]
 
     def put(self, items: Sequence[tuple[str, bytes]]) -> None:

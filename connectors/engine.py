@@ -18,6 +18,7 @@ the same keys for the same tokens and share every chunk (``tests/test_engine_key
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -28,7 +29,15 @@ from ..errors import ArtifactModelMismatchError, ConfigError
 from ..model import ModelInfo, kv_geometry
 from ..store import TieredStore
 
-__all__ = ["KV_DTYPE_NAMES", "engine_model_info", "open_engine_store", "request_salt"]
+__all__ = [
+    "KV_DTYPE_NAMES",
+    "engine_model_info",
+    "open_engine_store",
+    "request_salt",
+    "warn_if_codec_on_cpu",
+]
+
+log = logging.getLogger(__name__)
 
 KV_DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
@@ -134,3 +143,29 @@ def open_engine_store(
     return TieredStore.from_config(
         config_path, info, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size, codec_device=codec_device
     )
+
+
+def warn_if_codec_on_cpu(store: TieredStore, engine: str) -> bool:
+    """Tell the user, once per store, when an engine's KV will be coded by the CPU
+    reference codec although a CUDA device is present (the store config's
+    ``codec.device`` is ``cpu``, or the artifact cannot run on the batched GPU codec):
+    a log line and the ``kvtc_codec_on_cpu`` gauge set to 1. Tens of MB/s on the CPU
+    against tens of GB/s on the GPU, so never silently.
+
+    Returns:
+        True when it warned (now or before) for this store.
+    """
+    if getattr(store.codec, "takes_device_blobs", False) or not torch.cuda.is_available():
+        store.metrics.codec_on_cpu.set(0)
+        return False
+    if not getattr(store, "_warned_codec_on_cpu", False):
+        store._warned_codec_on_cpu = True
+        log.warning(
+            "kvtc-store: %s's KV is coded by the CPU reference codec (codec on %s) although "
+            "CUDA is present: set codec.device: cuda in the store config for the batched "
+            "GPU codec (a rans artifact with a power-of-two head dim)",
+            engine,
+            store.codec.device,
+        )
+    store.metrics.codec_on_cpu.set(1)
+    return True

@@ -55,7 +55,7 @@ from lmcache.v1.distributed.serde import (
 )
 from lmcache.v1.memory_management import MemoryObj
 
-from ..codec import CodecArtifact, KVTCCodec, estimate_first_position
+from ..codec import Codec, CodecArtifact, estimate_first_position, make_codec
 from ..codec.blob import blob_size
 from ..config import artifact_from_config, codec_from_config, load_config
 from ..errors import ChunkLayoutError, ConfigError
@@ -73,7 +73,7 @@ _HEADER_MARGIN = 4096
 """Bytes allowed for a blob's prefix and header (~300 B in practice)."""
 
 
-def _kv_dims(shape: torch.Size, codec: KVTCCodec) -> tuple[int, int, int, int]:
+def _kv_dims(shape: torch.Size, codec: Codec) -> tuple[int, int, int, int]:
     """``(L, T, H, D)`` of a ``KV_2LTD`` shape ``(2, L, T, H * D)`` for the codec's model.
 
     Raises:
@@ -97,7 +97,7 @@ class KVTCSerializer(Serializer):
         candidates: possible first positions of a chunk, ``(N,)`` int64 (default: 0).
     """
 
-    def __init__(self, codec: KVTCCodec, candidates: torch.Tensor | None = None) -> None:
+    def __init__(self, codec: Codec, candidates: torch.Tensor | None = None) -> None:
         self.codec = codec
         self.candidates = torch.zeros(1, dtype=torch.int64) if candidates is None else candidates
 
@@ -144,7 +144,7 @@ class KVTCDeserializer(Deserializer):
         codec: the codec for the served model (the one that wrote the blobs).
     """
 
-    def __init__(self, codec: KVTCCodec) -> None:
+    def __init__(self, codec: Codec) -> None:
         self.codec = codec
 
     def deserialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey) -> None:
@@ -172,7 +172,7 @@ class KVTCDeserializer(Deserializer):
         out.copy_(kv.transpose(2, 3).reshape(out.shape))
 
 
-def codec_for_serde(kwargs: dict[str, object]) -> KVTCCodec:
+def codec_for_serde(kwargs: dict[str, object]) -> Codec:
     """The codec an LMCache serde spec names.
 
     Args:
@@ -210,9 +210,9 @@ def codec_for_serde(kwargs: dict[str, object]) -> KVTCCodec:
             art = artifact_from_config(cfg.codec)
             info = ModelInfo(art.model_name, art.model_fingerprint, art.kv_shape, art.rope)
             return codec_from_config(cfg.codec.model_copy(update={"device": device}), info)
-        return KVTCCodec(CodecArtifact.load(cfg.codec.artifact), cfg.codec.coder, device)
+        return make_codec(CodecArtifact.load(cfg.codec.artifact), cfg.codec.coder, device)
     path = Path(os.path.expanduser(str(artifact)))
-    return KVTCCodec(CodecArtifact.load(path), device=str(kwargs.get("device", "cpu")))
+    return make_codec(CodecArtifact.load(path), device=str(kwargs.get("device", "cpu")))
 
 
 def _int_kwarg(kwargs: dict[str, object], name: str, default: int) -> int:

@@ -46,7 +46,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from ..errors import ConfigError, KVTCError
 from ..store import TieredStore
-from .engine import KV_DTYPE_NAMES, open_engine_store
+from .engine import KV_DTYPE_NAMES, open_engine_store, warn_if_codec_on_cpu
 from .sglang_pages import PAGE_TOKENS, PageChain, install_hash_tap
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class KVTCHiCacheStorage(HiCacheStorage):
         if self.store is not None:
             self.store.close()
         self.store, self.layout = store, layout
+        warn_if_codec_on_cpu(store, "SGLang")
 
     def close(self) -> None:
         """Flush queued writes to the lower tiers and close the store."""

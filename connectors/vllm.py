@@ -19,23 +19,35 @@ The contract is vLLM's ``KVConnectorBase_V1``
 - Worker side (:meth:`register_kv_caches`, :meth:`start_load_kv`,
   :meth:`wait_for_save`, :meth:`get_block_ids_with_load_errors`): the layout is read
   from vLLM's KV cache spec, its per-layer views and the layers' attention backend
-  (:mod:`kvtc_store.connectors.vllm_layout`); a load fetches and decodes the chunks
-  (``TieredStore.get``) and scatters them into the request's blocks before the forward;
-  a save gathers the blocks of the newly computed full chunks after the forward and
-  puts them (encoded on the device the KV cache lives on). Blocks whose chunk is
-  missing, corrupt or undecodable are reported so vLLM recomputes them.
+  (:mod:`kvtc_store.connectors.vllm_layout`).
 
-Loads and saves are synchronous (``get_num_new_matched_tokens`` reports ``False``):
-they run inside the step that needs them. Chunk keys come from
+Loads are asynchronous: ``get_num_new_matched_tokens`` reports ``load_async=True``, vLLM
+allocates the request's blocks and parks it (``WAITING_FOR_REMOTE_KVS``) while a worker
+thread fetches every load of the step with one batched call per tier and decodes them as
+one batch straight into their blocks (``TieredStore.get_batch`` into
+``PagedKVLayout.chunk_kv``: no split, cat or scatter); :meth:`get_finished` reports the
+requests whose load is done, and the blocks whose chunk was missing, corrupt or
+undecodable go to vLLM through :meth:`get_block_ids_with_load_errors` in the same step,
+so vLLM recomputes them. Other requests' forward steps never wait for a load.
+
+Saves leave the forward's path: after the forward, :meth:`wait_for_save` copies the
+newly computed full chunks' blocks (a device copy, queued on a side stream on CUDA, that
+the next step's work waits for: vLLM frees a preempted request's blocks at once, so a
+save may not read them later) and hands encoding and the put to a worker thread. A
+finished request's blocks are therefore free at once (:meth:`request_finished`).
+Chunk keys come from
 :func:`kvtc_store.connectors.engine.open_engine_store`, so vLLM and SGLang replicas of
 one model with one config share every chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +62,8 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..errors import ConfigError, KVLayoutError
-from ..store import TieredStore
-from .engine import KV_DTYPE_NAMES, open_engine_store, request_salt
+from ..store import Load, TieredStore
+from .engine import KV_DTYPE_NAMES, open_engine_store, request_salt, warn_if_codec_on_cpu
 from .vllm_layout import PagedKVLayout
 
 if TYPE_CHECKING:
@@ -189,13 +201,19 @@ class KVTCConnector(KVConnectorBase_V1):
         self._chunk = 0
         # scheduler side
         self._matched: dict[str, int] = {}  # req_id -> num_computed_tokens of the last ask
-        self._loads: dict[str, tuple[int, int]] = {}  # req_id -> tokens to load next step
+        self._loads: dict[str, tuple[int, int]] = {}  # req_id -> tokens loaded (async)
+        self._recv: list[RequestPlan] = []  # async loads for the next metadata
         self._tracked: dict[str, _Tracked] = {}
         self._uncacheable: set[str] = set()  # requests the chunk keys cannot name
         self._salts: dict[str, str] = {}  # req_id -> its chunk-key salt
         # worker side
         self._layout: PagedKVLayout | None = None
         self._load_errors: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None  # loads
+        self._save_pool: ThreadPoolExecutor | None = None  # encodes and puts
+        self._loading: dict[str, tuple[Future, RequestPlan]] = {}  # req_id -> job, plan
+        self._saving: list[Future] = []
+        self._streams: dict[str, torch.cuda.Stream] = {}  # side streams: "load", "save"
         if role == KVConnectorRole.SCHEDULER:
             self._open_store(None)
 
@@ -217,7 +235,12 @@ class KVTCConnector(KVConnectorBase_V1):
         return False
 
     def shutdown(self) -> None:
-        """Wait for the queued writes to reach the lower tiers."""
+        """Wait for loads and saves in flight, then for the queued writes to reach the
+        lower tiers."""
+        self.wait_for_transfers(timeout=60)
+        for pool in (self._pool, self._save_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
         if self._store is not None:
             self._store.flush(timeout=60)
 
@@ -235,7 +258,8 @@ class KVTCConnector(KVConnectorBase_V1):
         it shares chunks only with requests of the same salt and adapter.
 
         Returns:
-            ``(tokens, False)``: the load is synchronous (done before the step's forward).
+            ``(tokens, True)``: the load is asynchronous (:meth:`get_finished`);
+            ``(0, False)`` when nothing is to load.
         """
         self._matched.pop(request.request_id, None)
         tokens = _cacheable_prompt(request)
@@ -253,16 +277,34 @@ class KVTCConnector(KVConnectorBase_V1):
         if hit <= num_computed_tokens:
             return 0, False
         self._matched[request.request_id] = num_computed_tokens
-        return hit - num_computed_tokens, False
+        return hit - num_computed_tokens, True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        """Remember the tokens to load for ``request`` (from the computed prefix vLLM
-        had when it asked, for ``num_external_tokens`` tokens)."""
+        """Plan the asynchronous load of ``request`` into the blocks vLLM just allocated
+        (from the computed prefix vLLM had when it asked, for ``num_external_tokens``
+        tokens); it goes out with the next step's metadata."""
         start = self._matched.pop(request.request_id, None)
-        if num_external_tokens > 0 and start is not None:
-            self._loads[request.request_id] = (start, start + num_external_tokens)
+        tokens = _cacheable_prompt(request)
+        if num_external_tokens <= 0 or start is None or tokens is None:
+            return
+        end = start + num_external_tokens
+        self._loads[request.request_id] = (start, end)
+        fetch_end = min(-(-end // self._chunk) * self._chunk, len(tokens))
+        block_ids = list(blocks.get_block_ids()[0])
+        n_blocks = min(len(block_ids), -(-fetch_end // self._block_size))
+        fetch_end = min(fetch_end, n_blocks * self._block_size)
+        self._recv.append(
+            RequestPlan(
+                request.request_id,
+                tokens[:fetch_end],
+                block_ids[:n_blocks],
+                start,
+                min(end, fetch_end),
+                salt=self._salts.get(request.request_id, ""),
+            )
+        )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVTCConnectorMetadata:
         """Per request of this step: what to load before and what to save after the forward.
@@ -271,7 +313,8 @@ class KVTCConnector(KVConnectorBase_V1):
         (``num_computed_tokens + num_scheduled_tokens``), from the first chunk not yet
         in the store; loaded chunks count as stored.
         """
-        meta = KVTCConnectorMetadata()
+        meta = KVTCConnectorMetadata(requests=self._recv)
+        self._recv = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids is None or new.req_id in self._uncacheable:
@@ -297,12 +340,13 @@ class KVTCConnector(KVConnectorBase_V1):
     def _plan(
         self, meta: KVTCConnectorMetadata, req_id: str, state: _Tracked, computed: int, n: int
     ) -> None:
-        load_start, load_end = self._loads.pop(req_id, (0, 0))
+        _, load_end = self._loads.pop(req_id, (0, 0))  # loaded while it waited
         # vLLM recomputes from `computed` (a preempted request, or blocks that failed to
         # load): what lies beyond it may not be in the store, so save it again
         state.saved_end = min(state.saved_end, computed // self._chunk * self._chunk)
-        if load_end:
-            state.saved_end = max(state.saved_end, load_end // self._chunk * self._chunk)
+        if load_end:  # what loaded of it (vLLM rolled back past blocks that failed)
+            loaded = min(load_end, computed)
+            state.saved_end = max(state.saved_end, loaded // self._chunk * self._chunk)
         done = min(computed + n, len(state.token_ids))
         save_end = done // self._chunk * self._chunk
         # a request's first save starts at token 0, so that chunks vLLM held from its own
@@ -313,39 +357,32 @@ class KVTCConnector(KVConnectorBase_V1):
             save_end = save_start = 0
         else:
             state.saved_end, state.saved_once = save_end, True
-        if not (load_end or save_end):
+        if not save_end:
             return
-        # the load covers whole chunks of the store and whole blocks of the cache
-        fetch_end = -(-load_end // self._chunk) * self._chunk
-        end = max(fetch_end, save_end)
-        n_blocks = -(-end // self._block_size)
-        if len(state.block_ids) < n_blocks:  # a load may not reach past the allocated blocks
-            end = len(state.block_ids) * self._block_size
-            n_blocks = len(state.block_ids)
+        n_blocks = save_end // self._block_size
         meta.requests.append(
             RequestPlan(
                 req_id,
-                state.token_ids[:end],
+                state.token_ids[:save_end],
                 state.block_ids[:n_blocks],
-                load_start,
-                min(load_end, end),
-                save_end,
-                save_start,
-                state.salt,
+                save_end=save_end,
+                save_start=save_start,
+                salt=state.salt,
             )
         )
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request. Saves are done by the time a request finishes, so its
-        blocks can be freed at once (``False``)."""
+        """Forget the request. Its saves copied their blocks before the step ended (the
+        module doc), so its blocks can be freed at once (``False``)."""
         self._forget(request.request_id)
         return False, None
 
     def _forget(self, req_id: str) -> None:
         self._tracked.pop(req_id, None)
         self._loads.pop(req_id, None)
+        self._recv = [p for p in self._recv if p.req_id != req_id]
         self._matched.pop(req_id, None)
         self._uncacheable.discard(req_id)
         self._salts.pop(req_id, None)
@@ -381,56 +418,122 @@ class KVTCConnector(KVConnectorBase_V1):
             head_size_v=spec.head_size_v,
             dtype=spec.dtype,
         )
-        self._open_store(str(self._layout.device))
+        store = self._open_store(str(self._layout.device))
+        if self._layout.device.type == "cuda":
+            warn_if_codec_on_cpu(store, "vLLM")
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Fetch, decode and scatter every load of this step (before the forward).
-
-        Blocks whose chunk is missing, corrupt or fails to decode are left for vLLM to
-        recompute and reported by :meth:`get_block_ids_with_load_errors`.
-        """
+        """Start every load of this step on the worker thread, as one batch (the module
+        doc); :meth:`get_finished` reports each request once its load is done."""
         if not self.has_connector_metadata():
             return
-        for plan in self._get_connector_metadata().requests:
-            if plan.load_end > plan.load_start:
-                self._load(plan)
+        plans = [p for p in self._get_connector_metadata().requests if p.load_end > p.load_start]
+        if not plans:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtc-vllm-load")
+        job = self._pool.submit(self._load_batch, plans)
+        for plan in plans:
+            self._loading[plan.req_id] = job, plan
 
-    def _load(self, plan: RequestPlan) -> None:
-        layout, bs = self._layout, self._block_size
-        want = min(-(-plan.load_end // self._chunk) * self._chunk, len(plan.token_ids))
-        first = plan.load_start // self._chunk * self._chunk  # the KV fetched starts here
-        try:
-            got = self._store.get(
-                plan.token_ids,
-                n_tokens=want,
-                device=layout.device,
-                start=plan.load_start,
-                salt=plan.salt,
-            )
-        except Exception as exc:  # noqa: BLE001 - a failed load is a recompute, not a crash
-            log.warning("request %s: loading KV failed: %s", plan.req_id, exc)
-            got = None
-        n = 0 if got is None else got[0].shape[2]
-        end = min(first + n, len(plan.block_ids) * bs) // bs * bs
-        if end > plan.load_start:
-            keys, values = got
-            s = plan.load_start
-            layout.scatter(
-                plan.block_ids[s // bs : end // bs],
-                keys[:, :, s - first : end - first],
-                values[:, :, s - first : end - first],
-            )
-        first_bad = max(end, plan.load_start)
-        if first_bad < plan.load_end:
-            bad = plan.block_ids[first_bad // bs : -(-plan.load_end // bs)]
-            log.warning(
-                "request %s: tokens %d..%d did not load (%d blocks recomputed)",
-                plan.req_id,
-                first_bad,
-                plan.load_end,
-                len(bad),
-            )
-            self._load_errors.update(bad)
+    def _load_batch(self, plans: list[RequestPlan]) -> dict[str, set[int]]:
+        """Load ``plans`` (on the worker thread): the chunks that start at or after each
+        load's start decoded as one batch straight into their blocks; a first chunk that
+        begins before it (the blocks before ``load_start`` are vLLM's own) decoded apart
+        and its tail scattered. Returns each request's blocks that did not load."""
+        ct, bs = self._chunk, self._block_size
+        layout = self._layout
+        whole, heads, rows = [], [], []  # loads into the pages; partial first chunks
+        for plan in plans:
+            first = plan.load_start // ct * ct
+            aligned = -(-plan.load_start // ct) * ct
+            end = len(plan.token_ids) // ct * ct
+            if first < aligned:
+                heads.append(plan)
+            n = max(0, (end - aligned) // ct)
+            whole.append(Load(plan.token_ids, len(rows), end, aligned, plan.salt))
+            rows += [plan.block_ids[(aligned + c * ct) // bs : (aligned + (c + 1) * ct) // bs]
+                     for c in range(n)]  # fmt: skip
+        loaded = {p.req_id: p.load_start for p in plans}  # tokens valid from 0
+        with self._on_side_stream("load") as side:
+            for plan in heads:  # rare: vLLM's own prefix ends inside a chunk
+                loaded[plan.req_id] = self._load_head(plan)
+            got = self._store.get_batch(whole, layout.chunk_kv(rows)) if rows else []
+            if side is not None:
+                side.synchronize()  # the pages are written before vLLM is told
+        errors = {}
+        for plan, ld, n in zip(plans, whole, got or [0] * len(plans)):
+            valid = ld.start + n if loaded[plan.req_id] >= ld.start else loaded[plan.req_id]
+            end = min(valid, len(plan.block_ids) * bs) // bs * bs
+            first_bad = max(end, plan.load_start)
+            if first_bad < plan.load_end:
+                bad = set(plan.block_ids[first_bad // bs : -(-plan.load_end // bs)])
+                log.warning("request %s: tokens %d..%d did not load (%d blocks recomputed)",
+                            plan.req_id, first_bad, plan.load_end, len(bad))  # fmt: skip
+                errors[plan.req_id] = bad
+        return errors
+
+    def _load_head(self, plan: RequestPlan) -> int:
+        """The chunk in which ``plan.load_start`` falls, fetched and decoded, and its
+        tokens from ``load_start`` on scattered into their blocks; the end of what is
+        valid (``load_start`` when it did not load)."""
+        ct, bs = self._chunk, self._block_size
+        first = plan.load_start // ct * ct
+        got = self._store.get(plan.token_ids, n_tokens=first + ct, device=self._layout.device,
+                              start=first, salt=plan.salt)  # fmt: skip
+        if got is None:
+            return plan.load_start
+        s, e = plan.load_start, min(first + ct, len(plan.block_ids) * bs)
+        keys, values = (x[:, :, s - first : e - first] for x in got)
+        self._layout.scatter(plan.block_ids[s // bs : e // bs], keys, values)
+        return e
+
+    @contextlib.contextmanager
+    def _on_side_stream(self, name: str):
+        """Run the body on this worker's side stream ``name`` (CUDA; yields it), else
+        where it is (yields None)."""
+        if self._layout is None or self._layout.device.type != "cuda":
+            yield None
+            return
+        side = self._streams.get(name)
+        if side is None:
+            side = self._streams[name] = torch.cuda.Stream(self._layout.device)
+        with torch.cuda.stream(side):
+            yield side
+
+    def _streams_on(self) -> bool:
+        return self._layout is not None and self._layout.device.type == "cuda"
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose asynchronous load is done (``(None, done)``): their blocks hold
+        the KV (those that failed are in :meth:`get_block_ids_with_load_errors`, which
+        vLLM reads in the same step). A load job that raised is a failed load of all its
+        requests' blocks: a recompute, never a crash."""
+        done: set[str] = set()
+        bs = self._block_size
+        for req_id, (job, plan) in list(self._loading.items()):
+            if not job.done():
+                continue
+            del self._loading[req_id]
+            done.add(req_id)
+            try:
+                self._load_errors |= job.result().get(req_id, set())
+            except Exception as exc:  # noqa: BLE001 - a failed load is a recompute
+                log.warning("request %s: loading KV failed: %s", req_id, exc)
+                self._load_errors |= set(
+                    plan.block_ids[plan.load_start // bs : -(-plan.load_end // bs)]
+                )
+        return None, done or None
+
+    def wait_for_transfers(self, timeout: float | None = None) -> bool:
+        """Wait until the loads and saves in flight are done (tests, shutdown); False if
+        ``timeout`` seconds passed first."""
+        import concurrent.futures as cf
+
+        pending = [job for job, _ in self._loading.values()] + self._saving
+        _, left = cf.wait(pending, timeout=timeout)
+        self._saving = [f for f in self._saving if not f.done()]
+        return not left
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: :meth:`start_load_kv` loads every layer before the forward."""
@@ -446,24 +549,49 @@ class KVTCConnector(KVConnectorBase_V1):
         all layers at once after the forward."""
 
     def wait_for_save(self) -> None:
-        """Gather the blocks of each request's newly computed full chunks (only those: from
-        ``save_start``), encode and put.
+        """Copy the blocks of each request's newly computed full chunks (only those: from
+        ``save_start``) and hand encoding and the put to the save thread; the step does
+        not wait for them. On CUDA the copy is queued on a side stream behind the
+        forward, and the current stream waits for it, so no later step overwrites the
+        blocks first (the host does not wait).
 
-        A failed put is logged and dropped (a later miss): the step never fails for it.
+        A failed save is logged and dropped (a later miss): the step never fails for it.
         """
         if not self.has_connector_metadata():
             return
-        for plan in self._get_connector_metadata().requests:
-            if not plan.save_end:
-                continue
-            bs = self._block_size
-            blocks = plan.block_ids[plan.save_start // bs : plan.save_end // bs]
-            try:
-                keys, values = self._layout.gather(blocks)
-                tokens = torch.tensor(plan.token_ids[: plan.save_end])
-                self._store.put(tokens, keys, values, start=plan.save_start, salt=plan.salt)
-            except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
-                log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
+        plans = [p for p in self._get_connector_metadata().requests if p.save_end]
+        if not plans:
+            return
+        bs = self._block_size
+        copies = []
+        main = torch.cuda.current_stream(self._layout.device) if self._streams_on() else None
+        with self._on_side_stream("save") as side:
+            if side is not None:
+                side.wait_stream(main)
+            for plan in plans:
+                try:
+                    blocks = plan.block_ids[plan.save_start // bs : plan.save_end // bs]
+                    copies.append((plan, *self._layout.gather(blocks)))
+                except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
+                    log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
+        if main is not None:
+            main.wait_stream(self._streams["save"])
+        if self._save_pool is None:
+            self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtc-vllm-save")
+        self._saving = [f for f in self._saving if not f.done()]
+        self._saving.append(self._save_pool.submit(self._save, copies))
+
+    def _save(self, copies) -> None:
+        """Encode and put the copied chunks (on the save thread)."""
+        with self._on_side_stream("save") as side:
+            if side is not None:
+                side.synchronize()  # the copies are done
+            for plan, keys, values in copies:
+                try:
+                    tokens = torch.tensor(plan.token_ids[: plan.save_end])
+                    self._store.put(tokens, keys, values, start=plan.save_start, salt=plan.salt)
+                except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
+                    log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids whose KV failed to load since the last call (vLLM recomputes them)."""

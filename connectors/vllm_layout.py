@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..codec import ChunkKV
 from ..errors import KVLayoutError
 
 __all__ = ["BACKEND_CONTENT", "PagedKVLayout", "layer_order"]
@@ -175,6 +176,37 @@ class PagedKVLayout:
         ids = torch.as_tensor(list(block_ids), dtype=torch.long)
         sub = torch.arange(self.sub_blocks, dtype=torch.long)
         return (ids[:, None] * self.sub_blocks + sub[None, :]).reshape(-1).to(self.device)
+
+    def kv_pages(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, ``(B', H, N, D)`` views of the keys and of the values (no copy): the
+        pages a :class:`~kvtc_store.codec.ChunkKV` addresses."""
+        dim = self.head_size
+        if self.content == "token":
+            return [v[..., :dim] for v in self.views], [v[..., dim:] for v in self.views]
+        keys, values = [], []
+        for v in self.views:  # each (N, 2D) page is N keys then N values, contiguous
+            blocks, heads, slots, _ = v.shape
+            kv = torch.as_strided(
+                v,
+                (blocks, heads, 2, slots, dim),
+                (v.stride(0), v.stride(1), slots * dim, dim, 1),
+                v.storage_offset(),
+            )
+            keys.append(kv[:, :, 0])
+            values.append(kv[:, :, 1])
+        return keys, values
+
+    def chunk_kv(self, block_rows) -> ChunkKV:
+        """Chunks that fill whole blocks, as a :class:`~kvtc_store.codec.ChunkKV` over the
+        cache itself (a decoder writes into it, an encoder reads it; no copy).
+
+        Args:
+            block_rows: per chunk, its manager block ids in token order (all rows of one
+                length: ``chunk tokens / block_size`` blocks).
+        """
+        ids = torch.stack([self._view_blocks(row).cpu() for row in block_rows])
+        keys, values = self.kv_pages()
+        return ChunkKV.paged(keys, values, ids)
 
     def gather(self, block_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of whole blocks.

@@ -53,7 +53,7 @@ from .errors import BucketNotFoundError, ConfigError, StoreError
 
 if TYPE_CHECKING:
     from .backends import Backend
-    from .codec import KVTCCodec
+    from .codec import Codec
     from .model import ModelInfo
 
 __all__ = [
@@ -728,7 +728,7 @@ def codec_from_config(
     model=None,
     tokenizer=None,
     progress=None,
-) -> KVTCCodec:
+) -> Codec:
     """The codec a config asks for.
 
     - ``codec.artifact`` set: load that artifact (checked against ``model_info`` if given).
@@ -756,7 +756,7 @@ def codec_from_config(
             ``codec.device`` cannot be used.
         CalibrationError: calibration cannot run.
     """
-    from .codec import CodecArtifact, KVTCCodec
+    from .codec import CodecArtifact, make_codec
 
     c = cfg.codec if isinstance(cfg, StoreConfig) else cfg
     if c.registry is not None:
@@ -795,7 +795,7 @@ def codec_from_config(
                 "to calibrate one, run `kvtc-store calibrate`, or set codec.artifact"
             )
     try:
-        return KVTCCodec(
+        return make_codec(
             art,
             coder=c.coder,
             device=c.device,

@@ -48,7 +48,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -219,6 +219,12 @@ class StoreMetrics:
         self.undecodable_chunks = Counter(
             "kvtc_store_undecodable_chunks",
             "Blobs written by a codec this store cannot decode (deleted, served as misses).",
+            registry=r,
+        )
+        self.codec_on_cpu = Gauge(
+            "kvtc_codec_on_cpu",
+            "1 when a serving engine's KV is coded by the CPU reference codec although a "
+            "CUDA device is present (the batched GPU codec is not in use; see the log).",
             registry=r,
         )
         r.register(_TierCollector(stack))

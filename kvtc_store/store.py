@@ -31,8 +31,8 @@ import torch
 from typing_extensions import Self
 
 from .backends import Backend
-from .codec import KVTCCodec
-from .codec.blob import ChunkBinding
+from .codec import ChunkKV, Codec
+from .codec.format import ChunkBinding
 from .errors import (
     BlobError,
     BlobMisfiledError,
@@ -87,6 +87,25 @@ class StoreStats:
         return self.raw_bf16_bytes_put / self.bytes_put if self.bytes_put else 0.0
 
 
+@dataclass(frozen=True)
+class Load:
+    """One request's part of :meth:`TieredStore.get_batch`.
+
+    Attributes:
+        tokens: the request's token ids ``(T,)`` from position 0.
+        at: the destination chunk its first fetched chunk goes to.
+        n_tokens: fetch at most this many tokens (whole chunks; default every full one).
+        start: fetch from this token on (rounded down to a chunk).
+        salt: the request's isolation salt (:meth:`TieredStore.keys_for`).
+    """
+
+    tokens: object
+    at: int = 0
+    n_tokens: int | None = None
+    start: int = 0
+    salt: str = ""
+
+
 @dataclass
 class PutResult:
     """What :meth:`TieredStore.put` did: chunks encoded and written, chunks already
@@ -108,7 +127,9 @@ class TieredStore:
 
     Args:
         tiers: backends from the top (fastest) to the bottom; at least one.
-        codec: the KVTC codec (its artifact must match the model whose KV is stored), or
+        codec: a KVTC codec (:class:`~kvtc_store.codec.Codec`: the CPU reference or the
+            batched CUDA codec, :func:`~kvtc_store.codec.make_codec`; its artifact must
+            match the model whose KV is stored), or
             a :class:`~kvtc_store.registry.VersionedCodec` following a registry profile
             (encodes with the current artifact, decodes every artifact the registry
             holds; its metrics join the store's, and :meth:`close` stops it).
@@ -137,7 +158,7 @@ class TieredStore:
     def __init__(
         self,
         tiers: Sequence[Backend],
-        codec: KVTCCodec,
+        codec: Codec,
         namespace: ChunkNamespace,
         chunk_tokens: int = 256,
         *,
@@ -378,7 +399,7 @@ class TieredStore:
     # --- get and prefetch ----------------------------------------------------------------
 
     def _fetch(
-        self, keys: list[str]
+        self, keys: list[str], device_blobs: bool = False
     ) -> tuple[list[bytes | None], list[str | None], list[str | None]]:
         """Blobs for ``keys``, what served each (a tier, the write queue or
         ``prefetch``) and the tier each came from: what a prefetch fetched first
@@ -396,7 +417,7 @@ class TieredStore:
                     origins[i] = self._prefetch_source.pop(k, None)
         rest = [i for i, b in enumerate(blobs) if b is None]
         if rest:
-            got = self._stack.get([keys[i] for i in rest])
+            got = self._stack.get([keys[i] for i in rest], device_blobs)
             for i, blob, src in zip(rest, got.blobs, got.sources):
                 blobs[i], sources[i], origins[i] = blob, src, src
         return blobs, sources, origins
@@ -410,11 +431,15 @@ class TieredStore:
         dtype: torch.dtype | None = None,
         start: int = 0,
         salt: str = "",
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        out: ChunkKV | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | int | None:
         """KV of the longest cached prefix of ``tokens`` (up to ``n_tokens``).
 
         One batched ``get`` per tier for all the chunks (each from the highest tier
-        holding it; hits below the top are promoted), then one batched decode.
+        holding it; hits below the top are promoted), then one batched decode. With
+        ``out``, the decode writes each chunk straight into the caller's memory (an
+        engine's pages or a contiguous cache; :class:`~kvtc_store.codec.ChunkKV`):
+        no split, ``torch.cat`` or scatter copies.
 
         Args:
             tokens: token ids ``(T,)``.
@@ -424,9 +449,14 @@ class TieredStore:
             start: fetch from this token on (rounded down to a chunk), for an engine
                 that holds the KV before it; the chunks before it are not fetched.
             salt: the request's isolation salt (:meth:`keys_for`).
+            out: destination of the chunks from ``start`` on, chunk ``i`` of the fetch
+                into chunk ``i`` of ``out`` (it holds ``out.batch`` chunks of
+                ``chunk_tokens`` tokens; at most that many are fetched).
 
         Returns:
-            ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
+            With ``out``: the number of tokens written (a multiple of ``chunk_tokens``,
+            0 when nothing is cached there); chunks past it in ``out`` are untouched
+            or undefined. Without: ``(keys, values)``, each ``(L, H, n, D)`` with ``n`` a multiple of
             ``chunk_tokens``: the KV of tokens ``[s, s + n)``, ``s`` = ``start`` rounded
             down to a chunk, keys with RoPE applied; or ``None`` when nothing is cached
             there. A chunk that is missing, corrupt or undecodable ends the run there
@@ -437,36 +467,124 @@ class TieredStore:
             ckeys = ckeys[: n_tokens // self.chunk_tokens]
         first = self._first_chunk(start)
         ckeys = ckeys[first:]
-        blobs, sources, origins = self._fetch(ckeys)
+        if out is not None:
+            if out.tokens != self.chunk_tokens:
+                raise ValueError(f"out holds chunks of {out.tokens} tokens, the store's are "
+                                 f"{self.chunk_tokens}")  # fmt: skip
+            ckeys = ckeys[: out.batch]
+        # a GPU tier's hits stay on the device for a codec that decodes them there
+        blobs, sources, origins = self._fetch(
+            ckeys, getattr(self.codec, "takes_device_blobs", False)
+        )
         present = 0
         while present < len(blobs) and blobs[present] is not None:
             present += 1
         ct = self.chunk_tokens
         expect = [ChunkBinding(k, (first + i) * ct, ct) for i, k in enumerate(ckeys[:present])]
         t0 = time.perf_counter()
-        chunks, error = self.codec.decode_prefix(
-            blobs[:present], device=device, dtype=dtype, expect=expect
-        )
-        dt = time.perf_counter() - t0
-        self.metrics.decode_seconds.observe(dt)
-        for src in sources[: len(chunks)]:
-            self.metrics.chunks_served.labels(src).inc()
-        with self._lock:
-            st = self._stats
-            st.decode_seconds += dt
-            for src in sources[: len(chunks)]:
-                st.chunks_hit[src] = st.chunks_hit.get(src, 0) + 1
-            if present < len(blobs) or error is not None:
-                st.chunks_missed += 1  # the prefix ends at a missing or undecodable chunk
+        if out is not None:
+            got = self.codec.decode_batch(blobs[:present], out, expect=expect)
+            chunks, error = range(got.count), got.error
+        else:
+            chunks, error = self.codec.decode_prefix(
+                blobs[:present], device=device, dtype=dtype, expect=expect
+            )
+        missed = int(present < len(blobs) or error is not None)
+        self._account(time.perf_counter() - t0, sources[: len(chunks)], missed)
         if error is not None:
             i = len(chunks)
             self._drop_bad_chunk(ckeys[i], origins[i], error, list(zip(ckeys, blobs))[i + 1 :])
+        if out is not None:
+            return len(chunks) * ct
         if not chunks:
             return None
         return (
             torch.cat([c.keys for c in chunks], dim=2),
             torch.cat([c.values for c in chunks], dim=2),
         )
+
+    def _account(self, seconds: float, served: Sequence[str | None], missed: int) -> None:
+        """Count a decode: its seconds, the chunks served by source, the prefixes that
+        ended at a missing or undecodable chunk."""
+        self.metrics.decode_seconds.observe(seconds)
+        for src in served:
+            self.metrics.chunks_served.labels(src).inc()
+        with self._lock:
+            st = self._stats
+            st.decode_seconds += seconds
+            for src in served:
+                st.chunks_hit[src] = st.chunks_hit.get(src, 0) + 1
+            st.chunks_missed += missed
+
+    @torch.no_grad()
+    def get_batch(self, loads: Sequence[Load], out: ChunkKV) -> list[int]:
+        """The cached prefixes of several requests, fetched together (one batched
+        ``get`` per tier for all their chunks) and decoded as one batch straight into
+        ``out`` (an engine's pages): what a serving engine's step loads.
+
+        Each request's chunks go to consecutive chunks of ``out`` from ``load.at``; a
+        chunk that is missing, corrupt or undecodable ends that request's run there
+        (the others go on; corrupt blobs are dropped as :meth:`get` drops them).
+
+        Args:
+            loads: the requests (:class:`Load`).
+            out: the destination, ``chunk_tokens`` tokens a chunk.
+
+        Returns:
+            Per load, the tokens written (a multiple of ``chunk_tokens``), from the
+            load's ``start`` rounded down to a chunk.
+
+        Raises:
+            ValueError: ``out``'s chunks are not ``chunk_tokens`` tokens, or a load's
+                chunks do not fit in ``out``.
+        """
+        ct = self.chunk_tokens
+        if out.tokens != ct:
+            raise ValueError(f"out holds chunks of {out.tokens} tokens, the store's are {ct}")
+        runs: list[tuple[int, list[str]]] = []  # per load: first chunk index, keys
+        for ld in loads:
+            ckeys = self.keys_for(ld.tokens, ld.salt)
+            if ld.n_tokens is not None:
+                ckeys = ckeys[: ld.n_tokens // ct]
+            first = self._first_chunk(ld.start)
+            ckeys = ckeys[first:]
+            if ld.at < 0 or ld.at + len(ckeys) > out.batch:
+                raise ValueError(f"{len(ckeys)} chunks at {ld.at} do not fit in {out.batch}")
+            runs.append((first, ckeys))
+        flat = [k for _, ckeys in runs for k in ckeys]
+        blobs, sources, origins = self._fetch(
+            flat, getattr(self.codec, "takes_device_blobs", False)
+        )
+        todo: list[tuple[int, int, int]] = []  # (load, chunk of the load, index in flat)
+        at, missed = 0, 0
+        for r, (_, ckeys) in enumerate(runs):
+            n = 0
+            while n < len(ckeys) and blobs[at + n] is not None:
+                todo.append((r, n, at + n))
+                n += 1
+            missed += n < len(ckeys)
+            at += len(ckeys)
+        done = [0] * len(loads)
+        served: list[str | None] = []
+        t0 = time.perf_counter()
+        while todo:
+            got = self.codec.decode_batch(
+                [blobs[j] for _, _, j in todo],
+                out.select([loads[r].at + i for r, i, _ in todo]),
+                expect=[ChunkBinding(flat[j], (runs[r][0] + i) * ct, ct) for r, i, j in todo],
+            )
+            for r, i, j in todo[: got.count]:
+                done[r] = i + 1
+                served.append(sources[j])
+            if got.error is None:
+                break
+            r, i, j = todo[got.count]
+            missed += 1
+            later = [(flat[x], blobs[x]) for rr, _, x in todo[got.count + 1 :] if rr == r]
+            self._drop_bad_chunk(flat[j], origins[j], got.error, later)
+            todo = [t for t in todo[got.count + 1 :] if t[0] != r]
+        self._account(time.perf_counter() - t0, served, missed)
+        return [n * ct for n in done]
 
     def _drop_bad_chunk(
         self,

@@ -170,18 +170,20 @@ class TierStack:
         found, _, _ = self._ask("exists", keys, local_only)
         return [f is not None for f in found]
 
-    def get(self, keys: list[str]) -> Fetched:
+    def get(self, keys: list[str], device_blobs: bool = False) -> Fetched:
         """Each key's bytes from the highest tier holding it; promote hits from below.
 
         One batched ``get`` per tier (only for keys no tier above had), so a prefix of
-        128 chunks costs at most one call per tier, not 128.
+        128 chunks costs at most one call per tier, not 128. ``device_blobs``: a top tier
+        that has ``get_device`` (the GPU tier) hands its hits out in device memory
+        (:class:`~kvtc_store.backends.DeviceBlob`), for a decoder on that device.
         """
-        blobs, found_in, sources = self._ask("get", keys)
+        blobs, found_in, sources = self._ask("get", keys, device_blobs=device_blobs)
         self._promote(keys, blobs, found_in)
         return Fetched(blobs, sources)
 
     def _ask(
-        self, op: str, keys: list[str], local_only: bool = False
+        self, op: str, keys: list[str], local_only: bool = False, device_blobs: bool = False
     ) -> tuple[list, list[int], list[str | None]]:
         """Ask the tiers top down, each once and only for the keys none above had.
 
@@ -205,7 +207,9 @@ class TierStack:
             if local_only and tier.remote:
                 continue
             try:
-                answers = self.call(t, op, getattr(tier, op), [keys[i] for i in missing])
+                name = "get_device" if device_blobs and t == 0 and op == "get" else op
+                fn = getattr(tier, name, None) or getattr(tier, op)
+                answers = self.call(t, op, fn, [keys[i] for i in missing])
             except TierUnavailableError:  # its breaker is open: skipped, a miss
                 self._count_failure(tier, "skipped")
                 continue

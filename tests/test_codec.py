@@ -13,11 +13,13 @@ from safetensors.torch import load_file
 
 from kvtc_store.codec import (
     CalibrationStats,
+    Codec,
     CodecArtifact,
     KVTCCodec,
     RopeParams,
     default_groups,
     fit_artifacts,
+    make_codec,
     measure_error,
 )
 from kvtc_store.codec.blob import unpack_blob
@@ -723,15 +725,15 @@ def test_unknown_basis_dtype_is_an_artifact_error(arts) -> None:
         dataclasses.replace(arts["all", 8.0], artifact_id="", basis_dtype="int4")
 
 
-def test_batched_gpu_kernels_only_where_they_apply(arts) -> None:
-    """The batched GPU codec is used on CUDA by default, never on the CPU unless asked,
-    and asking for it where it cannot run (the minmax quantiser) is an error."""
+def test_factory_picks_the_batched_codec_only_where_it_applies(arts) -> None:
+    """make_codec gives the CPU reference off CUDA (and when told not to batch), and
+    asking for the batched codec where it cannot run is an error naming why."""
     for art in (arts["all", 8.0], arts["layer", 4.0]):
-        assert KVTCCodec(art)._gpu is None
-        assert KVTCCodec(art, gpu_kernels=False)._gpu is None
-        if art.quantizer == "minmax":
-            with pytest.raises(ValueError, match="quantiser 'minmax'"):
-                KVTCCodec(art, gpu_kernels=True)
+        assert type(make_codec(art)) is KVTCCodec
+        assert type(make_codec(art, batched=False)) is KVTCCodec
+        with pytest.raises(ValueError, match="needs CUDA"):
+            make_codec(art, batched=True)
+        assert isinstance(make_codec(art), Codec)
 
 
 def test_int8_basis_of_a_group_that_keeps_no_component(arts, tmp_path) -> None:

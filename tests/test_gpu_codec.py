@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtc_store.codec import CodecArtifact, KVTCCodec
+from kvtc_store.codec import CodecArtifact, KVTCCodec, make_codec
 from kvtc_store.codec.quant import pack_bits, unpack_bits
 from tests.test_codec import arts, make_chunk  # noqa: F401 - synthetic artifact fixture
 
@@ -56,7 +56,7 @@ def test_blobs_cross_devices(arts):  # noqa: F811
     decodes to the same values on both (float tolerance); both devices' blobs carry the
     same header and reconstruct the chunk equally well."""
     for art, k, v, first in _cases(arts):
-        cpu, gpu = KVTCCodec(art), KVTCCodec(art, device="cuda")
+        cpu, gpu = KVTCCodec(art), make_codec(art, device="cuda")
         blob_c = cpu.encode(k, v, first)
         blob_g = gpu.encode(k.cuda(), v.cuda(), first)
         assert cpu.read_header(blob_g).sections == cpu.read_header(blob_c).sections
@@ -75,7 +75,7 @@ def test_blobs_cross_devices(arts):  # noqa: F811
 def test_gpu_decode_writes_every_element(arts):  # noqa: F811
     """Poison the CUDA caching allocator with NaN, then decode: no NaN may survive."""
     for art, k, v, first in _cases(arts):
-        gpu = KVTCCodec(art, device="cuda")
+        gpu = make_codec(art, device="cuda")
         blob = gpu.encode(k.cuda(), v.cuda(), first, exact_tail=64)
         poison = torch.full((64 << 20,), float("nan"), device="cuda")
         del poison  # its memory returns to the cache, NaN-filled, for decode's torch.empty

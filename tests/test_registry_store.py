@@ -241,3 +241,29 @@ def test_registry_config_keys_and_overrides(tmp_path):
         load_config(path, env={"KVTC_STORE_CODEC__ARTIFACT": str(tmp_path)})
     with pytest.raises(ConfigError, match=re.escape("codec.profile")):
         load_config(path, env={"KVTC_STORE_CODEC__PROFILE": "../x"})
+
+
+def test_a_batch_of_two_versions_decodes_into_one_destination(tmp_path, folder_registry):
+    """``VersionedCodec.decode_batch`` (what ``get_batch`` and ``get(out=)`` call): blobs
+    of two artifacts in one batch, each run decoded by its own codec into its chunks of
+    the caller's destination, equal to each version's own round trip."""
+    from kvtc_store.codec import ChunkKV
+    from kvtc_store.store import Load
+
+    config = write_config(tmp_path, str(tmp_path / "registry"))
+    tok_a, k_a, v_a = tiny_sequence(3, seed=1)
+    tok_b, k_b, v_b = tiny_sequence(3, seed=2)
+    with TieredStore.from_config(config, tiny_info()) as store:
+        store.put(tok_a, k_a, v_a)
+        folder_registry.promote(FP, V2.artifact_id, "ratio16")
+        assert store.codec.refresh() == V2.artifact_id
+        store.put(tok_b, k_b, v_b)
+        shape = (6, *k_a.shape[:2], CHUNK, k_a.shape[3])
+        out = ChunkKV.dense(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+        got = store.get_batch([Load(tok_a, at=0), Load(tok_b, at=3)], out)
+        assert got == [3 * CHUNK, 3 * CHUNK]
+        for at, (keys, values, art) in ((0, (k_a, v_a, V1)), (3, (k_b, v_b, V2))):
+            want_k, _ = own_round_trip(art, keys, values)
+            got_k = out.keys.dense[at : at + 3].movedim(0, 2).flatten(2, 3)
+            assert torch.equal(got_k, want_k.to(got_k.dtype))
+        assert store.codec.hits == {V1.artifact_id: 3, V2.artifact_id: 3}

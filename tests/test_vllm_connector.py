@@ -288,6 +288,14 @@ def corrupt_chunk(store, tokens, index: int) -> None:
     tier.put([(key, bytes(bad))])
 
 
+def finish(worker, *loaded: str) -> None:
+    """Wait for the worker's loads and saves in flight (they run on its threads) and
+    check that ``get_finished`` reports exactly the requests ``loaded``, once."""
+    assert worker.wait_for_transfers(timeout=60)
+    assert worker.get_finished(set()) == (None, set(loaded) or None)
+    assert worker.get_finished(set()) == (None, None)
+
+
 # ---- worker side --------------------------------------------------------------------------
 
 WORKER_CASES = [
@@ -322,6 +330,7 @@ def test_worker_saves_then_loads_into_other_blocks(
     worker.start_load_kv(None)
     worker.wait_for_save()
     worker.clear_connector_metadata()
+    finish(worker)
     assert worker._store.lookup(tokens) == 4 * CHUNK
 
     dst_blocks = [20, 1, 12, 7]
@@ -333,6 +342,7 @@ def test_worker_saves_then_loads_into_other_blocks(
     worker.start_load_kv(None)
     worker.wait_for_save()
     worker.clear_connector_metadata()
+    finish(worker, "b")
     assert worker.get_block_ids_with_load_errors() == set()
 
     got_k, got_v = read_tokens(kv, backend, dst_blocks, 0, 128, block)
@@ -380,6 +390,7 @@ def test_two_codec_versions_in_one_shared_tier_are_both_read(model_config, tmp_p
         writer.start_load_kv(None)
         writer.wait_for_save()
         writer.clear_connector_metadata()
+        finish(writer)
     assert writer._store.flush(timeout=30)
     ids = {unpack_blob(b)[0].artifact_id for b in writer._store.tiers[-1].get(
         writer._store.keys_for(prompts[0]) + writer._store.keys_for(prompts[1]))}  # fmt: skip
@@ -394,6 +405,7 @@ def test_two_codec_versions_in_one_shared_tier_are_both_read(model_config, tmp_p
         reader.start_load_kv(None)
         reader.wait_for_save()
         reader.clear_connector_metadata()
+        finish(reader, f"r{i}")
         assert reader.get_block_ids_with_load_errors() == set()
         got_k, got_v = read_tokens(kv2, backend, dst, 0, 4 * CHUNK, block)
         want_k, want_v = round_trip(*source_kv(tokens), artifact=art)
@@ -421,13 +433,14 @@ def test_suffix_saves_and_loads_without_the_chunks_before(model_config, store_ya
     worker.bind_connector_metadata(KVTCConnectorMetadata([plan]))
     worker.wait_for_save()
     worker.clear_connector_metadata()
+    finish(worker)
     assert store.stats.chunks_put == 2  # chunks 2 and 3 only
     assert store.lookup(tokens) == 0  # chunk 0 is not stored: no prefix from 0
     assert store.lookup(tokens, start=64) == 128
 
     scheduler = KVTCConnector(config, KVConnectorRole.SCHEDULER, kcc)
     req = Request("b", tokens, SamplingParams(max_tokens=1), None)
-    assert scheduler.get_num_new_matched_tokens(req, 64) == (64, False)
+    assert scheduler.get_num_new_matched_tokens(req, 64) == (64, True)  # loaded async
     assert scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
 
     dst_blocks = [20, 1, 12, 7]
@@ -435,6 +448,7 @@ def test_suffix_saves_and_loads_without_the_chunks_before(model_config, store_ya
     worker.bind_connector_metadata(KVTCConnectorMetadata([plan]))
     worker.start_load_kv(None)
     worker.clear_connector_metadata()
+    finish(worker, "b")
     assert worker.get_block_ids_with_load_errors() == set()
     got_k, got_v = read_tokens(kv, CPUAttentionBackend, dst_blocks, 64, 128, block)
     want_k, want_v = round_trip(keys[:, :, :128], values[:, :, :128])
@@ -454,6 +468,7 @@ def test_worker_reports_blocks_of_a_corrupt_chunk(model_config, store_yaml):
         KVTCConnectorMetadata([RequestPlan("a", tokens, src, save_end=96)])
     )
     worker.wait_for_save()
+    finish(worker)
     corrupt_chunk(worker._store, tokens, 1)
 
     dst = list(range(10, 16))
@@ -461,6 +476,7 @@ def test_worker_reports_blocks_of_a_corrupt_chunk(model_config, store_yaml):
         KVTCConnectorMetadata([RequestPlan("b", tokens, dst, load_start=0, load_end=96)])
     )
     worker.start_load_kv(None)
+    finish(worker, "b")
     # chunk 0 loaded, chunks 1 and 2 (blocks 2..5 of the request) left for recompute
     assert worker.get_block_ids_with_load_errors() == set(dst[2:])
     assert worker.get_block_ids_with_load_errors() == set()  # reported once
@@ -552,15 +568,22 @@ class Engine:
             )
         self.worker.wait_for_save()
         self.worker.clear_connector_metadata()
+        # the loads and saves run on the worker's threads; a test engine waits for them
+        # so that each step reports what vLLM would see by the next one
+        assert self.worker.wait_for_transfers(timeout=60)
+        _, recving = self.worker.get_finished(so.finished_req_ids)
         errors = self.worker.get_block_ids_with_load_errors()
         ids = list(so.num_scheduled_tokens)
         out = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=[[7] if self._prefilled(r) else [] for r in ids],
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=errors),
+            kv_connector_output=KVConnectorOutput(
+                finished_recving=recving, invalid_block_ids=errors
+            ),
         )
         self.scheduler.update_from_output(so, out)
+        self.recving = recving or set()
         return so, meta, errors
 
     def _prefilled(self, req_id) -> bool:
@@ -584,15 +607,20 @@ def test_scheduler_saves_loads_and_recomputes_failed_blocks(model_config, store_
     assert store.lookup(prompt_a) == 96
     assert not so.has_sync_kv_loads
 
-    # b shares a's 96-token prefix: loaded from the store into b's own blocks
+    # b shares a's 96-token prefix: loaded from the store into b's own blocks while b
+    # waits (asynchronously: a's step goes on), then scheduled from token 96
     prompt_b = prompt_a[:96] + torch.randint(0, 1000, (20,), generator=_G).tolist()
     engine.add("b", prompt_b, max_tokens=1)
     so, meta, errors = engine.step()
-    (new_b,) = so.scheduled_new_reqs
-    assert new_b.num_computed_tokens == 96 and so.num_scheduled_tokens["b"] == 20
-    assert so.has_sync_kv_loads and errors == set()
+    assert "b" not in so.num_scheduled_tokens and "a" in so.num_scheduled_tokens
+    assert not so.has_sync_kv_loads and errors == set() and engine.recving == {"b"}
     (plan,) = meta.requests  # a decodes and has nothing new to save
     assert (plan.req_id, plan.load_start, plan.load_end, plan.save_end) == ("b", 0, 96, 0)
+    so, meta, errors = engine.step()
+    (new_b,) = so.scheduled_new_reqs
+    assert new_b.num_computed_tokens == 96 and so.num_scheduled_tokens["b"] == 20
+    assert list(new_b.block_ids[0][:6]) == plan.block_ids  # the blocks it was loaded into
+    assert not meta.requests  # b's loaded chunks are stored: nothing to save
     assert not set(engine.blocks["b"]) & set(engine.blocks["a"])
     got = read_tokens(engine.kv, CPUAttentionBackend, engine.blocks["b"], 0, 96, Engine.BLOCK)
     want = round_trip(*source_kv(prompt_a[:96]))
@@ -600,9 +628,9 @@ def test_scheduler_saves_loads_and_recomputes_failed_blocks(model_config, store_
 
     # never the whole prompt: a prompt of exactly 3 cached chunks gets 2 of them
     exact = Request("probe", prompt_a[:96], SamplingParams(max_tokens=1), None)
-    assert connector.get_num_new_matched_tokens(exact, 0) == (64, False)
+    assert connector.get_num_new_matched_tokens(exact, 0) == (64, True)
     assert connector.get_num_new_matched_tokens(exact, 64) == (0, False)
-    assert connector.get_num_new_matched_tokens(exact, 32) == (32, False)
+    assert connector.get_num_new_matched_tokens(exact, 32) == (32, True)
     # side-effect free: asking changed nothing in the store
     assert store.lookup(prompt_a) == 96 and store.stats.chunks_put == 3
 
@@ -611,10 +639,12 @@ def test_scheduler_saves_loads_and_recomputes_failed_blocks(model_config, store_
     prompt_c = prompt_a[:96] + torch.randint(0, 1000, (10,), generator=_G).tolist()
     engine.add("c", prompt_c, max_tokens=1)
     so, meta, errors = engine.step()
-    assert so.scheduled_new_reqs[0].num_computed_tokens == 96
-    assert errors == set(engine.blocks["c"][2:6])
+    (plan,) = [p for p in meta.requests if p.req_id == "c"]
+    assert (plan.load_start, plan.load_end) == (0, 96) and engine.recving == {"c"}
+    assert errors == set(plan.block_ids[2:6])  # reported with the finished load
     assert sched.requests["c"].num_computed_tokens == 32  # vLLM rolled back to the good prefix
     so, meta, errors = engine.step()
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 32
     assert so.num_scheduled_tokens["c"] == len(prompt_c) - 32
     (plan,) = [p for p in meta.requests if p.req_id == "c"]
     assert plan.save_end == 96 and plan.load_end == 0  # the recomputed chunks are put again
@@ -671,7 +701,7 @@ def test_salted_and_lora_requests_are_cached_each_only_for_itself(model_config, 
     assert [p.salt for p in meta.requests] == [salt_b]
     assert store.lookup(prompt, salt=salt_b) == 64
     assert set(store.keys_for(prompt, salt_b)).isdisjoint(store.keys_for(prompt))
-    assert ask("again-b", cache_salt="tenant-b")[0] == (64, False)  # served to tenant-b
+    assert ask("again-b", cache_salt="tenant-b")[0] == (64, True)  # served to tenant-b
     assert ask("probe-c", cache_salt="tenant-c")[0] == (0, False)  # never to tenant-c
 
     adapter_a = LoRARequest("adapter-a", 1, "/nonexistent/adapter-a")
@@ -680,7 +710,7 @@ def test_salted_and_lora_requests_are_cached_each_only_for_itself(model_config, 
     assert salt_a not in ("", salt_b) and salt_a != ask("probe-b2", lora_request=adapter_b)[1]
     keys, values = source_kv(prompt[:64])
     store.put(torch.tensor(prompt[:64]), keys, values, salt=salt_a)  # as a LoRA save does
-    assert ask("lora-a", lora_request=adapter_a)[0] == (64, False)
+    assert ask("lora-a", lora_request=adapter_a)[0] == (64, True)
     assert ask("lora-b", lora_request=adapter_b)[0] == (0, False)
     assert set(store.keys_for(prompt, salt_a)).isdisjoint(store.keys_for(prompt, salt_b))
 
@@ -698,6 +728,8 @@ def test_a_preempted_request_resumes_from_the_store(model_config, store_yaml):
         preempted |= "b" in so.preempted_req_ids
         plans = [p for p in meta.requests if p.req_id == "b" and p.load_end]
         if preempted and plans:
+            assert engine.recving == {"b"}  # loaded while it waited
+            so, _, _ = engine.step()
             resumed = so, plans[0], errors
             break
     assert resumed is not None, "b was not preempted and resumed"
@@ -710,3 +742,59 @@ def test_a_preempted_request_resumes_from_the_store(model_config, store_yaml):
     got = read_tokens(engine.kv, CPUAttentionBackend, engine.blocks["b"], 0, 64, Engine.BLOCK)
     want = round_trip(*source_kv(prompt_b[:64]))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_step_loads_as_one_batch_and_a_failed_load_is_a_recompute(model_config, store_yaml):
+    """Two requests' loads in one step: one batched fetch and one decode into both
+    requests' blocks (counted on the real store and codec); a load that raises midway
+    (a fault injected: the tier cannot be made to raise for real here) reports every
+    block of its requests for recompute, with the requests finished, never a crash."""
+    block = 32
+    config = make_vllm_config(model_config, store_yaml, block)
+    kcc = make_kv_cache_config(block, 24, KVCacheLayout.LBHNC)
+    worker, kv = make_worker(config, kcc, CPUAttentionBackend, KVCacheLayout.LBHNC)
+    store = worker._store
+    prompts = [torch.randint(0, 1000, (2 * CHUNK,), generator=_G).tolist() for _ in range(2)]
+    for i, (tokens, blocks) in enumerate(zip(prompts, ([3, 17], [5, 0]))):
+        write_tokens(kv, CPUAttentionBackend, blocks, 0, *source_kv(tokens), block)
+        worker.bind_connector_metadata(
+            KVTCConnectorMetadata([RequestPlan(f"s{i}", tokens, blocks, save_end=2 * CHUNK)])
+        )
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+    finish(worker)
+    calls = {"get_batch": 0, "decode_batch": 0}
+
+    def counted(obj, name):
+        real = getattr(obj, name)
+
+        def call(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+
+        setattr(obj, name, call)
+
+    counted(store, "get_batch")
+    counted(store.codec, "decode_batch")
+    plans = [RequestPlan("x", prompts[0], [20, 1], load_start=0, load_end=2 * CHUNK),
+             RequestPlan("y", prompts[1], [12, 7], load_start=0, load_end=2 * CHUNK)]  # fmt: skip
+    worker.bind_connector_metadata(KVTCConnectorMetadata(plans))
+    worker.start_load_kv(None)
+    worker.clear_connector_metadata()
+    finish(worker, "x", "y")
+    assert calls == {"get_batch": 1, "decode_batch": 1}
+    assert worker.get_block_ids_with_load_errors() == set()
+    for tokens, dst in zip(prompts, ([20, 1], [12, 7])):
+        got_k, _ = read_tokens(kv, CPUAttentionBackend, dst, 0, 2 * CHUNK, block)
+        assert torch.equal(got_k, round_trip(*source_kv(tokens))[0])
+
+    def broken(*a, **kw):
+        raise OSError("tier read failed midway")
+
+    store.get_batch = broken
+    worker.bind_connector_metadata(KVTCConnectorMetadata(plans))
+    worker.start_load_kv(None)
+    worker.clear_connector_metadata()
+    finish(worker, "x", "y")
+    assert worker.get_block_ids_with_load_errors() == {20, 1, 12, 7}
+    del store.get_batch, store.codec.decode_batch

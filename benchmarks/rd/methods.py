@@ -39,7 +39,7 @@ import logging
 from collections.abc import Callable
 
 from kvtc_store.calibration import CalibrationSettings
-from kvtc_store.codec import CodecArtifact, KVTCCodec
+from kvtc_store.codec import CodecArtifact, make_codec
 
 from .base import KVMethod
 from .bf16 import BF16
@@ -120,8 +120,8 @@ def build_methods(
         settings: calibration settings of ours (ablations change one field).
         calibrate: ``calibrate(settings, ratios) -> artifacts`` (cached calibration).
         device: where the codecs run (``"cpu"`` or ``"cuda"``).
-        gpu_kernels: ``KVTCCodec``'s choice of the batched GPU codec (None: where it runs;
-            False: the float32 torch reference on ``device`` too).
+        gpu_kernels: ``make_codec``'s choice of the batched GPU codec (``batched``; None:
+            where it runs; False: the float32 torch reference on ``device`` too).
         codec_options: ``KVTCCodec`` options of ours and every ablation (``exact_dtype``,
             ``rate_control``); a codec ablation overrides its own.
         exact_window: recent-window tokens ours keeps exact (None: the artifact's).
@@ -141,7 +141,7 @@ def build_methods(
         opts = {**base_options, **(options or {})}
         window = exact_window if window is None else window
         for r, a in zip(rs, arts):
-            codec = KVTCCodec(a, coder=coder, device=device, gpu_kernels=gpu_kernels, **opts)
+            codec = make_codec(a, coder=coder, device=device, batched=gpu_kernels, **opts)
             out.append(
                 cls(name=name, target_ratio=float(r), kind=kind, codec=codec, exact_window=window)
             )

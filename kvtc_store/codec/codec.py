@@ -9,39 +9,28 @@ quantiser every chunk's steps are scaled by one factor chosen so that its blob l
 the artifact's target ratio (rate control, :mod:`~.rate`). Decode is the reverse, ending
 with RoPE redone.
 
-This is the reference path in torch; it runs on CPU and, given ``device="cuda"``, on the
-GPU with the same blob format.
+This is the reference implementation of the codec protocol (:mod:`~.protocol`) in torch,
+one chunk at a time; it runs on the CPU (or, given ``device="cuda"``, in torch on the
+GPU). The batched CUDA codec (:mod:`~.gpu`) writes and reads the same blobs
+(:mod:`~.format`); neither imports the other, and :func:`~.factory.make_codec` picks one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import (
-    ArtifactError,
-    BlobCorruptError,
-    BlobError,
-    BlobMisfiledError,
-    CodecMismatchError,
-)
+from ..errors import ArtifactError, BlobCorruptError, BlobError
 from .artifact import CodecArtifact
-from .blob import (
-    BlobHeader,
-    ChunkBinding,
-    check_binding,
-    chunk_digest,
-    pack_blob,
-    unpack_blob,
-    unpack_blob_header,
-)
 from .entropy import get_coder, writer_coder
 from .exact import EXACT_DTYPES, exact_nbytes, pack_exact, unpack_exact
 from .features import from_token_major, group_slices, to_token_major
+from .format import DTYPES, BlobHeader, bound_prefix, pack_blob, unpack_blob
+from .layout import ChunkKV
+from .protocol import ChunkBatch, CodecBase, DecodedBatch, DecodedChunk
 from .quant import (
     dequantize_range,
     dequantize_step,
@@ -50,35 +39,15 @@ from .quant import (
     quantize_step,
     unpack_bits,
 )
-from .rans import RansTables
-from .rate import RateModel, step_multiplier
+from .rans import RansTables, tables_of
+from .rate import RateModel, choose_step_exps, step_multiplier
 from .rope import apply_rope, undo_rope
 
 log = logging.getLogger(__name__)
 
 EXACT_DTYPE = torch.bfloat16
 
-_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-@dataclass
-class DecodedChunk:
-    """A decoded chunk.
-
-    Attributes:
-        keys: ``(L, H, T, D)`` with RoPE applied, as a KV cache holds them.
-        values: ``(L, H, T, D)``.
-        first_position: absolute position of token 0.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    first_position: int
+__all__ = ["DecodedChunk", "KVTCCodec"]
 
 
 def _tobytes(t: torch.Tensor) -> bytes:
@@ -96,8 +65,9 @@ def _frombytes(b: bytes | memoryview, dtype: torch.dtype, shape, device) -> torc
     return torch.from_numpy(np.frombuffer(b, dtype=np_dtype).copy()).reshape(shape).to(device)
 
 
-class KVTCCodec:
-    """Encoder/decoder for chunks of one model's KV cache.
+class KVTCCodec(CodecBase):
+    """The reference encoder/decoder for chunks of one model's KV cache (the
+    :class:`~.protocol.Codec` protocol, one chunk at a time in torch).
 
     Args:
         artifact: the calibrated codec (bases, means, bit plan).
@@ -105,13 +75,9 @@ class KVTCCodec:
             writes ``"deflate64k"``, or ``"none"``; :func:`~.entropy.writer_coder`);
             default ``"none"`` for the ``rans`` quantiser (its stream is entropy-coded
             already), ``"deflate"`` for ``minmax``. Blobs of any registered coder decode.
-        device: where to run the transform (``"cpu"`` or ``"cuda"``).
-        gpu_kernels: run :meth:`encode_sequence` and :meth:`decode_prefix` through the
-            batched Triton codec (:class:`~kvtc_store.codec.gpu.GpuCodec`: one kernel
-            launch per stage for all chunks, no Python loop per chunk). Default (None):
-            on CUDA when the artifact is ``rans``, its head dim a power of two, and triton
-            imports; otherwise the per-chunk torch path.
-            Blobs are the same format either way and decode on either.
+        device: where to run the transform (``"cpu"``, or ``"cuda"`` for torch on the GPU;
+            the batched CUDA codec is :class:`~kvtc_store.codec.gpu.GpuCodec`, and
+            :func:`~kvtc_store.codec.make_codec` picks it where it runs).
         exact_dtype: how new blobs store their exact tokens (sinks, recent window):
             ``"bfloat16"`` (default, as cached) or ``"float8_e4m3fn"`` (half the bytes,
             a scale per vector; :mod:`~.exact`). Blobs of either decode.
@@ -131,8 +97,7 @@ class KVTCCodec:
         self,
         artifact: CodecArtifact,
         coder: str | None = None,
-        device: str = "cpu",
-        gpu_kernels: bool | None = None,
+        device: str | torch.device = "cpu",
         exact_dtype: str = "bfloat16",
         rate_control: bool = True,
     ):
@@ -151,23 +116,7 @@ class KVTCCodec:
         self._slices = group_slices(artifact.groups, heads, dim)
         self._rans = None
         if artifact.quantizer == "rans":
-            try:
-                self._rans = RansTables(
-                    artifact.rans_freq.numpy(),
-                    artifact.rans_shift.numpy(),
-                    artifact.rans_cls.numpy(),
-                    artifact.rans_interleave,
-                )
-            except (ValueError, AttributeError) as exc:
-                raise ArtifactError(
-                    f"artifact {artifact.artifact_id}: bad rANS tables: {exc}"
-                ) from exc
-            if self._rans.n_components != artifact.coded_components():
-                raise ArtifactError(
-                    f"artifact {artifact.artifact_id}: rANS tables cover "
-                    f"{self._rans.n_components} components, the plan codes "
-                    f"{artifact.coded_components()}"
-                )
+            self._rans = tables_of(artifact)
             self._steps = torch.cat(
                 [torch.full((r.end - r.start,), float(r.step)) for r in artifact.plan]
                 or [torch.zeros(0)]
@@ -183,41 +132,6 @@ class KVTCCodec:
                     f"artifact {artifact.artifact_id}: the {kind} groups must cover layers "
                     "0..L in order"
                 )
-        self._gpu = self._batched_codec(gpu_kernels)
-
-    def _batched_codec(self, wanted: bool | None):
-        """The :class:`~kvtc_store.codec.gpu.GpuCodec` this codec hands batches to, or None.
-
-        Raises:
-            ValueError: ``wanted`` is True but the artifact (quantiser, head dim) or the
-                installation (no triton) cannot use it.
-        """
-        if wanted is False or (wanted is None and self.device.type != "cuda"):
-            return None
-        art = self.artifact
-        dim = art.kv_shape[2]
-        why = None
-        if art.quantizer != "rans":
-            why = f"quantiser {art.quantizer!r} (needs rans)"
-        elif dim & (dim - 1):
-            why = f"head dim {dim} (needs a power of two)"
-        else:
-            try:
-                from .gpu import GpuCodec
-            except ImportError as exc:  # triton missing
-                why = f"the GPU codec does not import: {exc}"
-        if why is not None:
-            if wanted:
-                raise ValueError(f"gpu_kernels: cannot batch on {self.device}: {why}")
-            log.info("codec on %s without batched kernels: %s", self.device, why)
-            return None
-        return GpuCodec(
-            art,
-            self.device,
-            coder=self.coder.name,
-            exact_dtype=self.exact_dtype,
-            rate_control=self.rate is not None,
-        )
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -229,26 +143,8 @@ class KVTCCodec:
 
     @property
     def rans_tables(self) -> RansTables | None:
-        """The rANS tables of a ``rans`` artifact (None for ``minmax``): what the batched
-        GPU codec builds its device tables from."""
+        """The rANS tables of a ``rans`` artifact (None for ``minmax``)."""
         return self._rans
-
-    def compressed_span(self, tokens: int, first_position: int, exact_tail: int):
-        """The transform-coded token range ``(a, b)`` of a chunk.
-
-        Args:
-            tokens: tokens in the chunk.
-            first_position: absolute position of its token 0.
-            exact_tail: trailing tokens stored exactly.
-
-        Returns:
-            ``(a, b)``: tokens ``[a, b)`` are transform-coded; ``[0, a)`` (sink tokens:
-            absolute positions below the artifact's ``n_sink``) and ``[b, tokens)`` (the
-            exact tail) are stored exactly. Both exact parts are contiguous.
-        """
-        a = min(tokens, max(0, self.artifact.n_sink - first_position))
-        b = max(a, tokens - max(0, exact_tail))
-        return a, b
 
     def _section_sizes(
         self, n_comp: int, n_exact: int, stream: int = 0, exact_dtype: str = "bfloat16"
@@ -264,16 +160,6 @@ class KVTCCodec:
             "exact": exact,
         }
 
-    def header_bytes(self) -> int:
-        """Bytes of a typical blob prefix and header of this codec's artifact (what rate
-        control counts against a chunk's budget; the same whatever the coder, so that
-        coders over the payload never change the symbols)."""
-        if not hasattr(self, "_header_bytes"):
-            h = self.blob_header(256, torch.bfloat16, 1 << 20, 0, "deflate64k",
-                                 {"stream": 1 << 24, "exact": 0}, step_exp=-32)  # fmt: skip
-            self._header_bytes = len(pack_blob(h, b"")) + 16  # + the payload's length, checksum
-        return self._header_bytes
-
     def choose_step_exps(self, coded: torch.Tensor, rate: RateModel | None = None) -> torch.Tensor:
         """Rate control: each chunk's step exponent (:class:`~.rate.RateModel`).
 
@@ -285,44 +171,44 @@ class KVTCCodec:
         Returns:
             int64 ``(B,)`` on the CPU; zeros without rate control.
         """
-        rate = rate or self.rate
-        batch, tokens = coded.shape[:2]
-        if rate is None or tokens == 0:
-            return torch.zeros(batch, dtype=torch.int64)
-        art = self.artifact
-        budget = rate.budget_bits(
-            tokens, art.features_per_token(), art.target_ratio, self.header_bytes()
-        )
-        return rate.choose(coded, torch.full((batch,), budget, dtype=torch.float64)).cpu()
+        return choose_step_exps(rate or self.rate, coded, self.artifact, self.header_bytes())
 
     # -- encode ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(
+    def encode_batch(self, chunks: ChunkBatch) -> list[bytes]:
+        """Compress a batch of chunks one by one (the protocol's
+        :meth:`~.protocol.Codec.encode_batch`; shapes, positions and errors there). Each
+        chunk is read from ``chunks.kv`` where it is (a view of a dense batch, or the
+        tokens gathered from pages)."""
+        kv = chunks.kv
+        if (kv.layers, kv.heads, kv.dim) != tuple(self.artifact.kv_shape):
+            raise ValueError(
+                f"chunks of (L, H, D) = {(kv.layers, kv.heads, kv.dim)} do not match the "
+                f"codec's {tuple(self.artifact.kv_shape)}"
+            )
+        tails, names = chunks.tails(), chunks.names()
+        every = torch.arange(kv.tokens)
+        blobs = []
+        for b in range(kv.batch):
+            if kv.is_dense:
+                keys, values = kv.keys.dense[b], kv.values.dense[b]
+            else:
+                keys, values = (x[0] for x in kv.read([b], every))
+            blobs.append(
+                self._encode_one(keys, values, int(chunks.first_positions[b]), tails[b], names[b])
+            )
+        return blobs
+
+    def _encode_one(
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
-        first_position: int = 0,
-        exact_tail: int = 0,
-        chunk_key: str | None = None,
+        first_position: int,
+        exact_tail: int,
+        chunk_key: str | None,
     ) -> bytes:
-        """Compress one chunk.
-
-        Args:
-            keys: ``(L, H, T, D)`` float tensor with RoPE applied (as cached).
-            values: ``(L, H, T, D)`` float tensor.
-            first_position: absolute position of token 0 (for RoPE and sink tokens).
-            exact_tail: store this many trailing tokens exactly (the end of a stored
-                sequence's recent window; see :meth:`encode_sequence`).
-            chunk_key: the key the blob will be stored under; its digest goes in the
-                header (``key_digest``) so a reader can tell a misfiled blob.
-
-        Returns:
-            The blob (bytes).
-
-        Raises:
-            ValueError: shapes differ from the artifact's model.
-        """
+        """One chunk's blob: ``(L, H, T, D)`` keys (RoPE applied) and values."""
         art = self.artifact
         layers, heads, tokens, dim = keys.shape
         if tuple(keys.shape) != tuple(values.shape) or (layers, heads, dim) != tuple(art.kv_shape):
@@ -382,140 +268,7 @@ class KVTCCodec:
         )
         return pack_blob(header, self.coder.encode(scales_b + codes_b + exact_b))
 
-    def blob_header(
-        self,
-        tokens: int,
-        dtype: torch.dtype,
-        first_position: int,
-        exact_tail: int,
-        coder: str,
-        sections: dict[str, int],
-        step_exp: int = 0,
-        chunk_key: str | None = None,
-    ) -> BlobHeader:
-        """The header of a blob this codec writes for a chunk of ``tokens`` tokens whose
-        input had ``dtype``; ``sections`` are the raw section lengths in bytes (the
-        payload length and checksum are filled by :func:`pack_blob`); ``step_exp`` the
-        chunk's rate-control exponent; ``chunk_key``, the key it is stored under, goes in
-        as its digest (none: an unbound blob)."""
-        art = self.artifact
-        layers, heads, dim = art.kv_shape
-        return BlobHeader(
-            artifact_id=art.artifact_id,
-            artifact_version=art.version,
-            model=art.model_fingerprint,
-            shape=[layers, heads, dim, int(tokens)],
-            dtype=str(dtype).removeprefix("torch."),
-            first_position=int(first_position),
-            n_sink=art.n_sink,
-            exact_tail=int(exact_tail),
-            exact_dtype=self.exact_dtype,
-            coder=coder,
-            sections=sections,
-            step_exp=int(step_exp),
-            key_digest="" if chunk_key is None else chunk_digest(chunk_key),
-        )
-
-    def encode_sequence(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        first_position: int = 0,
-        chunk_tokens: int = 256,
-        window: int | None = None,
-        chunk_keys: Sequence[str] | None = None,
-    ) -> list[bytes]:
-        """Compress a stored sequence as chunks of ``chunk_tokens`` tokens.
-
-        The last ``window`` tokens of the sequence (default: the artifact's window, 128)
-        are stored exactly, across as many trailing chunks as they span.
-
-        Args:
-            keys, values: ``(L, H, T, D)``; ``T`` need not be a multiple of the chunk size
-                (the last chunk is then shorter).
-            first_position: absolute position of token 0.
-            chunk_keys: the key each chunk will be stored under (one per chunk), bound
-                into its blob's header (see :meth:`encode`).
-
-        Returns:
-            One blob per chunk, in order.
-
-        Raises:
-            ValueError: shapes differ from the artifact's model, or ``chunk_keys`` does
-                not have one key per chunk.
-        """
-        window = self.artifact.window if window is None else window
-        total = keys.shape[2]
-        spans = []
-        for s in range(0, total, chunk_tokens):
-            e = min(s + chunk_tokens, total)
-            spans.append((s, e, max(0, min(e - s, window - (total - e)))))
-        if chunk_keys is not None and len(chunk_keys) != len(spans):
-            raise ValueError(f"{len(chunk_keys)} chunk keys for {len(spans)} chunks")
-        names = list(chunk_keys) if chunk_keys is not None else [None] * len(spans)
-        if self._gpu is None or keys.device.type != self.device.type:
-            return [
-                self.encode(keys[:, :, s:e], values[:, :, s:e], first_position + s, tail, name)
-                for (s, e, tail), name in zip(spans, names)
-            ]
-        # Batched: the full chunks in one call (strided views, no copy), the short last one
-        # in another.
-        full = total // chunk_tokens
-        blobs = []
-        if full:
-
-            def as_batch(x: torch.Tensor) -> torch.Tensor:
-                return (
-                    x[:, :, : full * chunk_tokens].unflatten(2, (full, chunk_tokens)).movedim(2, 0)
-                )
-
-            blobs += self._gpu.encode_batch(
-                as_batch(keys),
-                as_batch(values),
-                [first_position + s for s, _, _ in spans[:full]],
-                [tail for _, _, tail in spans[:full]],
-                chunk_keys=names[:full],
-            )
-        for (s, e, tail), name in zip(spans[full:], names[full:]):
-            blobs += self._gpu.encode_batch(
-                keys[None, :, :, s:e],
-                values[None, :, :, s:e],
-                [first_position + s],
-                [tail],
-                chunk_keys=[name],
-            )
-        return blobs
-
     # -- decode ---------------------------------------------------------------------------
-
-    def read_header(self, blob: bytes) -> BlobHeader:
-        """Parse and verify a blob and check that this codec wrote it.
-
-        Raises:
-            BlobError subclasses (truncated, corrupt, foreign format) and
-            CodecMismatchError (another artifact or model).
-        """
-        header, _ = unpack_blob(blob)
-        self.check_header(header)
-        return header
-
-    def check_header(self, header: BlobHeader) -> None:
-        """Check that a blob's header was written for this codec.
-
-        Raises:
-            CodecMismatchError: another model or another codec artifact.
-        """
-        art = self.artifact
-        if header.model != art.model_fingerprint:
-            raise CodecMismatchError(
-                f"blob is for model {header.model[:12]}, this codec for "
-                f"{art.model_fingerprint[:12]} ({art.model_name})"
-            )
-        if header.artifact_id != art.artifact_id:
-            raise CodecMismatchError(
-                f"blob was written by codec artifact {header.artifact_id} "
-                f"(version {header.artifact_version}), this codec is {art.artifact_id}"
-            )
 
     def decode_symbols(self, blob: bytes) -> np.ndarray:
         """The quantised symbols of a ``rans`` blob, for analysis (what the rANS stream
@@ -542,63 +295,25 @@ class KVTCCodec:
         return self._rans.decode([p.stream], [p.b - p.a])
 
     @torch.no_grad()
-    def decode(
+    def decode_batch(
         self,
-        blob: bytes,
-        device: str | torch.device | None = None,
+        blobs,
+        out: ChunkKV | None = None,
+        *,
         dtype: torch.dtype | None = None,
-    ) -> DecodedChunk:
-        """Decompress one chunk.
-
-        Args:
-            blob: bytes from :meth:`encode`.
-            device: where the output lives (default: the codec's device).
-            dtype: output dtype (default: the dtype the encoder was given).
-
-        Returns:
-            :class:`DecodedChunk` with keys and values ``(L, H, T, D)``.
-
-        Raises:
-            BlobTruncatedError, BlobCorruptError, BlobFormatError: damaged or foreign bytes.
-            CodecMismatchError: the blob was written by another artifact or for another model.
-        """
-        chunks, error = self.decode_prefix([blob], device, dtype)
-        if error is not None:
-            raise error
-        return chunks[0]
-
-    @torch.no_grad()
-    def decode_prefix(
-        self,
-        blobs: list[bytes],
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        expect: Sequence[ChunkBinding] | None = None,
-    ) -> tuple[list[DecodedChunk], BlobError | None]:
-        """Decompress consecutive chunks in one batch, up to the first that fails.
-
-        The projection back from principal components runs as one GEMM per feature group
-        over all chunks' tokens (about 1.5x faster on CPU than chunk by chunk).
-
-        Args:
-            blobs: blobs of consecutive chunks (any positions; each names its own).
-            device, dtype: as for :meth:`decode`.
-            expect: what each blob was fetched as (key, first position, tokens; one per
-                blob): a blob whose header names another chunk ends the prefix with
-                :class:`BlobMisfiledError` (see :func:`~.blob.check_binding`).
-
-        Returns:
-            ``(chunks, error)``: the decoded chunks before the first blob that does not
-            decode, and that blob's error (a :class:`BlobError` subclass, including
-            :class:`CodecMismatchError` and :class:`BlobMisfiledError`) or None when all
-            decoded.
-        """
+        expect=None,
+    ) -> DecodedBatch:
+        """Decompress chunks of equal token count into ``out`` (the protocol's
+        :meth:`~.protocol.Codec.decode_batch`; the prefix rule and errors there): the
+        rANS streams of all blobs in one vectorised pass, the projection back from
+        principal components as one GEMM per feature group over all chunks' tokens
+        (about 1.5x faster on CPU than chunk by chunk), then each chunk's tokens written
+        once into ``out`` (a dense cache or pages, on any device)."""
+        blobs = list(blobs)
+        misfiled = None
         if expect is not None:
-            n, misfiled = _bound_prefix(blobs, expect)
-            chunks, error = self.decode_prefix(blobs[:n], device, dtype)
-            return chunks, error if error is not None or misfiled is None else misfiled
-        if self._gpu is not None:
-            return self._decode_prefix_batched(blobs, device, dtype)
+            n, misfiled = bound_prefix(blobs, expect)
+            blobs = blobs[:n]
         parsed: list[_Parsed] = []
         error: BlobError | None = None
         for blob in blobs:
@@ -615,44 +330,25 @@ class KVTCCodec:
         if self._rans is not None and parsed:
             parsed, rans_error = self._decode_streams(parsed)
             error = rans_error or error
-        return self._reconstruct(parsed, device, dtype), error
-
-    def _decode_prefix_batched(
-        self, blobs: list[bytes], device, dtype
-    ) -> tuple[list[DecodedChunk], BlobError | None]:
-        """:meth:`decode_prefix` through the batched GPU codec: one batch per run of
-        blobs with equal token counts (all of them, in a stored sequence, but the last)."""
-        out_device = torch.device(device) if device is not None else self.device
-        chunks: list[DecodedChunk] = []
-        i = 0
-        while i < len(blobs):
-            # headers only: the batched decoder checks the rest (checksums in parallel)
-            # and reports the first bad blob's error as decode_prefix does
-            try:
-                tokens = unpack_blob_header(blobs[i])[0].shape[3]
-            except BlobError as exc:
-                return chunks, exc
-            j = i + 1
-            while j < len(blobs):
-                try:
-                    if unpack_blob_header(blobs[j])[0].shape[3] != tokens:
-                        break
-                except BlobError:
-                    break  # the batch stops before it; the next round reports its error
-                j += 1
-            batch = self._gpu.decode_batch(blobs[i:j], dtype=dtype)
-            for b in range(batch.count):
-                chunks.append(
-                    DecodedChunk(
-                        batch.keys[b].to(out_device),
-                        batch.values[b].to(out_device),
-                        batch.first_positions[b],
-                    )
-                )
-            if batch.error is not None:
-                return chunks, batch.error
-            i = j
-        return chunks, None
+        if error is None:
+            error = misfiled
+        tokens = parsed[0].header.shape[3] if parsed else 0
+        if any(p.header.shape[3] != tokens for p in parsed):
+            raise ValueError("decode_batch needs chunks of equal token count")
+        layers, heads, dim = self.artifact.kv_shape
+        if out is None:
+            if dtype is None:
+                dtype = DTYPES.get(parsed[0].header.dtype, torch.float32) if parsed else None
+            shape = (len(blobs), layers, heads, tokens, dim)
+            dtype = dtype or torch.bfloat16
+            out = ChunkKV.dense(
+                torch.empty(shape, dtype=dtype, device=self.device),
+                torch.empty(shape, dtype=dtype, device=self.device),
+            )
+        elif parsed:
+            out.check(layers, heads, dim, len(parsed), tokens)
+        self._reconstruct(parsed, out)
+        return DecodedBatch(out, [p.header.first_position for p in parsed], len(parsed), error)
 
     def _decode_streams(self, parsed: list[_Parsed]) -> tuple[list[_Parsed], BlobError | None]:
         """rANS-decode every parsed blob's stream in one vectorised pass and fill its
@@ -737,13 +433,13 @@ class KVTCCodec:
         section = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, count=nbytes).copy())
         return unpack_exact(section, layers, heads, n_exact, dim, header.exact_dtype)
 
-    def _reconstruct(self, parsed: list[_Parsed], device, dtype) -> list[DecodedChunk]:
-        """Project every parsed chunk's coefficients back at once, redo RoPE, assemble."""
+    def _reconstruct(self, parsed: list[_Parsed], out: ChunkKV) -> None:
+        """Project every parsed chunk's coefficients back at once, redo RoPE, and write
+        each chunk's coded and exact tokens into ``out`` (chunk ``i`` of ``parsed`` into
+        chunk ``i`` of ``out``)."""
         if not parsed:
-            return []
-        art = self.artifact
-        layers, heads, dim = art.kv_shape
-        out_device = torch.device(device) if device is not None else self.device
+            return
+        layers, heads, dim = self.artifact.kv_shape
         counts = [p.b - p.a for p in parsed]
         feats = {}
         for kind in ("k", "v"):
@@ -757,26 +453,17 @@ class KVTCCodec:
                 if kd == kind
             ]  # groups of one kind tile its features in order (checked in __init__)
             feats[kind] = torch.cat(parts, dim=1).split(counts)
-        out = []
         for i, p in enumerate(parsed):
             h = p.header
             tokens = h.shape[3]
-            out_dtype = dtype or _DTYPES.get(h.dtype, torch.float32)
-            keys = torch.empty(layers, heads, tokens, dim, dtype=out_dtype, device=out_device)
-            values = torch.empty_like(keys)
             if p.b > p.a:
                 pos = torch.arange(h.first_position + p.a, h.first_position + p.b)
                 k = self._apply_rope(from_token_major(feats["k"][i], layers, heads, dim), pos)
-                keys[:, :, p.a : p.b] = k.to(out_device, out_dtype)
-                values[:, :, p.a : p.b] = from_token_major(feats["v"][i], layers, heads, dim).to(
-                    out_device, out_dtype
-                )
+                v = from_token_major(feats["v"][i], layers, heads, dim)
+                out.write([i], torch.arange(p.a, p.b), k[None], v[None])
             if p.exact_k is not None:
-                ek, ev = p.exact_k.to(out_device, out_dtype), p.exact_v.to(out_device, out_dtype)
-                keys[:, :, : p.a], values[:, :, : p.a] = ek[:, :, : p.a], ev[:, :, : p.a]
-                keys[:, :, p.b :], values[:, :, p.b :] = ek[:, :, p.a :], ev[:, :, p.a :]
-            out.append(DecodedChunk(keys, values, h.first_position))
-        return out
+                where = torch.cat([torch.arange(0, p.a), torch.arange(p.b, tokens)])
+                out.write([i], where, p.exact_k[None], p.exact_v[None])
 
 
 @dataclass
@@ -790,24 +477,3 @@ class _Parsed:
     exact_k: torch.Tensor | None
     exact_v: torch.Tensor | None
     stream: bytes = b""  # rANS stream, decoded in a batch (quantiser "rans")
-
-
-def _bound_prefix(
-    blobs: Sequence[bytes], expect: Sequence[ChunkBinding]
-) -> tuple[int, BlobMisfiledError | None]:
-    """How many leading ``blobs`` are bound to the chunks ``expect`` names, and the
-    error of the first that is not. Only headers are read (msgpack, checksummed); a blob
-    whose header does not parse ends the scan without an error here: decoding reports
-    it, in the order the decoder checks."""
-    if len(expect) != len(blobs):
-        raise ValueError(f"{len(expect)} chunk bindings for {len(blobs)} blobs")
-    for i, (blob, want) in enumerate(zip(blobs, expect)):
-        try:
-            header, _ = unpack_blob_header(blob)
-        except BlobError:
-            return i + 1, None
-        try:
-            check_binding(header, want)
-        except BlobMisfiledError as exc:
-            return i, exc
-    return len(blobs), None

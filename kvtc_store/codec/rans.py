@@ -333,3 +333,30 @@ class RansTables:
 
 
 STATE_BITS = 32  # each lane's final state, stored per compressed token
+
+
+def tables_of(artifact) -> RansTables:
+    """The rANS tables of a ``rans`` artifact (:class:`~.artifact.CodecArtifact`), checked
+    against its bit plan; both codecs build theirs here.
+
+    Raises:
+        ArtifactError: malformed tables, or tables that do not cover the plan's coded
+            components.
+    """
+    from ..errors import ArtifactError
+
+    try:
+        tables = RansTables(
+            artifact.rans_freq.numpy(),
+            artifact.rans_shift.numpy(),
+            artifact.rans_cls.numpy(),
+            artifact.rans_interleave,
+        )
+    except (ValueError, AttributeError) as exc:
+        raise ArtifactError(f"artifact {artifact.artifact_id}: bad rANS tables: {exc}") from exc
+    if tables.n_components != artifact.coded_components():
+        raise ArtifactError(
+            f"artifact {artifact.artifact_id}: rANS tables cover {tables.n_components} "
+            f"components, the plan codes {artifact.coded_components()}"
+        )
+    return tables

@@ -122,3 +122,27 @@ class RateModel:
         whole = tokens * features * 16.0 / target_ratio
         per_lane = STATE_BITS - STATE_INFO_BITS
         return whole - 8.0 * header - tokens * self.interleave * per_lane
+
+
+def choose_step_exps(
+    rate: RateModel | None, coded: torch.Tensor, artifact, header_bytes: int
+) -> torch.Tensor:
+    """Rate control: each chunk's step exponent under ``artifact``'s target ratio.
+
+    Args:
+        rate: the rate model (None: no rate control).
+        coded: float32 ``(B, T, n)``: the coded coefficients (plan order) of ``B`` chunks
+            of ``T`` compressed tokens each.
+        artifact: the codec artifact (:class:`~.artifact.CodecArtifact`).
+        header_bytes: a blob's header bytes (:func:`~.format.typical_header_bytes`).
+
+    Returns:
+        int64 ``(B,)`` on the CPU; zeros without rate control or tokens.
+    """
+    batch, tokens = coded.shape[:2]
+    if rate is None or tokens == 0:
+        return torch.zeros(batch, dtype=torch.int64)
+    budget = rate.budget_bits(
+        tokens, artifact.features_per_token(), artifact.target_ratio, header_bytes
+    )
+    return rate.choose(coded, torch.full((batch,), budget, dtype=torch.float64)).cpu()

@@ -2,7 +2,8 @@
 decodes a blob with whichever artifact its header names.
 
 :class:`VersionedCodec` has the interface the store and the connectors use of
-:class:`~kvtc_store.codec.KVTCCodec` (``artifact``, ``device``, ``encode``,
+:class:`~kvtc_store.codec.Codec` protocol (``encode_batch``, ``decode_batch``,
+``artifact``, ``device``, ``encode``,
 ``encode_sequence``, ``decode``, ``decode_prefix``, ``read_header``, ``check_header``),
 so a :class:`~kvtc_store.store.TieredStore` needs no change to serve several versions:
 
@@ -33,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ..codec import CodecArtifact, KVTCCodec
-from ..codec.blob import BlobHeader, unpack_blob, unpack_blob_header
+from ..codec import ChunkBatch, ChunkKV, Codec, CodecArtifact, DecodedBatch, make_codec
+from ..codec.format import DTYPES, BlobHeader, unpack_blob, unpack_blob_header
 from ..errors import (
     ArtifactError,
     ArtifactNotFoundError,
@@ -64,8 +65,10 @@ class VersionedCodec:
         kv_shape: ``(layers, kv_heads, head_dim)`` of the model; artifacts of another
             shape are refused.
         profile: the profile whose ``current`` artifact encodes.
-        coder, device, gpu_kernels, exact_dtype, rate_control: as for
-            :class:`~kvtc_store.codec.KVTCCodec` (every version's codec takes them).
+        coder, device, exact_dtype, rate_control: as for
+            :func:`~kvtc_store.codec.make_codec` (every version's codec takes them).
+        gpu_kernels: ``make_codec``'s ``batched`` (None: the batched CUDA codec where it
+            runs).
         cache_dir: local folder for fetched artifacts (and the last pointer seen);
             default ``$KVTC_STORE_HOME/registry-cache``.
         max_artifacts: artifacts kept (codecs in memory, folders in ``cache_dir``); the
@@ -114,12 +117,12 @@ class VersionedCodec:
         self.cache_dir = Path(cache_dir or cache_home() / "registry-cache") / model
         self.max_artifacts = max_artifacts
         self._lock = threading.RLock()
-        self._codecs: OrderedDict[str, KVTCCodec] = OrderedDict()
+        self._codecs: OrderedDict[str, Codec] = OrderedDict()
         self._unknown: dict[str, float] = {}  # id -> monotonic time it was not found
         self.hits: dict[str, int] = {}
         self.unknown_misses = 0
         self.refresh_failures = 0
-        self._current: KVTCCodec | None = None
+        self._current: Codec | None = None
         self.refresh()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -213,7 +216,7 @@ class VersionedCodec:
             except Exception as exc:  # noqa: BLE001 - the thread must live on
                 log.warning("codec refresh: %s", exc)
 
-    def _load_cached(self, aid: str) -> KVTCCodec | None:
+    def _load_cached(self, aid: str) -> Codec | None:
         """The codec of ``aid`` from the local folder, if it is there and checks out."""
         folder = self.cache_dir / aid
         if not (folder / "manifest.json").is_file():
@@ -227,9 +230,9 @@ class VersionedCodec:
             return None
         return self._remember(aid, art)
 
-    def _remember(self, aid: str, art: CodecArtifact) -> KVTCCodec:
-        codec = KVTCCodec(art, coder=self._coder, device=self._device,
-                          gpu_kernels=self._gpu_kernels, **self._options)  # fmt: skip
+    def _remember(self, aid: str, art: CodecArtifact) -> Codec:
+        codec = make_codec(art, coder=self._coder, device=self._device,
+                           batched=self._gpu_kernels, **self._options)  # fmt: skip
         with self._lock:
             self._codecs[aid] = codec
             self._codecs.move_to_end(aid)
@@ -251,7 +254,7 @@ class VersionedCodec:
             if p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _codec(self, aid: str) -> KVTCCodec:
+    def _codec(self, aid: str) -> Codec:
         """The codec of artifact ``aid``: memory, then the local folder, then the registry.
 
         Raises:
@@ -271,7 +274,7 @@ class VersionedCodec:
         art.check_model(self.model, self.kv_shape)
         return self._remember(aid, art)
 
-    def codec_for(self, header: BlobHeader) -> KVTCCodec:
+    def codec_for(self, header: BlobHeader) -> Codec:
         """The codec that wrote a blob, by its header.
 
         Raises:
@@ -299,6 +302,79 @@ class VersionedCodec:
             raise UnknownArtifactError(f"blob names codec artifact {aid}: {exc}") from exc
 
     # --- the codec interface ---------------------------------------------------------------
+
+    def encode_batch(self, chunks: ChunkBatch) -> list[bytes]:
+        """:meth:`Codec.encode_batch <kvtc_store.codec.Codec.encode_batch>` with the
+        current artifact."""
+        return self._current.encode_batch(chunks)
+
+    def decode_batch(
+        self, blobs, out: ChunkKV | None = None, *, dtype=None, expect=None
+    ) -> DecodedBatch:
+        """:meth:`Codec.decode_batch <kvtc_store.codec.Codec.decode_batch>`, each run of
+        blobs of one artifact with that artifact's codec, into its chunks of ``out`` (a
+        new dense batch on the current codec's device by default; the runs then must
+        share a dtype). The error is an :class:`UnknownArtifactError` for a blob of an
+        artifact the registry lacks."""
+        blobs = list(blobs)
+        firsts: list[int] = []
+        i = 0
+        while i < len(blobs):
+            run = self._next_run(blobs, i)
+            if isinstance(run, BlobError):
+                return self._batch(out, blobs, firsts, run, dtype)
+            j, header, codec = run
+            if out is None:
+                layers, heads, dim = codec.artifact.kv_shape
+                shape = (len(blobs), layers, heads, header.shape[3], dim)
+                dt = dtype or DTYPES.get(header.dtype, torch.float32)
+                out = ChunkKV.dense(*(torch.empty(shape, dtype=dt, device=self.device)
+                                      for _ in "kv"))  # fmt: skip
+            part = None if expect is None else list(expect[i:j])
+            got = codec.decode_batch(blobs[i:j], out.select(range(i, j)), expect=part)
+            with self._lock:
+                self.hits[header.artifact_id] = self.hits.get(header.artifact_id, 0) + got.count
+            firsts += got.first_positions
+            if got.error is not None:
+                return self._batch(out, blobs, firsts, got.error, dtype)
+            i = j
+        return self._batch(out, blobs, firsts, None, dtype)
+
+    def _batch(self, out, blobs, firsts, error, dtype) -> DecodedBatch:
+        if out is None:  # nothing decoded: an empty destination
+            layers, heads, dim = self._current.artifact.kv_shape
+            shape = (len(blobs), layers, heads, 0, dim)
+            empty = torch.empty(shape, dtype=dtype or torch.bfloat16, device=self.device)
+            out = ChunkKV.dense(empty, empty)
+        return DecodedBatch(out, firsts, len(firsts), error)
+
+    def _next_run(self, blobs, i: int):
+        """``(end, header, codec)`` of the run of blobs from ``i`` of one artifact, or the
+        error of blob ``i`` (a damaged header, or an :class:`UnknownArtifactError`,
+        counted in ``unknown_misses``)."""
+        try:
+            header = unpack_blob_header(blobs[i])[0]
+            codec = self.codec_for(header)
+        except UnknownArtifactError as exc:
+            with self._lock:
+                self.unknown_misses += 1
+            return exc
+        except BlobError as exc:
+            return exc
+        return self._run_end(blobs, i, header.artifact_id), header, codec
+
+    @staticmethod
+    def _run_end(blobs, i: int, artifact_id: str) -> int:
+        """The end of the run of blobs from ``i`` whose headers name ``artifact_id``."""
+        j = i + 1
+        while j < len(blobs):
+            try:
+                if unpack_blob_header(blobs[j])[0].artifact_id != artifact_id:
+                    break
+            except BlobError:
+                break  # that blob's codec call reports it
+            j += 1
+        return j
 
     def encode(self, *args, **kwargs) -> bytes:
         """:meth:`KVTCCodec.encode <kvtc_store.codec.KVTCCodec.encode>` with the current
@@ -345,23 +421,10 @@ class VersionedCodec:
         out = []
         i = 0
         while i < len(blobs):
-            try:
-                header = unpack_blob_header(blobs[i])[0]
-                codec = self.codec_for(header)
-            except UnknownArtifactError as exc:
-                with self._lock:
-                    self.unknown_misses += 1
-                return out, exc
-            except BlobError as exc:
-                return out, exc
-            j = i + 1
-            while j < len(blobs):
-                try:
-                    if unpack_blob_header(blobs[j])[0].artifact_id != header.artifact_id:
-                        break
-                except BlobError:
-                    break  # that blob's codec call reports it
-                j += 1
+            run = self._next_run(blobs, i)
+            if isinstance(run, BlobError):
+                return out, run
+            j, header, codec = run
             part = None if expect is None else list(expect[i:j])
             chunks, error = codec.decode_prefix(blobs[i:j], device, dtype, expect=part)
             with self._lock:

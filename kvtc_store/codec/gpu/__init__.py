@@ -2,8 +2,9 @@
 
 Needs ``triton`` and a CUDA device (the ``gpu`` extra); nothing here is imported by the
 CPU path. Streams and blobs are the same format as the CPU reference
-(:mod:`kvtc_store.codec.rans`, :class:`~kvtc_store.codec.KVTCCodec`), byte for byte for
-the entropy coder.
+(:mod:`kvtc_store.codec.rans`, :mod:`kvtc_store.codec.format`), byte for byte for the
+entropy coder; the two implementations of :class:`~kvtc_store.codec.protocol.Codec`
+import nothing from each other (:func:`kvtc_store.codec.make_codec` picks one).
 
 - :mod:`.rans_triton`: batched interleaved-rANS encode and decode of many chunks
   (:func:`encode_symbols_gpu`, :func:`decode_symbols_gpu`).
@@ -13,7 +14,8 @@ the entropy coder.
   ANS with nvCOMP (``nvidia-nvcomp-cu13``, also in the ``gpu`` extra).
 """
 
-from .codec_gpu import DecodedBatch, GpuCodec
+from ..protocol import DecodedBatch
+from .codec_gpu import GpuCodec
 from .nvcomp_coder import NvcompCoder, nvcomp_available
 from .rans_triton import DeviceTables, decode_symbols_gpu, encode_symbols_gpu
 

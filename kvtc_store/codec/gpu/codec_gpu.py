@@ -1,7 +1,9 @@
 """Encode and decode a batch of KV chunks end to end on CUDA (quantiser ``rans``).
 
-The same blobs as :class:`~kvtc_store.codec.KVTCCodec` (``docs/blob-format.md``): a blob
-written here decodes on a CPU-only host and the reverse. The rANS streams are
+One implementation of the codec protocol (:mod:`kvtc_store.codec.protocol`), beside the
+CPU reference :class:`~kvtc_store.codec.KVTCCodec`; neither imports the other. The same
+blobs (:mod:`kvtc_store.codec.format`, ``docs/blob-format.md``): a blob written here
+decodes on a CPU-only host and the reverse. The rANS streams are
 byte-identical to the CPU's for the same symbols; the symbols themselves can differ from
 the CPU's where the float transform rounds differently (fp16 GEMM operands against
 float32 on the CPU), so the values agree within float tolerance, not bit for bit.
@@ -13,7 +15,12 @@ write whole rows of a head; coefficients are component-major, as the rANS coder 
 them; every GEMM operand is a plain or transposed matrix with unit stride (cuBLAS takes
 either without a copy):
 
-encode: ``(B, L, H, T, D)`` K and V →[:func:`_prep_kernel`: undo RoPE on K, subtract the
+Chunks are read from and written to a :class:`~kvtc_store.codec.layout.ChunkKV`: a
+``(B, L, H, T, D)`` cache of any strides, or an engine's pages (vLLM's per-layer block
+views, SGLang's page pools), through a table of each token's slot and each layer's origin,
+so the kernels gather from and write into the pages themselves (no split, cat or scatter).
+
+encode: K and V →[:func:`_prep_kernel`: undo RoPE on K, subtract the
 mean, divide by the scale]→ ``Xᵀ (N, p)`` fp16 →[cuBLAS per group: ``basisᵀ @ X``]→
 ``C (R, N)`` float32 →[rANS encoder, quantising on the fly]→ streams, back to back on the
 device →[one copy into a reused pinned buffer]→ blobs (each checksummed and built with
@@ -28,7 +35,7 @@ streams →[rANS decoder, dequantising on the fly]→
 batches of few chunks, the decoder runs in ranges of steps and each range's rows are
 projected on a side stream while the next range decodes: ``decode_ranges_min_tokens``) →
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
-caller's ``(B, L, H, T, D)`` layout (any strides)] → exact tokens copied in.
+caller's destination, each token's slot from its table] → exact tokens copied in.
 
 The general-purpose coder over a blob's payload (the header's ``coder``): ``none`` goes
 to the device as it is; ``deflate64k`` (RAW DEFLATE in independent 64 KiB pieces,
@@ -57,16 +64,6 @@ import triton.language as tl
 
 from ...errors import ArtifactError, BlobCorruptError, BlobError, NvcompUnavailableError
 from ..artifact import CodecArtifact
-from ..blob import (
-    PAYLOAD_CHECKSUM_MISMATCH,
-    BlobHeader,
-    pack_blob,
-    pack_blob_parts,
-    payload_intact,
-    unpack_blob_header,
-    verify_payload,
-)
-from ..codec import KVTCCodec
 from ..entropy import (
     PIECE_SIZE,
     get_coder,
@@ -77,9 +74,23 @@ from ..entropy import (
     stored_size,
     writer_coder,
 )
-from ..exact import exact_nbytes, pack_exact, unpack_exact
+from ..exact import EXACT_DTYPES, exact_nbytes, pack_exact, unpack_exact
 from ..features import group_slices
-from ..rate import RateModel, step_multiplier
+from ..format import (
+    DTYPES,
+    PAYLOAD_CHECKSUM_MISMATCH,
+    BlobHeader,
+    bound_prefix,
+    pack_blob,
+    pack_blob_parts,
+    payload_intact,
+    unpack_blob_header,
+    verify_payload,
+)
+from ..layout import ChunkKV, KindLayout
+from ..protocol import ChunkBatch, CodecBase, DecodedBatch
+from ..rans import tables_of
+from ..rate import RateModel, choose_step_exps, step_multiplier
 from .nvcomp_coder import NvcompCoder, aligned
 from .rans_triton import DeviceTables, RansDecode, encode_gpu_device
 from .staging import HostDownload, HostStaging, host_pool
@@ -89,24 +100,16 @@ log = logging.getLogger(__name__)
 _POOL_BLOBS_MIN = 4 << 20  # payload bytes of a batch above which blobs are built on threads
 DECODE_PARTS = 4  # step ranges of the rANS decoder when it leaves multiprocessors idle
 
-_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
 
 # -- kernels ------------------------------------------------------------------------------
 
 
 @triton.jit
 def _prep_kernel(
-    x_ptr,  # (B, L, H, T, D) keys or values, any float dtype and strides
-    sx_b,
-    sx_l,
+    x_ptr,  # layer 0's origin of keys or values (any float dtype), see KindLayout
+    tok_ptr,  # int64 (B * T,): each token's slot, elements from its layer's origin
+    lay_ptr,  # int64 (L,): each layer's origin, elements from x_ptr
     sx_h,
-    sx_t,
     sx_d,
     cos_ptr,  # float32 (B * T, HALF)
     sin_ptr,
@@ -138,10 +141,10 @@ def _prep_kernel(
         cs = tl.load(cos_ptr + n * HALF + d % HALF, mask=m & rot, other=1.0)
         sn = tl.load(sin_ptr + n * HALF + d % HALF, mask=m & rot, other=0.0)
         sn = tl.where(d < HALF, sn, -sn)  # x * cos - rotate_half(x) * sin
-    chunk = x_ptr + b.to(tl.int64) * sx_b + t * sx_t
+    chunk = x_ptr + tl.load(tok_ptr + n, mask=m, other=0)
     lh0 = tl.program_id(1) * heads_per_program
     for lh in range(lh0, tl.minimum(lh0 + heads_per_program, L * H)):
-        base = chunk + (lh // H) * sx_l + (lh % H) * sx_h
+        base = chunk + tl.load(lay_ptr + lh // H) + (lh % H) * sx_h
         x = tl.load(base + d * sx_d, mask=m, other=0.0).to(tl.float32)
         if ROPE:
             xp = tl.load(base + partner * sx_d, mask=m & rot, other=0.0).to(tl.float32)
@@ -161,11 +164,10 @@ def _finish_kernel(
     sin_ptr,
     span_ptr,  # int32 (B, 2): each chunk's transform-coded tokens [a, b)
     mult_ptr,  # float32 (B,): each chunk's rate-control step multiplier
-    out_ptr,  # (B, L, H, T, D), any strides
-    so_b,
-    so_l,
+    out_ptr,  # layer 0's origin of the destination, see KindLayout
+    tok_ptr,  # int64 (B * T,): each token's slot, elements from its layer's origin
+    lay_ptr,  # int64 (L,): each layer's origin, elements from out_ptr
     so_h,
-    so_t,
     so_d,
     L,
     H,
@@ -197,7 +199,7 @@ def _finish_kernel(
         sn = tl.load(sin_ptr + n * HALF + d % HALF, mask=m & rot, other=0.0)
         sn = tl.where(d < HALF, -sn, sn)  # v * cos + rotate_half(v) * sin
     row = f_ptr + n * n_feat
-    chunk = out_ptr + b.to(tl.int64) * so_b + t * so_t + d * so_d
+    chunk = out_ptr + tl.load(tok_ptr + n, mask=m, other=0) + d * so_d
     lh0 = tl.program_id(1) * heads_per_program
     for lh in range(lh0, tl.minimum(lh0 + heads_per_program, L * H)):
         f = lh * D + d
@@ -208,30 +210,11 @@ def _finish_kernel(
             vp = tl.load(row + pf, mask=m & rot, other=0.0).to(tl.float32) * mult
             vp = tl.load(mean_ptr + pf) + vp * tl.load(scale_ptr + pf)
             v = tl.where(rot, v * cs + vp * sn, v)
-        ptr = chunk + (lh // H) * so_l + (lh % H) * so_h
+        ptr = chunk + tl.load(lay_ptr + lh // H) + (lh % H) * so_h
         tl.store(ptr, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # -- host ---------------------------------------------------------------------------------
-
-
-@dataclass
-class DecodedBatch:
-    """Chunks decoded by :meth:`GpuCodec.decode_batch`.
-
-    Attributes:
-        keys, values: ``(B, L, H, T, D)`` (RoPE applied to keys); chunks from ``count`` on
-            are undefined.
-        first_positions: absolute position of each decoded chunk's token 0.
-        count: chunks decoded (the prefix before the first bad blob).
-        error: that blob's error, or None.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    first_positions: list[int]
-    count: int
-    error: BlobError | None
 
 
 def _on_own_device(method):
@@ -278,7 +261,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate=Fal
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-class GpuCodec:
+class GpuCodec(CodecBase):
     """Batched encode/decode of 256-token-style chunks on CUDA with a ``rans`` artifact.
 
     Args:
@@ -299,6 +282,11 @@ class GpuCodec:
             ratio, estimated on the device over every coded token, as on the CPU).
 
     Attributes:
+        transfers: bytes the decoder moved so far: ``h2d_bytes`` (everything sent from
+            the host: blobs and offset tables), ``h2d_blob_bytes`` (blob payloads among
+            them), ``d2d_blob_bytes`` (payloads of device blobs copied on the device).
+        takes_device_blobs: True: blobs in device memory (a GPU tier's
+            :class:`~kvtc_store.backends.DeviceBlob`) decode with no host round trip.
         decode_ranges_min_tokens: batches of at least this many tokens whose chunks
             leave half the multiprocessors or more idle in the rANS decoder (one program
             a chunk) are decoded in up to :data:`DECODE_PARTS` ranges of steps, each
@@ -315,6 +303,7 @@ class GpuCodec:
     """
 
     decode_ranges_min_tokens = 4096
+    takes_device_blobs = True
 
     def __init__(
         self,
@@ -333,20 +322,22 @@ class GpuCodec:
         self.gemm_dtype = gemm_dtype
         self.coder = writer_coder(coder)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
-        # header checks, token spans and blob headers, as on the CPU
-        self._ref = KVTCCodec(artifact, exact_dtype=exact_dtype, rate_control=rate_control)
+        if exact_dtype not in EXACT_DTYPES:
+            raise ValueError(f"exact_dtype {exact_dtype!r} is not one of {EXACT_DTYPES}")
         self.exact_dtype = exact_dtype
+        rans_tables = tables_of(artifact)
         self._sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
             if self.device.type == "cuda"
             else 4
         )  # sizes the elementwise kernels' grids; decides when the decoder runs in ranges
         self._staging = HostStaging(self.device)  # grow-only pinned buffer for decode
+        self.transfers = {"h2d_bytes": 0, "h2d_blob_bytes": 0, "d2d_blob_bytes": 0}
         self._download = HostDownload(self.device)  # and one for the encoder's streams
         _, heads, dim = artifact.kv_shape
         if dim & (dim - 1):
             raise NotImplementedError(f"head dim {dim} is not a power of two")
-        self.tables = DeviceTables.from_rans(self._ref.rans_tables, self.device)
+        self.tables = DeviceTables.from_rans(rans_tables, self.device)
         dev = self.device
         self._slices = group_slices(artifact.groups, heads, dim)
         self._means = {k: self._kind_vector(artifact.means, k) for k in "kv"}
@@ -366,9 +357,7 @@ class GpuCodec:
         self._rounding = float(getattr(artifact, "quant_rounding", 0.5))
         self._bias = float(getattr(artifact, "quant_bias", 0.0))
         self._rate = (
-            RateModel(self._ref.rans_tables, self._steps, self._rounding, dev)
-            if rate_control
-            else None
+            RateModel(rans_tables, self._steps, self._rounding, dev) if rate_control else None
         )
         rope = artifact.rope
         self._rot = rope.rotary_dim if artifact.undo_rope else 0
@@ -436,54 +425,60 @@ class GpuCodec:
     @_on_own_device
     def encode_batch(
         self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        first_positions: list[int],
+        chunks: ChunkBatch | torch.Tensor,
+        values: torch.Tensor | None = None,
+        first_positions: list[int] | None = None,
         exact_tails: list[int] | None = None,
         timer=None,
         chunk_keys: list[str | None] | None = None,
     ) -> list[bytes]:
-        """Compress ``B`` chunks of ``T`` tokens.
+        """Compress ``B`` chunks of ``T`` tokens (the protocol's
+        :meth:`~kvtc_store.codec.protocol.Codec.encode_batch`; shapes, positions and errors
+        there), read by the prep kernel straight from where they are: a dense batch or an
+        engine's pages on this codec's device. Chunks elsewhere (host memory) are moved
+        here in one copy first.
 
         Args:
-            keys, values: ``(B, L, H, T, D)`` on this codec's device (RoPE applied to keys,
-                as cached), any float dtype and strides.
-            first_positions: absolute position of each chunk's token 0.
-            exact_tails: trailing tokens of each chunk stored exactly (default none).
+            chunks: a :class:`~kvtc_store.codec.protocol.ChunkBatch`; or, the older form,
+                ``(B, L, H, T, D)`` keys, with ``values``, ``first_positions``,
+                ``exact_tails`` and ``chunk_keys`` beside it.
             timer: optional ``timer(stage) -> context manager`` (benchmarks).
-            chunk_keys: the key each chunk will be stored under, bound into its blob's
-                header (:meth:`KVTCCodec.encode`); default: unbound blobs.
 
         Returns:
-            One blob per chunk, readable by :meth:`KVTCCodec.decode` on any host.
+            One blob per chunk, readable by either implementation on any host.
 
         Raises:
             ValueError: shapes differ from the artifact's model.
         """
+        if isinstance(chunks, torch.Tensor):
+            if values is None or first_positions is None:
+                raise ValueError("encode_batch(keys, values, first_positions, ...) needs all three")
+            chunks = ChunkBatch.of(chunks, values, first_positions, exact_tails, chunk_keys)
         art = self.artifact
-        batch, layers, heads, tokens, dim = keys.shape
-        if keys.shape != values.shape or (layers, heads, dim) != tuple(art.kv_shape):
-            raise ValueError(f"chunks {tuple(keys.shape)} do not match {tuple(art.kv_shape)}")
-        tails = list(exact_tails) if exact_tails is not None else [0] * batch
-        spans = [
-            self._ref.compressed_span(tokens, int(f), int(e))
-            for f, e in zip(first_positions, tails)
-        ]
+        kv = self._on_device(chunks.kv)
+        batch, layers, heads, tokens, dim = kv.batch, kv.layers, kv.heads, kv.tokens, kv.dim
+        if (layers, heads, dim) != tuple(art.kv_shape):
+            raise ValueError(
+                f"chunks of (L, H, D) = {(layers, heads, dim)} do not match {tuple(art.kv_shape)}"
+            )
+        first_positions = [int(f) for f in chunks.first_positions]
+        tails = chunks.tails()
+        spans = [self.compressed_span(tokens, f, e) for f, e in zip(first_positions, tails)]
         n = batch * tokens
         with self._stage(timer, "rope_mean"):
-            first = torch.tensor(list(first_positions), dtype=torch.int64, device=keys.device)
+            first = torch.tensor(first_positions, dtype=torch.int64, device=self.device)
             cos, sin = self._cos_sin(first, tokens, undo=True)
             feats = {}
             p = layers * heads * dim
-            for kind, x in (("k", keys), ("v", values)):
-                out = torch.empty(n, p, dtype=self.gemm_dtype, device=x.device)
+            for kind, src in (("k", kv.keys), ("v", kv.values)):
+                out = torch.empty(n, p, dtype=self.gemm_dtype, device=self.device)
                 self._launch_elementwise(
-                    _prep_kernel, batch, tokens, x, *x.stride(), cos, sin,
+                    _prep_kernel, batch, tokens, *_address(src), cos, sin,
                     self._means[kind], self._scales[kind], out, p, rope=kind == "k",
                 )  # fmt: skip
                 feats[kind] = out
         with self._stage(timer, "projection"):
-            coeffs = torch.empty(self.n_rows, n, dtype=torch.float32, device=keys.device)
+            coeffs = torch.empty(self.n_rows, n, dtype=torch.float32, device=self.device)
             for g, (kind, sl) in enumerate(self._slices):
                 o0, o1 = self._offsets[g], self._offsets[g + 1]
                 _mm_into(coeffs[o0:o1], self._bases[g].T, feats[kind][:, sl].T)
@@ -506,15 +501,23 @@ class GpuCodec:
                 for b, (a, e) in enumerate(spans):
                     exact = b""
                     if a > 0 or e < tokens:
-                        ek = torch.cat([keys[b, :, :, :a], keys[b, :, :, e:]], dim=2)
-                        ev = torch.cat([values[b, :, :, :a], values[b, :, :, e:]], dim=2)
+                        ek, ev = (x[0].contiguous() for x in kv.read([b], _outside(a, e, tokens)))
                         exact = pack_exact(ek, ev, self.exact_dtype).cpu().numpy().tobytes()
                     o, n = (0, 0) if b not in where else streams.span(where[b])
                     parts.append((mv[o : o + n], exact))
             with self._stage(timer, "blobs"):
-                names = list(chunk_keys) if chunk_keys is not None else [None] * batch
-                blobs = self._blobs(tokens, keys.dtype, first_positions, tails, parts, exps, names)
+                names = chunks.names()
+                blobs = self._blobs(tokens, kv.dtype, first_positions, tails, parts, exps, names)
         return blobs
+
+    def _on_device(self, kv: ChunkKV) -> ChunkKV:
+        """``kv`` if it is on this codec's device, else its chunks gathered and moved
+        here in one copy (a dense batch)."""
+        if kv.device == self.device:
+            return kv
+        every = torch.arange(kv.tokens)
+        keys, values = (x.to(self.device) for x in kv.read(range(kv.batch), every))
+        return ChunkKV.dense(keys, values)
 
     def _step_exps(self, coeffs: torch.Tensor, spans, tokens: int) -> list[int]:
         """Rate control: each chunk's step exponent, chosen on its coded tokens (chunks of
@@ -536,7 +539,8 @@ class GpuCodec:
                     [b * tokens + t for b in idx for t in range(a, e)], device=coeffs.device
                 )
                 coded = coeffs[:, cols][self._colmap].T.reshape(len(idx), e - a, -1)
-                for b, x in zip(idx, self._ref.choose_step_exps(coded, self._rate).tolist()):
+                exps_b = choose_step_exps(self._rate, coded, self.artifact, self.header_bytes())
+                for b, x in zip(idx, exps_b.tolist()):
                     exps[b] = int(x)
         for b, x in enumerate(exps):
             if x:
@@ -550,7 +554,7 @@ class GpuCodec:
         first."""
         coder = self.coder.name
         headers = [
-            self._ref.blob_header(
+            self.blob_header(
                 tokens, dtype, f, e, coder, {"stream": len(st), "exact": len(ex)}, x, k
             )
             for f, e, (st, ex), x, k in zip(first_positions, tails, parts, exps, names)
@@ -612,16 +616,19 @@ class GpuCodec:
     # -- decode ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    @_on_own_device
     def decode_batch(
         self,
         blobs: list[bytes],
+        out: ChunkKV | tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
         dtype: torch.dtype | None = None,
-        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        expect=None,
         timer=None,
     ) -> DecodedBatch:
-        """Decompress consecutive chunks of equal token count in one batch, up to the first
-        that fails (as :meth:`KVTCCodec.decode_prefix`).
+        """Decompress consecutive chunks of equal token count in one batch straight into
+        ``out``, up to the first that fails (the protocol's
+        :meth:`~kvtc_store.codec.protocol.Codec.decode_batch`; the prefix rule and errors
+        there).
 
         Host side, in order: each blob's header is parsed and checked (O(blobs) Python);
         the payloads and a small table of per-chunk offsets are copied by several threads
@@ -635,25 +642,51 @@ class GpuCodec:
         call, from the staging upload into its place (their checksums verified first,
         before the upload: nvCOMP does not validate what it inflates), else on the host
         while parsing. Should nvCOMP fail, they are inflated on the host and uploaded
-        again, so the prefix and its error are the CPU decoder's. Calls on one codec from several threads take
-        turns for the staging buffer.
+        again, so the prefix and its error are the CPU decoder's. Calls on one codec from
+        several threads take turns for the staging buffer.
 
         Args:
             blobs: blobs written by this artifact (on any host).
-            dtype: output dtype (default: the first blob's input dtype).
-            out: optional ``(keys, values)`` ``(B, L, H, T, D)`` CUDA tensors to write into
-                (any strides, e.g. views of a serving engine's cache).
+            out: the destination: a :class:`~kvtc_store.codec.layout.ChunkKV` (a dense
+                cache or an engine's pages; the older ``(keys, values)`` pair of
+                ``(B, L, H, T, D)`` tensors is taken too). On this codec's device, the
+                finishing kernel writes each token's K and V once, at its place; on
+                another device (host pages), the batch is decoded into a device buffer
+                and copied there once. Default: a new dense batch on this device.
+            dtype: of a new destination (default: the first blob's input dtype).
+            expect: chunk bindings (the protocol).
             timer: optional ``timer(stage) -> context manager`` (benchmarks); stages
                 ``parse``, ``upload``, ``inflate`` (nvCOMP), ``rans_dequantise``,
                 ``projection``, ``rope_write``, ``exact``, ``verify`` (what the
                 checksums still take once the device work is done, and the status read).
 
         Returns:
-            :class:`DecodedBatch`. Chunks from ``count`` on are undefined in ``out``.
+            :class:`~kvtc_store.codec.protocol.DecodedBatch`.
 
         Raises:
-            ValueError: blobs of different token counts, or ``out`` of the wrong shape.
+            ValueError: blobs of different token counts, or ``out`` that does not fit.
         """
+        if isinstance(out, tuple):
+            out = ChunkKV.dense(*out)
+        blobs = list(blobs)
+        misfiled = None
+        if expect is not None:
+            n_bound, misfiled = bound_prefix(blobs, expect)
+            blobs = blobs[:n_bound]
+        if out is not None and out.device != self.device and blobs:
+            got = self.decode_batch(blobs, dtype=out.dtype, timer=timer)
+            out.write(range(got.count), torch.arange(out.tokens),
+                      got.keys[: got.count], got.values[: got.count])  # fmt: skip
+            got.out = out
+        else:
+            got = self._decode_here(blobs, out, dtype, timer)
+        if got.error is None:
+            got.error = misfiled
+        return got
+
+    @_on_own_device
+    def _decode_here(self, blobs, out: ChunkKV | None, dtype, timer) -> DecodedBatch:
+        """:meth:`decode_batch` into a destination on this device (or a new one)."""
         art = self.artifact
         layers, heads, dim = art.kv_shape
         with self._stage(timer, "parse"):
@@ -663,20 +696,17 @@ class GpuCodec:
         if any(p.header.shape[3] != tokens for p in parsed):
             raise ValueError("decode_batch needs chunks of equal token count")
         if dtype is None:
-            dtype = _DTYPES.get(parsed[0].header.dtype, torch.float32) if parsed else torch.bfloat16
+            dtype = DTYPES.get(parsed[0].header.dtype, torch.float32) if parsed else torch.bfloat16
         if out is None:
             shape = (batch, layers, heads, tokens, dim)
-            out = (
+            out = ChunkKV.dense(
                 torch.empty(shape, dtype=dtype, device=self.device),
                 torch.empty(shape, dtype=dtype, device=self.device),
             )
-        elif not parsed:
-            pass  # nothing to write: the first blob is bad
-        elif out[0].shape[1:] != (layers, heads, tokens, dim) or out[0].shape[0] < batch:
-            raise ValueError(f"out {tuple(out[0].shape)} does not fit {batch} chunks")
-        keys, values = out
+        elif parsed:
+            out.check(layers, heads, dim, batch, tokens)
         if not parsed:
-            return DecodedBatch(keys, values, [], 0, error)
+            return DecodedBatch(out, [], 0, error)
         n = batch * tokens
         with self._stage(timer, "upload"):
             dev, layout = self._upload(parsed, batch)
@@ -690,7 +720,7 @@ class GpuCodec:
                 if not self._inflate(dev, layout.inflate):
                     parsed, error = self._inflate_on_host(parsed, error)
                     if not parsed:
-                        return DecodedBatch(keys, values, [], 0, error)
+                        return DecodedBatch(out, [], 0, error)
                     dev, layout = self._upload(parsed, batch)
         coded = layout.coded
         meta = dev[: layout.meta_bytes].view(torch.int64)
@@ -736,11 +766,11 @@ class GpuCodec:
             mults = [step_multiplier(q.header.step_exp) for q in parsed]
             mult = torch.tensor(mults + [1.0] * (batch - len(parsed)), dtype=torch.float32)
             mult = mult.to(self.device, non_blocking=True)
-            for kind, dst in (("k", keys), ("v", values)):
+            for kind, dst in (("k", out.keys), ("v", out.values)):
                 self._launch_elementwise(
                     _finish_kernel, batch, tokens, feats[kind], p,
                     self._means[kind], self._scales[kind], cos, sin, spans, mult,
-                    dst, *dst.stride(), rope=kind == "k",
+                    *_address(dst), rope=kind == "k",
                 )  # fmt: skip
         with self._stage(timer, "exact"):
             for i, p in enumerate(parsed):
@@ -751,10 +781,7 @@ class GpuCodec:
                 ek, ev = unpack_exact(
                     dev[o : o + p.exact_len], layers, heads, n_exact, dim, p.header.exact_dtype
                 )
-                ek, ev = ek.to(dtype), ev.to(dtype)
-                for dst, src in ((keys, ek), (values, ev)):
-                    dst[i, :, :, : p.a] = src[:, :, : p.a]
-                    dst[i, :, :, p.b :] = src[:, :, p.a :]
+                out.write([i], _outside(p.a, p.b, tokens), ek[None], ev[None])
         with self._stage(timer, "verify"):
             count = len(parsed)
             for i, check in checks:  # in blob order: the first bad one ends the prefix
@@ -767,7 +794,7 @@ class GpuCodec:
                     "rANS stream does not decode to its initial state (data altered)"
                 )
         firsts = [int(p.header.first_position) for p in parsed[:count]]
-        return DecodedBatch(keys, values, firsts, count, error)
+        return DecodedBatch(out, firsts, count, error)
 
     def _upload(self, parsed: list[_Blob], batch: int):
         """Put every parsed blob's sections on the device in one buffer: an int64 table
@@ -814,9 +841,34 @@ class GpuCodec:
             meta[4 * nc + 2 * i : 4 * nc + 2 * i + 2] = (p.a, p.b)
             meta[4 * nc + 2 * batch + i] = p.header.first_position
         # chunks past the parsed ones: an empty span (nothing written), position 0
-        dev = self._staging.upload(parts, max(offset, 8))
+        dev = self._send(parts, max(offset, 8))
         max_lanes = int(meta[2 * nc : 3 * nc].max()) if nc else 0
         return dev, _Layout(meta_bytes, exact_at, max_lanes, coded, inflate)
+
+    def _send(self, parts: list[tuple[int, object]], nbytes: int) -> torch.Tensor:
+        """The device buffer of :meth:`_upload`: host parts through the pinned staging
+        buffer (counted in :attr:`transfers` ``h2d_bytes``, the blobs' share in
+        ``h2d_blob_bytes``), parts already on this device (a GPU tier's blobs) copied on
+        the device (``d2d_blob_bytes``). Where every blob is on the device, only the
+        offset table (part 0) crosses from the host."""
+        on_device = [(o, b) for o, b in parts if isinstance(b, torch.Tensor)]
+        host = [(o, b) for o, b in parts if not isinstance(b, torch.Tensor)]
+        blob_bytes = sum(memoryview(b).nbytes for _, b in host[1:])
+        t = self.transfers
+        if not on_device:
+            t["h2d_bytes"] += nbytes
+            t["h2d_blob_bytes"] += blob_bytes
+            return self._staging.upload(parts, nbytes)
+        end = max(o + memoryview(b).nbytes for o, b in host)  # host parts' span
+        staged = self._staging.upload(host, end)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dev[:end].copy_(staged)
+        for o, b in on_device:
+            dev[o : o + b.numel()].copy_(b)
+            t["d2d_blob_bytes"] += b.numel()
+        t["h2d_bytes"] += end
+        t["h2d_blob_bytes"] += blob_bytes
+        return dev
 
     def _inflate(self, dev: torch.Tensor, jobs: tuple[np.ndarray, ...]) -> bool:
         """Inflate the pieces that :meth:`_upload` put in ``dev`` (``jobs``: offsets,
@@ -880,7 +932,7 @@ class GpuCodec:
             try:
                 parsed.append(self._parse(header, payload))
             except Exception as exc:  # noqa: BLE001 - a checksummed header that lies
-                if not payload_intact(header, payload):  # that check came first
+                if not isinstance(payload, torch.Tensor) and not payload_intact(header, payload):
                     return parsed, BlobCorruptError(PAYLOAD_CHECKSUM_MISMATCH)
                 if isinstance(exc, BlobError):
                     return parsed, exc
@@ -893,11 +945,11 @@ class GpuCodec:
         ``deflate64k`` or ``deflate`` one, when this codec has nvCOMP, too (``_Blob.packed``,
         verified by :meth:`_verify_packed`; its pieces located, the table checked); another
         coder's, or one with nothing to inflate, is verified and decoded here, on the host."""
-        self._ref.check_header(header)
+        self.check_header(header)
         layers, heads, dim, tokens = header.shape
         if (layers, heads, dim) != tuple(self.artifact.kv_shape):
             raise BlobCorruptError(f"blob shape {header.shape} does not match the codec")
-        a, b = self._ref.compressed_span(tokens, header.first_position, header.exact_tail)
+        a, b = self.compressed_span(tokens, header.first_position, header.exact_tail)
         n_exact = tokens - (b - a)
         want = {
             "stream": header.sections.get("stream", 0) if b > a else 0,
@@ -909,6 +961,14 @@ class GpuCodec:
             raise BlobCorruptError("rANS stream of odd length")
         if want["stream"] < 4 * (b - a) * self.tables.interleave:
             raise BlobCorruptError("rANS stream shorter than its lanes' states")
+        if isinstance(payload, torch.Tensor):  # a device blob (a GPU tier's)
+            if header.coder == "none" and payload.device == self.device:
+                if payload.numel() != sum(want.values()):
+                    raise BlobCorruptError(f"payload of {payload.numel()} bytes, sections {want}")
+                # stays on the device: no checksum on the host (the tier's copy of what
+                # was put; the rANS decoder's final-state check still catches a bad stream)
+                return _Blob(header, a, b, payload, want["stream"], want["exact"], None)
+            payload = memoryview(payload.cpu().numpy())  # inflated on the host, or moved
         if header.coder == "none":  # no copy: the payload goes straight to pinned memory
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
@@ -1013,3 +1073,21 @@ def _device_deflater(device: torch.device, wanted: bool | None) -> NvcompCoder |
         if wanted:
             raise
         return None
+
+
+def _address(kind: KindLayout) -> tuple:
+    """The kernels' arguments for one kind of a :class:`~kvtc_store.codec.layout.ChunkKV`:
+    layer 0's origin, the token and layer offset tables (int64, contiguous, on its
+    device), the head and dim strides."""
+    return (
+        kind.base,
+        kind.token_offsets.reshape(-1).contiguous(),
+        kind.layer_offsets.contiguous(),
+        kind.head_stride,
+        kind.dim_stride,
+    )
+
+
+def _outside(a: int, b: int, tokens: int) -> torch.Tensor:
+    """Token indices ``[0, a)`` then ``[b, tokens)``: a chunk's exactly stored tokens."""
+    return torch.cat([torch.arange(0, a), torch.arange(b, tokens)])
