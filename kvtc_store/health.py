@@ -2,9 +2,9 @@
 
 Two views of one question, "can this store serve?":
 
-- :func:`stack_health`: inside a serving process, from its live tiers: each tier's
-  circuit-breaker state, write-down queue depth and capacity use. The metrics port
-  serves it at ``/healthz`` (:meth:`kvtc_store.metrics.StoreMetrics.serve`).
+- :meth:`kvtc_store.tierstack.TierStack.health`: inside a serving process, from its live
+  tiers: each tier's circuit-breaker state, write-down queue depth and capacity use. The
+  metrics port serves it at ``/healthz`` (:meth:`kvtc_store.metrics.StoreMetrics.serve`).
 - :func:`config_health`: from another process (``kvtc-store health --config``): opens
   each tier of a store config as the store would and asks it one cheap question within
   the tier's deadline (a disk folder that exists and is writable; an S3 bucket that
@@ -20,36 +20,6 @@ import os
 
 DEFAULT_DEADLINE_S = 5.0
 """Seconds a probe of a disk or S3 tier may take when its config sets no deadline."""
-
-
-def stack_health(stack) -> dict:
-    """The health of a live store's tiers (:class:`~kvtc_store.tierstack.TierStack`).
-
-    Per tier: ``reachable`` (False while its breaker is open: calls to it are skipped),
-    ``circuit`` (``closed``, ``open``, ``half-open``), ``queue_depth`` (chunks waiting to
-    be written to it; None for the top tier, which is written in the caller's thread),
-    ``used_bytes``, ``capacity_bytes`` and ``use`` (their ratio, None without a cap).
-    Occupancy is the tier's last known one: nothing here waits on I/O (an S3 tier's
-    figure is from its last listing).
-    """
-    states = stack.breaker_states()
-    depths = stack.queue_depths()
-    rows = []
-    for tier in stack.tiers:
-        u = tier.snapshot()
-        cap = u.capacity_bytes
-        rows.append(
-            {
-                "tier": tier.name,
-                "reachable": states[tier.name] != "open",
-                "circuit": states[tier.name],
-                "queue_depth": depths.get(tier.name),
-                "used_bytes": u.used_bytes,
-                "capacity_bytes": cap,
-                "use": u.used_bytes / cap if cap else None,
-            }
-        )
-    return {"ok": all(r["reachable"] for r in rows), "tiers": rows}
 
 
 def config_health(cfg) -> dict:

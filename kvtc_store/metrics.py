@@ -240,7 +240,7 @@ class StoreMetrics:
         """Expose the metrics over HTTP at ``http://addr:port/metrics`` and the store's
         health at ``/healthz``; return the port.
 
-        ``/healthz`` answers JSON (:func:`kvtc_store.health.stack_health`: per tier its
+        ``/healthz`` answers JSON (:meth:`kvtc_store.tierstack.TierStack.health`: per tier its
         circuit state, queue depth and capacity use), status 200 when every tier is
         reachable and 503 when a breaker is open: a Kubernetes probe's answer
         (docs/operations.md). ``port=0`` picks a free port. One server per store; a
@@ -268,13 +268,11 @@ def _serve(metrics: StoreMetrics, port: int, addr: str):
 
     from prometheus_client import make_wsgi_app
 
-    from .health import stack_health
-
     prometheus = make_wsgi_app(metrics.registry)
 
     def app(environ, start_response):
         if environ.get("PATH_INFO") == "/healthz":
-            report = stack_health(metrics.stack)
+            report = metrics.stack.health()
             body = json.dumps(report).encode()
             status = "200 OK" if report["ok"] else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])

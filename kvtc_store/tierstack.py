@@ -249,6 +249,35 @@ class TierStack:
         """Each tier's circuit-breaker state (``closed``, ``open``, ``half-open``)."""
         return {tier.name: g.breaker.state for tier, g in zip(self.tiers, self.guards)}
 
+    def health(self) -> dict:
+        """The health of this live store's tiers (``/healthz``; docs/operations.md).
+
+        Per tier: ``reachable`` (False while its breaker is open: calls to it are skipped),
+        ``circuit`` (``closed``, ``open``, ``half-open``), ``queue_depth`` (chunks waiting to
+        be written to it; None for the top tier, which is written in the caller's thread),
+        ``used_bytes``, ``capacity_bytes`` and ``use`` (their ratio, None without a cap).
+        Occupancy is the tier's last known one: nothing here waits on I/O (an S3 tier's
+        figure is from its last listing).
+        """
+        states = self.breaker_states()
+        depths = self.queue_depths()
+        rows = []
+        for tier in self.tiers:
+            u = tier.snapshot()
+            cap = u.capacity_bytes
+            rows.append(
+                {
+                    "tier": tier.name,
+                    "reachable": states[tier.name] != "open",
+                    "circuit": states[tier.name],
+                    "queue_depth": depths.get(tier.name),
+                    "used_bytes": u.used_bytes,
+                    "capacity_bytes": cap,
+                    "use": u.used_bytes / cap if cap else None,
+                }
+            )
+        return {"ok": all(r["reachable"] for r in rows), "tiers": rows}
+
     def _count_failure(self, tier: Backend, op: str) -> None:
         with self._lock:
             self._failures[tier.name, op] = self._failures.get((tier.name, op), 0) + 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvtc_store import cli as base
+from kvtc_store import cli_args as base
 from kvtc_store.texts import CORPORA
 
 
