@@ -200,11 +200,14 @@ class CalibrationWorker:
         model_spec: what :func:`kvtc_store.model.load_model` takes (folder, GGUF, hub id;
             None: SmolLM2).
         settings: the calibration settings, as a dict (:func:`dataclasses.asdict`).
+        threads: torch's CPU threads in this worker (0: leave torch's default).
     """
 
-    def __init__(self, model_spec: str | None, settings: dict):
+    def __init__(self, model_spec: str | None, settings: dict, threads: int = 0):
         from kvtc_store.model import load_model
 
+        if threads:
+            torch.set_num_threads(threads)
         self.settings = CalibrationSettings(**settings)
         self.model, self.tokenizer, self.info = load_model(model_spec)
         self.device = "cpu"
@@ -492,18 +495,22 @@ def calibrate_fleet(
     ray = _ray()
     settings = settings or CalibrationSettings()
     t0 = time.perf_counter()
-    started = connect(address, num_cpus=None if address != "local" else max(workers, 1))
+    started = connect(address, num_cpus=max(workers, os.cpu_count() or 1))
     try:
-        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) >= 1
+        # a CPU worker gets its share of the cluster's cores: Ray sets an actor's
+        # OMP_NUM_THREADS to its num_cpus, so one core each would idle the rest
+        threads = 0 if gpus else max(1, int(resources.get("CPU", 1)) // workers)
         env = {KILL_ENV: os.environ[KILL_ENV]} if os.environ.get(KILL_ENV) else {}
         actor_cls = ray.remote(CalibrationWorker).options(
             num_gpus=1 if gpus else 0,
-            num_cpus=0 if gpus else 1,
+            num_cpus=threads,
             max_restarts=max_retries,
             max_task_retries=max_retries,
             runtime_env={"env_vars": env} if env else None,
         )
-        actors = [actor_cls.remote(model, asdict(settings)) for _ in range(workers)]
+        actors = [actor_cls.remote(model, asdict(settings), threads) for _ in range(workers)]
         described = _get(ray, [a.describe.remote() for a in actors])
         d0 = described[0]
         info = ModelInfo(
