@@ -401,8 +401,11 @@ def calibration_units(settings: CalibrationSettings) -> list[CalibrationUnit]:
     return units
 
 
-def new_stats(info: ModelInfo, settings: CalibrationSettings) -> ShardStats:
-    """Empty mergeable statistics for ``info``'s model and ``settings``."""
+def new_stats(
+    info: ModelInfo, settings: CalibrationSettings, device: str | torch.device = "cpu"
+) -> ShardStats:
+    """Empty mergeable statistics for ``info``'s model and ``settings``, accumulating on
+    ``device``."""
     return ShardStats(
         info.kv_shape,
         info.rope,
@@ -411,6 +414,7 @@ def new_stats(info: ModelInfo, settings: CalibrationSettings) -> ShardStats:
         sample_tokens=settings.sample_tokens,
         seed=SAMPLE_SEED,
         undo_rope=settings.undo_rope,
+        device=device,
     )
 
 
@@ -427,7 +431,9 @@ def collect(
     """Run the model over ``units`` of the token ids: the *collect* half of calibration.
 
     Args:
-        model: the transformers model (any device; statistics are kept on the CPU).
+        model: the transformers model, on any device: the sums and Gram matrices
+            accumulate on the model's device (float64; a CUDA model's KV never leaves
+            the GPU) and come to the host once, when the shard is done.
         ids: int64 ``(n,)``: the job's calibration token ids (every unit's ``end <= n``).
         units: the units of this shard (any subset of :func:`calibration_units`).
         info, settings: the model's geometry and the calibration settings.
@@ -435,15 +441,17 @@ def collect(
         progress: ``progress(message)`` during sensitivity runs.
 
     Returns:
-        The shard's statistics, with the model's parameter count (each tensor once).
+        The shard's statistics on the host, with the model's parameter count (each
+        tensor once).
 
     Raises:
         CalibrationError: an unknown unit kind, or a unit twice.
     """
-    stats = new_stats(info, settings)
+    device = next(model.parameters()).device
+    stats = new_stats(info, settings, device)
     context, _ = _sensitivity_span(settings.window_tokens)
     for u in units:
-        seq = ids[u.start : u.end]
+        seq = ids[u.start : u.end].to(device)
         if u.kind == "sensitivity":
             say = None
             if progress:
@@ -480,21 +488,21 @@ def collect(
         if unit_done:
             unit_done(u)
     stats.model_params = sum(p.numel() for p in model.parameters())
-    return stats
+    return stats.to("cpu")
 
 
 def merge_stats(parts: list[ShardStats]) -> ShardStats:
     """The statistics of all ``parts`` (any order; see
-    :meth:`~kvtc_store.codec.stats.ShardStats.merge`).
+    :meth:`~kvtc_store.codec.stats.ShardStats.merge`); the parts are not changed.
 
     Raises:
         CalibrationError: no parts, or parts that do not merge.
     """
     if not parts:
         raise CalibrationError("no calibration statistics to merge")
-    out = parts[0]
+    out = parts[0].copy()
     for p in parts[1:]:
-        out = out.merge(p)
+        out.absorb(p, take=False)
     return out
 
 

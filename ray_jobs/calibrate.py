@@ -596,7 +596,7 @@ def _run_shards(ray, actors, ids, settings, shard_windows, progress):
         out = _get(ray, done)[0]
         t = time.perf_counter()
         part = ShardStats.from_state(out["state"])
-        merged = part if merged is None else merged.merge(part)
+        merged = part if merged is None else merged.absorb(part)
         merge_s += time.perf_counter() - t
         records.append(
             ShardRecord(

@@ -139,3 +139,59 @@ def test_shards_give_the_artifact_of_one_process(tiny) -> None:
         assert a.quality["honest_ratio"] == pytest.approx(b.quality["honest_ratio"], rel=1e-3)
     with pytest.raises(CalibrationError, match="missing"):
         fit_stats(collect(model, ids, units[:2], info, SETTINGS), SETTINGS)
+
+
+def test_absorb_is_merge_in_place_and_merge_leaves_its_inputs(tiny) -> None:
+    _, info, _ = tiny
+    a, b = _random_window_stats(info, [0, 2]), _random_window_stats(info, [1, 3])
+    a_gram, b_gram = a.grams[0].clone(), b.grams[0].clone()
+    merged = a.merge(b)
+    assert torch.equal(a.grams[0], a_gram) and torch.equal(b.grams[0], b_gram)
+    assert a.units == {"kv:0", "kv:2"} and merged.units == {f"kv:{w}" for w in range(4)}
+    # a shard without sums (sensitivity only) absorbing one with them, as a driver does
+    empty = new_stats(info, SETTINGS)
+    assert empty.absorb(a) is empty and empty.absorb(b) is empty
+    _assert_same(empty, merged)
+    _assert_same(merged, _random_window_stats(info, [0, 1, 2, 3]))
+
+
+def test_statistics_from_a_state_own_their_arrays(tiny) -> None:
+    _, info, _ = tiny
+    stats = _random_window_stats(info, [0, 1])
+    assert stats.device == torch.device("cpu") and stats.to("cpu") is stats
+    back = ShardStats.from_state(stats.state())
+    _assert_same(back, stats)
+    before = stats.grams[0].clone()
+    back.absorb(_random_window_stats(info, [2]))  # in place: the copy owns its arrays
+    assert torch.equal(stats.grams[0], before) and not torch.equal(back.grams[0], before)
+
+
+def _kv_windows(info, n: int):
+    layers, heads, dim = info.kv_shape
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(layers, heads, 64, dim, generator=g),
+            torch.randn(layers, heads, 64, dim, generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_statistics_on_the_gpu_equal_the_cpu_statistics(tiny) -> None:
+    """The same windows added on CUDA and on the CPU: same units, counts and sample
+    positions, sums and Gram matrices within float32 matmul rounding."""
+    _, info, _ = tiny
+    on = {d: new_stats(info, SETTINGS, device=d) for d in ("cpu", "cuda")}
+    for w, (k, v) in enumerate(_kv_windows(info, 4)):
+        for d, s in on.items():
+            s.add_window(k.to(d), v.to(d), w)
+    gpu = on["cuda"].to("cpu")
+    cpu = on["cpu"]
+    assert gpu.units == cpu.units and gpu.count == cpu.count
+    np.testing.assert_array_equal(gpu.sample_keys, cpu.sample_keys)
+    torch.testing.assert_close(gpu.sample_rows, cpu.sample_rows, rtol=1e-3, atol=1e-3)
+    for x, y in zip(gpu.sums + gpu.grams, cpu.sums + cpu.grams):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)

@@ -51,9 +51,15 @@ class CalibrationStats:
         undo_rope: de-rotate keys before fitting (False only for the ablation that keeps
             RoPE on keys).
         lazy: allocate the sums and Gram matrices at the first :meth:`add` (None before).
+        device: where the sums and Gram matrices live and the features are computed
+            (``"cpu"`` or the model's CUDA device: each window's KV then never leaves the
+            GPU, and only the sample's rows are copied to the host). The arithmetic is
+            the same on every device: float32 features, a float32 Gram product per
+            window, accumulated in float64. See :meth:`to`.
 
     Memory: ``8 * p_g²`` bytes per group for the Gram matrix (265 MB for SmolLM2's
-    all-layer groups, p_g = 5,760), plus ``4 * p * sample_tokens`` for the sample.
+    all-layer groups, p_g = 5,760; 8.6 GB for the Llama-3.1-8B shape's, p_g = 32,768),
+    plus ``4 * p * sample_tokens`` for the sample (on the host).
     """
 
     def __init__(
@@ -66,7 +72,9 @@ class CalibrationStats:
         seed: int = 0,
         undo_rope: bool = True,
         lazy: bool = False,
+        device: str | torch.device = "cpu",
     ):
+        self.device = torch.device(device)
         self.kv_shape = tuple(kv_shape)
         self.rope = rope
         self.undo_rope = undo_rope
@@ -87,14 +95,25 @@ class CalibrationStats:
 
     def _allocate(self) -> None:
         sizes = [sl.stop - sl.start for _, sl in self.slices]
-        self.sums = [torch.zeros(p, dtype=torch.float64) for p in sizes]
-        self.grams = [torch.zeros(p, p, dtype=torch.float64) for p in sizes]
+        dev = self.device
+        self.sums = [torch.zeros(p, dtype=torch.float64, device=dev) for p in sizes]
+        self.grams = [torch.zeros(p, p, dtype=torch.float64, device=dev) for p in sizes]
+
+    def to(self, device: str | torch.device) -> CalibrationStats:
+        """Move the sums and Gram matrices to ``device`` (in place; returns ``self``).
+        Collection on a GPU ends with ``to("cpu")``: one copy per shard."""
+        self.device = torch.device(device)
+        if self.sums is not None:
+            self.sums = [s.to(self.device) for s in self.sums]
+            self.grams = [g.to(self.device) for g in self.grams]
+        return self
 
     def features(self, keys, values, first_position: int = 0, skip_sinks: bool = True):
-        """Token-major K (RoPE undone) and V features, ``(T', L*H*D)`` each, float32."""
+        """Token-major K (RoPE undone) and V features, ``(T', L*H*D)`` each, float32, on
+        the device of ``keys``."""
         tokens = keys.shape[2]
-        pos = torch.arange(first_position, first_position + tokens)
-        keep = pos >= self.n_sink if skip_sinks else torch.ones(tokens, dtype=torch.bool)
+        pos = torch.arange(first_position, first_position + tokens, device=keys.device)
+        keep = pos >= self.n_sink if skip_sinks else torch.ones_like(pos, dtype=torch.bool)
         k = keys[:, :, keep].float()
         if self.undo_rope:
             k = undo_rope(k, pos[keep], self.rope)
@@ -105,11 +124,13 @@ class CalibrationStats:
         """Add the tokens of one sequence.
 
         Args:
-            keys: ``(L, H, T, D)`` as cached (RoPE applied).
+            keys: ``(L, H, T, D)`` as cached (RoPE applied), on any device (moved to the
+                statistics' device).
             values: ``(L, H, T, D)``.
             first_position: absolute position of token 0.
         """
-        kf, vf = self.features(keys.cpu(), values.cpu(), first_position)
+        dev = self.device
+        kf, vf = self.features(keys.to(dev), values.to(dev), first_position)
         if self.sums is None:
             self._allocate()
         feats = {"k": kf, "v": vf}
@@ -122,7 +143,7 @@ class CalibrationStats:
 
     def _reservoir(self, rows: torch.Tensor) -> None:
         """Uniform sample of ``sample_tokens`` rows over everything seen (Algorithm R)."""
-        for row in rows:
+        for row in rows.cpu():
             self._seen += 1
             if len(self._sample) < self.sample_tokens:
                 self._sample.append(row.clone())
