@@ -507,7 +507,11 @@ def merge_stats(parts: list[ShardStats]) -> ShardStats:
 
 
 def fit_stats(
-    stats: ShardStats, settings: CalibrationSettings, folder: Path | None = None
+    stats: ShardStats,
+    settings: CalibrationSettings,
+    folder: Path | None = None,
+    device: str | torch.device | None = None,
+    timings: dict | None = None,
 ) -> tuple[PCAFit, list]:
     """The ratio-independent half of *fit*: check that ``stats`` covers every unit of
     ``settings``, weight layers by the measured sensitivity, fit PCA (eigendecompositions).
@@ -516,6 +520,10 @@ def fit_stats(
         stats: merged statistics of all :func:`calibration_units`.
         settings: the calibration settings.
         folder: where to cache the fit and the held-out chunks (None: not cached).
+        device: where the covariances are decomposed (default: CUDA when this process
+            has a GPU, else the CPU; see :func:`~kvtc_store.codec.calibrate.fit_pca`).
+        timings: if given, gets the stage seconds of
+            :meth:`~kvtc_store.codec.calibrate.PCAFit.from_stats`.
 
     Returns:
         ``(fit, holdout chunks)``.
@@ -534,7 +542,9 @@ def fit_stats(
     if settings.weighting == "sensitivity":
         weights = stats.sensitivity()
         log.info("layer sensitivity (keys, values): %s", weights.tolist())
-    fit = PCAFit.from_stats(stats, settings.scale_exponent, layer_weights=weights)
+    fit = PCAFit.from_stats(
+        stats, settings.scale_exponent, layer_weights=weights, device=device, timings=timings
+    )
     holdout = stats.holdout_chunks()
     if folder is not None:
         _save_fit(folder, fit, holdout)
@@ -553,14 +563,24 @@ def fit_artifacts_for(
     data_hash: str,
     n_params: int,
     progress: Callable[[str], None] | None = None,
+    timings: dict | None = None,
 ) -> list[CodecArtifact]:
     """The per-ratio half of *fit*: step tables and DP for each ratio (artifacts capped
     at ``max_artifact_share`` of ``n_params``, the model's parameter count, where
     :func:`_artifact_cap_share` says), measured on ``holdout``.
 
+    Args:
+        timings: if given, gets ``step_tables_s`` (the ``rans`` quantiser's tables on the
+            fit's sample, once for all ratios) and ``ratios``: per ratio (``"16"``)
+            ``plan_s`` (the DP) and ``measure_s`` (the held-out chunks through the codec).
+
     Returns:
         One artifact per ratio, in order (not saved).
     """
+    if timings is not None and settings.quantizer == "rans":
+        t0 = time.perf_counter()
+        fit.step_tables(settings.block, 0.5, settings.quant_bias)
+        timings["step_tables_s"] = time.perf_counter() - t0
     by_cap: dict[float | None, list[float]] = {}
     for r in ratios:
         by_cap.setdefault(_artifact_cap_share(settings, r), []).append(r)
@@ -568,6 +588,14 @@ def fit_artifacts_for(
     for share, rs in by_cap.items():
         arts = _fit(fit, rs, info, holdout, settings, data_hash, progress, share, n_params)
         fitted.update(zip(rs, arts))
+    if timings is not None:
+        timings["ratios"] = {
+            f"{r:g}": {
+                "plan_s": fitted[r].calibration.get("plan_seconds", 0.0),
+                "measure_s": fitted[r].calibration.get("measure_seconds", 0.0),
+            }
+            for r in ratios
+        }
     return [fitted[r] for r in ratios]
 
 

@@ -20,7 +20,8 @@ from kvtc_store.calibration import (
     merge_stats,
     new_stats,
 )
-from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec import KVTCCodec, fit_pca
+from kvtc_store.codec.calibrate import fit_device
 from kvtc_store.codec.stats import ShardStats
 from kvtc_store.errors import CalibrationError
 from kvtc_store.model import kv_from_cache, lm_forward, model_info
@@ -195,3 +196,74 @@ def test_statistics_on_the_gpu_equal_the_cpu_statistics(tiny) -> None:
     torch.testing.assert_close(gpu.sample_rows, cpu.sample_rows, rtol=1e-3, atol=1e-3)
     for x, y in zip(gpu.sums + gpu.grams, cpu.sums + cpu.grams):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+def _decaying_stats(info, device: str = "cpu") -> ShardStats:
+    """Statistics of windows whose values have a spectrum decaying by 1.1 per component
+    (well separated eigenvalues: their eigenvectors are defined to float precision)."""
+    layers, heads, dim = info.kv_shape
+    p = layers * heads * dim
+    g = torch.Generator().manual_seed(3)
+    mix = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+    sd = 1.1 ** -torch.arange(p, dtype=torch.float64)
+    stats = new_stats(info, SETTINGS, device=device)
+    for w in range(6):
+        rows = (torch.randn(200, p, generator=g, dtype=torch.float64) * sd) @ mix.T
+        v = rows.float().reshape(200, layers, heads, dim).permute(1, 2, 0, 3)
+        k = torch.randn(layers, heads, 200, dim, generator=g)
+        stats.add_window(k.to(device), v.to(device), w)
+    return stats.to("cpu")
+
+
+def _top_value_components(stats, pcas) -> tuple[int, slice]:
+    """``(value group, its components with eigenvalues above 1e-3 of the largest)``:
+    those float32 resolves (the tail, under float32's ~1e-7 of the largest, is noise in
+    any float32 decomposition, and carries no energy)."""
+    g = next(i for i, (kind, _) in enumerate(stats.slices) if kind == "v")
+    ev = pcas[g].eigenvalues
+    return g, slice(0, int((ev > 1e-3 * ev[0]).sum()))
+
+
+def test_float32_eigendecomposition_keeps_the_bases_of_float64(tiny) -> None:
+    """The default float32 ``eigh`` (see ``fit_pca``) against float64 on the same float64
+    covariance: eigenvalues, and the value components float32 resolves, within 1e-4, far
+    below the float16 storage of the bases."""
+    _, info, _ = tiny
+    stats = _decaying_stats(info)
+    grams = [g.clone() for g in stats.grams]
+    timings: dict = {}
+    f32 = fit_pca(stats, 0.5, device="cpu", timings=timings)
+    f64 = fit_pca(stats, 0.5, device="cpu", eigh_dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(grams, stats.grams))  # stats untouched
+    assert timings["device"] == "cpu" and timings["eigh_s"] > 0 and timings["covariance_s"] > 0
+    for a, b in zip(f32, f64):
+        assert a.components.dtype == torch.float32 and a.components.device.type == "cpu"
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-4, atol=1e-6)
+    v = _top_value_components(stats, f64)
+    assert _rel(f64[v[0]].components[:, v[1]], f32[v[0]].components[:, v[1]]) < TOL
+
+
+def test_fit_reports_its_stages(tiny) -> None:
+    model, info, ids = tiny
+    stats = collect(model, ids, calibration_units(SETTINGS), info, SETTINGS)
+    timings: dict = {}
+    fit, holdout = fit_stats(stats, SETTINGS, device="cpu", timings=timings)
+    fit_artifacts_for(fit, holdout, info, [4.0, 8.0], SETTINGS, ids_hash(ids), 0, timings=timings)
+    assert set(timings) >= {"device", "covariance_s", "eigh_s", "sample_s", "step_tables_s"}
+    assert set(timings["ratios"]) == {"4", "8"}
+    assert all(r["measure_s"] > 0 for r in timings["ratios"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_the_gpu_equals_the_cpu_fit(tiny) -> None:
+    _, info, _ = tiny
+    stats = _decaying_stats(info, device="cuda")
+    cpu, gpu = fit_pca(stats, 0.5, device="cpu"), fit_pca(stats, 0.5, device="cuda")
+    assert fit_device() == torch.device("cuda")
+    for a, b in zip(cpu, gpu):
+        assert b.components.device.type == "cpu"
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.mean, b.mean)
+    v = _top_value_components(stats, cpu)
+    assert _rel(cpu[v[0]].components[:, v[1]], gpu[v[0]].components[:, v[1]]) < TOL

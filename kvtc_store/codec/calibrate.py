@@ -173,16 +173,46 @@ class PCA:
     components: torch.Tensor
 
 
+def fit_device(device: str | torch.device | None = None) -> torch.device:
+    """Where :func:`fit_pca` runs: ``device``, or by default the first CUDA device when
+    one is present, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def fit_pca(
     stats: CalibrationStats,
     scale_exponent: float = 0.0,
     head_dim: int = 0,
     layer_weights: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    eigh_dtype: torch.dtype = torch.float32,
+    timings: dict | None = None,
 ) -> list[PCA]:
-    """Eigendecomposition of each group's (scaled) covariance (float32 ``eigh``).
+    """Eigendecomposition of each group's (scaled) covariance (``torch.linalg.eigh``).
+
+    The covariance is formed in float64 from the float64 sums, on ``device`` (one group
+    at a time: the Llama-3.1-8B shape's all-layer groups are 32,768 features, 8.6 GB in
+    float64), then decomposed in ``eigh_dtype``, by default float32 on every device
+    (LAPACK ``syevd`` on the CPU, cuSOLVER ``syevd`` on CUDA). Why float32: it is what
+    the CPU path always did, it should take about half float64's time on the GPU
+    (cuSOLVER's reduction to tridiagonal form is bound by memory bandwidth; the check
+    below times both), and it is exact enough where it matters. The bases are stored at float16 precision or coarser (:class:`PCAFit`
+    rounds them to float16; artifacts keep float16, or int8 with a scale per 64 rows).
+    float32 ``eigh`` is backward stable to ~1e-7 of the covariance's norm, so components
+    whose eigenvalues stand clear of that noise agree with float64's to 1e-4 relative
+    (tests/test_fleet_stats.py: those above 1e-3 of the largest); components further
+    down the spectrum are resolved only as a subspace, which carries under 1e-3 of the
+    variance per component. The float64 sums also make shards and one process agree to
+    float64 rounding before the cast, as :mod:`kvtc_store.codec.stats` states.
+    ``eigh_dtype=torch.float64`` is there to check a given model
+    (``benchmarks/fleet_calibration.py --gpu-8b --check-eigh-f64`` compares both on one
+    group of the Llama-3.1-8B shape).
 
     Args:
-        stats: accumulated statistics.
+        stats: accumulated statistics (on any device; each group's sums are copied to
+            ``device``, never changed).
         scale_exponent: ``α`` in ``scale = var_head ** (α / 2)``, where ``var_head`` is the
             mean variance of the features of one (layer, KV head); 0 = plain PCA on raw
             features (large-variance layers dominate the error), 1 = every head's features
@@ -193,33 +223,85 @@ def fit_pca(
             features are divided by ``w ** -0.5`` (normalised to geometric mean 1)
             instead of the variance scaling, so squared error in the scaled space is
             the weighted error.
+        device: where the covariance and the eigendecomposition are computed (see
+            :func:`fit_device`: CUDA when present, else the CPU).
+        eigh_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        timings: if given, gets ``device`` and the seconds ``covariance_s`` (the sums
+            copied to ``device``, the covariance formed and scaled) and ``eigh_s``
+            (decompositions, sorting, signs), summed over groups.
+
+    Returns:
+        One :class:`PCA` per group, float32 tensors on the host.
 
     Raises:
         CalibrationError: fewer than 2 tokens.
     """
     if stats.count < 2:
         raise CalibrationError(f"calibration needs tokens; got {stats.count}")
+    dev = fit_device(device)
     dim = head_dim or stats.kv_shape[2]
     _, heads, _ = stats.kv_shape
     if layer_weights is not None:
         w = layer_weights.double().clamp_min(1e-30)
         per_layer = w.log().sub(w.log().mean()).mul(-0.5).exp()  # w^-1/2, geometric mean 1
+    clock = _Clock(dev, timings)
     out = []
     for (kind, _), group, s, gram in zip(stats.slices, stats.groups, stats.sums, stats.grams):
-        mean = s / stats.count
-        cov = gram / stats.count - torch.outer(mean, mean)
+        clock.start()
+        mean = s.to(dev) / stats.count
+        cov = gram.to(dev) / stats.count  # a new tensor: the statistics stay as they are
+        cov.addr_(mean, mean, alpha=-1.0)  # - mean mean^T, in place (no second p x p)
         if layer_weights is not None:
             row = per_layer[0 if kind == "k" else 1, group.layer_start : group.layer_end]
-            scale = row.repeat_interleave(heads * dim)
+            scale = row.repeat_interleave(heads * dim).to(dev)
         else:
             var = cov.diagonal().clamp_min(1e-12).reshape(-1, dim).mean(1)
             scale = (var ** (scale_exponent / 2)).repeat_interleave(dim)
-        cov = cov / torch.outer(scale, scale)
-        evals, evecs = torch.linalg.eigh(cov.float())
+        cov.div_(scale[:, None]).div_(scale[None, :])
+        low = cov.to(eigh_dtype)
+        del cov
+        clock.stop("covariance_s")
+        evals, evecs = torch.linalg.eigh(low)
+        del low
         order = torch.argsort(evals, descending=True)
         evecs = _canonical_signs(evecs[:, order])
-        out.append(PCA(mean.float(), scale.float(), evals[order].clamp_min(0), evecs))
+        out.append(
+            PCA(
+                mean.float().cpu(),
+                scale.float().cpu(),
+                evals[order].clamp_min(0).float().cpu(),
+                evecs.float().cpu(),
+            )
+        )
+        del evecs
+        clock.stop("eigh_s")
     return out
+
+
+class _Clock:
+    """Seconds of stages on ``device`` (synchronised on CUDA), summed into ``timings``
+    under the stage's name; does nothing when ``timings`` is None."""
+
+    def __init__(self, device: torch.device, timings: dict | None):
+        self.device, self.timings, self.t = device, timings, 0.0
+        if timings is not None:
+            timings["device"] = str(device)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.timings is not None:
+            self.t = self._now()
+
+    def stop(self, stage: str) -> None:
+        """Add the seconds since the last start or stop to ``stage``."""
+        if self.timings is not None:
+            now = self._now()
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
+            self.t = now
 
 
 def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
@@ -227,7 +309,7 @@ def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
     positive): ``eigh`` may return either sign, and statistics merged in another order
     must give the same basis."""
     idx = vecs.abs().argmax(0)
-    sign = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
+    sign = torch.sign(vecs[idx, torch.arange(vecs.shape[1], device=vecs.device)])
     return (vecs * torch.where(sign == 0, 1.0, sign)).contiguous()
 
 
@@ -258,13 +340,28 @@ class PCAFit:
         stats: CalibrationStats,
         scale_exponent: float = 0.0,
         layer_weights: torch.Tensor | None = None,
+        device: str | torch.device | None = None,
+        eigh_dtype: torch.dtype = torch.float32,
+        timings: dict | None = None,
     ) -> PCAFit:
-        """Fit PCA on ``stats`` (see :func:`fit_pca`) and take its token sample."""
-        pcas = fit_pca(stats, scale_exponent, layer_weights=layer_weights)
+        """Fit PCA on ``stats`` (see :func:`fit_pca`, which runs on ``device`` in
+        ``eigh_dtype`` and fills ``timings``) and take its token sample (``sample_s`` in
+        ``timings``)."""
+        pcas = fit_pca(
+            stats,
+            scale_exponent,
+            layer_weights=layer_weights,
+            device=device,
+            eigh_dtype=eigh_dtype,
+            timings=timings,
+        )
+        t0 = time.perf_counter()
         for p in pcas:
             p.components = p.components.half().float()
         feats = stats.sample()
         sample = [feats[kind][:, sl].half().float() for kind, sl in stats.slices]
+        if timings is not None:
+            timings["sample_s"] = time.perf_counter() - t0
         return cls(
             stats.kv_shape,
             stats.rope,
@@ -516,6 +613,7 @@ def fit_artifacts(
     p_total = sum(p.mean.numel() for p in pcas)
     for cr in target_ratios:
         say(f"bit allocation for ratio {cr}")
+        t_plan = time.time()
         rans = {}
         if quantizer == "rans":
             tables = fit.step_tables(block, rounding, bias)
@@ -564,8 +662,11 @@ def fit_artifacts(
             basis_dtype=basis_dtype,
             **rans,
         )
+        art.calibration["plan_seconds"] = round(time.time() - t_plan, 2)
         if holdout:
+            t_measure = time.time()
             art.quality.update(measure_error(art, holdout))
+            art.calibration["measure_seconds"] = round(time.time() - t_measure, 2)
         arts.append(art)
     for a in arts:
         a.calibration["fit_seconds"] = round(time.time() - t0, 1)
