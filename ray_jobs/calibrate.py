@@ -526,7 +526,8 @@ def calibrate_fleet(
         ``(artifacts in ratio order (not saved), report)``.
 
     Raises:
-        FleetError: Ray is missing or unreachable, or a shard failed past its retries.
+        FleetError: Ray is missing or unreachable, a shard failed past its retries, or
+            ``gpus_per_worker`` is more than the cluster's GPUs.
         GateRefusedError: the gate refused the candidate (its report is stored beside
             it in the registry; nothing published or promoted).
         CalibrationDataError, CalibrationError: as single-process calibration.
@@ -540,8 +541,13 @@ def calibrate_fleet(
         object_store_bytes=object_store_bytes,
     )
     try:
+        have = ray.cluster_resources().get("GPU", 0)
         if gpus_per_worker is None:
-            gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            gpus_per_worker = 1 if have >= 1 else 0
+        elif gpus_per_worker > have:  # the actors would wait for GPUs forever
+            raise FleetError(
+                f"{gpus_per_worker:g} GPU(s) per worker asked; the Ray cluster has {have:g}"
+            )
         env = {KILL_ENV: os.environ[KILL_ENV]} if os.environ.get(KILL_ENV) else {}
         actor_cls = ray.remote(CalibrationWorker).options(
             num_gpus=gpus_per_worker,

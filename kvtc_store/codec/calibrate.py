@@ -706,8 +706,8 @@ def measure_error(art: CodecArtifact, chunks) -> dict:
     from .codec import KVTCCodec  # local: codec imports this package's modules
 
     codec = KVTCCodec(art)
-    stats = CalibrationStats(
-        art.kv_shape, art.rope, art.groups, n_sink=art.n_sink, undo_rope=art.undo_rope
+    stats = CalibrationStats(  # for its features only: no sums (lazy)
+        art.kv_shape, art.rope, art.groups, n_sink=art.n_sink, undo_rope=art.undo_rope, lazy=True
     )
     means = {
         kind: torch.cat([m for (kd, _), m in zip(stats.slices, art.means) if kd == kind])
