@@ -137,7 +137,7 @@ class CalibrationStats:
         for g, (kind, sl) in enumerate(self.slices):
             x = feats[kind][:, sl]
             self.sums[g] += x.sum(0, dtype=torch.float64)
-            self.grams[g] += (x.T @ x).double()
+            self.grams[g] += x.T @ x  # float32 product, added in float64 (no float64 copy)
         self.count += kf.shape[0]
         self._reservoir(torch.cat([kf, vf], dim=1))
 
@@ -261,7 +261,17 @@ def fit_pca(
         low = cov.to(eigh_dtype)
         del cov
         clock.stop("covariance_s")
-        evals, evecs = torch.linalg.eigh(low)
+        try:
+            evals, evecs = torch.linalg.eigh(low)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError too (a subclass)
+            if low.dtype == torch.float64:
+                raise
+            # cuSOLVER's float32 syevd fails on some ill-conditioned matrices where float64
+            # succeeds (pytorch/pytorch#105359)
+            log.warning("float32 eigh failed (%s); retrying in float64", exc)
+            if timings is not None:
+                timings["eigh_float64_retries"] = timings.get("eigh_float64_retries", 0) + 1
+            evals, evecs = torch.linalg.eigh(low.double())
         del low
         order = torch.argsort(evals, descending=True)
         evecs = _canonical_signs(evecs[:, order])
