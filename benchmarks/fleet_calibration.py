@@ -154,14 +154,14 @@ def gpu_main(args) -> None:
     """The GPU mode (see the module doc): build, tokenize, calibrate or check."""
     import fleet_gpu as g
 
-    from kvtc_store.calibration import CalibrationSettings
-
-    if args.build_model:
+    if args.build_model:  # torch and transformers only (kvtc-store not installed yet)
         g.build_model(args.build_model, tiny=args.tiny)
     if args.make_ids:
         g.make_ids(args.make_ids, args.ids_tokens)
     if not (args.gpu_8b or args.check_eigh_f64):
         return
+    from kvtc_store.calibration import CalibrationSettings
+
     settings = CalibrationSettings(
         windows=args.tokens // args.window_tokens,
         window_tokens=args.window_tokens,

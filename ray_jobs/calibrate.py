@@ -218,6 +218,10 @@ class CalibrationWorker:
     def __init__(self, model_spec: str | None, settings: dict, dtype: str | None = None):
         from kvtc_store.model import load_model
 
+        if torch.cuda.is_available():
+            # a GPU actor asks Ray for no CPU, so Ray sets OMP_NUM_THREADS=1; its CPU work
+            # (loading the model, the sensitivity runs' noise) gets this GPU's share
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.cuda.device_count()))
         self.settings = CalibrationSettings(**settings)
         self.model, self.tokenizer, self.info = load_model(
             model_spec, dtype=_torch_dtype(dtype or "float32")
