@@ -564,6 +564,7 @@ def fit_artifacts_for(
     n_params: int,
     progress: Callable[[str], None] | None = None,
     timings: dict | None = None,
+    device: str | torch.device | None = None,
 ) -> list[CodecArtifact]:
     """The per-ratio half of *fit*: step tables and DP for each ratio (artifacts capped
     at ``max_artifact_share`` of ``n_params``, the model's parameter count, where
@@ -573,14 +574,17 @@ def fit_artifacts_for(
         timings: if given, gets ``step_tables_s`` (the ``rans`` quantiser's tables on the
             fit's sample, once for all ratios) and ``ratios``: per ratio (``"16"``)
             ``plan_s`` (the DP) and ``measure_s`` (the held-out chunks through the codec).
+        device: where the step tables are measured (default: CUDA when present; see
+            :meth:`~kvtc_store.codec.calibrate.PCAFit.step_tables`).
 
     Returns:
         One artifact per ratio, in order (not saved).
     """
-    if timings is not None and settings.quantizer == "rans":
+    if settings.quantizer == "rans":  # measured once for all ratios, on ``device``
         t0 = time.perf_counter()
-        fit.step_tables(settings.block, 0.5, settings.quant_bias)
-        timings["step_tables_s"] = time.perf_counter() - t0
+        fit.step_tables(settings.block, 0.5, settings.quant_bias, device=device)
+        if timings is not None:
+            timings["step_tables_s"] = time.perf_counter() - t0
     by_cap: dict[float | None, list[float]] = {}
     for r in ratios:
         by_cap.setdefault(_artifact_cap_share(settings, r), []).append(r)

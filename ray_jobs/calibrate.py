@@ -603,7 +603,15 @@ def calibrate_fleet(
         fit, holdout = fit_stats(merged, settings, device=fit_device, timings=stages)
         del merged
         arts = fit_artifacts_for(
-            fit, holdout, info, ratios, settings, ids_hash(ids), fit_params, timings=stages
+            fit,
+            holdout,
+            info,
+            ratios,
+            settings,
+            ids_hash(ids),
+            fit_params,
+            timings=stages,
+            device=fit_device,
         )
         report.fit_s = time.perf_counter() - t2
         report.total_s = time.perf_counter() - t0

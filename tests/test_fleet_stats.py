@@ -267,3 +267,18 @@ def test_fit_on_the_gpu_equals_the_cpu_fit(tiny) -> None:
         torch.testing.assert_close(a.mean, b.mean)
     v = _top_value_components(stats, cpu)
     assert _rel(cpu[v[0]].components[:, v[1]], gpu[v[0]].components[:, v[1]]) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_tables_on_the_gpu_equal_the_cpu_tables(tiny) -> None:
+    from kvtc_store.codec.steps import StepTables
+
+    model, info, ids = tiny
+    stats = collect(model, ids, calibration_units(SETTINGS), info, SETTINGS)
+    fit, _ = fit_stats(stats, SETTINGS, device="cpu")
+    cpu = StepTables(fit.coefficients("cpu"), SETTINGS.block, 0.5, SETTINGS.quant_bias)
+    gpu = StepTables(fit.coefficients("cuda"), SETTINGS.block, 0.5, SETTINGS.quant_bias)
+    np.testing.assert_allclose(gpu.err, cpu.err, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gpu.bits, cpu.bits, rtol=1e-4, atol=1e-3)
+    assert gpu.blocks == cpu.blocks

@@ -384,18 +384,37 @@ class PCAFit:
             stats.undo_rope,
         )
 
-    def step_tables(self, block: int = 64, rounding: float = 0.5, bias: float = 0.0) -> StepTables:
+    def step_tables(
+        self,
+        block: int = 64,
+        rounding: float = 0.5,
+        bias: float = 0.0,
+        device: str | torch.device | None = None,
+    ) -> StepTables:
         """Error and bit tables of the fixed-step quantiser on this fit's sample (computed
-        once per setting and kept; ratio-independent)."""
+        once per setting and kept; ratio-independent), measured on ``device`` (see
+        :func:`fit_device`: CUDA when present). Where the GPU fails, they are measured on
+        the CPU instead (a warning says so)."""
         cache = self.__dict__.setdefault("_step_tables", {})
         key = (block, rounding, bias)
         if key not in cache:
-            cache[key] = StepTables(self.coefficients(), block, rounding, bias)
+            dev = fit_device(device)
+            try:
+                cache[key] = StepTables(self.coefficients(dev), block, rounding, bias)
+            except RuntimeError as exc:
+                if dev.type == "cpu":
+                    raise
+                log.warning("step tables on %s failed (%s); measuring them on the CPU", dev, exc)
+                cache[key] = StepTables(self.coefficients(), block, rounding, bias)
         return cache[key]
 
-    def coefficients(self) -> list[torch.Tensor]:
-        """The sample's scaled principal-component coefficients, per group ``(N, p_g)``."""
-        return [((x - p.mean) / p.scale) @ p.components for x, p in zip(self.sample, self.pcas)]
+    def coefficients(self, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+        """The sample's scaled principal-component coefficients, per group ``(N, p_g)``,
+        computed on ``device``."""
+        return [
+            ((x.to(device) - p.mean.to(device)) / p.scale.to(device)) @ p.components.to(device)
+            for x, p in zip(self.sample, self.pcas)
+        ]
 
     def save(self, path) -> None:
         """Write ``path`` (safetensors; settings in its metadata), atomically."""
