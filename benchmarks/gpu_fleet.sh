@@ -16,13 +16,15 @@
 #   ids/calib_ids.npy      300k token ids of Shakespeare (SmolLM2's tokenizer; its ids
 #                          are valid ids of the 8B vocabulary), the calibration data
 #
-# Then on the device, three calls issued back to back (a warm machine keeps /tmp; each
-# call stays under 10 minutes):
+# Then on the device, calls issued back to back (a warm machine keeps /tmp; each call
+# stays under 10 minutes; two is the benchmark, three and four are optional):
 #
 #   run(command="STAGE=one bash benchmarks/gpu_fleet.sh", carry=[".dev19/ray1", ".dev19/ids"])
 #   run(command="STAGE=two bash benchmarks/gpu_fleet.sh",
 #       carry=[".dev19/ray2", ".dev19/whl", ".dev19/ids"])
 #   run(command="STAGE=three bash benchmarks/gpu_fleet.sh",
+#       carry=[".dev19/ray2", ".dev19/whl", ".dev19/ids"])
+#   run(command="STAGE=four bash benchmarks/gpu_fleet.sh",
 #       carry=[".dev19/ray2", ".dev19/whl", ".dev19/ids"])
 #
 #   STAGE=one    stashes Ray's first part in /tmp/ray-parts and builds the random-weight
@@ -33,10 +35,12 @@
 #                one shard of KV windows -> $OUT/fleet_calibration_gpu.{json,md} (copy them
 #                to benchmarks/results/). Without Ray (a part missing, the machine
 #                recycled) it runs the same functions in one process and says so.
-#   STAGE=three  the CUDA tests of the device-side statistics and fit, issue 23's path
-#                (2 actors sharing the GPU, num_gpus=0.5, 4-layer groups: two 8B models
-#                and their statistics must fit on one card) -> $OUT/fleet_shared_gpu.*,
-#                and float32 against float64 eigh on one 8B group -> $OUT/eigh_check.*
+#   STAGE=three  the CUDA tests of the device-side statistics and fit, and issue 23's
+#                path (2 actors sharing the GPU, num_gpus=0.5, 4-layer groups: two 8B
+#                models and their statistics must fit on one card; 64k tokens, ratio 16)
+#                -> $OUT/gpu_tests.txt, $OUT/fleet_shared_gpu.{json,md}
+#   STAGE=four   float32 against float64 eigh on one 8B group covariance (16 windows)
+#                -> $OUT/eigh_check.{json,md}
 #
 # A CPU dry run of the same stages on a tiny shape (2 layers; cp312 wheels are refused by
 # a 3.11 pip, the .venv's Ray is used instead):
@@ -45,7 +49,7 @@
 #     PARTS=/tmp/dry/parts BUILD_ARGS=--tiny RUN_ARGS="--window-tokens 1024" TOKENS=8192 GPW=0
 #   for s in one two three; do STAGE=$s bash benchmarks/gpu_fleet.sh; done
 set -u
-STAGE=${STAGE:?STAGE=pack|one|two|three}
+STAGE=${STAGE:?STAGE=pack|one|two|three|four}
 PY=${PY:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # for cd
 MODEL=${MODEL:-/tmp/llama31-8b-random}
@@ -134,10 +138,14 @@ three)
   rm -rf $PARTS/t && mkdir $PARTS/t && cp -r tests pyproject.toml $PARTS/t/
   (cd $PARTS/t && timeout 120 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \
     tests/test_fleet_stats.py > $OUT/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -4 $OUT/gpu_tests.txt)
-  timeout $(( $(left) - 200 )) $PY benchmarks/fleet_calibration.py --gpu-8b --mode ray \
+  timeout $(left) $PY benchmarks/fleet_calibration.py --gpu-8b --mode ray \
     --model-dir $MODEL --data $PARTS/calib_ids.npy --tokens $(( TOKENS / 4 )) --ratios 16 \
     --workers 2 --gpus-per-worker $GPW --layers-per-group 4 --object-store-gb 8 $RUN_ARGS \
     --out $OUT/fleet_shared_gpu 2>&1 | grep -v "Warning\|Loading weights\|tokenizer" | tail -30
+  ;;
+four)
+  install
+  build_model
   timeout $(left) $PY benchmarks/fleet_calibration.py --check-eigh-f64 --model-dir $MODEL \
     --data $PARTS/calib_ids.npy --check-windows 16 $RUN_ARGS --out $OUT/eigh_check 2>&1 \
     | grep -v "Warning\|Loading weights\|tokenizer" | tail -20
