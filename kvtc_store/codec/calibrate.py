@@ -203,11 +203,11 @@ def fit_pca(
     float32 ``eigh`` is backward stable to ~1e-7 of the covariance's norm, so components
     whose eigenvalues stand clear of that noise agree with float64's to 1e-4 relative
     (tests/test_fleet_stats.py: those above 1e-3 of the largest); components further
-    down the spectrum are resolved only as a subspace, which carries under 1e-3 of the
-    variance per component. The float64 sums also make shards and one process agree to
+    down the spectrum (each with under 1e-3 of the largest component's variance) are
+    resolved only as a subspace. The float64 sums also make shards and one process agree to
     float64 rounding before the cast, as :mod:`kvtc_store.codec.stats` states.
     ``eigh_dtype=torch.float64`` is there to check a given model
-    (``benchmarks/fleet_calibration.py --gpu-8b --check-eigh-f64`` compares both on one
+    (``benchmarks/fleet_calibration.py --check-eigh-f64`` compares both on one
     group of the Llama-3.1-8B shape).
 
     Args:
