@@ -79,6 +79,9 @@ fi
 
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Ray refuses an object store larger than /dev/shm (a container's is often small) unless
+# this is set; then it keeps the store in a file under /tmp (stage one prints both sizes)
+export RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE=1
 T0=$(date +%s)
 mkdir -p $PARTS $SITE $OUT
 cp -n $IDS $PARTS/calib_ids.npy 2>/dev/null
