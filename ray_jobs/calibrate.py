@@ -137,6 +137,7 @@ class FleetCalibrationReport:
                 f"collect {self.collect_s:.1f} (merge {self.merge_s:.2f}), fit "
                 f"{self.fit_s:.1f}, total {self.total_s:.1f}"
             ),
+            f"- fit stages: {_stage_line(self.fit_stages)}",
             "",
             "| ratio | honest ratio | relative error | artifact |",
             "|---:|---:|---:|---|",
@@ -154,6 +155,15 @@ class FleetCalibrationReport:
                 f"| {s.stats_bytes:,} |"
             )
         return "\n".join(lines) + "\n"
+
+
+def _stage_line(stages: dict) -> str:
+    """``fit_stages`` on one line: the device, then seconds per stage and per ratio."""
+    parts = [f"on {stages.get('device', '?')}"]
+    parts += [f"{k[:-2]} {v:.1f}" for k, v in stages.items() if k.endswith("_s")]
+    for r, d in stages.get("ratios", {}).items():
+        parts.append(f"ratio {r}: DP {d['plan_s']:.1f}, held-out {d['measure_s']:.1f}")
+    return ", ".join(parts)
 
 
 def _ray():
