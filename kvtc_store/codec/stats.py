@@ -19,9 +19,9 @@ statistics of the union of their windows:
 - per-layer sensitivity measurements (:mod:`kvtc_store.sensitivity`): a float64 sum of
   ``(2, L)`` measurements and their count;
 - held-out chunks (bf16 as cached) for the artifact's measured quality;
-- where the model runs on a GPU, the sums and Gram matrices accumulate there (float32
-  Gram product per window, float64 sums, as on the CPU) and come to the host once per
-  shard; only each window's own bottom-k rows are copied for the sample;
+- where the model runs on a GPU, the sums, Gram matrices and sample accumulate there
+  (float32 Gram product per window added into float64 sums, as on the CPU) and come to
+  the host once per shard;
 - the ids of the work units it covers (``"kv:3"``, ``"sensitivity:0"``, ...): merging two
   statistics that share a unit raises, so no window is counted twice.
 
@@ -72,11 +72,11 @@ class ShardStats(CalibrationStats):
         kv_shape, rope, groups, n_sink, sample_tokens, seed, undo_rope: as
             :class:`~kvtc_store.codec.calibrate.CalibrationStats` (``seed`` seeds the
             sample's priorities), positionally or by name.
-        device: by name only: where the sums and Gram matrices accumulate (the model's
-            device during :func:`~kvtc_store.calibration.collect`, which moves them to
-            the host once at the end of the shard; :meth:`state` needs them there or
-            copies them). The sample, sensitivity sums and held-out chunks stay on the
-            host.
+        device: by name only: where the sums, Gram matrices and the sample's rows
+            accumulate (the model's device during :func:`~kvtc_store.calibration.collect`,
+            which moves them to the host once at the end of the shard; :meth:`state` and
+            :meth:`sample` copy them there). The sensitivity sums and held-out chunks
+            stay on the host.
 
     The Gram matrices are allocated at the first :meth:`add` (a shard of sensitivity
     runs only carries none): ``8 * p_g²`` bytes per group.
@@ -87,7 +87,9 @@ class ShardStats(CalibrationStats):
         self.units: set[str] = set()
         self.sample_keys = np.zeros((0, 2), dtype=np.int64)  # (window, position)
         self.sample_prio = np.zeros(0, dtype=np.uint64)
-        self.sample_rows = torch.zeros(0, 2 * self._features, dtype=torch.float16)
+        self.sample_rows = torch.zeros(
+            0, 2 * self._features, dtype=torch.float16, device=self.device
+        )
         self.sens_sum: torch.Tensor | None = None  # float64 (2, L)
         self.sens_count = 0
         self.holdout: list[
@@ -126,25 +128,25 @@ class ShardStats(CalibrationStats):
 
     def _reservoir(self, rows: torch.Tensor) -> None:
         """Bottom-k sample over rows of the current window (``rows`` skip the sinks; on
-        the statistics' device). Only the window's own bottom-k can enter the sample, so
-        only those rows are copied to the host."""
+        the statistics' device). Only the window's own bottom-k can enter the sample; the
+        sample's rows stay on the statistics' device until :meth:`to` moves them."""
         n = rows.shape[0]  # the window's last n positions (the sinks skipped)
         pos = np.arange(self._end - n, self._end, dtype=np.int64)
         prio = token_priorities(self.seed, self._window, pos)
         local = np.lexsort((pos, prio))[: self.sample_tokens]
         keys = np.stack([np.full(len(local), self._window, dtype=np.int64), pos[local]], axis=1)
-        picked = rows[torch.from_numpy(local).to(rows.device)].half().cpu()
+        picked = rows[torch.from_numpy(local).to(rows.device)].half()
         self._keep_smallest(keys, prio[local], picked)
 
     def _keep_smallest(self, keys: np.ndarray, prio: np.ndarray, rows: torch.Tensor) -> None:
         keys = np.concatenate([self.sample_keys, keys])
         prio = np.concatenate([self.sample_prio, prio])
-        rows = torch.cat([self.sample_rows, rows])
+        rows = torch.cat([self.sample_rows, rows.to(self.sample_rows.device)])
         # total order: priority, then (window, position); the kept rows sorted by key
         order = np.lexsort((keys[:, 1], keys[:, 0], prio))[: self.sample_tokens]
         order = order[np.lexsort((keys[order, 1], keys[order, 0]))]
         self.sample_keys, self.sample_prio = keys[order], prio[order]
-        self.sample_rows = rows[torch.from_numpy(order)]
+        self.sample_rows = rows[torch.from_numpy(order).to(rows.device)]
 
     def add_sensitivity(self, measured: torch.Tensor, index: int) -> None:
         """Add one window's sensitivity measurement, float64 ``(2, L)`` (unit
@@ -186,7 +188,7 @@ class ShardStats(CalibrationStats):
         """
         if not len(self.sample_rows):
             raise CalibrationError("no calibration tokens were added")
-        rows = self.sample_rows.float()
+        rows = self.sample_rows.float().cpu()
         half = rows.shape[1] // 2
         return {"k": rows[:, :half], "v": rows[:, half:]}
 
@@ -200,6 +202,13 @@ class ShardStats(CalibrationStats):
             "seed": self.seed,
             "undo_rope": self.undo_rope,
         }
+
+    def to(self, device: str | torch.device) -> ShardStats:
+        """Move the sums, Gram matrices and the sample's rows to ``device`` (in place;
+        returns ``self``)."""
+        super().to(device)
+        self.sample_rows = self.sample_rows.to(self.device)
+        return self
 
     def copy(self) -> ShardStats:
         """An independent copy (tensors cloned on their devices)."""
@@ -280,7 +289,7 @@ class ShardStats(CalibrationStats):
             for g, (s, m) in enumerate(zip(self.sums, self.grams)):
                 out[f"sum{g}"], out[f"gram{g}"] = s.cpu().numpy(), m.cpu().numpy()
         out["sample_keys"], out["sample_prio"] = self.sample_keys, self.sample_prio
-        out["sample_rows"] = self.sample_rows.numpy()
+        out["sample_rows"] = self.sample_rows.cpu().numpy()
         if self.sens_sum is not None:
             out["sens_sum"] = self.sens_sum.numpy()
         for i, (_, k, v, _) in enumerate(self.holdout):  # bf16 travels as its int16 bits
