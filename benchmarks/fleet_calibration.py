@@ -19,7 +19,7 @@ go to ``<out>.{json,md}`` (default ``benchmarks/results/fleet_calibration_gpu``;
 ``gpu_8b_total_s``, ``gpu_8b_stages``, ``mode``, ``device``, ``date``). The lent GPU's calls
 are in ``benchmarks/gpu_fleet.sh``; a CPU dry run of the same code on a tiny shape::
 
-    python benchmarks/fleet_calibration.py --gpu-8b --build-model /tmp/tiny-llama --tiny
+    python benchmarks/fleet_calibration.py --build-model /tmp/tiny-llama --tiny
     python benchmarks/fleet_calibration.py --make-ids /tmp/ids.npy --ids-tokens 20000
     python benchmarks/fleet_calibration.py --gpu-8b --model-dir /tmp/tiny-llama \
         --data /tmp/ids.npy --tokens 8192 --window-tokens 1024 --out /tmp/dry

@@ -43,7 +43,6 @@ one model with one config share every chunk.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading

@@ -219,19 +219,25 @@ class CalibrationWorker:
         model_spec: what :func:`kvtc_store.model.load_model` takes (folder, GGUF, hub id;
             None: SmolLM2).
         settings: the calibration settings, as a dict (:func:`dataclasses.asdict`).
+        threads: torch's CPU threads in this worker (0: leave torch's default; on a GPU,
+            the GPU's share of the host's cores: a GPU actor asks Ray for no CPU, so Ray
+            sets its OMP_NUM_THREADS to 1, and its CPU work, loading the model and the
+            sensitivity runs' noise, would get one core).
         dtype: the weights' dtype, a torch name (``"bfloat16"``); None: float32, as
             ``kvtc-store calibrate`` (the model fingerprint hashes the loaded k/v
             projection weights, so a float32 checkpoint loaded in bf16 names another
             model; a bf16 checkpoint gives the same fingerprint either way).
     """
 
-    def __init__(self, model_spec: str | None, settings: dict, dtype: str | None = None):
+    def __init__(
+        self, model_spec: str | None, settings: dict, threads: int = 0, dtype: str | None = None
+    ):
         from kvtc_store.model import load_model
 
-        if torch.cuda.is_available():
-            # a GPU actor asks Ray for no CPU, so Ray sets OMP_NUM_THREADS=1; its CPU work
-            # (loading the model, the sensitivity runs' noise) gets this GPU's share
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.cuda.device_count()))
+        if not threads and torch.cuda.is_available():
+            threads = max(1, (os.cpu_count() or 1) // torch.cuda.device_count())
+        if threads:
+            torch.set_num_threads(threads)
         self.settings = CalibrationSettings(**settings)
         self.model, self.tokenizer, self.info = load_model(
             model_spec, dtype=_torch_dtype(dtype or "float32")
@@ -550,27 +556,31 @@ def calibrate_fleet(
     settings = settings or CalibrationSettings()
     t0 = time.perf_counter()
     started = connect(
-        address,
-        num_cpus=None if address != "local" else max(workers, 1),
-        object_store_bytes=object_store_bytes,
+        address, num_cpus=max(workers, os.cpu_count() or 1), object_store_bytes=object_store_bytes
     )
     try:
-        have = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        have = resources.get("GPU", 0)
         if gpus_per_worker is None:
             gpus_per_worker = 1 if have >= 1 else 0
         elif gpus_per_worker > have:  # the actors would wait for GPUs forever
             raise FleetError(
                 f"{gpus_per_worker:g} GPU(s) per worker asked; the Ray cluster has {have:g}"
             )
+        # a CPU worker gets its share of the cluster's cores: Ray sets an actor's
+        # OMP_NUM_THREADS to its num_cpus, so one core each would idle the rest
+        threads = 0 if gpus_per_worker else max(1, int(resources.get("CPU", 1)) // workers)
         env = {KILL_ENV: os.environ[KILL_ENV]} if os.environ.get(KILL_ENV) else {}
         actor_cls = ray.remote(CalibrationWorker).options(
             num_gpus=gpus_per_worker,
-            num_cpus=0 if gpus_per_worker else 1,
+            num_cpus=threads,
             max_restarts=max_retries,
             max_task_retries=max_retries,
             runtime_env={"env_vars": env} if env else None,
         )
-        actors = [actor_cls.remote(model, asdict(settings), model_dtype) for _ in range(workers)]
+        actors = [
+            actor_cls.remote(model, asdict(settings), threads, model_dtype) for _ in range(workers)
+        ]
         described = _get(ray, [a.describe.remote() for a in actors])
         d0 = described[0]
         info = ModelInfo(
