@@ -462,7 +462,7 @@ def run_config(
 def load_llama(tiny: bool = False):
     """A random-weight Llama-3.1-8B-architecture model in bf16 on :data:`DEV` (``tiny``:
     the same architecture at :data:`LLAMA`'s dry-run shape)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     dims = {
         "vocab_size": 128256,
@@ -484,15 +484,9 @@ def load_llama(tiny: bool = False):
         }
     rope = {"rope_type": "default", "rope_theta": LLAMA["theta"]}  # transformers 5 spelling
     cfg = LlamaConfig(**dims, max_position_embeddings=131072, rope_parameters=rope)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEV):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
+    from fleet_gpu import random_llama  # benchmarks/: the script's own folder
+
+    return random_llama(cfg, DEV)
 
 
 def _cache_kwarg(model) -> str:

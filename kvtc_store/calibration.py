@@ -401,8 +401,11 @@ def calibration_units(settings: CalibrationSettings) -> list[CalibrationUnit]:
     return units
 
 
-def new_stats(info: ModelInfo, settings: CalibrationSettings) -> ShardStats:
-    """Empty mergeable statistics for ``info``'s model and ``settings``."""
+def new_stats(
+    info: ModelInfo, settings: CalibrationSettings, device: str | torch.device = "cpu"
+) -> ShardStats:
+    """Empty mergeable statistics for ``info``'s model and ``settings``, accumulating on
+    ``device``."""
     return ShardStats(
         info.kv_shape,
         info.rope,
@@ -411,6 +414,7 @@ def new_stats(info: ModelInfo, settings: CalibrationSettings) -> ShardStats:
         sample_tokens=settings.sample_tokens,
         seed=SAMPLE_SEED,
         undo_rope=settings.undo_rope,
+        device=device,
     )
 
 
@@ -427,7 +431,9 @@ def collect(
     """Run the model over ``units`` of the token ids: the *collect* half of calibration.
 
     Args:
-        model: the transformers model (any device; statistics are kept on the CPU).
+        model: the transformers model, on any device: the sums and Gram matrices
+            accumulate on the model's device (float64; a CUDA model's KV never leaves
+            the GPU) and come to the host once, when the shard is done.
         ids: int64 ``(n,)``: the job's calibration token ids (every unit's ``end <= n``).
         units: the units of this shard (any subset of :func:`calibration_units`).
         info, settings: the model's geometry and the calibration settings.
@@ -435,15 +441,17 @@ def collect(
         progress: ``progress(message)`` during sensitivity runs.
 
     Returns:
-        The shard's statistics, with the model's parameter count (each tensor once).
+        The shard's statistics on the host, with the model's parameter count (each
+        tensor once).
 
     Raises:
         CalibrationError: an unknown unit kind, or a unit twice.
     """
-    stats = new_stats(info, settings)
+    device = next(model.parameters()).device
+    stats = new_stats(info, settings, device)
     context, _ = _sensitivity_span(settings.window_tokens)
     for u in units:
-        seq = ids[u.start : u.end]
+        seq = ids[u.start : u.end].to(device)
         if u.kind == "sensitivity":
             say = None
             if progress:
@@ -480,26 +488,30 @@ def collect(
         if unit_done:
             unit_done(u)
     stats.model_params = sum(p.numel() for p in model.parameters())
-    return stats
+    return stats.to("cpu")
 
 
 def merge_stats(parts: list[ShardStats]) -> ShardStats:
     """The statistics of all ``parts`` (any order; see
-    :meth:`~kvtc_store.codec.stats.ShardStats.merge`).
+    :meth:`~kvtc_store.codec.stats.ShardStats.merge`); the parts are not changed.
 
     Raises:
         CalibrationError: no parts, or parts that do not merge.
     """
     if not parts:
         raise CalibrationError("no calibration statistics to merge")
-    out = parts[0]
+    out = parts[0].copy()
     for p in parts[1:]:
-        out = out.merge(p)
+        out.absorb(p, take=False)
     return out
 
 
 def fit_stats(
-    stats: ShardStats, settings: CalibrationSettings, folder: Path | None = None
+    stats: ShardStats,
+    settings: CalibrationSettings,
+    folder: Path | None = None,
+    device: str | torch.device | None = None,
+    timings: dict | None = None,
 ) -> tuple[PCAFit, list]:
     """The ratio-independent half of *fit*: check that ``stats`` covers every unit of
     ``settings``, weight layers by the measured sensitivity, fit PCA (eigendecompositions).
@@ -508,6 +520,10 @@ def fit_stats(
         stats: merged statistics of all :func:`calibration_units`.
         settings: the calibration settings.
         folder: where to cache the fit and the held-out chunks (None: not cached).
+        device: where the covariances are decomposed (default: CUDA when this process
+            has a GPU, else the CPU; see :func:`~kvtc_store.codec.calibrate.fit_pca`).
+        timings: if given, gets the stage seconds of
+            :meth:`~kvtc_store.codec.calibrate.PCAFit.from_stats`.
 
     Returns:
         ``(fit, holdout chunks)``.
@@ -526,7 +542,9 @@ def fit_stats(
     if settings.weighting == "sensitivity":
         weights = stats.sensitivity()
         log.info("layer sensitivity (keys, values): %s", weights.tolist())
-    fit = PCAFit.from_stats(stats, settings.scale_exponent, layer_weights=weights)
+    fit = PCAFit.from_stats(
+        stats, settings.scale_exponent, layer_weights=weights, device=device, timings=timings
+    )
     holdout = stats.holdout_chunks()
     if folder is not None:
         _save_fit(folder, fit, holdout)
@@ -545,14 +563,28 @@ def fit_artifacts_for(
     data_hash: str,
     n_params: int,
     progress: Callable[[str], None] | None = None,
+    timings: dict | None = None,
+    device: str | torch.device | None = None,
 ) -> list[CodecArtifact]:
     """The per-ratio half of *fit*: step tables and DP for each ratio (artifacts capped
     at ``max_artifact_share`` of ``n_params``, the model's parameter count, where
     :func:`_artifact_cap_share` says), measured on ``holdout``.
 
+    Args:
+        timings: if given, gets ``step_tables_s`` (the ``rans`` quantiser's tables on the
+            fit's sample, once for all ratios) and ``ratios``: per ratio (``"16"``)
+            ``plan_s`` (the DP) and ``measure_s`` (the held-out chunks through the codec).
+        device: where the step tables are measured (default: CUDA when present; see
+            :meth:`~kvtc_store.codec.calibrate.PCAFit.step_tables`).
+
     Returns:
         One artifact per ratio, in order (not saved).
     """
+    if settings.quantizer == "rans":  # measured once for all ratios, on ``device``
+        t0 = time.perf_counter()
+        fit.step_tables(settings.block, 0.5, settings.quant_bias, device=device)
+        if timings is not None:
+            timings["step_tables_s"] = time.perf_counter() - t0
     by_cap: dict[float | None, list[float]] = {}
     for r in ratios:
         by_cap.setdefault(_artifact_cap_share(settings, r), []).append(r)
@@ -560,6 +592,14 @@ def fit_artifacts_for(
     for share, rs in by_cap.items():
         arts = _fit(fit, rs, info, holdout, settings, data_hash, progress, share, n_params)
         fitted.update(zip(rs, arts))
+    if timings is not None:
+        timings["ratios"] = {
+            f"{r:g}": {
+                "plan_s": fitted[r].calibration.get("plan_seconds", 0.0),
+                "measure_s": fitted[r].calibration.get("measure_seconds", 0.0),
+            }
+            for r in ratios
+        }
     return [fitted[r] for r in ratios]
 
 

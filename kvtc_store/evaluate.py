@@ -56,10 +56,11 @@ class ContinuationScores:
 
 @torch.no_grad()
 def continuation_logits(model, keys: torch.Tensor, values: torch.Tensor, cont_ids: torch.Tensor):
-    """Logits ``(n, V)`` float32 of ``cont_ids`` ``(n,)`` given a prefix's KV ``(L, H, T, D)``."""
-    dtype = model.dtype
-    cache = cache_from_kv(keys.to(dtype), values.to(dtype))
-    return lm_forward(model, cont_ids[None], cache)[0][0].float()
+    """Logits ``(n, V)`` float32, on the model's device, of ``cont_ids`` ``(n,)`` given a
+    prefix's KV ``(L, H, T, D)`` (any device: moved to the model's)."""
+    dev, dtype = next(model.parameters()).device, model.dtype
+    cache = cache_from_kv(keys.to(dev, dtype), values.to(dev, dtype))
+    return lm_forward(model, cont_ids[None].to(dev), cache)[0][0].float()
 
 
 def compare_logits(ref: torch.Tensor, got: torch.Tensor, cont_ids: torch.Tensor):
@@ -71,7 +72,7 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, cont_ids: torch.Tensor)
     lp = F.log_softmax(ref, dim=-1)
     lq = F.log_softmax(got, dim=-1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
-    tgt = cont_ids[1:]
+    tgt = cont_ids[1:].to(ref.device)
     nll_ref = F.nll_loss(lp[:-1], tgt, reduction="sum").item()
     nll_got = F.nll_loss(lq[:-1], tgt, reduction="sum").item()
     s = ContinuationScores(

@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 
 KILL_ENV = "KVTC_FLEET_KILL_ONCE"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
-"""Object store of a local cluster (``--address local``): 200 MB, enough for the
-statistics of SmolLM2-sized models; a real cluster sizes its own."""
+"""Object store of a local cluster (``--address local``) by default: 200 MB, enough for
+the statistics of SmolLM2-sized models (a shard of the Llama-3.1-8B shape's all-layer
+groups carries 17 GB: pass ``object_store_bytes``); a real cluster sizes its own."""
 
 
 @dataclass
@@ -87,7 +88,10 @@ class FleetCalibrationReport:
     last statistics merged, merging included), ``merge_s`` (of which: merging),
     ``fit_s`` (PCA, step tables, DP, held-out measurement), ``total_s``.
     ``gate_s`` (quality gate and publishing, after ``total_s`` was first taken; then
-    ``total_s`` includes it). ``object_store_bytes`` sums the statistics each worker (by pid) returned;
+    ``total_s`` includes it). ``fit_stages`` splits ``fit_s`` (seconds): ``device`` (where
+    the eigendecompositions ran), ``covariance_s``, ``eigh_s`` (sums over groups),
+    ``sample_s`` (the token sample), ``step_tables_s`` and, per ratio, ``plan_s`` (the
+    DP) and ``measure_s`` (held-out chunks through the codec). ``object_store_bytes`` sums the statistics each worker (by pid) returned;
     ``peak_gpu_bytes`` is each worker's peak CUDA memory (0 on the CPU). ``restarts``
     counts worker processes that died and were replaced (distinct pids beyond
     ``workers``).
@@ -108,6 +112,7 @@ class FleetCalibrationReport:
     total_s: float = 0.0
     object_store_bytes: dict[str, int] = field(default_factory=dict)
     peak_gpu_bytes: dict[str, int] = field(default_factory=dict)
+    fit_stages: dict = field(default_factory=dict)
     restarts: int = 0
     artifacts: list[dict] = field(default_factory=list)
     gate_s: float = 0.0
@@ -132,6 +137,7 @@ class FleetCalibrationReport:
                 f"collect {self.collect_s:.1f} (merge {self.merge_s:.2f}), fit "
                 f"{self.fit_s:.1f}, total {self.total_s:.1f}"
             ),
+            f"- fit stages: {_stage_line(self.fit_stages)}",
             "",
             "| ratio | honest ratio | relative error | artifact |",
             "|---:|---:|---:|---|",
@@ -151,6 +157,15 @@ class FleetCalibrationReport:
         return "\n".join(lines) + "\n"
 
 
+def _stage_line(stages: dict) -> str:
+    """``fit_stages`` on one line: the device, then seconds per stage and per ratio."""
+    parts = [f"on {stages.get('device', '?')}"]
+    parts += [f"{k[:-2]} {v:.1f}" for k, v in stages.items() if k.endswith("_s")]
+    for r, d in stages.get("ratios", {}).items():
+        parts.append(f"ratio {r}: DP {d['plan_s']:.1f}, held-out {d['measure_s']:.1f}")
+    return ", ".join(parts)
+
+
 def _ray():
     """The ``ray`` module, or a named error saying how to install it."""
     try:
@@ -160,7 +175,9 @@ def _ray():
     return ray
 
 
-def connect(address: str = "local", num_cpus: int | None = None) -> bool:
+def connect(
+    address: str = "local", num_cpus: int | None = None, object_store_bytes: int | None = None
+) -> bool:
     """Connect this process to Ray; True when it started a local cluster (the caller
     shuts it down), False when it joined one (or one was already connected).
 
@@ -170,6 +187,8 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
             this machine, or ``RAY_ADDRESS``), or ``"ray://host:10001"`` (Ray Client) /
             ``"host:6379"``.
         num_cpus: cores of a local cluster (default: all).
+        object_store_bytes: object store of a local cluster (default
+            :data:`OBJECT_STORE_BYTES`); ignored when joining one.
 
     Raises:
         FleetError: Ray is not installed or the cluster is unreachable.
@@ -181,7 +200,7 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
         if address == "local":
             ray.init(
                 num_cpus=num_cpus,
-                object_store_memory=OBJECT_STORE_BYTES,
+                object_store_memory=object_store_bytes or OBJECT_STORE_BYTES,
                 include_dashboard=False,
                 log_to_driver=False,
             )
@@ -200,16 +219,29 @@ class CalibrationWorker:
         model_spec: what :func:`kvtc_store.model.load_model` takes (folder, GGUF, hub id;
             None: SmolLM2).
         settings: the calibration settings, as a dict (:func:`dataclasses.asdict`).
-        threads: torch's CPU threads in this worker (0: leave torch's default).
+        threads: torch's CPU threads in this worker (0: leave torch's default; on a GPU,
+            the GPU's share of the host's cores: a GPU actor asks Ray for no CPU, so Ray
+            sets its OMP_NUM_THREADS to 1, and its CPU work, loading the model and the
+            sensitivity runs' noise, would get one core).
+        dtype: the weights' dtype, a torch name (``"bfloat16"``); None: float32, as
+            ``kvtc-store calibrate`` (the model fingerprint hashes the loaded k/v
+            projection weights, so a float32 checkpoint loaded in bf16 names another
+            model; a bf16 checkpoint gives the same fingerprint either way).
     """
 
-    def __init__(self, model_spec: str | None, settings: dict, threads: int = 0):
+    def __init__(
+        self, model_spec: str | None, settings: dict, threads: int = 0, dtype: str | None = None
+    ):
         from kvtc_store.model import load_model
 
+        if not threads and torch.cuda.is_available():
+            threads = max(1, (os.cpu_count() or 1) // torch.cuda.device_count())
         if threads:
             torch.set_num_threads(threads)
         self.settings = CalibrationSettings(**settings)
-        self.model, self.tokenizer, self.info = load_model(model_spec)
+        self.model, self.tokenizer, self.info = load_model(
+            model_spec, dtype=_torch_dtype(dtype or "float32")
+        )
         self.device = "cpu"
         if torch.cuda.is_available():
             self.model = self.model.cuda()
@@ -326,6 +358,17 @@ def artifact_from_files(files: dict[str, bytes]) -> CodecArtifact:
         for name, data in files.items():
             (Path(tmp) / Path(name).name).write_bytes(data)
         return CodecArtifact.load(tmp)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``"bfloat16"``, ``"float16"``, ``"float32"``).
+
+    Raises:
+        FleetError: another name.
+    """
+    if name not in ("bfloat16", "float16", "float32"):
+        raise FleetError(f"unknown model dtype {name!r} (bfloat16, float16 or float32)")
+    return getattr(torch, name)
 
 
 def _gate_windows(ray, actor, plan: PublishPlan, ids: torch.Tensor, settings) -> list:
@@ -464,6 +507,10 @@ def calibrate_fleet(
     max_retries: int = 3,
     progress: Callable[[int, int], None] | None = None,
     publish: PublishPlan | None = None,
+    gpus_per_worker: float | None = None,
+    model_dtype: str | None = None,
+    fit_device: str | None = None,
+    object_store_bytes: int | None = None,
 ) -> tuple[list[CodecArtifact], FleetCalibrationReport]:
     """Calibrate artifacts for ``ratios`` on Ray workers.
 
@@ -482,12 +529,25 @@ def calibrate_fleet(
         progress: ``progress(shards_done, shards)`` after each shard.
         publish: publish the artifacts to a registry; with a profile, after the quality
             gate (:mod:`kvtc_store.quality_gate`), and promote.
+        gpus_per_worker: GPUs each actor asks Ray for; None: 1 where the cluster has
+            GPUs, else 0 (one CPU each). A fraction shares a GPU among actors (0.5: two
+            actors, two models, on one GPU; each actor's statistics live on that GPU
+            until its shard is done, so the models and Gram matrices must fit together).
+        model_dtype: the workers' weights dtype (``"bfloat16"`` for large models on a
+            GPU); None: float32 (see :class:`CalibrationWorker`).
+        fit_device: where the driver decomposes the covariances (default: CUDA when the
+            driver has a GPU, else the CPU; see :func:`kvtc_store.calibration.fit_stats`).
+            Without a publish plan the workers are released before the fit, so their
+            models leave the GPU first.
+        object_store_bytes: object store of a local cluster (default 200 MB; at least
+            one shard's statistics: 17 GB for the Llama-3.1-8B shape).
 
     Returns:
         ``(artifacts in ratio order (not saved), report)``.
 
     Raises:
-        FleetError: Ray is missing or unreachable, or a shard failed past its retries.
+        FleetError: Ray is missing or unreachable, a shard failed past its retries, or
+            ``gpus_per_worker`` is more than the cluster's GPUs.
         GateRefusedError: the gate refused the candidate (its report is stored beside
             it in the registry; nothing published or promoted).
         CalibrationDataError, CalibrationError: as single-process calibration.
@@ -495,22 +555,32 @@ def calibrate_fleet(
     ray = _ray()
     settings = settings or CalibrationSettings()
     t0 = time.perf_counter()
-    started = connect(address, num_cpus=max(workers, os.cpu_count() or 1))
+    started = connect(
+        address, num_cpus=max(workers, os.cpu_count() or 1), object_store_bytes=object_store_bytes
+    )
     try:
         resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0) >= 1
+        have = resources.get("GPU", 0)
+        if gpus_per_worker is None:
+            gpus_per_worker = 1 if have >= 1 else 0
+        elif gpus_per_worker > have:  # the actors would wait for GPUs forever
+            raise FleetError(
+                f"{gpus_per_worker:g} GPU(s) per worker asked; the Ray cluster has {have:g}"
+            )
         # a CPU worker gets its share of the cluster's cores: Ray sets an actor's
         # OMP_NUM_THREADS to its num_cpus, so one core each would idle the rest
-        threads = 0 if gpus else max(1, int(resources.get("CPU", 1)) // workers)
+        threads = 0 if gpus_per_worker else max(1, int(resources.get("CPU", 1)) // workers)
         env = {KILL_ENV: os.environ[KILL_ENV]} if os.environ.get(KILL_ENV) else {}
         actor_cls = ray.remote(CalibrationWorker).options(
-            num_gpus=1 if gpus else 0,
+            num_gpus=gpus_per_worker,
             num_cpus=threads,
             max_restarts=max_retries,
             max_task_retries=max_retries,
             runtime_env={"env_vars": env} if env else None,
         )
-        actors = [actor_cls.remote(model, asdict(settings), threads) for _ in range(workers)]
+        actors = [
+            actor_cls.remote(model, asdict(settings), threads, model_dtype) for _ in range(workers)
+        ]
         described = _get(ray, [a.describe.remote() for a in actors])
         d0 = described[0]
         info = ModelInfo(
@@ -543,10 +613,25 @@ def calibrate_fleet(
         report.restarts = max(
             0, len({r.pid for r in records} | {d["pid"] for d in described}) - workers
         )
+        fit_params = merged.model_params
+        if publish is None:  # the models leave the GPU before the fit takes it
+            for a in actors:
+                ray.kill(a)
+            actors = []
         t2 = time.perf_counter()
-        fit, holdout = fit_stats(merged, settings)
+        stages = report.fit_stages
+        fit, holdout = fit_stats(merged, settings, device=fit_device, timings=stages)
+        del merged
         arts = fit_artifacts_for(
-            fit, holdout, info, ratios, settings, ids_hash(ids), merged.model_params
+            fit,
+            holdout,
+            info,
+            ratios,
+            settings,
+            ids_hash(ids),
+            fit_params,
+            timings=stages,
+            device=fit_device,
         )
         report.fit_s = time.perf_counter() - t2
         report.total_s = time.perf_counter() - t0
@@ -603,7 +688,7 @@ def _run_shards(ray, actors, ids, settings, shard_windows, progress):
         out = _get(ray, done)[0]
         t = time.perf_counter()
         part = ShardStats.from_state(out["state"])
-        merged = part if merged is None else merged.merge(part)
+        merged = part if merged is None else merged.absorb(part)
         merge_s += time.perf_counter() - t
         records.append(
             ShardRecord(

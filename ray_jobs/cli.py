@@ -48,6 +48,29 @@ def add_parser(sub) -> None:
     c.add_argument(
         "--shard-windows", type=base._at_least(1), default=4, help="windows per shard (4)"
     )
+    c.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per actor (default 1 where the cluster has GPUs; 0.5 shares one GPU "
+        "between two actors)",
+    )
+    c.add_argument(
+        "--model-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="the workers' weights dtype (default float32; bfloat16 for large models)",
+    )
+    c.add_argument(
+        "--fit-device", default=None, help="where the driver fits PCA (default cuda if present)"
+    )
+    c.add_argument(
+        "--object-store-gb",
+        type=float,
+        default=None,
+        help="object store of a local cluster, GB (default 0.2; a shard of the "
+        "Llama-3.1-8B shape carries 17)",
+    )
     c.add_argument("--out", default=None, metavar="DIR", help="write DIR/cr<ratio>")
     c.add_argument("--report", default=None, metavar="FILE", help="write the job report (JSON)")
     c.add_argument("--publish", default=None, metavar="REGISTRY", help="publish the artifacts")
@@ -207,6 +230,10 @@ def cmd_fleet_calibrate(args) -> int:
             shard_windows=args.shard_windows,
             progress=_shard_bar(),
             publish=publish,
+            gpus_per_worker=args.gpus_per_worker,
+            model_dtype=args.model_dtype,
+            fit_device=args.fit_device,
+            object_store_bytes=int(args.object_store_gb * 1e9) if args.object_store_gb else None,
         )
     except GateRefusedError as exc:
         print(exc.report.to_markdown())

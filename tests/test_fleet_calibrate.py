@@ -10,10 +10,12 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from kvtc_store.calibration import CalibrationSettings, calibrate
 from kvtc_store.cli import main
 from kvtc_store.codec import CodecArtifact
+from kvtc_store.errors import FleetError
 from kvtc_store.model import load_model
 from kvtc_store.registry import open_registry
 from tests.tiny_models import VOCAB, byte_tokenizer, qwen2_config, save
@@ -86,6 +88,15 @@ def test_workers_killed_mid_job_give_the_single_process_artifact(
     assert all(s.seconds > 0 and s.stats_bytes > 0 for s in report.shards)
     assert report.total_s >= report.collect_s + report.fit_s
     assert "| shard |" in report.to_markdown()
+    st = report.fit_stages  # the fit's stages, on the driver's device
+    assert st["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert st["eigh_s"] > 0 and st["step_tables_s"] > 0 and set(st["ratios"]) == {"4", "8"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a cluster without GPUs")
+def test_gpus_per_worker_beyond_the_cluster_is_refused(cluster, tiny_model) -> None:
+    with pytest.raises(FleetError, match="GPU"):
+        calibrate_fleet(str(tiny_model), [8.0], SETTINGS, address=cluster, gpus_per_worker=0.5)
 
 
 def test_parquet_token_ids_through_ray_data(cluster, tmp_path) -> None:

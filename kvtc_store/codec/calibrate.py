@@ -51,9 +51,15 @@ class CalibrationStats:
         undo_rope: de-rotate keys before fitting (False only for the ablation that keeps
             RoPE on keys).
         lazy: allocate the sums and Gram matrices at the first :meth:`add` (None before).
+        device: where the sums and Gram matrices live and the features are computed
+            (``"cpu"`` or the model's CUDA device: each window's KV then never leaves the
+            GPU, and only the sample's rows are copied to the host). The arithmetic is
+            the same on every device: float32 features, a float32 Gram product per
+            window, accumulated in float64. See :meth:`to`.
 
     Memory: ``8 * p_g²`` bytes per group for the Gram matrix (265 MB for SmolLM2's
-    all-layer groups, p_g = 5,760), plus ``4 * p * sample_tokens`` for the sample.
+    all-layer groups, p_g = 5,760; 8.6 GB for the Llama-3.1-8B shape's, p_g = 32,768),
+    plus ``4 * p * sample_tokens`` for the sample (on the host).
     """
 
     def __init__(
@@ -66,7 +72,9 @@ class CalibrationStats:
         seed: int = 0,
         undo_rope: bool = True,
         lazy: bool = False,
+        device: str | torch.device = "cpu",
     ):
+        self.device = torch.device(device)
         self.kv_shape = tuple(kv_shape)
         self.rope = rope
         self.undo_rope = undo_rope
@@ -87,14 +95,25 @@ class CalibrationStats:
 
     def _allocate(self) -> None:
         sizes = [sl.stop - sl.start for _, sl in self.slices]
-        self.sums = [torch.zeros(p, dtype=torch.float64) for p in sizes]
-        self.grams = [torch.zeros(p, p, dtype=torch.float64) for p in sizes]
+        dev = self.device
+        self.sums = [torch.zeros(p, dtype=torch.float64, device=dev) for p in sizes]
+        self.grams = [torch.zeros(p, p, dtype=torch.float64, device=dev) for p in sizes]
+
+    def to(self, device: str | torch.device) -> CalibrationStats:
+        """Move the sums and Gram matrices to ``device`` (in place; returns ``self``).
+        Collection on a GPU ends with ``to("cpu")``: one copy per shard."""
+        self.device = torch.device(device)
+        if self.sums is not None:
+            self.sums = [s.to(self.device) for s in self.sums]
+            self.grams = [g.to(self.device) for g in self.grams]
+        return self
 
     def features(self, keys, values, first_position: int = 0, skip_sinks: bool = True):
-        """Token-major K (RoPE undone) and V features, ``(T', L*H*D)`` each, float32."""
+        """Token-major K (RoPE undone) and V features, ``(T', L*H*D)`` each, float32, on
+        the device of ``keys``."""
         tokens = keys.shape[2]
-        pos = torch.arange(first_position, first_position + tokens)
-        keep = pos >= self.n_sink if skip_sinks else torch.ones(tokens, dtype=torch.bool)
+        pos = torch.arange(first_position, first_position + tokens, device=keys.device)
+        keep = pos >= self.n_sink if skip_sinks else torch.ones_like(pos, dtype=torch.bool)
         k = keys[:, :, keep].float()
         if self.undo_rope:
             k = undo_rope(k, pos[keep], self.rope)
@@ -105,24 +124,26 @@ class CalibrationStats:
         """Add the tokens of one sequence.
 
         Args:
-            keys: ``(L, H, T, D)`` as cached (RoPE applied).
+            keys: ``(L, H, T, D)`` as cached (RoPE applied), on any device (moved to the
+                statistics' device).
             values: ``(L, H, T, D)``.
             first_position: absolute position of token 0.
         """
-        kf, vf = self.features(keys.cpu(), values.cpu(), first_position)
+        dev = self.device
+        kf, vf = self.features(keys.to(dev), values.to(dev), first_position)
         if self.sums is None:
             self._allocate()
         feats = {"k": kf, "v": vf}
         for g, (kind, sl) in enumerate(self.slices):
             x = feats[kind][:, sl]
             self.sums[g] += x.sum(0, dtype=torch.float64)
-            self.grams[g] += (x.T @ x).double()
+            self.grams[g] += x.T @ x  # float32 product, added in float64 (no float64 copy)
         self.count += kf.shape[0]
         self._reservoir(torch.cat([kf, vf], dim=1))
 
     def _reservoir(self, rows: torch.Tensor) -> None:
         """Uniform sample of ``sample_tokens`` rows over everything seen (Algorithm R)."""
-        for row in rows:
+        for row in rows.cpu():
             self._seen += 1
             if len(self._sample) < self.sample_tokens:
                 self._sample.append(row.clone())
@@ -152,16 +173,46 @@ class PCA:
     components: torch.Tensor
 
 
+def fit_device(device: str | torch.device | None = None) -> torch.device:
+    """Where :func:`fit_pca` runs: ``device``, or by default the first CUDA device when
+    one is present, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def fit_pca(
     stats: CalibrationStats,
     scale_exponent: float = 0.0,
     head_dim: int = 0,
     layer_weights: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    eigh_dtype: torch.dtype = torch.float32,
+    timings: dict | None = None,
 ) -> list[PCA]:
-    """Eigendecomposition of each group's (scaled) covariance (float32 ``eigh``).
+    """Eigendecomposition of each group's (scaled) covariance (``torch.linalg.eigh``).
+
+    The covariance is formed in float64 from the float64 sums, on ``device`` (one group
+    at a time: the Llama-3.1-8B shape's all-layer groups are 32,768 features, 8.6 GB in
+    float64), then decomposed in ``eigh_dtype``, by default float32 on every device
+    (LAPACK ``syevd`` on the CPU, cuSOLVER ``syevd`` on CUDA). Why float32: it is what
+    the CPU path always did, it should take about half float64's time on the GPU
+    (cuSOLVER's reduction to tridiagonal form is bound by memory bandwidth; the check
+    below times both), and it is exact enough where it matters. The bases are stored at float16 precision or coarser (:class:`PCAFit`
+    rounds them to float16; artifacts keep float16, or int8 with a scale per 64 rows).
+    float32 ``eigh`` is backward stable to ~1e-7 of the covariance's norm, so components
+    whose eigenvalues stand clear of that noise agree with float64's to 1e-4 relative
+    (tests/test_fleet_stats.py: those above 1e-3 of the largest); components further
+    down the spectrum (each with under 1e-3 of the largest component's variance) are
+    resolved only as a subspace. The float64 sums also make shards and one process agree to
+    float64 rounding before the cast, as :mod:`kvtc_store.codec.stats` states.
+    ``eigh_dtype=torch.float64`` is there to check a given model
+    (``benchmarks/fleet_calibration.py --check-eigh-f64`` compares both on one
+    group of the Llama-3.1-8B shape).
 
     Args:
-        stats: accumulated statistics.
+        stats: accumulated statistics (on any device; each group's sums are copied to
+            ``device``, never changed).
         scale_exponent: ``α`` in ``scale = var_head ** (α / 2)``, where ``var_head`` is the
             mean variance of the features of one (layer, KV head); 0 = plain PCA on raw
             features (large-variance layers dominate the error), 1 = every head's features
@@ -172,33 +223,95 @@ def fit_pca(
             features are divided by ``w ** -0.5`` (normalised to geometric mean 1)
             instead of the variance scaling, so squared error in the scaled space is
             the weighted error.
+        device: where the covariance and the eigendecomposition are computed (see
+            :func:`fit_device`: CUDA when present, else the CPU).
+        eigh_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        timings: if given, gets ``device`` and the seconds ``covariance_s`` (the sums
+            copied to ``device``, the covariance formed and scaled) and ``eigh_s``
+            (decompositions, sorting, signs), summed over groups.
+
+    Returns:
+        One :class:`PCA` per group, float32 tensors on the host.
 
     Raises:
         CalibrationError: fewer than 2 tokens.
     """
     if stats.count < 2:
         raise CalibrationError(f"calibration needs tokens; got {stats.count}")
+    dev = fit_device(device)
     dim = head_dim or stats.kv_shape[2]
     _, heads, _ = stats.kv_shape
     if layer_weights is not None:
         w = layer_weights.double().clamp_min(1e-30)
         per_layer = w.log().sub(w.log().mean()).mul(-0.5).exp()  # w^-1/2, geometric mean 1
+    clock = _Clock(dev, timings)
     out = []
     for (kind, _), group, s, gram in zip(stats.slices, stats.groups, stats.sums, stats.grams):
-        mean = s / stats.count
-        cov = gram / stats.count - torch.outer(mean, mean)
+        clock.start()
+        mean = s.to(dev) / stats.count
+        cov = gram.to(dev) / stats.count  # a new tensor: the statistics stay as they are
+        cov.addr_(mean, mean, alpha=-1.0)  # - mean mean^T, in place (no second p x p)
         if layer_weights is not None:
             row = per_layer[0 if kind == "k" else 1, group.layer_start : group.layer_end]
-            scale = row.repeat_interleave(heads * dim)
+            scale = row.repeat_interleave(heads * dim).to(dev)
         else:
             var = cov.diagonal().clamp_min(1e-12).reshape(-1, dim).mean(1)
             scale = (var ** (scale_exponent / 2)).repeat_interleave(dim)
-        cov = cov / torch.outer(scale, scale)
-        evals, evecs = torch.linalg.eigh(cov.float())
+        cov.div_(scale[:, None]).div_(scale[None, :])
+        low = cov.to(eigh_dtype)
+        del cov
+        clock.stop("covariance_s")
+        try:
+            evals, evecs = torch.linalg.eigh(low)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError too (a subclass)
+            if low.dtype == torch.float64:
+                raise
+            # cuSOLVER's float32 syevd fails on some ill-conditioned matrices where float64
+            # succeeds (pytorch/pytorch#105359)
+            log.warning("float32 eigh failed (%s); retrying in float64", exc)
+            if timings is not None:
+                timings["eigh_float64_retries"] = timings.get("eigh_float64_retries", 0) + 1
+            evals, evecs = torch.linalg.eigh(low.double())
+        del low
         order = torch.argsort(evals, descending=True)
         evecs = _canonical_signs(evecs[:, order])
-        out.append(PCA(mean.float(), scale.float(), evals[order].clamp_min(0), evecs))
+        out.append(
+            PCA(
+                mean.float().cpu(),
+                scale.float().cpu(),
+                evals[order].clamp_min(0).float().cpu(),
+                evecs.float().cpu(),
+            )
+        )
+        del evecs
+        clock.stop("eigh_s")
     return out
+
+
+class _Clock:
+    """Seconds of stages on ``device`` (synchronised on CUDA), summed into ``timings``
+    under the stage's name; does nothing when ``timings`` is None."""
+
+    def __init__(self, device: torch.device, timings: dict | None):
+        self.device, self.timings, self.t = device, timings, 0.0
+        if timings is not None:
+            timings["device"] = str(device)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.timings is not None:
+            self.t = self._now()
+
+    def stop(self, stage: str) -> None:
+        """Add the seconds since the last start or stop to ``stage``."""
+        if self.timings is not None:
+            now = self._now()
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
+            self.t = now
 
 
 def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
@@ -206,7 +319,7 @@ def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
     positive): ``eigh`` may return either sign, and statistics merged in another order
     must give the same basis."""
     idx = vecs.abs().argmax(0)
-    sign = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
+    sign = torch.sign(vecs[idx, torch.arange(vecs.shape[1], device=vecs.device)])
     return (vecs * torch.where(sign == 0, 1.0, sign)).contiguous()
 
 
@@ -237,13 +350,28 @@ class PCAFit:
         stats: CalibrationStats,
         scale_exponent: float = 0.0,
         layer_weights: torch.Tensor | None = None,
+        device: str | torch.device | None = None,
+        eigh_dtype: torch.dtype = torch.float32,
+        timings: dict | None = None,
     ) -> PCAFit:
-        """Fit PCA on ``stats`` (see :func:`fit_pca`) and take its token sample."""
-        pcas = fit_pca(stats, scale_exponent, layer_weights=layer_weights)
+        """Fit PCA on ``stats`` (see :func:`fit_pca`, which runs on ``device`` in
+        ``eigh_dtype`` and fills ``timings``) and take its token sample (``sample_s`` in
+        ``timings``)."""
+        pcas = fit_pca(
+            stats,
+            scale_exponent,
+            layer_weights=layer_weights,
+            device=device,
+            eigh_dtype=eigh_dtype,
+            timings=timings,
+        )
+        t0 = time.perf_counter()
         for p in pcas:
             p.components = p.components.half().float()
         feats = stats.sample()
         sample = [feats[kind][:, sl].half().float() for kind, sl in stats.slices]
+        if timings is not None:
+            timings["sample_s"] = time.perf_counter() - t0
         return cls(
             stats.kv_shape,
             stats.rope,
@@ -256,18 +384,37 @@ class PCAFit:
             stats.undo_rope,
         )
 
-    def step_tables(self, block: int = 64, rounding: float = 0.5, bias: float = 0.0) -> StepTables:
+    def step_tables(
+        self,
+        block: int = 64,
+        rounding: float = 0.5,
+        bias: float = 0.0,
+        device: str | torch.device | None = None,
+    ) -> StepTables:
         """Error and bit tables of the fixed-step quantiser on this fit's sample (computed
-        once per setting and kept; ratio-independent)."""
+        once per setting and kept; ratio-independent), measured on ``device`` (see
+        :func:`fit_device`: CUDA when present). Where the GPU fails, they are measured on
+        the CPU instead (a warning says so)."""
         cache = self.__dict__.setdefault("_step_tables", {})
         key = (block, rounding, bias)
         if key not in cache:
-            cache[key] = StepTables(self.coefficients(), block, rounding, bias)
+            dev = fit_device(device)
+            try:
+                cache[key] = StepTables(self.coefficients(dev), block, rounding, bias)
+            except RuntimeError as exc:
+                if dev.type == "cpu":
+                    raise
+                log.warning("step tables on %s failed (%s); measuring them on the CPU", dev, exc)
+                cache[key] = StepTables(self.coefficients(), block, rounding, bias)
         return cache[key]
 
-    def coefficients(self) -> list[torch.Tensor]:
-        """The sample's scaled principal-component coefficients, per group ``(N, p_g)``."""
-        return [((x - p.mean) / p.scale) @ p.components for x, p in zip(self.sample, self.pcas)]
+    def coefficients(self, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+        """The sample's scaled principal-component coefficients, per group ``(N, p_g)``,
+        computed on ``device``."""
+        return [
+            ((x.to(device) - p.mean.to(device)) / p.scale.to(device)) @ p.components.to(device)
+            for x, p in zip(self.sample, self.pcas)
+        ]
 
     def save(self, path) -> None:
         """Write ``path`` (safetensors; settings in its metadata), atomically."""
@@ -495,6 +642,7 @@ def fit_artifacts(
     p_total = sum(p.mean.numel() for p in pcas)
     for cr in target_ratios:
         say(f"bit allocation for ratio {cr}")
+        t_plan = time.time()
         rans = {}
         if quantizer == "rans":
             tables = fit.step_tables(block, rounding, bias)
@@ -543,8 +691,11 @@ def fit_artifacts(
             basis_dtype=basis_dtype,
             **rans,
         )
+        art.calibration["plan_seconds"] = round(time.time() - t_plan, 2)
         if holdout:
+            t_measure = time.time()
             art.quality.update(measure_error(art, holdout))
+            art.calibration["measure_seconds"] = round(time.time() - t_measure, 2)
         arts.append(art)
     for a in arts:
         a.calibration["fit_seconds"] = round(time.time() - t0, 1)
@@ -584,8 +735,8 @@ def measure_error(art: CodecArtifact, chunks) -> dict:
     from .codec import KVTCCodec  # local: codec imports this package's modules
 
     codec = KVTCCodec(art)
-    stats = CalibrationStats(
-        art.kv_shape, art.rope, art.groups, n_sink=art.n_sink, undo_rope=art.undo_rope
+    stats = CalibrationStats(  # for its features only: no sums (lazy)
+        art.kv_shape, art.rope, art.groups, n_sink=art.n_sink, undo_rope=art.undo_rope, lazy=True
     )
     means = {
         kind: torch.cat([m for (kd, _), m in zip(stats.slices, art.means) if kd == kind])

@@ -19,6 +19,9 @@ statistics of the union of their windows:
 - per-layer sensitivity measurements (:mod:`kvtc_store.sensitivity`): a float64 sum of
   ``(2, L)`` measurements and their count;
 - held-out chunks (bf16 as cached) for the artifact's measured quality;
+- where the model runs on a GPU, the sums, Gram matrices and sample accumulate there
+  (float32 Gram product per window added into float64 sums, as on the CPU) and come to
+  the host once per shard;
 - the ids of the work units it covers (``"kv:3"``, ``"sensitivity:0"``, ...): merging two
   statistics that share a unit raises, so no window is counted twice.
 
@@ -31,6 +34,7 @@ the rare element whose float64 sums round to neighbouring float32 values (tested
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 
@@ -68,6 +72,11 @@ class ShardStats(CalibrationStats):
         kv_shape, rope, groups, n_sink, sample_tokens, seed, undo_rope: as
             :class:`~kvtc_store.codec.calibrate.CalibrationStats` (``seed`` seeds the
             sample's priorities), positionally or by name.
+        device: by name only: where the sums, Gram matrices and the sample's rows
+            accumulate (the model's device during :func:`~kvtc_store.calibration.collect`,
+            which moves them to the host once at the end of the shard; :meth:`state` and
+            :meth:`sample` copy them there). The sensitivity sums and held-out chunks
+            stay on the host.
 
     The Gram matrices are allocated at the first :meth:`add` (a shard of sensitivity
     runs only carries none): ``8 * p_g²`` bytes per group.
@@ -78,7 +87,9 @@ class ShardStats(CalibrationStats):
         self.units: set[str] = set()
         self.sample_keys = np.zeros((0, 2), dtype=np.int64)  # (window, position)
         self.sample_prio = np.zeros(0, dtype=np.uint64)
-        self.sample_rows = torch.zeros(0, 2 * self._features, dtype=torch.float16)
+        self.sample_rows = torch.zeros(
+            0, 2 * self._features, dtype=torch.float16, device=self.device
+        )
         self.sens_sum: torch.Tensor | None = None  # float64 (2, L)
         self.sens_count = 0
         self.holdout: list[
@@ -116,21 +127,26 @@ class ShardStats(CalibrationStats):
         super().add(keys, values, first_position)
 
     def _reservoir(self, rows: torch.Tensor) -> None:
-        """Bottom-k sample over rows of the current window (``rows`` skip the sinks)."""
+        """Bottom-k sample over rows of the current window (``rows`` skip the sinks; on
+        the statistics' device). Only the window's own bottom-k can enter the sample; the
+        sample's rows stay on the statistics' device until :meth:`to` moves them."""
         n = rows.shape[0]  # the window's last n positions (the sinks skipped)
         pos = np.arange(self._end - n, self._end, dtype=np.int64)
-        keys = np.stack([np.full(n, self._window, dtype=np.int64), pos], axis=1)
-        self._keep_smallest(keys, token_priorities(self.seed, self._window, pos), rows.half())
+        prio = token_priorities(self.seed, self._window, pos)
+        local = np.lexsort((pos, prio))[: self.sample_tokens]
+        keys = np.stack([np.full(len(local), self._window, dtype=np.int64), pos[local]], axis=1)
+        picked = rows[torch.from_numpy(local).to(rows.device)].half()
+        self._keep_smallest(keys, prio[local], picked)
 
     def _keep_smallest(self, keys: np.ndarray, prio: np.ndarray, rows: torch.Tensor) -> None:
         keys = np.concatenate([self.sample_keys, keys])
         prio = np.concatenate([self.sample_prio, prio])
-        rows = torch.cat([self.sample_rows, rows])
+        rows = torch.cat([self.sample_rows, rows.to(self.sample_rows.device)])
         # total order: priority, then (window, position); the kept rows sorted by key
         order = np.lexsort((keys[:, 1], keys[:, 0], prio))[: self.sample_tokens]
         order = order[np.lexsort((keys[order, 1], keys[order, 0]))]
         self.sample_keys, self.sample_prio = keys[order], prio[order]
-        self.sample_rows = rows[torch.from_numpy(order)]
+        self.sample_rows = rows[torch.from_numpy(order).to(rows.device)]
 
     def add_sensitivity(self, measured: torch.Tensor, index: int) -> None:
         """Add one window's sensitivity measurement, float64 ``(2, L)`` (unit
@@ -147,7 +163,7 @@ class ShardStats(CalibrationStats):
         (unit ``holdout:<window>``), as bf16; never added to the sums."""
         self._claim(f"holdout:{window}")
         for k, v, first in chunks:
-            self.holdout.append((window, k.to(torch.bfloat16), v.to(torch.bfloat16), first))
+            self.holdout.append((window, _host_bf16(k), _host_bf16(v), first))
 
     def sensitivity(self) -> torch.Tensor:
         """Mean sensitivity measurement, float64 ``(2, L)``.
@@ -172,7 +188,7 @@ class ShardStats(CalibrationStats):
         """
         if not len(self.sample_rows):
             raise CalibrationError("no calibration tokens were added")
-        rows = self.sample_rows.float()
+        rows = self.sample_rows.float().cpu()
         half = rows.shape[1] // 2
         return {"k": rows[:, :half], "v": rows[:, half:]}
 
@@ -187,8 +203,43 @@ class ShardStats(CalibrationStats):
             "undo_rope": self.undo_rope,
         }
 
+    def to(self, device: str | torch.device) -> ShardStats:
+        """Move the sums, Gram matrices and the sample's rows to ``device`` (in place;
+        returns ``self``)."""
+        super().to(device)
+        self.sample_rows = self.sample_rows.to(self.device)
+        return self
+
+    def copy(self) -> ShardStats:
+        """An independent copy (tensors cloned on their devices)."""
+        out = copy.copy(self)
+        out.units = set(self.units)
+        if self.sums is not None:
+            out.sums = [s.clone() for s in self.sums]
+            out.grams = [g.clone() for g in self.grams]
+        if self.sens_sum is not None:
+            out.sens_sum = self.sens_sum.clone()
+        out.holdout = list(self.holdout)
+        return out
+
     def merge(self, other: ShardStats) -> ShardStats:
         """The statistics of both shards' units (neither is changed).
+
+        Raises:
+            CalibrationError: as :meth:`absorb`.
+        """
+        return self.copy().absorb(other, take=False)
+
+    def absorb(self, other: ShardStats, take: bool = True) -> ShardStats:
+        """Add ``other``'s units to these statistics, in place (returns ``self``): the
+        merge without copying a Gram matrix, for drivers that merge shards as they come
+        (8.6 GB per group for the Llama-3.1-8B shape). Sums and Gram matrices are added
+        on ``self``'s device.
+
+        Args:
+            other: the shard to add.
+            take: ``other`` is not used afterwards, so its tensors may become ``self``'s
+                (where ``self`` has none yet) and be added to in place later.
 
         Raises:
             CalibrationError: the two were collected with different settings (shape,
@@ -202,25 +253,24 @@ class ShardStats(CalibrationStats):
         shared = self.units & other.units
         if shared:
             raise CalibrationError(f"calibration units counted twice: {sorted(shared)[:5]}")
-        out = ShardStats.from_state(self.state())
-        out.units |= other.units
-        out.count += other.count
+        self.units |= other.units
+        self.count += other.count
         if other.sums is not None:
-            if out.sums is None:
-                out.sums = [s.clone() for s in other.sums]
-                out.grams = [g.clone() for g in other.grams]
+            if self.sums is None:
+                self.sums = [s.to(self.device, copy=not take) for s in other.sums]
+                self.grams = [g.to(self.device, copy=not take) for g in other.grams]
             else:
-                out.sums = [a + b for a, b in zip(out.sums, other.sums)]
-                out.grams = [a + b for a, b in zip(out.grams, other.grams)]
-        out._keep_smallest(other.sample_keys, other.sample_prio, other.sample_rows)
+                for a, b in zip(self.sums + self.grams, other.sums + other.grams):
+                    a.add_(b.to(a.device))
+        self._keep_smallest(other.sample_keys, other.sample_prio, other.sample_rows)
         if other.sens_sum is not None:
-            out.sens_sum = (
-                other.sens_sum.clone() if out.sens_sum is None else out.sens_sum + other.sens_sum
+            self.sens_sum = (
+                other.sens_sum.clone() if self.sens_sum is None else self.sens_sum + other.sens_sum
             )
-        out.sens_count += other.sens_count
-        out.holdout = sorted(out.holdout + other.holdout, key=_hold_key)
-        out.model_params = self.model_params or other.model_params
-        return out
+        self.sens_count += other.sens_count
+        self.holdout = sorted(self.holdout + other.holdout, key=_hold_key)
+        self.model_params = self.model_params or other.model_params
+        return self
 
     def state(self) -> dict:
         """Plain data for transport and storage (numpy arrays and one JSON string under
@@ -237,9 +287,9 @@ class ShardStats(CalibrationStats):
         out: dict = {"meta": json.dumps(meta)}
         if self.sums is not None:
             for g, (s, m) in enumerate(zip(self.sums, self.grams)):
-                out[f"sum{g}"], out[f"gram{g}"] = s.numpy(), m.numpy()
+                out[f"sum{g}"], out[f"gram{g}"] = s.cpu().numpy(), m.cpu().numpy()
         out["sample_keys"], out["sample_prio"] = self.sample_keys, self.sample_prio
-        out["sample_rows"] = self.sample_rows.numpy()
+        out["sample_rows"] = self.sample_rows.cpu().numpy()
         if self.sens_sum is not None:
             out["sens_sum"] = self.sens_sum.numpy()
         for i, (_, k, v, _) in enumerate(self.holdout):  # bf16 travels as its int16 bits
@@ -269,8 +319,8 @@ class ShardStats(CalibrationStats):
             out.sens_count, out.model_params = meta["sens_count"], meta["model_params"]
             if meta["has_sums"]:
                 n = len(out.slices)
-                out.sums = [torch.tensor(np.array(state[f"sum{g}"])) for g in range(n)]
-                out.grams = [torch.tensor(np.array(state[f"gram{g}"])) for g in range(n)]
+                out.sums = [_tensor(state[f"sum{g}"]) for g in range(n)]
+                out.grams = [_tensor(state[f"gram{g}"]) for g in range(n)]
             out.sample_keys = np.array(state["sample_keys"], dtype=np.int64).reshape(-1, 2)
             out.sample_prio = np.array(state["sample_prio"], dtype=np.uint64)
             out.sample_rows = torch.tensor(np.array(state["sample_rows"]))
@@ -297,3 +347,13 @@ class ShardStats(CalibrationStats):
 
 def _hold_key(h) -> tuple[int, int]:
     return (h[0], h[3])
+
+
+def _host_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as bf16 on the host."""
+    return x.to(device="cpu", dtype=torch.bfloat16)
+
+
+def _tensor(a) -> torch.Tensor:
+    """A tensor owning a copy of array ``a`` (one copy: Ray hands read-only buffers)."""
+    return torch.from_numpy(np.array(a))
