@@ -314,6 +314,14 @@ def test_health_answers_per_tier_and_fails_on_an_unreachable_one(populated, caps
     from tests.s3_server import closed_port
 
     data = yaml.safe_load(config.read_text())
+    good_bucket = data["tiers"][2]["bucket"]
+    data["tiers"][2]["bucket"] = good_bucket + "-misspelt"
+    config.write_text(yaml.safe_dump(data))
+    rc, out, _ = run(capsys, "health", "--config", str(config), "--json")
+    s3 = json.loads(out)["tiers"][2]
+    assert rc == 1 and not s3["reachable"]
+    assert s3["detail"].startswith("BucketNotFoundError: tiers.2.bucket: ")
+    data["tiers"][2]["bucket"] = good_bucket
     data["tiers"][2]["endpoint_url"] = f"http://127.0.0.1:{closed_port()}"
     data["tiers"][2]["deadline"] = 2.0
     data["tiers"][2]["max_attempts"] = 1
@@ -323,7 +331,10 @@ def test_health_answers_per_tier_and_fails_on_an_unreachable_one(populated, caps
     rc, out, _ = run(capsys, "health", "--config", str(config))
     assert rc == 1 and out.startswith("unhealthy") and time.monotonic() - t0 < 10
     lines = out.splitlines()
-    assert any(line.split()[0] == "s3" and "DOWN" in line for line in lines)
+    (s3_line,) = [line for line in lines if line.split()[0] == "s3"]
+    # the refused connection is named, not reported as a silence
+    assert "DOWN" in s3_line and "EndpointConnectionError" in s3_line, s3_line
+    assert "no answer within" not in s3_line
     assert any(line.split()[0] == "disk" and " ok:" in line for line in lines)
 
 
