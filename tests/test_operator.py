@@ -108,6 +108,21 @@ def test_inspect_labels_the_header_and_shows_the_honest_ratio(tmp_path, capsys) 
     rc, out, _ = run(capsys, "inspect", str(path), "--json")
     fields = json.loads(out)["fields"]
     assert fields["bf16 bytes"] == 4 * 16 * CHUNK and fields["blob bytes"] == len(blob)
+    assert fields["exact tokens"].startswith(f"{CHUNK} of {CHUNK} (4 sink tokens")
+
+
+def test_inspect_counts_the_exact_tokens_a_chunk_holds(tmp_path, capsys) -> None:
+    """Sinks are the sequence's first positions and the exact tail its last tokens, so a
+    first chunk holds the sinks, a middle chunk none, the last chunk the tail."""
+    _, keys, values = tiny_sequence(12)
+    blobs = KVTCCodec(OLD).encode_sequence(keys, values, chunk_tokens=CHUNK)
+    got = []
+    for i in (0, 1, -1):
+        (tmp_path / "c.kvtc").write_bytes(blobs[i])
+        rc, out, _ = run(capsys, "inspect", str(tmp_path / "c.kvtc"), "--json")
+        assert rc == 0
+        got.append(json.loads(out)["fields"]["exact tokens"].split(" (")[0])
+    assert got == [f"4 of {CHUNK}", f"0 of {CHUNK}", f"{CHUNK} of {CHUNK}"]
 
 
 def test_inspect_of_a_damaged_blob_shows_what_can_be_read(tmp_path, capsys) -> None:
