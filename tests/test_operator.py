@@ -190,6 +190,9 @@ def test_stats_of_a_folder_honours_json_byte_units_and_warns_over_cap(populated,
     with pytest.raises(SystemExit):
         main(["stats", "--disk", disk, "--capacity", "lots"])
     assert "not a byte size" in capsys.readouterr().err
+    # a config's tiers carry their own caps: --capacity with --config is refused, not ignored
+    rc, out, err = run(capsys, "stats", "--config", str(config), "--capacity", "1KiB")
+    assert rc == 2 and out == "" and "--capacity goes with --disk" in err
 
 
 # --- admin evict ------------------------------------------------------------------------------
