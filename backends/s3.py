@@ -189,6 +189,8 @@ class S3Backend(Backend):
     name = "s3"
     remote = True
     deadline_s = 5.0
+    bucket_problem: str | None = None
+    """Why the last :meth:`check_bucket` got no answer (text), or None."""
 
     def __init__(
         self,
@@ -499,12 +501,15 @@ class S3Backend(Backend):
 
         Returns:
             True if it exists; False if the endpoint failed or did not answer in time
-            (logged with the bucket's name, counted in ``errors``).
+            (logged with the bucket's name, counted in ``errors``, and kept as text in
+            :attr:`bucket_problem`, e.g. ``NoCredentialsError: Unable to locate
+            credentials`` or ``no answer within 5 s``).
 
         Raises:
             BucketNotFoundError: the endpoint says there is no such bucket (404).
         """
         timeout = self.deadline_s if timeout is None else timeout
+        self.bucket_problem = None
         job = self._executor().submit(self._client.head_bucket, Bucket=self.bucket)
         try:
             job.result(timeout=timeout)
@@ -521,6 +526,9 @@ class S3Backend(Backend):
         except _FAILURES as e:
             problem = e
         self._count_errors(1)
+        if not isinstance(problem, TimeoutError):
+            problem = f"{type(problem).__name__}: {problem}"
+        self.bucket_problem = str(problem)
         logger.warning("%s tier: cannot check bucket %r: %s", self.name, self.bucket, problem)
         return False
 

@@ -69,8 +69,14 @@ def _views(args, writable: bool = False, failed: list | None = None):
         view.capacity = cap
         return [view], [], None
     from .config import load_config
+    from .errors import ConfigError
     from .inventory import open_views
 
+    if getattr(args, "capacity", None) is not None:
+        raise ConfigError(
+            "--capacity goes with --disk; with --config each tier's cap is its "
+            "tiers.N.capacity in the config"
+        )
     cfg = load_config(args.config)
     views, skipped = open_views(cfg, getattr(args, "tier", None), writable, failed)
     return views, skipped, cfg
@@ -305,7 +311,7 @@ def register(sub) -> None:
         "--capacity",
         type=_size,
         default=None,
-        help="with --disk: a cap to report against, in the config's units (e.g. 1GiB)",
+        help="with --disk only: a cap to report against, in the config's units (e.g. 1GiB)",
     )
     s.add_argument(
         "--tenant",

@@ -94,14 +94,19 @@ def _probe_disk(tier, row: dict) -> None:
 
 def _probe_s3(tier, i: int, row: dict) -> None:
     from .config import build_tier
+    from .errors import BucketNotFoundError
 
     update = {"abort_uploads_after": None, "check_bucket": False}
     backend = build_tier(tier.model_copy(update=update), i)
     try:
         deadline = tier.deadline or DEFAULT_DEADLINE_S
         where = f"s3://{tier.bucket}/{backend.prefix}"
-        if not backend.check_bucket(deadline):
-            row["detail"] = f"{where}: no answer within {deadline:g} s"
+        try:
+            answered = backend.check_bucket(deadline)
+        except BucketNotFoundError as exc:
+            raise BucketNotFoundError(f"tiers.{i}.bucket: {exc}") from exc
+        if not answered:
+            row["detail"] = f"{where}: {backend.bucket_problem}"
             return
         row.update(reachable=True, detail=where)
         if tier.capacity:

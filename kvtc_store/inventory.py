@@ -450,7 +450,7 @@ def _header_fields(h) -> dict:
         "first position": h.first_position,
         "dtype": h.dtype,
         "coder": h.coder,
-        "exact tokens": f"positions < {h.n_sink} and the last {h.exact_tail}, {h.exact_dtype}",
+        "exact tokens": _exact_tokens(h, tokens),
         "artifact id": h.artifact_id,
         "artifact version": h.artifact_version,
         "model fingerprint": h.model,
@@ -461,6 +461,18 @@ def _header_fields(h) -> dict:
         "bf16 bytes": bf16,
     }
     return out
+
+
+def _exact_tokens(h, tokens: int) -> str:
+    """How many of a blob's ``tokens`` are stored exactly, and why: the sink tokens
+    (absolute positions below ``n_sink``) it holds and its last ``exact_tail``."""
+    sinks = max(0, min(h.n_sink - h.first_position, tokens))
+    tail = min(h.exact_tail, tokens)
+    n = min(tokens, sinks + tail)  # the two ranges overlap only when both cover it all
+    return (
+        f"{n} of {tokens} ({sinks} sink tokens, at positions < {h.n_sink}; "
+        f"the last {tail}), {h.exact_dtype}"
+    )
 
 
 def _prefix_fields(data: bytes) -> dict:

@@ -108,6 +108,21 @@ def test_inspect_labels_the_header_and_shows_the_honest_ratio(tmp_path, capsys) 
     rc, out, _ = run(capsys, "inspect", str(path), "--json")
     fields = json.loads(out)["fields"]
     assert fields["bf16 bytes"] == 4 * 16 * CHUNK and fields["blob bytes"] == len(blob)
+    assert fields["exact tokens"].startswith(f"{CHUNK} of {CHUNK} (4 sink tokens")
+
+
+def test_inspect_counts_the_exact_tokens_a_chunk_holds(tmp_path, capsys) -> None:
+    """Sinks are the sequence's first positions and the exact tail its last tokens, so a
+    first chunk holds the sinks, a middle chunk none, the last chunk the tail."""
+    _, keys, values = tiny_sequence(12)
+    blobs = KVTCCodec(OLD).encode_sequence(keys, values, chunk_tokens=CHUNK)
+    got = []
+    for i in (0, 1, -1):
+        (tmp_path / "c.kvtc").write_bytes(blobs[i])
+        rc, out, _ = run(capsys, "inspect", str(tmp_path / "c.kvtc"), "--json")
+        assert rc == 0
+        got.append(json.loads(out)["fields"]["exact tokens"].split(" (")[0])
+    assert got == [f"4 of {CHUNK}", f"0 of {CHUNK}", f"{CHUNK} of {CHUNK}"]
 
 
 def test_inspect_of_a_damaged_blob_shows_what_can_be_read(tmp_path, capsys) -> None:
@@ -175,6 +190,9 @@ def test_stats_of_a_folder_honours_json_byte_units_and_warns_over_cap(populated,
     with pytest.raises(SystemExit):
         main(["stats", "--disk", disk, "--capacity", "lots"])
     assert "not a byte size" in capsys.readouterr().err
+    # a config's tiers carry their own caps: --capacity with --config is refused, not ignored
+    rc, out, err = run(capsys, "stats", "--config", str(config), "--capacity", "1KiB")
+    assert rc == 2 and out == "" and "--capacity goes with --disk" in err
 
 
 # --- admin evict ------------------------------------------------------------------------------
@@ -314,6 +332,14 @@ def test_health_answers_per_tier_and_fails_on_an_unreachable_one(populated, caps
     from tests.s3_server import closed_port
 
     data = yaml.safe_load(config.read_text())
+    good_bucket = data["tiers"][2]["bucket"]
+    data["tiers"][2]["bucket"] = good_bucket + "-misspelt"
+    config.write_text(yaml.safe_dump(data))
+    rc, out, _ = run(capsys, "health", "--config", str(config), "--json")
+    s3 = json.loads(out)["tiers"][2]
+    assert rc == 1 and not s3["reachable"]
+    assert s3["detail"].startswith("BucketNotFoundError: tiers.2.bucket: ")
+    data["tiers"][2]["bucket"] = good_bucket
     data["tiers"][2]["endpoint_url"] = f"http://127.0.0.1:{closed_port()}"
     data["tiers"][2]["deadline"] = 2.0
     data["tiers"][2]["max_attempts"] = 1
@@ -323,7 +349,10 @@ def test_health_answers_per_tier_and_fails_on_an_unreachable_one(populated, caps
     rc, out, _ = run(capsys, "health", "--config", str(config))
     assert rc == 1 and out.startswith("unhealthy") and time.monotonic() - t0 < 10
     lines = out.splitlines()
-    assert any(line.split()[0] == "s3" and "DOWN" in line for line in lines)
+    (s3_line,) = [line for line in lines if line.split()[0] == "s3"]
+    # the refused connection is named, not reported as a silence
+    assert "DOWN" in s3_line and "EndpointConnectionError" in s3_line, s3_line
+    assert "no answer within" not in s3_line
     assert any(line.split()[0] == "disk" and " ok:" in line for line in lines)
 
 
