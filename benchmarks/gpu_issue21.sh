@@ -15,6 +15,7 @@
 #                benchmarks/serving_path.py (16 requests x 8k tokens of the Llama-3.1-8B
 #                shape on an H200; 8 where the card has under 120 GB free, an H100) into
 #                $OUT/serving_path.{json,md} (copy them to benchmarks/results/).
+#                TEST_S (330) and TOTAL_S (580): seconds for the tests, and for the call.
 set -u
 STAGE=${STAGE:?STAGE=pack|setup}
 WHEELS="pydantic isal pyyaml prometheus_client tqdm hypothesis"  # and what they pull
@@ -35,7 +36,7 @@ mkdir -p /tmp/site
 python3 -m pip install -q --no-deps --no-index --target /tmp/site .dev21/whl/*.whl 2>&1 | grep -v WARN | tail -2
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARN | tail -2
 rm -rf /tmp/t; mkdir /tmp/t; cp -r tests benchmarks pyproject.toml /tmp/t/
-(cd /tmp/t && timeout 330 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_serving.py \
+(cd /tmp/t && timeout ${TEST_S:-330} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_serving.py \
   tests/test_gpu_codec.py tests/test_gpu_rans.py tests/test_gpu_deflate_flow.py \
   tests/test_gpu_nvcomp.py tests/test_gpu_backend.py tests/test_serving_path.py \
   > $OUT/gpu_tests.txt 2>&1
@@ -45,7 +46,7 @@ FREE=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -
 # one batch of 16 x 8k tokens needs ~75 GB on the device (dense out 34, pages 17, the
 # decoder's features 17, coefficients 4): 16 requests on an H200, 8 on an H100
 REQ=16; [ "$FREE" -lt 120000 ] && REQ=8
-LEFT=$(( 580 - ($(date +%s) - T0) ))
+LEFT=$(( ${TOTAL_S:-580} - ($(date +%s) - T0) ))
 timeout $LEFT python3 benchmarks/serving_path.py --requests $REQ --prefix 8192 --reps 3 \
   --out $OUT 2>&1 | tail -20
 echo "done $(( $(date +%s) - T0 )) s"
