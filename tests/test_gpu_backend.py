@@ -75,7 +75,9 @@ def test_blobs_live_in_device_memory_and_round_trip(policy: str) -> None:
     values = {k(i): bytes(range(256)) * (i + 1) for i in range(8)}
     tier.put(list(values.items()))
     stored = tier._policy._values
-    assert all(t.device.type == "cuda" and t.dtype == torch.uint8 for t in stored.values())
+    assert all(
+        b.data.device.type == "cuda" and b.data.dtype == torch.uint8 for b in stored.values()
+    )
     keys = [*values, k(99)]
     assert tier.get(keys) == [*values.values(), None]
     assert tier.usage().used_bytes == sum(map(len, values.values())) <= 10_000

@@ -54,12 +54,21 @@ def test_cuda_bit_packing_matches_cpu(bits):
 def test_blobs_cross_devices(arts):  # noqa: F811
     """A GPU-written blob decodes on the CPU and a CPU-written one on the GPU; the same blob
     decodes to the same values on both (float tolerance); both devices' blobs carry the
-    same header and reconstruct the chunk equally well."""
+    same header (the rANS stream's length within 0.5%) and reconstruct the chunk equally
+    well."""
     for art, k, v, first in _cases(arts):
         cpu, gpu = KVTCCodec(art), make_codec(art, device="cuda")
         blob_c = cpu.encode(k, v, first)
         blob_g = gpu.encode(k.cuda(), v.cuda(), first)
-        assert cpu.read_header(blob_g).sections == cpu.read_header(blob_c).sections
+        hc, hg = cpu.read_header(blob_c), cpu.read_header(blob_g)
+        assert (hg.shape, hg.coder, hg.first_position) == (hc.shape, hc.coder, hc.first_position)
+        # the devices' float arithmetic may round a few coefficients to the other symbol:
+        # the rANS stream's length may differ by a few bytes, nothing else
+        assert {s: n for s, n in hg.sections.items() if s != "stream"} == {
+            s: n for s, n in hc.sections.items() if s != "stream"
+        }
+        stream_c, stream_g = hc.sections.get("stream", 0), hg.sections.get("stream", 0)
+        assert abs(stream_g - stream_c) <= 0.005 * stream_c + 8
         for blob in (blob_c, blob_g):
             on_cpu = cpu.decode(blob)
             on_gpu = gpu.decode(blob)

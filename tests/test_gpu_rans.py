@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtc_store.codec import CodecArtifact, KVTCCodec
+from kvtc_store.codec import CodecArtifact, KVTCCodec, make_codec
 from kvtc_store.codec.blob import pack_blob, unpack_blob
 from kvtc_store.codec.entropy import get_coder, writer_coder
 from kvtc_store.codec.rans import MAX_SHIFT, RansTables, laplace_tables
@@ -315,7 +315,7 @@ def test_codec_decode_writes_every_element_and_stops_at_a_bad_stream(arts, range
 @pytest.mark.parametrize("coder", ["none", "deflate"])
 @RANS_ONLY
 def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: F811
-    """``KVTCCodec(..., gpu_kernels=True)`` (default on CUDA) encodes a stored sequence in
+    """``make_codec(..., device=cuda)`` (the batched GpuCodec) encodes a stored sequence in
     batches (full chunks, then the short last one) and decodes a prefix batch by batch:
     blobs that the per-chunk CPU codec reads, values within float tolerance of its decode,
     and a bad blob ending the prefix there."""
@@ -324,8 +324,8 @@ def test_kvtc_codec_hands_sequences_to_the_batched_codec(arts, coder):  # noqa: 
     art = cases[0][0]
     keys, values = make_chunk(600, 0, seed=31)  # 2 full 256-token chunks + 88 tokens
     cpu = KVTCCodec(art, coder=coder)
-    gpu = KVTCCodec(art, coder=coder, device=DEV, gpu_kernels=True)
-    assert gpu._gpu is not None and cpu._gpu is None
+    gpu = make_codec(art, coder=coder, device=DEV, batched=True)
+    assert isinstance(gpu, GpuCodec) and not isinstance(cpu, GpuCodec)
     blobs = gpu.encode_sequence(keys.to(DEV), values.to(DEV), 0)
     ref = cpu.encode_sequence(keys, values, 0)
     heads = [(h.shape, h.coder) for h in map(cpu.read_header, blobs)]

@@ -319,6 +319,10 @@ class GpuCodec(CodecBase):
             raise ArtifactError(f"GpuCodec needs a rans artifact, not {artifact.quantizer!r}")
         self.artifact = artifact
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" names the current device: tensors there report cuda:N, and a
+            # device blob or page that is already here must compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.gemm_dtype = gemm_dtype
         self.coder = writer_coder(coder)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
