@@ -119,13 +119,16 @@ def test_vllm_loads_the_chunks_sglang_saved(model_config, model_dir, tmp_path): 
     loader = engine.worker._store
     assert loader.keys_for(tokens) == backend.store.keys_for(tokens)
     engine.add("b", tokens, max_tokens=1)
+    # vLLM's scheduler asked the connector: 3 chunks (the 2 staged pages were not stored),
+    # loaded asynchronously in the first step, while the request waits for them
     so, meta, errors = engine.step()
-    # vLLM's scheduler asked the connector: 3 chunks (the 2 staged pages were not stored)
+    assert "b" not in so.num_scheduled_tokens and engine.recving == {"b"}
+    (plan,) = meta.requests
+    assert (plan.load_start, plan.load_end) == (0, 3 * CHUNK) and errors == set()
+    so, meta, errors = engine.step()  # then it is scheduled past the loaded chunks
     (new,) = so.scheduled_new_reqs
     assert new.num_computed_tokens == 3 * CHUNK
     assert so.num_scheduled_tokens["b"] == len(tokens) - 3 * CHUNK
-    (plan,) = meta.requests
-    assert (plan.load_start, plan.load_end) == (0, 3 * CHUNK) and errors == set()
 
     blocks = engine.blocks["b"]
     got_k, got_v = read_tokens(engine.kv, CPUAttentionBackend, blocks, 0, 3 * CHUNK, Engine.BLOCK)
