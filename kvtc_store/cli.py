@@ -18,6 +18,7 @@ import sys
 
 from .cli_args import (
     _at_least,
+    _calibration_settings,
     _cap_setting,
     _check_publish_args,
     _data_option,
@@ -76,7 +77,6 @@ def cmd_calibrate(args) -> int:
     from pathlib import Path
 
     from .calibration import (
-        CalibrationSettings,
         artifact_dir,
         load_or_calibrate,
         settings_for_data,
@@ -101,13 +101,7 @@ def cmd_calibrate(args) -> int:
             return 2
     _quiet_transformers()
     model, tok, info = load_model(args.model)
-    settings = CalibrationSettings(
-        windows=args.windows,
-        window_tokens=args.window_tokens,
-        layers_per_group=args.layers_per_group,
-        **({"corpus": args.corpus} if args.corpus else {}),
-        **(args.max_artifact_share or {}),
-    )
+    settings = _calibration_settings(args)
     ids = None
     if args.data:
         vocab = model.get_input_embeddings().num_embeddings

@@ -1,7 +1,7 @@
 """Argument types and option groups shared by the command lines (``kvtc-store``'s own
 commands in :mod:`kvtc_store.cli` and ``kvtc-store fleet`` in :mod:`kvtc_store.ray_jobs.cli`):
-target ratios, bounded integers, the artifact-share cap, ``--data`` and the registry's
-location and S3 settings."""
+target ratios, bounded integers, the artifact-share cap, ``--data``, the registry's
+location and S3 settings, and the calibration settings they name."""
 
 from __future__ import annotations
 
@@ -19,6 +19,21 @@ def _check_publish_args(args, prog: str) -> None:
         raise SystemExit(f"{prog}: --profile promotes one artifact: give one --ratio")
     if args.data and args.corpus:
         raise CalibrationDataError("--data and --corpus exclude each other")
+
+
+def _calibration_settings(args):
+    """The :class:`~kvtc_store.calibration.CalibrationSettings` that a calibration
+    command's ``--windows``, ``--window-tokens``, ``--layers-per-group``, ``--corpus`` and
+    ``--max-artifact-share`` name (the library's defaults for what is not given)."""
+    from .calibration import CalibrationSettings
+
+    return CalibrationSettings(
+        windows=args.windows,
+        window_tokens=args.window_tokens,
+        layers_per_group=args.layers_per_group,
+        **({"corpus": args.corpus} if args.corpus else {}),
+        **(args.max_artifact_share or {}),
+    )
 
 
 def _ratio(text: str) -> float:

@@ -189,7 +189,6 @@ def cmd_fleet_reencode(args) -> int:
 
 def cmd_fleet_calibrate(args) -> int:
     """Run :func:`kvtc_store.ray_jobs.calibrate.calibrate_fleet` for the arguments."""
-    from kvtc_store.calibration import CalibrationSettings
     from kvtc_store.calibration_data import data_files
     from kvtc_store.errors import GateRefusedError
     from kvtc_store.model import resolve_model
@@ -201,13 +200,7 @@ def cmd_fleet_calibrate(args) -> int:
     if args.data and len(parquet) < len(args.data):
         data_files([p for p in args.data if p not in parquet])
     resolve_model(args.model)
-    settings = CalibrationSettings(
-        windows=args.windows,
-        window_tokens=args.window_tokens,
-        layers_per_group=args.layers_per_group,
-        **({"corpus": args.corpus} if args.corpus else {}),
-        **(args.max_artifact_share or {}),
-    )
+    settings = base._calibration_settings(args)
     publish = None
     if args.publish:
         publish = PublishPlan(
