@@ -1,7 +1,8 @@
 """The Ray the fleet tests run on: the head `.ci/run` starts (``KVTC_TEST_RAY_ADDRESS``,
 ``ray start --head`` on 127.0.0.1, stopped by PID there), else a local
 ``ray.init(num_cpus=2)`` with a 200 MB object store. ``tests/conftest.py`` imports the
-fixture for every module; ``ray`` is imported only by modules that use it.
+fixture for every module; ``ray`` is imported only by modules that use it. Also the
+store the re-encode and GC tests run over (:func:`registry_store_config`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 ENV_ADDRESS = "KVTC_TEST_RAY_ADDRESS"
 
@@ -32,3 +34,31 @@ def cluster():
         )
     yield address or "local"
     ray.shutdown()
+
+
+def registry_store_config(tmp_path, s3_endpoint: str, bucket: str, artifacts) -> tuple:
+    """A folder registry holding ``artifacts`` (the first current in profile
+    ``default``) and a store config over it with a disk tier (4 MiB) and an S3 tier
+    (prefix ``kv/``): ``(registry, path of store.yaml as str)``."""
+    from kvtc_store.registry import open_registry
+    from tests.tiny_codec import CHUNK, FINGERPRINT
+
+    reg = open_registry(tmp_path / "registry", create=True)
+    for art in artifacts:
+        reg.publish(art)
+    reg.promote(FINGERPRINT, artifacts[0].artifact_id, "default")
+    cfg = {
+        "chunk_tokens": CHUNK,
+        "tiers": [
+            {"kind": "disk", "path": str(tmp_path / "disk"), "capacity": "4MiB"},
+            {"kind": "s3", "bucket": bucket, "endpoint_url": s3_endpoint, "prefix": "kv/"},
+        ],
+        "codec": {
+            "registry": str(tmp_path / "registry"),
+            "refresh_seconds": 0,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    }
+    path = tmp_path / "store.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return reg, str(path)

@@ -11,14 +11,13 @@ import os
 import time
 
 import pytest
-import yaml
 
 from kvtc_store.cli import main
 from kvtc_store.config import load_config
 from kvtc_store.errors import ArtifactInUseError
-from kvtc_store.registry import open_registry
 from kvtc_store.store import TieredStore
-from tests.tiny_codec import CHUNK, FINGERPRINT, tiny_artifact, tiny_info, tiny_sequence
+from tests.ray_cluster import registry_store_config
+from tests.tiny_codec import FINGERPRINT, tiny_artifact, tiny_info, tiny_sequence
 
 pytest.importorskip("ray")
 from kvtc_store.ray_jobs.reencode import tier_keys
@@ -28,20 +27,7 @@ SEQ_A, SEQ_B = tiny_sequence(9, seed=1), tiny_sequence(9, seed=2)
 
 
 def _store(tmp_path, s3_endpoint, bucket):
-    reg = open_registry(tmp_path / "registry", create=True)
-    for art in (V1, V2, V3, V4):
-        reg.publish(art)
-    reg.promote(FINGERPRINT, V1.artifact_id, "default")
-    cfg = {
-        "chunk_tokens": CHUNK,
-        "tiers": [
-            {"kind": "disk", "path": str(tmp_path / "disk"), "capacity": "4MiB"},
-            {"kind": "s3", "bucket": bucket, "endpoint_url": s3_endpoint, "prefix": "kv/"},
-        ],
-        "codec": {"registry": str(tmp_path / "registry"), "refresh_seconds": 0},
-    }
-    path = tmp_path / "store.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    reg, path = registry_store_config(tmp_path, s3_endpoint, bucket, (V1, V2, V3, V4))
     with TieredStore.from_config(path, tiny_info()) as store:
         store.put(*SEQ_A)  # V1's chunks
         reg.promote(FINGERPRINT, V2.artifact_id, "default")
@@ -50,7 +36,7 @@ def _store(tmp_path, s3_endpoint, bucket):
         store.put(*SEQ_B)  # V3's chunks
         store.flush()
         keys_b = store.keys_for(SEQ_B[0])
-    return reg, str(path), keys_b
+    return reg, path, keys_b
 
 
 def _counts(config) -> list[int]:

@@ -11,15 +11,14 @@ import os
 
 import pytest
 import torch
-import yaml
 
 from kvtc_store.cli import main
 from kvtc_store.codec.blob import unpack_blob
 from kvtc_store.config import load_config
-from kvtc_store.registry import open_registry
 from kvtc_store.store import TieredStore
+from tests.ray_cluster import registry_store_config
 from tests.test_registry_store import own_round_trip
-from tests.tiny_codec import CHUNK, FINGERPRINT, tiny_artifact, tiny_info, tiny_sequence
+from tests.tiny_codec import FINGERPRINT, tiny_artifact, tiny_info, tiny_sequence
 
 ray = pytest.importorskip("ray")
 from kvtc_store.ray_jobs.calibrate import KILL_ENV
@@ -30,30 +29,13 @@ SEQS = [tiny_sequence(9, seed=s) for s in (1, 2)]
 
 
 def _config(tmp_path, s3_endpoint, bucket) -> str:
-    reg = open_registry(tmp_path / "registry", create=True)
-    for art in (V1, V2):
-        reg.publish(art)
-    reg.promote(FINGERPRINT, V1.artifact_id, "default")
-    cfg = {
-        "chunk_tokens": CHUNK,
-        "tiers": [
-            {"kind": "disk", "path": str(tmp_path / "disk"), "capacity": "4MiB"},
-            {"kind": "s3", "bucket": bucket, "endpoint_url": s3_endpoint, "prefix": "kv/"},
-        ],
-        "codec": {
-            "registry": str(tmp_path / "registry"),
-            "refresh_seconds": 0,
-            "cache_dir": str(tmp_path / "cache"),
-        },
-    }
-    path = tmp_path / "store.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    reg, path = registry_store_config(tmp_path, s3_endpoint, bucket, (V1, V2))
     with TieredStore.from_config(path, tiny_info()) as store:
         for tokens, keys, values in SEQS:
             store.put(tokens, keys, values)
         store.flush()
     reg.promote(FINGERPRINT, V2.artifact_id, "default", reason="v2")
-    return str(path)
+    return path
 
 
 def _stored(config) -> dict[str, dict[str, str]]:
