@@ -61,6 +61,17 @@ def data_files(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def needs_tokenizer(paths: list[str | os.PathLike]) -> bool:
+    """Whether any of the data files ``paths`` name (see :func:`data_files`) is text, which
+    only the model's tokenizer turns into token ids; token-id files (``.jsonl``,
+    ``.npy``) can be read, and their length checked, before the model loads.
+
+    Raises:
+        CalibrationDataError: as :func:`data_files`.
+    """
+    return any(_kind(f) == "text" for f in data_files(paths))
+
+
 def _kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:

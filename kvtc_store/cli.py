@@ -81,14 +81,14 @@ def cmd_calibrate(args) -> int:
         load_or_calibrate,
         settings_for_data,
     )
-    from .calibration_data import data_files, read_token_ids
+    from .calibration_data import cut_windows, needs_tokenizer, read_token_ids
     from .errors import CalibrationDataError
     from .model import load_model, resolve_model
 
     # Everything that can be checked without the model is checked first.
     _check_publish_args(args, "kvtc-store calibrate")
-    if args.data:
-        data_files(args.data)
+    settings = _calibration_settings(args)
+    text_data = bool(args.data) and needs_tokenizer(args.data)
     resolve_model(args.model)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
@@ -99,9 +99,10 @@ def cmd_calibrate(args) -> int:
         if dest.exists() and not (dest / "manifest.json").is_file():  # never replace it
             print(f"kvtc-store: --out: {dest} exists and is not an artifact", file=sys.stderr)
             return 2
+    if args.data and not text_data:  # token ids: too few is told before the model loads
+        cut_windows(read_token_ids(args.data), settings.windows, settings.window_tokens)
     _quiet_transformers()
     model, tok, info = load_model(args.model)
-    settings = _calibration_settings(args)
     ids = None
     if args.data:
         vocab = model.get_input_embeddings().num_embeddings
@@ -140,8 +141,7 @@ def cmd_inspect(args) -> int:
         with open(args.blob, "rb") as f:
             data = f.read()
     except OSError as exc:
-        print(f"kvtc-store: cannot read {args.blob}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return report_error(args, type(exc).__name__, f"cannot read {args.blob}: {exc.strerror}")
     fields, problems = describe_blob(data)
     if args.json:
         print(json.dumps({"fields": fields, "problems": problems}))
@@ -399,8 +399,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_error(args, kind: str, message: str) -> int:
+    """Report a command's failure and return its exit status, 2.
+
+    The line ``kvtc-store: <kind>: <message>`` goes to stderr; a command given ``--json``
+    also prints ``{"error": {"type": kind, "message": message}}`` on stdout, so a script
+    reading stdout gets JSON either way.
+    """
+    import json
+
+    print(f"kvtc-store: {kind}: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"type": kind, "message": message}}))
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kvtc-store`` console script."""
+    """Entry point of the ``kvtc-store`` console script: the command's exit status (0 done,
+    1 a problem found (a bad blob, an unreachable tier), 2 an error: a
+    :class:`~kvtc_store.errors.KVTCError` or bad arguments)."""
     from .errors import KVTCError
 
     args = build_parser().parse_args(argv)
@@ -408,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except KVTCError as exc:
-        print(f"kvtc-store: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return report_error(args, type(exc).__name__, str(exc))
 
 
 if __name__ == "__main__":

@@ -46,12 +46,24 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB"
+def _size_text(n: int | None) -> str:
+    """``n`` bytes in the binary units a config's capacities use (``1GiB``): ``"3.50 MiB"``;
+    under 1 KiB, ``"512 B"``."""
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _rows(rows: dict) -> str:
-    return ", ".join(f"{k} {r['chunks']} chunks {_mb(r['bytes'])}" for k, r in sorted(rows.items()))
+    return ", ".join(
+        f"{k} {r['chunks']} chunks {_size_text(r['bytes'])}" for k, r in sorted(rows.items())
+    )
 
 
 def _views(args, writable: bool = False, failed: list | None = None):
@@ -116,7 +128,7 @@ def cmd_stats(args) -> int:
     for r in over:
         print(
             f"kvtc-store: warning: tier {r['tier']} ({r['where']}) is over its cap: "
-            f"{_mb(r['used_bytes'])} of {_mb(r['capacity_bytes'])} ({100 * r['use']:.0f}%); "
+            f"{_size_text(r['used_bytes'])} of {_size_text(r['capacity_bytes'])} ({100 * r['use']:.0f}%); "
             "the next store that opens it evicts down to the cap",
             file=sys.stderr,
         )
@@ -140,9 +152,9 @@ def cmd_stats(args) -> int:
             print(f"{head}: {r['note']}")
             continue
         cap = r["capacity_bytes"]
-        of = f" of {_mb(cap)} ({100 * r['use']:.1f}%)" if cap else ""
+        of = f" of {_size_text(cap)} ({100 * r['use']:.1f}%)" if cap else ""
         absent = f" ({r['note']})" if "note" in r else ""
-        print(f"{head}: {r['chunks']} chunks, {_mb(r['used_bytes'])}{of}{absent}")
+        print(f"{head}: {r['chunks']} chunks, {_size_text(r['used_bytes'])}{of}{absent}")
         if r["chunks"]:
             print(f"      by tenant: {_rows(r['by_tenant'])}")
             print(f"      by artifact: {_rows(r['by_artifact'])}")
@@ -197,11 +209,13 @@ def cmd_admin(args) -> int:
 
     if args.action in ("evict", "clear"):
         sel = _selection(args)
-        if sel.empty() and not args.all:
-            raise SystemExit(
+        if sel.empty() and not args.all:  # a usage error: exit 2, as argparse's are
+            print(
                 "kvtc-store admin evict: name what to evict (--tenant, --artifact, "
-                "--older-than, --keys) or give --all"
+                "--older-than, --keys) or give --all",
+                file=sys.stderr,
             )
+            return 2
         views, _, _ = _views(args, writable=args.yes)
         try:
             rows = [inventory.evict(v, sel, apply=args.yes) for v in views]
@@ -209,7 +223,7 @@ def cmd_admin(args) -> int:
             _close(views)
         verb = "removed" if args.yes else "would remove (dry run; --yes removes)"
         lines = [
-            f"{r['tier']} {r['where']}: {verb} {r['chunks']} chunks, {_mb(r['bytes'])}"
+            f"{r['tier']} {r['where']}: {verb} {r['chunks']} chunks, {_size_text(r['bytes'])}"
             for r in rows
         ]
         _print(args, rows, lines)
@@ -242,7 +256,7 @@ def cmd_admin(args) -> int:
     verb = "would copy (dry run)" if args.dry_run else "copied"
     n = row["chunks"] if args.dry_run else row["copied"]
     line = (
-        f"{row['from']} -> {row['to']}: {verb} {n} chunks ({_mb(row['bytes'])}), "
+        f"{row['from']} -> {row['to']}: {verb} {n} chunks ({_size_text(row['bytes'])}), "
         f"{row['present']} there already, {row['bad']} bad left behind"
     )
     if row["missing"]:

@@ -135,6 +135,7 @@ def test_bad_arguments_are_one_line_errors_before_any_model_loads(
             (["--data", str(ids), "--corpus", "shakespeare"], "exclude each other"),
             (["--data", str(ids), "--out", str(ids)], "is a file, not a folder"),
             (["--data", str(ids), "--out", str(tmp_path)], "exists and is not an artifact"),
+            (["--data", str(ids), *SMALL], "hold 100 tokens"),  # token ids: counted first
         ]:
             assert main(["calibrate", *args]) == 2
             err = capsys.readouterr().err
@@ -153,7 +154,7 @@ def test_data_too_short_or_out_of_vocabulary(tiny_model, tmp_path, capsys) -> No
     err = capsys.readouterr().err
     assert "hold 100 tokens" in err and "need 192" in err
     big = tmp_path / "big.jsonl"
-    big.write_text(json.dumps({"input_ids": [1, 2, VOCAB]}) + "\n")
+    big.write_text(json.dumps({"input_ids": [1] * 200 + [VOCAB]}) + "\n")  # long enough
     assert main(["calibrate", "--model", str(tiny_model), "--data", str(big), *SMALL]) == 2
     assert f"token id {VOCAB} is outside" in capsys.readouterr().err
 

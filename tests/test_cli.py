@@ -50,7 +50,7 @@ def test_stats_counts_chunks_of_a_disk_tier(tmp_path):
         check=True,
     ).stdout
     allocated = sum(p.stat().st_blocks * 512 for p in tmp_path.rglob("*.kvtc"))
-    assert f"2 chunks, {allocated / 1e6:.2f} MB\n" in out  # allocated: the cap's measure
+    assert f"2 chunks, {allocated / 1024:.2f} KiB\n" in out  # allocated: the cap's measure
 
 
 def test_stats_of_a_config_reads_its_disk_and_s3_tiers(tmp_path, s3_endpoint):
@@ -88,9 +88,9 @@ def test_stats_of_a_config_reads_its_disk_and_s3_tiers(tmp_path, s3_endpoint):
     assert "its own tenant: acme" in lines[0] and "counts cover every tenant" in lines[0]
     assert "held by each serving process" in lines[1]
     allocated = sum(p.stat().st_blocks * 512 for p in (tmp_path / "disk").rglob("*.kvtc"))
-    share = f"{allocated / 1e6:.2f} MB of 1.00 MB ({100 * allocated / 1e6:.1f}%)"
+    share = f"{allocated / 1024:.2f} KiB of 976.56 KiB ({100 * allocated / 1e6:.1f}%)"
     assert f"2 chunks, {share}" in lines[2] and str(tmp_path / "disk") in lines[2]
-    assert f"s3://{bucket}/kvtc/: 3 chunks, 0.00 MB" in lines[5]
+    assert f"s3://{bucket}/kvtc/: 3 chunks, 2.93 KiB" in lines[5]
     report = json.loads(stats("--json").stdout)
     assert [(t["tier"], t.get("chunks"), t.get("used_bytes")) for t in report["tiers"]] == [
         ("memory", None, None),

@@ -186,7 +186,7 @@ def test_stats_of_a_folder_honours_json_byte_units_and_warns_over_cap(populated,
     assert row["use"] == pytest.approx(row["used_bytes"] / 1024)
     assert "warning: tier disk" in err and "over its cap" in err
     rc, out, err = run(capsys, "stats", "--disk", disk, "--capacity", "1GiB")
-    assert rc == 0 and err == "" and "of 1073.74 MB" in out
+    assert rc == 0 and err == "" and "of 1.00 GiB" in out  # the units the cap was given in
     with pytest.raises(SystemExit):
         main(["stats", "--disk", disk, "--capacity", "lots"])
     assert "not a byte size" in capsys.readouterr().err
@@ -214,8 +214,9 @@ def test_evict_is_a_dry_run_until_yes_and_takes_one_tenant(populated, capsys) ->
     finally:
         for t in tiers:
             t.close()
-    with pytest.raises(SystemExit):  # no selector: refused, never "everything"
-        main(["admin", "evict", "--config", str(config), "--yes"])
+    # no selector: refused as a usage error (exit 2, like argparse's), never "everything"
+    rc, out, err = run(capsys, "admin", "evict", "--config", str(config), "--yes")
+    assert rc == 2 and out == "" and "name what to evict" in err
 
 
 def test_evict_by_artifact_and_age_on_one_tier(populated, capsys) -> None:
@@ -439,3 +440,17 @@ def test_no_example_path_lands_inside_the_repository() -> None:
     for t in cfg.tiers:
         if t.kind == "disk":
             assert not Path(os.path.abspath(t.path)).is_relative_to(root)
+
+
+def test_errors_name_their_class_and_come_as_json_with_json(tmp_path, capsys) -> None:
+    rc, out, err = run(capsys, "inspect", str(tmp_path / "absent.kvtc"), "--json")
+    assert rc == 2 and err.startswith("kvtc-store: FileNotFoundError: cannot read")
+    assert json.loads(out)["error"]["type"] == "FileNotFoundError"
+    bad = tmp_path / "store.yaml"
+    bad.write_text("tiers: [{kind: disk}]\n")  # a disk tier without its path
+    for argv in (["stats", "--config", str(bad)], ["admin", "verify", "--config", str(bad)]):
+        rc, out, err = run(capsys, *argv, "--json")
+        assert rc == 2 and err.startswith("kvtc-store: ConfigError: ") and "tiers.0.path" in err
+        assert json.loads(out)["error"]["type"].endswith("ConfigError")
+        rc, out, _ = run(capsys, *argv)  # without --json: stderr only
+        assert rc == 2 and out == ""
