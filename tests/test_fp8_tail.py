@@ -63,6 +63,7 @@ def test_fp8_tail_matches_the_fp16_projection_within_its_bound(device) -> None:
     f16 = _fp16_projection(coeffs, basis[:, START:])
     f8 = torch.full((N, P + 8), float("nan"), dtype=torch.float16, device=device)
     tail.project(coeffs, f8[:, 4 : 4 + P])  # a column slice, as a group's features are
+    assert f8[:, :4].isnan().all() and f8[:, 4 + P :].isnan().all()  # nothing outside
     f8 = f8[:, 4 : 4 + P]
     assert not f8.isnan().any()
     err = (f8.double() - f16.double()).abs()

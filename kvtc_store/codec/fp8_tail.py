@@ -129,8 +129,10 @@ class Fp8Tail:
     def symbols(self, coeffs: torch.Tensor) -> torch.Tensor:
         """e4m3 ``(N, r_t)`` row-major: the tail rows ``coeffs (r_t, N)`` (dequantised,
         any float dtype) in steps, clamped to the e4m3 range."""
-        u = coeffs.T.float() * self.inv_steps[None, :]
-        return u.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
+        u = torch.empty(coeffs.shape[1], coeffs.shape[0], dtype=torch.float32,
+                        device=coeffs.device)  # fmt: skip
+        torch.mul(coeffs.T, self.inv_steps[None, :], out=u)  # row-major, in steps
+        return u.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
     def project(self, coeffs: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
         """``out = coeffs.T @ (step-scaled tail basis)ᵀ`` (``+=`` with ``accumulate``)
