@@ -219,18 +219,16 @@ class PagedKVLayout:
             block_size``, on the cache's device and in its dtype (copies).
         """
         idx = self._view_blocks(block_ids)
-        keys, values = [], []
-        for view in self.views:
-            pages = view.index_select(0, idx)  # (n, H, N, C)
-            n, heads, slots, _ = pages.shape
-            if self.content == "token":
-                k, v = pages[..., : self.head_size], pages[..., self.head_size :]
-            else:
-                kv = pages.reshape(n, heads, 2, slots, self.head_size)
-                k, v = kv[:, :, 0], kv[:, :, 1]
-            keys.append(k.permute(1, 0, 2, 3).reshape(heads, n * slots, self.head_size))
-            values.append(v.permute(1, 0, 2, 3).reshape(heads, n * slots, self.head_size))
-        return torch.stack(keys), torch.stack(values)
+        _, heads, slots, _ = self.views[0].shape
+        n, dim = idx.numel(), self.head_size
+        shape = (len(self.views), heads, n * slots, dim)
+        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for layer, pages in enumerate(zip(*self.kv_pages())):
+            for src, dst in zip(pages, (keys, values)):  # one pass: pages -> (H, n, N, D)
+                out = dst[layer].view(heads, n, slots, dim)
+                torch.index_select(src.permute(1, 0, 2, 3), 1, idx, out=out)
+        return keys, values
 
     def scatter(self, block_ids, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys and values into whole blocks (the inverse of :meth:`gather`).
