@@ -31,6 +31,7 @@ Usage::
     python benchmarks/rate_distortion.py --texts validation      # calibration's held-out
     python benchmarks/rate_distortion.py --methods fp8 kivi-2    # some methods, merged
     python benchmarks/rate_distortion.py --plot-only             # MD + plots from JSON
+    python benchmarks/rate_distortion.py --fp8-tail --methods kvtc --ratios 16 24  # issue 21
     python benchmarks/rate_distortion.py --merge a.json b.json --plot-only  # other runs' rows
 
 Cost before issue 17 (two texts), measured on an H200 (float32 model, 10 prompts per
@@ -213,7 +214,8 @@ def parse(argv) -> argparse.Namespace:
         action="store_true",
         help="issue 21's fp8 tail projection against the fp16 one: ours with and without "
         "it (kvtc, kvtc-fp8tail) at --ratios on the same windows; writes the KL change "
-        "to fp8_tail_kl.json in --out (needs the batched codec: CUDA)",
+        "to fp8_tail_kl.json in --out (needs the batched codec: CUDA; the ablations then "
+        "run at --ratios)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument(
@@ -272,7 +274,7 @@ def parse(argv) -> argparse.Namespace:
     a.methods = a.methods or (QUICK_METHODS if q else list(M.ALL_METHODS))
     if a.fp8_tail:
         a.methods = list(dict.fromkeys([*a.methods, "kvtc", "kvtc-fp8tail"]))
-        a.ablation_ratios = list(dict.fromkeys([*a.ablation_ratios, *a.ratios]))
+        a.ablation_ratios = list(a.ratios)  # kvtc-fp8tail beside kvtc, at --ratios only
     a.batch = a.batch or (8 if a.device.startswith("cuda") else 2)
     a.workers = a.workers or (8 if a.device.startswith("cuda") else 1)
     a.out = a.out or (RESULTS / "quick" if q else RESULTS)
