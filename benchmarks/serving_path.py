@@ -52,7 +52,8 @@ and ``_24`` come from ``benchmarks/rate_distortion.py --fp8-tail`` (``--fp8-kl``
         [--sglang-pages 128] [--fp8-kl FILE] [--out benchmarks/results]
 
 writes ``serving_path.json`` and ``serving_path.md`` there. ``--device cpu`` is a dry run
-in Triton's interpreter (2 layers unless ``--layers``; measures nothing):
+in Triton's interpreter (2 layers unless ``--layers``; measures nothing; in an
+environment with Triton, such as ``.venv-vllm``; about 9 minutes on 2 cores):
 ``python benchmarks/serving_path.py --device cpu --requests 2 --prefix 512 --reps 1``.
 """
 

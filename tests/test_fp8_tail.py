@@ -161,3 +161,11 @@ def test_gpu_codec_decodes_with_the_fp8_tail_close_to_fp16(arts) -> None:  # noq
         e16 = (x.float() - ref).pow(2).mean()
         e8 = (y.float() - ref).pow(2).mean()
         assert e8 <= 1.05 * e16, (float(e8), float(e16))
+
+
+def test_only_the_batched_codec_takes_the_fp8_tail(arts) -> None:  # noqa: F811
+    from kvtc_store.codec import make_codec
+
+    art = arts["all", 8.0]
+    with pytest.raises(ValueError, match="fp8"):
+        make_codec(art, device="cpu", batched=False, fp8_tail=True)
