@@ -31,13 +31,16 @@ Rows, all on one card in one call (``device`` names it):
   ``--fp8-tail-share 0.5``; timing only: these rows' symbols are not small).
 - ``save_path``: the vLLM worker's saves of every request's prefix from the paged cache,
   one request a step, through :class:`~kvtc_store.connectors.vllm_save.PagedSaver` (what
-  ``KVTCConnector.wait_for_save`` calls; ``save_kv_layer`` does nothing per layer): per
-  step, the seconds the hook takes on the calling thread (``hook_s``) and until the
-  current stream is past the blocks' copy that the next step's kernels wait for
-  (``blocked_s``), against ``encode_s``, the codec's ``encode_sequence`` of the same
-  chunks (what the save thread runs). ``save_blocking_share`` = blocked / encode
-  (``save_blocking_share_host``: hook only). vLLM itself is not on the GPU image; its
-  classes drive the connector in ``tests/test_vllm_connector.py`` on the CPU.
+  ``KVTCConnector.wait_for_save`` calls; ``save_kv_layer`` does nothing per layer), each
+  step's forward stood in for by ``--forward-ms`` of GEMMs on the current stream: the
+  seconds the hook takes on the calling thread (``hook_s``) and those the current stream
+  spends past the forward waiting for the blocks' copy (``stall_s``, CUDA events: what the
+  next step's kernels wait), summed as ``blocked_s``, against ``encode_s``, the codec's
+  ``encode_sequence`` of the same chunks (what the save thread runs).
+  ``save_blocking_share`` = blocked / encode (``save_blocking_share_host``: hook only;
+  the stand-in forward outlasts the hook, so the two do not overlap). vLLM itself is not
+  on the GPU image; its classes drive the connector in ``tests/test_vllm_connector.py``
+  on the CPU.
 - ``sglang_batch_get``: SGLang's ``batch_get`` of ``--sglang-pages`` pages of 64 tokens
   (``page_first`` host layout) into pinned host pages, through the code
   ``KVTCHiCacheStorage.batch_get`` runs (:mod:`kvtc_store.connectors.sglang_host`:
@@ -137,6 +140,12 @@ def main() -> None:
     ap.add_argument("--fp8-tail-share", type=float, default=0.5,
                     help="rows in fp8 where the artifact has no tail (the synthetic one); "
                     "the real SmolLM2 ratio-16 artifact has 52%%")  # fmt: skip
+    ap.add_argument(
+        "--forward-ms",
+        type=float,
+        default=50.0,
+        help="save_path: a stand-in forward per step on the GPU (0: none)",
+    )
     ap.add_argument("--fp8-kl", type=Path, default=None,
                     help="fp8_tail_kl.json of rate_distortion.py --fp8-tail")  # fmt: skip
     ap.add_argument("--fold-kl", type=Path, default=None,
@@ -351,10 +360,12 @@ def write(report: dict, out: Path) -> None:
             f"({report['gpu_tier_h2d_bytes']} bytes in all, the offset tables)"
         ),
         (
-            f"- saves (save_path: {report['requests']} requests, one a step): the forward blocked "
-            f"{sv['blocked_s'] * 1e3:.1f} ms (hook on the calling thread "
-            f"{sv['hook_s'] * 1e3:.1f} ms) against {sv['encode_s'] * 1e3:.1f} ms of encoding "
-            f"the same chunks: save_blocking_share {sv['blocking_share']:.3f} (host only "
+            f"- saves (save_path: {report['requests']} requests, one a step): the forward "
+            f"blocked {sv['blocked_s'] * 1e3:.1f} ms (hook on the calling thread "
+            f"{sv['hook_s'] * 1e3:.1f} ms, stream behind the copy {sv['stall_s'] * 1e3:.1f} "
+            f"ms, stand-in forward {sv['forward_ms']:g} ms a step) against "
+            f"{sv['encode_s'] * 1e3:.1f} ms of encoding the same chunks: "
+            f"save_blocking_share {sv['blocking_share']:.3f} (host only "
             f"{sv['blocking_share_host']:.3f}); every save done "
             f"{sv['done_s'] * 1e3:.0f} ms after the first hook"
         ),
@@ -363,9 +374,9 @@ def write(report: dict, out: Path) -> None:
             f"{sg['gbps']:.1f} GB/s ({sg['note']})"
         ),
         (
-            f"- fp8 tail projection: {f8['gbps']:.1f} GB/s against {rows['contiguous']['gbps']:.1f} "
-            f"in fp16 ({f8['tail_rows']} of {f8['rows']} rows in fp8, {f8['tail_source']}; "
-            f"largest difference "
+            f"- fp8 tail projection: {f8['gbps']:.1f} GB/s against "
+            f"{rows['contiguous']['gbps']:.1f} in fp16 ({f8['tail_rows']} of {f8['rows']} "
+            f"rows in fp8, {f8['tail_source']}; largest difference "
             f"{f8['max_abs_diff_vs_fp16']:.3g} on KV of magnitude up to {f8['kv_abs_max']:.3g}); "
             f"KL change at 16 / 24: {kl[0]} / {kl[1]} % (rate_distortion.py --fp8-tail)"
         ),
@@ -398,16 +409,23 @@ def save_path(args, rows, row, codec, art, caches, block_ids, keys, values, g) -
     ]  # fmt: skip
     with TieredStore([MemoryBackend(1 << 42, pinned=cuda)], codec, ns, chunk_tokens=CHUNK) as st:
         saver = PagedSaver(st, layout, BLOCK)
-        hook = blocked = 0.0
+        forward = stand_in_forward(args.forward_ms) if cuda else None
+        hook = stall = 0.0
         sync()
         t_first = time.perf_counter()
         for plan in plans:  # one request's prefill a step
+            if forward is not None:
+                forward()  # the step's forward, queued on the current stream
+                fwd_done = torch.cuda.Event(enable_timing=True)
+                fwd_done.record()
             t0 = time.perf_counter()
             saver.save([plan])  # wait_for_save's work (save_kv_layer: nothing per layer)
-            t1 = time.perf_counter()
-            if cuda:
-                torch.cuda.current_stream().synchronize()  # past the blocks' copy
-            hook, blocked = hook + t1 - t0, blocked + time.perf_counter() - t0
+            hook += time.perf_counter() - t0
+            if forward is not None:
+                past_copy = torch.cuda.Event(enable_timing=True)
+                past_copy.record()  # the next step's kernels start here
+                past_copy.synchronize()
+                stall += fwd_done.elapsed_time(past_copy) / 1e3
         assert saver.wait(600)
         sync()
         done = time.perf_counter() - t_first
@@ -423,10 +441,27 @@ def save_path(args, rows, row, codec, art, caches, block_ids, keys, values, g) -
         lambda: [codec.encode_sequence(keys, values, chunk_tokens=CHUNK) for _ in plans],
         reps=args.reps,
     )
-    row("save_path", done, hook_s=hook, blocked_s=blocked, encode_s=encode, done_s=done,
-        blocking_share=blocked / encode, blocking_share_host=hook / encode,
-        stored_rel_err=err)  # fmt: skip
+    blocked = hook + stall
+    row("save_path", done, hook_s=hook, stall_s=stall, blocked_s=blocked, encode_s=encode,
+        done_s=done, blocking_share=blocked / encode, blocking_share_host=hook / encode,
+        forward_ms=args.forward_ms if cuda else 0, stored_rel_err=err)  # fmt: skip
     empty_cache()
+
+
+def stand_in_forward(ms: float):
+    """A stand-in for a step's forward on the current stream: bf16 GEMMs taking about
+    ``ms`` milliseconds (None for 0)."""
+    if ms <= 0:
+        return None
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=DEV)
+    one = cuda_time(lambda: a @ a, reps=3)
+    n = max(1, round(ms / 1e3 / one))
+
+    def forward() -> None:
+        for _ in range(n):
+            a @ a
+
+    return forward
 
 
 def sglang_batch_get(args, row, codec, art, keys, values, g) -> None:
