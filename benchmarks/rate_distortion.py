@@ -31,6 +31,7 @@ Usage::
     python benchmarks/rate_distortion.py --texts validation      # calibration's held-out
     python benchmarks/rate_distortion.py --methods fp8 kivi-2    # some methods, merged
     python benchmarks/rate_distortion.py --plot-only             # MD + plots from JSON
+    python benchmarks/rate_distortion.py --fp8-tail --methods kvtc --ratios 16 24  # issue 21
     python benchmarks/rate_distortion.py --merge a.json b.json --plot-only  # other runs' rows
 
 Cost before issue 17 (two texts), measured on an H200 (float32 model, 10 prompts per
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import logging
 import platform
 import sys
@@ -207,6 +209,14 @@ def parse(argv) -> argparse.Namespace:
         help="auto: on CUDA, ours runs the batched Triton codec (float16 projections); "
         "off: the torch reference codec in float32 on the same device",
     )
+    p.add_argument(
+        "--fp8-tail",
+        action="store_true",
+        help="issue 21's fp8 tail projection against the fp16 one: ours with and without "
+        "it (kvtc, kvtc-fp8tail) at --ratios on the same windows; writes the KL change "
+        "to fp8_tail_kl.json in --out (needs the batched codec: CUDA; the ablations then "
+        "run at --ratios)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument(
         "--quick",
@@ -262,6 +272,9 @@ def parse(argv) -> argparse.Namespace:
     )
     a.retrieval_samples = a.retrieval_samples or (2 if q else 40)
     a.methods = a.methods or (QUICK_METHODS if q else list(M.ALL_METHODS))
+    if a.fp8_tail:
+        a.methods = list(dict.fromkeys([*a.methods, "kvtc", "kvtc-fp8tail"]))
+        a.ablation_ratios = list(a.ratios)  # kvtc-fp8tail beside kvtc, at --ratios only
     a.batch = a.batch or (8 if a.device.startswith("cuda") else 2)
     a.workers = a.workers or (8 if a.device.startswith("cuda") else 1)
     a.out = a.out or (RESULTS / "quick" if q else RESULTS)
@@ -558,8 +571,34 @@ def main(argv=None) -> int:
     doc = rows.merge(rows.load(json_path), new_rows, run_id, meta)
     rows.save(json_path, doc)
     log.info("wrote %s (%d rows)", json_path, len(doc["rows"]))
+    if args.fp8_tail:
+        fp8 = fp8_tail_change(rows.derive(doc)["rows"], args.ratios)
+        fp8.update(device=device, date=date, command=cmd.strip())
+        (args.out / "fp8_tail_kl.json").write_text(json.dumps(fp8, indent=1) + "\n")
+        log.info("fp8 tail: %s", {k: v for k, v in fp8.items() if k.startswith("fp8_kl")})
     finish(doc, args.out, skipped)
     return 0
+
+
+def fp8_tail_change(all_rows: list[dict], ratios: list[float]) -> dict:
+    """Per target ratio, the KL change of ``kvtc-fp8tail`` against ``kvtc`` in percent
+    (pooled genres: ``fp8_kl_change_pct_<ratio>``; worst genre of each:
+    ``fp8_kl_change_pct_<ratio>_worst``), None where a row is missing."""
+
+    def kl(method: str, ratio: float, genre: str) -> float | None:
+        for r in all_rows:
+            if (r["method"], r.get("target_ratio"), r.get("genre")) == (method, ratio, genre):
+                return r.get("kl")
+        return None
+
+    out: dict = {}
+    for ratio in ratios:
+        for genre, suffix in (("all", ""), ("worst", "_worst")):
+            a, b = kl("kvtc", ratio, genre), kl("kvtc-fp8tail", ratio, genre)
+            change = None if not a or b is None else round(100 * (b / a - 1), 3)
+            out[f"fp8_kl_change_pct_{_g(ratio)}{suffix}"] = change
+            out[f"kl_fp16_{_g(ratio)}{suffix}"], out[f"kl_fp8_{_g(ratio)}{suffix}"] = a, b
+    return out
 
 
 def _g(r) -> str:

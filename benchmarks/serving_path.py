@@ -23,25 +23,64 @@ Rows, all on one card in one call (``device`` names it):
   at a time. ``gpu_tier_h2d_blob_bytes`` counts the blob bytes the GPU tier's hits sent
   from the host (0: the blobs stay on the device), from the codec's own counters.
 
-GB/s are of bf16 KV written (``2 * L * H * D * 2`` bytes a token). Usage::
+- ``contiguous_fp8``: the ``contiguous`` row with the fp8 tail projection
+  (``GpuCodec(fp8_tail=True)``, :mod:`kvtc_store.codec.fp8_tail`): ``decode_gbps_fp8_pinned``,
+  with its largest difference from the fp16 decode. The synthetic artifact's random
+  bases have a flat spectrum and so no tail: the row imposes about the tail share of the
+  real SmolLM2 ratio-16 artifact calibrated here with the defaults (1,088 of 2,112 rows,
+  ``--fp8-tail-share 0.5``; timing only: these rows' symbols are not small).
+- ``save_path``: the vLLM worker's saves of every request's prefix from the paged cache,
+  one request a step, through :class:`~kvtc_store.connectors.vllm_save.PagedSaver` (what
+  ``KVTCConnector.wait_for_save`` calls; ``save_kv_layer`` does nothing per layer), each
+  step's forward stood in for by ``--forward-ms`` of GEMMs on the current stream: the
+  seconds the hook takes on the calling thread (``hook_s``) and those the current stream
+  spends past the forward waiting for the blocks' copy (``stall_s``, CUDA events: what the
+  next step's kernels wait), summed as ``blocked_s``, against ``encode_s``, the codec's
+  ``encode_sequence`` of the same chunks (what the save thread runs).
+  ``save_blocking_share`` = blocked / encode (``save_blocking_share_host``: hook only;
+  the stand-in forward outlasts the hook, so the two do not overlap). vLLM itself is not
+  on the GPU image; its classes drive the connector in ``tests/test_vllm_connector.py``
+  on the CPU.
+- ``sglang_batch_get``: SGLang's ``batch_get`` of ``--sglang-pages`` pages of 64 tokens
+  (``page_first`` host layout) into pinned host pages, through the code
+  ``KVTCHiCacheStorage.batch_get`` runs (:mod:`kvtc_store.connectors.sglang_host`:
+  one batched decode into a device staging buffer, one pass into flat pages, one copy
+  per page); the page-hash lookup it adds is not timed. ``sglang_batch_get_gbps``.
+
+GB/s are of bf16 KV written (``2 * L * H * D * 2`` bytes a token). ``fp8_kl_change_pct_16``
+and ``_24`` come from ``benchmarks/rate_distortion.py --fp8-tail`` (``--fp8-kl`` names its
+``fp8_tail_kl.json``; null without it). Usage::
 
     python benchmarks/serving_path.py [--requests 16] [--prefix 8192] [--reps 3]
-        [--out benchmarks/results]
+        [--sglang-pages 128] [--fp8-kl FILE] [--out benchmarks/results]
 
-writes ``serving_path.json`` and ``serving_path.md`` there.
+writes ``serving_path.json`` and ``serving_path.md`` there. ``--device cpu`` is a dry run
+in Triton's interpreter (2 layers unless ``--layers``; measures nothing; in an
+environment with Triton, such as ``.venv-vllm``; about 9 minutes on 2 cores):
+``python benchmarks/serving_path.py --device cpu --requests 2 --prefix 512 --reps 1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+# --device before gpu_codec (and Triton) import: "cpu" runs Triton's interpreter
+os.environ["KVTC_BENCH_DEVICE"] = (
+    sys.argv[sys.argv.index("--device") + 1]
+    if "--device" in sys.argv[:-1]
+    else os.environ.get("KVTC_BENCH_DEVICE", "cuda")
+)
+if os.environ["KVTC_BENCH_DEVICE"] == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_codec import (
     CHUNK,
@@ -57,11 +96,16 @@ from gpu_codec import (
 
 from kvtc_store.backends import GPUBackend, MemoryBackend
 from kvtc_store.codec import ChunkBatch, ChunkKV
+from kvtc_store.codec.fp8_tail import tail_plan
 from kvtc_store.codec.gpu import GpuCodec
+from kvtc_store.connectors.sglang_host import HostPageLayout, copy_pages, fetch_pages
+from kvtc_store.connectors.vllm_layout import PagedKVLayout
+from kvtc_store.connectors.vllm_save import PagedSaver, RequestPlan
 from kvtc_store.keys import ChunkNamespace
 from kvtc_store.store import Load, TieredStore
 
 BLOCK = 16  # vLLM's default block size
+SGLANG_PAGE = 64  # tokens per SGLang host page
 
 
 def paged_cache(layers: int, blocks: int, heads: int, dim: int):
@@ -90,9 +134,32 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=8192, help="tokens per request")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--layers", type=int, default=LLAMA["layers"], help="(a dry run: fewer)")
+    ap.add_argument("--layers", type=int, default=None, help="(default 32; --device cpu: 2)")
+    ap.add_argument("--device", default=DEV, help="cuda, or cpu: a dry run (module doc)")
+    ap.add_argument("--sglang-pages", type=int, default=128, help="pages of SGLang's batch_get")
+    ap.add_argument("--fp8-tail-share", type=float, default=0.5,
+                    help="rows in fp8 where the artifact has no tail (the synthetic one); "
+                    "the real SmolLM2 ratio-16 artifact has 52%%")  # fmt: skip
+    ap.add_argument(
+        "--forward-ms",
+        type=float,
+        default=50.0,
+        help="save_path: a stand-in forward per step on the GPU (0: none)",
+    )
+    ap.add_argument("--fp8-kl", type=Path, default=None,
+                    help="fp8_tail_kl.json of rate_distortion.py --fp8-tail")  # fmt: skip
+    ap.add_argument("--fold-kl", type=Path, default=None,
+                    help="an earlier run's serving_path.json: only fill its KL keys from "
+                    "--fp8-kl and write it to --out again (measures nothing)")  # fmt: skip
     args = ap.parse_args()
     t_start = time.perf_counter()
+    if args.fold_kl:
+        report = json.loads(args.fold_kl.read_text())
+        add_kl(report, args.fp8_kl)
+        write(report, args.out)
+        return
+    if args.layers is None:
+        args.layers = 2 if DEV == "cpu" else LLAMA["layers"]
     shape = {**LLAMA, "layers": args.layers}
     layers, heads, dim = shape["layers"], shape["heads"], shape["dim"]
     per_req = args.prefix // CHUNK
@@ -131,9 +198,11 @@ def main() -> None:
     views = pinned.get(names)
     rows: dict[str, dict] = {}
 
-    def row(name: str, seconds: float, **extra) -> None:
-        rows[name] = {"seconds": seconds, "gbps": gb / seconds, **extra}
-        log(f"{name:16s} {seconds * 1e3:8.1f} ms  {gb / seconds:7.1f} GB/s  {extra or ''}")
+    def row(name: str, seconds: float, kv_gb: float | None = None, **extra) -> None:
+        """A row: ``seconds`` for ``kv_gb`` GB of bf16 KV (default: the run's)."""
+        size = gb if kv_gb is None else kv_gb
+        rows[name] = {"seconds": seconds, "gbps": size / seconds, **extra}
+        log(f"{name:16s} {seconds * 1e3:8.1f} ms  {size / seconds:7.1f} GB/s  {extra or ''}")
 
     # contiguous (the reference) and paged, from the pinned tier
     dense = torch.empty(n_chunks, layers, heads, CHUNK, dim, dtype=torch.bfloat16, device=DEV)
@@ -149,6 +218,21 @@ def main() -> None:
         b = int(block_ids[c, 1])
         assert torch.equal(caches[-1][b, :, 5, :dim], dense[c, -1, :, BLOCK + 5])
         assert torch.equal(caches[-1][b, :, 5, dim:], out_dense[1][c, -1, :, BLOCK + 5])
+    # the fp8 tail projection, the contiguous row's decode again (after the check above)
+    widths = [b.shape[1] for b in art.bases]
+    tails = tail_plan(art, [0, *itertools.accumulate(widths)])
+    source = "the artifact's rANS tables"
+    if all(t == w for t, w in zip(tails, widths)):  # a flat synthetic spectrum: no tail
+        tails = [w - int(args.fp8_tail_share * w) // 16 * 16 for w in widths]
+        source = f"imposed: {args.fp8_tail_share:.0%} of each group's rows (--fp8-tail-share)"
+    fp8 = GpuCodec(art, DEV, fp8_tail=True, tail_rows=tails)
+    first_k = out_dense[0][0].clone()
+    t_fp8 = cuda_time(lambda: fp8.decode_batch(views, out=out_dense), reps=args.reps)
+    diff = float((out_dense[0][0].float() - first_k.float()).abs().max())
+    row("contiguous_fp8", t_fp8, tail_rows=sum(w - t for w, t in zip(widths, tails)),
+        rows=fp8.n_rows, tail_source=source, max_abs_diff_vs_fp16=diff,
+        kv_abs_max=float(first_k.float().abs().max()))  # fmt: skip
+    fp8 = first_k = None  # back to the allocator
     out_dense = dense = None  # back to the allocator
     empty_cache()
 
@@ -192,6 +276,9 @@ def main() -> None:
         del tier
         empty_cache()
 
+    save_path(args, rows, row, codec, art, caches, block_ids, keys, values, g)
+    sglang_batch_get(args, row, codec, art, keys, values, g)
+
     sync()
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"{DEV} (dry run)",
@@ -211,16 +298,44 @@ def main() -> None:
         "gpu_tier_h2d_bytes": rows["store_gpu_tier"]["h2d_bytes"],
         "pinned_h2d_blob_bytes": rows["store_pinned"]["h2d_blob_bytes"],
         "copies_avoided_bytes": 2 * kv_bytes,
+        "save_blocking_share": rows["save_path"]["blocking_share"],
+        "save_blocking_share_host": rows["save_path"]["blocking_share_host"],
+        "sglang_batch_get_gbps": rows["sglang_batch_get"]["gbps"],
+        "decode_gbps_pinned": rows["contiguous"]["gbps"],
+        "decode_gbps_fp8_pinned": rows["contiguous_fp8"]["gbps"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving_path.json").write_text(json.dumps(report, indent=1) + "\n")
+    add_kl(report, args.fp8_kl)
+    write(report, args.out)
+    log(f"wrote {args.out}/serving_path.{{json,md}} in {time.perf_counter() - t_start:.0f} s")
+
+
+def add_kl(report: dict, path: Path | None) -> None:
+    """Fill ``fp8_kl_change_pct_16``/``_24`` from ``rate_distortion.py --fp8-tail``'s
+    ``fp8_tail_kl.json`` (null without one)."""
+    fp8_kl = json.loads(path.read_text()) if path else {}
+    for r in (16, 24):
+        report[f"fp8_kl_change_pct_{r}"] = fp8_kl.get(f"fp8_kl_change_pct_{r}")
+    report["fp8_kl_source"] = (
+        None
+        if path is None
+        else {"file": str(path), **{k: fp8_kl.get(k) for k in ("device", "date", "command")}}
+    )
+
+
+def write(report: dict, out: Path) -> None:
+    """``serving_path.json`` and ``serving_path.md`` in ``out``."""
+    rows = report["rows"]
+    gb = report["kv_bytes"] / 1e9
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving_path.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [
         "# The serving path on the GPU (issue 21)",
         "",
         (
             f"`{report['command']}` on {report['device']}, {report['date']}. Llama-3.1-8B KV "
-            f"shape ({layers} layers), {args.requests} requests x {args.prefix} tokens ({n_chunks} chunks, "
-            f"{gb:.1f} GB bf16), synthetic ratio-16 artifact; GB/s of bf16 KV written."
+            f"shape ({report['shape']['layers']} layers), {report['requests']} requests x "
+            f"{report['prefix_tokens']} tokens ({report['chunks']} chunks, {gb:.1f} GB bf16), "
+            "synthetic ratio-16 artifact; GB/s of bf16 KV written."
         ),
         "",
         "| path | ms | GB/s | host-to-device blob bytes |",
@@ -229,6 +344,8 @@ def main() -> None:
     for name, r in rows.items():
         h2d = r.get("h2d_blob_bytes", "")
         lines.append(f"| {name} | {r['seconds'] * 1e3:.1f} | {r['gbps']:.1f} | {h2d} |")
+    sv, sg, f8 = rows["save_path"], rows["sglang_batch_get"], rows["contiguous_fp8"]
+    kl = [report[f"fp8_kl_change_pct_{r}"] for r in (16, 24)]
     lines += [
         "",
         f"- paged / contiguous: {report['paged_vs_contiguous']:.2f}",
@@ -242,10 +359,149 @@ def main() -> None:
             f"{report['gpu_tier_h2d_blob_bytes']} blob bytes from the host "
             f"({report['gpu_tier_h2d_bytes']} bytes in all, the offset tables)"
         ),
+        (
+            f"- saves (save_path: {report['requests']} requests, one a step): the forward "
+            f"blocked {sv['blocked_s'] * 1e3:.1f} ms (hook on the calling thread "
+            f"{sv['hook_s'] * 1e3:.1f} ms, stream behind the copy {sv['stall_s'] * 1e3:.1f} "
+            f"ms, stand-in forward {sv['forward_ms']:g} ms a step) against "
+            f"{sv['encode_s'] * 1e3:.1f} ms of encoding the same chunks: "
+            f"save_blocking_share {sv['blocking_share']:.3f} (host only "
+            f"{sv['blocking_share_host']:.3f}); every save done "
+            f"{sv['done_s'] * 1e3:.0f} ms after the first hook"
+        ),
+        (
+            f"- SGLang batch_get of {sg['pages']} pages into pinned host pages: "
+            f"{sg['gbps']:.1f} GB/s ({sg['note']})"
+        ),
+        (
+            f"- fp8 tail projection: {f8['gbps']:.1f} GB/s against "
+            f"{rows['contiguous']['gbps']:.1f} in fp16 ({f8['tail_rows']} of {f8['rows']} "
+            f"rows in fp8, {f8['tail_source']}; largest difference "
+            f"{f8['max_abs_diff_vs_fp16']:.3g} on KV of magnitude up to {f8['kv_abs_max']:.3g}); "
+            f"KL change at 16 / 24: {kl[0]} / {kl[1]} % (rate_distortion.py --fp8-tail)"
+        ),
         "",
     ]
-    (args.out / "serving_path.md").write_text("\n".join(lines))
-    log(f"wrote {args.out}/serving_path.{{json,md}} in {time.perf_counter() - t_start:.0f} s")
+    if report.get("fp8_kl_source"):
+        src = report["fp8_kl_source"]
+        lines += [f"KL change from `{src['command']}` on {src['device']}, {src['date']}.", ""]
+    (out / "serving_path.md").write_text("\n".join(lines))
+
+
+def save_path(args, rows, row, codec, art, caches, block_ids, keys, values, g) -> None:
+    """The ``save_path`` row (module doc): one request's save a step from the paged cache,
+    then the encode of the same chunks alone."""
+    blocks, heads, _, two_d = caches[0].shape
+    layout = PagedKVLayout.from_views(
+        {f"model.layers.{i}.self_attn.attn": c for i, c in enumerate(caches)},
+        "FLASH_ATTN", block_size=BLOCK, num_blocks=blocks, num_kv_heads=heads,
+        head_size=two_d // 2, head_size_v=two_d // 2, dtype=caches[0].dtype,
+    )  # fmt: skip
+    per_req = args.prefix // CHUNK
+    cuda = torch.device(DEV).type == "cuda"
+    ns = ChunkNamespace(art.model_fingerprint, "bench-save", tenant="t")
+    tokens = [torch.randint(0, 100_000, (args.prefix,), generator=g) for _ in range(args.requests)]
+    plans = [
+        RequestPlan(f"r{r}", tokens[r].tolist(),
+                    block_ids[r * per_req : (r + 1) * per_req].reshape(-1).tolist(),
+                    save_end=args.prefix)
+        for r in range(args.requests)
+    ]  # fmt: skip
+    with TieredStore([MemoryBackend(1 << 42, pinned=cuda)], codec, ns, chunk_tokens=CHUNK) as st:
+        saver = PagedSaver(st, layout, BLOCK)
+        forward = stand_in_forward(args.forward_ms) if cuda else None
+        hook = stall = 0.0
+        sync()
+        t_first = time.perf_counter()
+        for plan in plans:  # one request's prefill a step
+            if forward is not None:
+                forward()  # the step's forward, queued on the current stream
+                fwd_done = torch.cuda.Event(enable_timing=True)
+                fwd_done.record()
+            t0 = time.perf_counter()
+            saver.save([plan])  # wait_for_save's work (save_kv_layer: nothing per layer)
+            hook += time.perf_counter() - t0
+            if forward is not None:
+                past_copy = torch.cuda.Event(enable_timing=True)
+                past_copy.record()  # the next step's kernels start here
+                past_copy.synchronize()
+                stall += fwd_done.elapsed_time(past_copy) / 1e3
+        assert saver.wait(600)
+        sync()
+        done = time.perf_counter() - t_first
+        saver.close()
+        assert all(st.lookup(t) == args.prefix for t in tokens), "a save did not land"
+        # what was stored is request 0's blocks (the synthetic codec re-encodes its own
+        # decode closely; another chunk's KV would be as far as the KV itself)
+        got_k, _ = st.get(tokens[0])
+        want_k, _ = layout.gather(plans[0].block_ids)
+        err = float((got_k.float() - want_k.float()).norm() / want_k.float().norm())
+        assert err < 0.5, err
+    encode = cuda_time(
+        lambda: [codec.encode_sequence(keys, values, chunk_tokens=CHUNK) for _ in plans],
+        reps=args.reps,
+    )
+    blocked = hook + stall
+    row("save_path", done, hook_s=hook, stall_s=stall, blocked_s=blocked, encode_s=encode,
+        done_s=done, blocking_share=blocked / encode, blocking_share_host=hook / encode,
+        forward_ms=args.forward_ms if cuda else 0, stored_rel_err=err)  # fmt: skip
+    empty_cache()
+
+
+def stand_in_forward(ms: float):
+    """A stand-in for a step's forward on the current stream: bf16 GEMMs taking about
+    ``ms`` milliseconds (None for 0)."""
+    if ms <= 0:
+        return None
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=DEV)
+    one = cuda_time(lambda: a @ a, reps=3)
+    n = max(1, round(ms / 1e3 / one))
+
+    def forward() -> None:
+        for _ in range(n):
+            a @ a
+
+    return forward
+
+
+def sglang_batch_get(args, row, codec, art, keys, values, g) -> None:
+    """The ``sglang_batch_get`` row (module doc): ``--sglang-pages`` pages of a prefix in a
+    pinned CPU tier, fetched, decoded and copied into pinned host pages."""
+    layers, heads, _, dim = keys.shape
+    n_chunks = min(args.sglang_pages * SGLANG_PAGE // CHUNK, args.prefix // CHUNK)
+    n_tok = n_chunks * CHUNK
+    pages = n_tok // SGLANG_PAGE
+    cuda = torch.device(DEV).type == "cuda"
+    layout = HostPageLayout("page_first", layers, SGLANG_PAGE, heads, dim, torch.bfloat16)
+    ns = ChunkNamespace(art.model_fingerprint, "bench-sglang", tenant="t")
+    tokens = torch.randint(0, 100_000, (n_tok,), generator=g)
+    pool = torch.empty(pages, 2 * layers * SGLANG_PAGE * heads * dim, dtype=torch.bfloat16,
+                       pin_memory=cuda)  # fmt: skip
+    targets = list(pool)  # SGLang's host pool hands pages over as views like these
+    with TieredStore([MemoryBackend(1 << 40, pinned=cuda)], codec, ns, chunk_tokens=CHUNK) as st:
+        st.put(tokens, keys[:, :, :n_tok], values[:, :, :n_tok])
+
+        def batch_get() -> None:
+            flat = fetch_pages(st, layout, tokens, 0)
+            assert flat is not None and flat.shape[0] == pages
+            copy_pages(list(flat), targets)
+
+        t = cuda_time(batch_get, reps=args.reps)
+        k, v = st.get(tokens)
+        for j in (0, pages - 1):
+            s = j * SGLANG_PAGE
+            page = torch.stack([k, v])[:, :, :, s : s + SGLANG_PAGE].permute(0, 1, 3, 2, 4)
+            assert torch.equal(pool[j], layout.to_flat(page).cpu())
+    try:
+        import sglang  # noqa: F401
+
+        where = "sglang importable here"
+    except ImportError:
+        where = "sglang is not installed on this image"
+    note = (f"batch_get's path through connectors/sglang_host.py ({where}); page_first "
+            f"layout, {SGLANG_PAGE}-token pages")  # fmt: skip
+    kv = n_tok * 2 * layers * heads * dim * 2
+    row("sglang_batch_get", t, kv_gb=kv / 1e9, pages=pages, kv_bytes=kv, note=note)
 
 
 if __name__ == "__main__":

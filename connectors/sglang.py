@@ -46,99 +46,13 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from ..errors import ConfigError, KVTCError
 from ..store import TieredStore
-from .engine import KV_DTYPE_NAMES, open_engine_store, warn_if_codec_on_cpu
+from .engine import open_engine_store, warn_if_codec_on_cpu
+from .sglang_host import HostPageLayout, copy_pages, fetch_pages
 from .sglang_pages import PAGE_TOKENS, PageChain, install_hash_tap
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HostPageLayout", "KVTCHiCacheStorage", "SGLangOptions"]
-
-# Flat page order of each MHA host layout, as axis names; canonical is (2, L, P, H, D).
-_PAGE_AXES = {
-    "layer_first": "KLPHD",
-    "page_first_direct": "KLPHD",
-    "page_first": "KPLHD",
-    "page_head": "KHPLD",
-}
-_CANONICAL = "KLPHD"
-
-
-@dataclass(frozen=True)
-class HostPageLayout:
-    """How one SGLang host pool lays out a page, and conversion to and from it.
-
-    Canonical page: ``(2, L, P, H, D)`` (K then V; layers, tokens, KV heads, head dim).
-
-    Attributes:
-        layout: the pool's ``layout`` (``layer_first``, ``page_first``,
-            ``page_first_direct`` or ``page_head``).
-        layers, page_size, heads, head_dim: the pool's ``layer_num``, ``page_size``,
-            ``head_num``, ``head_dim``.
-        dtype: the pool's KV dtype.
-    """
-
-    layout: str
-    layers: int
-    page_size: int
-    heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, pool) -> HostPageLayout:
-        """The layout of an SGLang MHA host pool (``MHATokenToKVPoolHost``).
-
-        Raises:
-            ConfigError: not an MHA pool of a supported layout and dtype (MLA pools,
-                ``page_unified``, K-only or asymmetric K/V widths, fp8 KV).
-        """
-        layout = getattr(pool, "layout", None)
-        if layout not in _PAGE_AXES:
-            raise ConfigError(
-                f"kvtc-store's SGLang backend supports host layouts {sorted(_PAGE_AXES)}; "
-                f"the host pool {type(pool).__name__} has {layout!r}"
-            )
-        needed = ("layer_num", "page_size", "head_num", "head_dim", "v_head_dim", "dtype")
-        missing = [a for a in needed if not hasattr(pool, a)]
-        if missing:
-            raise ConfigError(
-                f"host pool {type(pool).__name__} is not an MHA pool (no {missing}); "
-                "MLA models are not supported"
-            )
-        if pool.v_head_dim != pool.head_dim:
-            raise ConfigError(
-                f"host pool {type(pool).__name__}: K width {pool.head_dim} != V width "
-                f"{pool.v_head_dim} (not supported)"
-            )
-        if pool.dtype not in KV_DTYPE_NAMES or getattr(pool, "storage_format_tag", None):
-            raise ConfigError(
-                f"host pool {type(pool).__name__}: KV dtype {pool.dtype} / format "
-                f"{getattr(pool, 'storage_format_tag', None)!r} is not supported "
-                f"(supported: {sorted(KV_DTYPE_NAMES.values())})"
-            )
-        return cls(layout, pool.layer_num, pool.page_size, pool.head_num, pool.head_dim, pool.dtype)
-
-    @property
-    def dtype_name(self) -> str:
-        """The dtype as the chunk-key namespace names it (``"bfloat16"``)."""
-        return KV_DTYPE_NAMES[self.dtype]
-
-    def _shape(self, axes: str) -> tuple[int, ...]:
-        size = {"K": 2, "L": self.layers, "P": self.page_size, "H": self.heads}
-        return tuple(size.get(a, self.head_dim) for a in axes)
-
-    def _perm(self) -> tuple[int, ...]:
-        # Every supported order differs from canonical by one swap: its own inverse.
-        axes = _PAGE_AXES[self.layout]
-        return tuple(axes.index(a) for a in _CANONICAL)
-
-    def to_canonical(self, flat: torch.Tensor) -> torch.Tensor:
-        """A flat page in the pool's order -> ``(2, L, P, H, D)`` (a view)."""
-        return flat.reshape(self._shape(_PAGE_AXES[self.layout])).permute(self._perm())
-
-    def to_flat(self, page: torch.Tensor) -> torch.Tensor:
-        """``(2, L, P, H, D)`` -> a flat page in the pool's order (contiguous)."""
-        return page.permute(self._perm()).contiguous().flatten()
 
 
 @dataclass(frozen=True)
@@ -318,7 +232,8 @@ class KVTCHiCacheStorage(HiCacheStorage):
         return full and chain.end(i) <= end
 
     def _read(self, keys: list[str]) -> list[torch.Tensor | None]:
-        """Canonical pages ``(2, L, P, H, D)`` for ``keys``; None from the first miss on."""
+        """Flat pages in the pool's order for ``keys``, decoded as one batch (on the
+        codec's device: :func:`~.sglang_host.fetch_pages`); None from the first miss on."""
         store, layout = self._ready()
         out: list[torch.Tensor | None] = [None] * len(keys)
         chain = self._chain(keys)
@@ -326,17 +241,15 @@ class KVTCHiCacheStorage(HiCacheStorage):
             return out
         base = chain.starts[chain.first]
         base -= base % store.chunk_tokens
-        kv = store.get(chain.tokens, start=base, device="cpu", dtype=layout.dtype, salt=chain.salt)
-        if kv is None:
+        pages = fetch_pages(store, layout, chain.tokens, base, chain.salt)
+        if pages is None:
             return out
-        both = torch.stack(kv)  # (2, L, H, n, D)
-        have = base + both.shape[3]
+        have = base + pages.shape[0] * layout.page_size
         for j in range(len(keys)):
             i = chain.first + j
             if not self._within(chain, i, layout, have):
                 break
-            s = chain.starts[i] - base
-            out[j] = both[:, :, :, s : s + layout.page_size].permute(0, 1, 3, 2, 4)
+            out[j] = pages[(chain.starts[i] - base) // layout.page_size]
         return out
 
     def _write(self, keys: list[str], pages: list[torch.Tensor]) -> bool:
@@ -409,19 +322,20 @@ class KVTCHiCacheStorage(HiCacheStorage):
     ) -> list[torch.Tensor | None]:
         """Pages as flat tensors in the host pool's order, written into
         ``target_locations`` (SGLang passes ``get_dummy_flat_data_page()`` buffers) when
-        given; None for a page not served and every page after it."""
-        _, layout = self._ready()
-        out: list[torch.Tensor | None] = []
-        for j, page in enumerate(self._read(list(keys))):
+        given; None for a page not served and every page after it. The pages are decoded
+        as one batch into a staging buffer on the codec's device and copied from it
+        once each (:func:`~.sglang_host.copy_pages`)."""
+        pages = []
+        for page in self._read(list(keys)):
             if page is None:
-                out.extend([None] * (len(keys) - j))
                 break
-            flat = layout.to_flat(page)
-            if target_locations is not None:
-                target_locations[j].copy_(flat)
-                flat = target_locations[j]
-            out.append(flat)
-        return out
+            pages.append(page)
+        if target_locations is None:
+            targets = [torch.empty(p.shape, dtype=p.dtype) for p in pages]
+        else:
+            targets = list(target_locations[: len(pages)])
+        copy_pages(pages, targets)
+        return [*targets, *([None] * (len(keys) - len(pages)))]
 
     def get(
         self, key: str, target_location: Any = None, target_sizes: Any = None
@@ -469,9 +383,7 @@ class KVTCHiCacheStorage(HiCacheStorage):
             if page is None:
                 ok.extend([False] * (len(keys) - j))
                 break
-            pool.set_from_flat_data_page(
-                int(host_indices[j * layout.page_size]), layout.to_flat(page)
-            )
+            pool.set_from_flat_data_page(int(host_indices[j * layout.page_size]), page)
             ok.append(True)
         return ok
 

@@ -31,9 +31,10 @@ undecodable go to vLLM through :meth:`get_block_ids_with_load_errors` in the sam
 so vLLM recomputes them. Other requests' forward steps never wait for a load.
 
 Saves leave the forward's path: after the forward, :meth:`wait_for_save` copies the
-newly computed full chunks' blocks (a device copy, queued on a side stream on CUDA, that
+newly computed full chunks' blocks (a device copy, queued on a copy stream on CUDA, that
 the next step's work waits for: vLLM frees a preempted request's blocks at once, so a
-save may not read them later) and hands encoding and the put to a worker thread. A
+save may not read them later) and hands encoding and the put to a worker thread, which
+encodes on a stream of its own (:class:`~kvtc_store.connectors.vllm_save.PagedSaver`). A
 finished request's blocks are therefore free at once (:meth:`request_finished`).
 Chunk keys come from
 :func:`kvtc_store.connectors.engine.open_engine_store`, so vLLM and SGLang replicas of
@@ -64,6 +65,7 @@ from ..errors import ConfigError, KVLayoutError
 from ..store import Load, TieredStore
 from .engine import KV_DTYPE_NAMES, open_engine_store, request_salt, warn_if_codec_on_cpu
 from .vllm_layout import PagedKVLayout
+from .vllm_save import PagedSaver, RequestPlan
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -104,36 +106,6 @@ def _shared_store(
         store = open_engine_store(config, hf_config, dtype=dtype, codec_device=codec_device)
         _STORES[key] = store
         return store
-
-
-@dataclass
-class RequestPlan:
-    """What the workers do for one request in one step.
-
-    Attributes:
-        req_id: vLLM's request id.
-        token_ids: the prompt's token ids ``[0, max(load_end, save_end))``.
-        block_ids: the request's KV block ids in token order (cache group 0), enough
-            for ``max(load_end, save_end)`` tokens.
-        load_start, load_end: tokens ``[load_start, load_end)`` are loaded into their
-            blocks before the forward (``load_end == 0``: nothing to load).
-            ``load_start`` is a multiple of the block size.
-        save_start, save_end: after the forward, the full chunks of tokens
-            ``[save_start, save_end)`` are gathered and put (``save_end == 0``: nothing
-            to save); both multiples of the chunk size. The chunks before ``save_start``
-            are in the store already (saved in an earlier step, or loaded).
-        salt: the request's chunk-key salt (:func:`_request_salt`: its cache salt and
-            LoRA adapter; ``""``: none).
-    """
-
-    req_id: str
-    token_ids: list[int]
-    block_ids: list[int]
-    load_start: int = 0
-    load_end: int = 0
-    save_end: int = 0
-    save_start: int = 0
-    salt: str = ""
 
 
 @dataclass
@@ -209,10 +181,9 @@ class KVTCConnector(KVConnectorBase_V1):
         self._layout: PagedKVLayout | None = None
         self._load_errors: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None  # loads
-        self._save_pool: ThreadPoolExecutor | None = None  # encodes and puts
+        self._saver: PagedSaver | None = None  # copies, then encodes and puts
         self._loading: dict[str, tuple[Future, RequestPlan]] = {}  # req_id -> job, plan
-        self._saving: list[Future] = []
-        self._streams: dict[str, torch.cuda.Stream] = {}  # side streams: "load", "save"
+        self._streams: dict[str, torch.cuda.Stream] = {}  # the loads' side stream
         if role == KVConnectorRole.SCHEDULER:
             self._open_store(None)
 
@@ -237,9 +208,10 @@ class KVTCConnector(KVConnectorBase_V1):
         """Wait for loads and saves in flight, then for the queued writes to reach the
         lower tiers."""
         self.wait_for_transfers(timeout=60)
-        for pool in (self._pool, self._save_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._saver is not None:
+            self._saver.close()
         if self._store is not None:
             self._store.flush(timeout=60)
 
@@ -418,6 +390,7 @@ class KVTCConnector(KVConnectorBase_V1):
             dtype=spec.dtype,
         )
         store = self._open_store(str(self._layout.device))
+        self._saver = PagedSaver(store, self._layout, self._block_size)
         if self._layout.device.type == "cuda":
             warn_if_codec_on_cpu(store, "vLLM")
 
@@ -500,9 +473,6 @@ class KVTCConnector(KVConnectorBase_V1):
         with torch.cuda.stream(side):
             yield side
 
-    def _streams_on(self) -> bool:
-        return self._layout is not None and self._layout.device.type == "cuda"
-
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose asynchronous load is done (``(None, done)``): their blocks hold
         the KV (those that failed are in :meth:`get_block_ids_with_load_errors`, which
@@ -529,9 +499,9 @@ class KVTCConnector(KVConnectorBase_V1):
         ``timeout`` seconds passed first."""
         import concurrent.futures as cf
 
-        pending = [job for job, _ in self._loading.values()] + self._saving
+        pending = [job for job, _ in self._loading.values()]
+        pending += self._saver.pending() if self._saver is not None else []
         _, left = cf.wait(pending, timeout=timeout)
-        self._saving = [f for f in self._saving if not f.done()]
         return not left
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -550,47 +520,15 @@ class KVTCConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         """Copy the blocks of each request's newly computed full chunks (only those: from
         ``save_start``) and hand encoding and the put to the save thread; the step does
-        not wait for them. On CUDA the copy is queued on a side stream behind the
+        not wait for them. On CUDA the copy is queued on a copy stream behind the
         forward, and the current stream waits for it, so no later step overwrites the
-        blocks first (the host does not wait).
+        blocks first (the host does not wait; :class:`~.vllm_save.PagedSaver`).
 
         A failed save is logged and dropped (a later miss): the step never fails for it.
         """
-        if not self.has_connector_metadata():
+        if not self.has_connector_metadata() or self._saver is None:
             return
-        plans = [p for p in self._get_connector_metadata().requests if p.save_end]
-        if not plans:
-            return
-        bs = self._block_size
-        copies = []
-        main = torch.cuda.current_stream(self._layout.device) if self._streams_on() else None
-        with self._on_side_stream("save") as side:
-            if side is not None:
-                side.wait_stream(main)
-            for plan in plans:
-                try:
-                    blocks = plan.block_ids[plan.save_start // bs : plan.save_end // bs]
-                    copies.append((plan, *self._layout.gather(blocks)))
-                except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
-                    log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
-        if main is not None:
-            main.wait_stream(self._streams["save"])
-        if self._save_pool is None:
-            self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtc-vllm-save")
-        self._saving = [f for f in self._saving if not f.done()]
-        self._saving.append(self._save_pool.submit(self._save, copies))
-
-    def _save(self, copies) -> None:
-        """Encode and put the copied chunks (on the save thread)."""
-        with self._on_side_stream("save") as side:
-            if side is not None:
-                side.synchronize()  # the copies are done
-            for plan, keys, values in copies:
-                try:
-                    tokens = torch.tensor(plan.token_ids[: plan.save_end])
-                    self._store.put(tokens, keys, values, start=plan.save_start, salt=plan.salt)
-                except Exception as exc:  # noqa: BLE001 - a lost save is a later miss
-                    log.warning("request %s: saving KV failed: %s", plan.req_id, exc)
+        self._saver.save(self._get_connector_metadata().requests)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids whose KV failed to load since the last call (vLLM recomputes them)."""

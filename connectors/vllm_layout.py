@@ -171,11 +171,16 @@ class PagedKVLayout:
     def dtype(self) -> torch.dtype:
         return self.views[0].dtype
 
-    def _view_blocks(self, block_ids) -> torch.Tensor:
-        """Indices into dim 0 of the views for ``block_ids``, in token order."""
+    def _view_blocks(self, block_ids, on_device: bool = True) -> torch.Tensor:
+        """Indices into dim 0 of the views for ``block_ids``, in token order (on the
+        cache's device, sent from pinned memory without waiting: a save's hook must not
+        wait for the forward its copy stream is queued behind; else on the host)."""
         ids = torch.as_tensor(list(block_ids), dtype=torch.long)
         sub = torch.arange(self.sub_blocks, dtype=torch.long)
-        return (ids[:, None] * self.sub_blocks + sub[None, :]).reshape(-1).to(self.device)
+        idx = (ids[:, None] * self.sub_blocks + sub[None, :]).reshape(-1)
+        if not on_device or self.device.type != "cuda":
+            return idx
+        return idx.pin_memory().to(self.device, non_blocking=True)
 
     def kv_pages(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per layer, ``(B', H, N, D)`` views of the keys and of the values (no copy): the
@@ -204,7 +209,7 @@ class PagedKVLayout:
             block_rows: per chunk, its manager block ids in token order (all rows of one
                 length: ``chunk tokens / block_size`` blocks).
         """
-        ids = torch.stack([self._view_blocks(row).cpu() for row in block_rows])
+        ids = torch.stack([self._view_blocks(row, on_device=False) for row in block_rows])
         keys, values = self.kv_pages()
         return ChunkKV.paged(keys, values, ids)
 
@@ -219,18 +224,16 @@ class PagedKVLayout:
             block_size``, on the cache's device and in its dtype (copies).
         """
         idx = self._view_blocks(block_ids)
-        keys, values = [], []
-        for view in self.views:
-            pages = view.index_select(0, idx)  # (n, H, N, C)
-            n, heads, slots, _ = pages.shape
-            if self.content == "token":
-                k, v = pages[..., : self.head_size], pages[..., self.head_size :]
-            else:
-                kv = pages.reshape(n, heads, 2, slots, self.head_size)
-                k, v = kv[:, :, 0], kv[:, :, 1]
-            keys.append(k.permute(1, 0, 2, 3).reshape(heads, n * slots, self.head_size))
-            values.append(v.permute(1, 0, 2, 3).reshape(heads, n * slots, self.head_size))
-        return torch.stack(keys), torch.stack(values)
+        _, heads, slots, _ = self.views[0].shape
+        n, dim = idx.numel(), self.head_size
+        shape = (len(self.views), heads, n * slots, dim)
+        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for layer, pages in enumerate(zip(*self.kv_pages())):
+            for src, dst in zip(pages, (keys, values)):  # one pass: pages -> (H, n, N, D)
+                out = dst[layer].view(heads, n, slots, dim)
+                torch.index_select(src.permute(1, 0, 2, 3), 1, idx, out=out)
+        return keys, values
 
     def scatter(self, block_ids, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys and values into whole blocks (the inverse of :meth:`gather`).

@@ -125,3 +125,66 @@ def test_gpu_tier_hits_send_no_blob_bytes_from_the_host(arts) -> None:  # noqa: 
     assert mem_moved["h2d_blob_bytes"] == gpu_moved["d2d_blob_bytes"]
     for a, b in zip(gpu_caches, mem_caches):
         assert torch.equal(a[:16], b[:16])
+
+
+def _store(art, tier=None) -> TieredStore:
+    ns = ChunkNamespace(art.model_fingerprint, "layout", tenant="t")
+    return TieredStore([tier or MemoryBackend(64 << 20)], GpuCodec(art, device=DEV), ns,
+                       chunk_tokens=T)  # fmt: skip
+
+
+def test_sglang_pages_decode_as_one_batch_and_copy_once(arts) -> None:  # noqa: F811
+    """SGLang's batch_get path (:mod:`kvtc_store.connectors.sglang_host`) with the GPU
+    codec: the chunks decode into flat pages on the device, equal to the store's own
+    decode laid out page by page, and each lands in its (pinned) host page."""
+    from kvtc_store.connectors.sglang_host import HostPageLayout, copy_pages, fetch_pages
+
+    art = _art(arts)
+    k, v = _sequence(3, seed=6)
+    tokens = torch.randint(0, 50_000, (3 * T,), generator=torch.Generator().manual_seed(6))
+    with _store(art) as store:
+        store.put(tokens, k, v)
+        want_k, want_v = store.get(tokens)
+        both = torch.stack([want_k, want_v])  # (2, L, H, n, D)
+        for name in ("layer_first", "page_first", "page_head"):
+            layout = HostPageLayout(name, L, S, H, D, torch.bfloat16)
+            pages = fetch_pages(store, layout, tokens, T)  # from the second chunk on
+            assert pages.device == store.codec.device and pages.shape[0] == 2 * T // S
+            for j in range(pages.shape[0]):
+                s = T + j * S
+                ref = layout.to_flat(both[:, :, :, s : s + S].permute(0, 1, 3, 2, 4))
+                assert torch.equal(pages[j], ref)
+            pin = torch.cuda.is_available()
+            host = [torch.full((pages.shape[1],), float("nan"), dtype=torch.bfloat16,
+                               pin_memory=pin) for _ in range(pages.shape[0])]  # fmt: skip
+            copy_pages(list(pages), host)
+            assert all(torch.equal(h, p.cpu()) for h, p in zip(host, pages))
+
+
+def test_vllm_saves_copy_the_blocks_before_the_next_step_reuses_them(arts) -> None:  # noqa: F811
+    """The vLLM worker's saves (:class:`~kvtc_store.connectors.vllm_save.PagedSaver`) on
+    the KV's device: the hook returns before the encode; blocks overwritten by the next
+    step's work (queued after the hook on the current stream) do not reach the store."""
+    from kvtc_store.connectors.vllm_layout import PagedKVLayout
+    from kvtc_store.connectors.vllm_save import PagedSaver, RequestPlan
+
+    art = _art(arts)
+    k, v = _sequence(4, seed=7)
+    tokens = torch.randint(0, 50_000, (4 * T,), generator=torch.Generator().manual_seed(7))
+    views = {f"model.layers.{i}.self_attn.attn": c for i, c in enumerate(_pages()[0])}
+    layout = PagedKVLayout.from_views(views, "FLASH_ATTN", block_size=S, num_blocks=PAGES,
+                                      num_kv_heads=H, head_size=D, head_size_v=D,
+                                      dtype=torch.bfloat16)  # fmt: skip
+    blocks = torch.randperm(PAGES, generator=torch.Generator().manual_seed(8))[:16].tolist()
+    layout.scatter(blocks, k, v)
+    with _store(art) as store, _store(art) as ref:
+        saver = PagedSaver(store, layout, S)
+        saver.save([RequestPlan("a", tokens.tolist(), blocks, save_end=4 * T),
+                    RequestPlan("b", tokens.tolist(), blocks, save_end=0)])  # fmt: skip
+        for view in layout.views:  # the next step reuses the blocks
+            view.fill_(float("nan"))
+        assert saver.wait(60) and not saver.pending()
+        ref.put(tokens, k, v)
+        got, want = store.get(tokens), ref.get(tokens)
+        assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want))
+        saver.close()

@@ -77,6 +77,7 @@ CODEC_ABLATIONS: dict[str, tuple[dict, int | None]] = {
     "kvtc-fp8exact-w64": ({"exact_dtype": "float8_e4m3fn"}, 64),
     "kvtc-fp8exact-w32": ({"exact_dtype": "float8_e4m3fn"}, 32),
     "kvtc-bf16exact": ({"exact_dtype": "bfloat16"}, None),
+    "kvtc-fp8tail": ({"fp8_tail": True}, None),  # the batched codec only (CUDA)
 }
 ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS, *CODEC_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)

@@ -46,6 +46,7 @@ def make_codec(
     batched: bool | None = None,
     exact_dtype: str = "bfloat16",
     rate_control: bool = True,
+    fp8_tail: bool = False,
 ) -> Codec:
     """The codec for ``artifact`` on ``device``.
 
@@ -58,13 +59,15 @@ def make_codec(
             reference, with a log line saying why), True always (ValueError where it
             cannot), False never (the torch reference, on ``device``).
         exact_dtype, rate_control: as for :class:`~kvtc_store.codec.KVTCCodec`.
+        fp8_tail: the batched codec projects each group's tail components with an fp8
+            GEMM (:mod:`kvtc_store.codec.fp8_tail`; off by default).
 
     Returns:
         A :class:`~kvtc_store.codec.protocol.Codec`.
 
     Raises:
-        ValueError: ``batched=True`` where the batched codec cannot run, or a bad
-            ``exact_dtype``.
+        ValueError: ``batched=True`` (or ``fp8_tail``) where the batched codec cannot
+            run, or a bad ``exact_dtype``.
         ArtifactError: malformed rANS tables or groups.
     """
     device = torch.device(device)
@@ -79,11 +82,14 @@ def make_codec(
                 coder="none" if coder is None else coder,
                 exact_dtype=exact_dtype,
                 rate_control=rate_control,
+                fp8_tail=fp8_tail,
             )
-        if batched:
+        if batched or fp8_tail:
             raise ValueError(f"batched codec: cannot run on {device}: {why}")
         if device.type == "cuda":
             log.info("codec on %s without batched kernels: %s", device, why)
+    if fp8_tail:
+        raise ValueError("fp8_tail: only the batched codec has an fp8 projection")
     return KVTCCodec(
         artifact, coder=coder, device=device, exact_dtype=exact_dtype, rate_control=rate_control
     )

@@ -87,6 +87,7 @@ from ..format import (
     unpack_blob_header,
     verify_payload,
 )
+from ..fp8_tail import Fp8Tail, tail_plan
 from ..layout import ChunkKV, KindLayout
 from ..protocol import ChunkBatch, CodecBase, DecodedBatch
 from ..rans import tables_of
@@ -280,11 +281,21 @@ class GpuCodec(CodecBase):
         exact_dtype, rate_control: as for :class:`~kvtc_store.codec.KVTCCodec` (the
             exact tokens' encoding in new blobs; per-chunk step scaling to the target
             ratio, estimated on the device over every coded token, as on the CPU).
+        fp8_tail: project each group's tail components (coded without a shift, small
+            symbols) with an fp8 GEMM, the head in ``gemm_dtype``
+            (:mod:`kvtc_store.codec.fp8_tail`: the error bound against the fp16
+            projection; decoding then runs in one launch). Off by default: kept only
+            where the rate-distortion suite's KL allows it.
+        tail_rows: with ``fp8_tail``, per group, its tail's first row instead of the one
+            the rANS tables give (:func:`~kvtc_store.codec.fp8_tail.tail_plan`): for
+            timing on synthetic artifacts, whose flat spectra have no tail; the error
+            bound holds for any rows whose symbols stay within 448.
 
     Attributes:
         transfers: bytes the decoder moved so far: ``h2d_bytes`` (everything sent from
             the host: blobs and offset tables), ``h2d_blob_bytes`` (blob payloads among
             them), ``d2d_blob_bytes`` (payloads of device blobs copied on the device).
+        tail_rows: per group, the first row of its fp8 tail (the group's width: none).
         takes_device_blobs: True: blobs in device memory (a GPU tier's
             :class:`~kvtc_store.backends.DeviceBlob`) decode with no host round trip.
         decode_ranges_min_tokens: batches of at least this many tokens whose chunks
@@ -298,6 +309,7 @@ class GpuCodec(CodecBase):
 
     Raises:
         ArtifactError: not a ``rans`` artifact, or tables that do not match its plan.
+        ValueError: ``tail_rows`` that do not leave a multiple of 16 rows per group.
         NotImplementedError: a head dimension that is not a power of two.
         NvcompUnavailableError: ``nvcomp=True`` without nvCOMP or CUDA.
     """
@@ -314,6 +326,8 @@ class GpuCodec(CodecBase):
         nvcomp: bool | None = None,
         exact_dtype: str = "bfloat16",
         rate_control: bool = True,
+        fp8_tail: bool = False,
+        tail_rows: list[int] | None = None,
     ):
         if artifact.quantizer != "rans":
             raise ArtifactError(f"GpuCodec needs a rans artifact, not {artifact.quantizer!r}")
@@ -372,6 +386,24 @@ class GpuCodec(CodecBase):
         self._whole = [(0, n_steps, [(g, 0, w, False) for g, w in enumerate(widths)])]
         self._parts = _step_parts(colmap, self._offsets, self.tables.interleave, n_steps,
                                   DECODE_PARTS) or self._whole  # fmt: skip
+        self.fp8_tail = fp8_tail
+        self._tails: list[Fp8Tail | None] = [None] * len(widths)
+        self.tail_rows = list(widths)
+        if fp8_tail:
+            self.tail_rows = list(tail_rows or tail_plan(artifact, self._offsets))
+            if len(self.tail_rows) != len(widths) or any(
+                not 0 <= t <= w or (w - t) % 16 for t, w in zip(self.tail_rows, widths)
+            ):
+                raise ValueError(
+                    f"tail_rows {self.tail_rows}: per group, w - 16k for widths {widths}"
+                )
+            row_steps = torch.zeros(self.n_rows, dtype=torch.float32)
+            row_steps[torch.tensor(colmap, dtype=torch.int64)] = torch.tensor(steps)
+            for g, (basis, start) in enumerate(zip(artifact.bases, self.tail_rows)):
+                if start < widths[g]:
+                    sl = row_steps[self._offsets[g] : self._offsets[g + 1]]
+                    self._tails[g] = Fp8Tail.build(basis, sl, start, dev)
+            self._parts = self._whole  # the tail's GEMM takes whole groups
 
     @staticmethod
     @contextlib.contextmanager
@@ -757,9 +789,7 @@ class GpuCodec(CodecBase):
                 with self._stage(timer, "projection"), self._behind(side):
                     for g, a, b, accumulate in jobs:
                         kind, sl = self._slices[g]
-                        rows = coeffs[self._offsets[g] + a : self._offsets[g] + b]
-                        basis = self._bases[g][:, a:b]
-                        _mm_into(feats[kind][:, sl], rows.T, basis.T, accumulate)
+                        self._project(g, a, b, coeffs, feats[kind][:, sl], accumulate)
         finally:  # coeffs and feats go back to the allocator only after the side's GEMMs
             if side is not None:
                 torch.cuda.current_stream(self.device).wait_stream(side)
@@ -799,6 +829,21 @@ class GpuCodec(CodecBase):
                 )
         firsts = [int(p.header.first_position) for p in parsed[:count]]
         return DecodedBatch(out, firsts, count, error)
+
+    def _project(self, g: int, a: int, b: int, coeffs: torch.Tensor, out: torch.Tensor,
+                 accumulate: bool) -> None:  # fmt: skip
+        """``out (N, p_g) (+)= rows [a, b) of group g`` ᵀ ``@`` its basis rows ᵀ: the fp8
+        tail first (where the group has one; whole groups only), then the head in
+        ``gemm_dtype``, accumulating into the tail's result inside its GEMM."""
+        off, tail = self._offsets[g], self._tails[g]
+        head_end = b
+        if tail is not None:
+            assert (a, b) == (0, self._offsets[g + 1] - off), "fp8 tail: whole groups"
+            tail.project(coeffs[off + tail.start : off + b], out, accumulate)
+            head_end, accumulate = tail.start, True
+        if head_end > a:
+            rows = coeffs[off + a : off + head_end]
+            _mm_into(out, rows.T, self._bases[g][:, a:head_end].T, accumulate)
 
     def _upload(self, parsed: list[_Blob], batch: int):
         """Put every parsed blob's sections on the device in one buffer: an int64 table
