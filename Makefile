@@ -196,11 +196,13 @@ test-engines-cross: .venv-vllm/.installed
 test-engines-sglang: .venv-sglang/.installed
 	.venv-sglang/bin/python -m pytest -q tests/test_sglang_storage.py tests/test_engine_keys.py
 
-# The GPU codec's deflate flow without a GPU (tests/test_gpu_deflate_flow.py): Triton's CPU
-# interpreter, in .venv-sglang, which has Triton beside the CPU torch.
+# The GPU codec's deflate flow, the serving paths' GPU code (vLLM's PagedSaver, SGLang's
+# batch_get into host pages) and the fp8 tail projection without a GPU: Triton's CPU
+# interpreter, in .venv-sglang, which has Triton beside the CPU torch (about 1.5 minutes).
 test-triton-cpu: .venv-sglang/.installed
 	KVTC_GPU_TEST_DEVICE=cpu TRITON_INTERPRET=1 \
-		.venv-sglang/bin/python -m pytest -q tests/test_gpu_deflate_flow.py
+		.venv-sglang/bin/python -m pytest -q tests/test_gpu_deflate_flow.py \
+		tests/test_gpu_serving.py tests/test_fp8_tail.py
 
 clean:
 	rm -rf $(VENV) .venv-lmcache .venv-kvpress .venv-vllm .venv-sglang .pytest_cache
