@@ -151,7 +151,12 @@ def parse(argv) -> argparse.Namespace:
         help="ours codes at the calibrated steps (the ratio follows the content)",
     )
     p.add_argument("--windows", type=int, default=None, help="continuation windows per genre (32)")
-    p.add_argument("--greedy-tokens", type=int, default=None, help="64 (--quick: 32)")
+    p.add_argument(
+        "--greedy-tokens",
+        type=int,
+        default=None,
+        help="64 (--quick: 32); 0 skips the greedy suite (c)",
+    )
     p.add_argument("--retrieval-tasks", nargs="*", choices=TASKS, default=list(TASKS))
     p.add_argument(
         "--retrieval-lengths",
@@ -264,7 +269,10 @@ def parse(argv) -> argparse.Namespace:
     outside = sorted(set(a.retrieval_genres) - set(a.genres))
     if outside:
         p.error(f"--retrieval-genres {' '.join(outside)} not among --genres")
-    a.greedy_tokens = a.greedy_tokens or (32 if q else 64)
+    if a.greedy_tokens is None:  # 0 skips the greedy suite (c)
+        a.greedy_tokens = 32 if q else 64
+    elif a.greedy_tokens < 0:
+        p.error("--greedy-tokens must be 0 (skip the greedy suite) or more")
     a.retrieval_lengths = (
         a.retrieval_lengths
         if a.retrieval_lengths is not None
@@ -314,8 +322,11 @@ def genre_row(
             "ppl_change_pct": round(s.ppl_change_pct, 3),
             "kl": round(s.kl, 5),
             "top1_agreement": round(s.top1_agreement, 4),
-            "greedy_agreement": round(tally.greedy_agreement, 4),
-            "greedy_prefix_mean": round(tally.greedy_prefix_mean, 2),
+            # None where suite (c) was skipped (--greedy-tokens 0)
+            "greedy_agreement": round(tally.greedy_agreement, 4) if tally.greedy_total else None,
+            "greedy_prefix_mean": (
+                round(tally.greedy_prefix_mean, 2) if tally.greedy_total else None
+            ),
             "scores": dataclasses.asdict(s),
             "bytes": dataclasses.asdict(b),
             "greedy": {

@@ -380,3 +380,20 @@ def test_pool_retrieval_sums_answers_over_prompt_slices():
     # the same prompts twice are refused
     with pytest.raises(ValueError, match="pooled twice"):
         rows.pool_retrieval(doc, [s1, s1])
+
+
+@pytest.mark.parametrize("greedy_tokens", [0, 3])
+def test_continuation_suite_skips_the_greedy_suite_at_zero_tokens(greedy_tokens) -> None:
+    """``--greedy-tokens 0`` skips suite (c) (its agreement is no measure, not 0 or 1); a
+    positive count compares that many greedy tokens per window. A tiny real Qwen2 model."""
+    from benchmarks.rd.continuation import ContinuationSuite
+    from benchmarks.rd.engine import Runner
+    from tests.tiny_models import VOCAB, build, qwen2_config
+
+    model = build(qwen2_config()).eval()
+    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(0))
+    windows = [("a", ids[0]), ("a", ids[1]), ("b", ids[2])]
+    suite = ContinuationSuite(Runner(model, torch.device("cpu")), windows, 32, 2, greedy_tokens)
+    res = suite.run(BF16())
+    assert res.windows == 3 and res.greedy_total == (3 if greedy_tokens else 0)
+    assert res.greedy_prefix_sum <= 3 * greedy_tokens

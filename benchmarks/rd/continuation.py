@@ -90,9 +90,10 @@ class ContinuationSuite:
             kvs = runner.prefill(self.ids[rows, :ctx])
             self.exact += kvs
             self.ref_logits += list(runner.logits(kvs, self.ids[rows, ctx:]))
-            self.ref_greedy += list(
-                runner.greedy(kvs, self.ids[rows, ctx : ctx + 1], greedy_tokens)
-            )
+            if greedy_tokens:  # 0: suite (c) is skipped
+                self.ref_greedy += list(
+                    runner.greedy(kvs, self.ids[rows, ctx : ctx + 1], greedy_tokens)
+                )
 
     def _batches(self) -> list[list[int]]:
         """Rows in batches of at most ``batch``, each of one genre (bytes count per genre)."""
@@ -117,13 +118,18 @@ class ContinuationSuite:
             part.bytes.add_count(count)
             res.bytes.add_count(count)
             logits = self.runner.logits(kvs, self.ids[rows, ctx:])
-            greedy = self.runner.greedy(kvs, self.ids[rows, ctx : ctx + 1], self.greedy_tokens)
+            greedy = None
+            if self.greedy_tokens:
+                greedy = self.runner.greedy(kvs, self.ids[rows, ctx : ctx + 1], self.greedy_tokens)
             for j, r in enumerate(rows):
                 s = compare_logits(self.ref_logits[r], logits[j], self.ids[r, ctx:])
-                same = (greedy[j] == self.ref_greedy[r]).long()
                 for t in (res, part):
                     t.scores.add(s)
                     t.windows += 1
+                if greedy is None:
+                    continue
+                same = (greedy[j] == self.ref_greedy[r]).long()
+                for t in (res, part):
                     t.greedy_same += int(same.all())
                     t.greedy_prefix_sum += int(same.cumprod(0).sum())
                     t.greedy_total += 1

@@ -289,8 +289,10 @@ def _pooled_row(method_rows: list[dict], exact: dict[str, dict], name: str) -> d
             "ppl_change_pct": round(
                 100 * (math.exp((sc["nll_got_sum"] - sc["nll_ref_sum"]) / n) - 1), 3
             ),
-            "greedy_agreement": round(gr["same"] / max(gr["total"], 1), 4),
-            "greedy_prefix_mean": round(gr["prefix_sum"] / max(gr["total"], 1), 2),
+            "greedy_agreement": round(gr["same"] / gr["total"], 4) if gr["total"] else None,
+            "greedy_prefix_mean": (
+                round(gr["prefix_sum"] / gr["total"], 2) if gr["total"] else None
+            ),
             "scores": sc,
             "bytes": by,
             "greedy": gr,
