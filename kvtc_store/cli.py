@@ -82,7 +82,7 @@ def cmd_calibrate(args) -> int:
         settings_for_data,
     )
     from .calibration_data import cut_windows, needs_tokenizer, read_token_ids
-    from .errors import CalibrationDataError
+    from .errors import CalibrationDataError, UsageError
     from .model import load_model, resolve_model
 
     # Everything that can be checked without the model is checked first.
@@ -92,13 +92,11 @@ def cmd_calibrate(args) -> int:
     resolve_model(args.model)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
-        print(f"kvtc-store: --out {out} is a file, not a folder", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out} is a file, not a folder")
     for r in args.ratio if out is not None else []:
         dest = out / f"cr{r:g}"
         if dest.exists() and not (dest / "manifest.json").is_file():  # never replace it
-            print(f"kvtc-store: --out: {dest} exists and is not an artifact", file=sys.stderr)
-            return 2
+            raise UsageError(f"--out: {dest} exists and is not an artifact")
     if args.data and not text_data:  # token ids: too few is told before the model loads
         cut_windows(read_token_ids(args.data), settings.windows, settings.window_tokens)
     _quiet_transformers()
@@ -131,8 +129,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    """Print a blob's labelled header and honest ratio; exit 2 when it is damaged, after
-    printing what can still be read."""
+    """Print a blob's labelled header and honest ratio; exit 1 when it fails a check
+    (damaged, or not a KVTC blob), after printing what can still be read, as ``admin
+    verify`` does for the same blob; 2 when the file cannot be read."""
     import json
 
     from .inventory import describe_blob
@@ -150,7 +149,7 @@ def cmd_inspect(args) -> int:
             print(f"{k + ':':<28} {f'{v:.2f}x' if k == 'honest ratio' else v}")
     for p in problems:
         print(f"kvtc-store: {p}", file=sys.stderr)
-    return 2 if problems else 0
+    return 1 if problems else 0
 
 
 # --- codec registry -----------------------------------------------------------------------

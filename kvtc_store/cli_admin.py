@@ -101,24 +101,14 @@ def _close(views) -> None:
 
 def cmd_stats(args) -> int:
     """Chunks and bytes of a store's disk and S3 tiers, per tenant and per artifact."""
-    from .errors import KVTCError
     from .inventory import summarize, tenant_names
 
-    failed: list = []
-    views, skipped, cfg = _views(args, failed=failed)
-    known = list(args.tenant or []) + ([cfg.tenant] if cfg is not None else [])
-    names = tenant_names(known)
-    rows = [{"tier": t.label, "kind": t.kind, "error": str(e)} for t, e in failed]
-    rc = 1 if failed else 0
-    try:
-        for v in views:
-            try:
-                rows.append(summarize(v, names))
-            except KVTCError as exc:
-                rows.append({"tier": v.label, "kind": v.kind, "where": v.where, "error": str(exc)})
-                rc = 1
-    finally:
-        _close(views)
+    def summary(view, cfg) -> dict:
+        known = list(args.tenant or []) + ([cfg.tenant] if cfg is not None else [])
+        return summarize(view, tenant_names(known))
+
+    rows, skipped, cfg = _each_tier(args, False, summary)
+    rc = 1 if any("error" in r for r in rows) else 0
     if cfg is not None:  # the config's order, top tier first
         kinds = {t.label: t.kind for t in cfg.tiers}
         note = "held by each serving process; nothing stored to read"
@@ -209,33 +199,30 @@ def cmd_admin(args) -> int:
 
     if args.action in ("evict", "clear"):
         sel = _selection(args)
-        if sel.empty() and not args.all:  # a usage error: exit 2, as argparse's are
-            print(
-                "kvtc-store admin evict: name what to evict (--tenant, --artifact, "
-                "--older-than, --keys) or give --all",
-                file=sys.stderr,
+        if sel.empty() and not args.all:  # never "everything" by default
+            from .errors import UsageError
+
+            raise UsageError(
+                "admin evict: name what to evict (--tenant, --artifact, --older-than, "
+                "--keys) or give --all"
             )
-            return 2
-        views, _, _ = _views(args, writable=args.yes)
-        try:
-            rows = [inventory.evict(v, sel, apply=args.yes) for v in views]
-        finally:
-            _close(views)
+        rows, _, _ = _each_tier(args, args.yes, lambda v, _: inventory.evict(v, sel, args.yes))
         verb = "removed" if args.yes else "would remove (dry run; --yes removes)"
         lines = [
-            f"{r['tier']} {r['where']}: {verb} {r['chunks']} chunks, {_size_text(r['bytes'])}"
+            _unreachable(r)
+            if "error" in r
+            else f"{r['tier']} {r['where']}: {verb} {r['chunks']} chunks, {_size_text(r['bytes'])}"
             for r in rows
         ]
         _print(args, rows, lines)
-        return 0
+        return 1 if any("error" in r for r in rows) else 0
     if args.action == "verify":
-        views, _, _ = _views(args, writable=args.remove)
-        try:
-            rows = [inventory.verify(v, remove=args.remove) for v in views]
-        finally:
-            _close(views)
+        rows, _, _ = _each_tier(args, args.remove, lambda v, _: inventory.verify(v, args.remove))
         lines = []
         for r in rows:
+            if "error" in r:
+                lines.append(_unreachable(r))
+                continue
             gone = f", {r['removed']} removed" if args.remove else ""
             lines.append(
                 f"{r['tier']} {r['where']}: {r['checked']} blobs read, {r['ok']} intact, "
@@ -243,7 +230,8 @@ def cmd_admin(args) -> int:
             )
             lines += [f"  {b['key']}: {b['error']}" for b in r["bad"]]
         _print(args, rows, lines)
-        return 1 if any(r["bad"] and not args.remove for r in rows) else 0
+        bad = any(r.get("bad") and not args.remove for r in rows)
+        return 1 if bad or any("error" in r for r in rows) else 0
     # warm
     args.tier = [args.source, args.dest]
     views, _, cfg = _views(args, writable=not args.dry_run)
@@ -265,6 +253,30 @@ def cmd_admin(args) -> int:
     return 0
 
 
+def _each_tier(args, writable: bool, work):
+    """``(rows, skipped labels, config)``: ``work(view, config)``'s row for each tier the
+    command names; a tier that cannot be opened or fails midway (S3 down) gets ``{"tier",
+    "kind", "error"}`` and the others go on."""
+    from .errors import KVTCError
+
+    failed: list = []
+    views, skipped, cfg = _views(args, writable=writable, failed=failed)
+    rows = [{"tier": t.label, "kind": t.kind, "error": str(e)} for t, e in failed]
+    try:
+        for v in views:
+            try:
+                rows.append(work(v, cfg))
+            except KVTCError as exc:
+                rows.append({"tier": v.label, "kind": v.kind, "where": v.where, "error": str(exc)})
+    finally:
+        _close(views)
+    return rows, skipped, cfg
+
+
+def _unreachable(r: dict) -> str:
+    return f"{r['tier']} {r.get('where', '')}: unreachable: {r['error']}"
+
+
 def _print(args, obj, lines: list[str]) -> None:
     print(json.dumps(obj) if args.json else "\n".join(lines))
 
@@ -283,6 +295,8 @@ def cmd_health(args) -> int:
             state = "ok" if r["reachable"] else ("left out" if r.get("optional") else "DOWN")
             use = f", {100 * r['use']:.1f}% of its cap" if r["use"] is not None else ""
             print(f"  {r['tier']:<10} {r['kind']:<6} {state}: {r['detail']}{use}")
+        c = report["codec"]
+        print(f"  {'codec':<10} {c['kind']:<6} {'ok' if c['ok'] else 'DOWN'}: {c['detail']}")
     return 0 if report["ok"] else 1
 
 

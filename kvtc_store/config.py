@@ -577,22 +577,34 @@ _NO_INPUT = ("missing", "extra_forbidden", "value_error", "byte_size")
 
 
 def _format_errors(exc: ValidationError, src: str, origins: dict[tuple, str]) -> str:
-    """One ``<file>: <field path>[ (env VAR)]: <problem>`` line per validation error."""
-    lines = []
-    for err in exc.errors(include_url=False):
+    """One ``<file>: <field path>[ (env VAR)]: <problem>`` line per validation error; a
+    required field reported missing because its key is misspelt is told once, as the
+    unknown key with its suggestion."""
+    errors = exc.errors(include_url=False)
+    for err in errors:
         loc = list(err["loc"])
         # A discriminated union puts the tag in the path: tiers.1.disk.capacity.
         if len(loc) >= 3 and loc[0] == "tiers" and loc[2] in _TIER_MODELS:
             del loc[2]
+        err["loc"] = tuple(loc)
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _ALL_FIELDS, n=1)
+            err["suggestion"] = close[0] if close else None
+    misspelt = {e["loc"][:-1] + (e["suggestion"],) for e in errors if e.get("suggestion")}
+    lines = []
+    for err in errors:
+        loc = list(err["loc"])
         kind, inp = err["type"], err.get("input")
+        if kind == "missing" and err["loc"] in misspelt:
+            continue
         msg = err["msg"]
         if kind in ("union_tag_invalid", "union_tag_not_found"):
             loc.append("kind")
             msg = f"kind must be one of {', '.join(_TIER_MODELS)}"
             inp = inp.get("kind") if isinstance(inp, dict) else inp
         elif kind == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _ALL_FIELDS, n=1)
-            msg = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+            close = err["suggestion"]
+            msg = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
         elif kind == "value_error":
             msg = str(err["ctx"]["error"])
         path = tuple(loc)

@@ -94,6 +94,12 @@ class ConfigError(KVTCError):
     """A configuration value is invalid; the message names the field."""
 
 
+class UsageError(ConfigError):
+    """A command's arguments parse but ask for nothing sensible (``admin evict`` with no
+    selector, an ``--out`` folder that is not an artifact's); the message names the
+    argument. Exit status 2, as argparse's own errors."""
+
+
 class BucketNotFoundError(ConfigError):
     """The S3 tier's bucket does not exist at its endpoint (missing or misspelt); the
     message names the bucket."""

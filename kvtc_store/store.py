@@ -250,7 +250,15 @@ class TieredStore:
             breaker=cfg.breaker.settings(),
         )
         if cfg.metrics.port is not None:
-            port = store.metrics.serve(cfg.metrics.port, cfg.metrics.addr)
+            try:
+                port = store.metrics.serve(cfg.metrics.port, cfg.metrics.addr)
+            except OSError as exc:  # e.g. a second process on one host with one config
+                store.close()
+                raise ConfigError(
+                    f"{path}: metrics.port: cannot serve on {cfg.metrics.addr}:"
+                    f"{cfg.metrics.port}: {exc.strerror or exc} (each process on a host "
+                    "needs its own port: set KVTC_STORE_METRICS__PORT or 0 for a free one)"
+                ) from exc
             log.info("metrics at http://%s:%d/metrics", cfg.metrics.addr, port)
         return store
 

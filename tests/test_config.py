@@ -531,3 +531,12 @@ def test_codec_calibration_corpus_and_artifact_cap_name_the_cached_artifact(
             ),
             info,
         )
+
+
+def test_a_misspelt_required_key_is_told_once(tmp_path: Path) -> None:
+    """``capasity`` for ``capacity``: the unknown key with its suggestion, not also
+    ``capacity: Field required``; a key missing with no misspelling is still told."""
+    msg = config_error(write(tmp_path, MINIMAL.replace("capacity: 64MiB", "capasity: 64MiB")))
+    assert msg.count("\n") == 0 and "did you mean 'capacity'" in msg, msg
+    msg = config_error(write(tmp_path, MINIMAL.replace("capacity: 64MiB", "eviction: lru")))
+    assert "tiers.0.capacity: Field required" in msg, msg

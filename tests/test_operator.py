@@ -19,7 +19,7 @@ from kvtc_store.config import build_tiers, load_config
 from kvtc_store.keys import key_tenant_tag, tenant_tag
 from kvtc_store.store import TieredStore
 from tests.s3_server import aws_credentials, bucket, s3_endpoint  # noqa: F401
-from tests.tiny_codec import CHUNK, tiny_artifact, tiny_namespace, tiny_sequence
+from tests.tiny_codec import CHUNK, tiny_artifact, tiny_info, tiny_namespace, tiny_sequence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,14 +131,14 @@ def test_inspect_of_a_damaged_blob_shows_what_can_be_read(tmp_path, capsys) -> N
     path = tmp_path / "chunk.kvtc"
     path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))  # payload damaged
     rc, out, err = run(capsys, "inspect", str(path))
-    assert rc == 2 and "BlobCorruptError" in err and "payload checksum mismatch" in err
+    assert rc == 1 and "BlobCorruptError" in err and "payload checksum mismatch" in err
     assert "artifact id:" in out and OLD.artifact_id in out and "payload checksum" in out
     damaged = bytearray(blob)
     damaged[30] ^= 0xFF  # inside the header: its checksum fails
     path.write_bytes(bytes(damaged))
     rc, out, err = run(capsys, "inspect", str(path), "--json")
     got = json.loads(out)
-    assert rc == 2 and "header checksum mismatch" in got["problems"][0]
+    assert rc == 1 and "header checksum mismatch" in got["problems"][0]
     assert got["fields"]["magic"] == "KVTC" and got["fields"]["format version"] == 2
     assert got["fields"]["header length"] > 0
 
@@ -175,6 +175,30 @@ def test_stats_reports_per_tenant_and_artifact_on_disk_and_s3(populated, capsys)
     lines = out.splitlines()
     assert rc == 1 and "disk" in lines[2] and "6 chunks" in lines[2]
     assert "unreachable: tiers.2.bucket:" in lines[-1] and "misspelt" in lines[-1]
+
+
+def test_verify_and_evict_go_on_past_a_dead_s3_tier(populated, capsys) -> None:
+    """S3 stopped (a closed port): the disk tier is still verified and evicted from, the S3
+    tier is reported unreachable, and the exit status is 1, as stats does."""
+    from tests.s3_server import closed_port
+
+    config, keys = populated
+    data = yaml.safe_load(config.read_text())
+    data["tiers"][2].update(endpoint_url=f"http://127.0.0.1:{closed_port()}", max_attempts=1)
+    data["tiers"][2]["deadline"] = 2.0
+    config.write_text(yaml.safe_dump(data))
+    rc, out, _ = run(capsys, "admin", "verify", "--config", str(config), "--json")
+    rows = {r["tier"]: r for r in json.loads(out)}
+    assert rc == 1 and rows["disk"]["ok"] == 6 and "error" in rows["s3"]
+    argv = ["admin", "evict", "--config", str(config), "--tenant", "acme", "--yes"]
+    rc, out, _ = run(capsys, *argv)
+    lines = out.splitlines()
+    assert rc == 1 and "removed 3 chunks" in lines[0] and "unreachable" in lines[1]
+    disk = DiskBackend(config.parent / "disk", 1 << 20)
+    try:
+        assert disk.exists(keys["acme"]) == [False] * 3 and all(disk.exists(keys["beta"]))
+    finally:
+        disk.close()
 
 
 def test_stats_of_a_folder_honours_json_byte_units_and_warns_over_cap(populated, capsys) -> None:
@@ -357,6 +381,25 @@ def test_health_answers_per_tier_and_fails_on_an_unreachable_one(populated, caps
     assert any(line.split()[0] == "disk" and " ok:" in line for line in lines)
 
 
+def test_health_fails_where_the_store_would_not_open(tmp_path, capsys) -> None:
+    """A disk folder that cannot be created (even by root: a file stands in its parent's
+    place) and a codec artifact that is not there are DOWN, as the store's open fails."""
+    (tmp_path / "a-file").write_text("not a folder")
+    config = tmp_path / "store.yaml"
+    tiers = [{"kind": "disk", "path": "a-file/kv", "capacity": "1MiB"}]
+    config.write_text(yaml.safe_dump({"tiers": tiers, "codec": {"artifact": "codecs/cr8"}}))
+    rc, out, _ = run(capsys, "health", "--config", str(config), "--json")
+    got = json.loads(out)
+    assert rc == 1 and not got["ok"]
+    assert not got["tiers"][0]["reachable"] and "cannot be created" in got["tiers"][0]["detail"]
+    assert not got["codec"]["ok"] and got["codec"]["detail"].startswith("ArtifactError")
+    tiers[0]["path"] = "new/kv"  # creatable: ok, and the probe leaves nothing behind
+    config.write_text(yaml.safe_dump({"tiers": tiers}))
+    rc, out, _ = run(capsys, "health", "--config", str(config))
+    assert rc == 0 and "created on first open" in out and not (tmp_path / "new").exists()
+    assert "codec" in out.splitlines()[-1] and "calibrated on first open" in out
+
+
 def test_healthz_on_the_metrics_port(tmp_path) -> None:
     tiers = [MemoryBackend(1 << 20), DiskBackend(tmp_path, 1 << 20)]
     with TieredStore(tiers, KVTCCodec(OLD), tiny_namespace("acme"), chunk_tokens=CHUNK) as store:
@@ -372,6 +415,33 @@ def test_healthz_on_the_metrics_port(tmp_path) -> None:
     assert got["ok"] and [r["circuit"] for r in got["tiers"]] == ["closed", "closed"]
     assert [r["queue_depth"] for r in got["tiers"]] == [None, 0]
     assert got["tiers"][1]["used_bytes"] > 0 and 0 < got["tiers"][1]["use"] < 1
+
+
+def test_a_taken_metrics_port_is_a_config_error_naming_it(tmp_path) -> None:
+    """Two processes on one host with one config: the second store's metrics port is taken
+    (here by a real listening socket) and from_config names the field, not a bare OSError."""
+    import socket
+
+    from kvtc_store.errors import ConfigError
+
+    OLD.save(tmp_path / "art")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "store.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "chunk_tokens": CHUNK,
+                    "tiers": [{"kind": "memory", "capacity": "1MiB"}],
+                    "codec": {"artifact": "art"},
+                    "metrics": {"port": port},
+                }
+            )
+        )
+        with pytest.raises(ConfigError, match=f"metrics.port: cannot serve on 127.0.0.1:{port}"):
+            TieredStore.from_config(config, tiny_info())
 
 
 # --- the smaller fixes ------------------------------------------------------------------------
