@@ -32,7 +32,7 @@ from .codec.stats import ShardStats
 from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .samples import model_samples
-from .sensitivity import sensitivity_window
+from .sensitivity import run_reporter, sensitivity_window
 from .texts import CORPORA, manpages_multilingual, numpy_docs, python_docs, shakespeare_plays
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def calibration_token_ids(
         model: needed by corpora with the ``samples`` source, unless ``cache`` holds them.
         cache: a folder where the model's samples are kept (``samples-<seed>-<n>.npy``),
             so a later calibration of the same model and settings skips the sampling.
-        progress: ``progress(message)`` while the model is sampled (minutes on a CPU).
+        progress: ``progress(message)`` while the model is sampled (minutes on a CPU):
+            the tokens sampled so far, after every generation step.
 
     Raises:
         CalibrationError: an unknown corpus, a source too short, or samples needed with
@@ -245,7 +246,7 @@ def _sample_ids(need: int, tokenizer, model, cache: Path | None, progress=None) 
         tokenizer,
         need,
         seed=SAMPLE_SEED,
-        progress=lambda done, total: say(f"sampled {done:,}/{total:,} tokens of the model's"),
+        progress=lambda done, total: say(f"sampling the model: {done:,}/{total:,} tokens"),
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +439,9 @@ def collect(
         units: the units of this shard (any subset of :func:`calibration_units`).
         info, settings: the model's geometry and the calibration settings.
         unit_done: called after each unit.
-        progress: ``progress(message)`` during sensitivity runs.
+        progress: ``progress(message)`` after each sensitivity run (``"layer
+            sensitivity: run k/N"``, ``N`` the ``2 * L`` runs of each of this call's
+            sensitivity units).
 
     Returns:
         The shard's statistics on the host, with the model's parameter count (each
@@ -450,15 +453,12 @@ def collect(
     device = next(model.parameters()).device
     stats = new_stats(info, settings, device)
     context, _ = _sensitivity_span(settings.window_tokens)
+    n_sens, k_sens = sum(u.kind == "sensitivity" for u in units), 0
     for u in units:
         seq = ids[u.start : u.end].to(device)
         if u.kind == "sensitivity":
-            say = None
-            if progress:
-
-                def say(done: int, runs: int, u: CalibrationUnit = u) -> None:
-                    progress(f"layer sensitivity: window {u.index + 1}, run {done}/{runs}")
-
+            say = run_reporter(progress, k_sens, n_sens)
+            k_sens += 1
             m = sensitivity_window(
                 model,
                 seq,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+from contextlib import closing
 
 from .cli_args import (
     _at_least,
@@ -29,22 +31,45 @@ from .cli_args import (
 from .texts import CORPORA
 
 
-def _progress_bar():
-    """A tqdm-backed ``progress(done, total, stage)`` callback."""
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm-backed ``progress(done, total, stage)`` callback: a bar of ``total`` steps
+    with the latest ``stage`` message beside it, on stderr.
 
-    bar = None
+    tqdm draws only when it is called, so a stage of minutes (sampling the model, the
+    sensitivity runs on a busy CPU) would freeze the elapsed time; a daemon thread
+    redraws the bar (``tqdm.refresh``) every ``refresh_s`` seconds, with the latest
+    message. The bar closes, and the thread ends, when ``done`` reaches ``total`` or at
+    :meth:`close` (use it as ``contextlib.closing(_ProgressBar())``: an error midway
+    stops the thread too).
+    """
 
-    def progress(done: int, total: int, stage: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="calibration", unit="step", file=sys.stderr)
-        bar.set_postfix_str(stage)
-        bar.update(done - bar.n)
+    def __init__(self, refresh_s: float = 1.0) -> None:
+        self.refresh_s = refresh_s
+        self.bar = None
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="kvtc-progress", daemon=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.bar.refresh()
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="calibration", unit="step", file=sys.stderr)
+            self._ticker.start()
+        self.bar.set_postfix_str(stage, refresh=False)  # drawn by update or the next tick
+        self.bar.update(done - self.bar.n)
         if done >= total:
-            bar.close()
+            self.close()
 
-    return progress
+    def close(self) -> None:
+        """Stop the redraws and close the bar (idempotent)."""
+        self._stop.set()
+        if self.bar is not None:
+            self._ticker.join()
+            self.bar.close()
 
 
 def _quiet_transformers() -> None:
@@ -62,13 +87,14 @@ def cmd_demo(args) -> int:
     check_demo_args(args.ratio, args.doc_tokens, args.windows)  # before touching anything
     _quiet_transformers()
 
-    report = run_demo(
-        target_ratio=args.ratio,
-        doc_tokens=args.doc_tokens,
-        settings=CalibrationSettings(windows=args.windows),
-        progress=_progress_bar(),
-        log=lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True),
-    )
+    with closing(_ProgressBar()) as progress:
+        report = run_demo(
+            target_ratio=args.ratio,
+            doc_tokens=args.doc_tokens,
+            settings=CalibrationSettings(windows=args.windows),
+            progress=progress,
+            log=lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True),
+        )
     print(format_report(report))
     return 0
 
@@ -110,7 +136,8 @@ def cmd_calibrate(args) -> int:
             f"{info.name} has no tokenizer: give token-id data (--data FILE.jsonl or .npy)"
         )
     settings = settings_for_data(settings, ids)
-    arts = load_or_calibrate(model, tok, info, args.ratio, settings, _progress_bar(), ids)
+    with closing(_ProgressBar()) as progress:
+        arts = load_or_calibrate(model, tok, info, args.ratio, settings, progress, ids)
     reg = _registry(args, create=True) if args.publish else None
     for r, a in zip(args.ratio, arts):
         where = a.save(out / f"cr{r:g}") if out is not None else artifact_dir(info, settings, r)

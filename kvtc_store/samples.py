@@ -116,7 +116,11 @@ def model_samples(
             counted at half its longest answers).
         temperature: sampling temperature (1.0: the model's own distribution, no top-k
             or top-p truncation).
-        progress: ``progress(tokens_so_far, n_tokens)`` after each batch.
+        progress: ``progress(tokens_so_far, n_tokens)`` after every generation step (the
+            batch's prompts and the answer tokens sampled so far, each answer counted up
+            to its EOS, as they will be kept) and after each batch; on a CPU a batch of
+            16 answers of 512 tokens takes many minutes, so a caller that showed only
+            whole batches would look hung. Reporting changes nothing sampled.
 
     Returns:
         ``n_tokens`` token ids (ints).
@@ -144,6 +148,10 @@ def model_samples(
         for r, c in enumerate(chats):  # left padding: generation continues at the right
             ids[r, width - len(c) :] = torch.tensor(c)
             mask[r, width - len(c) :] = 1
+        streamer = None
+        if progress is not None:
+            base = len(out) + sum(len(c) for c in chats)
+            streamer = _StepCounter(batch, tokenizer.eos_token_id, base, n_tokens, progress)
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -153,6 +161,7 @@ def model_samples(
             top_p=1.0,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
+            streamer=streamer,
         )
         for r, c in enumerate(chats):
             answer = gen[r, width:].tolist()
@@ -163,6 +172,42 @@ def model_samples(
             progress(min(len(out), n_tokens), n_tokens)
     log.info("model samples: %d tokens from %d prompts", len(out), i)
     return out[:n_tokens]
+
+
+class _StepCounter:
+    """A ``generate`` streamer that reports the tokens sampled so far, every step.
+
+    transformers' ``generate(streamer=...)`` calls ``put`` once with the prompt ids
+    ``(batch, width)``, then with each step's new tokens ``(batch,)``, then ``end``
+    (the ``BaseStreamer`` protocol, transformers.generation.streamers). A row counts
+    until it has sampled ``eos`` (included, as :func:`model_samples` keeps it).
+
+    Args:
+        batch: rows sampled at once.
+        eos: the EOS id (None: rows count every step).
+        base: tokens already done when the batch starts (earlier samples and this
+            batch's prompts).
+        n_tokens: the total asked (reports are capped at it).
+        progress: ``progress(tokens_so_far, n_tokens)``.
+    """
+
+    def __init__(self, batch: int, eos: int | None, base: int, n_tokens: int, progress) -> None:
+        self.live = torch.ones(batch, dtype=torch.bool)
+        self.eos, self.done, self.n_tokens, self.progress = eos, base, n_tokens, progress
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Count one step's tokens (the first call, the prompt, counts nothing)."""
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.done += int(self.live.sum())
+        if self.eos is not None:
+            self.live &= value.reshape(-1).cpu() != self.eos
+        self.progress(min(self.done, self.n_tokens), self.n_tokens)
+
+    def end(self) -> None:
+        """Generation is over (the batch's report follows in :func:`model_samples`)."""
 
 
 def _chat_ids(tokenizer, prompt: str) -> list[int]:

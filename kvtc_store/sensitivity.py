@@ -67,17 +67,27 @@ def measure_sensitivity(
         raise ValueError(f"need {windows * span} token ids, got {ids.numel()}")
     total = None
     for w in range(windows):
-        say = None
-        if progress:
-
-            def say(done: int, runs: int, w: int = w) -> None:
-                progress(f"layer sensitivity: run {w * runs + done}/{windows * runs}")
-
+        say = run_reporter(progress, w, windows)
         m = sensitivity_window(
             model, ids[w * span : (w + 1) * span], context, noise, n_sink, window, seed + w, say
         )
         total = m if total is None else total + m
     return total / windows
+
+
+def run_reporter(
+    progress: Callable[[str], None] | None, window: int, windows: int
+) -> Callable[[int, int], None] | None:
+    """:func:`sensitivity_window`'s ``progress(done, runs)`` for window ``window`` (from
+    0) of ``windows``, as one count over them all: ``progress("layer sensitivity: run
+    k/N")`` with ``N = windows * runs`` (None without ``progress``)."""
+    if progress is None:
+        return None
+
+    def say(done: int, runs: int) -> None:
+        progress(f"layer sensitivity: run {window * runs + done}/{windows * runs}")
+
+    return say
 
 
 @torch.no_grad()
