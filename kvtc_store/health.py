@@ -138,10 +138,14 @@ def _probe_s3(tier, i: int, row: dict) -> None:
     from .config import build_tier
     from .errors import BucketNotFoundError
 
-    update = {"abort_uploads_after": None, "check_bucket": False}
+    deadline = tier.deadline or DEFAULT_DEADLINE_S
+    # One attempt whose socket timeouts end by the deadline: closing the backend waits for
+    # its call, so a hung endpoint must not hold the probe past the deadline (the store's
+    # own read_timeout x max_attempts would: 30 s by default).
+    update = {"abort_uploads_after": None, "check_bucket": False, "max_attempts": 1}
+    update |= {"connect_timeout": deadline, "read_timeout": deadline}
     backend = build_tier(tier.model_copy(update=update), i)
     try:
-        deadline = tier.deadline or DEFAULT_DEADLINE_S
         where = f"s3://{tier.bucket}/{backend.prefix}"
         try:
             answered = backend.check_bucket(deadline)

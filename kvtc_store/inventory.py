@@ -70,6 +70,7 @@ class TierView:
         self.absent = False
         if tier.kind == "disk":
             self.where = str(tier.path)
+            _check_creatable(tier.path, index)
             self.absent = not tier.path.is_dir()
             self.backend = (
                 None
@@ -111,6 +112,24 @@ class TierView:
         """Release the backend (its files and objects stay)."""
         if self.backend is not None:
             self.backend.close()
+
+
+def _check_creatable(path, index: int) -> None:
+    """A disk tier's folder that is absent must be one the store could create: a file in
+    its place, or in place of a parent folder, makes the tier unreachable, not empty.
+
+    Raises:
+        ConfigError: ``tiers.<index>.path`` names such a folder.
+    """
+    from .errors import ConfigError
+
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(
+                    f"tiers.{index}.path: {path} cannot be created: {p} is not a directory"
+                )
+            return
 
 
 def _by_key(c: Chunk) -> str:

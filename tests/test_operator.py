@@ -177,6 +177,21 @@ def test_stats_reports_per_tenant_and_artifact_on_disk_and_s3(populated, capsys)
     assert "unreachable: tiers.2.bucket:" in lines[-1] and "misspelt" in lines[-1]
 
 
+def test_a_disk_folder_that_cannot_be_created_is_unreachable_not_empty(tmp_path, capsys):
+    """A file where the tier's parent folder should be: stats, verify and evict report the
+    tier unreachable (exit 1), as health does, rather than an empty tier (exit 0)."""
+    (tmp_path / "a-file").write_text("in the way")
+    config = tmp_path / "store.yaml"
+    config.write_text(
+        yaml.safe_dump({"tiers": [{"kind": "disk", "path": "a-file/kv", "capacity": "1MiB"}]})
+    )
+    for argv in (["stats"], ["admin", "verify"], ["admin", "evict", "--all"]):
+        rc, out, _ = run(capsys, *argv, "--config", str(config), "--json")
+        rows = json.loads(out)
+        (row,) = rows["tiers"] if isinstance(rows, dict) else rows
+        assert rc == 1 and "cannot be created" in row["error"], (argv, row)
+
+
 def test_verify_and_evict_go_on_past_a_dead_s3_tier(populated, capsys) -> None:
     """S3 stopped (a closed port): the disk tier is still verified and evicted from, the S3
     tier is reported unreachable, and the exit status is 1, as stats does."""
@@ -524,3 +539,18 @@ def test_errors_name_their_class_and_come_as_json_with_json(tmp_path, capsys) ->
         assert json.loads(out)["error"]["type"].endswith("ConfigError")
         rc, out, _ = run(capsys, *argv)  # without --json: stderr only
         assert rc == 2 and out == ""
+
+
+def test_health_of_a_silent_s3_ends_by_its_deadline(tmp_path, capsys, aws_credentials) -> None:  # noqa: F811
+    """A silent endpoint (accepts, never answers: real sockets): health says so and returns
+    within the tier's deadline plus slack, not after read_timeout x max_attempts (30 s)."""
+    from tests.s3_server import SilentServer
+
+    with SilentServer() as silent:
+        config = tmp_path / "store.yaml"
+        s3 = {"kind": "s3", "bucket": "b", "endpoint_url": silent.url, "deadline": 2.0}
+        config.write_text(yaml.safe_dump({"tiers": [s3]}))
+        t0 = time.monotonic()
+        rc, out, _ = run(capsys, "health", "--config", str(config))
+        took = time.monotonic() - t0
+    assert rc == 1 and "no answer within 2 s" in out and took < 6, (took, out)
