@@ -27,6 +27,12 @@
 #   run(command="STAGE=four bash benchmarks/gpu_fleet.sh",
 #       carry=[".dev19/ray2", ".dev19/whl", ".dev19/ids"])
 #
+# Or in one call, with the trimmed wheel (pack writes .dev19/raytrim/ray-trim.tar.xz,
+# 30 MB: Ray Core and Data without the Java jars, RLlib, Serve and Ray LLM):
+#
+#   run(command="STAGE=two bash benchmarks/gpu_fleet.sh",
+#       carry=[".dev19/raytrim", ".dev19/whl", ".dev19/ids"])
+#
 #   STAGE=one    stashes Ray's first part in /tmp/ray-parts and builds the random-weight
 #                model folder /tmp/llama31-8b-random (LlamaForCausalLM(config) on the GPU,
 #                bf16, safetensors; ~1-2 min).
@@ -72,6 +78,14 @@ if [ "$STAGE" = pack ]; then
   mv .dev19/whl/$RAY_WHEEL .dev19/
   (cd .dev19 && split -b 50m $RAY_WHEEL ray.whl.part- && mv ray.whl.part-aa ray1/ \
     && mv ray.whl.part-ab ray2/ && sha256sum $RAY_WHEEL | cut -d' ' -f1 > ray2/ray.whl.sha256)
+  # the same wheel trimmed to fit one call beside the rest (30 MB xz, no split): Ray
+  # Core and Data without the Java jars, RLlib, Serve, Ray LLM and the dashboard's
+  # source maps, none of which the calibration job imports
+  rm -rf .dev19/trim && mkdir -p .dev19/trim .dev19/raytrim
+  (cd .dev19/trim && unzip -q ../$RAY_WHEEL && rm -rf ray/jars ray/rllib ray/serve ray/llm \
+    && find ray/dashboard/client -name "*.map" -delete \
+    && tar cf - ray ray-2.60.0.dist-info | xz -T2 -6 > ../raytrim/ray-trim.tar.xz)
+  rm -rf .dev19/trim
   [ -f $IDS ] || $PY benchmarks/fleet_calibration.py --make-ids $IDS --ids-tokens 300000
   du -sh .dev19/*
   exit 0
@@ -93,6 +107,9 @@ build_model() {
 }
 
 install() {
+  if [ -f .dev19/raytrim/ray-trim.tar.xz ] && ! $PY -c "import ray" 2>/dev/null; then
+    tar xJf .dev19/raytrim/ray-trim.tar.xz -C $SITE && echo "Ray 2.60 unpacked (trimmed wheel)"
+  fi
   if [ -f .dev19/ray2/ray.whl.part-ab ] && [ -f $PARTS/ray.whl.part-aa ] \
     && ! $PY -c "import ray" 2>/dev/null; then
     cat $PARTS/ray.whl.part-aa .dev19/ray2/ray.whl.part-ab > $PARTS/$RAY_WHEEL
