@@ -302,6 +302,10 @@ class CodecArtifact:
                 tensors[f"rans.{name}"] = t.to(torch.int32).contiguous()
         save_file(tensors, str(tmp / "tensors.safetensors"))
         (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
+        # safetensors writes its file owner-only (0600); give it the mode of any file
+        # written here (0666 less the umask), so a server under another user can read
+        # the artifact it is pointed at
+        os.chmod(tmp / "tensors.safetensors", (tmp / "manifest.json").stat().st_mode & 0o777)
         if path.exists():
             import shutil
 
