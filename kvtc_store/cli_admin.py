@@ -274,7 +274,8 @@ def _each_tier(args, writable: bool, work):
 
 
 def _unreachable(r: dict) -> str:
-    return f"{r['tier']} {r.get('where', '')}: unreachable: {r['error']}"
+    head = " ".join(x for x in (r["tier"], r.get("where")) if x)
+    return f"{head}: unreachable: {r['error']}"
 
 
 def _print(args, obj, lines: list[str]) -> None:
