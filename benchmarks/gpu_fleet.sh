@@ -136,7 +136,7 @@ install() {
   echo "installed $(( $(date +%s) - T0 )) s"
 }
 
-left() { echo $(( 585 - ($(date +%s) - T0) )); }
+left() { echo $(( ${CALL_S:-585} - ($(date +%s) - T0) )); }  # CALL_S: the call's seconds
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 case "$STAGE" in
