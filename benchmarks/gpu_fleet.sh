@@ -136,6 +136,12 @@ install() {
   echo "installed $(( $(date +%s) - T0 )) s"
 }
 
+# Ray's workers put the driver's working folder on their path: run from the repo root,
+# its kvtc_store/ (without the backends, connectors and ray_jobs that the installed
+# package maps in) would shadow the package in /tmp/site ("No module named
+# 'kvtc_store.ray_jobs'", seen on the H100 on 2026-12-07), so the job runs from $PARTS
+REPO=$PWD
+FLEET="env -C $PARTS $PY $REPO/benchmarks/fleet_calibration.py"
 left() { echo $(( ${CALL_S:-585} - ($(date +%s) - T0) )); }  # CALL_S: the call's seconds
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
@@ -148,7 +154,7 @@ one)
 two)
   install
   build_model
-  timeout $(left) $PY benchmarks/fleet_calibration.py --gpu-8b --model-dir $MODEL \
+  timeout $(left) $FLEET --gpu-8b --model-dir $MODEL \
     --data $PARTS/calib_ids.npy --tokens $TOKENS --ratios 8 16 24 --object-store-gb 20 \
     $RUN_ARGS --out $OUT/fleet_calibration_gpu 2>&1 | grep -v "Warning\|Loading weights\|tokenizer" | tail -60
   ;;
@@ -158,7 +164,7 @@ three)
   rm -rf $PARTS/t && mkdir $PARTS/t && cp -r tests pyproject.toml $PARTS/t/
   (cd $PARTS/t && timeout 120 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \
     tests/test_fleet_stats.py > $OUT/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -4 $OUT/gpu_tests.txt)
-  timeout $(left) $PY benchmarks/fleet_calibration.py --gpu-8b --mode ray \
+  timeout $(left) $FLEET --gpu-8b --mode ray \
     --model-dir $MODEL --data $PARTS/calib_ids.npy --tokens $(( TOKENS / 4 )) --ratios 16 \
     --workers 2 --gpus-per-worker $GPW --layers-per-group 4 --object-store-gb 8 $RUN_ARGS \
     --out $OUT/fleet_shared_gpu 2>&1 | grep -v "Warning\|Loading weights\|tokenizer" | tail -30
@@ -166,7 +172,7 @@ three)
 four)
   install
   build_model
-  timeout $(left) $PY benchmarks/fleet_calibration.py --check-eigh-f64 --model-dir $MODEL \
+  timeout $(left) $FLEET --check-eigh-f64 --model-dir $MODEL \
     --data $PARTS/calib_ids.npy --check-windows 16 $RUN_ARGS --out $OUT/eigh_check 2>&1 \
     | grep -v "Warning\|Loading weights\|tokenizer" | tail -20
   ;;
