@@ -144,8 +144,11 @@ class Fp8Tail:
         """
         u = self.symbols(coeffs)
         one = self.scale.new_ones(())
-        if not accumulate:
-            try:  # straight into the (strided) destination where cuBLASLt takes it
+        if not accumulate and out.is_cuda:
+            # straight into the (strided) destination where cuBLASLt takes it; the CPU
+            # kernel of torch 2.11 wrote a strided ``out`` as if it were contiguous
+            # (seen on the lent H100's image), so the CPU always copies
+            try:
                 torch._scaled_mm(u, self.weight_t.T, one, self.scale, out_dtype=out.dtype,
                                  out=out)  # fmt: skip
                 return
