@@ -36,7 +36,8 @@
 #   STAGE=one    stashes Ray's first part in /tmp/ray-parts and builds the random-weight
 #                model folder /tmp/llama31-8b-random (LlamaForCausalLM(config) on the GPU,
 #                bf16, safetensors; ~1-2 min).
-#   STAGE=two    joins Ray's wheel (checks its sha256), installs the wheels and kvtc-store
+#   STAGE=two    unpacks the trimmed Ray (or joins the split wheel, checking its sha256),
+#                installs the wheels and kvtc-store
 #                into /tmp/site, and times the 8B calibration: one worker, --address local,
 #                one shard of KV windows -> $OUT/fleet_calibration_gpu.{json,md} (copy them
 #                to benchmarks/results/). Without Ray (a part missing, the machine

@@ -363,7 +363,7 @@ def write(report: dict, out: Path) -> None:
             f"- saves (save_path: {report['requests']} requests, one a step): the forward "
             f"blocked {sv['blocked_s'] * 1e3:.1f} ms (hook on the calling thread "
             f"{sv['hook_s'] * 1e3:.1f} ms; one hook with the save thread idle "
-            f"{(sv.get('hook_idle_s') or 0) * 1e3:.1f} ms; stream behind the copy "
+            f"{_ms(sv.get('hook_idle_s'))}; stream behind the copy "
             f"{sv['stall_s'] * 1e3:.1f} "
             f"ms, stand-in forward {sv['forward_ms']:g} ms a step) against "
             f"{sv['encode_s'] * 1e3:.1f} ms of encoding the same chunks: "
@@ -388,6 +388,11 @@ def write(report: dict, out: Path) -> None:
         src = report["fp8_kl_source"]
         lines += [f"KL change from `{src['command']}` on {src['device']}, {src['date']}.", ""]
     (out / "serving_path.md").write_text("\n".join(lines))
+
+
+def _ms(seconds: float | None) -> str:
+    """Milliseconds for the report; "not measured" for a key an older JSON lacks."""
+    return "not measured" if seconds is None else f"{seconds * 1e3:.1f} ms"
 
 
 def save_path(args, rows, row, codec, art, caches, block_ids, keys, values, g) -> None:
@@ -431,9 +436,8 @@ def save_path(args, rows, row, codec, art, caches, block_ids, keys, values, g) -
         assert saver.wait(600)
         sync()
         done = time.perf_counter() - t_first
-        # the hook once more with the save thread idle (request 0 again: its chunks are
-        # stored, so the thread has little to do): its own work, against the loop's hook,
-        # which shares the GIL with the encoding thread
+        # the hook once more with the save thread idle: its own work, against the loop's
+        # hook, which shares the GIL with the encoding thread
         t0 = time.perf_counter()
         saver.save([plans[0]])
         hook_idle = time.perf_counter() - t0
