@@ -390,6 +390,7 @@ class StoreConfig(_Model):
     write_mode: Literal["write-through", "write-back"] = "write-through"
     write_queue_chunks: StrictInt = Field(256, ge=1)
     prefetch_buffer: ByteCount = 256 * 2**20
+    prefetch_threads: StrictInt = Field(4, ge=1)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)

@@ -142,6 +142,9 @@ class TieredStore:
             a put blocks while a queue it needs is full (back-pressure).
         prefetch_buffer_bytes: most bytes of prefetched blobs held for a later get
             (they are also promoted into the top tier).
+        prefetch_threads: prefetches fetched at once (default 4). Each waits at most its
+            tiers' deadlines; a prefetch submitted while all threads are busy queues
+            behind them, so set it to the number of requests that prefetch at once.
         metrics_registry: Prometheus registry for :attr:`metrics`; default: the
             store's own.
         breaker: circuit-breaker settings of every tier (:mod:`kvtc_store.guard`;
@@ -165,11 +168,14 @@ class TieredStore:
         write_mode: WriteMode = "write-through",
         write_queue_chunks: int = 256,
         prefetch_buffer_bytes: int = 256 << 20,
+        prefetch_threads: int = 4,
         metrics_registry=None,
         breaker: BreakerSettings | None = None,
     ):
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
+        if prefetch_threads < 1:
+            raise ConfigError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         self._stack = TierStack(tiers, write_mode, queue_chunks=write_queue_chunks, breaker=breaker)
         self.tiers = self._stack.tiers
         self.codec = codec
@@ -187,6 +193,7 @@ class TieredStore:
         self._prefetch_source: dict[str, str] = {}  # key -> tier a prefetched blob came from
         self._prefetched_bytes = 0
         self.prefetch_buffer_bytes = prefetch_buffer_bytes
+        self.prefetch_threads = prefetch_threads
         self._closed = False
         # a store dropped without close() is flushed and closed when collected, without
         # joining threads: collection can run inside threading's bookkeeping, where a
@@ -247,6 +254,7 @@ class TieredStore:
             write_mode=cfg.write_mode,
             write_queue_chunks=cfg.write_queue_chunks,
             prefetch_buffer_bytes=cfg.prefetch_buffer,
+            prefetch_threads=cfg.prefetch_threads,
             breaker=cfg.breaker.settings(),
         )
         if cfg.metrics.port is not None:
@@ -687,7 +695,9 @@ class TieredStore:
             if self._closed:
                 raise StoreError("the store is closed")
             if self._prefetch_pool is None:
-                self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtc-prefetch")
+                self._prefetch_pool = ThreadPoolExecutor(
+                    self.prefetch_threads, thread_name_prefix="kvtc-prefetch"
+                )
             todo = [k for k in ckeys if k not in self._inflight and k not in self._prefetched]
             job: Future = self._prefetch_pool.submit(self._prefetch_job, ckeys, todo)
             for k in todo:

@@ -225,11 +225,13 @@ def test_write_down_prefetch_metrics_and_gpu_fields(tmp_path: Path) -> None:
     gpu = cfg.tiers[0]
     assert (gpu.kind, gpu.device, gpu.optional, gpu.eviction) == ("gpu", "cuda:1", True, "lru")
     assert (cfg.write_queue_chunks, cfg.prefetch_buffer) == (256, 256 * MiB)
+    assert cfg.prefetch_threads == 4
     assert (cfg.metrics.port, cfg.metrics.addr) == (None, "127.0.0.1")
     env = {
         "KVTC_STORE_WRITE_MODE": "write-back",
         "KVTC_STORE_WRITE_QUEUE_CHUNKS": "1024",
         "KVTC_STORE_PREFETCH_BUFFER": "0",
+        "KVTC_STORE_PREFETCH_THREADS": "8",
         "KVTC_STORE_METRICS__PORT": "9400",
         "KVTC_STORE_METRICS__ADDR": "0.0.0.0",
         "KVTC_STORE_TIERS__0__DEVICE": "cuda",
@@ -237,6 +239,7 @@ def test_write_down_prefetch_metrics_and_gpu_fields(tmp_path: Path) -> None:
     }
     cfg = load_config(write(tmp_path, text), env=env)
     assert (cfg.write_mode, cfg.write_queue_chunks, cfg.prefetch_buffer) == ("write-back", 1024, 0)
+    assert cfg.prefetch_threads == 8
     assert (cfg.metrics.port, cfg.metrics.addr) == (9400, "0.0.0.0")
     assert (cfg.tiers[0].device, cfg.tiers[0].eviction) == ("cuda", "s3fifo")
     for var, value, where in (

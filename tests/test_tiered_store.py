@@ -395,6 +395,32 @@ def test_lookup_and_get_during_a_prefetch_wait_for_it_instead_of_fetching_twice(
             assert s3.usage().hits == 6  # each chunk fetched once
 
 
+def test_a_prefetch_stalled_on_a_tier_does_not_hold_back_the_next_one(
+    s3_endpoint: str,
+    bucket: str,
+) -> None:
+    """Prefetches run on ``prefetch_threads`` threads: one waiting on a stalled S3 does
+    not queue a second one behind it (the reliability soak's 3.4 s prefetch on CI was
+    such a wait behind another prefetch, with one prefetch thread)."""
+    slow_tokens, _, _ = written_to_s3(s3_endpoint, bucket, 4, seed=14)
+    tokens, keys, values = tiny_sequence(3, seed=15)
+    with SlowProxy(s3_endpoint) as proxy:
+        s3 = s3_tier(proxy.url, bucket, read_timeout=30)
+        with store_of([MemoryBackend(1 << 20), s3]) as reader:
+            reader.put(tokens, keys, values)
+            reader.flush(timeout=30)
+            proxy.hold()
+            try:
+                stalled = reader.prefetch(slow_tokens)
+                assert reader.prefetch(tokens).result(timeout=10) == 3 * CHUNK
+                assert not stalled.done()  # still waiting on S3: not ahead of the queue
+            finally:
+                proxy.release()
+            assert stalled.result(timeout=30) == 4 * CHUNK
+    with pytest.raises(ConfigError, match="prefetch_threads"):
+        store_of([MemoryBackend(1 << 20)], prefetch_threads=0)
+
+
 # --- tenants, capacity -----------------------------------------------------------------------
 
 TENANT_CONFIG = """
