@@ -93,9 +93,15 @@ def main() -> None:
     settings = CalibrationSettings(
         windows=args.windows, window_tokens=args.window_tokens, corpus=args.corpus
     )
+    cuda = torch.cuda.is_available()  # the lent GPU: every run on it (module doc)
+    where = "gpu" if cuda else "cpu"
     result: dict = {
         "command": "python benchmarks/fleet_calibration.py " + " ".join(sys.argv[1:]),
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": (
+            f"GPU: {torch.cuda.get_device_name()}, {os.cpu_count()} cores"
+            if cuda
+            else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        ),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"windows": args.windows, "window_tokens": args.window_tokens},
         "gpu_8b_total_s": None,
@@ -105,6 +111,8 @@ def main() -> None:
         os.environ["KVTC_STORE_HOME"] = home
         t0 = time.perf_counter()
         model, tok, info = load_model(args.model)
+        if cuda:
+            model = model.to("cuda")
         single = calibrate(model, tok, info, [args.ratio], settings)[0]
         result["single_process_s"] = round(time.perf_counter() - t0, 1)
         del model
@@ -116,8 +124,8 @@ def main() -> None:
             arts, report = calibrate_fleet(
                 args.model, [args.ratio], settings, address="local", workers=n
             )
-            result[f"cpu_workers_{n}_s"] = round(time.perf_counter() - t0, 1)
-            result[f"cpu_workers_{n}_stages"] = {
+            result[f"{where}_workers_{n}_s"] = round(time.perf_counter() - t0, 1)
+            result[f"{where}_workers_{n}_stages"] = {
                 k: round(getattr(report, k), 2)
                 for k in ("connect_s", "ids_s", "collect_s", "merge_s", "fit_s", "total_s")
             }
@@ -125,13 +133,13 @@ def main() -> None:
     result["shards_equal_single"] = same
     if 1 in args.workers:
         result["ray_overhead_1_worker"] = round(
-            result["cpu_workers_1_s"] / result["single_process_s"] - 1, 3
+            result[f"{where}_workers_1_s"] / result["single_process_s"] - 1, 3
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        "# Fleet calibration on this CPU",
+        f"# Fleet calibration on this {where.upper()}",
         "",
         (
             f"`{result['command']}` on {result['device']}, {result['date']}; torch "
@@ -143,8 +151,8 @@ def main() -> None:
         f"| single process | {result['single_process_s']} | |",
     ]
     for n in args.workers:
-        st = ", ".join(f"{k[:-2]} {v}" for k, v in result[f"cpu_workers_{n}_stages"].items())
-        lines.append(f"| Ray, {n} worker(s) | {result[f'cpu_workers_{n}_s']} | {st} |")
+        st = ", ".join(f"{k[:-2]} {v}" for k, v in result[f"{where}_workers_{n}_stages"].items())
+        lines.append(f"| Ray, {n} worker(s) | {result[f'{where}_workers_{n}_s']} | {st} |")
     lines += ["", f"Artifacts equal to the single process's: {same}."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

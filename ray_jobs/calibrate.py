@@ -175,6 +175,35 @@ def _ray():
     return ray
 
 
+def gpu_share(have: float, workers: int, asked: float | None) -> float:
+    """GPUs each calibration actor asks Ray for.
+
+    Args:
+        have: the cluster's GPUs (``ray.cluster_resources()["GPU"]``, 0 without).
+        workers: actors.
+        asked: the caller's ``gpus_per_worker``; None: one each where the cluster has a
+            GPU per worker, else its GPUs shared evenly (``have / workers``: two actors
+            on a one-GPU machine get 0.5 each and both models load on it), and 0 (CPU
+            actors) where it has none.
+
+    Raises:
+        FleetError: ``asked`` times ``workers`` is more than the cluster's GPUs (some
+            actors would wait for a GPU forever, and the job with them).
+    """
+    if asked is None:
+        return 0.0 if have < 1 else (1.0 if have >= workers else have / workers)
+    if asked * workers > have + 1e-9:
+        raise FleetError(
+            f"{asked:g} GPU(s) per worker x {workers} worker(s) asked; the Ray cluster has "
+            f"{have:g}: use fewer workers, or share a GPU (--gpus-per-worker "
+            f"{have / workers:g})"
+            if have
+            else f"{asked:g} GPU(s) per worker asked; the Ray "
+            "cluster has no GPU (leave --gpus-per-worker out for CPU workers)"
+        )
+    return asked
+
+
 def connect(
     address: str = "local", num_cpus: int | None = None, object_store_bytes: int | None = None
 ) -> bool:
@@ -529,10 +558,11 @@ def calibrate_fleet(
         progress: ``progress(shards_done, shards)`` after each shard.
         publish: publish the artifacts to a registry; with a profile, after the quality
             gate (:mod:`kvtc_store.quality_gate`), and promote.
-        gpus_per_worker: GPUs each actor asks Ray for; None: 1 where the cluster has
-            GPUs, else 0 (one CPU each). A fraction shares a GPU among actors (0.5: two
-            actors, two models, on one GPU; each actor's statistics live on that GPU
-            until its shard is done, so the models and Gram matrices must fit together).
+        gpus_per_worker: GPUs each actor asks Ray for (:func:`gpu_share`); None: 1 where
+            the cluster has a GPU per worker, its GPUs shared evenly where it has fewer,
+            else 0 (CPU actors). A fraction shares a GPU among actors (0.5: two actors,
+            two models, on one GPU; each actor's statistics live on that GPU until its
+            shard is done, so the models and Gram matrices must fit together).
         model_dtype: the workers' weights dtype (``"bfloat16"`` for large models on a
             GPU); None: float32 (see :class:`CalibrationWorker`).
         fit_device: where the driver decomposes the covariances (default: CUDA when the
@@ -547,7 +577,7 @@ def calibrate_fleet(
 
     Raises:
         FleetError: Ray is missing or unreachable, a shard failed past its retries, or
-            ``gpus_per_worker`` is more than the cluster's GPUs.
+            ``gpus_per_worker`` times ``workers`` is more than the cluster's GPUs.
         GateRefusedError: the gate refused the candidate (its report is stored beside
             it in the registry; nothing published or promoted).
         CalibrationDataError, CalibrationError: as single-process calibration.
@@ -560,13 +590,7 @@ def calibrate_fleet(
     )
     try:
         resources = ray.cluster_resources()
-        have = resources.get("GPU", 0)
-        if gpus_per_worker is None:
-            gpus_per_worker = 1 if have >= 1 else 0
-        elif gpus_per_worker > have:  # the actors would wait for GPUs forever
-            raise FleetError(
-                f"{gpus_per_worker:g} GPU(s) per worker asked; the Ray cluster has {have:g}"
-            )
+        gpus_per_worker = gpu_share(resources.get("GPU", 0), workers, gpus_per_worker)
         # a CPU worker gets its share of the cluster's cores: Ray sets an actor's
         # OMP_NUM_THREADS to its num_cpus, so one core each would idle the rest
         threads = 0 if gpus_per_worker else max(1, int(resources.get("CPU", 1)) // workers)

@@ -99,6 +99,24 @@ def test_gpus_per_worker_beyond_the_cluster_is_refused(cluster, tiny_model) -> N
         calibrate_fleet(str(tiny_model), [8.0], SETTINGS, address=cluster, gpus_per_worker=0.5)
 
 
+def test_gpu_share_never_asks_for_more_gpus_than_the_cluster_has() -> None:
+    """Two workers on a one-GPU machine share it by default (each asking for 1 GPU, the
+    second actor would wait forever and the job with it); an explicit ask past the
+    cluster's GPUs is refused with the share that fits."""
+    from kvtc_store.ray_jobs.calibrate import gpu_share
+
+    assert gpu_share(0, 2, None) == 0.0  # CPU actors
+    assert gpu_share(1, 1, None) == 1.0
+    assert gpu_share(1, 2, None) == 0.5
+    assert gpu_share(8, 4, None) == 1.0
+    assert gpu_share(2, 3, None) == pytest.approx(2 / 3)
+    assert gpu_share(1, 2, 0.5) == 0.5
+    with pytest.raises(FleetError, match=r"x 2 worker\(s\).*--gpus-per-worker 0.5"):
+        gpu_share(1, 2, 1.0)
+    with pytest.raises(FleetError, match="no GPU"):
+        gpu_share(0, 1, 0.5)
+
+
 def test_parquet_token_ids_through_ray_data(cluster, tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
