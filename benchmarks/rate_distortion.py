@@ -530,11 +530,13 @@ def main(argv=None) -> int:
         for m in methods:
             cont = suite.run(m)
             row = genre_row(m, genre, cont, ret[id(m)][genre], exact_ret[genre], extra)
+            if getattr(m, "chosen", None):  # a mixture's per-chunk choices: per genre
+                m.chosen = []
             row["seconds"] = round(row["seconds"] + cont.seconds, 1)
             new_rows.append(row)
             log.info(
                 "%s %s %s: ratio %s (whole context %s), KL %.4f, ppl %+.2f%%, top-1 %.3f, "
-                "greedy %.2f (%.0f s)",
+                "greedy %s (%.0f s)",
                 genre,
                 m.name,
                 _g(m.target_ratio),
@@ -543,7 +545,7 @@ def main(argv=None) -> int:
                 row["kl"],
                 row["ppl_change_pct"],
                 row["top1_agreement"],
-                row["greedy_agreement"],
+                "-" if row["greedy_agreement"] is None else f"{row['greedy_agreement']:.2f}",
                 row["seconds"],
             )
         del suite

@@ -313,7 +313,9 @@ class CodecConfig(_Model):
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(48, ge=1)
-    calibration_corpus: Literal["broad", "broad-ml", "shakespeare+numpy", "shakespeare"] = "broad"
+    calibration_corpus: Literal[
+        "broad", "broad-ml", "manpages", "shakespeare+numpy", "shakespeare"
+    ] = "broad"
     """Calibration text: ``broad`` (default: Shakespeare's comedies and histories,
     NumPy's docstrings, Python's reference docs and the model's own samples in turn),
     ``shakespeare+numpy`` (the default before) or the plays only (see docs/config.md)."""

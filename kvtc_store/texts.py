@@ -27,9 +27,12 @@ CORPORA = {
     "shakespeare+numpy": ("shakespeare", "numpy"),
     "broad": ("shakespeare", "numpy", "python-docs", "samples"),
     "broad-ml": ("shakespeare", "numpy", "python-docs", "samples", "manpages"),
+    "manpages": ("manpages",),
 }
 """Calibration corpora: the sources whose windows they take in turn.
 
+``manpages`` is those man pages alone: a specialist for non-English traffic, beside the
+default in a per-chunk mixture (benchmarks/rd's ``kvtc-mix-ml``), never a default on its own.
 ``broad-ml`` adds one window in five of Debian's man pages in seven languages
 (``manpages``, :func:`manpages_multilingual`; fetched by ``make calibration-texts``). It
 lost to ``broad`` on the validation texts (worst genre's KL at target 16 0.0221 against

@@ -100,3 +100,62 @@ class KVTCFixedWidth(KVTC):
         header, _ = unpack_blob_header(blob)
         stream = header.sections.get("stream", 0)
         return len(blob) - stream + fixed_width_bytes(self.codec.decode_symbols(blob))
+
+
+@dataclass
+class KVTCMixture(KVTC):
+    """Per-chunk choice among several calibrations of one target ratio: every chunk is
+    encoded by each codec and stored as the blob whose decode is nearest the chunk (the
+    sum over K and V of the squared error over the chunk's energy). The blob's header
+    names its artifact, so a decoder holding every artifact (as a registry's
+    :class:`~kvtc_store.registry.VersionedCodec` does) reads it back. ``codec`` is the
+    first (the default calibration); ``others`` the specialists."""
+
+    others: list = field(default_factory=list, repr=False)
+    chosen: list = field(default_factory=list, repr=False)  # per codec: chunks chosen
+
+    @torch.no_grad()
+    def roundtrip(self, keys, values, first_position=0) -> Roundtrip:
+        codecs = [self.codec, *self.others]
+        if len(self.chosen) != len(codecs):
+            self.chosen = [0] * len(codecs)
+        runs = []
+        for codec in codecs:
+            blobs = codec.encode_sequence(
+                keys, values, first_position, chunk_tokens=self.chunk_tokens,
+                window=self.window(),
+            )  # fmt: skip
+            chunks, error = codec.decode_prefix(blobs, device=keys.device, dtype=keys.dtype)
+            if error is not None:
+                raise error
+            runs.append((blobs, chunks))
+        out_k, out_v, sizes, tokens = [], [], [], []
+        start = 0
+        for i in range(len(runs[0][1])):
+            n = runs[0][1][i].keys.shape[2]
+            k = keys[:, :, start : start + n].float()
+            v = values[:, :, start : start + n].float()
+            ek, ev = k.pow(2).sum().clamp_min(1e-30), v.pow(2).sum().clamp_min(1e-30)
+
+            def err(c, k=k, v=v, ek=ek, ev=ev) -> float:
+                return float((c.keys.float() - k).pow(2).sum() / ek
+                             + (c.values.float() - v).pow(2).sum() / ev)  # fmt: skip
+
+            best = min(range(len(runs)), key=lambda j: err(runs[j][1][i]))
+            self.chosen[best] += 1
+            blob, chunk = runs[best][0][i], runs[best][1][i]
+            out_k.append(chunk.keys)
+            out_v.append(chunk.values)
+            sizes.append(self.stored_bytes(blob))
+            tokens.append(n)
+            start += n
+        return Roundtrip(torch.cat(out_k, dim=2), torch.cat(out_v, dim=2), sizes, tokens)
+
+    def facts(self) -> dict:
+        facts = super().facts()
+        facts["mixture_artifacts"] = [c.artifact.artifact_id for c in [self.codec, *self.others]]
+        facts["mixture_corpora"] = [
+            c.artifact.calibration.get("corpus") for c in [self.codec, *self.others]
+        ]
+        facts["mixture_chunks_chosen"] = list(self.chosen)
+        return facts

@@ -46,7 +46,7 @@ from .bf16 import BF16
 from .fp8 import fp8_cast, fp8_per_token
 from .int_group import int4_group64, int8_per_token
 from .kivi import KIVI
-from .kvtc import KVTC, KVTCFixedWidth
+from .kvtc import KVTC, KVTCFixedWidth, KVTCMixture
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ CODEC_ABLATIONS: dict[str, tuple[dict, int | None]] = {
     "kvtc-bf16exact": ({"exact_dtype": "bfloat16"}, None),
     "kvtc-fp8tail": ({"fp8_tail": True}, None),  # the batched codec only (CUDA)
 }
-ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS, *CODEC_ABLATIONS)
+# ablation name -> the specialists' corpus: ours' artifacts plus theirs, chosen per chunk
+MIXTURE_ABLATIONS: dict[str, str] = {"kvtc-mix-ml": "manpages"}
+ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS, *CODEC_ABLATIONS, *MIXTURE_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
 DEFAULT_RATIOS = (4, 6, 8, 12, 16, 20, 24, 32, 48, 64)
 DEFAULT_ABLATION_RATIOS = (12, 20)  # where issue 3's two quality targets sit
@@ -166,6 +168,16 @@ def build_methods(
         if name in names:
             arts = calibrate(settings, list(ablation_ratios))
             kvtc_rows(name, "ablation", arts, ablation_ratios, options=options, window=window)
+    for name, corpus in MIXTURE_ABLATIONS.items():
+        if name not in names:
+            continue
+        rs = list(ablation_ratios)
+        spec = calibrate(dataclasses.replace(settings, corpus=corpus), rs)
+        for r, a, b in zip(rs, calibrate(settings, rs), spec):
+            make = [make_codec(x, coder="deflate", device=device, batched=gpu_kernels, **base_options)
+                    for x in (a, b)]  # fmt: skip
+            out.append(KVTCMixture(name=name, target_ratio=float(r), kind="ablation",
+                                   codec=make[0], others=make[1:], exact_window=exact_window))  # fmt: skip
     for name, make in BASELINES.items():
         if name in names:
             out.append(make())
