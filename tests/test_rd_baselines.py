@@ -397,3 +397,35 @@ def test_continuation_suite_skips_the_greedy_suite_at_zero_tokens(greedy_tokens)
     res = suite.run(BF16())
     assert res.windows == 3 and res.greedy_total == (3 if greedy_tokens else 0)
     assert res.greedy_prefix_sum <= 3 * greedy_tokens
+
+
+def test_mixture_stores_each_chunk_as_the_nearer_codecs_blob(arts):  # noqa: F811
+    """``kvtc-mix-ml``'s round trip: each chunk comes back as the decode of whichever
+    calibration's blob is nearer the chunk, counted at that blob's bytes, and the
+    choices are tallied per codec."""
+    from benchmarks.rd.kvtc import KVTCMixture
+
+    a, b = KVTCCodec(arts["all", 8.0]), KVTCCodec(arts["layer", 8.0])
+    k, v = make_chunk(700, 0, seed=9)
+    mix = KVTCMixture(name="kvtc-mix", target_ratio=8.0, codec=a, others=[b])
+    got = mix.roundtrip(k, v)
+    singles = [
+        KVTC(name=n, target_ratio=8.0, codec=c).roundtrip(k, v) for n, c in (("a", a), ("b", b))
+    ]
+    start = 0
+    for i, n in enumerate(got.chunk_tokens):
+        s = slice(start, start + n)
+
+        def err(rt, s=s) -> float:
+            ek, ev = k[:, :, s].pow(2).sum(), v[:, :, s].pow(2).sum()
+            return float((rt.keys[:, :, s] - k[:, :, s]).pow(2).sum() / ek
+                         + (rt.values[:, :, s] - v[:, :, s]).pow(2).sum() / ev)  # fmt: skip
+
+        best = min((0, 1), key=lambda j: err(singles[j]))
+        assert torch.equal(got.keys[:, :, s], singles[best].keys[:, :, s])
+        assert got.chunk_bytes[i] == singles[best].chunk_bytes[i]
+        start += n
+    assert sum(mix.chosen) == len(got.chunk_tokens)
+    facts = mix.facts()
+    assert facts["mixture_artifacts"] == [a.artifact.artifact_id, b.artifact.artifact_id]
+    assert facts["mixture_chunks_chosen"] == mix.chosen
