@@ -731,6 +731,11 @@ def soak(seconds: float, threads: int = 8, seed: int = 0) -> dict:
     finally:
         logging.disable(logging.NOTSET)
         server.stop()
+        # the full-disk phase's tmpfs: unmounted by the run, unless a file on it was still
+        # open then (umount: busy) or the run raised first; lazily here, so no mount and
+        # no folder outlives the soak
+        if os.path.ismount(work / "fullfs"):
+            subprocess.run(["umount", "-l", str(work / "fullfs")], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -134,9 +134,11 @@ class ReencodeBatch:
 
         cfg = load_config(config)
         reg, model, old, new = resolve_artifacts(cfg, from_id, to_id)
-        self._tmp = tempfile.TemporaryDirectory(prefix="kvtc-reencode-")
-        self.old = KVTCCodec(reg.pull(model, old, Path(self._tmp.name) / "old"))
-        self.new = KVTCCodec(reg.pull(model, new, Path(self._tmp.name) / "new"))
+        # the artifacts load into memory (safetensors load_file), so their files go at
+        # once: an actor Ray kills at the job's end runs no finalizer to remove them
+        with tempfile.TemporaryDirectory(prefix="kvtc-reencode-") as tmp:
+            self.old = KVTCCodec(reg.pull(model, old, Path(tmp) / "old"))
+            self.new = KVTCCodec(reg.pull(model, new, Path(tmp) / "new"))
         self.tiers = {name: _open_tier(t) for name, t in _stored_tiers(cfg, None).items()}
 
     def __call__(self, batch: dict) -> dict:

@@ -6,8 +6,10 @@ key and decodes, nothing is lost; a rerun (`kvtc-store fleet reencode`) changes 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -55,6 +57,8 @@ def test_reencode_survives_a_killed_worker_and_is_idempotent(
     cluster, tmp_path, s3_endpoint, bucket, monkeypatch, capsys
 ) -> None:
     config = _config(tmp_path, s3_endpoint, bucket)
+    pulled = os.path.join(tempfile.gettempdir(), "kvtc-reencode-*")  # the actors' artifact copies
+    left = set(glob.glob(pulled))
     before = _stored(config)
     assert all(set(t.values()) == {V1.artifact_id} for t in before.values())
     assert [len(t) for t in before.values()] == [18, 18]
@@ -83,3 +87,4 @@ def test_reencode_survives_a_killed_worker_and_is_idempotent(
     again = json.loads(out.read_text())
     assert all(r["done"] == 18 and r["reencoded"] == 0 for r in again["tiers"].values())
     assert "| reencoded |" in capsys.readouterr().out and os.path.exists(config)
+    assert set(glob.glob(pulled)) <= left  # none left behind, the killed worker's included
