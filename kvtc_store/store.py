@@ -174,8 +174,14 @@ class TieredStore:
     ):
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
-        if prefetch_threads < 1:
-            raise ConfigError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
+        if (
+            not isinstance(prefetch_threads, int)
+            or isinstance(prefetch_threads, bool)
+            or prefetch_threads < 1
+        ):
+            raise ConfigError(
+                f"prefetch_threads must be an int of at least 1, got {prefetch_threads!r}"
+            )
         self._stack = TierStack(tiers, write_mode, queue_chunks=write_queue_chunks, breaker=breaker)
         self.tiers = self._stack.tiers
         self.codec = codec

@@ -417,8 +417,9 @@ def test_a_prefetch_stalled_on_a_tier_does_not_hold_back_the_next_one(
             finally:
                 proxy.release()
             assert stalled.result(timeout=30) == 4 * CHUNK
-    with pytest.raises(ConfigError, match="prefetch_threads"):
-        store_of([MemoryBackend(1 << 20)], prefetch_threads=0)
+    for bad in (0, 2.5, True, "3"):
+        with pytest.raises(ConfigError, match="prefetch_threads"):
+            store_of([MemoryBackend(1 << 20)], prefetch_threads=bad)
 
 
 # --- tenants, capacity -----------------------------------------------------------------------
