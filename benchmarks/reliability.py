@@ -44,6 +44,7 @@ Markdown summary beside it (``.md``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -170,6 +171,7 @@ def _fuzz_targets(rng: random.Random):
         b"breaker: {failures: 3, backoff: 1.0}\ncodec: {target_ratio: 16}\n"
     )
     cfg_dir = Path(tempfile.mkdtemp(prefix="kvtc-fuzz-cfg-"))
+    atexit.register(shutil.rmtree, cfg_dir, True)  # the closures below outlive this call
 
     def config_input() -> None:
         path = cfg_dir / "store.yaml"
