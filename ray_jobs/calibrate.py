@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -178,28 +179,36 @@ def _ray():
 def gpu_share(have: float, workers: int, asked: float | None) -> float:
     """GPUs each calibration actor asks Ray for.
 
+    Ray places a fractional GPU request on one GPU, so ``k`` actors asking ``1 / k`` share
+    each GPU and the cluster's ``int(have)`` GPUs hold ``int(have) * k`` of them; an
+    actor asking ``g >= 1`` takes ``g`` whole GPUs. (Three actors asking 2/3 each on two
+    GPUs: the third waits forever, checked on a local Ray.)
+
     Args:
         have: the cluster's GPUs (``ray.cluster_resources()["GPU"]``, 0 without).
         workers: actors.
         asked: the caller's ``gpus_per_worker``; None: one each where the cluster has a
-            GPU per worker, else its GPUs shared evenly (``have / workers``: two actors
-            on a one-GPU machine get 0.5 each and both models load on it), and 0 (CPU
-            actors) where it has none.
+            GPU per worker; else the GPUs shared, ``1 / ceil(workers / int(have))`` each
+            (two actors on a one-GPU machine get 0.5 and both models load on it; three
+            on two GPUs get 0.5: two on one GPU, one on the other); 0 (CPU actors)
+            without a GPU.
 
     Raises:
-        FleetError: ``asked`` times ``workers`` is more than the cluster's GPUs (some
-            actors would wait for a GPU forever, and the job with them).
+        FleetError: the ``workers`` actors asking ``asked`` do not all fit on the
+            cluster's GPUs (some would wait for a GPU forever, and the job with them).
     """
+    gpus = int(have + 1e-9)
     if asked is None:
-        return 0.0 if have < 1 else (1.0 if have >= workers else have / workers)
-    if asked * workers > have + 1e-9:
+        return 0.0 if gpus < 1 else 1.0 / math.ceil(workers / gpus)
+    fits = gpus // math.ceil(asked - 1e-9) if asked >= 1 else gpus * int(1 / asked + 1e-9)
+    if fits < workers:
         raise FleetError(
-            f"{asked:g} GPU(s) per worker x {workers} worker(s) asked; the Ray cluster has "
-            f"{have:g}: use fewer workers, or share a GPU (--gpus-per-worker "
-            f"{have / workers:g})"
-            if have
-            else f"{asked:g} GPU(s) per worker asked; the Ray "
-            "cluster has no GPU (leave --gpus-per-worker out for CPU workers)"
+            f"{asked:g} GPU(s) per worker x {workers} worker(s) asked; the Ray cluster's "
+            f"{have:g} GPU(s) hold {fits} such actors: use fewer workers, or share a GPU "
+            f"(--gpus-per-worker {gpu_share(have, workers, None):g})"
+            if gpus
+            else f"{asked:g} GPU(s) per worker asked; the Ray cluster has no GPU (leave "
+            "--gpus-per-worker out for CPU workers)"
         )
     return asked
 
@@ -559,8 +568,8 @@ def calibrate_fleet(
         publish: publish the artifacts to a registry; with a profile, after the quality
             gate (:mod:`kvtc_store.quality_gate`), and promote.
         gpus_per_worker: GPUs each actor asks Ray for (:func:`gpu_share`); None: 1 where
-            the cluster has a GPU per worker, its GPUs shared evenly where it has fewer,
-            else 0 (CPU actors). A fraction shares a GPU among actors (0.5: two actors,
+            the cluster has a GPU per worker, its GPUs shared where it has fewer (whole
+            actors per GPU), else 0 (CPU actors). A fraction shares a GPU among actors (0.5: two actors,
             two models, on one GPU; each actor's statistics live on that GPU until its
             shard is done, so the models and Gram matrices must fit together).
         model_dtype: the workers' weights dtype (``"bfloat16"`` for large models on a
@@ -577,7 +586,7 @@ def calibrate_fleet(
 
     Raises:
         FleetError: Ray is missing or unreachable, a shard failed past its retries, or
-            ``gpus_per_worker`` times ``workers`` is more than the cluster's GPUs.
+            ``workers`` actors asking ``gpus_per_worker`` do not fit the cluster's GPUs.
         GateRefusedError: the gate refused the candidate (its report is stored beside
             it in the registry; nothing published or promoted).
         CalibrationDataError, CalibrationError: as single-process calibration.

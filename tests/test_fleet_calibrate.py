@@ -101,18 +101,25 @@ def test_gpus_per_worker_beyond_the_cluster_is_refused(cluster, tiny_model) -> N
 
 def test_gpu_share_never_asks_for_more_gpus_than_the_cluster_has() -> None:
     """Two workers on a one-GPU machine share it by default (each asking for 1 GPU, the
-    second actor would wait forever and the job with it); an explicit ask past the
-    cluster's GPUs is refused with the share that fits."""
+    second actor would wait forever and the job with it); shares pack whole per GPU (three
+    actors at 2/3 on two GPUs leave one waiting); an explicit ask that does not fit is
+    refused with the share that does."""
     from kvtc_store.ray_jobs.calibrate import gpu_share
 
     assert gpu_share(0, 2, None) == 0.0  # CPU actors
     assert gpu_share(1, 1, None) == 1.0
     assert gpu_share(1, 2, None) == 0.5
     assert gpu_share(8, 4, None) == 1.0
-    assert gpu_share(2, 3, None) == pytest.approx(2 / 3)
+    assert gpu_share(2, 3, None) == 0.5  # not 2/3: a third actor would fit no GPU
+    assert gpu_share(4, 9, None) == pytest.approx(1 / 3)
     assert gpu_share(1, 2, 0.5) == 0.5
+    assert gpu_share(4, 2, 2.0) == 2.0
     with pytest.raises(FleetError, match=r"x 2 worker\(s\).*--gpus-per-worker 0.5"):
         gpu_share(1, 2, 1.0)
+    with pytest.raises(FleetError, match=r"hold 2 such actors.*--gpus-per-worker 0.5"):
+        gpu_share(2, 3, 2 / 3)  # 2 GPUs x 2 GPU-thirds, yet only one 2/3 fits a GPU
+    with pytest.raises(FleetError, match="hold 1 such"):
+        gpu_share(3, 2, 2.0)
     with pytest.raises(FleetError, match="no GPU"):
         gpu_share(0, 1, 0.5)
 
