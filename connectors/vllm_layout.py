@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..codec import ChunkKV
+from ..codec.layout import layer_origins
 from ..errors import KVLayoutError
 
 __all__ = ["BACKEND_CONTENT", "PagedKVLayout", "layer_order"]
@@ -249,14 +250,13 @@ class PagedKVLayout:
         keys = torch.empty(shape, dtype=self.dtype, device=self.device)
         values = torch.empty(shape, dtype=self.dtype, device=self.device)
         pages = self.kv_pages()
-        if fused is None:
-            fused = self.fused_gather
-        if fused is None:
-            fused = self.device.type == "cuda" and _triton_gather() is not None
-        if fused:
-            gather_pages = _triton_gather()
-            if gather_pages is None:
-                raise KVLayoutError("fused gather needs Triton (the gpu extra)")
+        fused = self.fused_gather if fused is None else fused
+        gather_pages = (
+            _triton_gather() if fused or (fused is None and self.device.type == "cuda") else None
+        )
+        if fused and gather_pages is None:
+            raise KVLayoutError("fused gather needs Triton (the gpu extra)")
+        if gather_pages is not None:
             sp, _, ss, _ = pages[0][0].stride()
             slot = torch.arange(slots, dtype=torch.long, device=self.device) * ss
             tok = (idx[:, None] * sp + slot[None, :]).reshape(-1)
@@ -275,12 +275,10 @@ class PagedKVLayout:
         """int64 ``(L,)`` on the cache's device: each layer's origin in elements from
         layer 0's (the same for keys and values; made once)."""
         if self._lay is None:
-            size = self.views[0].element_size()
-            base = self.views[0].data_ptr()
-            delta = [v.data_ptr() - base for v in self.views]
-            if any(o % size for o in delta):
-                raise KVLayoutError("the layers' caches are not aligned to their element size")
-            lay = torch.tensor([o // size for o in delta], dtype=torch.long)
+            try:
+                lay = torch.tensor(layer_origins(self.views), dtype=torch.long)
+            except ValueError as exc:
+                raise KVLayoutError(f"the layers' caches: {exc}") from exc
             self._lay = (
                 lay.pin_memory().to(self.device, non_blocking=True)
                 if (self.device.type == "cuda")

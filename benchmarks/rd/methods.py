@@ -140,11 +140,14 @@ def build_methods(
 
     base_options = dict(codec_options or {})
 
-    def kvtc_rows(name, kind, arts, rs, coder="deflate", cls=KVTC, options=None, window=None):
+    def codec_of(art, coder="deflate", options=None):
         opts = {**base_options, **(options or {})}
+        return make_codec(art, coder=coder, device=device, batched=gpu_kernels, **opts)
+
+    def kvtc_rows(name, kind, arts, rs, coder="deflate", cls=KVTC, options=None, window=None):
         window = exact_window if window is None else window
         for r, a in zip(rs, arts):
-            codec = make_codec(a, coder=coder, device=device, batched=gpu_kernels, **opts)
+            codec = codec_of(a, coder, options)
             out.append(
                 cls(name=name, target_ratio=float(r), kind=kind, codec=codec, exact_window=window)
             )
@@ -174,10 +177,9 @@ def build_methods(
         rs = list(ablation_ratios)
         spec = calibrate(dataclasses.replace(settings, corpus=corpus), rs)
         for r, a, b in zip(rs, calibrate(settings, rs), spec):
-            make = [make_codec(x, coder="deflate", device=device, batched=gpu_kernels, **base_options)
-                    for x in (a, b)]  # fmt: skip
             out.append(KVTCMixture(name=name, target_ratio=float(r), kind="ablation",
-                                   codec=make[0], others=make[1:], exact_window=exact_window))  # fmt: skip
+                                   codec=codec_of(a), others=[codec_of(b)],
+                                   exact_window=exact_window))  # fmt: skip
     for name, make in BASELINES.items():
         if name in names:
             out.append(make())

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ChunkKV", "KindLayout"]
+__all__ = ["ChunkKV", "KindLayout", "layer_origins"]
 
 
 @dataclass(frozen=True)
@@ -214,11 +214,7 @@ class ChunkKV:
             dev = p0.device
             t = torch.arange(tokens)
             tok = ids[:, t // slots] * sp + (t % slots)[None, :] * ss
-            size = p0.element_size()
-            lay = [(p.data_ptr() - p0.data_ptr()) for p in pages]
-            if any(o % size for o in lay):
-                raise ValueError("page layers are not aligned to their element size")
-            lay_t = torch.tensor([o // size for o in lay], dtype=torch.int64, device=dev)
+            lay_t = torch.tensor(layer_origins(pages), dtype=torch.int64, device=dev)
             return KindLayout(tuple(pages), lay_t, tok.to(dev), sh, sd)
 
         _same(first, value_pages[0])
@@ -271,6 +267,20 @@ class ChunkKV:
                 f"(L, H, D) = {(self.layers, self.heads, self.dim)}, does not fit {batch} "
                 f"chunks of {tokens} tokens of {(layers, heads, dim)}"
             )
+
+
+def layer_origins(layers: Sequence[torch.Tensor]) -> list[int]:
+    """Each layer's origin (data pointer) in elements from ``layers[0]``'s: a
+    :class:`KindLayout`'s ``layer_offsets``.
+
+    Raises:
+        ValueError: an origin is not a whole number of elements away.
+    """
+    size = layers[0].element_size()
+    delta = [t.data_ptr() - layers[0].data_ptr() for t in layers]
+    if any(o % size for o in delta):
+        raise ValueError("page layers are not aligned to their element size")
+    return [o // size for o in delta]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:
