@@ -38,15 +38,15 @@ Rows, all on one card in one call (``device`` names it):
   next step's kernels wait), summed as ``blocked_s``, against ``encode_s``, the codec's
   ``encode_sequence`` of the same chunks (what the save thread runs).
   ``save_blocking_share`` = blocked / encode (``save_blocking_share_host``: hook only;
-  the stand-in forward outlasts the hook, so the two do not overlap).
-  ``save_path_per_layer`` is the same with the hook's gather as one ``index_select`` per
-  layer and kind (64 launches for 32 layers, each a GIL release and retake against the
-  encoding thread) instead of one Triton launch per kind: before and after, same card.
+  the stand-in forward outlasts the hook, so the two do not overlap). vLLM itself is not
+  on the GPU image; its classes drive the connector in ``tests/test_vllm_connector.py``
+  on the CPU. ``save_path_per_layer`` is the same with the hook's gather as one
+  ``index_select`` per layer and kind (64 launches for 32 layers, each a GIL release and
+  retake against the encoding thread) instead of one Triton launch per kind: before and
+  after, same card.
 - ``gpu_tier_decode_only``: the codec's ``decode_batch`` of the GPU tier's device blobs
   into the pages with no store around it; against ``paged`` (the same from the pinned
-  tier's host blobs) it bounds what ``gpu_tier_vs_pinned`` can reach. vLLM itself is not
-  on the GPU image; its classes drive the connector in ``tests/test_vllm_connector.py``
-  on the CPU.
+  tier's host blobs) it bounds what ``gpu_tier_vs_pinned`` can reach.
 - ``sglang_batch_get``: SGLang's ``batch_get`` of ``--sglang-pages`` pages of 64 tokens
   (``page_first`` host layout) into pinned host pages, through the code
   ``KVTCHiCacheStorage.batch_get`` runs (:mod:`kvtc_store.connectors.sglang_host`:
