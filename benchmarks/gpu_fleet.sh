@@ -49,7 +49,8 @@
 #                the CUDA tests of the device-side statistics and fit, and issue 23's
 #                path (2 actors sharing the GPU, num_gpus=0.5, 4-layer groups: two 8B
 #                models and their statistics must fit on one card; 64k tokens, ratio 16)
-#                -> $OUT/gpu_tests.txt, $OUT/fleet_shared_gpu.{json,md}
+#                -> $OUT/gpu_tests.txt, $OUT/fleet_shared_gpu.{json,md}. ONLY_SMOL=1: the
+#                SmolLM2 run and the CUDA tests only (no 8B model folder, no shared run).
 #   STAGE=four   float32 against float64 eigh on one 8B group covariance (16 windows)
 #                -> $OUT/eigh_check.{json,md}
 #
@@ -165,7 +166,8 @@ two)
   ;;
 three)
   install
-  build_model
+  # ONLY_SMOL=1: the SmolLM2 run and the CUDA tests only (no 8B model, no shared-GPU run)
+  [ -z "${ONLY_SMOL:-}" ] && build_model
   # SmolLM2 on the GPU (issue 19), where gpu_issue21.sh's STAGE=fp8kl (or JOIN_ONLY=1)
   # joined its GGUF on this warm machine: single process, then Ray with 1 and 2 workers
   # (two actors share the one GPU) on the same windows
@@ -180,7 +182,7 @@ three)
   rm -rf $PARTS/t && mkdir $PARTS/t && cp -r tests pyproject.toml $PARTS/t/
   (cd $PARTS/t && timeout 120 $PY -m pytest -q -rs -p no:cacheprovider -m gpu \
     tests/test_fleet_stats.py > $OUT/gpu_tests.txt 2>&1; echo "gpu tests rc=$?"; tail -4 $OUT/gpu_tests.txt)
-  timeout $(left) $FLEET --gpu-8b --mode ray \
+  [ -z "${ONLY_SMOL:-}" ] && timeout $(left) $FLEET --gpu-8b --mode ray \
     --model-dir $MODEL --data $PARTS/calib_ids.npy --tokens $(( TOKENS / 4 )) --ratios 16 \
     --workers 2 --gpus-per-worker $GPW --layers-per-group 4 --object-store-gb 8 $RUN_ARGS \
     --out $OUT/fleet_shared_gpu 2>&1 | grep -v "Warning\|Loading weights\|tokenizer" | tail -30

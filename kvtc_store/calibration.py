@@ -33,7 +33,14 @@ from .errors import ArtifactError, CalibrationError
 from .model import ModelInfo, cache_home, kv_from_cache, lm_forward
 from .samples import model_samples
 from .sensitivity import run_reporter, sensitivity_window
-from .texts import CORPORA, manpages_multilingual, numpy_docs, python_docs, shakespeare_plays
+from .texts import (
+    CORPORA,
+    manpages_multilingual,
+    numpy_docs,
+    python_docs,
+    python_sources,
+    shakespeare_plays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +168,7 @@ _TEXT_SOURCES = {
     "numpy": numpy_docs,
     "python-docs": lambda: python_docs("first"),
     "manpages": manpages_multilingual,
+    "pycode": python_sources,
 }
 SAMPLE_SEED = 0  # the calibration's sampling seed (held-out samples use others)
 

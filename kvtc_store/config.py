@@ -314,7 +314,7 @@ class CodecConfig(_Model):
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(48, ge=1)
     calibration_corpus: Literal[
-        "broad", "broad-ml", "manpages", "shakespeare+numpy", "shakespeare"
+        "broad", "broad-ml", "manpages", "pycode", "shakespeare+numpy", "shakespeare"
     ] = "broad"
     """Calibration text: ``broad`` (default: Shakespeare's comedies and histories,
     NumPy's docstrings, Python's reference docs and the model's own samples in turn),

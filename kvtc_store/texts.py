@@ -28,11 +28,14 @@ CORPORA = {
     "broad": ("shakespeare", "numpy", "python-docs", "samples"),
     "broad-ml": ("shakespeare", "numpy", "python-docs", "samples", "manpages"),
     "manpages": ("manpages",),
+    "pycode": ("pycode",),
 }
 """Calibration corpora: the sources whose windows they take in turn.
 
 ``manpages`` is those man pages alone: a specialist for non-English traffic, beside the
 default in a per-chunk mixture (benchmarks/rd's ``kvtc-mix-ml``), never a default on its own.
+``pycode`` is Python source alone (:func:`python_sources`): a specialist for code traffic
+in the same way (``kvtc-mix-code``).
 ``broad-ml`` adds one window in five of Debian's man pages in seven languages
 (``manpages``, :func:`manpages_multilingual`; fetched by ``make calibration-texts``). It
 lost to ``broad`` on the validation texts (worst genre's KL at target 16 0.0221 against
@@ -154,6 +157,43 @@ def manpages_multilingual(piece_chars: int = 6000) -> list[tuple[str, str]]:
     out = []
     for i in range(max(len(pieces) for pieces in per_lang)):
         out += [pieces[i] for pieces in per_lang if i < len(pieces)]
+    return out
+
+
+PYCODE_PACKAGES = ("networkx", "click", "jinja2", "requests")
+"""Packages whose Python source is the ``pycode`` calibration source, unpacked from pinned
+PyPI wheels by ``make calibration-texts`` (networkx 3.4.2, click 8.1.8, Jinja2 3.1.6,
+requests 2.32.3). The evaluation's ``code`` genre reads ``rich`` and the validation's
+``val-pycode`` reads ``attrs``, so neither is here."""
+
+
+def python_sources(piece_chars: int = 6000) -> list[tuple[str, str]]:
+    """``[(package, source piece), ...]``: the ``.py`` files of :data:`PYCODE_PACKAGES`
+    (sorted paths, each after a ``# <path>`` line, byte for byte), cut into pieces of about
+    ``piece_chars`` characters taken in turn from each package, so consecutive calibration
+    windows cycle through them.
+
+    Raises:
+        ModelNotFoundError: the wheels are not unpacked under
+            :func:`calibration_texts_dir` ``/py`` (run ``make calibration-texts``).
+    """
+    base = calibration_texts_dir() / "py"
+    per_pkg = []
+    for pkg in PYCODE_PACKAGES:
+        files = sorted((base / pkg).rglob("*.py"))
+        if not files:
+            raise ModelNotFoundError(
+                f"code calibration text missing: no Python files under {base / pkg} "
+                "(run `make calibration-texts`, or set KVTC_TEXTS)"
+            )
+        text = "\n".join(
+            f"# {f.relative_to(base)}\n{f.read_text(encoding='utf-8', errors='replace')}"
+            for f in files
+        )
+        per_pkg.append([(pkg, text[i : i + piece_chars]) for i in range(0, len(text), piece_chars)])
+    out = []
+    for i in range(max(len(pieces) for pieces in per_pkg)):
+        out += [pieces[i] for pieces in per_pkg if i < len(pieces)]
     return out
 
 

@@ -180,6 +180,33 @@ def test_multilingual_corpus_reads_the_man_pages_in_turn(smollm2, tmp_path, monk
         texts.manpages_multilingual()
 
 
+def test_code_corpus_reads_the_packages_sources_in_turn(smollm2, tmp_path, monkeypatch):
+    """``pycode``: Python source of the pinned packages, pieces in turn per package, each
+    file after its path line; its calibration windows are that text's tokens; never the
+    evaluation's ``rich`` or the validation's ``attrs``; without the unpacked wheels the
+    error names ``make calibration-texts``."""
+    import dataclasses
+
+    from kvtc_store import texts
+    from kvtc_store.calibration import CalibrationSettings, calibration_token_ids
+    from kvtc_store.errors import ModelNotFoundError
+
+    if not (texts.calibration_texts_dir() / "py" / "networkx").is_dir():
+        pytest.skip("needs `make calibration-texts` (.ci/run fetches them)")
+    _model, tok, _info = smollm2
+    pieces = texts.python_sources()
+    pkgs = [p for p, _ in pieces[: len(texts.PYCODE_PACKAGES)]]
+    assert pkgs == list(texts.PYCODE_PACKAGES)
+    assert pieces[0][1].startswith("# networkx/")
+    assert not {"rich", "attr", "attrs"} & set(texts.PYCODE_PACKAGES)
+    code = dataclasses.replace(CalibrationSettings(windows=2, window_tokens=128), corpus="pycode")
+    w = calibration_token_ids(tok, code).view(3, 128)
+    assert w[0].tolist() == tok(pieces[0][1]).input_ids[:128]
+    monkeypatch.setenv("KVTC_TEXTS", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="make calibration-texts"):
+        texts.python_sources()
+
+
 def test_capped_ratio_from_the_cached_fit_needs_no_model(smollm2, test_settings):
     """The artifact cap (default: 15% of the model's parameters from target 16 up) is
     applied from the cached fit too: the fit's folder keeps the model's parameter count.

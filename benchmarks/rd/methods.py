@@ -79,8 +79,12 @@ CODEC_ABLATIONS: dict[str, tuple[dict, int | None]] = {
     "kvtc-bf16exact": ({"exact_dtype": "bfloat16"}, None),
     "kvtc-fp8tail": ({"fp8_tail": True}, None),  # the batched codec only (CUDA)
 }
-# ablation name -> the specialists' corpus: ours' artifacts plus theirs, chosen per chunk
-MIXTURE_ABLATIONS: dict[str, str] = {"kvtc-mix-ml": "manpages"}
+# ablation name -> the specialists' corpora: ours' artifacts plus theirs, chosen per chunk
+MIXTURE_ABLATIONS: dict[str, tuple[str, ...]] = {
+    "kvtc-mix-ml": ("manpages",),
+    "kvtc-mix-code": ("pycode",),
+    "kvtc-mix-3": ("manpages", "pycode"),
+}
 ABLATIONS = ("kvtc-nocoder", *SETTINGS_ABLATIONS, *CODEC_ABLATIONS, *MIXTURE_ABLATIONS)
 ALL_METHODS = ("kvtc", *ABLATIONS, *BASELINES)
 DEFAULT_RATIOS = (4, 6, 8, 12, 16, 20, 24, 32, 48, 64)
@@ -171,14 +175,14 @@ def build_methods(
         if name in names:
             arts = calibrate(settings, list(ablation_ratios))
             kvtc_rows(name, "ablation", arts, ablation_ratios, options=options, window=window)
-    for name, corpus in MIXTURE_ABLATIONS.items():
+    for name, corpora in MIXTURE_ABLATIONS.items():
         if name not in names:
             continue
         rs = list(ablation_ratios)
-        spec = calibrate(dataclasses.replace(settings, corpus=corpus), rs)
-        for r, a, b in zip(rs, calibrate(settings, rs), spec):
+        specs = [calibrate(dataclasses.replace(settings, corpus=c), rs) for c in corpora]
+        for i, (r, a) in enumerate(zip(rs, calibrate(settings, rs))):
             out.append(KVTCMixture(name=name, target_ratio=float(r), kind="ablation",
-                                   codec=codec_of(a), others=[codec_of(b)],
+                                   codec=codec_of(a), others=[codec_of(s[i]) for s in specs],
                                    exact_window=exact_window))  # fmt: skip
     for name, make in BASELINES.items():
         if name in names:

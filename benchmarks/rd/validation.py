@@ -13,10 +13,14 @@ test. ``benchmarks/rate_distortion.py --texts validation`` runs the suite on the
   reads;
 - ``val-manpages-es``: Debian's Spanish manual pages (``manpages-es``), their groff markup
   stripped: non-English technical text no calibration corpus reads.
+- ``val-pycode``: the Python source of ``attrs`` 25.3.0 (PyPI wheel, its ``attr`` and
+  ``attrs`` packages; files in sorted order, each after a ``# <path>`` line): code that
+  neither the ``pycode`` calibration source nor the evaluation's ``code`` genre (``rich``)
+  reads.
 
 The first two ship with the project's own install (but the ``broad`` corpus calibrates on
 the first half of the Python docs, so ``val-pydoc`` is nearer to it than to the others);
-the last two come with ``make corpora``. None of them is an evaluation text.
+the last three come with ``make corpora``. None of them is an evaluation text.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import functools
 
 from kvtc_store.texts import strip_groff
 
-VALIDATION_GENRES = ("val-tragedies", "val-pydoc", "val-gcide", "val-manpages-es")
+VALIDATION_GENRES = ("val-tragedies", "val-pydoc", "val-gcide", "val-manpages-es", "val-pycode")
 
 
 def pydoc_second_half() -> list[tuple[str, str]]:
@@ -60,4 +64,8 @@ def validation_text(name: str) -> str:
 
         root = _need(corpora_dir() / "root" / "usr" / "share" / "man" / "es")
         return "\n\n".join(strip_groff(p) for p in sorted(root.glob("man*/*.gz")))
+    if name == "val-pycode":
+        from .genres import python_package
+
+        return python_package("attr") + "\n" + python_package("attrs")
     raise ValueError(f"unknown validation text {name!r}; known: {', '.join(VALIDATION_GENRES)}")
