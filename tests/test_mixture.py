@@ -14,6 +14,7 @@ import torch
 from kvtc_store.codec import (
     CalibrationStats,
     ChunkKV,
+    CodecArtifact,
     KVTCCodec,
     MixtureCodec,
     default_groups,
@@ -25,6 +26,7 @@ from kvtc_store.config import CodecConfig, codec_from_config, load_config
 from kvtc_store.errors import BlobMisfiledError, CodecMismatchError, ConfigError, MixtureError
 from kvtc_store.model import ModelInfo
 from kvtc_store.store import TieredStore
+from tests.test_calibrate_cli import tiny_model  # noqa: F401 - a tiny real model
 from tests.test_codec import FP, ROPE, D, H, L, P
 from tests.tiny_codec import CHUNK, tiny_artifact, tiny_codec, tiny_namespace, tiny_sequence
 
@@ -282,3 +284,36 @@ def test_members_of_another_ratio_shape_model_or_twice_are_refused(arts) -> None
         MixtureCodec([a8, KVTCCodec(arts["broad", 8.0])])
     with pytest.raises(MixtureError, match="at least one"):
         MixtureCodec([])
+
+
+# --- `kvtc-store calibrate --specialist` ---------------------------------------------------
+
+
+def test_calibrate_cli_calibrates_specialists_where_the_config_finds_them(
+    tiny_model,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
+) -> None:
+    """``--specialist`` calibrates each named corpus with the same settings and ratio, into
+    the cache folders ``codec.specialists`` reads; the main corpus twice is refused."""
+    from kvtc_store.cli import main
+    from kvtc_store.model import load_model
+
+    monkeypatch.setenv("KVTC_STORE_HOME", str(tmp_path / "home"))
+    args = ["calibrate", "--model", str(tiny_model), "--ratio", "8", "--windows", "2"]
+    args += ["--corpus", "shakespeare+numpy"]  # no sampling of the model; 2,048-token windows
+    assert main([*args, "--specialist", "shakespeare+numpy"]) == 2
+    assert "--specialist shakespeare+numpy" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main([*args, "--specialist", "shakespeare", "--out", str(out)]) == 0
+    assert "shakespeare: ratio 8:" in capsys.readouterr().out
+    spec = CodecArtifact.load(out / "shakespeare" / "cr8")
+    first = CodecArtifact.load(out / "cr8")
+    assert spec.calibration["corpus"] == "shakespeare"
+    assert first.calibration["corpus"] == "shakespeare+numpy"
+    _, _, info = load_model(tiny_model)
+    cfg = CodecConfig(target_ratio=8, calibration_windows=2,
+                      calibration_corpus="shakespeare+numpy", specialists=["shakespeare"])  # fmt: skip
+    codec = codec_from_config(cfg, info)  # from the cache calibrate wrote, no model run
+    assert [m.artifact.artifact_id for m in codec.members] == [first.artifact_id, spec.artifact_id]
