@@ -3,6 +3,7 @@
 kvtc-store demo [--ratio 16] [--doc-tokens 4000] [--windows 24]
 kvtc-store calibrate [--model PATH|HUB-ID|GGUF] [--data PATH ...] --ratio 8 16 [--out DIR]
                      [--windows 24] [--window-tokens 2048] [--layers-per-group N]
+                     [--specialist CORPUS ...]
 kvtc-store inspect BLOB_FILE [--json]
 kvtc-store stats --config store.yaml | --disk DIR [--capacity SIZE] [--json]
 kvtc-store admin {evict,verify,warm} ...; kvtc-store health --config store.yaml
@@ -100,6 +101,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from .calibration import (
@@ -114,6 +116,12 @@ def cmd_calibrate(args) -> int:
     # Everything that can be checked without the model is checked first.
     _check_publish_args(args, "kvtc-store calibrate")
     settings = _calibration_settings(args)
+    specialists = list(args.specialist or [])
+    for corpus in specialists:
+        if corpus == settings.corpus or specialists.count(corpus) > 1:
+            raise UsageError(
+                f"--specialist {corpus}: named twice, or the main calibration's corpus"
+            )
     text_data = bool(args.data) and needs_tokenizer(args.data)
     resolve_model(args.model)
     out = Path(args.out) if args.out else None
@@ -136,22 +144,27 @@ def cmd_calibrate(args) -> int:
             f"{info.name} has no tokenizer: give token-id data (--data FILE.jsonl or .npy)"
         )
     settings = settings_for_data(settings, ids)
+    runs = [(settings, out, "")]  # (settings, --out folder, label): the main one first
+    runs += [(replace(_calibration_settings(args), corpus=c), out and out / c, f"{c}: ")
+             for c in specialists]  # fmt: skip
     with closing(_ProgressBar()) as progress:
-        arts = load_or_calibrate(model, tok, info, args.ratio, settings, progress, ids)
+        done = [load_or_calibrate(model, tok, info, args.ratio, st, progress, ids if not i else None)
+                for i, (st, _, _) in enumerate(runs)]  # fmt: skip
     reg = _registry(args, create=True) if args.publish else None
-    for r, a in zip(args.ratio, arts):
-        where = a.save(out / f"cr{r:g}") if out is not None else artifact_dir(info, settings, r)
-        q = a.quality
-        print(
-            f"ratio {r:g}: {where}  measured honest ratio "
-            f"{q.get('honest_ratio', 0):.2f}, relative error {q.get('measured_nmse', 0):.4f}"
-        )
-        if reg is not None:
-            aid, created = reg.publish(a)
-            print(f"  published {aid} to {reg.url}" + ("" if created else " (already there)"))
-            if args.profile:
-                move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
-                print(f"  profile {args.profile}: {move.previous} -> {aid}")
+    for i, ((st, folder, label), arts) in enumerate(zip(runs, done)):
+        for r, a in zip(args.ratio, arts):
+            where = a.save(folder / f"cr{r:g}") if folder is not None else artifact_dir(info, st, r)
+            q = a.quality
+            print(
+                f"{label}ratio {r:g}: {where}  measured honest ratio "
+                f"{q.get('honest_ratio', 0):.2f}, relative error {q.get('measured_nmse', 0):.4f}"
+            )
+            if reg is not None:
+                aid, created = reg.publish(a)
+                print(f"  published {aid} to {reg.url}" + ("" if created else " (already there)"))
+                if args.profile and i == 0:  # a profile names one artifact: the main one
+                    move = reg.promote(a.model_fingerprint, aid, args.profile, reason=args.reason)
+                    print(f"  profile {args.profile}: {move.previous} -> {aid}")
     return 0
 
 
@@ -395,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(CORPORA),
         default=None,
         help="calibration text (default broad; see docs/config.md)",
+    )
+    c.add_argument(
+        "--specialist",
+        action="append",
+        choices=sorted(CORPORA),
+        metavar="CORPUS",
+        help="also calibrate on this built-in corpus with the same settings and ratios (a "
+        "specialist for codec.specialists' per-chunk mixture; repeat for more; written to "
+        "DIR/CORPUS/cr<ratio> with --out; published, never promoted; see docs/calibration.md)",
     )
     c.add_argument(
         "--max-artifact-share",

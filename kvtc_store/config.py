@@ -262,9 +262,23 @@ _CALIBRATION_FIELDS = (
     "layers_per_group",
     "calibration_windows",
     "calibration_corpus",
+    "specialists",
     "max_artifact_share",
     "quantizer",
 )
+
+CorpusName = Literal["broad", "broad-ml", "manpages", "pycode", "shakespeare+numpy", "shakespeare"]
+"""A built-in calibration corpus (:data:`kvtc_store.texts.CORPORA`)."""
+
+
+def _corpus_list(value: object) -> object:
+    """``specialists`` as a list: null is none, a text is a comma-separated list (so
+    ``KVTC_STORE_CODEC__SPECIALISTS=manpages`` works as ``[manpages]``)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    return value
 
 
 class RegistryConfig(_Model):
@@ -313,12 +327,17 @@ class CodecConfig(_Model):
     target_ratio: StrictFloat = Field(16.0, gt=1)
     layers_per_group: StrictInt | None = Field(None, ge=1)
     calibration_windows: StrictInt = Field(48, ge=1)
-    calibration_corpus: Literal[
-        "broad", "broad-ml", "manpages", "pycode", "shakespeare+numpy", "shakespeare"
-    ] = "broad"
+    calibration_corpus: CorpusName = "broad"
     """Calibration text: ``broad`` (default: Shakespeare's comedies and histories,
     NumPy's docstrings, Python's reference docs and the model's own samples in turn),
     ``shakespeare+numpy`` (the default before) or the plays only (see docs/config.md)."""
+    specialists: Annotated[list[CorpusName], BeforeValidator(_corpus_list)] = Field(
+        default_factory=list
+    )
+    """Calibrate-on-demand: more calibrations, one per corpus named, with the same ratio,
+    windows and model; each chunk is stored with whichever calibration reconstructs it
+    best (:class:`~kvtc_store.codec.MixtureCodec`). Empty by default: each doubles the
+    encode work and adds an artifact's memory (docs/calibration.md)."""
     max_artifact_share: float | None = Field(0.15, gt=0, le=1)
     """Cap on the artifact's stored parameters as a share of the model's, at target ratios
     of 16 and more (null: no cap)."""
@@ -338,7 +357,18 @@ class CodecConfig(_Model):
 
     @model_validator(mode="after")
     def _artifact_or_calibration(self) -> CodecConfig:
-        both = [f for f in _CALIBRATION_FIELDS if f in self.model_fields_set]
+        both = [
+            f
+            for f in _CALIBRATION_FIELDS
+            if f in self.model_fields_set and (f != "specialists" or self.specialists)
+        ]
+        if self.calibration_corpus in self.specialists:
+            raise ValueError(
+                f"specialists: {self.calibration_corpus!r} is the calibration_corpus already"
+            )
+        twice = sorted({c for c in self.specialists if self.specialists.count(c) > 1})
+        if twice:
+            raise ValueError(f"specialists: {', '.join(twice)} named twice")
         if self.artifact is not None and self.registry is not None:
             raise ValueError("give either artifact or registry, not both")
         source = "artifact" if self.artifact is not None else "registry"
@@ -348,6 +378,20 @@ class CodecConfig(_Model):
                 f"({source} is set, and so is {', '.join(both)})"
             )
         return self
+
+    def calibration_settings(self, corpus: str | None = None):
+        """The :class:`~kvtc_store.calibration.CalibrationSettings` of calibrate-on-demand
+        for ``corpus`` (default ``calibration_corpus``; a specialist's is the same but
+        for the corpus)."""
+        from .calibration import CalibrationSettings
+
+        return CalibrationSettings(
+            windows=self.calibration_windows,
+            layers_per_group=self.layers_per_group,
+            corpus=corpus or self.calibration_corpus,
+            max_artifact_share=self.max_artifact_share,
+            quantizer=self.quantizer,
+        )
 
 
 class MetricsConfig(_Model):
@@ -754,7 +798,9 @@ def codec_from_config(
       ``layers_per_group``: the artifact cached by an earlier
       calibration with those settings is reused; if there is none, ``model`` and
       ``tokenizer`` (from :func:`kvtc_store.model.load_model`) are run to calibrate one
-      (minutes on a CPU) and it is saved to the cache.
+      (minutes on a CPU) and it is saved to the cache. With ``specialists``, one more
+      artifact per corpus named, the same way, and the codecs in a
+      :class:`~kvtc_store.codec.MixtureCodec` (the default corpus's first).
 
     Args:
         cfg: the store config (or its ``codec`` part).
@@ -771,7 +817,7 @@ def codec_from_config(
             ``codec.device`` cannot be used.
         CalibrationError: calibration cannot run.
     """
-    from .codec import CodecArtifact, make_codec
+    from .codec import CodecArtifact, MixtureCodec, make_codec
 
     c = cfg.codec if isinstance(cfg, StoreConfig) else cfg
     if c.registry is not None:
@@ -780,45 +826,55 @@ def codec_from_config(
         art = CodecArtifact.load(c.artifact)
         if model_info is not None:
             art.check_model(model_info.fingerprint, model_info.kv_shape)
+        arts = [art]
     else:
         if model_info is None:
             raise ConfigError(
                 "codec: no artifact is set, so the codec is calibrated for the served "
                 "model: pass model_info (or set codec.artifact)"
             )
-        from .calibration import CalibrationSettings, artifact_dir, load_or_calibrate
-
-        settings = CalibrationSettings(
-            windows=c.calibration_windows,
-            layers_per_group=c.layers_per_group,
-            corpus=c.calibration_corpus,
-            max_artifact_share=c.max_artifact_share,
-            quantizer=c.quantizer,
-        )
-        cached = artifact_dir(model_info, settings, c.target_ratio)
-        if model is not None and tokenizer is not None:
-            art = load_or_calibrate(
-                model, tokenizer, model_info, [c.target_ratio], settings, progress
-            )[0]
-        elif (cached / "manifest.json").is_file():
-            art = CodecArtifact.load(cached)
-            art.check_model(model_info.fingerprint, model_info.kv_shape)
-        else:
-            raise ConfigError(
-                f"codec: no artifact is set and none is cached at {cached} for "
-                f"{model_info.name} at ratio {c.target_ratio:g}; pass model and tokenizer "
-                "to calibrate one, run `kvtc-store calibrate`, or set codec.artifact"
-            )
+        arts = [
+            _calibrated_artifact(c, corpus, model_info, model, tokenizer, progress)
+            for corpus in [c.calibration_corpus, *c.specialists]
+        ]
     try:
-        return make_codec(
-            art,
-            coder=c.coder,
-            device=c.device,
-            exact_dtype=c.exact_dtype,
-            rate_control=c.rate_control,
-        )
+        codecs = [
+            make_codec(
+                a,
+                coder=c.coder,
+                device=c.device,
+                exact_dtype=c.exact_dtype,
+                rate_control=c.rate_control,
+            )
+            for a in arts
+        ]
     except (RuntimeError, AssertionError) as exc:  # torch: bad device string, no CUDA
         raise ConfigError(f"codec.device: cannot use device {c.device!r}: {exc}") from exc
+    return codecs[0] if len(codecs) == 1 else MixtureCodec(codecs)
+
+
+def _calibrated_artifact(c: CodecConfig, corpus: str, model_info: ModelInfo, model, tokenizer,
+                         progress):  # fmt: skip
+    """Calibrate-on-demand's artifact for ``corpus``: cached, or calibrated when a model
+    and tokenizer are given (see :func:`codec_from_config`)."""
+    from .calibration import artifact_dir, load_or_calibrate
+    from .codec import CodecArtifact
+
+    settings = c.calibration_settings(corpus)
+    cached = artifact_dir(model_info, settings, c.target_ratio)
+    if model is not None and tokenizer is not None:
+        return load_or_calibrate(
+            model, tokenizer, model_info, [c.target_ratio], settings, progress
+        )[0]
+    if not (cached / "manifest.json").is_file():
+        raise ConfigError(
+            f"codec: no artifact is set and none is cached at {cached} for "
+            f"{model_info.name} at ratio {c.target_ratio:g} (corpus {corpus}); pass model "
+            "and tokenizer to calibrate one, run `kvtc-store calibrate`, or set codec.artifact"
+        )
+    art = CodecArtifact.load(cached)
+    art.check_model(model_info.fingerprint, model_info.kv_shape)
+    return art
 
 
 def open_config_registry(c: CodecConfig):

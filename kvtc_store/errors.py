@@ -52,6 +52,12 @@ class ArtifactModelMismatchError(ArtifactError):
     """The codec artifact was calibrated for another model (fingerprint or KV shape differ)."""
 
 
+class MixtureError(ArtifactError):
+    """Codecs given to a per-chunk mixture (:class:`~kvtc_store.codec.MixtureCodec`) do
+    not fit together: none, one artifact twice, or members of another model, KV shape,
+    target ratio or device; the message names the member."""
+
+
 class ChunkLayoutError(KVTCError):
     """An engine handed a chunk whose tensor layout is not the one the connector expects
     (another KV format, or another model's layers, heads or head dim)."""

@@ -25,6 +25,13 @@ Per tier (label ``tier``), read from the tiers at scrape time (no double bookkee
 Per store: ``kvtc_encode_seconds`` and ``kvtc_decode_seconds`` (histograms, one
 observation per ``put`` encode and per ``get`` decode), ``kvtc_encode_chunks_total``,
 ``kvtc_store_chunks_served_total`` (label ``source``: a tier, ``write-queue`` or
+``prefetch``), ``kvtc_store_corrupt_chunks_total``, ``kvtc_store_misfiled_chunks_total``,
+``kvtc_store_undecodable_chunks_total``.
+
+With a codec that follows a registry profile (``codec.registry``;
+:class:`~kvtc_store.registry.VersionedCodec`), :class:`VersionMetrics` adds:
+
+========================================  ===================================================
 ``kvtc_codec_current_info``               1, labels ``profile`` and ``artifact_id``: what
                                           new chunks are encoded with
 ``kvtc_codec_artifact_hits_total``        chunks decoded, by ``artifact_id``
@@ -33,14 +40,11 @@ observation per ``put`` encode and per ``get`` decode), ``kvtc_encode_chunks_tot
 ``kvtc_codec_refresh_failures_total``     pointer reads that failed (registry unreachable)
 ``kvtc_codec_cached_artifacts``           artifacts held in memory
 ========================================  ===================================================
-=======
-``prefetch``), ``kvtc_store_corrupt_chunks_total``, ``kvtc_store_misfiled_chunks_total``,
-``kvtc_store_undecodable_chunks_total``.
 
-With a codec that follows a registry profile (``codec.registry``;
-:class:`~kvtc_store.registry.VersionedCodec`), :class:`VersionMetrics` adds:
-
-========================================  ============================================"""
+With a per-chunk mixture of calibrations (``codec.specialists``;
+:class:`~kvtc_store.codec.MixtureCodec`), :class:`MixtureMetrics` adds
+``kvtc_codec_mixture_chunks_chosen_total``: chunks encoded with each member (labels
+``artifact_id`` and ``name``, the member's calibration corpus)."""
 
 from __future__ import annotations
 
@@ -163,6 +167,34 @@ class VersionMetrics(Collector):
             "Codec artifacts held in memory.",
             value=len(c.cached_ids()),
         )
+
+
+class MixtureMetrics(Collector):
+    """The per-member counters of a :class:`~kvtc_store.codec.MixtureCodec`, read at
+    scrape time: ``kvtc_codec_mixture_chunks_chosen_total`` (labels ``artifact_id`` and
+    ``name``, the member's calibration corpus)."""
+
+    def __init__(self, codec) -> None:
+        self.codec = codec
+
+    def collect(self) -> Iterator[Metric]:
+        chosen = CounterMetricFamily(
+            "kvtc_codec_mixture_chunks_chosen",
+            "Chunks encoded with each member of a per-chunk codec mixture.",
+            labels=["artifact_id", "name"],
+        )
+        for aid, name, n in self.codec.chosen_by_artifact():
+            chosen.add_metric([aid, name], n)
+        yield chosen
+
+
+def register_codec_metrics(codec, registry: CollectorRegistry) -> None:
+    """Add a codec's own metrics to a store's registry: a registry-following codec's
+    (its ``register_metrics``), a mixture's (:class:`MixtureMetrics`); others have none."""
+    if hasattr(codec, "register_metrics"):
+        codec.register_metrics(registry)
+    elif hasattr(codec, "chosen_by_artifact"):
+        registry.register(MixtureMetrics(codec))
 
 
 class StoreMetrics:

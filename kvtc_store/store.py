@@ -43,7 +43,7 @@ from .errors import (
 )
 from .guard import BreakerSettings
 from .keys import ChunkNamespace, chunk_keys
-from .metrics import StoreMetrics
+from .metrics import StoreMetrics, register_codec_metrics
 from .model import ModelInfo
 from .tierstack import TierStack, WriteMode
 from .writedown import FlushResult
@@ -188,8 +188,7 @@ class TieredStore:
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.metrics = StoreMetrics(self._stack, metrics_registry)
-        if hasattr(codec, "register_metrics"):  # a codec following a registry profile
-            codec.register_metrics(self.metrics.registry)
+        register_codec_metrics(codec, self.metrics.registry)  # versions, mixture members
         self._stats = StoreStats()
         self._lock = threading.Lock()  # stats and the prefetch state
         self._prefetch_pool: ThreadPoolExecutor | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtc_store.codec import KVTCCodec
+from kvtc_store.codec import KVTCCodec, MixtureCodec
 from kvtc_store.codec.blob import unpack_blob_header
 
 from .base import KVMethod, Roundtrip
@@ -41,10 +41,14 @@ class KVTC(KVMethod):
 
     @torch.no_grad()
     def roundtrip(self, keys, values, first_position=0) -> Roundtrip:
-        blobs = self.codec.encode_sequence(
+        return self._roundtrip_with(self.codec, keys, values, first_position)
+
+    def _roundtrip_with(self, codec, keys, values, first_position) -> Roundtrip:
+        """Store and read back the sequence as the store does, with ``codec``."""
+        blobs = codec.encode_sequence(
             keys, values, first_position, chunk_tokens=self.chunk_tokens, window=self.window()
         )
-        chunks, error = self.codec.decode_prefix(blobs, device=keys.device, dtype=keys.dtype)
+        chunks, error = codec.decode_prefix(blobs, device=keys.device, dtype=keys.dtype)
         if error is not None:
             raise error
         return Roundtrip(
@@ -104,52 +108,41 @@ class KVTCFixedWidth(KVTC):
 
 @dataclass
 class KVTCMixture(KVTC):
-    """Per-chunk choice among several calibrations of one target ratio: every chunk is
-    encoded by each codec and stored as the blob whose decode is nearest the chunk (the
-    sum over K and V of the squared error over the chunk's energy). The blob's header
-    names its artifact, so a decoder holding every artifact (as a registry's
-    :class:`~kvtc_store.registry.VersionedCodec` does) reads it back. ``codec`` is the
-    first (the default calibration); ``others`` the specialists."""
+    """Per-chunk choice among several calibrations of one target ratio, through the
+    store's :class:`~kvtc_store.codec.MixtureCodec`: every chunk is encoded by each codec
+    and stored as the blob whose decode is nearest the chunk (the sum over K and V of the
+    squared error over the chunk's energy), then the stored blobs are decoded as the store
+    decodes them (each by the artifact its header names). ``codec`` is the first (the
+    default calibration); ``others`` the specialists; ``chosen`` the chunks each codec
+    was chosen for since the last reset."""
 
     others: list = field(default_factory=list, repr=False)
-    chosen: list = field(default_factory=list, repr=False)  # per codec: chunks chosen
+    mixture: MixtureCodec | None = field(default=None, repr=False)
+    _since: list = field(default_factory=list, init=False, repr=False)
+
+    def _mixture(self) -> MixtureCodec:
+        codecs = [self.codec, *self.others]
+        if self.mixture is None or self.mixture.members != codecs:
+            self.mixture = MixtureCodec(codecs)
+        return self.mixture
+
+    @property
+    def chosen(self) -> list[int]:
+        """Chunks encoded with each codec (``codec`` first), over the round trips since
+        the last reset."""
+        now = self._mixture().chosen
+        return [n - s for n, s in zip(now, self._since or [0] * len(now))]
+
+    @chosen.setter
+    def chosen(self, value: list) -> None:
+        """``chosen = []`` resets the tally (the benchmark does, per genre)."""
+        if list(value):
+            raise ValueError("chosen can only be reset (set to [])")
+        self._since = self._mixture().chosen
 
     @torch.no_grad()
     def roundtrip(self, keys, values, first_position=0) -> Roundtrip:
-        codecs = [self.codec, *self.others]
-        if len(self.chosen) != len(codecs):
-            self.chosen = [0] * len(codecs)
-        runs = []
-        for codec in codecs:
-            blobs = codec.encode_sequence(
-                keys, values, first_position, chunk_tokens=self.chunk_tokens,
-                window=self.window(),
-            )  # fmt: skip
-            chunks, error = codec.decode_prefix(blobs, device=keys.device, dtype=keys.dtype)
-            if error is not None:
-                raise error
-            runs.append((blobs, chunks))
-        out_k, out_v, sizes, tokens = [], [], [], []
-        start = 0
-        for i in range(len(runs[0][1])):
-            n = runs[0][1][i].keys.shape[2]
-            k = keys[:, :, start : start + n].float()
-            v = values[:, :, start : start + n].float()
-            ek, ev = k.pow(2).sum().clamp_min(1e-30), v.pow(2).sum().clamp_min(1e-30)
-
-            def err(c, k=k, v=v, ek=ek, ev=ev) -> float:
-                return float((c.keys.float() - k).pow(2).sum() / ek
-                             + (c.values.float() - v).pow(2).sum() / ev)  # fmt: skip
-
-            best = min(range(len(runs)), key=lambda j: err(runs[j][1][i]))
-            self.chosen[best] += 1
-            blob, chunk = runs[best][0][i], runs[best][1][i]
-            out_k.append(chunk.keys)
-            out_v.append(chunk.values)
-            sizes.append(self.stored_bytes(blob))
-            tokens.append(n)
-            start += n
-        return Roundtrip(torch.cat(out_k, dim=2), torch.cat(out_v, dim=2), sizes, tokens)
+        return self._roundtrip_with(self._mixture(), keys, values, first_position)
 
     def facts(self) -> dict:
         facts = super().facts()

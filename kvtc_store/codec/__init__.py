@@ -6,7 +6,8 @@ The codec knows tensors and bytes only, never storage. Public API:
 - :class:`CodecArtifact`: the calibrated codec, saved as safetensors + JSON manifest.
 - :class:`Codec` (the protocol: ``encode_batch``, ``decode_batch(out=)``), its CPU
   reference :class:`KVTCCodec` and the batched CUDA codec (:mod:`.gpu`);
-  :func:`make_codec` picks one.
+  :func:`make_codec` picks one; :class:`MixtureCodec` chooses among codecs of several
+  calibrations per chunk.
 - :class:`ChunkKV`: a batch of chunks in a contiguous cache or an engine's pages.
 - :mod:`.format`: the blob header, spans and dtypes.
 """
@@ -25,6 +26,7 @@ from .entropy import get_coder, register_coder
 from .factory import make_codec
 from .features import default_groups
 from .layout import ChunkKV
+from .mixture import MixtureCodec
 from .position import estimate_first_position
 from .protocol import ChunkBatch, Codec, DecodedBatch, DecodedChunk
 from .rope import RopeParams, apply_rope, undo_rope
@@ -39,6 +41,7 @@ __all__ = [
     "DecodedChunk",
     "FeatureGroup",
     "KVTCCodec",
+    "MixtureCodec",
     "PCAFit",
     "PlanRange",
     "RopeParams",
