@@ -42,8 +42,9 @@ The general-purpose coder over a blob's payload (the header's ``coder``; by defa
 byte planes DEFLATE shrinks): ``none`` goes to the device as it is; ``deflate64k`` (RAW DEFLATE in independent 64 KiB pieces,
 :mod:`kvtc_store.codec.entropy`; what a request for ``deflate`` writes) is deflated and
 inflated by nvCOMP on the device where ``nvidia-nvcomp-cu13`` is installed
-(:mod:`.nvcomp_coder`), all pieces of a batch in one call, else by ISA-L or zlib on the
-host; older single-stream ``deflate`` payloads are inflated there too, one stream each.
+(:mod:`.nvcomp_coder`), all pieces of a batch in one call (a GPU tier's device blobs
+from their device copy: only the piece table comes to the host), else by ISA-L or zlib on
+the host; older single-stream ``deflate`` payloads are inflated there too, one stream each.
 The streams are the same format either way.
 
 Sources: KVTC (Staniszewski & Łańcucki, arXiv 2511.01815, §3); RoPE in Hugging Face's
@@ -73,6 +74,7 @@ from ..entropy import (
     read_piece_table,
     stored_parts,
     stored_size,
+    table_size,
 )
 from ..exact import DEFAULT_EXACT_DTYPE, exact_nbytes, pack_exact, unpack_exact
 from ..features import group_slices
@@ -951,7 +953,10 @@ class GpuCodec(CodecBase):
                 continue
             try:
                 coder = get_coder(p.header.coder)
-                p.raw = memoryview(coder.decode(bytes(p.packed), p.stream_len + p.exact_len))
+                packed = p.packed
+                if isinstance(packed, torch.Tensor):  # a device blob's
+                    packed = packed.cpu().numpy()
+                p.raw = memoryview(coder.decode(bytes(packed), p.stream_len + p.exact_len))
             except BlobError as exc:
                 return parsed[:i], exc
             p.packed = None
@@ -966,8 +971,8 @@ class GpuCodec(CodecBase):
         checks = [
             (i, host_pool().submit(payload_intact, p.header, p.packed))
             for i, p in enumerate(parsed)
-            if p.packed is not None
-        ]
+            if p.packed is not None and not isinstance(p.packed, torch.Tensor)
+        ]  # device blobs (a GPU tier's) stay unchecked, as ``none`` ones do
         for i, check in checks:
             if not check.result():
                 for _, c in checks:
@@ -998,6 +1003,16 @@ class GpuCodec(CodecBase):
                 return parsed, BlobCorruptError(f"blob does not decode: {exc}")
         return parsed, None
 
+    @staticmethod
+    def _pieces(table, raw_len: int, length: int) -> tuple[np.ndarray, ...]:
+        """A ``deflate64k`` payload's pieces (``_Blob.pieces``: offsets, coded sizes, raw
+        offsets, raw sizes) from its piece ``table`` (the payload, or its start), checked
+        against the payload's ``length`` and ``raw_len``."""
+        starts, sizes = read_piece_table(table, raw_len, length)
+        raw_sizes = piece_raw_sizes(raw_len)
+        raw_at = PIECE_SIZE * np.arange(len(raw_sizes), dtype=np.int64)
+        return starts, sizes, raw_at, raw_sizes
+
     def _parse(self, header: BlobHeader, payload: memoryview) -> _Blob:
         """Check one blob's header against this codec and locate its sections. A ``none``
         payload is left in place, its checksum unverified (``_Blob.payload``); a
@@ -1020,24 +1035,30 @@ class GpuCodec(CodecBase):
             raise BlobCorruptError("rANS stream of odd length")
         if want["stream"] < 4 * (b - a) * self.tables.interleave:
             raise BlobCorruptError("rANS stream shorter than its lanes' states")
+        raw_len = sum(want.values())
         if isinstance(payload, torch.Tensor):  # a device blob (a GPU tier's)
             if header.coder == "none" and payload.device == self.device:
-                if payload.numel() != sum(want.values()):
+                if payload.numel() != raw_len:
                     raise BlobCorruptError(f"payload of {payload.numel()} bytes, sections {want}")
                 # stays on the device: no checksum on the host (the tier's copy of what
                 # was put; the rANS decoder's final-state check still catches a bad stream)
                 return _Blob(header, a, b, payload, want["stream"], want["exact"], None)
+            deflated = header.coder == "deflate64k" and self._deflater is not None
+            if deflated and raw_len and payload.device == self.device:
+                # stays on the device too, inflated there by nvCOMP: only its piece table
+                # comes to the host (no checksum, as above; nvCOMP's failure falls back to
+                # the host, which names a bad piece)
+                table = payload[: table_size(raw_len)].cpu().numpy()
+                pieces = self._pieces(table, raw_len, payload.numel())
+                return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload,
+                             pieces)  # fmt: skip
             payload = memoryview(payload.cpu().numpy())  # inflated on the host, or moved
         if header.coder == "none":  # no copy: the payload goes straight to pinned memory
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
             return _Blob(header, a, b, payload, want["stream"], want["exact"], payload)
-        raw_len = sum(want.values())
         if self._deflater is not None and raw_len and header.coder == "deflate64k":
-            starts, sizes = read_piece_table(payload, raw_len)  # inflated on the device
-            raw_sizes = piece_raw_sizes(raw_len)
-            raw_at = PIECE_SIZE * np.arange(len(raw_sizes), dtype=np.int64)
-            pieces = (starts, sizes, raw_at, raw_sizes)
+            pieces = self._pieces(payload, raw_len, len(payload))  # inflated on the device
             return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload, pieces)
         if self._deflater is not None and raw_len and header.coder == "deflate" and payload:
             one = (np.zeros(1, np.int64), np.array([len(payload)]), np.zeros(1, np.int64),
