@@ -70,6 +70,7 @@ from benchmarks.rd.data import CTX, RETRIEVAL_SETS, TEXT_SETS, windows
 from benchmarks.rd.engine import Runner
 from benchmarks.rd.kvtc import KVTC
 from benchmarks.rd.retrieval import TASKS, GroupResult, RetrievalGroup
+from kvtc_store.codec.exact import DEFAULT_EXACT_DTYPE, EXACT_DTYPES
 
 log = logging.getLogger("rate_distortion")
 RESULTS = Path(__file__).parent / "results"
@@ -135,9 +136,9 @@ def parse(argv) -> argparse.Namespace:
     )
     p.add_argument(
         "--exact-dtype",
-        choices=["bfloat16", "float8_e4m3fn"],
-        default="bfloat16",
-        help="how ours stores its exact tokens (sinks, recent window)",
+        choices=EXACT_DTYPES,
+        default=DEFAULT_EXACT_DTYPE,
+        help="how ours stores its exact tokens (sinks, recent window; default %(default)s)",
     )
     p.add_argument(
         "--exact-window",

@@ -344,13 +344,16 @@ class CodecConfig(_Model):
     quantizer: Literal["rans", "minmax"] = "rans"
     """``rans``: calibrated steps + rANS (default); ``minmax``: per-token min/max (paper)."""
     coder: Literal["deflate", "deflate64k", "none"] | None = None
-    """General-purpose pass over blob payloads; default: none for rans, deflate for minmax.
-    ``deflate`` writes ``deflate64k`` (DEFLATE in 64 KiB pieces; older single-stream
-    ``deflate`` blobs still decode)."""
+    """General-purpose pass over blob payloads; default: none for rans (but deflate64k
+    for blobs that hold exact tokens in ``bfloat16-planes``), deflate for minmax; a name
+    applies to every blob. ``deflate`` writes ``deflate64k`` (DEFLATE in 64 KiB pieces;
+    older single-stream ``deflate`` blobs still decode)."""
     device: str = Field("cpu", min_length=1)
-    exact_dtype: Literal["bfloat16", "float8_e4m3fn"] = "bfloat16"
-    """How new blobs store their exact tokens (sinks, recent window): ``bfloat16`` as
-    cached, or ``float8_e4m3fn`` (half the bytes, a float16 scale per vector)."""
+    exact_dtype: Literal["bfloat16-planes", "bfloat16", "float8_e4m3fn"] = "bfloat16-planes"
+    """How new blobs store their exact tokens (sinks, recent window): ``bfloat16-planes``
+    (the cached bfloat16 values bit for bit, in byte planes that the blob's DEFLATE
+    shrinks about 1.4x), ``bfloat16`` as cached, or ``float8_e4m3fn`` (half the bytes, a
+    float16 scale per vector, lossy). Blobs of any of them decode."""
     rate_control: StrictBool = True
     """Scale each chunk's quantisation steps so that its blob lands on the target ratio
     (``rans`` only); false: the calibrated steps, the ratio following the content."""

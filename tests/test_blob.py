@@ -545,15 +545,17 @@ def test_deflate_payload_is_raw_streams_of_64k_pieces(codec, blob, chunk) -> Non
     assert header.coder == "deflate64k"  # what a request for "deflate" writes
     raw = _inflate_with_zlib(payload)
     assert len(raw) == sum(header.sections.values())
-    # sections in order (scales, codes | stream), exact; exact is bf16 keys then values
+    # sections in order (scales, codes | stream), exact; exact is bfloat16-planes: the
+    # bf16 values of keys then values in (L, H, D, n) order, every high byte, then every
+    # low byte (docs/blob-format.md), read here with numpy alone
     keys, values = chunk
     idx = [0, 1, 2, 3, 34, 35, 36, 37, 38, 39]
     exact = raw[sum(v for k, v in header.sections.items() if k != "exact") :]
-    want = b"".join(
-        t[:, :, idx].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
-        for t in (keys, values)
-    )
-    assert exact == want
+    bf16 = [t[:, :, idx].to(torch.bfloat16).view(torch.int16).numpy() for t in (keys, values)]
+    bits = np.stack(bf16).view(np.uint16).transpose(0, 1, 2, 4, 3).reshape(-1)
+    assert header.exact_dtype == "bfloat16-planes"
+    hi, lo = (bits >> 8).astype(np.uint8), (bits & 0xFF).astype(np.uint8)
+    assert exact == hi.tobytes() + lo.tobytes()
 
 
 def test_payload_written_by_zlib_decodes_the_same(codec, blob) -> None:
@@ -591,7 +593,7 @@ def test_coder_none_stores_sections_verbatim(arts, codec, chunk, blob) -> None:
 def test_header_records_the_chunk(codec, blob) -> None:
     header = codec.read_header(blob)
     assert header.shape == [L, H, D, 40]
-    assert header.dtype == "float32" and header.exact_dtype == "bfloat16"
+    assert header.dtype == "float32" and header.exact_dtype == "bfloat16-planes"
     assert header.first_position == 0 and header.exact_tail == 6 and header.n_sink == 4
     assert header.model == FP and header.artifact_id == codec.artifact.artifact_id
     assert header.artifact_version == codec.artifact.version

@@ -75,7 +75,7 @@ def test_example_loads_with_the_right_types() -> None:
     assert (cfg.chunk_tokens, cfg.tenant, cfg.write_mode) == (256, "", "write-through")
     assert (cfg.write_queue_chunks, cfg.prefetch_buffer, cfg.metrics.port) == (256, 256 * MiB, None)
     assert cfg.codec == CodecConfig(target_ratio=16, calibration_windows=48)
-    assert cfg.codec.rate_control is True and cfg.codec.exact_dtype == "bfloat16"
+    assert cfg.codec.rate_control is True and cfg.codec.exact_dtype == "bfloat16-planes"
     assert cfg.codec.artifact is None and type(cfg.codec.target_ratio) is float
 
 

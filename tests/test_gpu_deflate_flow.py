@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from kvtc_store.backends.gpu import HEAD_BYTES, DeviceBlob
 from kvtc_store.codec import KVTCCodec, entropy
 from kvtc_store.codec.blob import PAYLOAD_CHECKSUM_MISMATCH, pack_blob, unpack_blob
 from kvtc_store.codec.entropy import DeflateCoder
@@ -254,3 +255,37 @@ def test_host_fallback_when_nvcomp_fails(arts, calls, monkeypatch, caplog):  # n
     for b in range(2):
         ref = cpu.decode(blobs[b], dtype=torch.float32)
         assert (dec.keys[b] - ref.keys).abs().max().item() < 2e-3 * keys.abs().max().item()
+
+
+@RANS_ONLY
+def test_default_coder_per_blob_and_device_blobs_inflate_in_place(arts, calls):  # noqa: F811
+    """With the default coder the GPU codec writes what the CPU codec writes: ``deflate64k``
+    for the blob with exact tokens (``bfloat16-planes``), ``none`` for the one without.
+    Given as device blobs (a GPU tier's), the ``deflate64k`` one is inflated by nvCOMP
+    from its device copy: no blob byte crosses from the host, and the chunks decode as
+    from host bytes."""
+    art, keys, values, firsts = _case(arts)
+    cpu = KVTCCodec(art)
+    gpu = GpuCodec(art, "cpu", nvcomp=True)
+    tails = [0, 17]
+    firsts = [max(int(f), 4) for f in firsts]  # no sinks: only the tail is exact
+    blob_g = gpu.encode_batch(keys, values, firsts, tails)
+    blob_c = [cpu.encode(keys[i], values[i], firsts[i], tails[i]) for i in range(2)]
+    for blobs in (blob_g, blob_c):
+        coders = [unpack_blob(b)[0].coder for b in blobs]
+        assert coders == ["none", "deflate64k"]
+        assert unpack_blob(blobs[1])[0].exact_dtype == "bfloat16-planes"
+    on_host = gpu.decode_batch(blob_g, dtype=torch.float32)
+    device_blobs = [  # as GPUBackend.get_device hands them out
+        DeviceBlob(torch.frombuffer(bytearray(b), dtype=torch.uint8), b[:HEAD_BYTES])
+        for b in blob_g
+    ]
+    before = dict(gpu.transfers)
+    del calls[:]
+    on_device = gpu.decode_batch(device_blobs, dtype=torch.float32)
+    moved = {x: gpu.transfers[x] - before[x] for x in before}
+    assert on_device.count == 2 and on_device.error is None
+    assert [c[0] for c in calls] == ["decode"]  # inflated by the (stand-in) nvCOMP
+    assert moved["h2d_blob_bytes"] == 0 and moved["d2d_blob_bytes"] > 0
+    assert torch.equal(on_device.keys[:2], on_host.keys[:2])
+    assert torch.equal(on_device.values[:2], on_host.values[:2])

@@ -113,6 +113,10 @@ def test_gpu_tier_hits_send_no_blob_bytes_from_the_host(arts) -> None:  # noqa: 
     for name, tier in (("gpu", GPUBackend(64 << 20, device=DEV)),
                        ("memory", MemoryBackend(64 << 20))):  # fmt: skip
         gpu = GpuCodec(art, device=DEV)
+        if gpu._deflater is None:  # no nvCOMP: deflate64k blobs (those with exact tokens)
+            # inflate on the host; their device path is tested with a stand-in nvCOMP in
+            # test_gpu_deflate_flow.py, so here the exact tokens are stored as cached
+            gpu = GpuCodec(art, device=DEV, exact_dtype="bfloat16")
         with TieredStore([tier], gpu, ns, chunk_tokens=T) as store:
             store.put(tokens, k, v)
             caches, kp, vp = _pages()

@@ -4,7 +4,8 @@ Encode: undo RoPE on keys → per feature group subtract the mean and project on
 principal components → quantise each planned range per token → bit-pack → entropy-code
 → blob. Tokens at absolute positions below ``n_sink`` (attention sinks) and the last
 ``exact_tail`` tokens of the chunk (the recent window of the stored sequence) skip the
-transform and are stored in bfloat16 or float8 (:mod:`~.exact`). With the ``rans``
+transform and are stored losslessly in bfloat16 byte planes (by default; the blob is then
+DEFLATEd), in bfloat16 as cached, or in float8 (:mod:`~.exact`). With the ``rans``
 quantiser every chunk's steps are scaled by one factor chosen so that its blob lands on
 the artifact's target ratio (rate control, :mod:`~.rate`). Decode is the reverse, ending
 with RoPE redone.
@@ -25,8 +26,8 @@ import torch
 
 from ..errors import ArtifactError, BlobCorruptError, BlobError
 from .artifact import CodecArtifact
-from .entropy import get_coder, writer_coder
-from .exact import EXACT_DTYPES, exact_nbytes, pack_exact, unpack_exact
+from .entropy import get_coder
+from .exact import DEFAULT_EXACT_DTYPE, exact_nbytes, pack_exact, unpack_exact
 from .features import from_token_major, group_slices, to_token_major
 from .format import DTYPES, BlobHeader, bound_prefix, pack_blob, unpack_blob
 from .layout import ChunkKV
@@ -73,14 +74,19 @@ class KVTCCodec(CodecBase):
         artifact: the calibrated codec (bases, means, bit plan).
         coder: general-purpose coder applied to new blobs' payload (``"deflate"``, which
             writes ``"deflate64k"``, or ``"none"``; :func:`~.entropy.writer_coder`);
-            default ``"none"`` for the ``rans`` quantiser (its stream is entropy-coded
-            already), ``"deflate"`` for ``minmax``. Blobs of any registered coder decode.
+            default (None): for the ``rans`` quantiser ``"none"`` (its stream is
+            entropy-coded already), but ``"deflate64k"`` for blobs that hold exact tokens
+            in ``bfloat16-planes``; ``"deflate"`` for ``minmax``
+            (:meth:`~.protocol.CodecBase._set_payload`). Blobs of any registered coder
+            decode.
         device: where to run the transform (``"cpu"``, or ``"cuda"`` for torch on the GPU;
             the batched CUDA codec is :class:`~kvtc_store.codec.gpu.GpuCodec`, and
             :func:`~kvtc_store.codec.make_codec` picks it where it runs).
         exact_dtype: how new blobs store their exact tokens (sinks, recent window):
-            ``"bfloat16"`` (default, as cached) or ``"float8_e4m3fn"`` (half the bytes,
-            a scale per vector; :mod:`~.exact`). Blobs of either decode.
+            ``"bfloat16-planes"`` (default: the cached bfloat16 values bit for bit, in
+            byte planes that DEFLATE shrinks by about 1.4x), ``"bfloat16"`` (as cached)
+            or ``"float8_e4m3fn"`` (half the bytes, a scale per vector, lossy;
+            :mod:`~.exact`). Blobs of any of them decode.
         rate_control: ``rans`` artifacts only: scale each chunk's steps so that its blob
             lands on the artifact's target ratio (default True; :mod:`~.rate`). False
             codes at the calibrated steps (the ratio then follows the content).
@@ -90,7 +96,9 @@ class KVTCCodec(CodecBase):
         ValueError: an unknown ``exact_dtype``.
 
     Blob size: ``bits_per_token / 8`` bytes per compressed token before entropy coding,
-    plus ``2 * L * H * D * 2`` bytes per exact token, plus a header of ~300 bytes.
+    plus ``2 * L * H * D * 2`` bytes per exact token before the payload coder (about
+    ``2 * L * H * D * 2 / 1.43`` after ``deflate64k`` with ``bfloat16-planes``), plus a
+    header of ~300 bytes.
     """
 
     def __init__(
@@ -98,16 +106,11 @@ class KVTCCodec(CodecBase):
         artifact: CodecArtifact,
         coder: str | None = None,
         device: str | torch.device = "cpu",
-        exact_dtype: str = "bfloat16",
+        exact_dtype: str = DEFAULT_EXACT_DTYPE,
         rate_control: bool = True,
     ):
-        if exact_dtype not in EXACT_DTYPES:
-            raise ValueError(f"exact_dtype {exact_dtype!r} is not one of {EXACT_DTYPES}")
-        self.exact_dtype = exact_dtype
         self.artifact = artifact
-        if coder is None:  # rANS streams are entropy-coded already; bit-packed codes are not
-            coder = "none" if artifact.quantizer == "rans" else "deflate"
-        self.coder = writer_coder(coder)
+        self._set_payload(coder, exact_dtype)
         self.device = torch.device(device)
         self._means = [m.to(self.device) for m in artifact.means]
         self._bases = [b.to(self.device) for b in artifact.bases]
@@ -256,17 +259,18 @@ class KVTCCodec(CodecBase):
             sections = {"stream": len(codes_b), "exact": len(exact_b)}
         else:
             sections = {"scales": len(scales_b), "codes": len(codes_b), "exact": len(exact_b)}
+        coder = self.payload_coder(len(exact_b))
         header = self.blob_header(
             tokens,
             keys.dtype,
             first_position,
             exact_tail,
-            self.coder.name,
+            coder.name,
             sections,
             step_exp,
             chunk_key,
         )
-        return pack_blob(header, self.coder.encode(scales_b + codes_b + exact_b))
+        return pack_blob(header, coder.encode(scales_b + codes_b + exact_b))
 
     # -- decode ---------------------------------------------------------------------------
 

@@ -113,6 +113,12 @@ def piece_count(raw_size: int) -> int:
     return -(-raw_size // PIECE_SIZE)
 
 
+def table_size(raw_size: int) -> int:
+    """Bytes of the piece table that starts a ``deflate64k`` payload of ``raw_size`` raw
+    bytes (the count, then each piece's coded size)."""
+    return _COUNT.size * (1 + piece_count(raw_size))
+
+
 def piece_raw_sizes(raw_size: int) -> np.ndarray:
     """int64 raw size of each piece: :data:`PIECE_SIZE`, the last one the rest."""
     n = piece_count(raw_size)
@@ -156,16 +162,25 @@ def pack_pieces(coded: list) -> bytes:
     return bytes(out)
 
 
-def read_piece_table(payload, raw_size: int) -> tuple[np.ndarray, np.ndarray]:
+def read_piece_table(
+    payload, raw_size: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Offsets and coded sizes (int64) of the pieces of a ``deflate64k`` payload that
     inflates to ``raw_size`` bytes, the table checked against the payload's length.
+
+    Args:
+        payload: the payload, or its first :func:`table_size` bytes at least (with
+            ``length``: a payload in device memory, of which only the table was copied).
+        raw_size: bytes it inflates to.
+        length: the whole payload's bytes (default ``len(payload)``).
 
     Raises:
         BlobCorruptError: a table that does not fit the payload or ``raw_size``.
     """
     mv = memoryview(payload).cast("B")
     n = piece_count(raw_size)
-    if len(mv) < _COUNT.size * (1 + n):
+    length = len(mv) if length is None else length
+    if min(len(mv), length) < table_size(raw_size):
         raise BlobCorruptError(f"deflate64k payload of {len(mv)} bytes ends inside its table")
     (count,) = _COUNT.unpack_from(mv, 0)
     if count != n:
@@ -174,8 +189,8 @@ def read_piece_table(payload, raw_size: int) -> tuple[np.ndarray, np.ndarray]:
     if n and sizes.min() == 0:
         raise BlobCorruptError("deflate64k table lists an empty piece")
     starts, total = piece_offsets(sizes)
-    if total != len(mv):
-        raise BlobCorruptError(f"deflate64k table spans {total} bytes, the payload is {len(mv)}")
+    if total != length:
+        raise BlobCorruptError(f"deflate64k table spans {total} bytes, the payload is {length}")
     return starts, sizes
 
 

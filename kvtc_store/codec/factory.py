@@ -15,6 +15,7 @@ import torch
 
 from .artifact import CodecArtifact
 from .codec import KVTCCodec
+from .exact import DEFAULT_EXACT_DTYPE
 from .protocol import Codec
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def make_codec(
     device: str | torch.device = "cpu",
     *,
     batched: bool | None = None,
-    exact_dtype: str = "bfloat16",
+    exact_dtype: str = DEFAULT_EXACT_DTYPE,
     rate_control: bool = True,
     fp8_tail: bool = False,
 ) -> Codec:
@@ -53,7 +54,8 @@ def make_codec(
     Args:
         artifact: the calibrated codec.
         coder: general-purpose coder over new blobs' payload (as for
-            :class:`~kvtc_store.codec.KVTCCodec`; default ``none`` for ``rans``).
+            :class:`~kvtc_store.codec.KVTCCodec`; default: ``none`` for ``rans``, and
+            ``deflate64k`` for blobs that hold exact tokens in ``bfloat16-planes``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         batched: the batched CUDA codec: None (default) where it runs (else the
             reference, with a log line saying why), True always (ValueError where it
@@ -79,7 +81,7 @@ def make_codec(
             return GpuCodec(
                 artifact,
                 device,
-                coder="none" if coder is None else coder,
+                coder=coder,
                 exact_dtype=exact_dtype,
                 rate_control=rate_control,
                 fp8_tail=fp8_tail,

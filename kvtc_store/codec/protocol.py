@@ -42,6 +42,8 @@ import torch
 
 from ..errors import BlobError
 from .artifact import CodecArtifact
+from .entropy import EntropyCoder, writer_coder
+from .exact import DEFLATED, EXACT_DTYPES
 from .format import (
     DTYPES,
     BlobHeader,
@@ -209,6 +211,37 @@ class CodecBase:
     artifact: CodecArtifact
     device: torch.device
     exact_dtype: str
+    coder: EntropyCoder
+    exact_coder: EntropyCoder
+
+    def _set_payload(self, coder: str | None, exact_dtype: str) -> None:
+        """Set ``exact_dtype`` and the payload coders of new blobs: ``coder`` for blobs
+        without exact tokens, ``exact_coder`` for blobs with some.
+
+        ``coder=None`` (the default) picks by content: ``rans`` streams are entropy-coded
+        already, so ``none``, except blobs that hold exact tokens in an encoding laid out
+        for DEFLATE (:data:`~.exact.DEFLATED`, the default ``bfloat16-planes``), which get
+        ``deflate64k``: their rANS stream barely changes (stored pieces), their exact
+        tokens shrink by about a third. ``minmax`` codes are bit-packed: ``deflate`` for
+        every blob. A named coder (:func:`~.entropy.writer_coder`) writes every blob.
+
+        Raises:
+            ValueError: an unknown ``exact_dtype``.
+            BlobFormatError: an unknown ``coder``.
+        """
+        if exact_dtype not in EXACT_DTYPES:
+            raise ValueError(f"exact_dtype {exact_dtype!r} is not one of {EXACT_DTYPES}")
+        self.exact_dtype = exact_dtype
+        auto = coder is None
+        if auto:
+            coder = "none" if self.artifact.quantizer == "rans" else "deflate"
+        self.coder = writer_coder(coder)
+        deflate_exact = auto and self.coder.name == "none" and exact_dtype in DEFLATED
+        self.exact_coder = writer_coder("deflate") if deflate_exact else self.coder
+
+    def payload_coder(self, exact_bytes: int) -> EntropyCoder:
+        """The coder of a new blob whose exact section has ``exact_bytes`` raw bytes."""
+        return self.exact_coder if exact_bytes else self.coder
 
     def encode_batch(self, chunks: ChunkBatch) -> list[bytes]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..codec import ChunkBatch, ChunkKV, Codec, CodecArtifact, DecodedBatch, make_codec
+from ..codec.exact import DEFAULT_EXACT_DTYPE
 from ..codec.format import DTYPES, BlobHeader, unpack_blob, unpack_blob_header
 from ..errors import (
     ArtifactError,
@@ -98,7 +99,7 @@ class VersionedCodec:
         coder: str | None = None,
         device: str = "cpu",
         gpu_kernels: bool | None = None,
-        exact_dtype: str = "bfloat16",
+        exact_dtype: str = DEFAULT_EXACT_DTYPE,
         rate_control: bool = True,
         cache_dir: str | os.PathLike | None = None,
         max_artifacts: int = 4,

@@ -37,12 +37,14 @@ projected on a side stream while the next range decodes: ``decode_ranges_min_tok
 [:func:`_finish_kernel`: times the scale, plus the mean, redo RoPE on K, write into the
 caller's destination, each token's slot from its table] → exact tokens copied in.
 
-The general-purpose coder over a blob's payload (the header's ``coder``): ``none`` goes
-to the device as it is; ``deflate64k`` (RAW DEFLATE in independent 64 KiB pieces,
+The general-purpose coder over a blob's payload (the header's ``coder``; by default
+``none``, and ``deflate64k`` for blobs that hold exact tokens in ``bfloat16-planes``, whose
+byte planes DEFLATE shrinks): ``none`` goes to the device as it is; ``deflate64k`` (RAW DEFLATE in independent 64 KiB pieces,
 :mod:`kvtc_store.codec.entropy`; what a request for ``deflate`` writes) is deflated and
 inflated by nvCOMP on the device where ``nvidia-nvcomp-cu13`` is installed
-(:mod:`.nvcomp_coder`), all pieces of a batch in one call, else by ISA-L or zlib on the
-host; older single-stream ``deflate`` payloads are inflated there too, one stream each.
+(:mod:`.nvcomp_coder`), all pieces of a batch in one call (a GPU tier's device blobs
+from their device copy: only the piece table comes to the host), else by ISA-L or zlib on
+the host; older single-stream ``deflate`` payloads are inflated there too, one stream each.
 The streams are the same format either way.
 
 Sources: KVTC (Staniszewski & Łańcucki, arXiv 2511.01815, §3); RoPE in Hugging Face's
@@ -72,9 +74,9 @@ from ..entropy import (
     read_piece_table,
     stored_parts,
     stored_size,
-    writer_coder,
+    table_size,
 )
-from ..exact import EXACT_DTYPES, exact_nbytes, pack_exact, unpack_exact
+from ..exact import DEFAULT_EXACT_DTYPE, exact_nbytes, pack_exact, unpack_exact
 from ..features import group_slices
 from ..format import (
     DTYPES,
@@ -271,9 +273,12 @@ class GpuCodec(CodecBase):
         gemm_dtype: operand dtype of the projections (float16: exact for float16-stored
             bases, within float16 rounding (2**-11 relative) for int8-stored ones; float32
             for the slow reference).
-        coder: general-purpose coder over new blobs' payload (``"none"``: the rANS
-            stream is entropy-coded already; ``"deflate"``, which writes ``"deflate64k"``,
-            also squeezes the exact bf16 tokens). Decoding reads whatever the blob names.
+        coder: general-purpose coder over new blobs' payload: None (default) as the CPU
+            codec picks it (``"none"``, the rANS stream being entropy-coded already, but
+            ``"deflate64k"`` for blobs that hold exact tokens in ``bfloat16-planes``:
+            :meth:`~kvtc_store.codec.protocol.CodecBase._set_payload`), or a name for
+            every blob (``"none"``; ``"deflate"``, which writes ``"deflate64k"``).
+            Decoding reads whatever the blob names.
         nvcomp: DEFLATE payloads on the device with nvCOMP, both ways (new blobs of coder
             ``deflate64k``; blobs that name ``deflate64k`` or ``deflate``): None (default)
             where nvCOMP is importable and the device is CUDA, False never (ISA-L or zlib
@@ -322,9 +327,9 @@ class GpuCodec(CodecBase):
         artifact: CodecArtifact,
         device: str | torch.device = "cuda",
         gemm_dtype: torch.dtype = torch.float16,
-        coder: str = "none",
+        coder: str | None = None,
         nvcomp: bool | None = None,
-        exact_dtype: str = "bfloat16",
+        exact_dtype: str = DEFAULT_EXACT_DTYPE,
         rate_control: bool = True,
         fp8_tail: bool = False,
         tail_rows: list[int] | None = None,
@@ -338,11 +343,8 @@ class GpuCodec(CodecBase):
             # device blob or page that is already here must compare equal
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.gemm_dtype = gemm_dtype
-        self.coder = writer_coder(coder)
+        self._set_payload(coder, exact_dtype)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
-        if exact_dtype not in EXACT_DTYPES:
-            raise ValueError(f"exact_dtype {exact_dtype!r} is not one of {EXACT_DTYPES}")
-        self.exact_dtype = exact_dtype
         rans_tables = tables_of(artifact)
         self._sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -586,38 +588,48 @@ class GpuCodec(CodecBase):
     def _blobs(self, tokens, dtype, first_positions, tails, parts, exps, names) -> list[bytes]:
         """One blob per chunk from its ``(stream, exact)`` byte parts, each checksummed
         and built by a host thread (:func:`~kvtc_store.codec.blob.pack_blob_parts`: xxh64
-        and the copies release the GIL); with a general-purpose coder, payloads coded
-        first."""
-        coder = self.coder.name
+        and the copies release the GIL); payloads of a general-purpose coder (each blob's
+        :meth:`~kvtc_store.codec.protocol.CodecBase.payload_coder`) coded first, all of
+        one coder together."""
+        coders = [self.payload_coder(len(ex)) for _, ex in parts]
         headers = [
             self.blob_header(
-                tokens, dtype, f, e, coder, {"stream": len(st), "exact": len(ex)}, x, k
+                tokens, dtype, f, e, c.name, {"stream": len(st), "exact": len(ex)}, x, k
             )
-            for f, e, (st, ex), x, k in zip(first_positions, tails, parts, exps, names)
+            for f, e, (st, ex), x, k, c in zip(first_positions, tails, parts, exps, names, coders)
         ]
-        if self.coder.name != "none":
-            payloads = self._entropy_code([bytes(stream) + exact for stream, exact in parts])
-            return [pack_blob(h, p) for h, p in zip(headers, payloads)]
-        pieces = [[p for p in pair if len(p)] for pair in parts]
+        blobs: list[bytes | None] = [None] * len(parts)
+        for coder in {c.name: c for c in coders if c.name != "none"}.values():
+            idx = [i for i, c in enumerate(coders) if c.name == coder.name]
+            payloads = self._entropy_code(coder, [bytes(parts[i][0]) + parts[i][1] for i in idx])
+            for i, p in zip(idx, payloads):
+                blobs[i] = pack_blob(headers[i], p)
+        raw = [i for i, c in enumerate(coders) if c.name == "none"]
+        pieces = [[p for p in parts[i] if len(p)] for i in raw]
+        heads = [headers[i] for i in raw]
         if sum(len(p) for pair in pieces for p in pair) >= _POOL_BLOBS_MIN:
-            return list(host_pool().map(pack_blob_parts, headers, pieces))
-        return [pack_blob_parts(h, p) for h, p in zip(headers, pieces)]
+            packed = list(host_pool().map(pack_blob_parts, heads, pieces))
+        else:
+            packed = [pack_blob_parts(h, p) for h, p in zip(heads, pieces)]
+        for i, b in zip(raw, packed):
+            blobs[i] = b
+        return blobs
 
-    def _entropy_code(self, payloads: list[bytes]) -> list[bytes]:
-        """This codec's coder over each payload: RAW Deflate of every 64 KiB piece of the
-        batch in one nvCOMP call on the device where it has nvCOMP (the payloads go there
-        and back: the rANS streams come off the device as bytes), else on the host chunk by
-        chunk, as the CPU codec does."""
-        if self.coder.name == "none":
+    def _entropy_code(self, coder, payloads: list[bytes]) -> list[bytes]:
+        """``coder`` (an :class:`~kvtc_store.codec.entropy.EntropyCoder`) over each
+        payload: RAW Deflate of every 64 KiB piece of the batch in one nvCOMP call on the
+        device where it has nvCOMP (the payloads go there and back: the rANS streams come
+        off the device as bytes), else on the host chunk by chunk, as the CPU codec does."""
+        if coder.name == "none":
             return payloads
-        if self._deflater is not None and self.coder.name in ("deflate64k", "deflate"):
+        if self._deflater is not None and coder.name in ("deflate64k", "deflate"):
             try:
-                if self.coder.name == "deflate":  # one stream a payload (older blobs)
+                if coder.name == "deflate":  # one stream a payload (older blobs)
                     return self._deflater.compress_host(payloads)
                 return self._deflate_pieces(payloads)
             except Exception as exc:  # noqa: BLE001 - the host writes the same format
                 log.warning("nvCOMP Deflate failed (%s): deflating on the host", exc)
-        return [self.coder.encode(p) for p in payloads]
+        return [coder.encode(p) for p in payloads]
 
     def _deflate_pieces(self, payloads: list[bytes]) -> list[bytes]:
         """``deflate64k`` payloads: all pieces of all payloads deflated in one nvCOMP call
@@ -941,7 +953,10 @@ class GpuCodec(CodecBase):
                 continue
             try:
                 coder = get_coder(p.header.coder)
-                p.raw = memoryview(coder.decode(bytes(p.packed), p.stream_len + p.exact_len))
+                packed = p.packed
+                if isinstance(packed, torch.Tensor):  # a device blob's
+                    packed = packed.cpu().numpy()
+                p.raw = memoryview(coder.decode(bytes(packed), p.stream_len + p.exact_len))
             except BlobError as exc:
                 return parsed[:i], exc
             p.packed = None
@@ -956,8 +971,8 @@ class GpuCodec(CodecBase):
         checks = [
             (i, host_pool().submit(payload_intact, p.header, p.packed))
             for i, p in enumerate(parsed)
-            if p.packed is not None
-        ]
+            if p.packed is not None and not isinstance(p.packed, torch.Tensor)
+        ]  # device blobs (a GPU tier's) stay unchecked, as ``none`` ones do
         for i, check in checks:
             if not check.result():
                 for _, c in checks:
@@ -988,6 +1003,16 @@ class GpuCodec(CodecBase):
                 return parsed, BlobCorruptError(f"blob does not decode: {exc}")
         return parsed, None
 
+    @staticmethod
+    def _pieces(table, raw_len: int, length: int) -> tuple[np.ndarray, ...]:
+        """A ``deflate64k`` payload's pieces (``_Blob.pieces``: offsets, coded sizes, raw
+        offsets, raw sizes) from its piece ``table`` (the payload, or its start), checked
+        against the payload's ``length`` and ``raw_len``."""
+        starts, sizes = read_piece_table(table, raw_len, length)
+        raw_sizes = piece_raw_sizes(raw_len)
+        raw_at = PIECE_SIZE * np.arange(len(raw_sizes), dtype=np.int64)
+        return starts, sizes, raw_at, raw_sizes
+
     def _parse(self, header: BlobHeader, payload: memoryview) -> _Blob:
         """Check one blob's header against this codec and locate its sections. A ``none``
         payload is left in place, its checksum unverified (``_Blob.payload``); a
@@ -1010,24 +1035,30 @@ class GpuCodec(CodecBase):
             raise BlobCorruptError("rANS stream of odd length")
         if want["stream"] < 4 * (b - a) * self.tables.interleave:
             raise BlobCorruptError("rANS stream shorter than its lanes' states")
+        raw_len = sum(want.values())
         if isinstance(payload, torch.Tensor):  # a device blob (a GPU tier's)
             if header.coder == "none" and payload.device == self.device:
-                if payload.numel() != sum(want.values()):
+                if payload.numel() != raw_len:
                     raise BlobCorruptError(f"payload of {payload.numel()} bytes, sections {want}")
                 # stays on the device: no checksum on the host (the tier's copy of what
                 # was put; the rANS decoder's final-state check still catches a bad stream)
                 return _Blob(header, a, b, payload, want["stream"], want["exact"], None)
+            deflated = header.coder == "deflate64k" and self._deflater is not None
+            if deflated and raw_len and payload.device == self.device:
+                # stays on the device too, inflated there by nvCOMP: only its piece table
+                # comes to the host (no checksum, as above; nvCOMP's failure falls back to
+                # the host, which names a bad piece)
+                table = payload[: table_size(raw_len)].cpu().numpy()
+                pieces = self._pieces(table, raw_len, payload.numel())
+                return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload,
+                             pieces)  # fmt: skip
             payload = memoryview(payload.cpu().numpy())  # inflated on the host, or moved
         if header.coder == "none":  # no copy: the payload goes straight to pinned memory
             if len(payload) != sum(want.values()):
                 raise BlobCorruptError(f"payload of {len(payload)} bytes, sections {want}")
             return _Blob(header, a, b, payload, want["stream"], want["exact"], payload)
-        raw_len = sum(want.values())
         if self._deflater is not None and raw_len and header.coder == "deflate64k":
-            starts, sizes = read_piece_table(payload, raw_len)  # inflated on the device
-            raw_sizes = piece_raw_sizes(raw_len)
-            raw_at = PIECE_SIZE * np.arange(len(raw_sizes), dtype=np.int64)
-            pieces = (starts, sizes, raw_at, raw_sizes)
+            pieces = self._pieces(payload, raw_len, len(payload))  # inflated on the device
             return _Blob(header, a, b, None, want["stream"], want["exact"], None, payload, pieces)
         if self._deflater is not None and raw_len and header.coder == "deflate" and payload:
             one = (np.zeros(1, np.int64), np.array([len(payload)]), np.zeros(1, np.int64),
