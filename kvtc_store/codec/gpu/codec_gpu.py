@@ -76,7 +76,7 @@ from ..entropy import (
     stored_size,
     table_size,
 )
-from ..exact import DEFAULT_EXACT_DTYPE, exact_nbytes, pack_exact, unpack_exact
+from ..exact import DEFAULT_EXACT_DTYPE, DEFLATED, exact_nbytes, pack_exact, unpack_exact
 from ..features import group_slices
 from ..format import (
     DTYPES,
@@ -285,7 +285,11 @@ class GpuCodec(CodecBase):
             on the host), True always.
         exact_dtype, rate_control: as for :class:`~kvtc_store.codec.KVTCCodec` (the
             exact tokens' encoding in new blobs; per-chunk step scaling to the target
-            ratio, estimated on the device over every coded token, as on the CPU).
+            ratio, estimated on the device over every coded token, as on the CPU). With
+            the default coder on a CUDA device without nvCOMP, ``bfloat16-planes`` is
+            written as ``bfloat16`` (a log line says so): the planes shrink only
+            through DEFLATE, which would then run on the host, and a GPU tier's hits on
+            those blobs would pass through host memory.
         fp8_tail: project each group's tail components (coded without a shift, small
             symbols) with an fp8 GEMM, the head in ``gemm_dtype``
             (:mod:`kvtc_store.codec.fp8_tail`: the error bound against the fp16
@@ -343,8 +347,23 @@ class GpuCodec(CodecBase):
             # device blob or page that is already here must compare equal
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.gemm_dtype = gemm_dtype
-        self._set_payload(coder, exact_dtype)
         self._deflater = _device_deflater(self.device, nvcomp)  # None: on the host
+        if (
+            coder is None
+            and exact_dtype in DEFLATED
+            and self.device.type == "cuda"
+            and self._deflater is None
+        ):
+            # planes pay off only through DEFLATE, which without nvCOMP runs on the host:
+            # a GPU tier's hits on those blobs would go through host memory
+            log.info(
+                "GpuCodec on %s without nvCOMP: new blobs keep their exact tokens as "
+                "bfloat16, not %s, so GPU-tier hits never pass through the host",
+                self.device,
+                exact_dtype,
+            )
+            exact_dtype = "bfloat16"
+        self._set_payload(coder, exact_dtype)
         rans_tables = tables_of(artifact)
         self._sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
