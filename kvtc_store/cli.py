@@ -112,6 +112,7 @@ def cmd_calibrate(args) -> int:
     from .calibration_data import cut_windows, needs_tokenizer, read_token_ids
     from .errors import CalibrationDataError, UsageError
     from .model import load_model, resolve_model
+    from .texts import check_fetched_texts
 
     # Everything that can be checked without the model is checked first.
     _check_publish_args(args, "kvtc-store calibrate")
@@ -122,6 +123,8 @@ def cmd_calibrate(args) -> int:
             raise UsageError(
                 f"--specialist {corpus}: named twice, or the main calibration's corpus"
             )
+    for corpus in ([] if args.data else [settings.corpus]) + specialists:
+        check_fetched_texts(corpus)  # before minutes of sampling the model
     text_data = bool(args.data) and needs_tokenizer(args.data)
     resolve_model(args.model)
     out = Path(args.out) if args.out else None

@@ -836,9 +836,20 @@ def codec_from_config(
                 "codec: no artifact is set, so the codec is calibrated for the served "
                 "model: pass model_info (or set codec.artifact)"
             )
+        corpora = [c.calibration_corpus, *c.specialists]
+        if model is not None and tokenizer is not None:
+            from .calibration import artifact_dir
+            from .texts import check_fetched_texts
+
+            for corpus in corpora:  # before minutes of sampling the model
+                settings = c.calibration_settings(corpus)
+                if not (
+                    artifact_dir(model_info, settings, c.target_ratio) / "manifest.json"
+                ).is_file():
+                    check_fetched_texts(corpus)
         arts = [
             _calibrated_artifact(c, corpus, model_info, model, tokenizer, progress)
-            for corpus in [c.calibration_corpus, *c.specialists]
+            for corpus in corpora
         ]
     try:
         codecs = [
@@ -870,10 +881,20 @@ def _calibrated_artifact(c: CodecConfig, corpus: str, model_info: ModelInfo, mod
             model, tokenizer, model_info, [c.target_ratio], settings, progress
         )[0]
     if not (cached / "manifest.json").is_file():
+        if corpus == c.calibration_corpus:
+            how = (
+                f"run `kvtc-store calibrate --corpus {corpus} --ratio {c.target_ratio:g}`, "
+                "or set codec.artifact"
+            )
+        else:  # a specialist: codec.artifact cannot stand beside specialists
+            how = (
+                f"run `kvtc-store calibrate --corpus {c.calibration_corpus} --specialist "
+                f"{corpus} --ratio {c.target_ratio:g}`"
+            )
         raise ConfigError(
             f"codec: no artifact is set and none is cached at {cached} for "
             f"{model_info.name} at ratio {c.target_ratio:g} (corpus {corpus}); pass model "
-            "and tokenizer to calibrate one, run `kvtc-store calibrate`, or set codec.artifact"
+            f"and tokenizer to calibrate one, or {how}"
         )
     art = CodecArtifact.load(cached)
     art.check_model(model_info.fingerprint, model_info.kv_shape)

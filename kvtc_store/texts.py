@@ -197,6 +197,30 @@ def python_sources(piece_chars: int = 6000) -> list[tuple[str, str]]:
     return out
 
 
+def check_fetched_texts(corpus: str) -> None:
+    """Check, in a few file-system look-ups, that the fetched texts of ``corpus``'s sources
+    (``manpages``, ``pycode``: ``make calibration-texts``) are unpacked, before any model
+    is sampled or run (a calibration of ``broad`` plus a specialist samples the model for
+    minutes first). Unknown corpora and sources that ship with the install pass.
+
+    Raises:
+        ModelNotFoundError: a source's folder under :func:`calibration_texts_dir` is
+            missing or empty (the message names ``make calibration-texts``).
+    """
+    root = calibration_texts_dir()
+    need = {
+        "manpages": [root / "usr" / "share" / "man" / lang for lang in MANPAGE_LANGUAGES],
+        "pycode": [root / "py" / pkg for pkg in PYCODE_PACKAGES],
+    }
+    for source in CORPORA.get(corpus, ()):
+        for folder in need.get(source, []):
+            if not folder.is_dir() or not any(folder.iterdir()):
+                raise ModelNotFoundError(
+                    f"calibration text of corpus {corpus!r} missing: {folder} (run "
+                    "`make calibration-texts`, or set KVTC_TEXTS)"
+                )
+
+
 _GROFF_FONT = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)")  # \fB, \fP, \f(CW, \f[I]
 _GROFF_ESCAPE = re.compile(r"\\(?:\(..|\[[^\]]*\]|[-&/,|^e .])")
 _GROFF_KEEP = ("SH", "SS", "B", "I", "BI", "BR", "IR", "RB", "RI", "IP", "TP")

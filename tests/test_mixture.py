@@ -305,6 +305,11 @@ def test_calibrate_cli_calibrates_specialists_where_the_config_finds_them(
     args += ["--corpus", "shakespeare+numpy"]  # no sampling of the model; 2,048-token windows
     assert main([*args, "--specialist", "shakespeare+numpy"]) == 2
     assert "--specialist shakespeare+numpy" in capsys.readouterr().err
+    monkeypatch.setenv("KVTC_TEXTS", str(tmp_path / "no-texts"))  # told before the model runs
+    assert main([*args, "--specialist", "pycode"]) != 0
+    assert "make calibration-texts" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "codecs").exists()  # nothing calibrated first
+    monkeypatch.delenv("KVTC_TEXTS")
     out = tmp_path / "out"
     assert main([*args, "--specialist", "shakespeare", "--out", str(out)]) == 0
     assert "shakespeare: ratio 8:" in capsys.readouterr().out

@@ -202,9 +202,14 @@ def test_code_corpus_reads_the_packages_sources_in_turn(smollm2, tmp_path, monke
     code = dataclasses.replace(CalibrationSettings(windows=2, window_tokens=128), corpus="pycode")
     w = calibration_token_ids(tok, code).view(3, 128)
     assert w[0].tolist() == tok(pieces[0][1]).input_ids[:128]
+    texts.check_fetched_texts("pycode")
     monkeypatch.setenv("KVTC_TEXTS", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="make calibration-texts"):
         texts.python_sources()
+    texts.check_fetched_texts("broad")  # ships with the install
+    for corpus in ("pycode", "manpages", "broad-ml"):  # told before any model runs
+        with pytest.raises(ModelNotFoundError, match=f"corpus '{corpus}' missing"):
+            texts.check_fetched_texts(corpus)
 
 
 def test_capped_ratio_from_the_cached_fit_needs_no_model(smollm2, test_settings):
