@@ -657,8 +657,16 @@ def _format_errors(exc: ValidationError, src: str, origins: dict[tuple, str]) ->
             msg = "unknown key" + (f" (did you mean {close!r}?)" if close else "")
         elif kind == "value_error":
             msg = str(err["ctx"]["error"])
+            # a model's own check names the field first ("specialists: ..."): into the path
+            head, sep, rest = msg.partition(": ")
+            if sep and head in _ALL_FIELDS:
+                loc.append(head)
+                msg = rest
         path = tuple(loc)
         var = next((v for p, v in origins.items() if path[: len(p)] == p), None)
+        if var is None and kind == "value_error":  # a check across fields: those from env
+            named = [v for p, v in origins.items() if p[: len(path)] == path and p[-1] in msg]
+            var = ", ".join(named) or None
         where = f"{_dotted(path) or '(top level)'}" + (f" (env {var})" if var else "")
         got = ""
         if kind not in _NO_INPUT and not isinstance(inp, (dict, list)):

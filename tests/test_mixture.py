@@ -227,8 +227,11 @@ def test_specialists_config_is_validated(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     for text, match in [
         ("codec:\n  specialists: [wiki]\n", r"codec\.specialists\.0"),
-        ("codec:\n  specialists: [manpages, manpages]\n", "named twice"),
-        ("codec:\n  specialists: [broad]\n", "is the calibration_corpus already"),
+        (
+            "codec:\n  specialists: [manpages, manpages]\n",
+            r"codec\.specialists: manpages named twice",
+        ),
+        ("codec:\n  specialists: [broad]\n", r"codec\.specialists: 'broad' is the calibration"),
         ("codec:\n  artifact: a\n  specialists: [manpages]\n", "give either artifact"),
         ("codec:\n  specialists: 3\n", r"codec\.specialists"),
     ]:
@@ -242,6 +245,14 @@ def test_specialists_config_is_validated(tmp_path: Path) -> None:
     assert load_config(path, env=env).codec.specialists == ["manpages", "shakespeare"]
     env = {"KVTC_STORE_CODEC__SPECIALISTS": "nope"}
     with pytest.raises(ConfigError, match=r"KVTC_STORE_CODEC__SPECIALISTS"):
+        load_config(path, env=env)
+    # a check across fields names the variable that gave a value, not only the file
+    env = {"KVTC_STORE_CODEC__SPECIALISTS": "manpages,manpages"}
+    with pytest.raises(ConfigError, match=r"codec\.specialists \(env KVTC_STORE_CODEC__SPEC"):
+        load_config(path, env=env)
+    path.write_text(MINIMAL + "codec:\n  artifact: a\n")
+    env = {"KVTC_STORE_CODEC__SPECIALISTS": "manpages"}
+    with pytest.raises(ConfigError, match=r"codec \(env KVTC_STORE_CODEC__SPECIALISTS\): give"):
         load_config(path, env=env)
     path.write_text(MINIMAL + "codec:\n  artifact: a\n")  # an empty list with an artifact
     assert load_config(path, env={"KVTC_STORE_CODEC__SPECIALISTS": ""}).codec.specialists == []
