@@ -150,14 +150,27 @@ def manpages_multilingual(piece_chars: int = 6000) -> list[tuple[str, str]]:
                 f"multilingual calibration text missing: no man pages under {root / lang} "
                 "(run `make calibration-texts`, or set KVTC_TEXTS)"
             )
-        text = "\n\n".join(strip_groff(p) for p in pages)
-        per_lang.append(
-            [(lang, text[i : i + piece_chars]) for i in range(0, len(text), piece_chars)]
-        )
+        per_lang.append((lang, "\n\n".join(strip_groff(p) for p in pages)))
+    return _pieces_in_turn(per_lang, piece_chars)
+
+
+def _pieces_in_turn(texts: list[tuple[str, str]], piece_chars: int) -> list[tuple[str, str]]:
+    """``[(name, piece), ...]``: each ``(name, text)`` cut into pieces of ``piece_chars``
+    characters, taken in turn from each text (the first pieces of all, then the seconds)."""
+    per = [[(n, t[i : i + piece_chars]) for i in range(0, len(t), piece_chars)] for n, t in texts]
     out = []
-    for i in range(max(len(pieces) for pieces in per_lang)):
-        out += [pieces[i] for pieces in per_lang if i < len(pieces)]
+    for i in range(max(len(pieces) for pieces in per)):
+        out += [pieces[i] for pieces in per if i < len(pieces)]
     return out
+
+
+def package_source(base: Path, name: str) -> str:
+    """The ``.py`` files of an unpacked wheel's package ``base/name``, in sorted path order,
+    each after a ``# <path relative to base>`` line, byte for byte ("" for no files)."""
+    files = sorted((base / name).rglob("*.py"))
+    return "\n".join(
+        f"# {f.relative_to(base)}\n{f.read_text(encoding='utf-8', errors='replace')}" for f in files
+    )
 
 
 PYCODE_PACKAGES = ("networkx", "click", "jinja2", "requests")
@@ -180,21 +193,14 @@ def python_sources(piece_chars: int = 6000) -> list[tuple[str, str]]:
     base = calibration_texts_dir() / "py"
     per_pkg = []
     for pkg in PYCODE_PACKAGES:
-        files = sorted((base / pkg).rglob("*.py"))
-        if not files:
+        text = package_source(base, pkg)
+        if not text:
             raise ModelNotFoundError(
                 f"code calibration text missing: no Python files under {base / pkg} "
                 "(run `make calibration-texts`, or set KVTC_TEXTS)"
             )
-        text = "\n".join(
-            f"# {f.relative_to(base)}\n{f.read_text(encoding='utf-8', errors='replace')}"
-            for f in files
-        )
-        per_pkg.append([(pkg, text[i : i + piece_chars]) for i in range(0, len(text), piece_chars)])
-    out = []
-    for i in range(max(len(pieces) for pieces in per_pkg)):
-        out += [pieces[i] for pieces in per_pkg if i < len(pieces)]
-    return out
+        per_pkg.append((pkg, text))
+    return _pieces_in_turn(per_pkg, piece_chars)
 
 
 def check_fetched_texts(corpus: str) -> None:

@@ -333,3 +333,14 @@ def test_calibrate_cli_calibrates_specialists_where_the_config_finds_them(
                       calibration_corpus="shakespeare+numpy", specialists=["shakespeare"])  # fmt: skip
     codec = codec_from_config(cfg, info)  # from the cache calibrate wrote, no model run
     assert [m.artifact.artifact_id for m in codec.members] == [first.artifact_id, spec.artifact_id]
+
+
+def test_config_corpus_names_are_the_built_in_corpora() -> None:
+    """``CorpusName`` (config) lists exactly the corpora ``kvtc_store.texts.CORPORA``
+    calibrates on: a corpus added to one and not the other fails here."""
+    import typing
+
+    from kvtc_store.config import CorpusName
+    from kvtc_store.texts import CORPORA
+
+    assert set(typing.get_args(CorpusName)) == set(CORPORA)

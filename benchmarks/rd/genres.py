@@ -209,9 +209,11 @@ def python_package(name: str) -> str:
     Raises:
         CorporaMissingError: the wheel is not unpacked.
     """
+    from kvtc_store.texts import package_source
+
     base = corpora_dir() / "py"
-    files = sorted(_need(base / name).rglob("*.py"))
-    return "\n".join(f"# {f.relative_to(base)}\n{f.read_text(encoding='utf-8')}" for f in files)
+    _need(base / name)
+    return package_source(base, name)
 
 
 def chat_conversations() -> list[list[str]]:
