@@ -336,8 +336,9 @@ class CodecConfig(_Model):
     )
     """Calibrate-on-demand: more calibrations, one per corpus named, with the same ratio,
     windows and model; each chunk is stored with whichever calibration reconstructs it
-    best (:class:`~kvtc_store.codec.MixtureCodec`). Empty by default: each doubles the
-    encode work and adds an artifact's memory (docs/calibration.md)."""
+    best (:class:`~kvtc_store.codec.MixtureCodec`). Empty by default: each adds an
+    encode and a decode per chunk to every put, and an artifact's memory
+    (docs/calibration.md)."""
     max_artifact_share: float | None = Field(0.15, gt=0, le=1)
     """Cap on the artifact's stored parameters as a share of the model's, at target ratios
     of 16 and more (null: no cap)."""
